@@ -1,0 +1,239 @@
+//! `aihub`: the one binary of AI Hub Gateway.
+//!
+//! - `aihub gateway --config FILE [--check-config]` runs (or only checks) the gateway.
+//! - `aihub keys generate …` prints a new API key and the YAML entry holding its hash.
+//! - `aihub keys hash` reads a key on stdin and prints its hash (format checked first).
+//! - `aihub mock-upstream …` runs the mock OpenAI-compatible upstream used by tests and load tests.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "aihub", version, about = "AI Hub Gateway")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "AIHUB_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the data plane).
+    Gateway {
+        /// Configuration file.
+        #[arg(long, short, default_value = "config/gateway.yaml")]
+        config: PathBuf,
+        /// Validate the configuration and exit (non-zero on error).
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// API key tools.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Run the mock OpenAI-compatible upstream.
+    MockUpstream(MockArgs),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generate a key; print it and the `keys:` YAML entry holding its hash.
+    Generate {
+        /// Key id written in usage records. Default: `key_` + 12 random characters.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, default_value = "dev_default")]
+        developer: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Model patterns (repeatable).
+        #[arg(long = "model", default_values_t = vec!["*".to_owned()])]
+        models: Vec<String>,
+        /// Endpoint patterns after `/v1/` (repeatable).
+        #[arg(long = "endpoint", default_values_t = vec!["*".to_owned()])]
+        endpoints: Vec<String>,
+        /// Lifetime (`365d`, `12h`) or `never`.
+        #[arg(long, default_value = "365d")]
+        expires_in: String,
+        /// Write the key to this file (mode 600) instead of printing it.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Read a key from stdin, check its format and print `sha256:<hex>`.
+    Hash,
+}
+
+#[derive(clap::Args)]
+struct MockArgs {
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    listen: SocketAddr,
+    /// Name reported in `x-mock-server`.
+    #[arg(long, default_value = "mock")]
+    name: String,
+    /// Require `Authorization: Bearer <value>`.
+    #[arg(long, env = "MOCK_UPSTREAM_API_KEY")]
+    api_key: Option<String>,
+    /// Delay before the response header (e.g. `50ms`).
+    #[arg(long, default_value = "0ms")]
+    latency: humantime::Duration,
+    /// Content chunks (tokens) per completion.
+    #[arg(long, default_value_t = 16)]
+    chunks: usize,
+    /// Delay between SSE events.
+    #[arg(long, default_value = "0ms")]
+    chunk_interval: humantime::Duration,
+    /// Every Nth request fails (0 = never).
+    #[arg(long, default_value_t = 0)]
+    error_every: u64,
+    #[arg(long, default_value_t = 500)]
+    error_status: u16,
+    /// Worker threads (0 = one per CPU).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Gateway {
+            config,
+            check_config,
+        } => {
+            if check_config {
+                let (routes, keys) = aihub_gateway::check_config(&config)?;
+                println!("{}: ok ({routes} routes, {keys} keys)", config.display());
+                return Ok(());
+            }
+            let server = aihub_gateway::GatewayServer::build(&config)?;
+            server.run_forever()
+        }
+        Command::Keys { command } => keys(command),
+        Command::MockUpstream(args) => mock_upstream(args),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Generate {
+            id,
+            developer,
+            name,
+            models,
+            endpoints,
+            expires_in,
+            key_file,
+        } => {
+            let key = aihub_apikey::generate();
+            let hash = aihub_apikey::KeyHash::of(&key);
+            let id = id.unwrap_or_else(|| {
+                let random = &aihub_apikey::generate()[aihub_apikey::PREFIX.len()..];
+                format!("key_{}", &random[..12])
+            });
+            let expires_at = match expires_in.as_str() {
+                "never" => None,
+                lifetime => {
+                    let d: Duration = humantime::parse_duration(lifetime)
+                        .with_context(|| format!("--expires-in `{lifetime}`"))?;
+                    Some(humantime::format_rfc3339_seconds(SystemTime::now() + d).to_string())
+                }
+            };
+            match &key_file {
+                Some(path) => write_secret(path, &key)?,
+                None => println!("# New API key, shown once; store it now:\n# {key}"),
+            }
+            println!("# Entry for the `keys:` list of the gateway configuration:");
+            println!("- id: {id}");
+            println!("  hash: sha256:{}", hash.to_hex());
+            println!("  developer_id: {developer}");
+            println!("  name: {}", serde_json::Value::String(name));
+            println!("  models: {}", serde_json::json!(models));
+            println!("  endpoints: {}", serde_json::json!(endpoints));
+            if let Some(at) = expires_at {
+                println!("  expires_at: {at}");
+            }
+            println!("  active: true");
+            Ok(())
+        }
+        KeysCommand::Hash => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            match aihub_apikey::parse(line.trim()) {
+                Ok(hash) => {
+                    println!("sha256:{}", hash.to_hex());
+                    Ok(())
+                }
+                Err(e) => bail!("not a valid key: {e}"),
+            }
+        }
+    }
+}
+
+fn write_secret(path: &PathBuf, key: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{key}")?;
+    Ok(())
+}
+
+fn mock_upstream(args: MockArgs) -> anyhow::Result<()> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.threads > 0 {
+        rt.worker_threads(args.threads);
+    }
+    let rt = rt.enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // Tests and scripts read this line to learn the port.
+        println!("listening on http://{addr}");
+        std::io::stdout().flush()?;
+        let config = aihub_mock_upstream::MockConfig {
+            name: args.name,
+            api_key: args.api_key,
+            latency: args.latency.into(),
+            chunks: args.chunks,
+            chunk_interval: args.chunk_interval.into(),
+            error_every: args.error_every,
+            error_status: args.error_status,
+        };
+        tokio::select! {
+            r = aihub_mock_upstream::serve(listener, config) => r.map_err(Into::into),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}

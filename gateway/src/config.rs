@@ -1,0 +1,433 @@
+//! The gateway's YAML configuration: serde structs with documented defaults, loading, and
+//! `validate()` whose errors name the file and the key path (`upstreams.openai.endpoints[1]`).
+//!
+//! `config/gateway.yaml` is the commented reference; every default below is repeated there.
+//! Loading never touches the network: turning the config into live routes (DNS, peers) is
+//! [`crate::routing`]'s job.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+use crate::keys::Pattern;
+
+/// A configuration problem, located by file and key path.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted key path, e.g. `routes[2].upstream`; empty for whole-file problems.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+/// The whole gateway configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Upstream providers by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Model routes: which upstream serves each model name clients send.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Declarative API keys (hashes only), for running without a control plane.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+/// Listeners and request handling. Listener and thread changes need a restart; the rest reloads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Proxy listeners. Default `["127.0.0.1:8080"]`.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// Operations listener (`/metrics`, `/healthz`, `/readyz`). Default `127.0.0.1:9091`.
+    #[serde(default = "default_ops_listen")]
+    pub ops_listen: String,
+    /// Worker threads of the proxy; 0 means one per CPU. Default 0.
+    #[serde(default)]
+    pub threads: usize,
+    /// Largest request body accepted; 413 past it. Default 10 MiB.
+    #[serde(default = "default_max_body")]
+    pub max_request_body_bytes: usize,
+    /// Time allowed to receive the whole request body; 408 past it. Default 60s.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub request_body_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish. Default 30s.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace_period: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            ops_listen: default_ops_listen(),
+            threads: 0,
+            max_request_body_bytes: default_max_body(),
+            request_body_timeout: default_body_timeout(),
+            shutdown_grace_period: default_grace(),
+        }
+    }
+}
+
+/// One upstream provider: one or more equivalent endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URLs, e.g. `https://api.openai.com/v1`. The client's path after `/v1` is appended.
+    pub endpoints: Vec<String>,
+    /// Environment variable holding the provider credential (never the credential itself).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Header carrying the credential. Default `authorization` (sent as `Bearer <value>`);
+    /// any other header gets the bare value (e.g. Azure's `api-key`).
+    #[serde(default = "default_auth_header")]
+    pub api_key_header: String,
+    /// When `api_key_env` is unset: `true` leaves this upstream and its routes out (with a
+    /// warning), `false` (default) is a configuration error.
+    #[serde(default)]
+    pub optional: bool,
+    /// TCP (and TLS) connect timeout per attempt. Default 5s.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest silence while waiting for the response header or between body reads; 504 before
+    /// the header. Default 300s (long generations stream slowly).
+    #[serde(default = "default_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Idle upstream connections are kept this long for reuse. Default 60s.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Verify upstream TLS certificates. Default true.
+    #[serde(default = "default_true")]
+    pub verify_tls: bool,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// Passive health: an endpoint failing `failures` connects in a row is skipped for `cooldown`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Consecutive connect failures before the endpoint is skipped. Default 3.
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+    /// How long a failing endpoint is skipped. Default 10s.
+    #[serde(default = "default_cooldown", with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            failures: default_failures(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+/// A model clients may name, and where it goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The name clients send in `model`.
+    pub model: String,
+    /// Name of an entry of `upstreams`.
+    pub upstream: String,
+    /// Model name sent upstream instead (alias rewrite). Default: unchanged.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+}
+
+/// A declarative API key: its hash and what it may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Stable key id, as written in usage records (`key_…`).
+    pub id: String,
+    /// `sha256:<64 hex>` of the whole key, as printed by `aihub keys generate`.
+    pub hash: String,
+    pub developer_id: String,
+    #[serde(default)]
+    pub name: String,
+    /// Model patterns (`*`, `gpt-4o*`, exact names). Default `["*"]`.
+    #[serde(default = "star")]
+    pub models: Vec<String>,
+    /// Endpoint patterns on the path after `/v1/` (`chat/completions`, `embeddings`, `*`).
+    /// Default `["*"]`.
+    #[serde(default = "star")]
+    pub endpoints: Vec<String>,
+    /// RFC 3339 instant from which the key is refused. Default: never.
+    #[serde(default, with = "humantime_serde")]
+    pub expires_at: Option<SystemTime>,
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub active: bool,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["127.0.0.1:8080".into()]
+}
+fn default_ops_listen() -> String {
+    "127.0.0.1:9091".into()
+}
+fn default_max_body() -> usize {
+    10 * 1024 * 1024
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_auth_header() -> String {
+    "authorization".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_failures() -> u32 {
+    3
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_true() -> bool {
+    true
+}
+fn star() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        let config = Config::parse(&text, path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Parses YAML text; `file` is only used to name errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError {
+                file: file.to_owned(),
+                key: if key == "." { String::new() } else { key },
+                message: e.into_inner().to_string(),
+            }
+        })
+    }
+
+    /// Checks everything that can be checked without the network.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let err = |key: String, message: String| ConfigError {
+            file: file.to_owned(),
+            key,
+            message,
+        };
+        let s = &self.server;
+        if s.listen.is_empty() {
+            return Err(err("server.listen".into(), "at least one listener".into()));
+        }
+        for (i, addr) in s.listen.iter().enumerate() {
+            addr.parse::<SocketAddr>().map_err(|e| {
+                err(format!("server.listen[{i}]"), format!("`{addr}`: {e}"))
+            })?;
+        }
+        s.ops_listen
+            .parse::<SocketAddr>()
+            .map_err(|e| err("server.ops_listen".into(), format!("`{}`: {e}", s.ops_listen)))?;
+        if s.max_request_body_bytes == 0 {
+            return Err(err(
+                "server.max_request_body_bytes".into(),
+                "must be positive".into(),
+            ));
+        }
+        for (name, up) in &self.upstreams {
+            let at = format!("upstreams.{name}");
+            if up.endpoints.is_empty() {
+                return Err(err(format!("{at}.endpoints"), "at least one endpoint".into()));
+            }
+            for (i, url) in up.endpoints.iter().enumerate() {
+                BaseUrl::parse(url)
+                    .map_err(|m| err(format!("{at}.endpoints[{i}]"), format!("`{url}`: {m}")))?;
+            }
+            if let Some(var) = &up.api_key_env {
+                if var.is_empty() {
+                    return Err(err(format!("{at}.api_key_env"), "empty".into()));
+                }
+                if std::env::var_os(var).is_none() && !up.optional {
+                    return Err(err(
+                        format!("{at}.api_key_env"),
+                        format!("environment variable `{var}` is not set (set `optional: true` to skip this upstream when it is absent)"),
+                    ));
+                }
+            }
+            http::HeaderName::try_from(up.api_key_header.as_str()).map_err(|_| {
+                err(format!("{at}.api_key_header"), "not a valid header name".into())
+            })?;
+            if up.health.failures == 0 {
+                return Err(err(format!("{at}.health.failures"), "must be positive".into()));
+            }
+        }
+        let mut models = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.model.is_empty() {
+                return Err(err(format!("routes[{i}].model"), "empty model name".into()));
+            }
+            if !models.insert(r.model.as_str()) {
+                return Err(err(
+                    format!("routes[{i}].model"),
+                    format!("`{}` is routed twice", r.model),
+                ));
+            }
+            if !self.upstreams.contains_key(&r.upstream) {
+                return Err(err(
+                    format!("routes[{i}].upstream"),
+                    format!("no upstream named `{}`", r.upstream),
+                ));
+            }
+            if r.upstream_model.as_deref() == Some("") {
+                return Err(err(format!("routes[{i}].upstream_model"), "empty".into()));
+            }
+        }
+        let (mut ids, mut hashes) = (HashSet::new(), HashSet::new());
+        for (i, k) in self.keys.iter().enumerate() {
+            let at = format!("keys[{i}]");
+            if k.id.is_empty() || !ids.insert(k.id.as_str()) {
+                return Err(err(format!("{at}.id"), format!("`{}` is empty or repeated", k.id)));
+            }
+            let hash = aihub_apikey::KeyHash::from_hex(&k.hash).map_err(|_| {
+                err(format!("{at}.hash"), "expected `sha256:` and 64 hex digits".into())
+            })?;
+            if !hashes.insert(hash) {
+                return Err(err(format!("{at}.hash"), "the same key is listed twice".into()));
+            }
+            if k.developer_id.is_empty() {
+                return Err(err(format!("{at}.developer_id"), "empty".into()));
+            }
+            for (field, list) in [("models", &k.models), ("endpoints", &k.endpoints)] {
+                for (j, p) in list.iter().enumerate() {
+                    Pattern::parse(p).map_err(|m| err(format!("{at}.{field}[{j}]"), m))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parsed upstream base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash, e.g. `/v1`; may be empty.
+    pub path: String,
+}
+
+impl BaseUrl {
+    pub fn parse(url: &str) -> Result<BaseUrl, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("not a URL ({e})"))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err("the scheme must be http or https".into()),
+        };
+        let host = uri.host().filter(|h| !h.is_empty()).ok_or("no host")?;
+        if uri.query().is_some() {
+            return Err("a base URL has no query string".into());
+        }
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = uri.path().trim_end_matches('/').to_owned();
+        Ok(BaseUrl {
+            tls,
+            host,
+            port,
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        let file = Path::new("test.yaml");
+        let c = Config::parse(yaml, file)?;
+        c.validate(file)?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("{}").unwrap();
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080"]);
+        assert_eq!(c.server.max_request_body_bytes, 10 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_their_path() {
+        let e = parse("upstreams:\n  a:\n    endpoints: [http://x]\n    colour: red\n").unwrap_err();
+        assert_eq!(e.key, "upstreams.a");
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+        assert!(e.to_string().starts_with("test.yaml: upstreams.a: "));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let e = parse("upstreams:\n  a:\n    endpoints: [ftp://x]\n").unwrap_err();
+        assert_eq!(e.key, "upstreams.a.endpoints[0]");
+        let e = parse("upstreams:\n  a:\n    endpoints: [http://x]\nroutes:\n  - {model: m, upstream: b}\n")
+            .unwrap_err();
+        assert_eq!(e.key, "routes[0].upstream");
+        let e = parse("upstreams:\n  a:\n    endpoints: [http://x]\n    api_key_env: AIHUB_TEST_SURELY_UNSET\n")
+            .unwrap_err();
+        assert_eq!(e.key, "upstreams.a.api_key_env");
+        let e = parse("keys:\n  - {id: k, hash: nope, developer_id: d}\n").unwrap_err();
+        assert_eq!(e.key, "keys[0].hash");
+        let e = parse("server:\n  listen: [\"nope\"]\n").unwrap_err();
+        assert_eq!(e.key, "server.listen[0]");
+    }
+
+    #[test]
+    fn base_urls() {
+        let b = BaseUrl::parse("https://api.openai.com/v1/").unwrap();
+        assert_eq!((b.tls, b.port, b.path.as_str()), (true, 443, "/v1"));
+        let b = BaseUrl::parse("http://127.0.0.1:9000").unwrap();
+        assert_eq!((b.tls, b.port, b.path.as_str()), (false, 9000, ""));
+        assert!(BaseUrl::parse("http://h/v1?x=1").is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! Every way a request can fail before or while it is proxied, and the one place where a failure
+//! becomes an OpenAI-shaped error body (`{"error":{"message","type","param","code"}}`).
+//!
+//! Messages never contain the caller's key, nor internal details (addresses, OS errors): those
+//! go to the logs through [`GatewayError::detail`].
+
+use aihub_apikey::KeyFormatError;
+use serde::Serialize;
+
+/// Why authentication failed; also the `reason` label of `aihub_auth_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Malformed(KeyFormatError),
+    NotFound,
+    Disabled,
+    Expired,
+}
+
+impl AuthFailure {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed(_) => "malformed",
+            AuthFailure::NotFound => "not_found",
+            AuthFailure::Disabled => "disabled",
+            AuthFailure::Expired => "expired",
+        }
+    }
+}
+
+/// A failure that ends a request with an error response.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("authentication failed: {}", .0.reason())]
+    Auth(AuthFailure),
+    #[error("endpoint `{0}` is not allowed for this key")]
+    EndpointNotAllowed(String),
+    #[error("model `{0}` is not allowed for this key")]
+    ModelNotAllowed(String),
+    #[error("unknown model `{0}`")]
+    UnknownModel(String),
+    #[error("unknown URL {0}")]
+    UnknownUrl(String),
+    #[error("malformed JSON body: {0}")]
+    InvalidJson(String),
+    #[error("the body has no `model` string")]
+    MissingModel,
+    #[error("body larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("timed out reading the request body")]
+    BodyTimeout,
+    #[error("the client went away while sending the body")]
+    ClientGone,
+    #[error("no upstream endpoint of `{upstream}` accepted a connection: {detail}")]
+    UpstreamUnreachable { upstream: String, detail: String },
+    #[error("upstream `{upstream}` timed out: {detail}")]
+    UpstreamTimeout { upstream: String, detail: String },
+    #[error("upstream `{upstream}` failed: {detail}")]
+    UpstreamFailed { upstream: String, detail: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The OpenAI error envelope.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorObject<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorObject<'a> {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+}
+
+impl GatewayError {
+    /// HTTP status of the error response.
+    pub fn status(&self) -> u16 {
+        use GatewayError::*;
+        match self {
+            Auth(_) => 401,
+            EndpointNotAllowed(_) | ModelNotAllowed(_) => 403,
+            UnknownModel(_) | UnknownUrl(_) => 404,
+            InvalidJson(_) | MissingModel => 400,
+            BodyTimeout => 408,
+            BodyTooLarge(_) => 413,
+            ClientGone => 499,
+            UpstreamUnreachable { .. } | UpstreamFailed { .. } => 502,
+            UpstreamTimeout { .. } => 504,
+            Internal(_) => 500,
+        }
+    }
+
+    /// Short machine-readable kind, used as the `error` label in metrics and access logs.
+    pub fn code(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            Auth(AuthFailure::Expired) => "api_key_expired",
+            Auth(AuthFailure::Disabled) => "api_key_disabled",
+            Auth(_) => "invalid_api_key",
+            EndpointNotAllowed(_) | ModelNotAllowed(_) => "permission_denied",
+            UnknownModel(_) => "model_not_found",
+            UnknownUrl(_) => "unknown_url",
+            InvalidJson(_) => "invalid_json",
+            MissingModel => "missing_model",
+            BodyTooLarge(_) => "request_too_large",
+            BodyTimeout => "request_timeout",
+            ClientGone => "client_closed_request",
+            UpstreamUnreachable { .. } => "upstream_unreachable",
+            UpstreamTimeout { .. } => "upstream_timeout",
+            UpstreamFailed { .. } => "upstream_error",
+            Internal(_) => "internal_error",
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            500 => "server_error",
+            502 | 504 => "upstream_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::ModelNotAllowed(_)
+            | GatewayError::UnknownModel(_)
+            | GatewayError::MissingModel => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The message clients see. Safe by construction: no key, no address, no OS error text.
+    pub fn client_message(&self) -> String {
+        use GatewayError::*;
+        match self {
+            Auth(AuthFailure::Missing) => "You didn't provide an API key. Send it as `Authorization: Bearer ahub_dev_…` or in the `x-api-key` header.".into(),
+            Auth(AuthFailure::Malformed(why)) => format!("Incorrect API key provided: {why}."),
+            Auth(AuthFailure::NotFound) => "Incorrect API key provided.".into(),
+            Auth(AuthFailure::Disabled) => "This API key has been disabled.".into(),
+            Auth(AuthFailure::Expired) => "This API key has expired.".into(),
+            EndpointNotAllowed(e) => format!("This API key may not call `/v1/{e}`."),
+            ModelNotAllowed(m) => format!("This API key may not use the model `{m}`."),
+            UnknownModel(m) => format!("The model `{m}` does not exist or you do not have access to it."),
+            UnknownUrl(u) => format!("Unknown request URL: {u}. Please check the URL for typos."),
+            InvalidJson(why) => format!("We could not parse the JSON body of your request: {why}."),
+            MissingModel => "You must provide a model parameter (a JSON string).".into(),
+            BodyTooLarge(limit) => format!("The request body is larger than the maximum of {limit} bytes."),
+            BodyTimeout => "Timed out while reading the request body.".into(),
+            ClientGone => "The client closed the request.".into(),
+            UpstreamUnreachable { .. } => "The upstream model provider could not be reached. Please retry.".into(),
+            UpstreamTimeout { .. } => "The upstream model provider did not answer in time. Please retry.".into(),
+            UpstreamFailed { .. } => "The upstream model provider returned an invalid response. Please retry.".into(),
+            Internal(_) => "The gateway had an internal error. Please retry.".into(),
+        }
+    }
+
+    /// The JSON error body, ready to send.
+    pub fn body(&self) -> Vec<u8> {
+        let body = ErrorBody {
+            error: ErrorObject {
+                message: self.client_message(),
+                kind: self.kind(),
+                param: self.param(),
+                code: Some(self.code()),
+            },
+        };
+        serde_json::to_vec(&body).expect("error bodies serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_have_the_openai_shape() {
+        let e = GatewayError::UnknownModel("gpt-9".into());
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(e.status(), 404);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["param"], "model");
+        assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+
+    #[test]
+    fn upstream_details_stay_out_of_client_messages() {
+        let e = GatewayError::UpstreamUnreachable {
+            upstream: "openai".into(),
+            detail: "10.0.0.7:443 connection refused".into(),
+        };
+        assert_eq!(e.status(), 502);
+        let body = String::from_utf8(e.body()).unwrap();
+        assert!(!body.contains("10.0.0.7"));
+        assert!(e.to_string().contains("10.0.0.7"));
+    }
+}

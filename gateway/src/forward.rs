@@ -1,0 +1,280 @@
+//! Sends a buffered request to an upstream and streams the answer back to the client.
+//!
+//! Endpoints are tried in [`Upstream::attempt_order`]; a connect failure moves on to the next
+//! endpoint (the request has not left the gateway, so this is always safe). A stale pooled
+//! connection that fails before any response byte is retried on the same endpoint. Once the
+//! request may have reached the model, nothing is retried: a timeout is a 504, anything else a
+//! 502. The response body is written to the client chunk by chunk as it arrives; pingora flushes
+//! every chunk of a chunked (SSE) body immediately.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_error::{Error, ErrorType};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+use crate::error::GatewayError;
+use crate::proxy::{RequestCtx, Shared};
+use crate::routing::{Endpoint, Route, Upstream};
+
+/// How many times a request may meet a stale pooled connection before giving up on an endpoint.
+const STALE_RETRIES: usize = 2;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+const X_OVERHEAD: HeaderName = HeaderName::from_static("x-aihub-overhead-ms");
+
+/// Request headers never forwarded: hop-by-hop, framing (recomputed), the caller's credentials,
+/// and `accept-encoding` (the gateway reads response bodies to meter them).
+fn is_dropped_request_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "authorization"
+            | "x-api-key"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "expect"
+            | "accept-encoding"
+    )
+}
+
+/// Proxies `body` to `route`'s upstream and streams the response to `session`.
+pub async fn exchange(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    route: &Route,
+    body: Bytes,
+) -> Result<(), GatewayError> {
+    let upstream = &*route.upstream;
+    let mut last_connect_error = None;
+    for i in upstream.attempt_order() {
+        let endpoint = &upstream.endpoints[i];
+        let header = upstream_request(session.req_header(), endpoint, upstream, &body, ctx)?;
+        match send(shared, endpoint, header, &body).await {
+            Ok((up, sent_at)) => {
+                upstream.record_success(i);
+                ctx.endpoint = Some(i);
+                return relay(shared, session, ctx, upstream, endpoint, up, sent_at).await;
+            }
+            Err(SendError::Connect(e)) => {
+                count_error(shared, upstream, endpoint, "connect");
+                if upstream.record_failure(i) {
+                    tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.url, "endpoint skipped after repeated connect failures");
+                }
+                last_connect_error = Some(e);
+            }
+            Err(SendError::Exchange(e, sent_at)) => {
+                ctx.endpoint = Some(i);
+                ctx.upstream_latency = Some(sent_at.elapsed());
+                return Err(exchange_error(shared, upstream, endpoint, &e));
+            }
+        }
+    }
+    Err(GatewayError::UpstreamUnreachable {
+        upstream: upstream.name.clone(),
+        detail: last_connect_error.map_or_else(|| "no endpoint".into(), |e| e.to_string()),
+    })
+}
+
+enum SendError {
+    /// No connection could be made: safe to try another endpoint.
+    Connect(Box<Error>),
+    /// The request may have reached the upstream.
+    Exchange(Box<Error>, Instant),
+}
+
+/// Connects (or reuses a pooled connection), writes the request and reads the response header.
+async fn send(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    header: RequestHeader,
+    body: &Bytes,
+) -> Result<(HttpSession, Instant), SendError> {
+    let mut stale = 0;
+    loop {
+        let sent_at = Instant::now();
+        let (mut up, reused) = shared
+            .connector
+            .get_http_session(&endpoint.peer)
+            .await
+            .map_err(SendError::Connect)?;
+        let result = async {
+            up.write_request_header(Box::new(header.clone())).await?;
+            up.write_request_body(body.clone(), true).await?;
+            up.finish_request_body().await?;
+            up.read_response_header().await
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok((up, sent_at)),
+            // A pooled connection the upstream closed meanwhile: nothing was processed.
+            Err(e) if reused && stale < STALE_RETRIES && is_stale_connection(&e) => stale += 1,
+            Err(e) => return Err(SendError::Exchange(e, sent_at)),
+        }
+    }
+}
+
+fn is_stale_connection(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError
+    )
+}
+
+/// Sends the response header, then the body as it arrives.
+async fn relay(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    upstream: &Upstream,
+    endpoint: &Endpoint,
+    mut up: HttpSession,
+    sent_at: Instant,
+) -> Result<(), GatewayError> {
+    let upstream_wait = sent_at.elapsed();
+    ctx.upstream_latency = Some(upstream_wait);
+    ctx.waited += upstream_wait;
+    let m = &shared.metrics;
+    m.upstream_latency
+        .with_label_values(&[upstream.name.as_str()])
+        .observe(upstream_wait.as_secs_f64());
+
+    let source = up
+        .response_header()
+        .ok_or_else(|| GatewayError::Internal("no upstream response header".into()))?;
+    let mut resp = downstream_response(source, ctx)?;
+    ctx.status = resp.status.as_u16();
+    let overhead = ctx.start.elapsed().saturating_sub(ctx.waited);
+    ctx.overhead = Some(overhead);
+    m.gateway_overhead.observe(overhead.as_secs_f64());
+    resp.insert_header(X_OVERHEAD, format!("{:.3}", overhead.as_secs_f64() * 1e3))
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+
+    ctx.response_started = true;
+    session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .map_err(|_| GatewayError::ClientGone)?;
+    loop {
+        match up.read_response_body().await {
+            Ok(Some(chunk)) => {
+                ctx.bytes_out += chunk.len() as u64;
+                session
+                    .write_response_body(Some(chunk), false)
+                    .await
+                    .map_err(|_| GatewayError::ClientGone)?;
+            }
+            Ok(None) => break,
+            Err(e) => return Err(exchange_error(shared, upstream, endpoint, &e)),
+        }
+        if up.response_done() {
+            break;
+        }
+    }
+    session
+        .write_response_body(None, true)
+        .await
+        .map_err(|_| GatewayError::ClientGone)?;
+    shared
+        .connector
+        .release_http_session(up, &endpoint.peer, endpoint.peer.options.idle_timeout)
+        .await;
+    Ok(())
+}
+
+/// The request header sent to `endpoint`: the client's path under the endpoint's base path, the
+/// client's headers minus the dropped ones, the upstream credential, exact framing.
+fn upstream_request(
+    client: &RequestHeader,
+    endpoint: &Endpoint,
+    upstream: &Upstream,
+    body: &Bytes,
+    ctx: &RequestCtx,
+) -> Result<RequestHeader, GatewayError> {
+    let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
+    let tail = client.uri.path().strip_prefix("/v1").unwrap_or("");
+    let mut path = String::with_capacity(endpoint.base_path.len() + tail.len() + 32);
+    path.push_str(&endpoint.base_path);
+    path.push_str(tail);
+    if let Some(q) = client.uri.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let mut h = RequestHeader::build(client.method.clone(), path.as_bytes(), Some(client.headers.len() + 3))
+        .map_err(internal)?;
+    for (name, value) in client.headers.iter() {
+        if !is_dropped_request_header(name) {
+            h.append_header(name.clone(), value.clone()).map_err(internal)?;
+        }
+    }
+    h.insert_header(header::HOST, endpoint.host.clone())
+        .map_err(internal)?;
+    h.insert_header(header::CONTENT_LENGTH, body.len())
+        .map_err(internal)?;
+    h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())
+        .map_err(internal)?;
+    if let Some((name, value)) = &upstream.auth {
+        h.insert_header(name.clone(), value.clone()).map_err(internal)?;
+    }
+    Ok(h)
+}
+
+/// The response header sent to the client: the upstream's, with our request id (the upstream's
+/// moves to `x-upstream-request-id`) and without hop-by-hop headers.
+fn downstream_response(
+    source: &ResponseHeader,
+    ctx: &RequestCtx,
+) -> Result<ResponseHeader, GatewayError> {
+    let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
+    let mut resp = source.clone();
+    for name in ["connection", "keep-alive", "proxy-connection"] {
+        resp.remove_header(name);
+    }
+    if let Some(theirs) = resp.remove_header(&X_REQUEST_ID) {
+        resp.insert_header(X_UPSTREAM_REQUEST_ID, theirs)
+            .map_err(internal)?;
+    }
+    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())
+        .map_err(internal)?;
+    Ok(resp)
+}
+
+fn exchange_error(shared: &Shared, upstream: &Upstream, endpoint: &Endpoint, e: &Error) -> GatewayError {
+    let timed_out = matches!(
+        e.etype(),
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    );
+    count_error(shared, upstream, endpoint, if timed_out { "timeout" } else { "exchange" });
+    let detail = format!("{}: {e}", endpoint.url);
+    if timed_out {
+        GatewayError::UpstreamTimeout {
+            upstream: upstream.name.clone(),
+            detail,
+        }
+    } else {
+        GatewayError::UpstreamFailed {
+            upstream: upstream.name.clone(),
+            detail,
+        }
+    }
+}
+
+fn count_error(shared: &Shared, upstream: &Upstream, endpoint: &Endpoint, kind: &str) {
+    shared
+        .metrics
+        .upstream_errors
+        .with_label_values(&[upstream.name.as_str(), endpoint.url.as_str(), kind])
+        .inc();
+}

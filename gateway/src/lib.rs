@@ -1,0 +1,30 @@
+//! The AI Hub gateway: a metering reverse proxy for OpenAI-compatible APIs, built on pingora.
+//!
+//! A request with `Authorization: Bearer ahub_dev_…` is authenticated from memory, its JSON body
+//! read (bounded), routed by its `model` to an upstream from the YAML configuration (optionally
+//! renaming the model), and the upstream's answer is streamed back untouched apart from the
+//! `x-request-id` and `x-aihub-overhead-ms` headers.
+//!
+//! # Layout
+//! - [`config`]: the YAML file's structs, defaults and `validate()`.
+//! - [`routing`]: the live routing table (models, upstreams, endpoints, passive health).
+//! - [`keys`]: key records, the [`keys::KeyStore`] trait and the in-memory store.
+//! - [`request`]: reading `model`/`stream` out of a body and splicing an alias in.
+//! - [`proxy`]: the pingora `ProxyHttp` implementation and per-request context.
+//! - [`forward`]: sending the request upstream with failover, streaming the response back.
+//! - [`error`]: every failure and its OpenAI-shaped response.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`server`]: assembling listeners, the ops endpoint and the reloader.
+
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod keys;
+pub mod metrics;
+pub mod proxy;
+pub mod request;
+pub mod routing;
+pub mod server;
+
+pub use config::{Config, ConfigError};
+pub use server::{check_config, GatewayServer};

@@ -1,0 +1,431 @@
+//! The pingora [`ProxyHttp`] implementation: one [`Gateway`] holding the shared state, one small
+//! [`RequestCtx`] per request.
+//!
+//! Every request is handled in `request_filter`: authenticate from memory, read the bounded body,
+//! route by `model`, then [`crate::forward`] sends the buffered body upstream itself and streams
+//! the answer back (pingora's own forwarding cannot replay a pre-read body over 64 KiB; see
+//! ARCHITECTURE.md). Failures become responses in exactly one place, [`Gateway::respond_error`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::{header, Method};
+use pingora_core::connectors::http::Connector;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use serde::Serialize;
+
+use crate::error::GatewayError;
+use crate::keys::{authenticate, now_ms, KeyRecord, KeyStore};
+use crate::metrics::Metrics;
+use crate::request;
+use crate::routing::{Route, Runtime};
+
+/// State shared by every request, behind one `Arc`.
+pub struct Shared {
+    /// Routes and request settings; swapped whole on reload.
+    pub runtime: ArcSwap<Runtime>,
+    pub keys: Arc<dyn KeyStore>,
+    pub metrics: Metrics,
+    /// Upstream connection pool.
+    pub connector: Connector,
+    /// False until serving, and again once shutdown starts (`/readyz`).
+    pub ready: AtomicBool,
+}
+
+/// The proxy.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+}
+
+/// Facts derived while handling one request. No I/O happens in `new_ctx`.
+pub struct RequestCtx {
+    pub request_id: String,
+    pub start: Instant,
+    pub key: Option<Arc<KeyRecord>>,
+    pub route: Option<Arc<Route>>,
+    /// Index of the upstream endpoint that answered.
+    pub endpoint: Option<usize>,
+    pub stream: bool,
+    pub status: u16,
+    /// Error code when the request failed (`GatewayError::code`, or `aborted`).
+    pub error: Option<&'static str>,
+    /// Time spent waiting for the client's body and for the upstream: not gateway overhead.
+    pub waited: Duration,
+    pub overhead: Option<Duration>,
+    pub upstream_latency: Option<Duration>,
+    pub bytes_in: usize,
+    pub bytes_out: u64,
+    /// The response header has gone out: failures can no longer become error responses.
+    pub response_started: bool,
+    counted: bool,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            start: Instant::now(),
+            key: None,
+            route: None,
+            endpoint: None,
+            stream: false,
+            status: 0,
+            error: None,
+            waited: Duration::ZERO,
+            overhead: None,
+            upstream_latency: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            response_started: false,
+            counted: false,
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<pingora_core::upstreams::peer::HttpPeer>> {
+        // `request_filter` always answers, so pingora never asks for a peer.
+        Error::e_explain(ErrorType::InternalError, "request_filter handles every request")
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.shared.metrics.in_flight.inc();
+        ctx.counted = true;
+        match self.handle(session, ctx).await {
+            Ok(()) => Ok(true),
+            Err(e) if !ctx.response_started => {
+                self.respond_error(session, ctx, &e).await;
+                Ok(true)
+            }
+            Err(e) => {
+                // Mid-stream failure: drop the connection so the client sees a truncated body
+                // (no final chunk), never a clean end.
+                tracing::warn!(request_id = %ctx.request_id, error = %e, "response aborted mid-stream");
+                ctx.error = Some("aborted");
+                Error::e_explain(ErrorType::InternalError, "response aborted mid-stream")
+            }
+        }
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        _session: &mut Session,
+        _e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        // Only reached for mid-stream aborts: the header is out, nothing more can be said.
+        FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _e: &Error) -> bool {
+        true // the access log line carries the outcome
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let m = &self.shared.metrics;
+        if ctx.counted {
+            m.in_flight.dec();
+        }
+        let elapsed = ctx.start.elapsed();
+        let model = ctx.route.as_ref().map_or("unknown", |r| r.model.as_str());
+        let status = ctx.status.to_string();
+        m.requests
+            .with_label_values(&[model, status.as_str()])
+            .inc();
+        m.request_duration
+            .with_label_values(&[model])
+            .observe(elapsed.as_secs_f64());
+        let req = session.req_header();
+        let upstream = ctx.route.as_ref().map(|r| &r.upstream);
+        let endpoint = upstream.zip(ctx.endpoint).map(|(u, i)| u.endpoints[i].url.as_str());
+        tracing::info!(
+            target: "aihub::access",
+            request_id = %ctx.request_id,
+            method = %req.method,
+            path = req.uri.path(),
+            status = ctx.status,
+            model,
+            key_id = ctx.key.as_deref().map(|k| &*k.key_id),
+            developer_id = ctx.key.as_deref().map(|k| &*k.developer_id),
+            upstream = upstream.map(|u| u.name.as_str()),
+            endpoint,
+            stream = ctx.stream,
+            bytes_in = ctx.bytes_in,
+            bytes_out = ctx.bytes_out,
+            overhead_ms = ctx.overhead.map(|d| d.as_secs_f64() * 1e3),
+            upstream_ms = ctx.upstream_latency.map(|d| d.as_secs_f64() * 1e3),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            error = ctx.error,
+        );
+    }
+}
+
+impl Gateway {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Gateway { shared }
+    }
+
+    async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+        let rt = self.shared.runtime.load_full();
+        // Cheap clones (reference-counted bytes) that free `session` for the writes below.
+        let uri = session.req_header().uri.clone();
+        let method = session.req_header().method.clone();
+        let path = uri.path();
+        let Some(endpoint) = path.strip_prefix("/v1/") else {
+            return Err(unknown_url(&method, path));
+        };
+        let key = authenticate(&*self.shared.keys, presented_key(session), now_ms())
+            .map_err(GatewayError::Auth)?;
+        ctx.key = Some(Arc::clone(&key));
+
+        if method == Method::GET {
+            return match endpoint {
+                "models" => self.list_models(session, ctx, &rt, &key).await,
+                _ => match endpoint.strip_prefix("models/") {
+                    Some(id) => self.retrieve_model(session, ctx, &rt, &key, id).await,
+                    None => Err(unknown_url(&method, path)),
+                },
+            };
+        }
+        if method != Method::POST || endpoint.is_empty() {
+            return Err(unknown_url(&method, path));
+        }
+        if !key.endpoints.matches(endpoint) {
+            return Err(GatewayError::EndpointNotAllowed(endpoint.to_owned()));
+        }
+
+        let body = self.read_body(session, ctx, &rt).await?;
+        let probe = request::inspect(&body)?;
+        let route = rt
+            .routes
+            .get(&probe.model)
+            .ok_or_else(|| GatewayError::UnknownModel(probe.model.clone()))?;
+        if !key.models.matches(&probe.model) {
+            return Err(GatewayError::ModelNotAllowed(probe.model));
+        }
+        ctx.route = Some(Arc::clone(route));
+        ctx.stream = probe.stream;
+        let body = match &route.upstream_model {
+            Some(upstream_model) => request::rewrite_model(&body, probe.model_span, upstream_model),
+            None => body,
+        };
+        crate::forward::exchange(&self.shared, session, ctx, route, body).await
+    }
+
+    /// Reads the whole request body, bounded in size and time.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        rt: &Runtime,
+    ) -> Result<Bytes, GatewayError> {
+        let limit = rt.max_request_body_bytes;
+        let declared = session
+            .get_header(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(GatewayError::BodyTooLarge(limit));
+        }
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + rt.request_body_timeout);
+        if is_expect_continue(session) {
+            session
+                .downstream_session
+                .write_continue_response()
+                .await
+                .map_err(|_| GatewayError::ClientGone)?;
+        }
+        // The common case is a body that arrives in one read: keep it without copying.
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
+        loop {
+            let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+                Err(_) => return Err(GatewayError::BodyTimeout),
+                Ok(Err(_)) => return Err(GatewayError::ClientGone),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => chunk,
+            };
+            ctx.bytes_in += chunk.len();
+            if ctx.bytes_in > limit {
+                return Err(GatewayError::BodyTooLarge(limit));
+            }
+            match first.take() {
+                None if buf.is_empty() => first = Some(chunk),
+                prev => {
+                    if buf.is_empty() {
+                        buf.reserve(declared.unwrap_or(0).max(ctx.bytes_in));
+                    }
+                    if let Some(prev) = prev {
+                        buf.extend_from_slice(&prev);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+        }
+        ctx.waited += started.elapsed();
+        Ok(first.unwrap_or_else(|| buf.freeze()))
+    }
+
+    async fn list_models(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        rt: &Runtime,
+        key: &KeyRecord,
+    ) -> Result<(), GatewayError> {
+        let data: Vec<ModelObject<'_>> = rt
+            .models
+            .iter()
+            .filter(|m| key.models.matches(m))
+            .map(|m| ModelObject::of(rt, m))
+            .collect();
+        let body = serde_json::to_vec(&ModelList {
+            object: "list",
+            data,
+        })
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        self.respond_json(session, ctx, 200, body).await
+    }
+
+    async fn retrieve_model(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        rt: &Runtime,
+        key: &KeyRecord,
+        id: &str,
+    ) -> Result<(), GatewayError> {
+        if !rt.routes.contains_key(id) || !key.models.matches(id) {
+            return Err(GatewayError::UnknownModel(id.to_owned()));
+        }
+        let body = serde_json::to_vec(&ModelObject::of(rt, id))
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        self.respond_json(session, ctx, 200, body).await
+    }
+
+    /// The one place where a failure becomes a response.
+    async fn respond_error(&self, session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
+        ctx.error = Some(e.code());
+        if let GatewayError::Auth(why) = e {
+            self.shared
+                .metrics
+                .auth_failures
+                .with_label_values(&[why.reason()])
+                .inc();
+        }
+        match e {
+            GatewayError::ClientGone => {
+                ctx.status = e.status();
+                session.set_keepalive(None);
+                return;
+            }
+            // The rest of an unread or partly read body would be taken for the next request.
+            GatewayError::BodyTooLarge(_) | GatewayError::BodyTimeout => session.set_keepalive(None),
+            _ => {}
+        }
+        tracing::debug!(request_id = %ctx.request_id, error = %e, "request failed");
+        let _ = self.respond_json(session, ctx, e.status(), e.body()).await;
+    }
+
+    async fn respond_json(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        body: Vec<u8>,
+    ) -> Result<(), GatewayError> {
+        ctx.status = status;
+        let mut resp = ResponseHeader::build(status, Some(4)).expect("valid status");
+        let headers = [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::CONTENT_LENGTH, body.len().to_string()),
+            (header::HeaderName::from_static("x-request-id"), ctx.request_id.clone()),
+        ];
+        for (name, value) in headers {
+            resp.insert_header(name, value).expect("valid header");
+        }
+        ctx.response_started = true;
+        ctx.bytes_out = body.len() as u64;
+        session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .map_err(|_| GatewayError::ClientGone)?;
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await
+            .map_err(|_| GatewayError::ClientGone)
+    }
+}
+
+/// The key the client presented: `Authorization: Bearer …`, else `x-api-key`.
+fn presented_key(session: &Session) -> Option<&str> {
+    if let Some(v) = session.get_header(header::AUTHORIZATION) {
+        let v = v.to_str().ok()?;
+        let (scheme, token) = v.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim())
+            .filter(|t| !t.is_empty());
+    }
+    session
+        .get_header("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn is_expect_continue(session: &Session) -> bool {
+    !session.is_http2()
+        && session
+            .get_header(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+fn unknown_url(method: &Method, path: &str) -> GatewayError {
+    GatewayError::UnknownUrl(format!("{method} {path}"))
+}
+
+#[derive(Serialize)]
+struct ModelList<'a> {
+    object: &'static str,
+    data: Vec<ModelObject<'a>>,
+}
+
+/// A model as `GET /v1/models` lists it. `created` is when the route was loaded.
+#[derive(Serialize)]
+struct ModelObject<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'a str,
+}
+
+impl<'a> ModelObject<'a> {
+    fn of(rt: &'a Runtime, model: &'a str) -> Self {
+        ModelObject {
+            id: model,
+            object: "model",
+            created: rt.loaded_at_unix,
+            owned_by: rt.routes.get(model).map_or("", |r| r.upstream.name.as_str()),
+        }
+    }
+}
+
+/// Marks the gateway ready or not for `/readyz`.
+pub fn set_ready(shared: &Shared, ready: bool) {
+    shared.ready.store(ready, Ordering::Relaxed);
+}

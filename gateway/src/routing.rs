@@ -1,0 +1,277 @@
+//! The live routing table built from a validated [`Config`]: model → [`Route`] → [`Upstream`]
+//! with its endpoints, round-robin cursor and passive health.
+//!
+//! A [`Runtime`] is immutable once built; a reload builds a new one and swaps it in, so a
+//! request keeps the snapshot it started with.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use pingora_core::upstreams::peer::HttpPeer;
+
+use crate::config::{BaseUrl, Config, ConfigError, UpstreamConfig};
+use crate::keys::now_ms;
+
+/// Everything a request reads from configuration, swapped as a whole on reload.
+#[derive(Debug)]
+pub struct Runtime {
+    pub routes: HashMap<String, Arc<Route>>,
+    /// Routed model names, sorted (for `GET /v1/models`).
+    pub models: Vec<String>,
+    pub max_request_body_bytes: usize,
+    pub request_body_timeout: Duration,
+    /// When this table was built, unix seconds (the `created` of `GET /v1/models`).
+    pub loaded_at_unix: u64,
+}
+
+/// A model clients may name.
+#[derive(Debug)]
+pub struct Route {
+    pub model: String,
+    pub upstream: Arc<Upstream>,
+    /// Model name to send upstream, when it differs (alias rewrite).
+    pub upstream_model: Option<String>,
+}
+
+/// An upstream provider: equivalent endpoints tried round-robin, failing over on connect errors.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    /// Credential header injected into every upstream request.
+    pub auth: Option<(HeaderName, HeaderValue)>,
+    next: AtomicUsize,
+    failures_to_trip: u32,
+    cooldown_ms: u64,
+}
+
+/// One base URL of an upstream, resolved, with its passive health.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The base URL as configured (a metrics label; holds no secret).
+    pub url: String,
+    pub peer: HttpPeer,
+    /// `Host` header value for requests to this endpoint.
+    pub host: HeaderValue,
+    /// Path prefix replacing the client's `/v1`.
+    pub base_path: String,
+    consecutive_failures: AtomicU32,
+    skip_until_ms: AtomicU64,
+}
+
+impl Runtime {
+    /// Builds the routing table; resolves upstream host names (the only I/O here).
+    pub fn build(config: &Config, file: &Path) -> Result<Runtime, ConfigError> {
+        let mut upstreams = HashMap::new();
+        for (name, up) in &config.upstreams {
+            if let Some(var) = &up.api_key_env {
+                if std::env::var_os(var).is_none() && up.optional {
+                    tracing::warn!(upstream = %name, env = %var, "credential variable unset; optional upstream and its routes left out");
+                    continue;
+                }
+            }
+            let upstream = Upstream::build(name, up).map_err(|(key, message)| ConfigError {
+                file: file.to_owned(),
+                key: format!("upstreams.{name}{key}"),
+                message,
+            })?;
+            upstreams.insert(name.as_str(), Arc::new(upstream));
+        }
+        let mut routes = HashMap::new();
+        for r in &config.routes {
+            // Routes to a left-out optional upstream are left out too.
+            if let Some(upstream) = upstreams.get(r.upstream.as_str()) {
+                let route = Route {
+                    model: r.model.clone(),
+                    upstream: Arc::clone(upstream),
+                    upstream_model: r.upstream_model.clone().filter(|m| *m != r.model),
+                };
+                routes.insert(r.model.clone(), Arc::new(route));
+            }
+        }
+        let mut models: Vec<String> = routes.keys().cloned().collect();
+        models.sort();
+        Ok(Runtime {
+            routes,
+            models,
+            max_request_body_bytes: config.server.max_request_body_bytes,
+            request_body_timeout: config.server.request_body_timeout,
+            loaded_at_unix: now_ms() / 1000,
+        })
+    }
+
+    /// Every endpoint of every upstream, once (for health gauges).
+    pub fn endpoints(&self) -> impl Iterator<Item = (&Upstream, &Endpoint)> {
+        let mut seen = std::collections::HashSet::new();
+        self.routes
+            .values()
+            .filter(move |r| seen.insert(Arc::as_ptr(&r.upstream)))
+            .flat_map(|r| r.upstream.endpoints.iter().map(move |e| (&*r.upstream, e)))
+    }
+}
+
+impl Upstream {
+    fn build(name: &str, cfg: &UpstreamConfig) -> Result<Upstream, (String, String)> {
+        let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
+        for (i, url) in cfg.endpoints.iter().enumerate() {
+            let at = format!(".endpoints[{i}]");
+            let base = BaseUrl::parse(url).map_err(|m| (at.clone(), m))?;
+            let addr: SocketAddr = (base.host.as_str(), base.port)
+                .to_socket_addrs()
+                .map_err(|e| (at.clone(), format!("cannot resolve `{}`: {e}", base.host)))?
+                .next()
+                .ok_or_else(|| (at.clone(), format!("`{}` has no address", base.host)))?;
+            let mut peer = HttpPeer::new(addr, base.tls, base.host.clone());
+            let o = &mut peer.options;
+            o.connection_timeout = Some(cfg.connect_timeout);
+            o.total_connection_timeout = Some(cfg.connect_timeout);
+            o.read_timeout = Some(cfg.read_timeout);
+            o.write_timeout = Some(cfg.read_timeout);
+            o.idle_timeout = Some(cfg.idle_timeout);
+            o.verify_cert = cfg.verify_tls;
+            o.verify_hostname = cfg.verify_tls;
+            let default_port = if base.tls { 443 } else { 80 };
+            let host = if base.port == default_port {
+                base.host.clone()
+            } else if base.host.contains(':') {
+                format!("[{}]:{}", base.host, base.port)
+            } else {
+                format!("{}:{}", base.host, base.port)
+            };
+            endpoints.push(Endpoint {
+                url: url.clone(),
+                peer,
+                host: HeaderValue::from_str(&host).map_err(|e| (at, e.to_string()))?,
+                base_path: base.path,
+                consecutive_failures: AtomicU32::new(0),
+                skip_until_ms: AtomicU64::new(0),
+            });
+        }
+        let auth = match &cfg.api_key_env {
+            None => None,
+            Some(var) => {
+                let secret = std::env::var(var).map_err(|_| {
+                    (".api_key_env".to_owned(), format!("`{var}` is not set or not UTF-8"))
+                })?;
+                let header = HeaderName::try_from(cfg.api_key_header.to_ascii_lowercase())
+                    .map_err(|e| (".api_key_header".to_owned(), e.to_string()))?;
+                let value = if header == http::header::AUTHORIZATION {
+                    format!("Bearer {secret}")
+                } else {
+                    secret
+                };
+                let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                    (".api_key_env".to_owned(), format!("`{var}` holds characters not allowed in a header"))
+                })?;
+                value.set_sensitive(true);
+                Some((header, value))
+            }
+        };
+        Ok(Upstream {
+            name: name.to_owned(),
+            endpoints,
+            auth,
+            next: AtomicUsize::new(0),
+            failures_to_trip: cfg.health.failures,
+            cooldown_ms: cfg.health.cooldown.as_millis() as u64,
+        })
+    }
+
+    /// Endpoint indices in the order this request should try them: round-robin start, healthy
+    /// endpoints first, endpoints in cooldown last (still tried: failing closed helps nobody).
+    pub fn attempt_order(&self) -> impl Iterator<Item = usize> + '_ {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let now = now_ms();
+        let rotated = (0..n).map(move |i| (start + i) % n);
+        let healthy = rotated.clone().filter(move |&i| self.endpoints[i].is_available(now));
+        let cooling = rotated.filter(move |&i| !self.endpoints[i].is_available(now));
+        healthy.chain(cooling)
+    }
+
+    /// Records a failed connect to endpoint `i`; returns true when it just entered cooldown.
+    pub fn record_failure(&self, i: usize) -> bool {
+        let e = &self.endpoints[i];
+        let failures = e.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= self.failures_to_trip {
+            let was_down = e.skip_until_ms.load(Ordering::Relaxed) > now_ms();
+            e.skip_until_ms
+                .store(now_ms() + self.cooldown_ms, Ordering::Relaxed);
+            return !was_down;
+        }
+        false
+    }
+
+    /// Records a successful exchange with endpoint `i`.
+    pub fn record_success(&self, i: usize) {
+        let e = &self.endpoints[i];
+        if e.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            e.consecutive_failures.store(0, Ordering::Relaxed);
+            e.skip_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Endpoint {
+    /// Whether the endpoint is outside its cooldown at `now_ms`.
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.skip_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime(yaml: &str) -> Runtime {
+        let file = Path::new("t.yaml");
+        let c = Config::parse(yaml, file).unwrap();
+        c.validate(file).unwrap();
+        Runtime::build(&c, file).unwrap()
+    }
+
+    const TWO: &str = "upstreams:\n  u:\n    endpoints: [http://127.0.0.1:1/v1, http://127.0.0.1:2]\n    health: {failures: 2, cooldown: 1h}\nroutes:\n  - {model: a, upstream: u, upstream_model: real-a}\n  - {model: b, upstream: u, upstream_model: b}\n";
+
+    #[test]
+    fn routes_and_alias() {
+        let rt = runtime(TWO);
+        assert_eq!(rt.models, vec!["a", "b"]);
+        assert_eq!(rt.routes["a"].upstream_model.as_deref(), Some("real-a"));
+        // An alias to the same name is no rewrite at all.
+        assert_eq!(rt.routes["b"].upstream_model, None);
+        let u = &rt.routes["a"].upstream;
+        assert_eq!(u.endpoints[0].base_path, "/v1");
+        assert_eq!(u.endpoints[1].host, "127.0.0.1:2");
+        assert_eq!(rt.endpoints().count(), 2);
+    }
+
+    #[test]
+    fn round_robin_then_cooldown() {
+        let rt = runtime(TWO);
+        let u = &rt.routes["a"].upstream;
+        let first: Vec<usize> = u.attempt_order().collect();
+        let second: Vec<usize> = u.attempt_order().collect();
+        assert_eq!(first, vec![0, 1]);
+        assert_eq!(second, vec![1, 0]);
+        assert!(!u.record_failure(0));
+        assert!(u.record_failure(0)); // second failure trips the cooldown
+        assert!(!u.endpoints[0].is_available(now_ms()));
+        // Endpoint 0 now comes last whatever the round-robin start.
+        for _ in 0..3 {
+            assert_eq!(u.attempt_order().collect::<Vec<_>>(), vec![1, 0]);
+        }
+        u.record_success(0);
+        assert!(u.endpoints[0].is_available(now_ms()));
+    }
+
+    #[test]
+    fn optional_upstream_without_credential_is_left_out() {
+        let rt = runtime("upstreams:\n  o:\n    endpoints: [https://127.0.0.1]\n    api_key_env: AIHUB_TEST_SURELY_UNSET\n    optional: true\nroutes:\n  - {model: gpt-4o, upstream: o}\n");
+        assert!(rt.routes.is_empty());
+    }
+}

@@ -1,0 +1,244 @@
+//! Assembles the pingora server: the proxy service on the configured listeners, the operations
+//! listener (`/metrics`, `/healthz`, `/readyz`), and the background reloader (SIGHUP).
+//!
+//! Reload re-reads the file, validates it and builds a new routing table and key set; if any
+//! step fails, the old configuration keeps serving and `aihub_config_reloads_total{result="error"}`
+//! rises. In-flight requests finish on the snapshot they started with. Listener and thread
+//! changes need a restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::Response;
+use pingora_core::apps::http_app::{HttpServer, ServeHttp};
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::services::listening::Service;
+
+use crate::config::{Config, ConfigError};
+use crate::keys::{KeyRecord, MemoryKeyStore};
+use crate::metrics::Metrics;
+use crate::proxy::{set_ready, Gateway, Shared};
+use crate::routing::Runtime;
+
+/// Loads the configuration and builds everything it describes, without serving yet.
+pub struct GatewayServer {
+    pub server: Server,
+    pub shared: Arc<Shared>,
+}
+
+/// Validates the configuration as `--check-config` does: parse, validate, build routes (which
+/// resolves upstream hosts). Returns the number of routes and keys.
+pub fn check_config(path: &Path) -> Result<(usize, usize), ConfigError> {
+    let config = Config::load(path)?;
+    let runtime = Runtime::build(&config, path)?;
+    Ok((runtime.routes.len(), config.keys.len()))
+}
+
+impl GatewayServer {
+    pub fn build(path: &Path) -> Result<GatewayServer, ConfigError> {
+        let config = Config::load(path)?;
+        let runtime = Runtime::build(&config, path)?;
+        let keys = Arc::new(MemoryKeyStore::with_capacity(config.keys.len()));
+        keys.replace_all(key_records(&config, path)?);
+
+        let threads = match config.server.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let mut conf = ServerConf {
+            threads,
+            grace_period_seconds: Some(config.server.shutdown_grace_period.as_secs()),
+            graceful_shutdown_timeout_seconds: Some(1),
+            upstream_keepalive_pool_size: 1024,
+            ..ServerConf::default()
+        };
+        conf.pid_file = std::env::temp_dir()
+            .join(format!("aihub-{}.pid", std::process::id()))
+            .display()
+            .to_string();
+        let connector = Connector::new(Some(ConnectorOptions::from_server_conf(&conf)));
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+
+        let shared = Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            keys: keys.clone(),
+            metrics: Metrics::new(),
+            connector,
+            ready: false.into(),
+        });
+
+        let mut proxy = pingora_proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Gateway::new(Arc::clone(&shared)),
+            "aihub gateway",
+        );
+        for addr in &config.server.listen {
+            proxy.add_tcp(addr);
+        }
+        let mut ops = Service::new(
+            "aihub ops".into(),
+            HttpServer::new_app(OpsApp {
+                shared: Arc::clone(&shared),
+            }),
+        );
+        ops.add_tcp(&config.server.ops_listen);
+        ops.threads = Some(1);
+        let reloader = background_service(
+            "aihub reloader",
+            Reloader {
+                path: path.to_owned(),
+                shared: Arc::clone(&shared),
+                keys,
+                listen: config.server.listen.clone(),
+            },
+        );
+        server.add_service(proxy);
+        server.add_service(ops);
+        server.add_service(reloader);
+        Ok(GatewayServer { server, shared })
+    }
+
+    /// Serves until a signal stops the process (SIGINT fast, SIGTERM graceful).
+    pub fn run_forever(self) -> ! {
+        tracing::info!("gateway starting");
+        self.server.run_forever()
+    }
+}
+
+fn key_records(
+    config: &Config,
+    path: &Path,
+) -> Result<Vec<(aihub_apikey::KeyHash, KeyRecord)>, ConfigError> {
+    config
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            KeyRecord::from_config(k).map_err(|message| ConfigError {
+                file: path.to_owned(),
+                key: format!("keys[{i}]"),
+                message,
+            })
+        })
+        .collect()
+}
+
+/// `/metrics`, `/healthz`, `/readyz` on the operations listener.
+struct OpsApp {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl ServeHttp for OpsApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let (status, content_type, body) = match session.req_header().uri.path() {
+            "/metrics" => {
+                self.refresh_gauges();
+                (
+                    200,
+                    "text/plain; version=0.0.4",
+                    self.shared.metrics.render(),
+                )
+            }
+            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" if self.shared.ready.load(Ordering::Relaxed) => {
+                (200, "text/plain", b"ready\n".to_vec())
+            }
+            "/readyz" => (503, "text/plain", b"not ready\n".to_vec()),
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("content-length", body.len())
+            .body(body)
+            .expect("valid response")
+    }
+}
+
+impl OpsApp {
+    /// Gauges derived from state are computed at scrape time, off the request path.
+    fn refresh_gauges(&self) {
+        let m = &self.shared.metrics;
+        m.keys_loaded.set(self.shared.keys.len() as i64);
+        let runtime = self.shared.runtime.load();
+        let now = crate::keys::now_ms();
+        m.endpoint_healthy.reset();
+        for (upstream, endpoint) in runtime.endpoints() {
+            m.endpoint_healthy
+                .with_label_values(&[upstream.name.as_str(), endpoint.url.as_str()])
+                .set(endpoint.is_available(now) as i64);
+        }
+    }
+}
+
+/// Reloads the configuration on SIGHUP; flips readiness on start and shutdown.
+struct Reloader {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    keys: Arc<MemoryKeyStore>,
+    listen: Vec<String>,
+}
+
+impl Reloader {
+    fn reload(&self) -> Result<(), ConfigError> {
+        let config = Config::load(&self.path)?;
+        let runtime = Runtime::build(&config, &self.path)?;
+        let keys = key_records(&config, &self.path)?;
+        if config.server.listen != self.listen {
+            tracing::warn!("server.listen changed: listeners change only on restart");
+        }
+        self.shared.runtime.store(Arc::new(runtime));
+        self.keys.replace_all(keys);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload disabled");
+                set_ready(&self.shared, true);
+                let _ = shutdown.changed().await;
+                set_ready(&self.shared, false);
+                return;
+            }
+        };
+        set_ready(&self.shared, true);
+        tracing::info!(config = %self.path.display(), "gateway ready");
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let result = match self.reload() {
+                        Ok(()) => {
+                            tracing::info!(config = %self.path.display(), "configuration reloaded");
+                            "ok"
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "configuration reload rejected; the previous configuration keeps serving");
+                            "error"
+                        }
+                    };
+                    self.shared.metrics.config_reloads.with_label_values(&[result]).inc();
+                }
+                _ = shutdown.changed() => {
+                    set_ready(&self.shared, false);
+                    return;
+                }
+            }
+        }
+    }
+}
