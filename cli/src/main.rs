@@ -127,9 +127,14 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// pingora's debug and trace logs print request headers (credentials included), so its crates
+/// are capped at `info` whatever `RUST_LOG` says.
+const PINGORA_CAP: &str = "pingora=info,pingora_core=info,pingora_proxy=info,pingora_pool=info";
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let requested = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{requested},{PINGORA_CAP}"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{PINGORA_CAP}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

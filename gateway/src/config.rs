@@ -260,13 +260,15 @@ impl Config {
             return Err(err("server.listen".into(), "at least one listener".into()));
         }
         for (i, addr) in s.listen.iter().enumerate() {
-            addr.parse::<SocketAddr>().map_err(|e| {
-                err(format!("server.listen[{i}]"), format!("`{addr}`: {e}"))
-            })?;
+            addr.parse::<SocketAddr>()
+                .map_err(|e| err(format!("server.listen[{i}]"), format!("`{addr}`: {e}")))?;
         }
-        s.ops_listen
-            .parse::<SocketAddr>()
-            .map_err(|e| err("server.ops_listen".into(), format!("`{}`: {e}", s.ops_listen)))?;
+        s.ops_listen.parse::<SocketAddr>().map_err(|e| {
+            err(
+                "server.ops_listen".into(),
+                format!("`{}`: {e}", s.ops_listen),
+            )
+        })?;
         if s.max_request_body_bytes == 0 {
             return Err(err(
                 "server.max_request_body_bytes".into(),
@@ -276,7 +278,10 @@ impl Config {
         for (name, up) in &self.upstreams {
             let at = format!("upstreams.{name}");
             if up.endpoints.is_empty() {
-                return Err(err(format!("{at}.endpoints"), "at least one endpoint".into()));
+                return Err(err(
+                    format!("{at}.endpoints"),
+                    "at least one endpoint".into(),
+                ));
             }
             for (i, url) in up.endpoints.iter().enumerate() {
                 BaseUrl::parse(url)
@@ -294,10 +299,16 @@ impl Config {
                 }
             }
             http::HeaderName::try_from(up.api_key_header.as_str()).map_err(|_| {
-                err(format!("{at}.api_key_header"), "not a valid header name".into())
+                err(
+                    format!("{at}.api_key_header"),
+                    "not a valid header name".into(),
+                )
             })?;
             if up.health.failures == 0 {
-                return Err(err(format!("{at}.health.failures"), "must be positive".into()));
+                return Err(err(
+                    format!("{at}.health.failures"),
+                    "must be positive".into(),
+                ));
             }
         }
         let mut models = HashSet::new();
@@ -325,13 +336,22 @@ impl Config {
         for (i, k) in self.keys.iter().enumerate() {
             let at = format!("keys[{i}]");
             if k.id.is_empty() || !ids.insert(k.id.as_str()) {
-                return Err(err(format!("{at}.id"), format!("`{}` is empty or repeated", k.id)));
+                return Err(err(
+                    format!("{at}.id"),
+                    format!("`{}` is empty or repeated", k.id),
+                ));
             }
             let hash = aihub_apikey::KeyHash::from_hex(&k.hash).map_err(|_| {
-                err(format!("{at}.hash"), "expected `sha256:` and 64 hex digits".into())
+                err(
+                    format!("{at}.hash"),
+                    "expected `sha256:` and 64 hex digits".into(),
+                )
             })?;
             if !hashes.insert(hash) {
-                return Err(err(format!("{at}.hash"), "the same key is listed twice".into()));
+                return Err(err(
+                    format!("{at}.hash"),
+                    "the same key is listed twice".into(),
+                ));
             }
             if k.developer_id.is_empty() {
                 return Err(err(format!("{at}.developer_id"), "empty".into()));
@@ -368,7 +388,10 @@ impl BaseUrl {
         if uri.query().is_some() {
             return Err("a base URL has no query string".into());
         }
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let path = uri.path().trim_end_matches('/').to_owned();
         Ok(BaseUrl {
@@ -400,7 +423,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named_with_their_path() {
-        let e = parse("upstreams:\n  a:\n    endpoints: [http://x]\n    colour: red\n").unwrap_err();
+        let e =
+            parse("upstreams:\n  a:\n    endpoints: [http://x]\n    colour: red\n").unwrap_err();
         assert_eq!(e.key, "upstreams.a");
         assert!(e.message.contains("unknown field `colour`"), "{e}");
         assert!(e.to_string().starts_with("test.yaml: upstreams.a: "));
@@ -410,8 +434,10 @@ mod tests {
     fn validation_names_the_key() {
         let e = parse("upstreams:\n  a:\n    endpoints: [ftp://x]\n").unwrap_err();
         assert_eq!(e.key, "upstreams.a.endpoints[0]");
-        let e = parse("upstreams:\n  a:\n    endpoints: [http://x]\nroutes:\n  - {model: m, upstream: b}\n")
-            .unwrap_err();
+        let e = parse(
+            "upstreams:\n  a:\n    endpoints: [http://x]\nroutes:\n  - {model: m, upstream: b}\n",
+        )
+        .unwrap_err();
         assert_eq!(e.key, "routes[0].upstream");
         let e = parse("upstreams:\n  a:\n    endpoints: [http://x]\n    api_key_env: AIHUB_TEST_SURELY_UNSET\n")
             .unwrap_err();

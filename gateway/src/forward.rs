@@ -110,6 +110,9 @@ async fn send(
             .get_http_session(&endpoint.peer)
             .await
             .map_err(SendError::Connect)?;
+        // The connector does not apply the peer's I/O timeouts to the session; we must.
+        up.set_read_timeout(endpoint.peer.options.read_timeout);
+        up.set_write_timeout(endpoint.peer.options.write_timeout);
         let result = async {
             up.write_request_header(Box::new(header.clone())).await?;
             up.write_request_body(body.clone(), true).await?;
@@ -212,11 +215,16 @@ fn upstream_request(
         path.push('?');
         path.push_str(q);
     }
-    let mut h = RequestHeader::build(client.method.clone(), path.as_bytes(), Some(client.headers.len() + 3))
-        .map_err(internal)?;
+    let mut h = RequestHeader::build(
+        client.method.clone(),
+        path.as_bytes(),
+        Some(client.headers.len() + 3),
+    )
+    .map_err(internal)?;
     for (name, value) in client.headers.iter() {
         if !is_dropped_request_header(name) {
-            h.append_header(name.clone(), value.clone()).map_err(internal)?;
+            h.append_header(name.clone(), value.clone())
+                .map_err(internal)?;
         }
     }
     h.insert_header(header::HOST, endpoint.host.clone())
@@ -226,7 +234,8 @@ fn upstream_request(
     h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())
         .map_err(internal)?;
     if let Some((name, value)) = &upstream.auth {
-        h.insert_header(name.clone(), value.clone()).map_err(internal)?;
+        h.insert_header(name.clone(), value.clone())
+            .map_err(internal)?;
     }
     Ok(h)
 }
@@ -251,12 +260,22 @@ fn downstream_response(
     Ok(resp)
 }
 
-fn exchange_error(shared: &Shared, upstream: &Upstream, endpoint: &Endpoint, e: &Error) -> GatewayError {
+fn exchange_error(
+    shared: &Shared,
+    upstream: &Upstream,
+    endpoint: &Endpoint,
+    e: &Error,
+) -> GatewayError {
     let timed_out = matches!(
         e.etype(),
         ErrorType::ReadTimedout | ErrorType::WriteTimedout
     );
-    count_error(shared, upstream, endpoint, if timed_out { "timeout" } else { "exchange" });
+    count_error(
+        shared,
+        upstream,
+        endpoint,
+        if timed_out { "timeout" } else { "exchange" },
+    );
     let detail = format!("{}: {e}", endpoint.url);
     if timed_out {
         GatewayError::UpstreamTimeout {

@@ -4,8 +4,8 @@
 //! string a client made up; endpoints are labelled by their configured base URL.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds: fine below a millisecond (gateway overhead), coarse up to
@@ -42,18 +42,24 @@ impl Metrics {
         let registry = Registry::new_custom(Some("aihub".into()), None).expect("valid prefix");
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             let opts = HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
             let h = HistogramVec::new(opts, labels).expect("valid metric");
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
             h
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let endpoint_healthy = IntGaugeVec::new(
@@ -85,7 +91,9 @@ impl Metrics {
                 )
                 .buckets(BUCKETS.to_vec());
                 let h = Histogram::with_opts(opts).expect("valid metric");
-                registry.register(Box::new(h.clone())).expect("unique metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
                 h
             },
             upstream_latency: histogram(

@@ -96,7 +96,10 @@ impl ProxyHttp for Gateway {
         _ctx: &mut RequestCtx,
     ) -> Result<Box<pingora_core::upstreams::peer::HttpPeer>> {
         // `request_filter` always answers, so pingora never asks for a peer.
-        Error::e_explain(ErrorType::InternalError, "request_filter handles every request")
+        Error::e_explain(
+            ErrorType::InternalError,
+            "request_filter handles every request",
+        )
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -151,7 +154,9 @@ impl ProxyHttp for Gateway {
             .observe(elapsed.as_secs_f64());
         let req = session.req_header();
         let upstream = ctx.route.as_ref().map(|r| &r.upstream);
-        let endpoint = upstream.zip(ctx.endpoint).map(|(u, i)| u.endpoints[i].url.as_str());
+        let endpoint = upstream
+            .zip(ctx.endpoint)
+            .map(|(u, i)| u.endpoints[i].url.as_str());
         tracing::info!(
             target: "aihub::access",
             request_id = %ctx.request_id,
@@ -179,7 +184,11 @@ impl Gateway {
         Gateway { shared }
     }
 
-    async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+    async fn handle(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), GatewayError> {
         let rt = self.shared.runtime.load_full();
         // Cheap clones (reference-counted bytes) that free `session` for the writes below.
         let uri = session.req_header().uri.clone();
@@ -334,7 +343,9 @@ impl Gateway {
                 return;
             }
             // The rest of an unread or partly read body would be taken for the next request.
-            GatewayError::BodyTooLarge(_) | GatewayError::BodyTimeout => session.set_keepalive(None),
+            GatewayError::BodyTooLarge(_) | GatewayError::BodyTimeout => {
+                session.set_keepalive(None)
+            }
             _ => {}
         }
         tracing::debug!(request_id = %ctx.request_id, error = %e, "request failed");
@@ -353,7 +364,10 @@ impl Gateway {
         let headers = [
             (header::CONTENT_TYPE, "application/json".to_owned()),
             (header::CONTENT_LENGTH, body.len().to_string()),
-            (header::HeaderName::from_static("x-request-id"), ctx.request_id.clone()),
+            (
+                header::HeaderName::from_static("x-request-id"),
+                ctx.request_id.clone(),
+            ),
         ];
         for (name, value) in headers {
             resp.insert_header(name, value).expect("valid header");
@@ -420,7 +434,10 @@ impl<'a> ModelObject<'a> {
             id: model,
             object: "model",
             created: rt.loaded_at_unix,
-            owned_by: rt.routes.get(model).map_or("", |r| r.upstream.name.as_str()),
+            owned_by: rt
+                .routes
+                .get(model)
+                .map_or("", |r| r.upstream.name.as_str()),
         }
     }
 }

@@ -85,11 +85,20 @@ mod tests {
 
     #[test]
     fn bad_bodies() {
-        assert!(matches!(inspect(b"{nope"), Err(GatewayError::InvalidJson(_))));
+        assert!(matches!(
+            inspect(b"{nope"),
+            Err(GatewayError::InvalidJson(_))
+        ));
         assert!(matches!(inspect(b"[1]"), Err(GatewayError::InvalidJson(_))));
         assert!(matches!(inspect(b"{}"), Err(GatewayError::MissingModel)));
-        assert!(matches!(inspect(br#"{"model":3}"#), Err(GatewayError::MissingModel)));
-        assert!(matches!(inspect(br#"{"model":""}"#), Err(GatewayError::MissingModel)));
+        assert!(matches!(
+            inspect(br#"{"model":3}"#),
+            Err(GatewayError::MissingModel)
+        ));
+        assert!(matches!(
+            inspect(br#"{"model":""}"#),
+            Err(GatewayError::MissingModel)
+        ));
         assert!(matches!(
             inspect(br#"{"model":"a","model":"b"}"#),
             Err(GatewayError::InvalidJson(_))

@@ -156,7 +156,10 @@ impl Upstream {
             None => None,
             Some(var) => {
                 let secret = std::env::var(var).map_err(|_| {
-                    (".api_key_env".to_owned(), format!("`{var}` is not set or not UTF-8"))
+                    (
+                        ".api_key_env".to_owned(),
+                        format!("`{var}` is not set or not UTF-8"),
+                    )
                 })?;
                 let header = HeaderName::try_from(cfg.api_key_header.to_ascii_lowercase())
                     .map_err(|e| (".api_key_header".to_owned(), e.to_string()))?;
@@ -166,7 +169,10 @@ impl Upstream {
                     secret
                 };
                 let mut value = HeaderValue::from_str(&value).map_err(|_| {
-                    (".api_key_env".to_owned(), format!("`{var}` holds characters not allowed in a header"))
+                    (
+                        ".api_key_env".to_owned(),
+                        format!("`{var}` holds characters not allowed in a header"),
+                    )
                 })?;
                 value.set_sensitive(true);
                 Some((header, value))
@@ -189,7 +195,9 @@ impl Upstream {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let now = now_ms();
         let rotated = (0..n).map(move |i| (start + i) % n);
-        let healthy = rotated.clone().filter(move |&i| self.endpoints[i].is_available(now));
+        let healthy = rotated
+            .clone()
+            .filter(move |&i| self.endpoints[i].is_available(now));
         let cooling = rotated.filter(move |&i| !self.endpoints[i].is_available(now));
         healthy.chain(cooling)
     }

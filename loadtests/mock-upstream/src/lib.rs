@@ -125,12 +125,14 @@ struct Behaviour {
 impl Behaviour {
     fn of(config: &MockConfig, headers: &HeaderMap, n: u64) -> Behaviour {
         let num = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.parse().ok() };
-        let injected = (config.error_every > 0 && n % config.error_every == 0).then_some(config.error_status);
+        let injected = (config.error_every > 0 && n.is_multiple_of(config.error_every))
+            .then_some(config.error_status);
         Behaviour {
             status: num("x-mock-status").map(|s| s as u16).or(injected),
             latency: num("x-mock-latency-ms").map_or(config.latency, Duration::from_millis),
             chunks: num("x-mock-chunks").map_or(config.chunks, |c| c as usize),
-            interval: num("x-mock-chunk-interval-ms").map_or(config.chunk_interval, Duration::from_millis),
+            interval: num("x-mock-chunk-interval-ms")
+                .map_or(config.chunk_interval, Duration::from_millis),
             hang: headers.contains_key("x-mock-hang"),
         }
     }
@@ -141,12 +143,31 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<MockBody> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return error(400, "invalid_request_error", None, "Could not read the body."),
+        Err(_) => {
+            return error(
+                400,
+                "invalid_request_error",
+                None,
+                "Could not read the body.",
+            )
+        }
     };
     let behaviour = Behaviour::of(&state.config, &parts.headers, n);
-    let mut resp = route(state, &parts.method, parts.uri.path(), &parts.headers, &body, &behaviour, n).await;
+    let mut resp = route(
+        state,
+        &parts.method,
+        parts.uri.path(),
+        &parts.headers,
+        &body,
+        &behaviour,
+        n,
+    )
+    .await;
     let h = resp.headers_mut();
-    h.insert("x-mock-request-sha256", hv(&hex::encode(Sha256::digest(&body))));
+    h.insert(
+        "x-mock-request-sha256",
+        hv(&hex::encode(Sha256::digest(&body))),
+    );
     h.insert("x-mock-request-bytes", hv(&body.len().to_string()));
     h.insert("x-mock-server", hv(&state.config.name));
     h.insert("x-request-id", hv(&format!("req_mock{n}")));
@@ -169,7 +190,12 @@ async fn route(
             .and_then(|v| v.strip_prefix("Bearer "))
             == Some(expected.as_str());
         if !ok {
-            return error(401, "invalid_request_error", Some("invalid_api_key"), "Incorrect API key provided.");
+            return error(
+                401,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                "Incorrect API key provided.",
+            );
         }
     }
     if b.hang {
@@ -185,14 +211,35 @@ async fn route(
         return json(200, &wire::models());
     }
     if method != Method::POST {
-        return error(404, "invalid_request_error", Some("unknown_url"), &format!("Unknown request URL: {method} {path}."));
+        return error(
+            404,
+            "invalid_request_error",
+            Some("unknown_url"),
+            &format!("Unknown request URL: {method} {path}."),
+        );
     }
     let request: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v @ serde_json::Value::Object(_)) => v,
-        _ => return error(400, "invalid_request_error", None, "We could not parse the JSON body of your request."),
+        _ => {
+            return error(
+                400,
+                "invalid_request_error",
+                None,
+                "We could not parse the JSON body of your request.",
+            )
+        }
     };
-    let Some(model) = request.get("model").and_then(|m| m.as_str()).map(str::to_owned) else {
-        return error(400, "invalid_request_error", None, "you must provide a model parameter");
+    let Some(model) = request
+        .get("model")
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+    else {
+        return error(
+            400,
+            "invalid_request_error",
+            None,
+            "you must provide a model parameter",
+        );
     };
     let id = format!("mock{n}");
     match path {
@@ -210,18 +257,48 @@ async fn route(
             }
         }
         "/v1/embeddings" => json(200, &wire::embeddings(&request, &model)),
-        _ => error(404, "invalid_request_error", Some("unknown_url"), &format!("Unknown request URL: POST {path}.")),
+        _ => error(
+            404,
+            "invalid_request_error",
+            Some("unknown_url"),
+            &format!("Unknown request URL: POST {path}."),
+        ),
     }
 }
 
 fn injected_error(status: u16) -> Response<MockBody> {
     match status {
         400 => error(400, "invalid_request_error", None, "Injected bad request."),
-        401 => error(401, "invalid_request_error", Some("invalid_api_key"), "Incorrect API key provided."),
-        404 => error(404, "invalid_request_error", Some("model_not_found"), "The model does not exist."),
-        429 => error(429, "requests", Some("rate_limit_exceeded"), "Rate limit reached for requests."),
-        503 => error(503, "server_error", None, "The engine is currently overloaded, please try again later."),
-        s => error(s, "server_error", None, "The server had an error while processing your request."),
+        401 => error(
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Incorrect API key provided.",
+        ),
+        404 => error(
+            404,
+            "invalid_request_error",
+            Some("model_not_found"),
+            "The model does not exist.",
+        ),
+        429 => error(
+            429,
+            "requests",
+            Some("rate_limit_exceeded"),
+            "Rate limit reached for requests.",
+        ),
+        503 => error(
+            503,
+            "server_error",
+            None,
+            "The engine is currently overloaded, please try again later.",
+        ),
+        s => error(
+            s,
+            "server_error",
+            None,
+            "The server had an error while processing your request.",
+        ),
     }
 }
 
@@ -235,7 +312,10 @@ fn json(status: u16, value: &serde_json::Value) -> Response<MockBody> {
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = r.headers_mut();
     h.insert("content-type", HeaderValue::from_static("application/json"));
-    h.insert("x-mock-body-sha256", hv(&hex::encode(Sha256::digest(&body))));
+    h.insert(
+        "x-mock-body-sha256",
+        hv(&hex::encode(Sha256::digest(&body))),
+    );
     h.insert("openai-processing-ms", HeaderValue::from_static("1"));
     r
 }
@@ -267,7 +347,10 @@ fn sse(events: Vec<Bytes>, interval: Duration) -> Response<MockBody> {
     });
     let mut r = Response::new(MockBody::Right(ChannelBody { rx }));
     let h = r.headers_mut();
-    h.insert("content-type", HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
     h.insert("cache-control", HeaderValue::from_static("no-cache"));
     h.insert("x-mock-body-sha256", hv(&hex::encode(hasher.finalize())));
     r

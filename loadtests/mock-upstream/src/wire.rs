@@ -6,8 +6,23 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 const WORDS: &[&str] = &[
-    "Hello", " from", " the", " AI", " Hub", " mock", " upstream", ".", " This", " text", " is",
-    " generated", " one", " token", " at", " a", " time",
+    "Hello",
+    " from",
+    " the",
+    " AI",
+    " Hub",
+    " mock",
+    " upstream",
+    ".",
+    " This",
+    " text",
+    " is",
+    " generated",
+    " one",
+    " token",
+    " at",
+    " a",
+    " time",
 ];
 
 fn unix_now() -> u64 {
@@ -57,7 +72,11 @@ impl Completion {
             .and_then(Value::as_u64)
             .map_or(chunks, |m| (m as usize).min(chunks));
         Completion {
-            id: if chat { format!("chatcmpl-{id}") } else { format!("cmpl-{id}") },
+            id: if chat {
+                format!("chatcmpl-{id}")
+            } else {
+                format!("cmpl-{id}")
+            },
             model: model.to_owned(),
             created: unix_now(),
             chat,
@@ -107,7 +126,11 @@ impl Completion {
         let mut out = Vec::with_capacity(self.tokens.len() + 4);
         let usage_field = include_usage.then_some(Value::Null);
         if self.chat {
-            out.push(self.chunk(json!({"role": "assistant", "content": "", "refusal": null}), None, &usage_field));
+            out.push(self.chunk(
+                json!({"role": "assistant", "content": "", "refusal": null}),
+                None,
+                &usage_field,
+            ));
         }
         for t in &self.tokens {
             out.push(self.chunk(json!({"content": t}), None, &usage_field));
@@ -164,12 +187,18 @@ pub fn embeddings(request: &Value, model: &str) -> Value {
         Some(v) => vec![v.clone()],
         None => vec![],
     };
-    let dims = request.get("dimensions").and_then(Value::as_u64).unwrap_or(8).min(4096) as usize;
+    let dims = request
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .unwrap_or(8)
+        .min(4096) as usize;
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
         .map(|(i, input)| {
-            let seed = input.to_string().bytes().fold(i as u32 + 1, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+            let seed = input.to_string().bytes().fold(i as u32 + 1, |h, b| {
+                h.wrapping_mul(31).wrapping_add(b as u32)
+            });
             let v: Vec<f32> = (0..dims)
                 .map(|d| ((seed.wrapping_mul(d as u32 + 7) % 2000) as f32 / 1000.0) - 1.0)
                 .collect();
@@ -203,7 +232,9 @@ mod tests {
         let c = Completion::new(&req, "m", "1", true, 3);
         let plain = c.events(false);
         assert_eq!(plain.len(), 1 + 3 + 1 + 1);
-        assert!(plain.iter().all(|e| !std::str::from_utf8(e).unwrap().contains("\"usage\"")));
+        assert!(plain
+            .iter()
+            .all(|e| !std::str::from_utf8(e).unwrap().contains("\"usage\"")));
         let with = c.events(true);
         let last_json = std::str::from_utf8(&with[with.len() - 2]).unwrap();
         let v: Value = serde_json::from_str(last_json.trim_start_matches("data: ").trim()).unwrap();

@@ -1,0 +1,341 @@
+//! Test harness: starts the real `aihub` binary (gateway and mock upstream) as child processes
+//! on loopback, writes their configuration into a temporary directory, and stops them on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_aihub");
+
+/// A port nobody listens on right now (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A running mock upstream.
+pub struct Mock {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Mock {
+    /// Starts `aihub mock-upstream --listen 127.0.0.1:0 <args>` and reads its address.
+    pub fn start(args: &[&str]) -> Mock {
+        let threads: &[&str] = if args.contains(&"--threads") {
+            &[]
+        } else {
+            &["--threads", "1"]
+        };
+        let mut child = Command::new(BIN)
+            .args(["mock-upstream", "--listen", "127.0.0.1:0"])
+            .args(threads)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mock upstream");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected mock output: {line:?}"))
+            .parse()
+            .unwrap();
+        Mock { child, addr }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A key and its YAML entry.
+pub struct TestKey {
+    pub key: String,
+    pub yaml: String,
+}
+
+/// Builds a key entry; `extra` is appended as YAML fields (e.g. `models: ["demo"]`).
+pub fn key(id: &str, extra: &[&str]) -> TestKey {
+    let key = aihub_apikey::generate();
+    let mut yaml = format!(
+        "  - id: {id}\n    hash: sha256:{}\n    developer_id: dev_{id}\n",
+        aihub_apikey::KeyHash::of(&key).to_hex()
+    );
+    for e in extra {
+        yaml.push_str(&format!("    {e}\n"));
+    }
+    TestKey { key, yaml }
+}
+
+/// RFC 3339 for `now + d`.
+pub fn rfc3339_in(d: Duration) -> String {
+    humantime_rfc3339(SystemTime::now() + d)
+}
+
+fn humantime_rfc3339(t: SystemTime) -> String {
+    // Seconds precision, UTC, "Z": what the config accepts.
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days → civil date.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A running gateway with its configuration file and log.
+pub struct Gateway {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub ops: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    /// Writes `body` (YAML without the `server:` section) after a generated `server:` section
+    /// with free ports and `server_extra` lines, starts the gateway and waits until it is ready.
+    pub fn start(body: &str, server_extra: &[&str]) -> Gateway {
+        Self::start_with_env(body, server_extra, &[])
+    }
+
+    pub fn start_with_env(body: &str, server_extra: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let mut last_log = String::new();
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let (port, ops_port) = (free_port(), free_port());
+            let mut yaml = format!(
+                "server:\n  listen: [\"127.0.0.1:{port}\"]\n  ops_listen: 127.0.0.1:{ops_port}\n"
+            );
+            let has_threads = server_extra.iter().any(|l| l.starts_with("threads"));
+            if !has_threads {
+                yaml.push_str("  threads: 1\n");
+            }
+            for line in server_extra {
+                yaml.push_str(&format!("  {line}\n"));
+            }
+            yaml.push_str(body);
+            let config = dir.path().join("gateway.yaml");
+            std::fs::write(&config, yaml).unwrap();
+            let log = dir.path().join("gateway.log");
+            let mut cmd = Command::new(BIN);
+            cmd.args(["gateway", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap());
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let mut child = cmd.spawn().expect("spawn gateway");
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let ops: SocketAddr = format!("127.0.0.1:{ops_port}").parse().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // exited: most likely a port collision; try again
+                }
+                if ready(ops) {
+                    return Gateway {
+                        child,
+                        dir,
+                        addr,
+                        ops,
+                        log,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            last_log = std::fs::read_to_string(&log).unwrap_or_default();
+        }
+        panic!("gateway did not become ready:\n{last_log}");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGHUP (configuration reload).
+    pub fn reload(&self) {
+        signal(self.pid(), "HUP");
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.ops, "/metrics").1
+    }
+
+    /// The value of one metric line (`name{labels}`), or 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        signal(self.child.id(), "INT");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status();
+}
+
+fn ready(ops: SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&ops, Duration::from_millis(200)).is_ok()
+        && http_get(ops, "/readyz").0 == 200
+}
+
+/// A minimal blocking GET (for the ops listener), returning status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+/// YAML for one upstream named `name` with `endpoints`, plus extra lines.
+pub fn upstream(name: &str, endpoints: &[String], extra: &[&str]) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let mut y = format!("  {name}:\n    endpoints: [{}]\n", list.join(", "));
+    for e in extra {
+        y.push_str(&format!("    {e}\n"));
+    }
+    y
+}
+
+/// A whole config body: upstreams, routes `(model, upstream, upstream_model)`, keys.
+pub fn config(
+    upstreams: &[String],
+    routes: &[(&str, &str, Option<&str>)],
+    keys: &[&TestKey],
+) -> String {
+    let mut y = String::from("upstreams:\n");
+    for u in upstreams {
+        y.push_str(u);
+    }
+    y.push_str("routes:\n");
+    for (model, up, alias) in routes {
+        y.push_str(&format!("  - model: {model}\n    upstream: {up}\n"));
+        if let Some(a) = alias {
+            y.push_str(&format!("    upstream_model: {a}\n"));
+        }
+    }
+    y.push_str("keys:\n");
+    for k in keys {
+        y.push_str(&k.yaml);
+    }
+    if keys.is_empty() {
+        y.push_str("  []\n");
+    }
+    y
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}
+
+/// Asserts an OpenAI-shaped error with `status` and `code`; returns the error object.
+pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert!(resp.headers().contains_key("x-request-id"));
+    let v: serde_json::Value = resp.json().await.expect("JSON error body");
+    let e = &v["error"];
+    assert_eq!(e["code"], code, "{v}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].as_str().is_some(), "{v}");
+    e.clone()
+}
+
+pub fn chat(model: &str) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
+}
+
+pub fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
