@@ -104,7 +104,11 @@ fn bench_inspect(c: &mut Criterion) {
                 || body.as_bytes(),
                 |body| {
                     let p = request::inspect(body).unwrap();
-                    black_box(request::rewrite_model(body, p.model_span, "gpt-4o-2024-08-06"))
+                    black_box(request::rewrite_model(
+                        body,
+                        p.model_span,
+                        "gpt-4o-2024-08-06",
+                    ))
                 },
                 BatchSize::SmallInput,
             )

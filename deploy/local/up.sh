@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Starts AI Hub locally: builds `aihub` (release), starts the mock upstream and the gateway with
+# config/gateway.yaml plus a demo key, and prints how to call it. Ctrl-C stops everything it
+# started; with --detach it returns and deploy/local/down.sh stops it.
+#
+# Ports: GATEWAY_PORT (8080), OPS_PORT (9091), MOCK_PORT (9090). State: data/local/ (AIHUB_DATA).
+# Setting OPENAI_API_KEY adds the real OpenAI models (gpt-4o, gpt-4o-mini, text-embedding-3-small).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+DATA=${AIHUB_DATA:-$ROOT/data/local}
+GATEWAY_PORT=${GATEWAY_PORT:-8080}
+OPS_PORT=${OPS_PORT:-9091}
+MOCK_PORT=${MOCK_PORT:-9090}
+DETACH=0
+[ "${1:-}" = "--detach" ] && DETACH=1
+
+source deploy/local/deps.sh
+"$ROOT/deploy/local/down.sh" --quiet || true
+mkdir -p "$DATA"
+
+echo "==> building aihub (release; the first build takes a few minutes)" >&2
+cargo build --release -p aihub
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/aihub
+
+# The demo key is created once and reused by later runs.
+if [ ! -s "$DATA/demo-key" ]; then
+    "$BIN" keys generate --id key_demo --developer dev_demo --name "demo key" \
+        --expires-in never --key-file "$DATA/demo-key" > "$DATA/demo-key.yaml"
+fi
+KEY=$(cat "$DATA/demo-key")
+
+# Local configuration: the reference file with local ports and the demo key appended.
+sed -e '/^keys: \[\]$/d' \
+    -e "s#127.0.0.1:8080#127.0.0.1:$GATEWAY_PORT#" \
+    -e "s#127.0.0.1:9091#127.0.0.1:$OPS_PORT#" \
+    -e "s#127.0.0.1:9090#127.0.0.1:$MOCK_PORT#" \
+    config/gateway.yaml > "$DATA/gateway.yaml"
+{ echo "keys:"; grep -v '^#' "$DATA/demo-key.yaml"; } >> "$DATA/gateway.yaml"
+"$BIN" gateway --config "$DATA/gateway.yaml" --check-config
+
+"$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" > "$DATA/mock-upstream.log" 2>&1 &
+echo $! > "$DATA/mock-upstream.pid"
+"$BIN" gateway --config "$DATA/gateway.yaml" > "$DATA/gateway.log" 2>&1 &
+echo $! > "$DATA/gateway.pid"
+
+for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:$OPS_PORT/readyz" >/dev/null 2>&1 && break
+    if ! kill -0 "$(cat "$DATA/gateway.pid")" 2>/dev/null; then
+        echo "the gateway failed to start; its log:" >&2
+        cat "$DATA/gateway.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+
+cat <<MSG
+
+AI Hub is running.
+  Gateway:   http://127.0.0.1:$GATEWAY_PORT/v1   (OpenAI-compatible; model "demo")
+  Metrics:   http://127.0.0.1:$OPS_PORT/metrics
+  Demo key:  $KEY
+  Logs:      $DATA/gateway.log
+
+Try it:
+  curl http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" -d '{"model":"demo","messages":[{"role":"user","content":"Hello"}]}'
+
+MSG
+
+if [ "$DETACH" = 1 ]; then
+    echo "Stop with: deploy/local/down.sh"
+    exit 0
+fi
+echo "Press Ctrl-C to stop."
+trap '"$ROOT/deploy/local/down.sh"; exit 0' INT TERM
+wait
