@@ -153,13 +153,7 @@ async fn sighup_reload_under_load_fails_no_request() {
         2.0
     );
     // The new route and the new key serve.
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&k2.key)
-        .json(&chat("added"))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(&k2.key, &chat("added")).await;
     assert_eq!(resp.status(), 200);
     assert!(gw.log_text().contains("configuration reload rejected"));
 }
@@ -183,10 +177,8 @@ async fn reload_removes_keys_and_routes() {
         ),
     );
     gw.reload();
-    let c = client();
     let send = |key: &str, model: &str| {
-        c.post(gw.url("/v1/chat/completions"))
-            .bearer_auth(key)
+        gw.post(key, "/v1/chat/completions")
             .json(&chat(model))
             .send()
     };
@@ -219,15 +211,13 @@ async fn ops_listener_serves_health_and_metrics() {
     assert_eq!(http_get(gw.ops, "/healthz").0, 200);
     assert_eq!(http_get(gw.ops, "/readyz").0, 200);
     assert_eq!(http_get(gw.ops, "/nope").0, 404);
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&k.key)
-        .json(&chat("mock-gpt"))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.chat(&k.key, &chat("mock-gpt")).await;
     assert_eq!(resp.status(), 200);
     resp.bytes().await.unwrap();
+    gw.metric_eventually(
+        "aihub_requests_total{model=\"mock-gpt\",status=\"200\"}",
+        1.0,
+    );
     let m = gw.metrics();
     for series in [
         "aihub_requests_total{model=\"mock-gpt\",status=\"200\"} 1",

@@ -27,9 +27,8 @@ async fn non_streaming_chat_is_byte_for_byte_both_ways() {
     let gw = Gateway::start(&single_mock_config(&mock, &[&k]), &[]);
     let body = serde_json::to_vec(&chat("mock-gpt")).unwrap();
 
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&k.key)
+    let resp = gw
+        .post(&k.key, "/v1/chat/completions")
         .header("content-type", "application/json")
         .body(body.clone())
         .send()
@@ -52,7 +51,7 @@ async fn non_streaming_chat_is_byte_for_byte_both_ways() {
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["usage"]["total_tokens"], 4 + 16);
     // And the access log names the request without the key.
-    let log = gw.log_text();
+    let log = gw.wait_for_log(&request_id);
     assert!(log.contains(&request_id), "{log}");
     assert!(!log.contains(&k.key));
 }
@@ -66,9 +65,8 @@ async fn streaming_chat_arrives_chunk_by_chunk_and_intact() {
     body["stream"] = true.into();
 
     let started = Instant::now();
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&k.key)
+    let resp = gw
+        .post(&k.key, "/v1/chat/completions")
         .header("x-mock-chunks", "8")
         .header("x-mock-chunk-interval-ms", "150")
         .json(&body)
@@ -126,10 +124,8 @@ async fn one_mib_prompt_with_model_last_reaches_upstream_intact() {
         "{{\"messages\":[{{\"role\":\"user\",\"content\":\"{prompt}\"}}],\"model\":\"mock-gpt\"}}"
     );
     assert!(body.len() > 1024 * 1024);
-    let c = client();
-    let resp = c
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&k.key)
+    let resp = gw
+        .post(&k.key, "/v1/chat/completions")
         .header("content-type", "application/json")
         .body(body.clone())
         .send()
@@ -147,9 +143,8 @@ async fn one_mib_prompt_with_model_last_reaches_upstream_intact() {
 
     // Through an alias, only the model string changes.
     let aliased = body.replace("\"model\":\"mock-gpt\"", "\"model\":\"demo\"");
-    let resp = c
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&k.key)
+    let resp = gw
+        .post(&k.key, "/v1/chat/completions")
         .body(aliased)
         .send()
         .await
@@ -183,13 +178,7 @@ async fn routes_by_model_with_alias_rewrite() {
     let c = client();
     for (model, server, upstream_model) in [("model-a", "a", "model-a"), ("model-b", "b", "real-b")]
     {
-        let resp = c
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(&k.key)
-            .json(&chat(model))
-            .send()
-            .await
-            .unwrap();
+        let resp = gw.chat(&k.key, &chat(model)).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-mock-server"], server);
         let v: serde_json::Value = resp.json().await.unwrap();
@@ -207,9 +196,8 @@ async fn routes_by_model_with_alias_rewrite() {
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
     assert_eq!(v["usage"]["prompt_tokens"], 2);
-    let resp = c
-        .post(gw.url("/v1/completions"))
-        .bearer_auth(&k.key)
+    let resp = gw
+        .post(&k.key, "/v1/completions")
         .json(&serde_json::json!({"model": "model-a", "prompt": "hi", "max_tokens": 3}))
         .send()
         .await
@@ -280,17 +268,10 @@ async fn keepalive_connections_carry_many_requests() {
     let mock = Mock::start(&[]);
     let k = key("k1", &[]);
     let gw = Gateway::start(&single_mock_config(&mock, &[&k]), &[]);
-    let c = client();
     for i in 0..50 {
         let mut body = chat("demo");
         body["stream"] = (i % 2 == 0).into();
-        let resp = c
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(&k.key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = gw.chat(&k.key, &body).await;
         assert_eq!(resp.status(), 200);
         let expected = resp.headers()["x-mock-body-sha256"]
             .to_str()
@@ -299,7 +280,7 @@ async fn keepalive_connections_carry_many_requests() {
         assert_eq!(sha256_hex(&resp.bytes().await.unwrap()), expected);
     }
     assert_eq!(
-        gw.metric("aihub_requests_total{model=\"demo\",status=\"200\"}"),
+        gw.metric_eventually("aihub_requests_total{model=\"demo\",status=\"200\"}", 50.0),
         50.0
     );
 }

@@ -223,8 +223,47 @@ impl Gateway {
             .unwrap_or(0.0)
     }
 
+    /// Polls `metric(series)` until it equals `expected` (metrics of a request are recorded
+    /// after its response ends) or 5 s pass; returns the last value.
+    pub fn metric_eventually(&self, series: &str, expected: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.metric(series);
+            if v == expected || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log once it contains `needle` (the access line is written after the response ends).
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A POST to `path` with `key` as bearer token, on a shared client.
+    pub fn post(&self, key: &str, path: &str) -> reqwest::RequestBuilder {
+        shared_client().post(self.url(path)).bearer_auth(key)
+    }
+
+    /// `POST /v1/chat/completions` with `body`; panics on transport errors.
+    pub async fn chat(&self, key: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.post(key, "/v1/chat/completions")
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 }
 
@@ -311,6 +350,11 @@ pub fn config(
         y.push_str("  []\n");
     }
     y
+}
+
+fn shared_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(client)
 }
 
 pub fn client() -> reqwest::Client {
