@@ -392,3 +392,56 @@ async fn credentials_are_injected_and_stay_out_of_logs_even_at_trace_level() {
         assert!(!log.contains(secret), "secret leaked into the log");
     }
 }
+
+/// Writes `head` (and `body`) on a raw connection and returns everything read until close or
+/// `wait` passes.
+fn raw_exchange(addr: std::net::SocketAddr, head: &str, body: &[u8], wait: Duration) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&out).contains("}}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn slow_bodies_time_out_and_expect_continue_is_honoured() {
+    let mock = Mock::start(&[]);
+    let k = key("k", &[]);
+    let body = config(
+        &[upstream("m", &[mock.base_url()], &[])],
+        &[("mock-gpt", "m", None)],
+        &[&k],
+    );
+    let gw = Gateway::start(&body, &["request_body_timeout: 500ms"]);
+    // Half a body, then silence: 408 once the body timeout passes.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 100\r\n\r\n",
+        k.key
+    );
+    let out = raw_exchange(gw.addr, &head, b"{\"model\":", Duration::from_secs(5));
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(out.contains("\"code\":\"request_timeout\""), "{out}");
+    // curl sends `Expect: 100-continue` for large bodies and waits for the interim response.
+    let payload = serde_json::to_vec(&chat("mock-gpt")).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        k.key,
+        payload.len()
+    );
+    let interim = raw_exchange(gw.addr, &head, b"", Duration::from_millis(500));
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    let out = raw_exchange(gw.addr, &head, &payload, Duration::from_secs(5));
+    assert!(out.contains("HTTP/1.1 200"), "{out}");
+}

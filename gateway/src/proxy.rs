@@ -348,7 +348,12 @@ impl Gateway {
             }
             _ => {}
         }
-        tracing::debug!(request_id = %ctx.request_id, error = %e, "request failed");
+        if e.status() >= 500 {
+            // Upstream and internal failures carry details (addresses, TLS errors) for operators.
+            tracing::warn!(request_id = %ctx.request_id, error = %e, "request failed");
+        } else {
+            tracing::debug!(request_id = %ctx.request_id, error = %e, "request refused");
+        }
         let _ = self.respond_json(session, ctx, e.status(), e.body()).await;
     }
 
