@@ -6,7 +6,6 @@
 //! the resident memory the store added.
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use aihub_apikey::KeyHash;
 use aihub_gateway::keys::{authenticate, now_ms, KeyRecord, MemoryKeyStore, Patterns};
@@ -41,7 +40,6 @@ fn loaded_store() -> (MemoryKeyStore, Vec<String>) {
             KeyRecord {
                 key_id: format!("key_{i:012}").into(),
                 developer_id: format!("dev_{:08}", i / 3).into(),
-                name: Arc::from(""),
                 models: models.clone(),
                 endpoints: endpoints.clone(),
                 expires_at_ms: Some(now_ms() + 86_400_000),

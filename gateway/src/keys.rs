@@ -6,6 +6,7 @@
 //! the control plane's key sync will fill the same store from its change feed. A request never
 //! waits on anything but this map.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -70,7 +71,6 @@ impl Patterns {
 pub struct KeyRecord {
     pub key_id: Arc<str>,
     pub developer_id: Arc<str>,
-    pub name: Arc<str>,
     pub models: Patterns,
     pub endpoints: Patterns,
     /// Unix milliseconds from which the key is refused; `None` = never.
@@ -91,20 +91,52 @@ impl KeyRecord {
         }
     }
 
-    pub fn from_config(k: &KeyConfig) -> Result<(KeyHash, KeyRecord), String> {
+    /// Builds a record from its YAML entry, sharing identical developer ids and permission
+    /// lists with earlier records through `interner` (most keys share them).
+    pub fn from_config(
+        k: &KeyConfig,
+        interner: &mut Interner,
+    ) -> Result<(KeyHash, KeyRecord), String> {
         let hash = KeyHash::from_hex(&k.hash).map_err(|e| e.to_string())?;
         Ok((
             hash,
             KeyRecord {
                 key_id: k.id.as_str().into(),
-                developer_id: k.developer_id.as_str().into(),
-                name: k.name.as_str().into(),
-                models: Patterns::parse(&k.models)?,
-                endpoints: Patterns::parse(&k.endpoints)?,
+                developer_id: interner.string(&k.developer_id),
+                models: interner.patterns(&k.models)?,
+                endpoints: interner.patterns(&k.endpoints)?,
                 expires_at_ms: k.expires_at.map(unix_ms),
                 active: k.active,
             },
         ))
+    }
+}
+
+/// Shares equal strings and pattern lists between key records: with a million keys, per-key
+/// copies of the same developer id and permissions would dominate memory.
+#[derive(Default)]
+pub struct Interner {
+    strings: HashMap<String, Arc<str>>,
+    patterns: HashMap<Vec<String>, Patterns>,
+}
+
+impl Interner {
+    pub fn string(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(s) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = s.into();
+        self.strings.insert(s.to_owned(), Arc::clone(&shared));
+        shared
+    }
+
+    pub fn patterns(&mut self, list: &[String]) -> Result<Patterns, String> {
+        if let Some(shared) = self.patterns.get(list) {
+            return Ok(shared.clone());
+        }
+        let parsed = Patterns::parse(list)?;
+        self.patterns.insert(list.to_vec(), parsed.clone());
+        Ok(parsed)
     }
 }
 
@@ -234,7 +266,6 @@ mod tests {
         KeyRecord {
             key_id: "key_1".into(),
             developer_id: "dev_1".into(),
-            name: "".into(),
             models: Patterns::parse(&["gpt-4o*", "demo"]).unwrap(),
             endpoints: Patterns::any(),
             expires_at_ms,

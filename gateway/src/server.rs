@@ -23,7 +23,7 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
 use crate::config::{Config, ConfigError};
-use crate::keys::{KeyRecord, MemoryKeyStore};
+use crate::keys::{Interner, KeyRecord, MemoryKeyStore};
 use crate::metrics::Metrics;
 use crate::proxy::{set_ready, Gateway, Shared};
 use crate::routing::Runtime;
@@ -118,12 +118,13 @@ fn key_records(
     config: &Config,
     path: &Path,
 ) -> Result<Vec<(aihub_apikey::KeyHash, KeyRecord)>, ConfigError> {
+    let mut interner = Interner::default();
     config
         .keys
         .iter()
         .enumerate()
         .map(|(i, k)| {
-            KeyRecord::from_config(k).map_err(|message| ConfigError {
+            KeyRecord::from_config(k, &mut interner).map_err(|message| ConfigError {
                 file: path.to_owned(),
                 key: format!("keys[{i}]"),
                 message,
