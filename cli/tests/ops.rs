@@ -30,7 +30,10 @@ fn config_errors_name_the_file_and_key() {
     assert!(ok, "{text}");
     assert!(text.contains("ok (1 routes, 0 keys)"), "{text}");
     for (yaml, key) in [
-        ("server:\n  listne: []\n", "server: unknown field `listne`"),
+        (
+            "server:\n  listne: []\n",
+            "server.listne: unknown field `listne`",
+        ),
         (
             "upstreams:\n  u:\n    endpoints: [\"gopher://x\"]\n",
             "upstreams.u.endpoints[0]",

@@ -240,10 +240,17 @@ impl Config {
         let de = serde_yaml::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
+            let mut message = e.into_inner().to_string();
+            // serde_yaml prefixes its own rendering of the path ("server: …"); ours is exact.
+            if let Some((prefix, rest)) = message.split_once(": ") {
+                if !prefix.contains(' ') {
+                    message = rest.to_owned();
+                }
+            }
             ConfigError {
                 file: file.to_owned(),
                 key: if key == "." { String::new() } else { key },
-                message: e.into_inner().to_string(),
+                message,
             }
         })
     }
@@ -425,9 +432,9 @@ mod tests {
     fn unknown_fields_are_named_with_their_path() {
         let e =
             parse("upstreams:\n  a:\n    endpoints: [http://x]\n    colour: red\n").unwrap_err();
-        assert_eq!(e.key, "upstreams.a");
+        assert_eq!(e.key, "upstreams.a.colour");
         assert!(e.message.contains("unknown field `colour`"), "{e}");
-        assert!(e.to_string().starts_with("test.yaml: upstreams.a: "));
+        assert!(e.to_string().starts_with("test.yaml: upstreams.a.colour: "));
     }
 
     #[test]

@@ -31,6 +31,12 @@ struct Fields<'a> {
 
 /// Parses the body as a JSON object and finds its `model` and `stream` fields.
 pub fn inspect(body: &[u8]) -> Result<Probe, GatewayError> {
+    // serde also maps arrays onto structs; only an object is a request.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(GatewayError::InvalidJson(
+            "the body must be a JSON object".into(),
+        ));
+    }
     let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
         // serde_json's message names line and column only; never echo the body back.
         GatewayError::InvalidJson(e.to_string())
