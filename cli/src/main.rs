@@ -40,6 +40,12 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
+    /// Create or update the ClickHouse usage schema (also done by the gateway at start).
+    Migrate {
+        /// Gateway configuration file (its `metering.clickhouse` section).
+        #[arg(long, short, default_value = "config/gateway.yaml")]
+        config: PathBuf,
+    },
     /// API key tools.
     Keys {
         #[command(subcommand)]
@@ -122,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             let server = aihub_gateway::GatewayServer::build(&config)?;
             server.run_forever()
         }
+        Command::Migrate { config } => migrate(&config),
         Command::Keys { command } => keys(command),
         Command::MockUpstream(args) => mock_upstream(args),
     }
@@ -223,6 +230,32 @@ fn write_secret(path: &PathBuf, key: &str) -> anyhow::Result<()> {
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     writeln!(f, "{key}")?;
+    Ok(())
+}
+
+fn migrate(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = aihub_gateway::Config::load(path)?;
+    let Some(metering) = config.metering else {
+        bail!(
+            "{}: no `metering` section: nothing to migrate",
+            path.display()
+        );
+    };
+    let clickhouse = metering.clickhouse.with_env_overrides();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(aihub_usage::schema::migrate(&clickhouse))?;
+    println!(
+        "ClickHouse {} at {}, database `{}`: applied {:?} (schema at version {})",
+        report.server_version,
+        clickhouse.url,
+        clickhouse.database,
+        report.applied,
+        aihub_usage::schema::MIGRATIONS
+            .last()
+            .map_or(0, |m| m.version)
+    );
     Ok(())
 }
 

@@ -49,6 +49,12 @@ pub struct Config {
     /// Declarative API keys (hashes only), for running without a control plane.
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Usage metering into ClickHouse. Absent: requests are not metered (logged as a warning).
+    #[serde(default)]
+    pub metering: Option<aihub_usage::PipelineConfig>,
+    /// Prices by model. Default: the seed's table (USD per 1K tokens) and default price.
+    #[serde(default)]
+    pub pricing: aihub_usage::pricing::PricingConfig,
 }
 
 /// Listeners and request handling. Listener and thread changes need a restart; the rest reloads.
@@ -339,6 +345,11 @@ impl Config {
                 return Err(err(format!("routes[{i}].upstream_model"), "empty".into()));
             }
         }
+        if let Some(m) = &self.metering {
+            m.validate().map_err(|(key, message)| err(key, message))?;
+        }
+        aihub_usage::pricing::Pricing::from_config(&self.pricing)
+            .map_err(|(key, message)| err(key, message))?;
         let (mut ids, mut hashes) = (HashSet::new(), HashSet::new());
         for (i, k) in self.keys.iter().enumerate() {
             let at = format!("keys[{i}]");

@@ -58,6 +58,8 @@ pub enum GatewayError {
     UpstreamTimeout { upstream: String, detail: String },
     #[error("upstream `{upstream}` failed: {detail}")]
     UpstreamFailed { upstream: String, detail: String },
+    #[error("usage metering is unavailable (WAL over its disk cap)")]
+    MeteringUnavailable,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -91,6 +93,7 @@ impl GatewayError {
             ClientGone => 499,
             UpstreamUnreachable { .. } | UpstreamFailed { .. } => 502,
             UpstreamTimeout { .. } => 504,
+            MeteringUnavailable => 503,
             Internal(_) => 500,
         }
     }
@@ -113,13 +116,14 @@ impl GatewayError {
             UpstreamUnreachable { .. } => "upstream_unreachable",
             UpstreamTimeout { .. } => "upstream_timeout",
             UpstreamFailed { .. } => "upstream_error",
+            MeteringUnavailable => "metering_unavailable",
             Internal(_) => "internal_error",
         }
     }
 
     fn kind(&self) -> &'static str {
         match self.status() {
-            500 => "server_error",
+            500 | 503 => "server_error",
             502 | 504 => "upstream_error",
             _ => "invalid_request_error",
         }
@@ -155,6 +159,7 @@ impl GatewayError {
             UpstreamUnreachable { .. } => "The upstream model provider could not be reached. Please retry.".into(),
             UpstreamTimeout { .. } => "The upstream model provider did not answer in time. Please retry.".into(),
             UpstreamFailed { .. } => "The upstream model provider returned an invalid response. Please retry.".into(),
+            MeteringUnavailable => "The service is temporarily unavailable. Please retry later.".into(),
             Internal(_) => "The gateway had an internal error. Please retry.".into(),
         }
     }

@@ -19,7 +19,8 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use crate::error::GatewayError;
-use crate::proxy::{RequestCtx, Shared};
+use crate::metering::{SseMeter, JSON_KEEP_MAX};
+use crate::proxy::{RequestCtx, ResponseMeter, Shared};
 use crate::routing::{Endpoint, Route, Upstream};
 
 /// How many times a request may meet a stale pooled connection before giving up on an endpoint.
@@ -58,6 +59,7 @@ pub async fn exchange(
     ctx: &mut RequestCtx,
     route: &Route,
     body: Bytes,
+    strip_usage: bool,
 ) -> Result<(), GatewayError> {
     let upstream = &*route.upstream;
     let mut last_connect_error = None;
@@ -68,7 +70,16 @@ pub async fn exchange(
             Ok((up, sent_at)) => {
                 upstream.record_success(i);
                 ctx.endpoint = Some(i);
-                return relay(shared, session, ctx, upstream, endpoint, up, sent_at).await;
+                return relay(
+                    shared,
+                    session,
+                    ctx,
+                    (upstream, endpoint),
+                    up,
+                    sent_at,
+                    strip_usage,
+                )
+                .await;
             }
             Err(SendError::Connect(e)) => {
                 count_error(shared, upstream, endpoint, "connect");
@@ -143,10 +154,10 @@ async fn relay(
     shared: &Shared,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    upstream: &Upstream,
-    endpoint: &Endpoint,
+    (upstream, endpoint): (&Upstream, &Endpoint),
     mut up: HttpSession,
     sent_at: Instant,
+    strip_usage: bool,
 ) -> Result<(), GatewayError> {
     let upstream_wait = sent_at.elapsed();
     ctx.upstream_latency = Some(upstream_wait);
@@ -161,6 +172,14 @@ async fn relay(
         .ok_or_else(|| GatewayError::Internal("no upstream response header".into()))?;
     let mut resp = downstream_response(source, ctx)?;
     ctx.status = resp.status.as_u16();
+    ctx.meter = response_meter(&resp, strip_usage, shared.usage.is_some());
+    if matches!(ctx.meter, ResponseMeter::Sse(_)) && strip_usage {
+        // Removing the usage event changes the length: let the body be chunked.
+        if resp.remove_header(&header::CONTENT_LENGTH).is_some() {
+            resp.insert_header(header::TRANSFER_ENCODING, "chunked")
+                .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        }
+    }
     let overhead = ctx.start.elapsed().saturating_sub(ctx.waited);
     ctx.overhead = Some(overhead);
     m.gateway_overhead.observe(overhead.as_secs_f64());
@@ -184,6 +203,7 @@ async fn relay(
             Ok(chunk) => chunk,
             Err(e) => return Err(exchange_error(shared, upstream, endpoint, &e)),
         };
+        let chunk = meter(&mut ctx.meter, chunk);
         ctx.bytes_out += chunk.len() as u64;
         session
             .write_response_body(Some(chunk), false)
@@ -192,6 +212,14 @@ async fn relay(
         if up.response_done() {
             break;
         }
+    }
+    if let ResponseMeter::Sse(sse) = &mut ctx.meter {
+        let rest = sse.finish();
+        ctx.bytes_out += rest.len() as u64;
+        session
+            .write_response_body(Some(rest), false)
+            .await
+            .map_err(|_| GatewayError::ClientGone)?;
     }
     session
         .write_response_body(None, true)
@@ -202,6 +230,43 @@ async fn relay(
         .release_http_session(up, &endpoint.peer, endpoint.peer.options.idle_timeout)
         .await;
     Ok(())
+}
+
+/// How to meter a response: successful JSON and SSE bodies only (errors carry zero tokens).
+fn response_meter(resp: &ResponseHeader, strip_usage: bool, metering: bool) -> ResponseMeter {
+    if !metering || !resp.status.is_success() {
+        return ResponseMeter::None;
+    }
+    let content_type = resp
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("text/event-stream") {
+        ResponseMeter::Sse(SseMeter::new(strip_usage))
+    } else if content_type.starts_with("application/json") {
+        ResponseMeter::Json(Some(BytesMut::new()))
+    } else {
+        ResponseMeter::None // audio, files…: no tokens to read
+    }
+}
+
+/// Passes a body chunk through the meter; returns what the client gets.
+fn meter(m: &mut ResponseMeter, chunk: Bytes) -> Bytes {
+    match m {
+        ResponseMeter::None => chunk,
+        ResponseMeter::Sse(sse) => sse.feed(chunk),
+        ResponseMeter::Json(kept) => {
+            if let Some(buf) = kept {
+                if buf.len() + chunk.len() <= JSON_KEEP_MAX {
+                    buf.extend_from_slice(&chunk);
+                } else {
+                    *kept = None;
+                }
+            }
+            chunk
+        }
+    }
 }
 
 /// Appends to `first` every body chunk the upstream session can hand over without waiting.

@@ -20,11 +20,13 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod keys;
+pub mod metering;
 pub mod metrics;
 pub mod proxy;
 pub mod request;
 pub mod routing;
 pub mod server;
+pub mod usage;
 
 pub use config::{Config, ConfigError};
 pub use server::{check_config, GatewayServer};

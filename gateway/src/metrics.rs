@@ -35,6 +35,8 @@ pub struct Metrics {
     pub keys_loaded: IntGauge,
     /// Configuration reloads by result (ok, error).
     pub config_reloads: IntCounterVec,
+    /// Usage records whose tokens are the gateway's estimate.
+    pub usage_estimated: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -119,6 +121,17 @@ impl Metrics {
                 "Configuration reloads by result",
                 &["result"],
             ),
+            usage_estimated: {
+                let c = prometheus::IntCounter::new(
+                    "usage_estimated_total",
+                    "Usage records with estimated tokens (no upstream usage, or client left mid-stream)",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
             registry,
         }
     }

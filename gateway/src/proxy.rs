@@ -36,6 +36,8 @@ pub struct Shared {
     pub connector: Connector,
     /// False until serving, and again once shutdown starts (`/readyz`).
     pub ready: AtomicBool,
+    /// Where usage records go; `None` when metering is off.
+    pub usage: Option<aihub_usage::UsageSink>,
 }
 
 /// The proxy.
@@ -63,7 +65,27 @@ pub struct RequestCtx {
     pub bytes_out: u64,
     /// The response header has gone out: failures can no longer become error responses.
     pub response_started: bool,
+    /// Wall-clock start, unix milliseconds (the usage record's timestamp).
+    pub started_at_ms: u64,
+    /// A usage record is written for this request (authenticated, proxied endpoint).
+    pub metered: bool,
+    /// The request body as received (kept, reference-counted, for usage estimates).
+    pub request_body: Option<Bytes>,
+    /// Reads usage from the response as it streams by.
+    pub meter: ResponseMeter,
     counted: bool,
+}
+
+/// How the response is metered.
+#[derive(Debug, Default)]
+pub enum ResponseMeter {
+    /// Not metered (no response yet, or an error status: zero tokens).
+    #[default]
+    None,
+    /// A JSON body, copied aside up to `metering::JSON_KEEP_MAX` (`None` past it).
+    Json(Option<BytesMut>),
+    /// An SSE stream.
+    Sse(crate::metering::SseMeter),
 }
 
 #[async_trait]
@@ -86,6 +108,10 @@ impl ProxyHttp for Gateway {
             bytes_in: 0,
             bytes_out: 0,
             response_started: false,
+            started_at_ms: now_ms(),
+            metered: false,
+            request_body: None,
+            meter: ResponseMeter::None,
             counted: false,
         }
     }
@@ -176,6 +202,16 @@ impl ProxyHttp for Gateway {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             error = ctx.error,
         );
+        if ctx.metered {
+            if let Some(sink) = &self.shared.usage {
+                let runtime = self.shared.runtime.load();
+                let record = crate::usage::record(session, ctx, &runtime.pricing, elapsed);
+                if record.usage_estimated == 1 {
+                    m.usage_estimated.inc();
+                }
+                sink.record(record).await;
+            }
+        }
     }
 }
 
@@ -213,11 +249,13 @@ impl Gateway {
         if method != Method::POST || endpoint.is_empty() {
             return Err(unknown_url(&method, path));
         }
+        ctx.metered = self.shared.usage.is_some();
         if !key.endpoints.matches(endpoint) {
             return Err(GatewayError::EndpointNotAllowed(endpoint.to_owned()));
         }
 
         let body = self.read_body(session, ctx, &rt).await?;
+        ctx.request_body = Some(body.clone());
         let probe = request::inspect(&body)?;
         let route = rt
             .routes
@@ -228,11 +266,15 @@ impl Gateway {
         }
         ctx.route = Some(Arc::clone(route));
         ctx.stream = probe.stream;
-        let body = match &route.upstream_model {
-            Some(upstream_model) => request::rewrite_model(&body, probe.model_span, upstream_model),
-            None => body,
-        };
-        crate::forward::exchange(&self.shared, session, ctx, route, body).await
+        if self.shared.usage.as_ref().is_some_and(|u| !u.admit()) {
+            return Err(GatewayError::MeteringUnavailable);
+        }
+        // Streams are metered from the upstream's usage chunk: ask for it when the client did not
+        // (and strip it from the client's stream); only when metering is on.
+        let meter_stream = self.shared.usage.is_some();
+        let (body, strip_usage) =
+            request::upstream_body(body, &probe, route.upstream_model.as_deref(), meter_stream);
+        crate::forward::exchange(&self.shared, session, ctx, route, body, strip_usage).await
     }
 
     /// Reads the whole request body, bounded in size and time.

@@ -19,6 +19,10 @@ pub struct Probe {
     /// Byte range of the model's JSON string (quotes included) in the body.
     pub model_span: Range<usize>,
     pub stream: bool,
+    /// The client asked for `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// Byte range of the `stream_options` value, when present.
+    pub stream_options_span: Option<Range<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -27,6 +31,14 @@ struct Fields<'a> {
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 /// Parses the body as a JSON object and finds its `model` and `stream` fields.
@@ -46,23 +58,96 @@ pub fn inspect(body: &[u8]) -> Result<Probe, GatewayError> {
     if model.is_empty() {
         return Err(GatewayError::MissingModel);
     }
-    // `raw` borrows from `body`: its offset is the distance between the two pointers.
-    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    let include_usage = match fields.stream_options {
+        Some(o) if o.get() != "null" => serde_json::from_str::<StreamOptions>(o.get())
+            .map_err(|e| GatewayError::InvalidJson(format!("stream_options: {e}")))?
+            .include_usage
+            .unwrap_or(false),
+        _ => false,
+    };
     Ok(Probe {
         model,
-        model_span: start..start + raw.get().len(),
+        model_span: span(body, raw),
         stream: fields.stream.unwrap_or(false),
+        include_usage,
+        stream_options_span: fields.stream_options.map(|o| span(body, o)),
     })
+}
+
+/// Where `raw`, which borrows from `body`, sits in it: the distance between the two pointers.
+fn span(body: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    start..start + raw.get().len()
+}
+
+/// The body to send upstream: `model` renamed when `upstream_model` is set, and
+/// `stream_options.include_usage` turned on for a stream whose client did not ask (the gateway
+/// meters it and strips the extra chunk). Returns the body and whether usage was injected.
+pub fn upstream_body(
+    body: Bytes,
+    probe: &Probe,
+    upstream_model: Option<&str>,
+    metering: bool,
+) -> (Bytes, bool) {
+    let inject = metering && probe.stream && !probe.include_usage;
+    let mut edits: Vec<(Range<usize>, String)> = Vec::with_capacity(2);
+    if let Some(m) = upstream_model {
+        edits.push((
+            probe.model_span.clone(),
+            serde_json::to_string(m).expect("strings serialize"),
+        ));
+    }
+    if inject {
+        match &probe.stream_options_span {
+            Some(span) => {
+                let mut options: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
+                options.insert("include_usage".into(), true.into());
+                edits.push((span.clone(), serde_json::Value::Object(options).to_string()));
+            }
+            None => {
+                // Right after the opening brace: the body has at least `model` after it.
+                let brace = body
+                    .iter()
+                    .position(|&b| b == b'{')
+                    .expect("inspect checked the object");
+                edits.push((
+                    brace + 1..brace + 1,
+                    "\"stream_options\":{\"include_usage\":true},".into(),
+                ));
+            }
+        }
+    }
+    if edits.is_empty() {
+        return (body, false);
+    }
+    (splice(&body, edits), inject)
+}
+
+/// Applies non-overlapping replacements.
+fn splice(body: &[u8], mut edits: Vec<(Range<usize>, String)>) -> Bytes {
+    edits.sort_by_key(|(r, _)| r.start);
+    let grow: usize = edits.iter().map(|(_, s)| s.len()).sum();
+    let mut out = BytesMut::with_capacity(body.len() + grow);
+    let mut at = 0;
+    for (range, text) in edits {
+        out.extend_from_slice(&body[at..range.start]);
+        out.extend_from_slice(text.as_bytes());
+        at = range.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    out.freeze()
 }
 
 /// Returns `body` with the model string at `span` replaced by `new_model`.
 pub fn rewrite_model(body: &[u8], span: Range<usize>, new_model: &str) -> Bytes {
-    let quoted = serde_json::to_string(new_model).expect("strings serialize");
-    let mut out = BytesMut::with_capacity(body.len() - span.len() + quoted.len());
-    out.extend_from_slice(&body[..span.start]);
-    out.extend_from_slice(quoted.as_bytes());
-    out.extend_from_slice(&body[span.end..]);
-    out.freeze()
+    splice(
+        body,
+        vec![(
+            span,
+            serde_json::to_string(new_model).expect("strings serialize"),
+        )],
+    )
 }
 
 #[cfg(test)]
@@ -113,5 +198,38 @@ mod tests {
             inspect(br#"{"model":"a","stream":"yes"}"#),
             Err(GatewayError::InvalidJson(_))
         ));
+        assert!(matches!(
+            inspect(br#"{"model":"a","stream_options":{"include_usage":1}}"#),
+            Err(GatewayError::InvalidJson(_))
+        ));
+    }
+
+    fn upstream(body: &[u8], alias: Option<&str>) -> (serde_json::Value, bool) {
+        let p = inspect(body).unwrap();
+        let (out, injected) = upstream_body(Bytes::copy_from_slice(body), &p, alias, true);
+        (serde_json::from_slice(&out).unwrap(), injected)
+    }
+
+    #[test]
+    fn include_usage_is_injected_only_when_needed() {
+        let (v, injected) = upstream(br#"{"messages":[],"stream":true,"model":"a"}"#, Some("b"));
+        assert!(injected);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "b");
+        let (v, injected) = upstream(
+            br#"{"model":"a","stream":true,"stream_options":{"include_obfuscation":false}}"#,
+            None,
+        );
+        assert!(injected);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["include_obfuscation"], false);
+        let asked = br#"{"model":"a","stream":true,"stream_options":{"include_usage":true}}"#;
+        let p = inspect(asked).unwrap();
+        assert!(p.include_usage);
+        let (out, injected) = upstream_body(Bytes::from_static(asked), &p, None, true);
+        assert!(!injected);
+        assert_eq!(&out[..], asked, "untouched when nothing changes");
+        let (_, injected) = upstream(br#"{"model":"a"}"#, None);
+        assert!(!injected, "no stream, no injection");
     }
 }

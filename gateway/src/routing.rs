@@ -27,6 +27,7 @@ pub struct Runtime {
     pub request_body_timeout: Duration,
     /// When this table was built, unix seconds (the `created` of `GET /v1/models`).
     pub loaded_at_unix: u64,
+    pub pricing: aihub_usage::pricing::Pricing,
 }
 
 /// A model clients may name.
@@ -102,6 +103,13 @@ impl Runtime {
             max_request_body_bytes: config.server.max_request_body_bytes,
             request_body_timeout: config.server.request_body_timeout,
             loaded_at_unix: now_ms() / 1000,
+            pricing: aihub_usage::pricing::Pricing::from_config(&config.pricing).map_err(
+                |(key, message)| ConfigError {
+                    file: file.to_owned(),
+                    key,
+                    message,
+                },
+            )?,
         })
     }
 

@@ -22,6 +22,9 @@ use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 
+use aihub_usage::sink::ClickHouseConfig;
+use aihub_usage::{PipelineMetrics, UsagePipeline};
+
 use crate::config::{Config, ConfigError};
 use crate::keys::{Interner, KeyRecord, MemoryKeyStore};
 use crate::metrics::Metrics;
@@ -68,12 +71,33 @@ impl GatewayServer {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
+        let metrics = Metrics::new();
+        let (usage, pipeline) = match &config.metering {
+            Some(m) => {
+                let mut m = m.clone();
+                m.clickhouse = m.clickhouse.with_env_overrides();
+                let clickhouse = m.clickhouse.clone();
+                let (sink, pipeline) =
+                    aihub_usage::pipeline::open(m, PipelineMetrics::new(&metrics.registry))
+                        .map_err(|e| ConfigError {
+                            file: path.to_owned(),
+                            key: "metering.wal_dir".into(),
+                            message: format!("cannot open the usage WAL: {e}"),
+                        })?;
+                (Some(sink), Some(UsageService::new(pipeline, clickhouse)))
+            }
+            None => {
+                tracing::warn!("no `metering` section: requests are NOT metered");
+                (None, None)
+            }
+        };
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             keys: keys.clone(),
-            metrics: Metrics::new(),
+            metrics,
             connector,
             ready: false.into(),
+            usage,
         });
 
         let mut proxy = pingora_proxy::http_proxy_service_with_name(
@@ -104,6 +128,9 @@ impl GatewayServer {
         server.add_service(proxy);
         server.add_service(ops);
         server.add_service(reloader);
+        if let Some(usage) = pipeline {
+            server.add_service(background_service("aihub usage pipeline", usage));
+        }
         Ok(GatewayServer { server, shared })
     }
 
@@ -179,6 +206,46 @@ impl OpsApp {
                 .with_label_values(&[upstream.name.as_str(), endpoint.url.as_str()])
                 .set(endpoint.is_available(now) as i64);
         }
+    }
+}
+
+/// Runs the usage pipeline; applies ClickHouse migrations first, retrying while ClickHouse is
+/// unreachable (records wait in the WAL meanwhile).
+struct UsageService {
+    pipeline: std::sync::Mutex<Option<UsagePipeline>>,
+    clickhouse: ClickHouseConfig,
+}
+
+impl UsageService {
+    fn new(pipeline: UsagePipeline, clickhouse: ClickHouseConfig) -> Self {
+        UsageService {
+            pipeline: std::sync::Mutex::new(Some(pipeline)),
+            clickhouse,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for UsageService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let Some(pipeline) = self.pipeline.lock().expect("not poisoned").take() else {
+            return;
+        };
+        let clickhouse = self.clickhouse.clone();
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_millis(500);
+            loop {
+                match aihub_usage::schema::migrate(&clickhouse).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ClickHouse schema not ready; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                    }
+                }
+            }
+        });
+        pipeline.run(shutdown).await;
     }
 }
 

@@ -1,0 +1,127 @@
+//! Turns a finished request into its usage record: tokens (reported or estimated), cost, timings,
+//! outcome. Called once per metered request, from `logging`.
+
+use std::time::Duration;
+
+use aihub_usage::pricing::{to_nanos, Pricing, Tokens};
+use aihub_usage::UsageRecord;
+use http::header;
+use pingora_proxy::Session;
+
+use crate::metering::{self, Usage};
+use crate::proxy::{RequestCtx, ResponseMeter};
+
+/// Longest user agent kept in a record.
+const USER_AGENT_MAX: usize = 512;
+
+/// Token counts of a finished request and whether they are estimated.
+pub fn final_usage(ctx: &RequestCtx) -> (Usage, bool) {
+    let body = ctx.request_body.as_deref().unwrap_or(&[]);
+    match &ctx.meter {
+        ResponseMeter::None => (Usage::default(), false),
+        ResponseMeter::Json(Some(kept)) if ctx.error.is_none() => {
+            match metering::json_usage(kept) {
+                Some(u) => (u, false),
+                None => (
+                    metering::estimate(body, metering::response_text_chars(kept)),
+                    true,
+                ),
+            }
+        }
+        // Too large to keep, or cut short: estimate from what was delivered.
+        ResponseMeter::Json(kept) => {
+            let chars = kept.as_deref().map_or(0, metering::response_text_chars);
+            (metering::estimate(body, chars), true)
+        }
+        ResponseMeter::Sse(sse) => match sse.usage {
+            Some(u) => (u, false),
+            None => (metering::estimate(body, sse.text_chars), true),
+        },
+    }
+}
+
+/// Builds the usage record of a finished request.
+pub fn record(
+    session: &Session,
+    ctx: &RequestCtx,
+    pricing: &Pricing,
+    elapsed: Duration,
+) -> UsageRecord {
+    let req = session.req_header();
+    let (usage, estimated) = final_usage(ctx);
+    let route = ctx.route.as_deref();
+    let model = route.map_or("", |r| r.model.as_str());
+    let upstream_model = route.map_or("", |r| r.upstream_model.as_deref().unwrap_or(&r.model));
+    let tokens = Tokens {
+        prompt: usage.prompt,
+        cached: usage.cached,
+        completion: usage.completion,
+    };
+    let cost = if route.is_some() && (usage.total > 0 || usage.prompt > 0) {
+        to_nanos(pricing.price(model, upstream_model).cost(tokens))
+    } else {
+        0
+    };
+    let error_type = match ctx.error {
+        Some(code) => code.to_owned(),
+        None if ctx.status >= 400 => "upstream_error".to_owned(),
+        None => String::new(),
+    };
+    let upstream = route.map(|r| &r.upstream);
+    let ms =
+        |d: Option<Duration>| d.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX));
+    UsageRecord {
+        request_id: uuid::Uuid::parse_str(&ctx.request_id).unwrap_or_default(),
+        ts: (ctx.started_at_ms / 1000) as u32,
+        ts_ms: ctx.started_at_ms,
+        developer_id: ctx
+            .key
+            .as_deref()
+            .map_or_else(String::new, |k| k.developer_id.to_string()),
+        key_id: ctx
+            .key
+            .as_deref()
+            .map_or_else(String::new, |k| k.key_id.to_string()),
+        endpoint: req.uri.path().strip_prefix("/v1/").unwrap_or("").to_owned(),
+        method: req.method.as_str().to_owned(),
+        model: model.to_owned(),
+        upstream_model: upstream_model.to_owned(),
+        upstream: upstream.map_or_else(String::new, |u| u.name.clone()),
+        upstream_endpoint: upstream
+            .zip(ctx.endpoint)
+            .map_or_else(String::new, |(u, i)| u.endpoints[i].url.clone()),
+        prompt_tokens: usage.prompt,
+        cached_tokens: usage.cached,
+        completion_tokens: usage.completion,
+        total_tokens: usage.total,
+        cost_nanos: cost,
+        gateway_overhead_us: ctx
+            .overhead
+            .map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+        upstream_latency_ms: ms(ctx.upstream_latency),
+        total_latency_ms: ms(Some(elapsed)),
+        status: ctx.status,
+        error_type,
+        streamed: u8::from(ctx.stream),
+        usage_estimated: u8::from(estimated),
+        client_ip: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or_else(String::new, |a| a.ip().to_string()),
+        user_agent: session
+            .get_header(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(String::new, |ua| truncate(ua, USER_AGENT_MAX).to_owned()),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

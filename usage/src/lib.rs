@@ -1,0 +1,23 @@
+//! Usage records and everything that keeps them exact: prices, the ClickHouse schema, and the
+//! loss-free pipeline from the gateway's request path into ClickHouse.
+//!
+//! Shared by the gateway (which prices and records every request) and, later, the admin API
+//! (which reads usage for billing and analytics, and runs `aihub migrate`).
+//!
+//! # Layout
+//! - [`record`]: [`UsageRecord`], one row per metered request.
+//! - [`pricing`]: YAML prices → [`pricing::Pricing`]; exact `Decimal` cost, rounded once to nano-USD.
+//! - [`schema`]: numbered ClickHouse migrations and [`schema::migrate`].
+//! - [`wal`]: write-ahead log segment files.
+//! - [`sink`]: ClickHouse connection settings, batch insert, replay dedup, error classes.
+//! - [`pipeline`]: channel → writer (WAL) → sender (ClickHouse), with its metrics and policy.
+
+pub mod pipeline;
+pub mod pricing;
+pub mod record;
+pub mod schema;
+pub mod sink;
+pub mod wal;
+
+pub use pipeline::{PipelineConfig, PipelineMetrics, UsagePipeline, UsageSink};
+pub use record::UsageRecord;

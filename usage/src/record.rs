@@ -1,0 +1,47 @@
+//! The usage record: one row per metered request, as written to the WAL (JSON lines) and to
+//! ClickHouse (`usage_events`, RowBinary). Field order is the column order of the insert.
+
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One metered request. Money is integer nano-USD (`cost_nanos`); durations are integers.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// The gateway's request id (UUIDv7, also the `x-request-id` header). Unique per request.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub request_id: Uuid,
+    /// Request start, unix seconds (`DateTime`, the partition and sort key).
+    pub ts: u32,
+    /// Request start, unix milliseconds.
+    pub ts_ms: u64,
+    pub developer_id: String,
+    pub key_id: String,
+    /// Path after `/v1/`, e.g. `chat/completions`.
+    pub endpoint: String,
+    pub method: String,
+    /// The model the client asked for (the route's name).
+    pub model: String,
+    /// The model name sent upstream (differs when the route renames it).
+    pub upstream_model: String,
+    pub upstream: String,
+    pub upstream_endpoint: String,
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+    /// Price of the request in nano-USD (1e-9 USD), rounded once, half to even.
+    pub cost_nanos: i64,
+    pub gateway_overhead_us: u32,
+    pub upstream_latency_ms: u32,
+    pub total_latency_ms: u32,
+    pub status: u16,
+    /// Empty on success; otherwise the gateway's error code or `upstream_<status>`.
+    pub error_type: String,
+    pub streamed: u8,
+    /// 1 when the token counts are the gateway's estimate (no usage from the upstream, or the
+    /// client left mid-stream).
+    pub usage_estimated: u8,
+    pub client_ip: String,
+    pub user_agent: String,
+}

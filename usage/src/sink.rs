@@ -1,0 +1,194 @@
+//! ClickHouse access for the pipeline: connection settings, batch inserts (RowBinary, schema
+//! validation off so Debian's 18.16 works), the dedup query for replays, and error
+//! classification (data errors are never retried).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use clickhouse::Client;
+use serde::Deserialize;
+
+use crate::record::UsageRecord;
+
+/// Where usage goes. Environment overrides: `AIHUB_CLICKHOUSE_URL`, `AIHUB_CLICKHOUSE_DATABASE`,
+/// `AIHUB_CLICKHOUSE_USER`; the password only ever comes from the variable named in
+/// `password_env`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// HTTP interface. Default `http://127.0.0.1:8123`.
+    #[serde(default = "default_url")]
+    pub url: String,
+    /// Default `aihub`.
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// Default `default`.
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// Environment variable holding the password. Default: none (no password).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Longest an insert may take before it counts as failed (and is retried with dedup).
+    /// Default 30s.
+    #[serde(default = "default_insert_timeout", with = "humantime_serde")]
+    pub insert_timeout: Duration,
+}
+
+fn default_url() -> String {
+    "http://127.0.0.1:8123".into()
+}
+fn default_database() -> String {
+    "aihub".into()
+}
+fn default_user() -> String {
+    "default".into()
+}
+fn default_insert_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: default_url(),
+            database: default_database(),
+            user: default_user(),
+            password_env: None,
+            insert_timeout: default_insert_timeout(),
+        }
+    }
+}
+
+impl ClickHouseConfig {
+    /// Applies the `AIHUB_CLICKHOUSE_*` environment overrides.
+    pub fn with_env_overrides(mut self) -> Self {
+        if let Ok(v) = std::env::var("AIHUB_CLICKHOUSE_URL") {
+            self.url = v;
+        }
+        if let Ok(v) = std::env::var("AIHUB_CLICKHOUSE_DATABASE") {
+            self.database = v;
+        }
+        if let Ok(v) = std::env::var("AIHUB_CLICKHOUSE_USER") {
+            self.user = v;
+        }
+        self
+    }
+
+    /// A client bound to the server only (for `CREATE DATABASE`).
+    pub fn client_without_database(&self) -> Client {
+        let mut c = Client::default()
+            .with_url(&self.url)
+            .with_user(&self.user)
+            .with_validation(false);
+        if let Some(pw) = self
+            .password_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+        {
+            c = c.with_password(pw);
+        }
+        c
+    }
+
+    /// A client bound to the usage database.
+    pub fn client(&self) -> Client {
+        self.client_without_database().with_database(&self.database)
+    }
+}
+
+/// How an insert failed, which decides what happens to the batch.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// The server refused the data itself (bad value, wrong type, …): retrying cannot help; the
+    /// batch goes to the dead-letter directory.
+    #[error("ClickHouse refused the data: {0}")]
+    Data(String),
+    /// Anything else (connection, timeout, server overloaded, table missing): retried, with
+    /// dedup, until it works.
+    #[error("insert failed: {0}")]
+    Transient(String),
+}
+
+/// ClickHouse error codes that mean "this data can never be inserted as is".
+const DATA_ERROR_CODES: &[&str] = &[
+    "Code: 6,",   // CANNOT_PARSE_TEXT
+    "Code: 26,",  // CANNOT_PARSE_QUOTED_STRING
+    "Code: 27,",  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    "Code: 32,",  // ATTEMPT_TO_READ_AFTER_EOF
+    "Code: 33,",  // CANNOT_READ_ALL_DATA
+    "Code: 41,",  // CANNOT_PARSE_DATETIME
+    "Code: 53,",  // TYPE_MISMATCH
+    "Code: 69,",  // ARGUMENT_OUT_OF_BOUND
+    "Code: 70,",  // CANNOT_CONVERT_TYPE
+    "Code: 72,",  // CANNOT_PARSE_NUMBER
+    "Code: 117,", // INCORRECT_DATA
+    "Code: 131,", // TOO_LARGE_STRING_SIZE
+    "Code: 376,", // CANNOT_PARSE_UUID
+];
+
+fn classify(e: clickhouse::error::Error) -> InsertError {
+    let text = e.to_string();
+    if DATA_ERROR_CODES.iter().any(|c| text.contains(c)) {
+        InsertError::Data(text)
+    } else {
+        InsertError::Transient(text)
+    }
+}
+
+pub const TABLE: &str = "usage_events";
+
+/// Inserts `rows` in one INSERT (one RowBinary body).
+pub async fn insert(
+    client: &Client,
+    timeout: Duration,
+    rows: &[UsageRecord],
+) -> Result<(), InsertError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let run = async {
+        let mut insert = client
+            .insert::<UsageRecord>(TABLE)
+            .await
+            .map_err(classify)?;
+        for row in rows {
+            insert.write(row).await.map_err(classify)?;
+        }
+        insert.end().await.map_err(classify)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(result) => result,
+        Err(_) => Err(InsertError::Transient(format!(
+            "no answer within {timeout:?}"
+        ))),
+    }
+}
+
+/// Request ids among `rows` that ClickHouse already holds (a previous attempt of the same batch
+/// may have landed, wholly or partly).
+pub async fn existing_ids(
+    client: &Client,
+    rows: &[UsageRecord],
+) -> Result<HashSet<String>, InsertError> {
+    let mut found = HashSet::new();
+    // Bounded query text (ClickHouse's max_query_size is 256 KiB by default).
+    for chunk in rows.chunks(2_000) {
+        let (lo, hi) = chunk
+            .iter()
+            .fold((u32::MAX, 0), |(lo, hi), r| (lo.min(r.ts), hi.max(r.ts)));
+        let ids: Vec<String> = chunk.iter().map(|r| r.request_id.to_string()).collect();
+        let present: Vec<String> = client
+            .query(
+                "SELECT toString(request_id) FROM usage_events \
+                 WHERE ts >= toDateTime(?) AND ts <= toDateTime(?) AND has(?, toString(request_id))",
+            )
+            .bind(lo)
+            .bind(hi)
+            .bind(ids)
+            .fetch_all::<String>()
+            .await
+            .map_err(classify)?;
+        found.extend(present);
+    }
+    Ok(found)
+}
