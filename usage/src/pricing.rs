@@ -16,14 +16,40 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PriceConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "decimal")]
     pub per_1k: Option<Decimal>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "decimal")]
     pub input_per_1m: Option<Decimal>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "decimal")]
     pub cached_input_per_1m: Option<Decimal>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "decimal")]
     pub output_per_1m: Option<Decimal>,
+}
+
+/// A price written as a YAML number or string. Numbers arrive as `f64`; they are read back from
+/// their shortest decimal rendering, which is exactly what was written (`0.00015` stays
+/// `0.00015`, never `0.000149999…`).
+fn decimal<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Decimal;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a decimal number")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Decimal, E> {
+            s.trim().parse().map_err(E::custom)
+        }
+        fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Decimal, E> {
+            self.visit_str(&f.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, i: i64) -> Result<Decimal, E> {
+            Ok(Decimal::from(i))
+        }
+        fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<Decimal, E> {
+            Ok(Decimal::from(u))
+        }
+    }
+    d.deserialize_any(V).map(Some)
 }
 
 /// The `pricing:` section: prices by model name (the name clients send) and a default.
@@ -250,5 +276,25 @@ mod tests {
         assert_eq!(Pricing::from_config(&c).unwrap_err().0, "pricing.models.x");
         c.models.insert("x".into(), per_1k("-1"));
         assert!(Pricing::from_config(&c).is_err());
+    }
+}
+
+#[cfg(test)]
+mod yaml_tests {
+    use super::*;
+
+    #[test]
+    fn yaml_numbers_become_the_decimals_written() {
+        let c: PricingConfig = serde_json::from_str(
+            r#"{"default": {"per_1k": 0.001}, "models": {"a": {"per_1k": 0.00015}, "b": {"input_per_1m": 2.5, "output_per_1m": "10.000001"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.models["a"].per_1k.unwrap().to_string(), "0.00015");
+        assert_eq!(c.default.per_1k.unwrap().to_string(), "0.001");
+        assert_eq!(c.models["b"].input_per_1m.unwrap().to_string(), "2.5");
+        assert_eq!(
+            c.models["b"].output_per_1m.unwrap().to_string(),
+            "10.000001"
+        );
     }
 }

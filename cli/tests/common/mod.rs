@@ -383,3 +383,161 @@ pub fn chat(model: &str) -> serde_json::Value {
 pub fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
+
+/// ClickHouse for tests: `AIHUB_TEST_CLICKHOUSE_URL` (default `http://127.0.0.1:8123`), started
+/// by `deploy/local/test.sh`.
+pub fn clickhouse_url() -> String {
+    std::env::var("AIHUB_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+/// A fresh database per test, dropped afterwards.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        Self::on(&clickhouse_url())
+    }
+
+    pub fn on(url: &str) -> TestDb {
+        let random = &aihub_apikey::generate()[aihub_apikey::PREFIX.len()..][..12];
+        TestDb {
+            url: url.to_owned(),
+            name: format!("aihub_test_{}", random.to_ascii_lowercase()),
+        }
+    }
+
+    /// Runs `sql` and returns the response body (TSV); panics on HTTP errors.
+    pub async fn query(&self, sql: &str) -> String {
+        let resp = shared_client()
+            .post(format!("{}/?database={}", self.url, self.name))
+            .body(sql.to_owned())
+            .send()
+            .await
+            .expect("ClickHouse reachable");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert!(status.is_success(), "{sql}: {text}");
+        text
+    }
+
+    /// A single number from `sql`.
+    pub async fn number(&self, sql: &str) -> i128 {
+        self.query(sql).await.trim().parse().unwrap_or(0)
+    }
+
+    /// Polls `sql` until it returns `expected` (rows arrive in batches) or `timeout` passes.
+    pub async fn wait_for(&self, sql: &str, expected: i128, timeout: Duration) -> i128 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = match shared_client()
+                .post(format!("{}/?database={}", self.url, self.name))
+                .body(sql.to_owned())
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .trim()
+                    .parse()
+                    .unwrap_or(-1),
+                _ => -1,
+            };
+            if got == expected || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The `metering:` section pointing at this database, with the WAL in `wal_dir`.
+    pub fn metering_yaml(&self, wal_dir: &Path, extra: &[&str]) -> String {
+        let mut y = format!(
+            "metering:\n  clickhouse: {{url: \"{}\", database: {}}}\n  wal_dir: \"{}\"\n",
+            self.url,
+            self.name,
+            wal_dir.display()
+        );
+        if !extra.iter().any(|e| e.starts_with("batch_max_age")) {
+            y.push_str("  batch_max_age: 200ms\n");
+        }
+        for e in extra {
+            y.push_str(&format!("  {e}\n"));
+        }
+        y
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let sql = format!("DROP DATABASE IF EXISTS {}", self.name);
+        let Some(addr) = self.url.strip_prefix("http://") else {
+            return;
+        };
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            let _ = write!(
+                s,
+                "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{sql}",
+                sql.len()
+            );
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = std::io::Read::read(&mut s, &mut [0u8; 256]);
+        }
+    }
+}
+
+/// A private ClickHouse server (for tests that stop and start it), via deploy/clickhouse.
+pub struct PrivateClickHouse {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    ports: [u16; 3],
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+impl PrivateClickHouse {
+    pub fn start() -> PrivateClickHouse {
+        let ports = [free_port(), free_port(), free_port()];
+        let ch = PrivateClickHouse {
+            url: format!("http://127.0.0.1:{}", ports[0]),
+            dir: tempfile::tempdir().unwrap(),
+            ports,
+        };
+        ch.restart();
+        ch
+    }
+
+    fn run(&self, script: &str, ports: bool) {
+        let mut cmd = Command::new(repo_root().join("deploy/clickhouse").join(script));
+        cmd.arg(self.dir.path()).stdout(Stdio::null());
+        if ports {
+            cmd.args([self.ports[0].to_string(), self.ports[1].to_string()])
+                .env("CLICKHOUSE_INTERSERVER_PORT", self.ports[2].to_string());
+        }
+        assert!(cmd.status().unwrap().success(), "{script} failed");
+    }
+
+    pub fn stop(&self) {
+        self.run("stop.sh", false);
+    }
+
+    pub fn restart(&self) {
+        self.run("start.sh", true);
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
