@@ -28,8 +28,10 @@ DURATION = int(os.environ.get("DURATION", "10"))
 PROXY_CPU = os.environ.get("PROXY_CPU", "0")
 LOAD_CPU = os.environ.get("LOAD_CPU", "1")
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "50"))
-PORTS = {"direct": 19090, "nginx": 19081, "gateway": 19082}
+PORTS = {"direct": 19090, "nginx": 19081, "gateway": 19082, "gateway+metering": 19084}
 OPS_PORT = 19083
+METERED_OPS_PORT = 19085
+CLICKHOUSE_URL = os.environ.get("AIHUB_BENCH_CLICKHOUSE_URL", "http://127.0.0.1:8123")
 TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
 
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "Write one short sentence about proxies."}]}
@@ -95,11 +97,16 @@ http {{
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     key = subprocess.run([BIN, "keys", "generate", "--id", "key_bench", "--developer", "dev_bench",
                           "--key-file", os.path.join(tmp, "key")], capture_output=True, text=True, check=True).stdout
-    gw_conf = os.path.join(tmp, "gateway.yaml")
-    with open(gw_conf, "w") as f:
-        f.write(f"""server:
-  listen: ["127.0.0.1:{PORTS['gateway']}"]
-  ops_listen: 127.0.0.1:{OPS_PORT}
+    keys = "\n".join(l for l in key.splitlines() if not l.startswith("#")) + "\n"
+    for name, port, ops, metering in (("gateway", PORTS["gateway"], OPS_PORT, ""),
+                                      ("gateway+metering", PORTS["gateway+metering"], METERED_OPS_PORT,
+                                       f"metering:\n  clickhouse: {{url: \"{CLICKHOUSE_URL}\", database: aihub_bench}}\n"
+                                       f"  wal_dir: {tmp}/wal\n")):
+        conf = os.path.join(tmp, f"{name}.yaml")
+        with open(conf, "w") as f:
+            f.write(f"""server:
+  listen: ["127.0.0.1:{port}"]
+  ops_listen: 127.0.0.1:{ops}
   threads: 1
 upstreams:
   mock:
@@ -107,11 +114,11 @@ upstreams:
 routes:
   - model: mock-gpt
     upstream: mock
-keys:
-""")
-        f.write("\n".join(l for l in key.splitlines() if not l.startswith("#")) + "\n")
-    procs["gateway"] = subprocess.Popen(["taskset", "-c", PROXY_CPU, BIN, "gateway", "--config", gw_conf],
-                                        stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "gateway.log"), "w"))
+{metering}keys:
+{keys}""")
+        procs[name] = subprocess.Popen(["taskset", "-c", PROXY_CPU, BIN, "gateway", "--config", conf],
+                                       stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{name}.log"), "w"))
+    wait_http(f"http://127.0.0.1:{METERED_OPS_PORT}/readyz")
     wait_http(f"http://127.0.0.1:{OPS_PORT}/readyz")
     wait_http(f"http://127.0.0.1:{PORTS['nginx']}/v1/models")
     wait_http(f"http://127.0.0.1:{PORTS['direct']}/v1/models")
@@ -182,7 +189,7 @@ def main():
             kind = "SSE" if stream else "JSON"
             script = wrk_script(tmp, key, stream)
             results = {}
-            for target in ("direct", "nginx", "gateway"):
+            for target in ("direct", "nginx", "gateway", "gateway+metering"):
                 url = f"http://127.0.0.1:{PORTS[target]}/v1/chat/completions"
                 # Warm up connections and caches.
                 subprocess.run(["wrk", "-t1", "-c10", "-d1s", "-s", script, url], capture_output=True)
@@ -215,6 +222,9 @@ def main():
         "| body | target | closed-loop req/s | p50 ms | p99 ms | proxy CPU µs/req | errors | 20 rps p50 | 20 rps p99 | 1000 rps p50 | 1000 rps p99 | added p50@20 / p99@1000 ms | 200s @1000 |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = header + "\n".join(rows) + "\n"
+    rows_out = subprocess.run(["curl", "-s", f"{CLICKHOUSE_URL}/?database=aihub_bench", "--data-binary",
+                               "SELECT count() FROM usage_events"], capture_output=True, text=True).stdout.strip()
+    table += f"\nUsage rows written by gateway+metering (ClickHouse aihub_bench, cumulative): {rows_out}\n"
     os.makedirs(os.path.join(ROOT, "loadtests", "results"), exist_ok=True)
     out = os.path.join(ROOT, "loadtests", "results", "proxy-latest.md")
     with open(out, "w") as f:

@@ -292,7 +292,7 @@ fn load(
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let mut body = chat("gpt-4o");
-                body["stream"] = ((i + w) % 2 == 0).into();
+                body["stream"] = (i + w).is_multiple_of(2).into();
                 i += 1;
                 let r = c.post(&url).bearer_auth(&key).json(&body).send().await;
                 let okay = match r {

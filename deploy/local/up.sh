@@ -3,7 +3,8 @@
 # config/gateway.yaml plus a demo key, and prints how to call it. Ctrl-C stops everything it
 # started; with --detach it returns and deploy/local/down.sh stops it.
 #
-# Ports: GATEWAY_PORT (8080), OPS_PORT (9091), MOCK_PORT (9090). State: data/local/ (AIHUB_DATA).
+# Ports: GATEWAY_PORT (8080), OPS_PORT (9091), MOCK_PORT (9090), ClickHouse CLICKHOUSE_PORT (8123,
+# native 9000). State: data/local/ (AIHUB_DATA): ClickHouse data, usage WAL, demo key, logs.
 # Setting OPENAI_API_KEY adds the real OpenAI models (gpt-4o, gpt-4o-mini, text-embedding-3-small).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,12 +13,21 @@ DATA=${AIHUB_DATA:-$ROOT/data/local}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 OPS_PORT=${OPS_PORT:-9091}
 MOCK_PORT=${MOCK_PORT:-9090}
+CLICKHOUSE_PORT=${CLICKHOUSE_PORT:-8123}
 DETACH=0
 [ "${1:-}" = "--detach" ] && DETACH=1
 
 source deploy/local/deps.sh
-"$ROOT/deploy/local/down.sh" --quiet || true
+"$ROOT/deploy/local/down.sh" --quiet --keep-clickhouse || true
 mkdir -p "$DATA"
+
+# ClickHouse (Debian's clickhouse-server, installed when missing), loopback only, data under $DATA.
+if [ "$(curl -s --max-time 2 "http://127.0.0.1:$CLICKHOUSE_PORT/ping" || true)" = "Ok." ]; then
+    echo "==> reusing the ClickHouse answering on port $CLICKHOUSE_PORT" >&2
+else
+    echo "==> starting ClickHouse on port $CLICKHOUSE_PORT" >&2
+    deploy/clickhouse/start.sh "$DATA/clickhouse" "$CLICKHOUSE_PORT" $((CLICKHOUSE_PORT + 877))
+fi
 
 echo "==> building aihub (release; the first build takes a few minutes)" >&2
 cargo build --release -p aihub
@@ -35,6 +45,8 @@ sed -e '/^keys: \[\]$/d' \
     -e "s#127.0.0.1:8080#127.0.0.1:$GATEWAY_PORT#" \
     -e "s#127.0.0.1:9091#127.0.0.1:$OPS_PORT#" \
     -e "s#127.0.0.1:9090#127.0.0.1:$MOCK_PORT#" \
+    -e "s#http://127.0.0.1:8123#http://127.0.0.1:$CLICKHOUSE_PORT#" \
+    -e "s#wal_dir: data/wal#wal_dir: $DATA/wal#" \
     config/gateway.yaml > "$DATA/gateway.yaml"
 { echo "keys:"; grep -v '^#' "$DATA/demo-key.yaml"; } >> "$DATA/gateway.yaml"
 "$BIN" gateway --config "$DATA/gateway.yaml" --check-config
@@ -59,6 +71,8 @@ cat <<MSG
 AI Hub is running.
   Gateway:   http://127.0.0.1:$GATEWAY_PORT/v1   (OpenAI-compatible; model "demo")
   Metrics:   http://127.0.0.1:$OPS_PORT/metrics
+  Usage:     ClickHouse http://127.0.0.1:$CLICKHOUSE_PORT, database aihub (see docs/clickhouse.md), e.g.
+             curl 'http://127.0.0.1:$CLICKHOUSE_PORT/?database=aihub' --data-binary 'SELECT model, count(), sum(total_tokens) FROM usage_events GROUP BY model'
   Demo key:  $KEY
   Logs:      $DATA/gateway.log
 

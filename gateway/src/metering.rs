@@ -202,7 +202,7 @@ fn has_usage_object(data: &[u8]) -> bool {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// Characters inside `"content":"…"` and `"text":"…"` strings of a chunk (escapes count as one).

@@ -36,7 +36,8 @@ pub struct UsageRecord {
     pub upstream_latency_ms: u32,
     pub total_latency_ms: u32,
     pub status: u16,
-    /// Empty on success; otherwise the gateway's error code or `upstream_<status>`.
+    /// Empty on success; otherwise the gateway's error code (`model_not_found`, `aborted`, …),
+    /// or `upstream_error` when the upstream answered with an error status.
     pub error_type: String,
     pub streamed: u8,
     /// 1 when the token counts are the gateway's estimate (no usage from the upstream, or the

@@ -12,6 +12,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::record::UsageRecord;
 
@@ -24,6 +25,9 @@ pub struct Segment {
     /// Left by an earlier process, or a previous insert attempt failed: its rows may already
     /// be in ClickHouse, so they are deduplicated before insert.
     pub maybe_inserted: bool,
+    /// The rows, still in memory for a segment this process just closed (saves reading and
+    /// parsing the file back); `None` means read the file.
+    pub rows: Option<Arc<Vec<UsageRecord>>>,
 }
 
 /// The segment currently being appended to.
@@ -31,6 +35,7 @@ pub struct OpenSegment {
     pub seq: u64,
     path: PathBuf,
     writer: BufWriter<File>,
+    kept: Vec<UsageRecord>,
     pub rows: usize,
     pub bytes: u64,
 }
@@ -73,6 +78,7 @@ pub fn recover(dir: &Path) -> io::Result<Vec<Segment>> {
             path,
             bytes,
             maybe_inserted: true,
+            rows: None,
         });
     }
     found.sort_by_key(|s| s.seq);
@@ -90,19 +96,21 @@ impl OpenSegment {
             seq,
             path,
             writer: BufWriter::with_capacity(64 * 1024, file),
+            kept: Vec::new(),
             rows: 0,
             bytes: 0,
         })
     }
 
-    /// Appends one record (buffered).
-    pub fn append(&mut self, record: &UsageRecord) -> io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
-        line.push(b'\n');
-        self.writer.write_all(&line)?;
+    /// Appends one record (buffered); the record is also kept in memory for the insert.
+    pub fn append(&mut self, record: UsageRecord) -> io::Result<()> {
+        let line = serde_json::to_vec(&record).map_err(io::Error::other);
+        self.kept.push(record);
         self.rows += 1;
+        let mut line = line?;
+        line.push(b'\n');
         self.bytes += line.len() as u64;
-        Ok(())
+        self.writer.write_all(&line)
     }
 
     /// Hands buffered records to the OS: from here a process crash no longer loses them.
@@ -122,6 +130,7 @@ impl OpenSegment {
             path: ready,
             bytes: self.bytes,
             maybe_inserted: false,
+            rows: Some(Arc::new(std::mem::take(&mut self.kept))),
         })
     }
 }
@@ -198,15 +207,16 @@ mod tests {
         let mut seg = OpenSegment::create(dir.path(), 7).unwrap();
         let rows: Vec<_> = (0..3).map(record).collect();
         for r in &rows {
-            seg.append(r).unwrap();
+            seg.append(r.clone()).unwrap();
         }
         let closed = seg.close().unwrap();
         assert!(!closed.maybe_inserted);
+        assert_eq!(closed.rows.as_deref(), Some(&rows));
         assert_eq!(read(&closed).unwrap(), (rows.clone(), 0));
 
         // A second segment left open with a torn last line, as after kill -9.
         let mut open = OpenSegment::create(dir.path(), 8).unwrap();
-        open.append(&rows[0]).unwrap();
+        open.append(rows[0].clone()).unwrap();
         open.flush().unwrap();
         drop(open);
         let mut f = fs::OpenOptions::new()
@@ -230,7 +240,7 @@ mod tests {
     fn dropping_the_writer_flushes() {
         let dir = tempfile::tempdir().unwrap();
         let mut seg = OpenSegment::create(dir.path(), 1).unwrap();
-        seg.append(&record(1)).unwrap();
+        seg.append(record(1)).unwrap();
         drop(seg);
         let found = recover(dir.path()).unwrap();
         assert_eq!(read(&found[0]).unwrap().0.len(), 1);
