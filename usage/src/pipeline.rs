@@ -117,6 +117,7 @@ impl PipelineConfig {
 /// Pipeline metrics, registered in the gateway's registry.
 #[derive(Clone)]
 pub struct PipelineMetrics {
+    /// Records waiting in the channel, sampled at each writer tick.
     pub queue_depth: IntGauge,
     pub rows_written: IntCounter,
     pub wal_bytes: IntGauge,
@@ -366,6 +367,7 @@ impl UsagePipeline {
     /// Moves every waiting record into the open segment; true once the channel is closed.
     /// Yields every 1,024 records so the sender sharing the runtime keeps its inserts moving.
     async fn drain(&mut self, open: &mut Option<(OpenSegment, Instant)>) -> bool {
+        self.state.metrics.queue_depth.set(self.rx.len() as i64);
         let mut n = 0u32;
         loop {
             n += 1;
@@ -380,10 +382,7 @@ impl UsagePipeline {
                         tracing::error!(error = %e, "cannot write the usage WAL");
                     }
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    self.state.metrics.queue_depth.set(0);
-                    return false;
-                }
+                Err(mpsc::error::TryRecvError::Empty) => return false,
                 Err(mpsc::error::TryRecvError::Disconnected) => return true,
             }
         }
