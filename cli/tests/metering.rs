@@ -467,3 +467,43 @@ fn migrations_run_twice_cleanly() {
 }
 
 use std::process::Command;
+
+#[tokio::test]
+async fn upstreams_without_stream_options_are_metered_by_estimate() {
+    let mock = Mock::start(&[]);
+    let k = key("k", &[]);
+    let db = TestDb::new();
+    let wal = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}{}",
+        config(
+            &[upstream(
+                "m",
+                &[mock.base_url()],
+                &["inject_stream_usage: false"]
+            )],
+            &[("gpt-4o", "m", None)],
+            &[&k]
+        ),
+        db.metering_yaml(wal.path(), &[])
+    );
+    let gw = Gateway::start(&body, &[]);
+    let mut req = chat("gpt-4o");
+    req["stream"] = true.into();
+    let resp = gw.chat(&k.key, &req).await;
+    // Nothing injected: the upstream's stream reaches the client byte for byte.
+    let expected = resp.headers()["x-mock-body-sha256"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(sha256_hex(&resp.bytes().await.unwrap()), expected);
+    assert_eq!(
+        db.wait_for("SELECT count() FROM usage_events", 1, WAIT)
+            .await,
+        1
+    );
+    let row = db
+        .query("SELECT usage_estimated, prompt_tokens, completion_tokens > 0 FROM usage_events FORMAT TSV")
+        .await;
+    assert_eq!(row.trim(), "1\t4\t1");
+}

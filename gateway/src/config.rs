@@ -124,6 +124,12 @@ pub struct UpstreamConfig {
     /// Verify upstream TLS certificates. Default true.
     #[serde(default = "default_true")]
     pub verify_tls: bool,
+    /// For streams whose client did not ask for usage, add `stream_options.include_usage` so
+    /// the upstream reports exact tokens (the extra chunk is hidden from the client). Turn off
+    /// for OpenAI-compatible upstreams that reject `stream_options`; their streams are then
+    /// metered by estimate unless the client asks for usage. Default true.
+    #[serde(default = "default_true")]
+    pub inject_stream_usage: bool,
     #[serde(default)]
     pub health: HealthConfig,
 }

@@ -271,7 +271,7 @@ impl Gateway {
         }
         // Streams are metered from the upstream's usage chunk: ask for it when the client did not
         // (and strip it from the client's stream); only when metering is on.
-        let meter_stream = self.shared.usage.is_some();
+        let meter_stream = self.shared.usage.is_some() && route.upstream.inject_stream_usage;
         let (body, strip_usage) =
             request::upstream_body(body, &probe, route.upstream_model.as_deref(), meter_stream);
         crate::forward::exchange(&self.shared, session, ctx, route, body, strip_usage).await

@@ -46,6 +46,8 @@ pub struct Upstream {
     pub endpoints: Vec<Endpoint>,
     /// Credential header injected into every upstream request.
     pub auth: Option<(HeaderName, HeaderValue)>,
+    /// Add `stream_options.include_usage` to streams (see the config key of the same name).
+    pub inject_stream_usage: bool,
     next: AtomicUsize,
     failures_to_trip: u32,
     cooldown_ms: u64,
@@ -190,6 +192,7 @@ impl Upstream {
             name: name.to_owned(),
             endpoints,
             auth,
+            inject_stream_usage: cfg.inject_stream_usage,
             next: AtomicUsize::new(0),
             failures_to_trip: cfg.health.failures,
             cooldown_ms: cfg.health.cooldown.as_millis() as u64,
