@@ -4,7 +4,6 @@
 mod common;
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -271,42 +270,6 @@ async fn ten_thousand_requests_make_ten_thousand_rows_and_the_exact_cost() {
     );
 }
 
-/// Runs `workers` clients until `stop`; counts 200s and everything else.
-fn load(
-    gw: &Gateway,
-    key: &str,
-    stop: Arc<AtomicBool>,
-) -> (
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..4u64 {
-        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
-        let (url, key) = (gw.url("/v1/chat/completions"), key.to_owned());
-        tasks.push(tokio::spawn(async move {
-            let c = client();
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let mut body = chat("gpt-4o");
-                body["stream"] = (i + w).is_multiple_of(2).into();
-                i += 1;
-                let r = c.post(&url).bearer_auth(&key).json(&body).send().await;
-                let okay = match r {
-                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                if okay { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }));
-    }
-    (ok, failed, tasks)
-}
-
 #[tokio::test]
 async fn clickhouse_down_for_30_seconds_under_load_loses_and_duplicates_nothing() {
     let ch = PrivateClickHouse::start();
@@ -316,8 +279,7 @@ async fn clickhouse_down_for_30_seconds_under_load_loses_and_duplicates_nothing(
         &["retry_backoff_max: 1s"],
         &[],
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, tasks) = load(&s.gw, &s.key.key, stop.clone());
+    let load = Load::start(&s.gw, &s.key.key, "gpt-4o", 4, Duration::from_millis(5));
     tokio::time::sleep(Duration::from_secs(2)).await;
     ch.stop();
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -327,11 +289,7 @@ async fn clickhouse_down_for_30_seconds_under_load_loses_and_duplicates_nothing(
     );
     ch.restart();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     assert_eq!(
         failed, 0,
         "the gateway kept serving while ClickHouse was down"

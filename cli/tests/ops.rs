@@ -4,8 +4,6 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -96,34 +94,7 @@ async fn sighup_reload_under_load_fails_no_request() {
         )
     );
 
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for w in 0..8 {
-        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
-        let (url, key) = (gw.url("/v1/chat/completions"), k.key.clone());
-        workers.push(tokio::spawn(async move {
-            let c = client();
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let mut body = chat("mock-gpt");
-                body["stream"] = (i + w).is_multiple_of(2).into();
-                i += 1;
-                let result = async {
-                    let r = c.post(&url).bearer_auth(&key).json(&body).send().await?;
-                    let status = r.status();
-                    r.bytes().await?;
-                    Ok::<_, reqwest::Error>(status)
-                }
-                .await;
-                match result {
-                    Ok(s) if s == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
+    let load = Load::start(&gw, &k.key, "mock-gpt", 8, Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(300)).await;
     for round in 0..6 {
         let text = match round % 3 {
@@ -138,11 +109,7 @@ async fn sighup_reload_under_load_fails_no_request() {
     write(&gw.config_path(), &reloaded);
     gw.reload();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     assert!(ok > 100, "only {ok} requests in the test");
     assert_eq!(
         failed,

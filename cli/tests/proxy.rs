@@ -213,7 +213,6 @@ async fn models_endpoint_lists_what_the_key_may_use() {
     let all = key("all", &[]);
     let some = key("some", &["models: [\"mock-*\"]"]);
     let gw = Gateway::start(&single_mock_config(&mock, &[&all, &some]), &[]);
-    let c = client();
     let ids = |v: serde_json::Value| -> Vec<String> {
         v["data"]
             .as_array()
@@ -222,44 +221,20 @@ async fn models_endpoint_lists_what_the_key_may_use() {
             .map(|m| m["id"].as_str().unwrap().to_owned())
             .collect()
     };
-    let v = c
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&all.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = gw.get(&all.key, "/v1/models").await.json().await.unwrap();
     assert_eq!(ids(v), vec!["demo", "mock-embed", "mock-gpt"]);
-    let v: serde_json::Value = c
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&some.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = gw.get(&some.key, "/v1/models").await.json().await.unwrap();
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["owned_by"], "mock");
     assert_eq!(ids(v), vec!["mock-embed", "mock-gpt"]);
-    let v: serde_json::Value = c
-        .get(gw.url("/v1/models/mock-gpt"))
-        .bearer_auth(&some.key)
-        .send()
+    let v: serde_json::Value = gw
+        .get(&some.key, "/v1/models/mock-gpt")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(v["id"], "mock-gpt");
-    let resp = c
-        .get(gw.url("/v1/models/demo"))
-        .bearer_auth(&some.key)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get(&some.key, "/v1/models/demo").await;
     expect_error(resp, 404, "model_not_found").await;
 }
 

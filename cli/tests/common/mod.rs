@@ -257,6 +257,16 @@ impl Gateway {
         shared_client().post(self.url(path)).bearer_auth(key)
     }
 
+    /// A GET of `path` with `key` as bearer token.
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        shared_client()
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `POST /v1/chat/completions` with `body`; panics on transport errors.
     pub async fn chat(&self, key: &str, body: &serde_json::Value) -> reqwest::Response {
         self.post(key, "/v1/chat/completions")
@@ -539,5 +549,65 @@ impl PrivateClickHouse {
 impl Drop for PrivateClickHouse {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Closed-loop chat load from `workers` clients (alternating JSON and SSE) until stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(gw: &Gateway, key: &str, model: &str, workers: u64, pause: Duration) -> Load {
+        use std::sync::atomic::Ordering;
+        let load = Load {
+            stop: Default::default(),
+            ok: Default::default(),
+            failed: Default::default(),
+            tasks: Vec::new(),
+        };
+        let mut tasks = Vec::new();
+        for w in 0..workers {
+            let (ok, failed, stop) = (load.ok.clone(), load.failed.clone(), load.stop.clone());
+            let (url, key, model) = (
+                gw.url("/v1/chat/completions"),
+                key.to_owned(),
+                model.to_owned(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let c = client();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut body = chat(&model);
+                    body["stream"] = (i + w).is_multiple_of(2).into();
+                    i += 1;
+                    let okay = match c.post(&url).bearer_auth(&key).json(&body).send().await {
+                        Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if okay { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }));
+        }
+        Load { tasks, ..load }
+    }
+
+    /// Stops the clients; returns (successful, failed) request counts.
+    pub async fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
 }
