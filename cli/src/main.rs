@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+mod logwriter;
+
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -114,8 +116,14 @@ struct MockArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _log_guard = init_logging(cli.log_format);
-    match cli.command {
+    let log = init_logging(cli.log_format);
+    let result = run(cli.command);
+    log.flush_now();
+    result
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Gateway {
             config,
             check_config,
@@ -138,30 +146,23 @@ fn main() -> anyhow::Result<()> {
 /// are capped at `info` whatever `RUST_LOG` says.
 const PINGORA_CAP: &str = "pingora=info,pingora_core=info,pingora_proxy=info,pingora_pool=info";
 
-/// Logs go to stderr through a background writer thread that batches lines (one write per
-/// burst rather than per line, off the request path). It blocks rather than drops when its queue
-/// is full: access lines are never lost silently. Colours only on a terminal.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr through [`logwriter::BatchedStderr`]: no syscall and no thread wake-up per
+/// line on the request path. Colours only on a terminal.
+fn init_logging(format: LogFormat) -> logwriter::BatchedStderr {
     use std::io::IsTerminal;
     let requested = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(format!("{requested},{PINGORA_CAP}"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{PINGORA_CAP}")));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("aihub-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let writer = logwriter::BatchedStderr::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer);
+        .with_writer(writer.clone());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    guard
+    writer
 }
 
 fn keys(command: KeysCommand) -> anyhow::Result<()> {

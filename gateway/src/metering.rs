@@ -73,8 +73,22 @@ impl From<UsageObject> for Usage {
     }
 }
 
-/// Reads `usage` from a complete JSON response body.
+/// Reads `usage` from a complete JSON response body. Fast path: OpenAI-style bodies end with
+/// the top-level `usage` object, so the object after the last `"usage":` key is parsed alone
+/// (a key cannot occur inside a string value, where quotes are escaped); the whole body is
+/// parsed only when that fails.
 pub fn json_usage(body: &[u8]) -> Option<Usage> {
+    if let Some(at) = memchr::memmem::rfind(body, b"\"usage\"") {
+        let rest = &body[at + 7..];
+        let colon = rest.iter().position(|b| !b.is_ascii_whitespace());
+        if colon.is_some_and(|c| rest[c] == b':') {
+            let value = &rest[colon.unwrap_or(0) + 1..];
+            let mut values = serde_json::Deserializer::from_slice(value).into_iter::<UsageObject>();
+            if let Some(Ok(u)) = values.next() {
+                return Some(Usage::from(u));
+            }
+        }
+    }
     serde_json::from_slice::<WithUsage>(body)
         .ok()?
         .usage
@@ -170,18 +184,15 @@ impl SseMeter {
     }
 }
 
-/// End (exclusive) of the first complete event at or after `from`: after a blank line.
+/// End (exclusive) of the first complete event at or after `from`: after a blank line
+/// (`\n\n`, or `\n\r\n` for CRLF streams).
 fn event_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            match buf.get(i + 1) {
-                Some(b'\n') => return Some(i + 2),
-                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
-                _ => {}
-            }
+    for i in memchr::memchr_iter(b'\n', &buf[from..]).map(|i| i + from) {
+        match buf.get(i + 1) {
+            Some(b'\n') => return Some(i + 2),
+            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+            _ => {}
         }
-        i += 1;
     }
     None
 }
@@ -370,6 +381,9 @@ mod tests {
             }
         );
         assert_eq!(json_usage(b"{\"x\":1}"), None);
+        // `usage` before other fields, with spaces, and a decoy inside a string value.
+        let odd = br#"{"usage" : {"prompt_tokens":1,"completion_tokens":1}, "choices":[{"message":{"content":"say \"usage\": {}"}}]}"#;
+        assert_eq!(json_usage(odd).unwrap().total, 2);
         assert_eq!(response_text_chars(body), 8);
         let req = br#"{"model":"m","messages":[{"role":"user","content":"1234567"}]}"#;
         // "user" + "1234567" = 11 chars → 3 tokens; 8 delivered chars → 2 tokens.
