@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release -p aihub-benches --bin pipeline-bench [RECORDS]` (default 1,000,000)
 //! against `AIHUB_BENCH_CLICKHOUSE_URL` (default `http://127.0.0.1:8123`), in a scratch database
-//! dropped at the end. Phase 1 measures records/s until every row is confirmed in ClickHouse.
+//! dropped at the end; `BATCH_ROWS` overrides `metering.batch_max_rows` (default 50,000). Phase 1 measures records/s until every row is confirmed in ClickHouse.
 //! Phase 2 points the pipeline at a closed port (ClickHouse down) and shows that memory stays
 //! flat while records pile up on disk.
 
@@ -55,14 +55,21 @@ fn record(i: u64) -> UsageRecord {
     }
 }
 
+/// The pipeline's defaults, except a WAL cap large enough for phase 2; `BATCH_ROWS` overrides
+/// the batch size.
 fn config(url: &str, database: &str, wal: &std::path::Path) -> PipelineConfig {
-    serde_json::from_value::<PipelineConfig>(serde_json::json!({
+    let mut c = serde_json::json!({
         "clickhouse": {"url": url, "database": database},
         "wal_dir": wal,
         "wal_max_bytes": 64u64 << 30,
-        "batch_max_rows": std::env::var("BATCH_ROWS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(10_000),
-    }))
-    .expect("valid config")
+    });
+    if let Some(rows) = std::env::var("BATCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        c["batch_max_rows"] = rows.into();
+    }
+    serde_json::from_value::<PipelineConfig>(c).expect("valid config")
 }
 
 #[tokio::main]
