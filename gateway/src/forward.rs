@@ -326,7 +326,7 @@ fn upstream_request(
         .map_err(internal)?;
     h.insert_header(header::CONTENT_LENGTH, body.len())
         .map_err(internal)?;
-    h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())
+    h.insert_header(X_REQUEST_ID, ctx.request_id_header.clone())
         .map_err(internal)?;
     if let Some((name, value)) = &upstream.auth {
         h.insert_header(name.clone(), value.clone())
@@ -350,7 +350,7 @@ fn downstream_response(
         resp.insert_header(X_UPSTREAM_REQUEST_ID, theirs)
             .map_err(internal)?;
     }
-    resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())
+    resp.insert_header(X_REQUEST_ID, ctx.request_id_header.clone())
         .map_err(internal)?;
     Ok(resp)
 }

@@ -288,12 +288,11 @@ mod tests {
 
     fn stream(with_usage: bool) -> Vec<u8> {
         let mut s = String::new();
-        for (i, t) in ["He", "llo", " wör\\\"ld"].iter().enumerate() {
+        for t in ["He", "llo", " wör\\\"ld"] {
             let usage = if with_usage { ",\"usage\":null" } else { "" };
             s.push_str(&format!(
                 "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]{usage}}}\n\n"
             ));
-            let _ = i;
         }
         if with_usage {
             s.push_str("data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3,\"total_tokens\":12,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n");

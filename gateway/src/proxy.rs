@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::{header, Method};
+use http::{header, HeaderName, HeaderValue, Method};
 use pingora_core::connectors::http::Connector;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::ResponseHeader;
@@ -47,7 +47,10 @@ pub struct Gateway {
 
 /// Facts derived while handling one request. No I/O happens in `new_ctx`.
 pub struct RequestCtx {
-    pub request_id: String,
+    /// The request id (UUIDv7): in usage records, logs and the `x-request-id` header.
+    pub request_id: uuid::Uuid,
+    /// `request_id` rendered once as a header value (cheap to clone into both headers).
+    pub request_id_header: http::HeaderValue,
     pub start: Instant,
     pub key: Option<Arc<KeyRecord>>,
     pub route: Option<Arc<Route>>,
@@ -93,8 +96,15 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
+        let request_id = uuid::Uuid::now_v7();
         RequestCtx {
-            request_id: uuid::Uuid::now_v7().to_string(),
+            request_id,
+            request_id_header: http::HeaderValue::from_str(
+                request_id
+                    .hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
+            )
+            .expect("a UUID is a valid header value"),
             start: Instant::now(),
             key: None,
             route: None,
@@ -409,11 +419,14 @@ impl Gateway {
         ctx.status = status;
         let mut resp = ResponseHeader::build(status, Some(4)).expect("valid status");
         let headers = [
-            (header::CONTENT_TYPE, "application/json".to_owned()),
-            (header::CONTENT_LENGTH, body.len().to_string()),
             (
-                header::HeaderName::from_static("x-request-id"),
-                ctx.request_id.clone(),
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from(body.len())),
+            (
+                HeaderName::from_static("x-request-id"),
+                ctx.request_id_header.clone(),
             ),
         ];
         for (name, value) in headers {

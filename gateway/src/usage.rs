@@ -71,7 +71,7 @@ pub fn record(
     let ms =
         |d: Option<Duration>| d.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX));
     UsageRecord {
-        request_id: uuid::Uuid::parse_str(&ctx.request_id).unwrap_or_default(),
+        request_id: ctx.request_id,
         ts: (ctx.started_at_ms / 1000) as u32,
         ts_ms: ctx.started_at_ms,
         developer_id: ctx
