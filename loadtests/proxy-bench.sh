@@ -10,10 +10,10 @@ command -v oha >/dev/null 2>&1 || cargo install oha --locked
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release -p aihub
 export AIHUB_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/aihub
-# ClickHouse for the metered gateway, kept off the proxy's CPU.
-CH_URL=${AIHUB_BENCH_CLICKHOUSE_URL:-http://127.0.0.1:8123}
-if [ "$(curl -s --max-time 2 "$CH_URL/ping" || true)" != "Ok." ]; then
-    deploy/clickhouse/start.sh "${AIHUB_BENCH_CLICKHOUSE_DIR:-/var/tmp/aihub-bench-clickhouse}" "${CH_URL##*:}" 9000
-fi
-for pid in $(pgrep -f clickhouse-server); do taskset -apc "${LOAD_CPU:-1}" "$pid" >/dev/null; done
-exec python3 loadtests/proxy_bench.py
+# A private ClickHouse for the metered gateway, started on the load CPU (off the proxy's CPU) and
+# stopped at the end; other ClickHouse servers are left alone.
+CH_DIR=${AIHUB_BENCH_CLICKHOUSE_DIR:-/var/tmp/aihub-bench-clickhouse}
+export AIHUB_BENCH_CLICKHOUSE_URL=http://127.0.0.1:18124
+taskset -c "${LOAD_CPU:-1}" deploy/clickhouse/start.sh "$CH_DIR" 18124 19124
+trap 'deploy/clickhouse/stop.sh "$CH_DIR" >/dev/null' EXIT
+python3 loadtests/proxy_bench.py

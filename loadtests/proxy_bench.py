@@ -31,7 +31,7 @@ CONNECTIONS = int(os.environ.get("CONNECTIONS", "50"))
 PORTS = {"direct": 19090, "nginx": 19081, "gateway": 19082, "gateway+metering": 19084}
 OPS_PORT = 19083
 METERED_OPS_PORT = 19085
-CLICKHOUSE_URL = os.environ.get("AIHUB_BENCH_CLICKHOUSE_URL", "http://127.0.0.1:8123")
+CLICKHOUSE_URL = os.environ.get("AIHUB_BENCH_CLICKHOUSE_URL", "http://127.0.0.1:18124")
 TICK_US = 1_000_000 / os.sysconf("SC_CLK_TCK")
 
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "Write one short sentence about proxies."}]}
