@@ -162,7 +162,11 @@ async fn json_and_streams_are_metered_exactly() {
         "404\tmodel_not_found\t0\t0\n500\tupstream_error\t0\t0"
     );
     // The hourly rollup agrees.
-    assert_eq!(db.number("SELECT sum(requests) FROM usage_hourly").await, 6);
+    assert_eq!(
+        db.wait_for("SELECT sum(requests) FROM usage_hourly", 6, WAIT)
+            .await,
+        6
+    );
     assert_eq!(
         db.number("SELECT sum(cost_nanos) FROM usage_hourly").await,
         db.number("SELECT sum(cost_nanos) FROM usage_events").await
@@ -261,6 +265,12 @@ async fn ten_thousand_requests_make_ten_thousand_rows_and_the_exact_cost() {
             .await,
         10_000
     );
+    // The rollup is written by the materialized view right after the raw rows: wait for it too.
+    assert_eq!(
+        db.wait_for("SELECT sum(requests) FROM usage_hourly", 10_000, WAIT)
+            .await,
+        10_000
+    );
     let want = *expected.lock().unwrap();
     let got = db.number("SELECT sum(cost_nanos) FROM usage_events").await;
     assert_eq!(Decimal::from(got as i64), want);
@@ -342,6 +352,11 @@ async fn kill_9_then_restart_replays_the_wal_without_duplicates() {
         300
     );
 
+    assert_eq!(
+        s.db.wait_for("SELECT sum(requests) FROM usage_hourly", 300, WAIT)
+            .await,
+        300
+    );
     // As if the process had died after the insert but before deleting the segment: the same
     // batch comes back. Dedup keeps every count and sum unchanged.
     let cost =
