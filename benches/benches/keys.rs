@@ -99,13 +99,14 @@ fn bench_inspect(c: &mut Criterion) {
         });
         g.bench_function(format!("inspect_and_rewrite_{size}B"), |b| {
             b.iter_batched(
-                || body.as_bytes(),
+                || bytes::Bytes::copy_from_slice(body.as_bytes()),
                 |body| {
-                    let p = request::inspect(body).unwrap();
-                    black_box(request::rewrite_model(
+                    let p = request::inspect(&body).unwrap();
+                    black_box(request::upstream_body(
                         body,
-                        p.model_span,
-                        "gpt-4o-2024-08-06",
+                        &p,
+                        Some("gpt-4o-2024-08-06"),
+                        false,
                     ))
                 },
                 BatchSize::SmallInput,

@@ -242,7 +242,7 @@ fn migrate(path: &std::path::Path) -> anyhow::Result<()> {
             path.display()
         );
     };
-    let clickhouse = metering.clickhouse.with_env_overrides();
+    let clickhouse = metering.clickhouse;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -235,14 +235,18 @@ fn star() -> Vec<String> {
 }
 
 impl Config {
-    /// Reads, parses and validates a configuration file.
+    /// Reads, parses and validates a configuration file; applies the `AIHUB_CLICKHOUSE_*`
+    /// environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
             key: String::new(),
             message: format!("cannot read the file: {e}"),
         })?;
-        let config = Config::parse(&text, path)?;
+        let mut config = Config::parse(&text, path)?;
+        if let Some(m) = &mut config.metering {
+            m.clickhouse = std::mem::take(&mut m.clickhouse).with_env_overrides();
+        }
         config.validate(path)?;
         Ok(config)
     }

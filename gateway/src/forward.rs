@@ -19,7 +19,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use crate::error::GatewayError;
-use crate::metering::{SseMeter, JSON_KEEP_MAX};
+use crate::metering::{JsonBody, SseMeter};
 use crate::proxy::{RequestCtx, ResponseMeter, Shared};
 use crate::routing::{Endpoint, Route, Upstream};
 
@@ -245,7 +245,7 @@ fn response_meter(resp: &ResponseHeader, strip_usage: bool, metering: bool) -> R
     if content_type.starts_with("text/event-stream") {
         ResponseMeter::Sse(SseMeter::new(strip_usage))
     } else if content_type.starts_with("application/json") {
-        ResponseMeter::Json(Some(BytesMut::new()))
+        ResponseMeter::Json(JsonBody::default())
     } else {
         ResponseMeter::None // audio, files…: no tokens to read
     }
@@ -257,13 +257,7 @@ fn meter(m: &mut ResponseMeter, chunk: Bytes) -> Bytes {
         ResponseMeter::None => chunk,
         ResponseMeter::Sse(sse) => sse.feed(chunk),
         ResponseMeter::Json(kept) => {
-            if let Some(buf) = kept {
-                if buf.len() + chunk.len() <= JSON_KEEP_MAX {
-                    buf.extend_from_slice(&chunk);
-                } else {
-                    *kept = None;
-                }
-            }
+            kept.push(&chunk);
             chunk
         }
     }

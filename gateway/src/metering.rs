@@ -1,6 +1,7 @@
 //! Token usage from responses as they stream by, without holding back what the client sees.
 //!
-//! - JSON bodies are copied aside (up to [`JSON_KEEP_MAX`]) and their `usage` read at the end.
+//! - JSON bodies are kept aside as reference-counted chunks ([`JsonBody`], up to
+//!   [`JSON_KEEP_MAX`]) and their `usage` read at the end.
 //! - SSE bodies go through [`SseMeter`]: events are cut at blank lines across arbitrary TCP
 //!   splits; an event whose payload has a `"usage": {…}` object is parsed; when the gateway
 //!   injected `stream_options.include_usage`, the usage-only event (`"choices": []`) is removed
@@ -15,6 +16,50 @@ use serde::Deserialize;
 
 /// JSON response bodies larger than this are not kept for metering (the usage is estimated).
 pub const JSON_KEEP_MAX: usize = 8 * 1024 * 1024;
+
+/// A JSON response body kept aside for metering. Chunks are reference-counted, not copied: the
+/// usual one-chunk body costs neither an allocation nor a copy.
+#[derive(Debug, Default)]
+pub struct JsonBody {
+    first: Option<Bytes>,
+    rest: Vec<Bytes>,
+    len: usize,
+    too_large: bool,
+}
+
+impl JsonBody {
+    pub fn push(&mut self, chunk: &Bytes) {
+        if self.too_large {
+            return;
+        }
+        self.len += chunk.len();
+        if self.len > JSON_KEEP_MAX {
+            *self = JsonBody {
+                too_large: true,
+                ..JsonBody::default()
+            };
+        } else if self.first.is_none() {
+            self.first = Some(chunk.clone());
+        } else {
+            self.rest.push(chunk.clone());
+        }
+    }
+
+    /// The whole body; `None` when it was too large to keep.
+    pub fn bytes(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        if self.too_large {
+            return None;
+        }
+        let first = self.first.as_deref().unwrap_or(&[]);
+        if self.rest.is_empty() {
+            return Some(first.into());
+        }
+        let mut all = Vec::with_capacity(self.len);
+        all.extend_from_slice(first);
+        self.rest.iter().for_each(|c| all.extend_from_slice(c));
+        Some(all.into())
+    }
+}
 
 /// Token counts reported by the upstream (or estimated).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

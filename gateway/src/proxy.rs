@@ -85,8 +85,8 @@ pub enum ResponseMeter {
     /// Not metered (no response yet, or an error status: zero tokens).
     #[default]
     None,
-    /// A JSON body, copied aside up to `metering::JSON_KEEP_MAX` (`None` past it).
-    Json(Option<BytesMut>),
+    /// A JSON body, kept aside up to `metering::JSON_KEEP_MAX`.
+    Json(crate::metering::JsonBody),
     /// An SSE stream.
     Sse(crate::metering::SseMeter),
 }

@@ -90,6 +90,9 @@ pub fn upstream_body(
     metering: bool,
 ) -> (Bytes, bool) {
     let inject = metering && probe.stream && !probe.include_usage;
+    if upstream_model.is_none() && !inject {
+        return (body, false); // the common case: the original bytes, no allocation
+    }
     let mut edits: Vec<(Range<usize>, String)> = Vec::with_capacity(2);
     if let Some(m) = upstream_model {
         edits.push((
@@ -118,9 +121,6 @@ pub fn upstream_body(
             }
         }
     }
-    if edits.is_empty() {
-        return (body, false);
-    }
     (splice(&body, edits), inject)
 }
 
@@ -139,17 +139,6 @@ fn splice(body: &[u8], mut edits: Vec<(Range<usize>, String)>) -> Bytes {
     out.freeze()
 }
 
-/// Returns `body` with the model string at `span` replaced by `new_model`.
-pub fn rewrite_model(body: &[u8], span: Range<usize>, new_model: &str) -> Bytes {
-    splice(
-        body,
-        vec![(
-            span,
-            serde_json::to_string(new_model).expect("strings serialize"),
-        )],
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,7 +150,9 @@ mod tests {
         assert_eq!(p.model, "demo");
         assert!(p.stream);
         assert_eq!(&body[p.model_span.clone()], br#""demo""#);
-        let out = rewrite_model(body, p.model_span, "mock-\"x\"");
+        let (out, injected) =
+            upstream_body(Bytes::copy_from_slice(body), &p, Some("mock-\"x\""), false);
+        assert!(!injected);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "mock-\"x\"");
         assert_eq!(v["messages"][0]["content"], "hi \"model\"");

@@ -74,11 +74,9 @@ impl GatewayServer {
         let metrics = Metrics::new();
         let (usage, pipeline) = match &config.metering {
             Some(m) => {
-                let mut m = m.clone();
-                m.clickhouse = m.clickhouse.with_env_overrides();
                 let clickhouse = m.clickhouse.clone();
                 let (sink, pipeline) =
-                    aihub_usage::pipeline::open(m, PipelineMetrics::new(&metrics.registry))
+                    aihub_usage::pipeline::open(m.clone(), PipelineMetrics::new(&metrics.registry))
                         .map_err(|e| ConfigError {
                             file: path.to_owned(),
                             key: "metering.wal_dir".into(),

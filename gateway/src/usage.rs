@@ -17,22 +17,18 @@ const USER_AGENT_MAX: usize = 512;
 /// Token counts of a finished request and whether they are estimated.
 pub fn final_usage(ctx: &RequestCtx) -> (Usage, bool) {
     let body = ctx.request_body.as_deref().unwrap_or(&[]);
+    let estimate =
+        |response: &[u8]| metering::estimate(body, metering::response_text_chars(response));
     match &ctx.meter {
         ResponseMeter::None => (Usage::default(), false),
-        ResponseMeter::Json(Some(kept)) if ctx.error.is_none() => {
-            match metering::json_usage(kept) {
+        ResponseMeter::Json(kept) => match kept.bytes() {
+            Some(body) if ctx.error.is_none() => match metering::json_usage(&body) {
                 Some(u) => (u, false),
-                None => (
-                    metering::estimate(body, metering::response_text_chars(kept)),
-                    true,
-                ),
-            }
-        }
-        // Too large to keep, or cut short: estimate from what was delivered.
-        ResponseMeter::Json(kept) => {
-            let chars = kept.as_deref().map_or(0, metering::response_text_chars);
-            (metering::estimate(body, chars), true)
-        }
+                None => (estimate(&body), true),
+            },
+            // Too large to keep, or cut short: estimate from what was delivered.
+            kept => (estimate(kept.as_deref().unwrap_or(&[])), true),
+        },
         ResponseMeter::Sse(sse) => match sse.usage {
             Some(u) => (u, false),
             None => (metering::estimate(body, sse.text_chars), true),
@@ -57,11 +53,7 @@ pub fn record(
         cached: usage.cached,
         completion: usage.completion,
     };
-    let cost = if route.is_some() && (usage.total > 0 || usage.prompt > 0) {
-        to_nanos(pricing.price(model, upstream_model).cost(tokens))
-    } else {
-        0
-    };
+    let cost = to_nanos(pricing.price(model, upstream_model).cost(tokens));
     let error_type = match ctx.error {
         Some(code) => code.to_owned(),
         None if ctx.status >= 400 => "upstream_error".to_owned(),

@@ -426,7 +426,7 @@ async fn send_loop(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let next = state.ready.lock().expect("not poisoned").front().cloned();
-        let Some(mut segment) = next else {
+        let Some(segment) = next else {
             tokio::select! {
                 _ = state.ready_changed.notified() => continue,
                 _ = stop.changed() => return,
@@ -465,7 +465,6 @@ async fn send_loop(state: Arc<State>, mut stop: watch::Receiver<bool>) {
                     .with_label_values(&["transient"])
                     .inc();
                 // The attempt may have landed: from now on this segment is deduplicated.
-                segment.maybe_inserted = true;
                 if let Some(front) = state.ready.lock().expect("not poisoned").front_mut() {
                     front.maybe_inserted = true;
                 }
