@@ -1,0 +1,159 @@
+//! The key change feed every gateway follows, and the last-used times gateways report back.
+//!
+//! Each transaction that changes a key (or a developer's active state) takes the next value of
+//! the `keys` counter and stamps it on the changed key rows as `change_seq`. The counter row is
+//! locked from that update to the commit, so sequence numbers become visible in order: a
+//! gateway that has read every row up to `(seq, id)` can never later find a row with a smaller
+//! stamp. Gateways read `(change_seq, id) > cursor` in pages and apply each row as the key's
+//! whole current state (idempotent), so re-reading is harmless.
+//!
+//! **Invariant:** the counter update is the last write of such a transaction (or close to it),
+//! so the serialized section is the commit itself.
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use crate::keys::json_list;
+use crate::{Result, Store};
+
+/// Takes the next change number. Call late in the transaction: it serializes until commit.
+async fn next_seq(conn: &mut AnyConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "UPDATE change_counters SET value = value + 1 WHERE name = 'keys' RETURNING value",
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Puts keys on the feed.
+pub async fn touch_keys(conn: &mut AnyConnection, ids: &[&str]) -> Result<i64> {
+    let seq = next_seq(conn).await?;
+    let placeholders: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 2)).collect();
+    let sql = format!(
+        "UPDATE api_keys SET change_seq = $1 WHERE id IN ({})",
+        placeholders.join(", ")
+    );
+    let mut q = sqlx::query(&sql).bind(seq);
+    for id in ids {
+        q = q.bind(*id);
+    }
+    q.execute(conn).await?;
+    Ok(seq)
+}
+
+/// Puts every key of a developer on the feed (after the developer was disabled or enabled).
+pub async fn touch_developer_keys(conn: &mut AnyConnection, developer_id: &str) -> Result<i64> {
+    let seq = next_seq(conn).await?;
+    sqlx::query(
+        "UPDATE api_keys SET change_seq = $1 WHERE developer_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(seq)
+    .bind(developer_id)
+    .execute(conn)
+    .await?;
+    Ok(seq)
+}
+
+/// A key's whole current state as gateways need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    pub id: String,
+    /// Hex sha256 of the key.
+    pub key_hash: String,
+    pub developer_id: String,
+    pub models: Vec<String>,
+    pub endpoints: Vec<String>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit_rpm: Option<i64>,
+    pub expires_at: Option<i64>,
+    /// Key not disabled and its developer not disabled.
+    pub active: bool,
+    /// Revoked: gateways forget the key.
+    pub deleted: bool,
+    pub change_seq: i64,
+}
+
+/// Position in the feed: the last `(change_seq, key id)` applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub seq: i64,
+    pub id: String,
+}
+
+fn state_from_row(r: &AnyRow) -> Result<KeyState> {
+    let key_disabled: Option<i64> = r.try_get("disabled_at")?;
+    let dev_disabled: Option<i64> = r.try_get("dev_disabled_at")?;
+    let deleted: Option<i64> = r.try_get("deleted_at")?;
+    Ok(KeyState {
+        id: r.try_get("id")?,
+        key_hash: r.try_get("key_hash")?,
+        developer_id: r.try_get("developer_id")?,
+        models: json_list(r, "models")?,
+        endpoints: json_list(r, "endpoints")?,
+        ip_allowlist: json_list(r, "ip_allowlist")?,
+        rate_limit_rpm: r.try_get("rate_limit_rpm")?,
+        expires_at: r.try_get("expires_at")?,
+        active: key_disabled.is_none() && dev_disabled.is_none(),
+        deleted: deleted.is_some(),
+        change_seq: r.try_get("change_seq")?,
+    })
+}
+
+/// The next page of changes after `cursor`, in feed order. At start a gateway reads from the
+/// default cursor with `live_only` (revoked keys are of no interest then); afterwards it reads
+/// everything, revocations included.
+pub async fn changes_since(
+    store: &Store,
+    cursor: &Cursor,
+    live_only: bool,
+    limit: i64,
+) -> Result<Vec<KeyState>> {
+    let rows = sqlx::query(
+        "SELECT k.id, k.key_hash, k.developer_id, k.models, k.endpoints, k.ip_allowlist, \
+                k.rate_limit_rpm, k.expires_at, k.disabled_at, k.deleted_at, k.change_seq, \
+                d.disabled_at AS dev_disabled_at \
+         FROM api_keys k JOIN developers d ON d.id = k.developer_id \
+         WHERE (k.change_seq > $1 OR (k.change_seq = $1 AND k.id > $2)) \
+           AND ($3 = 0 OR k.deleted_at IS NULL) \
+         ORDER BY k.change_seq, k.id LIMIT $4",
+    )
+    .bind(cursor.seq)
+    .bind(&cursor.id)
+    .bind(live_only as i64)
+    .bind(limit)
+    .fetch_all(store.pool())
+    .await?;
+    rows.iter().map(state_from_row).collect()
+}
+
+/// Records when keys were last used (gateways batch these). A time never moves backwards.
+pub async fn record_last_used(store: &Store, uses: &[(String, i64)]) -> Result<()> {
+    for chunk in uses.chunks(400) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "WITH v (id, t) AS (VALUES {}) \
+             UPDATE api_keys SET last_used_at = v.t FROM v \
+             WHERE api_keys.id = v.id AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < v.t)",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, t) in chunk {
+            q = q.bind(id).bind(*t);
+        }
+        q.execute(store.pool()).await?;
+    }
+    Ok(())
+}
+
+/// The feed's current head: every change numbered up to it is committed and visible. A gateway
+/// reads the head before its initial load and follows the feed from there, so changes made
+/// while it loads are not missed.
+pub async fn head(store: &Store) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT value FROM change_counters WHERE name = 'keys'")
+            .fetch_one(store.pool())
+            .await?,
+    )
+}

@@ -1,0 +1,260 @@
+//! The API key lifecycle in the store: create, read, list, update, revoke and rotate. Only the
+//! sha256 of a key and its display prefix are stored. Every change puts the key on the change
+//! feed ([`crate::feed`]) in the same transaction; revoked keys keep their row (`deleted_at`) so
+//! gateways learn of the revocation and usage records keep a name to show.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use crate::{feed, new_id, now_ms, Result, Store, StoreError};
+
+/// A key as the owner sees it (never the key itself, never its hash).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub developer_id: String,
+    pub name: String,
+    pub key_prefix: String,
+    pub models: Vec<String>,
+    pub endpoints: Vec<String>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit_rpm: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub disabled_at: Option<i64>,
+    pub deleted_at: Option<i64>,
+    pub rotated_to: Option<String>,
+    pub last_used_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+const COLUMNS: &str = "id, developer_id, name, key_prefix, models, endpoints, ip_allowlist, \
+    rate_limit_rpm, expires_at, disabled_at, deleted_at, rotated_to, last_used_at, created_at, \
+    updated_at";
+
+pub(crate) fn json_list(r: &AnyRow, col: &str) -> Result<Vec<String>> {
+    let text: String = r.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+pub(crate) fn to_json(list: &[String]) -> String {
+    serde_json::to_string(list).expect("a list of strings serializes")
+}
+
+fn from_row(r: &AnyRow) -> Result<ApiKey> {
+    Ok(ApiKey {
+        id: r.try_get("id")?,
+        developer_id: r.try_get("developer_id")?,
+        name: r.try_get("name")?,
+        key_prefix: r.try_get("key_prefix")?,
+        models: json_list(r, "models")?,
+        endpoints: json_list(r, "endpoints")?,
+        ip_allowlist: json_list(r, "ip_allowlist")?,
+        rate_limit_rpm: r.try_get("rate_limit_rpm")?,
+        expires_at: r.try_get("expires_at")?,
+        disabled_at: r.try_get("disabled_at")?,
+        deleted_at: r.try_get("deleted_at")?,
+        rotated_to: r.try_get("rotated_to")?,
+        last_used_at: r.try_get("last_used_at")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+/// A key to store. The caller generated the key, shows it once, and passes only its hash.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub developer_id: String,
+    pub name: String,
+    /// Hex sha256 of the whole key.
+    pub key_hash: String,
+    pub key_prefix: String,
+    pub models: Vec<String>,
+    pub endpoints: Vec<String>,
+    pub ip_allowlist: Vec<String>,
+    pub rate_limit_rpm: Option<i64>,
+    pub expires_at: Option<i64>,
+}
+
+/// Stores a new key and puts it on the change feed.
+pub async fn insert(conn: &mut AnyConnection, k: &NewKey) -> Result<ApiKey> {
+    let now = now_ms();
+    let id = new_id("key_");
+    let sql = format!(
+        "INSERT INTO api_keys (id, developer_id, name, key_hash, key_prefix, models, endpoints, \
+         ip_allowlist, rate_limit_rpm, expires_at, created_at, updated_at, change_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 0) RETURNING {COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(&id)
+        .bind(&k.developer_id)
+        .bind(&k.name)
+        .bind(&k.key_hash)
+        .bind(&k.key_prefix)
+        .bind(to_json(&k.models))
+        .bind(to_json(&k.endpoints))
+        .bind(to_json(&k.ip_allowlist))
+        .bind(k.rate_limit_rpm)
+        .bind(k.expires_at)
+        .bind(now)
+        .fetch_one(&mut *conn)
+        .await?;
+    feed::touch_keys(conn, &[&id]).await?;
+    from_row(&row)
+}
+
+/// A key by id. With `owner`, only that developer's key is found (anything else is
+/// [`StoreError::NotFound`], never "forbidden": ids of others' keys are not confirmed).
+pub async fn get(store: &Store, owner: Option<&str>, id: &str) -> Result<ApiKey> {
+    get_on(&mut *store.pool().acquire().await?, owner, id).await
+}
+
+pub async fn get_on(conn: &mut AnyConnection, owner: Option<&str>, id: &str) -> Result<ApiKey> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE id = $1 AND ($2 IS NULL OR developer_id = $2)"
+    );
+    from_row(
+        &sqlx::query(&sql)
+            .bind(id)
+            .bind(owner)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// A developer's keys, newest first; revoked keys only when asked. `before` is the `created_at`
+/// and id of the last key of the previous page.
+pub async fn list(
+    store: &Store,
+    developer_id: &str,
+    include_revoked: bool,
+    limit: i64,
+    before: Option<(i64, &str)>,
+) -> Result<Vec<ApiKey>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE developer_id = $1 \
+           AND ($2 = 1 OR deleted_at IS NULL) \
+           AND ($3 IS NULL OR created_at < $3 OR (created_at = $3 AND id < $4)) \
+         ORDER BY created_at DESC, id DESC LIMIT $5"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(developer_id)
+        .bind(include_revoked as i64)
+        .bind(before.map(|b| b.0))
+        .bind(before.map(|b| b.1).unwrap_or(""))
+        .bind(limit)
+        .fetch_all(store.pool())
+        .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Keys a developer holds that are not revoked (for the per-developer cap).
+pub async fn count_live(conn: &mut AnyConnection, developer_id: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM api_keys WHERE developer_id = $1 AND deleted_at IS NULL",
+    )
+    .bind(developer_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Changes to a key. `None` leaves a field alone; `Some(None)` clears an optional one.
+#[derive(Debug, Clone, Default)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub models: Option<Vec<String>>,
+    pub endpoints: Option<Vec<String>>,
+    pub ip_allowlist: Option<Vec<String>>,
+    pub rate_limit_rpm: Option<Option<i64>>,
+    pub expires_at: Option<Option<i64>>,
+    pub active: Option<bool>,
+}
+
+/// Updates a live key of `owner` (any owner when `None`) and puts it on the change feed.
+pub async fn update(
+    conn: &mut AnyConnection,
+    owner: Option<&str>,
+    id: &str,
+    u: &KeyUpdate,
+) -> Result<ApiKey> {
+    let now = now_ms();
+    let sql = format!(
+        "UPDATE api_keys SET \
+           name = COALESCE($3, name), \
+           models = COALESCE($4, models), \
+           endpoints = COALESCE($5, endpoints), \
+           ip_allowlist = COALESCE($6, ip_allowlist), \
+           rate_limit_rpm = CASE WHEN $7 = 1 THEN $8 ELSE rate_limit_rpm END, \
+           expires_at = CASE WHEN $9 = 1 THEN $10 ELSE expires_at END, \
+           disabled_at = CASE WHEN $11 = 1 THEN NULL WHEN $11 = 0 THEN COALESCE(disabled_at, $12) \
+                         ELSE disabled_at END, \
+           updated_at = $12 \
+         WHERE id = $1 AND ($2 IS NULL OR developer_id = $2) AND deleted_at IS NULL \
+         RETURNING {COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id)
+        .bind(owner)
+        .bind(&u.name)
+        .bind(u.models.as_deref().map(to_json))
+        .bind(u.endpoints.as_deref().map(to_json))
+        .bind(u.ip_allowlist.as_deref().map(to_json))
+        .bind(u.rate_limit_rpm.is_some() as i64)
+        .bind(u.rate_limit_rpm.flatten())
+        .bind(u.expires_at.is_some() as i64)
+        .bind(u.expires_at.flatten())
+        .bind(u.active.map(|a| a as i64).unwrap_or(-1))
+        .bind(now)
+        .fetch_one(&mut *conn)
+        .await?;
+    feed::touch_keys(conn, &[id]).await?;
+    from_row(&row)
+}
+
+/// Revokes a live key (kept as a row with `deleted_at`) and puts it on the change feed.
+pub async fn revoke(conn: &mut AnyConnection, owner: Option<&str>, id: &str) -> Result<ApiKey> {
+    let sql = format!(
+        "UPDATE api_keys SET deleted_at = $3, updated_at = $3 \
+         WHERE id = $1 AND ($2 IS NULL OR developer_id = $2) AND deleted_at IS NULL \
+         RETURNING {COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id)
+        .bind(owner)
+        .bind(now_ms())
+        .fetch_one(&mut *conn)
+        .await?;
+    feed::touch_keys(conn, &[id]).await?;
+    from_row(&row)
+}
+
+/// Rotation: stores `new` (which the caller built from the old key's permissions and limits),
+/// lets the old key live until `old_expires_at` at most, and links the two. Returns
+/// `(old, new)`. Both go on the change feed.
+pub async fn rotate(
+    conn: &mut AnyConnection,
+    owner: Option<&str>,
+    old_id: &str,
+    new: &NewKey,
+    old_expires_at: i64,
+) -> Result<(ApiKey, ApiKey)> {
+    let created = insert(conn, new).await?;
+    let sql = format!(
+        "UPDATE api_keys SET \
+           expires_at = CASE WHEN expires_at IS NULL OR expires_at > $3 THEN $3 ELSE expires_at END, \
+           rotated_to = $4, updated_at = $5 \
+         WHERE id = $1 AND ($2 IS NULL OR developer_id = $2) AND deleted_at IS NULL \
+         RETURNING {COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(old_id)
+        .bind(owner)
+        .bind(old_expires_at)
+        .bind(&created.id)
+        .bind(now_ms())
+        .fetch_one(&mut *conn)
+        .await?;
+    feed::touch_keys(conn, &[old_id]).await?;
+    Ok((from_row(&row)?, created))
+}

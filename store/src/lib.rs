@@ -1,0 +1,234 @@
+//! The AI Hub control-plane store: developer accounts, API keys, sessions, one-time email tokens,
+//! the operator audit log and the event outbox, in SQLite (the embedded default) or PostgreSQL.
+//!
+//! One set of SQL serves both databases through sqlx's `Any` driver: `$N` placeholders (which
+//! SQLite accepts too), `TEXT` ids, `BIGINT` unix-millisecond timestamps, and states recorded as
+//! the time they began (`email_verified_at`, `disabled_at`, `deleted_at`) instead of booleans, so
+//! no type needs a per-database mapping. Only the migrations differ per dialect (auto-increment
+//! columns).
+//!
+//! # Layout
+//! - [`Store`] (this file): connecting, dialects, write transactions, [`StoreError`].
+//! - [`migrations`]: numbered, re-runnable schema migrations recorded in `schema_migrations`.
+//! - [`developers`]: accounts, profiles, operator changes, search.
+//! - [`keys`]: the API key lifecycle (create, list, update, revoke, rotate).
+//! - [`feed`]: the key change feed gateways follow, and last-used timestamps they report.
+//! - [`auth`]: login sessions and single-use email tokens.
+//! - [`audit`]: operator actions.
+//! - [`outbox`]: events written in the same transaction as the change they describe.
+//! - [`settings`]: small named values shared by every admin node (e.g. the JWT secret).
+//! - `testing` (feature `testing`): fresh SQLite and PostgreSQL databases for tests.
+
+pub mod audit;
+pub mod auth;
+pub mod developers;
+pub mod feed;
+pub mod keys;
+pub mod migrations;
+pub mod outbox;
+pub mod settings;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+use std::str::FromStr;
+use std::sync::Once;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyPool, Executor, Transaction};
+
+/// A store failure. Callers turn `Conflict`/`NotFound` into client errors and everything else
+/// into a 500/503 without showing the message.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness constraint refused the write (e.g. an email already registered).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not found")]
+    NotFound,
+    #[error("invalid database url: {0}")]
+    Url(String),
+    #[error("database: {0}")]
+    Db(#[source] sqlx::Error),
+    #[error("stored value is invalid: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                StoreError::Conflict(d.message().to_owned())
+            }
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (as opposed to refusing a statement).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            )
+        )
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which SQL database is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `sqlite://path/to/file.db` (created when missing) or `postgres://user@host/db`.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a caller waits for a pooled connection before failing.
+    pub acquire_timeout: Duration,
+}
+
+impl StoreOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        StoreOptions {
+            url: url.into(),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection pool to the control-plane database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+static DRIVERS: Once = Once::new();
+
+impl Store {
+    /// Connects (lazily: the pool opens connections on first use, so a gateway can start while
+    /// the database is down). SQLite files and their folder are created when missing and run
+    /// in WAL mode.
+    pub async fn connect(opts: &StoreOptions) -> Result<Store> {
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let dialect = dialect_of(&opts.url)?;
+        let mut url = opts.url.clone();
+        if dialect == Dialect::Sqlite {
+            let path = sqlite_path(&url);
+            if path != ":memory:" {
+                if let Some(dir) = std::path::Path::new(path).parent() {
+                    if !dir.as_os_str().is_empty() {
+                        std::fs::create_dir_all(dir)
+                            .map_err(|e| StoreError::Url(format!("{}: {e}", dir.display())))?;
+                    }
+                }
+            }
+            if !url.contains("mode=") {
+                url.push_str(if url.contains('?') { "&" } else { "?" });
+                url.push_str("mode=rwc");
+            }
+        }
+        let connect =
+            AnyConnectOptions::from_str(&url).map_err(|e| StoreError::Url(e.to_string()))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(opts.max_connections)
+            .acquire_timeout(opts.acquire_timeout)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_lazy_with(connect);
+        Ok(Store { pool, dialect })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Starts a transaction that will write. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`), so a transaction that reads before writing waits for other writers
+    /// instead of failing when it upgrades its lock.
+    pub async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// Checks the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        self.pool.execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn dialect_of(url: &str) -> Result<Dialect> {
+    if url.starts_with("sqlite:") {
+        Ok(Dialect::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Dialect::Postgres)
+    } else {
+        Err(StoreError::Url(
+            "expected sqlite://PATH or postgres://…".into(),
+        ))
+    }
+}
+
+fn sqlite_path(url: &str) -> &str {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    rest.split('?').next().unwrap_or(rest)
+}
+
+/// The current time in unix milliseconds, the unit of every timestamp in the store.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A new id: `prefix` + a time-ordered UUID (v7) in 32 hex digits, e.g. `dev_0192…`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::now_v7().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialects_and_paths() {
+        assert_eq!(dialect_of("sqlite://data/a.db").unwrap(), Dialect::Sqlite);
+        assert_eq!(dialect_of("postgres://u@h/db").unwrap(), Dialect::Postgres);
+        assert!(dialect_of("mysql://x").is_err());
+        assert_eq!(sqlite_path("sqlite://data/a.db?mode=rwc"), "data/a.db");
+        assert_eq!(sqlite_path("sqlite:///abs/a.db"), "/abs/a.db");
+        assert!(new_id("dev_").starts_with("dev_") && new_id("k").len() == 33);
+    }
+}

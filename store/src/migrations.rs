@@ -1,0 +1,240 @@
+//! Numbered control-plane schema migrations, recorded in `schema_migrations` and safe to run
+//! again (each runs once, in its own transaction; concurrent starters are serialized).
+//!
+//! The SQL is shared by both dialects except for `{serial}` (an auto-increment primary key),
+//! rewritten per dialect. A migration is never edited once released: add the next number.
+//!
+//! Conventions of the schema: ids are `TEXT` (`dev_…`, `key_…`), times are `BIGINT` unix
+//! milliseconds, a state is the time it began (`NULL` = not in that state), lists and free-form
+//! details are JSON text. Usage records are not here: they live in ClickHouse.
+
+use sqlx::Executor;
+
+use crate::{now_ms, Dialect, Result, Store};
+
+/// One migration: its number, a name, and its statements.
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub statements: &'static [&'static str],
+}
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "accounts_keys_outbox",
+    statements: &[
+        // Plans and billing periods are filled by the billing issue; the table exists so that a
+        // developer's plan history has a home from the first release.
+        "CREATE TABLE IF NOT EXISTS developers (
+            id TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            full_name TEXT NOT NULL,
+            company_name TEXT,
+            developer_type TEXT NOT NULL,
+            role TEXT NOT NULL DEFAULT 'developer',
+            plan TEXT NOT NULL DEFAULT 'free',
+            api_quota_limit BIGINT,
+            api_rate_limit BIGINT,
+            stripe_customer_id TEXT,
+            email_verified_at BIGINT,
+            disabled_at BIGINT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+        "CREATE UNIQUE INDEX IF NOT EXISTS developers_email ON developers (email)",
+        "CREATE INDEX IF NOT EXISTS developers_created ON developers (created_at)",
+        "CREATE TABLE IF NOT EXISTS subscriptions (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            plan TEXT NOT NULL,
+            status TEXT NOT NULL,
+            current_period_start BIGINT NOT NULL,
+            current_period_end BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+        "CREATE INDEX IF NOT EXISTS subscriptions_developer ON subscriptions (developer_id)",
+        // `change_seq` orders the key change feed (see `feed`); a key row is never deleted, only
+        // marked `deleted_at`, so the feed can tell gateways to drop it.
+        "CREATE TABLE IF NOT EXISTS api_keys (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            name TEXT NOT NULL,
+            key_hash TEXT NOT NULL,
+            key_prefix TEXT NOT NULL,
+            models TEXT NOT NULL,
+            endpoints TEXT NOT NULL,
+            ip_allowlist TEXT NOT NULL,
+            rate_limit_rpm BIGINT,
+            expires_at BIGINT,
+            disabled_at BIGINT,
+            deleted_at BIGINT,
+            rotated_to TEXT,
+            last_used_at BIGINT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            change_seq BIGINT NOT NULL
+        )",
+        "CREATE UNIQUE INDEX IF NOT EXISTS api_keys_hash ON api_keys (key_hash)",
+        "CREATE INDEX IF NOT EXISTS api_keys_developer ON api_keys (developer_id, created_at)",
+        "CREATE INDEX IF NOT EXISTS api_keys_change ON api_keys (change_seq, id)",
+        "CREATE TABLE IF NOT EXISTS change_counters (
+            name TEXT PRIMARY KEY,
+            value BIGINT NOT NULL
+        )",
+        "INSERT INTO change_counters (name, value) VALUES ('keys', 0) ON CONFLICT (name) DO NOTHING",
+        "CREATE TABLE IF NOT EXISTS sessions (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            revoked_at BIGINT,
+            ip TEXT,
+            user_agent TEXT
+        )",
+        "CREATE INDEX IF NOT EXISTS sessions_developer ON sessions (developer_id)",
+        "CREATE TABLE IF NOT EXISTS email_tokens (
+            token_hash TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            purpose TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            used_at BIGINT
+        )",
+        "CREATE INDEX IF NOT EXISTS email_tokens_developer ON email_tokens (developer_id, purpose)",
+        "CREATE TABLE IF NOT EXISTS audit_log (
+            id {serial},
+            at BIGINT NOT NULL,
+            actor_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target_type TEXT NOT NULL,
+            target_id TEXT NOT NULL,
+            details TEXT NOT NULL,
+            ip TEXT
+        )",
+        "CREATE INDEX IF NOT EXISTS audit_log_target ON audit_log (target_id)",
+        // The outbox: webhook delivery (a later issue) reads undispatched rows in id order.
+        "CREATE TABLE IF NOT EXISTS outbox (
+            id {serial},
+            event_id TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            developer_id TEXT,
+            payload TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            dispatched_at BIGINT
+        )",
+        "CREATE UNIQUE INDEX IF NOT EXISTS outbox_event ON outbox (event_id)",
+        "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (dispatched_at, id)",
+        "CREATE TABLE IF NOT EXISTS webhook_configs (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            url TEXT NOT NULL,
+            secret_key TEXT NOT NULL,
+            events TEXT NOT NULL,
+            disabled_at BIGINT,
+            retry_count BIGINT NOT NULL DEFAULT 3,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )",
+        "CREATE INDEX IF NOT EXISTS webhook_configs_developer ON webhook_configs (developer_id)",
+        "CREATE TABLE IF NOT EXISTS async_tasks (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            task_type TEXT NOT NULL,
+            status TEXT NOT NULL,
+            input_data TEXT NOT NULL,
+            result_data TEXT,
+            error_message TEXT,
+            progress BIGINT NOT NULL DEFAULT 0,
+            started_at BIGINT,
+            completed_at BIGINT,
+            created_at BIGINT NOT NULL
+        )",
+        "CREATE INDEX IF NOT EXISTS async_tasks_developer ON async_tasks (developer_id, created_at)",
+        "CREATE INDEX IF NOT EXISTS async_tasks_status ON async_tasks (status, created_at)",
+        "CREATE TABLE IF NOT EXISTS settings (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )",
+    ],
+}];
+
+fn dialect_sql(sql: &str, dialect: Dialect) -> String {
+    let serial = match dialect {
+        Dialect::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+        Dialect::Postgres => "BIGSERIAL PRIMARY KEY",
+    };
+    sql.replace("{serial}", serial)
+}
+
+/// Applies every migration not yet recorded; returns the versions applied now.
+pub async fn migrate(store: &Store) -> Result<Vec<i64>> {
+    store
+        .pool()
+        .execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version BIGINT PRIMARY KEY,
+                name TEXT NOT NULL,
+                applied_at BIGINT NOT NULL
+            )",
+        )
+        .await?;
+    let mut applied = Vec::new();
+    for m in MIGRATIONS {
+        let mut tx = store.begin_write().await?;
+        if store.dialect() == Dialect::Postgres {
+            // Several nodes may start together: one migrates, the others wait and skip.
+            tx.execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
+                .await?;
+        }
+        let done: Option<(i64,)> =
+            sqlx::query_as("SELECT version FROM schema_migrations WHERE version = $1")
+                .bind(m.version)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if done.is_some() {
+            continue;
+        }
+        for stmt in m.statements {
+            tx.execute(dialect_sql(stmt, store.dialect()).as_str())
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+        )
+        .bind(m.version)
+        .bind(m.name)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "control-plane migration applied"
+        );
+        applied.push(m.version);
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_increase() {
+        let mut last = 0;
+        for m in MIGRATIONS {
+            assert!(m.version > last, "migration {} out of order", m.version);
+            last = m.version;
+        }
+    }
+
+    #[test]
+    fn serial_per_dialect() {
+        assert!(dialect_sql("id {serial}", Dialect::Postgres).contains("BIGSERIAL"));
+        assert!(dialect_sql("id {serial}", Dialect::Sqlite).contains("AUTOINCREMENT"));
+    }
+}

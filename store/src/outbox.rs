@@ -1,0 +1,127 @@
+//! The event outbox: events (`api_key.created`, …) are inserted in the same transaction as the
+//! change they describe, so an event exists exactly when its change committed. The webhook
+//! dispatcher (a later issue) reads undispatched rows in id order and marks them dispatched.
+//!
+//! Event bodies follow the wire convention:
+//! `{"id": "evt_…", "type": "…", "created_at": "RFC 3339", "data": {…}}`.
+
+use serde::Serialize;
+use sqlx::{AnyConnection, Row};
+
+use crate::{new_id, now_ms, Result, Store};
+
+/// Event types written today.
+pub const API_KEY_CREATED: &str = "api_key.created";
+pub const API_KEY_DELETED: &str = "api_key.deleted";
+pub const API_KEY_ROTATED: &str = "api_key.rotated";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxEvent {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub developer_id: Option<String>,
+    pub payload: serde_json::Value,
+    pub created_at: i64,
+    pub dispatched_at: Option<i64>,
+}
+
+/// Writes an event; returns its `evt_…` id.
+pub async fn enqueue(
+    conn: &mut AnyConnection,
+    event_type: &str,
+    developer_id: Option<&str>,
+    data: serde_json::Value,
+) -> Result<String> {
+    let now = now_ms();
+    let event_id = new_id("evt_");
+    let payload = serde_json::json!({
+        "id": event_id,
+        "type": event_type,
+        "created_at": rfc3339_ms(now),
+        "data": data,
+    });
+    sqlx::query(
+        "INSERT INTO outbox (event_id, event_type, developer_id, payload, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&event_id)
+    .bind(event_type)
+    .bind(developer_id)
+    .bind(payload.to_string())
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(event_id)
+}
+
+/// Events of a developer, oldest first (for tests and the delivery log).
+pub async fn for_developer(store: &Store, developer_id: &str) -> Result<Vec<OutboxEvent>> {
+    let rows = sqlx::query(
+        "SELECT id, event_id, event_type, developer_id, payload, created_at, dispatched_at \
+         FROM outbox WHERE developer_id = $1 ORDER BY id",
+    )
+    .bind(developer_id)
+    .fetch_all(store.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let payload: String = r.try_get("payload")?;
+            Ok(OutboxEvent {
+                id: r.try_get("id")?,
+                event_id: r.try_get("event_id")?,
+                event_type: r.try_get("event_type")?,
+                developer_id: r.try_get("developer_id")?,
+                payload: serde_json::from_str(&payload)
+                    .map_err(|e| crate::StoreError::Corrupt(e.to_string()))?,
+                created_at: r.try_get("created_at")?,
+                dispatched_at: r.try_get("dispatched_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Unix milliseconds as RFC 3339 UTC (`2026-11-25T10:45:09.123Z`).
+pub fn rfc3339_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339() {
+        assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::rfc3339_ms(1_795_604_709_123),
+            "2026-11-25T11:05:09.123Z"
+        );
+        assert_eq!(
+            super::rfc3339_ms(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+}
