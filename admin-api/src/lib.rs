@@ -1,7 +1,107 @@
-//! The AI Hub control plane (axum): developer accounts, API keys, usage, billing, webhooks and
-//! the developer portal. Placeholder until the control-plane issue; the gateway already runs
-//! without it in declarative mode (keys from YAML).
+//! The AI Hub control plane's HTTP API (axum): developer accounts, API keys, operator tools,
+//! and its OpenAPI document. Data lives in the control-plane store (`aihub-store`: SQLite by
+//! default, PostgreSQL when configured); gateways follow key changes from the store's change
+//! feed, nudged through Redis when configured.
+//!
+//! [`app`] builds the whole router from an [`AppState`], so tests can call it directly; the
+//! `aihub admin` and `aihub serve` commands bind it with [`serve`].
 //!
 //! # Layout
-//! Empty for now. The key format it will issue lives in `aihub-apikey`, shared with the gateway;
-//! the keys it stores will reach gateways through `aihub_gateway::keys::KeyStore`.
+//! - [`config`]: `config/admin.yaml`, defaults, environment overrides, validation.
+//! - [`state`]: shared state, start-up (migrations, JWT secret, operator bootstrap).
+//! - [`error`]: `AppError`, the one place errors become responses; the JSON extractor.
+//! - [`auth`]: argon2id passwords, JWTs bound to sessions, throttling, caller extractors.
+//! - [`accounts`]: `/developer/register|verify-email|login|logout|reset-password|me`.
+//! - [`keys`]: `/developer/keys…`.
+//! - [`operators`]: `/admin/…`.
+//! - [`email`]: SMTP or `.eml` files.
+//! - [`notify`]: Redis pub/sub nudges to gateways.
+//! - [`http`]: request ids, access log, metrics, health, 404.
+//! - [`openapi`]: the document and the `/docs` page.
+
+pub mod accounts;
+pub mod auth;
+pub mod config;
+pub mod email;
+pub mod error;
+pub mod http;
+pub mod keys;
+pub mod notify;
+pub mod openapi;
+pub mod operators;
+pub mod state;
+
+use std::net::SocketAddr;
+
+use axum::routing::get;
+use axum::Router;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use config::AdminConfig;
+pub use state::{AppState, StartError};
+
+/// The documented API routes and their OpenAPI document, built together.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(accounts::register))
+        .routes(routes!(accounts::verify_email, accounts::verify_email_link))
+        .routes(routes!(accounts::resend_verification))
+        .routes(routes!(accounts::login))
+        .routes(routes!(accounts::logout))
+        .routes(routes!(accounts::request_reset))
+        .routes(routes!(accounts::confirm_reset))
+        .routes(routes!(accounts::me, accounts::update_me))
+        .routes(routes!(accounts::change_password))
+        .routes(routes!(keys::list, keys::create))
+        .routes(routes!(keys::get, keys::update, keys::delete))
+        .routes(routes!(keys::regenerate))
+        .routes(routes!(
+            operators::list_developers,
+            operators::create_developer
+        ))
+        .routes(routes!(
+            operators::get_developer,
+            operators::update_developer
+        ))
+        .routes(routes!(operators::developer_keys))
+        .routes(routes!(operators::revoke_key))
+        .routes(routes!(operators::audit_log))
+        .split_for_parts()
+}
+
+/// The whole admin API: documented routes, operational endpoints, middleware.
+pub fn app(state: AppState) -> Router {
+    let (api, doc) = api();
+    let doc_json = doc
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    api.route(
+        "/openapi.json",
+        get(move || async move { ([("content-type", "application/json")], doc_json) }),
+    )
+    .route("/docs", get(openapi::docs_page))
+    .route("/docs/app.js", get(openapi::docs_script))
+    .route("/healthz", get(http::healthz))
+    .route("/readyz", get(http::readyz))
+    .route("/metrics", get(http::metrics))
+    .fallback(http::fallback)
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        http::observe,
+    ))
+    .with_state(state)
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves (in-flight requests finish).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

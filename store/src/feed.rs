@@ -16,6 +16,10 @@ use sqlx::{AnyConnection, Row};
 use crate::keys::json_list;
 use crate::{Result, Store};
 
+/// Redis pub/sub channel on which the admin API announces committed key changes; gateways
+/// subscribed to it poll the feed at once.
+pub const REDIS_CHANNEL: &str = "aihub:keys:changed";
+
 /// Takes the next change number. Call late in the transaction: it serializes until commit.
 async fn next_seq(conn: &mut AnyConnection) -> Result<i64> {
     Ok(sqlx::query_scalar(

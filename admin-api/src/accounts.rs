@@ -1,0 +1,534 @@
+//! Developer accounts under `/developer/…`: register, verify email, log in and out, password
+//! reset and change, and the caller's own profile (`/developer/me`).
+//!
+//! Nothing here tells a stranger whether an email has an account: registration and reset
+//! requests answer 202 with the same body either way (the mail says what happened), and login
+//! answers the same 401 for an unknown email and a wrong password, after the same argon2 work.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use aihub_store::developers::{self, Developer, NewDeveloper, ProfileUpdate, ROLE_DEVELOPER};
+use aihub_store::outbox::rfc3339_ms;
+use aihub_store::{auth as tokens, new_id, now_ms};
+
+use crate::auth::{check_password, new_email_token, token_hash, Caller, ClientMeta};
+use crate::error::{AppError, FieldError, Json};
+use crate::state::AppState;
+
+pub const DEVELOPER_TYPES: &[&str] = &["individual", "enterprise"];
+
+/// A developer account as its owner (or an operator) sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeveloperView {
+    pub id: String,
+    pub email: String,
+    pub full_name: String,
+    pub company_name: Option<String>,
+    /// `individual` or `enterprise`.
+    pub developer_type: String,
+    /// `developer` or `admin`.
+    pub role: String,
+    pub plan: String,
+    pub email_verified: bool,
+    pub active: bool,
+    /// Monthly token quota override (`null`: the plan's).
+    pub api_quota_limit: Option<i64>,
+    /// Requests-per-minute override (`null`: the plan's).
+    pub api_rate_limit: Option<i64>,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+impl From<&Developer> for DeveloperView {
+    fn from(d: &Developer) -> Self {
+        DeveloperView {
+            id: d.id.clone(),
+            email: d.email.clone(),
+            full_name: d.full_name.clone(),
+            company_name: d.company_name.clone(),
+            developer_type: d.developer_type.clone(),
+            role: d.role.clone(),
+            plan: d.plan.clone(),
+            email_verified: d.is_verified(),
+            active: d.is_active(),
+            api_quota_limit: d.api_quota_limit,
+            api_rate_limit: d.api_rate_limit,
+            created_at: rfc3339_ms(d.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Message {
+    pub message: String,
+}
+
+fn accepted(m: &str) -> (StatusCode, Json<Message>) {
+    (
+        StatusCode::ACCEPTED,
+        Json(Message {
+            message: m.to_owned(),
+        }),
+    )
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub email: String,
+    /// 10 to 128 characters; not a common password; not containing the email.
+    pub password: String,
+    pub full_name: String,
+    #[serde(default)]
+    pub company_name: Option<String>,
+    /// `individual` (default) or `enterprise`.
+    #[serde(default)]
+    pub developer_type: Option<String>,
+}
+
+/// Checks an email address's shape (the mail itself proves it exists).
+pub fn check_email(email: &str) -> Result<(), String> {
+    if email.len() > 254 || email.parse::<lettre::Address>().is_err() {
+        return Err("is not a valid email address".into());
+    }
+    Ok(())
+}
+
+fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
+    let n = v.trim().chars().count();
+    if n == 0 || n > 200 {
+        errors.push(FieldError::new(field, "must be 1 to 200 characters"));
+    }
+}
+
+fn check_type(v: Option<&str>, errors: &mut Vec<FieldError>) {
+    if let Some(t) = v {
+        if !DEVELOPER_TYPES.contains(&t) {
+            errors.push(FieldError::new(
+                "developer_type",
+                "must be `individual` or `enterprise`",
+            ));
+        }
+    }
+}
+
+fn ok_or_invalid(errors: Vec<FieldError>) -> Result<(), AppError> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(AppError::Validation(errors))
+    }
+}
+
+const REGISTERED: &str = "Check your inbox: we sent a link to verify your email address.";
+
+/// Register a developer account. A verification link is emailed; the answer is the same
+/// whether or not the email already had an account.
+#[utoipa::path(post, path = "/developer/register", tag = "accounts",
+    request_body = RegisterRequest,
+    responses((status = 202, body = Message), (status = 422, body = crate::openapi::ErrorBody),
+              (status = 429, body = crate::openapi::ErrorBody)))]
+pub async fn register(
+    State(s): State<AppState>,
+    meta: ClientMeta,
+    Json(r): Json<RegisterRequest>,
+) -> Result<(StatusCode, Json<Message>), AppError> {
+    s.throttle.check_ip(meta.ip)?;
+    let mut errors = Vec::new();
+    if let Err(e) = check_email(&r.email) {
+        errors.push(FieldError::new("email", e));
+    }
+    if let Err(e) = check_password(&r.password, &r.email) {
+        errors.push(FieldError::new("password", e));
+    }
+    check_name("full_name", &r.full_name, &mut errors);
+    if let Some(c) = &r.company_name {
+        check_name("company_name", c, &mut errors);
+    }
+    check_type(r.developer_type.as_deref(), &mut errors);
+    ok_or_invalid(errors)?;
+
+    // Hash before looking the email up, so both paths cost the same.
+    let hash = s.passwords.hash(r.password).await?;
+    let email = r.email.trim().to_lowercase();
+    if let Some(existing) = developers::by_email(&s.store, &email).await? {
+        s.mailer.send(
+            &existing.email,
+            "Your AI Hub account",
+            format!(
+                "Someone (maybe you) tried to register a new AI Hub account with this address, \
+                 which already has one.\n\nSign in at {0}/login, or reset your password at \
+                 {0}/reset-password if you forgot it.\n",
+                s.config.public_url
+            ),
+        );
+        return Ok(accepted(REGISTERED));
+    }
+    let new = NewDeveloper {
+        email: email.clone(),
+        password_hash: hash,
+        full_name: r.full_name.trim().to_owned(),
+        company_name: r.company_name.map(|c| c.trim().to_owned()),
+        developer_type: r.developer_type.unwrap_or_else(|| "individual".into()),
+        role: ROLE_DEVELOPER.into(),
+        plan: s.config.plans[0].clone(),
+        verified: false,
+    };
+    let mut tx = s.store.begin_write().await?;
+    let dev = match developers::insert(&mut tx, &new).await {
+        Ok(d) => d,
+        // Registered concurrently by another request: same answer.
+        Err(aihub_store::StoreError::Conflict(_)) => return Ok(accepted(REGISTERED)),
+        Err(e) => return Err(e.into()),
+    };
+    let token = issue_token(&s, &mut tx, &dev.id, tokens::VERIFY_EMAIL).await?;
+    tx.commit().await?;
+    s.metrics.event("registered");
+    send_verification(&s, &email, &token);
+    Ok(accepted(REGISTERED))
+}
+
+async fn issue_token(
+    s: &AppState,
+    conn: &mut sqlx::AnyConnection,
+    developer_id: &str,
+    purpose: &str,
+) -> Result<String, AppError> {
+    let ttl = if purpose == tokens::VERIFY_EMAIL {
+        s.config.auth.verify_token_ttl
+    } else {
+        s.config.auth.reset_token_ttl
+    };
+    let (token, hash) = new_email_token();
+    let expires = now_ms() + ttl.as_millis() as i64;
+    tokens::create_email_token(conn, &hash, developer_id, purpose, expires).await?;
+    Ok(token)
+}
+
+fn send_verification(s: &AppState, email: &str, token: &str) {
+    s.mailer.send(
+        email,
+        "Verify your AI Hub email address",
+        format!(
+            "Welcome to AI Hub!\n\nVerify your email address by opening this link:\n\
+             {}/verify-email?token={token}\n\nOr paste this token in the portal:\n{token}\n\n\
+             The link expires in {}. If you did not register, ignore this message.\n",
+            s.config.public_url,
+            humantime::format_duration(s.config.auth.verify_token_ttl)
+        ),
+    );
+}
+
+#[derive(Debug, Deserialize, ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyEmailRequest {
+    /// The token from the verification mail.
+    pub token: String,
+}
+
+/// Verify an email address with the token from the mail (single use, expiring).
+#[utoipa::path(post, path = "/developer/verify-email", tag = "accounts",
+    request_body = VerifyEmailRequest,
+    responses((status = 200, body = Message), (status = 422, body = crate::openapi::ErrorBody)))]
+pub async fn verify_email(
+    State(s): State<AppState>,
+    Json(r): Json<VerifyEmailRequest>,
+) -> Result<Json<Message>, AppError> {
+    consume_verification(&s, &r.token).await
+}
+
+/// The same, for the link in the mail (`GET /developer/verify-email?token=…`).
+#[utoipa::path(get, path = "/developer/verify-email", tag = "accounts",
+    params(VerifyEmailRequest),
+    responses((status = 200, body = Message), (status = 422, body = crate::openapi::ErrorBody)))]
+pub async fn verify_email_link(
+    State(s): State<AppState>,
+    Query(r): Query<VerifyEmailRequest>,
+) -> Result<Json<Message>, AppError> {
+    consume_verification(&s, &r.token).await
+}
+
+async fn consume_verification(s: &AppState, token: &str) -> Result<Json<Message>, AppError> {
+    let mut tx = s.store.begin_write().await?;
+    let dev = tokens::consume_email_token(&mut tx, &token_hash(token), tokens::VERIFY_EMAIL)
+        .await?
+        .ok_or_else(|| AppError::validation("token", "is invalid, used or expired"))?;
+    developers::mark_verified(&mut tx, &dev).await?;
+    tx.commit().await?;
+    s.metrics.event("verified");
+    Ok(Json(Message {
+        message: "Email verified.".into(),
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResendRequest {
+    pub email: String,
+}
+
+/// Send the verification mail again (always 202).
+#[utoipa::path(post, path = "/developer/verify-email/resend", tag = "accounts",
+    request_body = ResendRequest,
+    responses((status = 202, body = Message), (status = 429, body = crate::openapi::ErrorBody)))]
+pub async fn resend_verification(
+    State(s): State<AppState>,
+    meta: ClientMeta,
+    Json(r): Json<ResendRequest>,
+) -> Result<(StatusCode, Json<Message>), AppError> {
+    s.throttle.check_ip(meta.ip)?;
+    if let Some(dev) = developers::by_email(&s.store, r.email.trim()).await? {
+        if !dev.is_verified() && dev.is_active() {
+            let mut tx = s.store.begin_write().await?;
+            let token = issue_token(&s, &mut tx, &dev.id, tokens::VERIFY_EMAIL).await?;
+            tx.commit().await?;
+            send_verification(&s, &dev.email, &token);
+        }
+    }
+    Ok(accepted(
+        "If the address has an unverified account, a new link is on its way.",
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenResponse {
+    /// A JWT; send it as `Authorization: Bearer …`. Logging out ends it.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    /// Seconds until the token expires.
+    pub expires_in: u64,
+    pub developer: DeveloperView,
+}
+
+/// Log in with email and password; returns an access token.
+#[utoipa::path(post, path = "/developer/login", tag = "accounts",
+    request_body = LoginRequest,
+    responses((status = 200, body = TokenResponse), (status = 401, body = crate::openapi::ErrorBody),
+              (status = 403, body = crate::openapi::ErrorBody), (status = 429, body = crate::openapi::ErrorBody)))]
+pub async fn login(
+    State(s): State<AppState>,
+    meta: ClientMeta,
+    Json(r): Json<LoginRequest>,
+) -> Result<Json<TokenResponse>, AppError> {
+    s.throttle.check_ip(meta.ip)?;
+    s.throttle.check_account(r.email.trim())?;
+    let dev = developers::by_email(&s.store, r.email.trim()).await?;
+    let hash = dev.as_ref().map(|d| d.password_hash.clone());
+    if !s.passwords.verify(r.password, hash).await {
+        s.metrics.event("login_failed");
+        return Err(AppError::Unauthorized(
+            "invalid_credentials",
+            "Incorrect email or password.",
+        ));
+    }
+    let dev = dev.ok_or(AppError::Unauthorized(
+        "invalid_credentials",
+        "Incorrect email or password.",
+    ))?;
+    if !dev.is_active() {
+        return Err(AppError::Forbidden(
+            "account_disabled",
+            "This account is disabled.".into(),
+        ));
+    }
+    let ttl = s.config.auth.access_token_ttl;
+    let session = new_id("ses_");
+    let ip = meta.ip.map(|i| i.to_string());
+    tokens::create_session(
+        &s.store,
+        &session,
+        &dev.id,
+        now_ms() + ttl.as_millis() as i64,
+        ip.as_deref(),
+        meta.user_agent.as_deref(),
+    )
+    .await?;
+    s.metrics.event("login_ok");
+    Ok(Json(TokenResponse {
+        access_token: s.jwt.sign(&dev.id, &session, ttl),
+        token_type: "Bearer",
+        expires_in: ttl.as_secs(),
+        developer: (&dev).into(),
+    }))
+}
+
+/// Log out: the access token stops working at once.
+#[utoipa::path(post, path = "/developer/logout", tag = "accounts",
+    responses((status = 204), (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn logout(State(s): State<AppState>, caller: Caller) -> Result<StatusCode, AppError> {
+    tokens::revoke_session(&s.store, &caller.session_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    pub email: String,
+}
+
+/// Ask for a password reset link (always 202).
+#[utoipa::path(post, path = "/developer/reset-password", tag = "accounts",
+    request_body = ResetRequest,
+    responses((status = 202, body = Message), (status = 429, body = crate::openapi::ErrorBody)))]
+pub async fn request_reset(
+    State(s): State<AppState>,
+    meta: ClientMeta,
+    Json(r): Json<ResetRequest>,
+) -> Result<(StatusCode, Json<Message>), AppError> {
+    s.throttle.check_ip(meta.ip)?;
+    if let Some(dev) = developers::by_email(&s.store, r.email.trim()).await? {
+        if dev.is_active() {
+            let mut tx = s.store.begin_write().await?;
+            let token = issue_token(&s, &mut tx, &dev.id, tokens::RESET_PASSWORD).await?;
+            tx.commit().await?;
+            s.mailer.send(
+                &dev.email,
+                "Reset your AI Hub password",
+                format!(
+                    "Reset your password by opening this link:\n{}/reset-password?token={token}\n\n\
+                     Or paste this token in the portal:\n{token}\n\nThe link expires in {}. If you \
+                     did not ask for it, ignore this message: your password is unchanged.\n",
+                    s.config.public_url,
+                    humantime::format_duration(s.config.auth.reset_token_ttl)
+                ),
+            );
+        }
+    }
+    Ok(accepted(
+        "If the address has an account, a reset link is on its way.",
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetConfirm {
+    pub token: String,
+    pub new_password: String,
+}
+
+/// Set a new password with the token from the reset mail; every session ends.
+#[utoipa::path(post, path = "/developer/reset-password/confirm", tag = "accounts",
+    request_body = ResetConfirm,
+    responses((status = 200, body = Message), (status = 422, body = crate::openapi::ErrorBody)))]
+pub async fn confirm_reset(
+    State(s): State<AppState>,
+    Json(r): Json<ResetConfirm>,
+) -> Result<Json<Message>, AppError> {
+    if let Err(e) = check_password(&r.new_password, "") {
+        return Err(AppError::validation("new_password", e));
+    }
+    let hash = s.passwords.hash(r.new_password).await?;
+    let mut tx = s.store.begin_write().await?;
+    let dev = tokens::consume_email_token(&mut tx, &token_hash(&r.token), tokens::RESET_PASSWORD)
+        .await?
+        .ok_or_else(|| AppError::validation("token", "is invalid, used or expired"))?;
+    developers::set_password(&mut tx, &dev, &hash).await?;
+    // The mail proved the address: a reset also verifies it.
+    developers::mark_verified(&mut tx, &dev).await?;
+    tokens::revoke_all_sessions(&mut tx, &dev).await?;
+    tx.commit().await?;
+    s.metrics.event("password_reset");
+    Ok(Json(Message {
+        message: "Password changed. Sign in with the new password.".into(),
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePassword {
+    pub current_password: String,
+    pub new_password: String,
+}
+
+/// Change the password (the current one is required); every session ends, this one included.
+#[utoipa::path(put, path = "/developer/me/password", tag = "accounts",
+    request_body = ChangePassword,
+    responses((status = 204), (status = 401, body = crate::openapi::ErrorBody),
+              (status = 422, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn change_password(
+    State(s): State<AppState>,
+    caller: Caller,
+    Json(r): Json<ChangePassword>,
+) -> Result<StatusCode, AppError> {
+    let dev = caller.developer;
+    if let Err(e) = check_password(&r.new_password, &dev.email) {
+        return Err(AppError::validation("new_password", e));
+    }
+    s.throttle.check_account(&dev.email)?;
+    if !s
+        .passwords
+        .verify(r.current_password, Some(dev.password_hash.clone()))
+        .await
+    {
+        return Err(AppError::Unauthorized(
+            "invalid_credentials",
+            "The current password is wrong.",
+        ));
+    }
+    let hash = s.passwords.hash(r.new_password).await?;
+    let mut tx = s.store.begin_write().await?;
+    developers::set_password(&mut tx, &dev.id, &hash).await?;
+    tokens::revoke_all_sessions(&mut tx, &dev.id).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's account.
+#[utoipa::path(get, path = "/developer/me", tag = "accounts",
+    responses((status = 200, body = DeveloperView), (status = 401, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn me(caller: Caller) -> Json<DeveloperView> {
+    Json((&caller.developer).into())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMe {
+    pub full_name: Option<String>,
+    /// `null` clears it.
+    #[serde(default, deserialize_with = "crate::keys::double_option")]
+    #[schema(value_type = Option<String>)]
+    pub company_name: Option<Option<String>>,
+    pub developer_type: Option<String>,
+}
+
+/// Update the caller's profile (name, company, type). The email cannot be changed here.
+#[utoipa::path(put, path = "/developer/me", tag = "accounts",
+    request_body = UpdateMe,
+    responses((status = 200, body = DeveloperView), (status = 422, body = crate::openapi::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update_me(
+    State(s): State<AppState>,
+    caller: Caller,
+    Json(r): Json<UpdateMe>,
+) -> Result<Json<DeveloperView>, AppError> {
+    let mut errors = Vec::new();
+    if let Some(n) = &r.full_name {
+        check_name("full_name", n, &mut errors);
+    }
+    if let Some(Some(c)) = &r.company_name {
+        check_name("company_name", c, &mut errors);
+    }
+    check_type(r.developer_type.as_deref(), &mut errors);
+    ok_or_invalid(errors)?;
+    let u = ProfileUpdate {
+        full_name: r.full_name.map(|n| n.trim().to_owned()),
+        company_name: r.company_name.map(|c| c.map(|c| c.trim().to_owned())),
+        developer_type: r.developer_type,
+    };
+    let dev = developers::update_profile(&s.store, &caller.developer.id, &u).await?;
+    Ok(Json((&dev).into()))
+}

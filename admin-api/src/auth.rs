@@ -1,0 +1,378 @@
+//! Who is calling: password hashing (argon2id), access tokens (HS256 JWTs that point at a
+//! database session, so logout really ends them), attempt throttling, and the extractors
+//! handlers use ([`Caller`], [`Operator`], [`ClientMeta`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::header;
+use axum::http::request::Parts;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use aihub_store::developers::Developer;
+use aihub_store::{auth as sessions, developers, now_ms};
+
+use crate::error::AppError;
+use crate::state::AppState;
+
+/// Argon2id hashing with the configured cost. Hashing runs on the blocking pool.
+#[derive(Clone)]
+pub struct Passwords {
+    params: Params,
+    /// A real hash of a random password: verifying against it when the account does not exist
+    /// makes "unknown email" take as long as "wrong password".
+    dummy: Arc<str>,
+}
+
+impl Passwords {
+    pub fn new(memory_kib: u32, iterations: u32) -> Result<Passwords, String> {
+        let params = Params::new(memory_kib, iterations, 1, None).map_err(|e| e.to_string())?;
+        let mut p = Passwords {
+            params,
+            dummy: "".into(),
+        };
+        let random: [u8; 16] = rand::random();
+        p.dummy = p.hash_now(&hex::encode(random))?.into();
+        Ok(p)
+    }
+
+    fn argon(&self) -> Argon2<'static> {
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, self.params.clone())
+    }
+
+    fn hash_now(&self, password: &str) -> Result<String, String> {
+        let salt =
+            SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| e.to_string())?;
+        self.argon()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn hash(&self, password: String) -> Result<String, AppError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.hash_now(&password))
+            .await
+            .map_err(AppError::internal)?
+            .map_err(AppError::Internal)
+    }
+
+    /// Checks `password` against `hash`, or against the dummy hash when there is no account.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> bool {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let stored = hash.as_deref().unwrap_or(&this.dummy);
+            let ok = PasswordHash::new(stored)
+                .map(|h| {
+                    this.argon()
+                        .verify_password(password.as_bytes(), &h)
+                        .is_ok()
+                })
+                .unwrap_or(false);
+            ok && hash.is_some()
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+/// The password policy (NIST SP 800-63B style: length and a blocklist, no composition rules).
+pub fn check_password(password: &str, email: &str) -> Result<(), String> {
+    let n = password.chars().count();
+    if n < 10 {
+        return Err("must be at least 10 characters".into());
+    }
+    if n > 128 {
+        return Err("must be at most 128 characters".into());
+    }
+    let lower = password.to_lowercase();
+    const COMMON: &[&str] = &[
+        "password",
+        "1234567890",
+        "qwertyuiop",
+        "0123456789",
+        "iloveyou",
+        "letmein",
+        "welcome",
+        "abc123",
+        "aihub",
+        "admin",
+    ];
+    if COMMON
+        .iter()
+        .any(|c| lower.starts_with(c) && lower.len() < c.len() + 4)
+    {
+        return Err("is too common".into());
+    }
+    if password
+        .chars()
+        .all(|c| c == password.chars().next().unwrap_or(' '))
+    {
+        return Err("must not repeat one character".into());
+    }
+    if let Some(local) = email.split('@').next().filter(|l| l.len() >= 4) {
+        if lower.contains(&local.to_lowercase()) {
+            return Err("must not contain your email address".into());
+        }
+    }
+    Ok(())
+}
+
+/// Signs and checks access tokens: HS256, claims `sub` (developer), `sid` (session), `iat`,
+/// `exp`. Only this exact header is accepted (no `alg` negotiation).
+#[derive(Clone)]
+pub struct Jwt {
+    key: Arc<[u8]>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    iss: String,
+    sub: String,
+    sid: String,
+    iat: i64,
+    exp: i64,
+}
+
+const JWT_HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
+
+impl Jwt {
+    pub fn new(secret: &[u8]) -> Jwt {
+        Jwt { key: secret.into() }
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length")
+    }
+
+    pub fn sign(&self, developer_id: &str, session_id: &str, ttl: Duration) -> String {
+        let now = now_ms() / 1000;
+        let claims = Claims {
+            iss: "aihub".into(),
+            sub: developer_id.into(),
+            sid: session_id.into(),
+            iat: now,
+            exp: now + ttl.as_secs() as i64,
+        };
+        let body = serde_json::to_vec(&claims).expect("claims serialize");
+        let signing_input = format!("{}.{}", B64.encode(JWT_HEADER), B64.encode(body));
+        let mut mac = self.mac();
+        mac.update(signing_input.as_bytes());
+        format!(
+            "{signing_input}.{}",
+            B64.encode(mac.finalize().into_bytes())
+        )
+    }
+
+    /// Returns `(developer id, session id)` of a valid, unexpired token.
+    pub fn verify(&self, token: &str) -> Option<(String, String)> {
+        let (signing_input, sig) = token.rsplit_once('.')?;
+        let (header, body) = signing_input.split_once('.')?;
+        if B64.decode(header).ok()? != JWT_HEADER.as_bytes() {
+            return None;
+        }
+        let mut mac = self.mac();
+        mac.update(signing_input.as_bytes());
+        mac.verify_slice(&B64.decode(sig).ok()?).ok()?;
+        let claims: Claims = serde_json::from_slice(&B64.decode(body).ok()?).ok()?;
+        (claims.exp > now_ms() / 1000 && claims.iss == "aihub").then_some((claims.sub, claims.sid))
+    }
+}
+
+/// Attempt throttling: logins per account, and logins, registrations and reset requests per
+/// client IP (GCRA, in memory; idle entries are dropped by [`Throttle::evict_idle`]).
+pub struct Throttle {
+    per_account: DefaultKeyedRateLimiter<String>,
+    per_ip: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl Throttle {
+    pub fn new(per_account_per_minute: u32, per_ip_per_minute: u32) -> Throttle {
+        let quota = |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).expect("n ≥ 1"));
+        Throttle {
+            per_account: RateLimiter::keyed(quota(per_account_per_minute)),
+            per_ip: RateLimiter::keyed(quota(per_ip_per_minute)),
+        }
+    }
+
+    pub fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), AppError> {
+        match ip {
+            Some(ip) => Self::verdict(self.per_ip.check_key(&ip)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn check_account(&self, email: &str) -> Result<(), AppError> {
+        Self::verdict(self.per_account.check_key(&email.to_lowercase()))
+    }
+
+    fn verdict<T>(
+        r: Result<T, governor::NotUntil<governor::clock::QuantaInstant>>,
+    ) -> Result<(), AppError> {
+        r.map(|_| ())
+            .map_err(|not_until| AppError::TooManyRequests {
+                retry_after_secs: not_until
+                    .wait_time_from(DefaultClock::default().now())
+                    .as_secs()
+                    + 1,
+            })
+    }
+
+    pub fn evict_idle(&self) {
+        self.per_account.retain_recent();
+        self.per_account.shrink_to_fit();
+        self.per_ip.retain_recent();
+        self.per_ip.shrink_to_fit();
+    }
+}
+
+/// The caller's address and user agent, for throttling, sessions and the audit log.
+pub struct ClientMeta {
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientMeta {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_canonical());
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect());
+        Ok(ClientMeta { ip, user_agent })
+    }
+}
+
+/// A signed-in developer (valid token, live session, active account).
+pub struct Caller {
+    pub developer: Developer,
+    pub session_id: String,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        const MISSING: AppError = AppError::Unauthorized(
+            "missing_token",
+            "Sign in: send `Authorization: Bearer <access token>`.",
+        );
+        const INVALID: AppError = AppError::Unauthorized(
+            "invalid_token",
+            "The access token is invalid or has expired.",
+        );
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(MISSING)?;
+        let (developer_id, session_id) = state.jwt.verify(token.trim()).ok_or(INVALID)?;
+        match sessions::live_session(&state.store, &session_id).await? {
+            Some(owner) if owner == developer_id => {}
+            _ => return Err(INVALID),
+        }
+        let developer = developers::by_id(&state.store, &developer_id)
+            .await
+            .map_err(|_| INVALID)?;
+        if !developer.is_active() {
+            return Err(AppError::Forbidden(
+                "account_disabled",
+                "This account is disabled.".into(),
+            ));
+        }
+        Ok(Caller {
+            developer,
+            session_id,
+        })
+    }
+}
+
+/// A signed-in operator (role `admin`).
+pub struct Operator(pub Developer);
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if !caller.developer.is_admin() {
+            return Err(AppError::Forbidden(
+                "operator_only",
+                "This endpoint is for operators.".into(),
+            ));
+        }
+        Ok(Operator(caller.developer))
+    }
+}
+
+/// A random URL-safe token (256 bits) and the hex sha256 under which it is stored.
+pub fn new_email_token() -> (String, String) {
+    let token = B64.encode(rand::random::<[u8; 32]>());
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_round_trip_and_tamper() {
+        let jwt = Jwt::new(b"0123456789abcdef0123456789abcdef");
+        let t = jwt.sign("dev_1", "ses_1", Duration::from_secs(60));
+        assert_eq!(jwt.verify(&t), Some(("dev_1".into(), "ses_1".into())));
+        let other = Jwt::new(b"another secret of enough length!");
+        assert_eq!(other.verify(&t), None);
+        let mut parts: Vec<&str> = t.split('.').collect();
+        let none_header = B64.encode(r#"{"alg":"none","typ":"JWT"}"#);
+        parts[0] = &none_header;
+        assert_eq!(jwt.verify(&parts.join(".")), None);
+        let expired = jwt.sign("dev_1", "ses_1", Duration::ZERO);
+        assert_eq!(jwt.verify(&expired), None);
+    }
+
+    #[test]
+    fn password_policy() {
+        assert!(check_password("short", "a@b.c").is_err());
+        assert!(check_password("password12", "a@b.c").is_err());
+        assert!(check_password("aaaaaaaaaaaa", "a@b.c").is_err());
+        assert!(check_password("my-adalovelace-pw", "adalovelace@x.io").is_err());
+        assert!(check_password("correct horse battery", "ada@x.io").is_ok());
+    }
+
+    #[tokio::test]
+    async fn hashing() {
+        let p = Passwords::new(8192, 1).unwrap();
+        let h = p.hash("correct horse battery".into()).await.unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(
+            p.verify("correct horse battery".into(), Some(h.clone()))
+                .await
+        );
+        assert!(!p.verify("wrong".into(), Some(h)).await);
+        assert!(!p.verify("anything".into(), None).await);
+    }
+}

@@ -1,0 +1,458 @@
+//! The admin API's YAML configuration (`config/admin.yaml` is the commented reference): serde
+//! structs with documented defaults, environment overrides, and `validate()` whose errors name
+//! the file and the key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, located by file and key path.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address. Default `127.0.0.1:8081`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Base URL of the portal, used in links sent by email. Default `http://127.0.0.1:8081`.
+    #[serde(default = "default_public_url")]
+    pub public_url: String,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// Redis, to push key changes to gateways at once. Absent: gateways poll. Env
+    /// `AIHUB_REDIS_URL` overrides.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub email: EmailConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// Plan names operators may assign. Default the seed's: free, developer, pro, enterprise.
+    #[serde(default = "default_plans")]
+    pub plans: Vec<String>,
+    /// The operator account created (or promoted) at start. Env `AIHUB_ADMIN_EMAIL` and
+    /// `AIHUB_ADMIN_PASSWORD` override. Absent: no bootstrap.
+    #[serde(default)]
+    pub bootstrap_admin: Option<BootstrapAdmin>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (created when missing) or `postgres://USER@HOST/DB`. Default
+    /// `sqlite://data/aihub.db`. Env `AIHUB_DATABASE_URL` overrides.
+    #[serde(default = "default_db_url")]
+    pub url: String,
+    /// Pool size. Default 16.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: default_db_url(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// e.g. `redis://127.0.0.1:6379`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Environment variable holding the JWT signing secret (≥ 32 bytes). Absent or unset: a
+    /// random secret is generated once and kept in the database, shared by every admin node.
+    #[serde(default)]
+    pub jwt_secret_env: Option<String>,
+    /// Lifetime of a login (JWT and its session). Default 12h.
+    #[serde(default = "default_token_ttl", with = "humantime_serde")]
+    pub access_token_ttl: Duration,
+    /// Lifetime of an email verification link. Default 24h.
+    #[serde(default = "default_verify_ttl", with = "humantime_serde")]
+    pub verify_token_ttl: Duration,
+    /// Lifetime of a password reset link. Default 1h.
+    #[serde(default = "default_reset_ttl", with = "humantime_serde")]
+    pub reset_token_ttl: Duration,
+    /// Login attempts allowed per account per minute (then 429). Default 5.
+    #[serde(default = "default_per_account")]
+    pub login_attempts_per_account_per_minute: u32,
+    /// Login, registration and reset requests allowed per client IP per minute. Default 30.
+    #[serde(default = "default_per_ip")]
+    pub attempts_per_ip_per_minute: u32,
+    /// Argon2id memory cost in KiB. Default 19456 (OWASP's minimum recommendation).
+    #[serde(default = "default_argon_memory")]
+    pub argon2_memory_kib: u32,
+    /// Argon2id passes. Default 2.
+    #[serde(default = "default_argon_iterations")]
+    pub argon2_iterations: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret_env: None,
+            access_token_ttl: default_token_ttl(),
+            verify_token_ttl: default_verify_ttl(),
+            reset_token_ttl: default_reset_ttl(),
+            login_attempts_per_account_per_minute: default_per_account(),
+            attempts_per_ip_per_minute: default_per_ip(),
+            argon2_memory_kib: default_argon_memory(),
+            argon2_iterations: default_argon_iterations(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// Sender. Default `AI Hub <no-reply@aihub.local>`.
+    #[serde(default = "default_from")]
+    pub from: String,
+    /// Default: `file` into `data/mail`.
+    #[serde(default)]
+    pub transport: EmailTransport,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        EmailConfig {
+            from: default_from(),
+            transport: EmailTransport::default(),
+        }
+    }
+}
+
+/// Where mail goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", tag = "kind")]
+pub enum EmailTransport {
+    /// Each message is written as `<id>.eml` into `dir` (development and tests).
+    File { dir: PathBuf },
+    /// An SMTP relay.
+    Smtp {
+        host: String,
+        /// Default 587.
+        #[serde(default = "default_smtp_port")]
+        port: u16,
+        /// `starttls` (default), `tls` (implicit, port 465) or `none` (local relays only).
+        #[serde(default = "default_smtp_security")]
+        security: String,
+        #[serde(default)]
+        username: Option<String>,
+        /// Environment variable holding the SMTP password.
+        #[serde(default)]
+        password_env: Option<String>,
+    },
+}
+
+impl Default for EmailTransport {
+    fn default() -> Self {
+        EmailTransport::File {
+            dir: PathBuf::from("data/mail"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Lifetime of a new key when the request names none, e.g. `365d`, or `never`.
+    /// Default `365d`.
+    #[serde(default = "default_key_expiry")]
+    pub default_expiry: String,
+    /// Keys (not revoked) a developer may hold. Default 100.
+    #[serde(default = "default_max_keys")]
+    pub max_per_developer: i64,
+    /// Longest grace period a rotation may give the old key. Default 7d.
+    #[serde(default = "default_max_grace", with = "humantime_serde")]
+    pub max_rotation_grace: Duration,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            default_expiry: default_key_expiry(),
+            max_per_developer: default_max_keys(),
+            max_rotation_grace: default_max_grace(),
+        }
+    }
+}
+
+impl KeysConfig {
+    /// The default key lifetime; `None` = never expires.
+    pub fn default_lifetime(&self) -> Option<Duration> {
+        if self.default_expiry == "never" {
+            None
+        } else {
+            humantime::parse_duration(&self.default_expiry).ok()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapAdmin {
+    pub email: String,
+    /// Environment variable holding the password. Default `AIHUB_ADMIN_PASSWORD`.
+    #[serde(default = "default_admin_password_env")]
+    pub password_env: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8081".into()
+}
+fn default_public_url() -> String {
+    "http://127.0.0.1:8081".into()
+}
+fn default_db_url() -> String {
+    "sqlite://data/aihub.db".into()
+}
+fn default_max_connections() -> u32 {
+    16
+}
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_verify_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_reset_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_per_account() -> u32 {
+    5
+}
+fn default_per_ip() -> u32 {
+    30
+}
+fn default_argon_memory() -> u32 {
+    19 * 1024
+}
+fn default_argon_iterations() -> u32 {
+    2
+}
+fn default_from() -> String {
+    "AI Hub <no-reply@aihub.local>".into()
+}
+fn default_smtp_port() -> u16 {
+    587
+}
+fn default_smtp_security() -> String {
+    "starttls".into()
+}
+fn default_key_expiry() -> String {
+    "365d".into()
+}
+fn default_max_keys() -> i64 {
+    100
+}
+fn default_max_grace() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_plans() -> Vec<String> {
+    ["free", "developer", "pro", "enterprise"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_admin_password_env() -> String {
+    "AIHUB_ADMIN_PASSWORD".into()
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig::parse("{}", Path::new("<defaults>")).expect("defaults parse")
+    }
+}
+
+impl AdminConfig {
+    /// Reads, applies environment overrides, validates.
+    pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        let mut config = AdminConfig::parse(&text, path)?;
+        config.apply_env();
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, file: &Path) -> Result<AdminConfig, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let mut message = e.into_inner().to_string();
+            if let Some((prefix, rest)) = message.split_once(": ") {
+                if !prefix.contains(' ') {
+                    message = rest.to_owned();
+                }
+            }
+            ConfigError {
+                file: file.to_owned(),
+                key: if key == "." { String::new() } else { key },
+                message,
+            }
+        })
+    }
+
+    /// `AIHUB_DATABASE_URL`, `AIHUB_REDIS_URL`, `AIHUB_ADMIN_EMAIL` override the file.
+    pub fn apply_env(&mut self) {
+        if let Ok(url) = std::env::var("AIHUB_DATABASE_URL") {
+            self.database.url = url;
+        }
+        if let Ok(url) = std::env::var("AIHUB_REDIS_URL") {
+            self.redis = (!url.is_empty()).then_some(RedisConfig { url });
+        }
+        if let Ok(email) = std::env::var("AIHUB_ADMIN_EMAIL") {
+            let password_env = self
+                .bootstrap_admin
+                .take()
+                .map(|b| b.password_env)
+                .unwrap_or_else(default_admin_password_env);
+            self.bootstrap_admin = Some(BootstrapAdmin {
+                email,
+                password_env,
+            });
+        }
+    }
+
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| err("listen", format!("`{}`: {e}", self.listen)))?;
+        if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
+            return Err(err(
+                "public_url",
+                "must start with http:// or https://".into(),
+            ));
+        }
+        let url = &self.database.url;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(err(
+                "database.url",
+                "expected sqlite://PATH or postgres://…".into(),
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(err("database.max_connections", "must be at least 1".into()));
+        }
+        if let Some(r) = &self.redis {
+            if !r.url.starts_with("redis://") && !r.url.starts_with("rediss://") {
+                return Err(err("redis.url", "expected redis://HOST:PORT".into()));
+            }
+        }
+        let a = &self.auth;
+        if a.access_token_ttl < Duration::from_secs(60) {
+            return Err(err("auth.access_token_ttl", "must be at least 1m".into()));
+        }
+        if a.login_attempts_per_account_per_minute == 0 || a.attempts_per_ip_per_minute == 0 {
+            return Err(err("auth", "attempt limits must be at least 1".into()));
+        }
+        if a.argon2_memory_kib < 8 * 1024 || a.argon2_iterations == 0 {
+            return Err(err(
+                "auth.argon2_memory_kib",
+                "argon2 needs at least 8192 KiB and 1 pass".into(),
+            ));
+        }
+        if let EmailTransport::Smtp { security, .. } = &self.email.transport {
+            if !["starttls", "tls", "none"].contains(&security.as_str()) {
+                return Err(err(
+                    "email.transport.security",
+                    format!("`{security}`: expected starttls, tls or none"),
+                ));
+            }
+        }
+        if self.email.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(err(
+                "email.from",
+                format!("`{}` is not a mailbox", self.email.from),
+            ));
+        }
+        if self.keys.default_expiry != "never" && self.keys.default_lifetime().is_none() {
+            return Err(err(
+                "keys.default_expiry",
+                format!(
+                    "`{}`: expected a duration such as 365d, or never",
+                    self.keys.default_expiry
+                ),
+            ));
+        }
+        if self.keys.max_per_developer < 1 {
+            return Err(err("keys.max_per_developer", "must be at least 1".into()));
+        }
+        if self.plans.is_empty() {
+            return Err(err("plans", "at least one plan is needed".into()));
+        }
+        if let Some(b) = &self.bootstrap_admin {
+            if !b.email.contains('@') {
+                return Err(err(
+                    "bootstrap_admin.email",
+                    format!("`{}` is not an email", b.email),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = AdminConfig::default();
+        c.validate(Path::new("x")).unwrap();
+        assert_eq!(
+            c.keys.default_lifetime(),
+            Some(Duration::from_secs(365 * 86_400))
+        );
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e =
+            AdminConfig::parse("database: {url: 1, bogus: 2}", Path::new("a.yaml")).unwrap_err();
+        assert!(e.to_string().starts_with("a.yaml: database"), "{e}");
+        let c = AdminConfig::parse("keys: {default_expiry: soon}", Path::new("a.yaml")).unwrap();
+        let e = c.validate(Path::new("a.yaml")).unwrap_err();
+        assert_eq!(e.key, "keys.default_expiry");
+    }
+}

@@ -1,0 +1,244 @@
+//! [`AppError`]: every failure of the admin API, turned into a response in exactly one place
+//! (its `IntoResponse`), in the OpenAI error shape
+//! `{"error": {"message", "type", "param", "code"}}`. Internal details are logged with the
+//! request id and never sent to the client. Also [`Json`], the body extractor whose rejections
+//! become `AppError`s.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+
+use aihub_store::StoreError;
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// 422: the request is well-formed JSON but some fields are invalid.
+    #[error("invalid fields")]
+    Validation(Vec<FieldError>),
+    /// 400: the body is not the JSON expected.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// 401 with a code (`invalid_credentials`, `invalid_token`, …).
+    #[error("unauthorized: {1}")]
+    Unauthorized(&'static str, &'static str),
+    /// 403 with a code (`email_not_verified`, `account_disabled`, `operator_only`, …).
+    #[error("forbidden: {1}")]
+    Forbidden(&'static str, String),
+    /// 404: no such resource for this caller (also for other developers' resources).
+    #[error("not found")]
+    NotFound,
+    /// 404 for a path no route serves.
+    #[error("unknown url")]
+    UnknownUrl(String),
+    /// 409: the resource exists already.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// 429 with the seconds after which a retry may succeed.
+    #[error("too many requests")]
+    TooManyRequests { retry_after_secs: u64 },
+    /// 503: the database cannot be reached.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// 500: anything else; the detail is logged, not shown.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl AppError {
+    pub fn validation(field: &str, message: impl Into<String>) -> AppError {
+        AppError::Validation(vec![FieldError::new(field, message)])
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> AppError {
+        AppError::Internal(e.to_string())
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => AppError::NotFound,
+            StoreError::Conflict(_) => AppError::Conflict("the resource already exists".into()),
+            e if e.is_unavailable() => AppError::Unavailable(e.to_string()),
+            e => AppError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::from(e).into()
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, kind, code, message, param, fields) = match &self {
+            AppError::Validation(fields) => {
+                let list: Vec<String> = fields
+                    .iter()
+                    .map(|f| format!("{}: {}", f.field, f.message))
+                    .collect();
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request_error",
+                    "validation_failed",
+                    format!("Invalid request: {}", list.join("; ")),
+                    fields.first().map(|f| f.field.clone()),
+                    Some(fields.clone()),
+                )
+            }
+            AppError::BadRequest(m) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+                m.clone(),
+                None,
+                None,
+            ),
+            AppError::Unauthorized(code, m) => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                *code,
+                (*m).to_owned(),
+                None,
+                None,
+            ),
+            AppError::Forbidden(code, m) => (
+                StatusCode::FORBIDDEN,
+                "permission_denied",
+                *code,
+                m.clone(),
+                None,
+                None,
+            ),
+            AppError::NotFound => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                "No such resource.".to_owned(),
+                None,
+                None,
+            ),
+            AppError::UnknownUrl(path) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown_url",
+                format!("Unknown request URL: {path}."),
+                None,
+                None,
+            ),
+            AppError::Conflict(m) => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "conflict",
+                m.clone(),
+                None,
+                None,
+            ),
+            AppError::TooManyRequests { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "rate_limit_exceeded",
+                "Too many attempts. Try again later.".to_owned(),
+                None,
+                None,
+            ),
+            AppError::Unavailable(detail) => {
+                tracing::error!(error = %detail, "control-plane database unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "unavailable",
+                    "The service is temporarily unavailable. Try again later.".to_owned(),
+                    None,
+                    None,
+                )
+            }
+            AppError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "internal_error",
+                    "Internal server error.".to_owned(),
+                    None,
+                    None,
+                )
+            }
+        };
+        let mut error = json!({ "message": message, "type": kind, "param": param, "code": code });
+        if let Some(fields) = fields {
+            error["fields"] = json!(fields);
+        }
+        let mut resp = (status, axum::Json(json!({ "error": error }))).into_response();
+        if let AppError::TooManyRequests { retry_after_secs } = self {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs.max(1)),
+            );
+        }
+        resp
+    }
+}
+
+/// A JSON body; malformed JSON is a 400 and a body of the wrong shape a 422 naming the field,
+/// both as [`AppError`].
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(JsonRejection::JsonDataError(e)) => {
+                // "Failed to deserialize the JSON body into the target type: name: missing field"
+                let detail = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.body_text());
+                let (field, message) = match detail.split_once(": ") {
+                    Some((f, m)) if !f.contains(' ') => (f.to_owned(), m.to_owned()),
+                    _ => ("body".to_owned(), detail),
+                };
+                Err(AppError::Validation(vec![FieldError { field, message }]))
+            }
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(AppError::BadRequest(
+                "Expected a JSON body with `Content-Type: application/json`.".into(),
+            )),
+            Err(e) => Err(AppError::BadRequest(format!(
+                "Malformed JSON body: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}

@@ -1,0 +1,173 @@
+//! [`AppState`]: everything handlers share (store, config, mailer, token signer, throttles,
+//! metrics, the gateway notifier), built once at start by [`AppState::new`], which also runs the
+//! control-plane migrations and bootstraps the operator account.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+
+use aihub_store::developers::{self, NewDeveloper, OperatorUpdate, ROLE_ADMIN};
+use aihub_store::{audit, migrations, settings, Store, StoreOptions};
+
+use crate::auth::{Jwt, Passwords, Throttle};
+use crate::config::AdminConfig;
+use crate::email::Mailer;
+use crate::http::Metrics;
+use crate::notify::Notifier;
+
+/// Why the admin API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("database: {0}")]
+    Store(#[from] aihub_store::StoreError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub store: Store,
+    pub config: AdminConfig,
+    pub mailer: Mailer,
+    pub jwt: Jwt,
+    pub passwords: Passwords,
+    pub throttle: Throttle,
+    pub metrics: Metrics,
+    pub notifier: Notifier,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Connects, migrates, loads or creates the JWT secret, and bootstraps the operator.
+    pub async fn new(config: AdminConfig) -> Result<AppState, StartError> {
+        let mut opts = StoreOptions::new(&config.database.url);
+        opts.max_connections = config.database.max_connections;
+        let store = Store::connect(&opts).await?;
+        migrations::migrate(&store).await?;
+
+        let secret = match config
+            .auth
+            .jwt_secret_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+        {
+            Some(s) if s.len() >= 32 => s.into_bytes(),
+            Some(_) => {
+                return Err(StartError::Setup(
+                    "auth.jwt_secret_env: the secret needs ≥ 32 bytes".into(),
+                ))
+            }
+            None => {
+                let proposed =
+                    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+                let stored = settings::get_or_init(&store, "jwt_secret", &proposed).await?;
+                base64::engine::general_purpose::STANDARD
+                    .decode(stored)
+                    .map_err(|e| StartError::Setup(format!("stored jwt_secret: {e}")))?
+            }
+        };
+        let passwords =
+            Passwords::new(config.auth.argon2_memory_kib, config.auth.argon2_iterations)
+                .map_err(StartError::Setup)?;
+        let mailer = Mailer::new(&config.email).map_err(StartError::Setup)?;
+        let notifier = match &config.redis {
+            Some(r) => Notifier::redis(&r.url).map_err(StartError::Setup)?,
+            None => Notifier::disabled(),
+        };
+        let throttle = Throttle::new(
+            config.auth.login_attempts_per_account_per_minute,
+            config.auth.attempts_per_ip_per_minute,
+        );
+        let state = AppState(Arc::new(Inner {
+            store,
+            jwt: Jwt::new(&secret),
+            passwords,
+            mailer,
+            notifier,
+            throttle,
+            metrics: Metrics::new(),
+            config,
+        }));
+        state.bootstrap_admin().await?;
+        let weak = Arc::downgrade(&state.0);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(s) => s.throttle.evict_idle(),
+                    None => return,
+                }
+            }
+        });
+        Ok(state)
+    }
+
+    /// Creates the configured operator account, or gives an existing account the admin role.
+    async fn bootstrap_admin(&self) -> Result<(), StartError> {
+        let Some(b) = &self.config.bootstrap_admin else {
+            return Ok(());
+        };
+        let existing = developers::by_email(&self.store, &b.email).await?;
+        let mut tx = self.store.begin_write().await?;
+        let id = match existing {
+            Some(d) if d.is_admin() => return Ok(()),
+            Some(d) => {
+                let promote = OperatorUpdate {
+                    role: Some(ROLE_ADMIN.into()),
+                    ..Default::default()
+                };
+                developers::operator_update(&mut tx, &d.id, &promote).await?;
+                d.id
+            }
+            None => {
+                let password = std::env::var(&b.password_env).map_err(|_| {
+                    StartError::Setup(format!(
+                        "bootstrap_admin: ${} must hold the operator's password",
+                        b.password_env
+                    ))
+                })?;
+                crate::auth::check_password(&password, &b.email)
+                    .map_err(|e| StartError::Setup(format!("bootstrap_admin password {e}")))?;
+                let hash = self
+                    .passwords
+                    .hash(password)
+                    .await
+                    .map_err(|e| StartError::Setup(e.to_string()))?;
+                let new = NewDeveloper {
+                    email: b.email.clone(),
+                    password_hash: hash,
+                    full_name: "Operator".into(),
+                    company_name: None,
+                    developer_type: "enterprise".into(),
+                    role: ROLE_ADMIN.into(),
+                    plan: "enterprise".into(),
+                    verified: true,
+                };
+                developers::insert(&mut tx, &new).await?.id
+            }
+        };
+        let entry = audit::Audit {
+            actor_id: "bootstrap",
+            action: "operator.bootstrap",
+            target_type: "developer",
+            target_id: &id,
+            details: serde_json::json!({ "email": b.email.to_lowercase() }),
+            ip: None,
+        };
+        audit::record(&mut tx, &entry).await?;
+        tx.commit().await.map_err(aihub_store::StoreError::from)?;
+        tracing::info!(developer_id = %id, "operator account bootstrapped");
+        Ok(())
+    }
+}
