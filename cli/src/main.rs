@@ -1,8 +1,12 @@
 //! `aihub`: the one binary of AI Hub Gateway.
 //!
 //! - `aihub gateway --config FILE [--check-config]` runs (or only checks) the gateway.
+//! - `aihub admin --config FILE` runs the admin API (control plane).
+//! - `aihub serve` runs the gateway and the admin API in one process (the embedded default).
+//! - `aihub migrate` creates or updates the ClickHouse and control-plane schemas.
 //! - `aihub keys generate …` prints a new API key and the YAML entry holding its hash.
 //! - `aihub keys hash` reads a key on stdin and prints its hash (format checked first).
+//! - `aihub keys list|create|revoke …` manage keys in the control-plane database (operators).
 //! - `aihub mock-upstream …` runs the mock OpenAI-compatible upstream used by tests and load tests.
 
 use std::io::{BufRead, Write};
@@ -10,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+mod control;
 mod logwriter;
 
 use anyhow::{bail, Context};
@@ -42,11 +47,27 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
-    /// Create or update the ClickHouse usage schema (also done by the gateway at start).
+    /// Run the admin API (developer accounts, API keys, operators).
+    Admin {
+        #[arg(long, short, default_value = "config/admin.yaml")]
+        config: PathBuf,
+    },
+    /// Run the gateway and the admin API in one process.
+    Serve {
+        #[arg(long, default_value = "config/gateway.yaml")]
+        gateway_config: PathBuf,
+        #[arg(long, default_value = "config/admin.yaml")]
+        admin_config: PathBuf,
+    },
+    /// Create or update the ClickHouse usage schema and the control-plane schema (both also
+    /// done at start, by the gateway and the admin API).
     Migrate {
         /// Gateway configuration file (its `metering.clickhouse` section).
         #[arg(long, short, default_value = "config/gateway.yaml")]
         config: PathBuf,
+        /// Admin configuration file (its `database`); skipped when the file does not exist.
+        #[arg(long, default_value = "config/admin.yaml")]
+        admin_config: PathBuf,
     },
     /// API key tools.
     Keys {
@@ -83,6 +104,9 @@ enum KeysCommand {
     },
     /// Read a key from stdin, check its format and print `sha256:<hex>`.
     Hash,
+    /// Keys in the control-plane database.
+    #[command(flatten)]
+    Db(control::DbKeysCommand),
 }
 
 #[derive(clap::Args)]
@@ -136,7 +160,21 @@ fn run(command: Command) -> anyhow::Result<()> {
             let server = aihub_gateway::GatewayServer::build(&config)?;
             server.run_forever()
         }
-        Command::Migrate { config } => migrate(&config),
+        Command::Admin { config } => control::admin(&config),
+        Command::Serve {
+            gateway_config,
+            admin_config,
+        } => control::serve(&gateway_config, &admin_config),
+        Command::Migrate {
+            config,
+            admin_config,
+        } => {
+            let gateway = migrate(&config);
+            if admin_config.exists() {
+                control::migrate(&admin_config)?;
+            }
+            gateway
+        }
         Command::Keys { command } => keys(command),
         Command::MockUpstream(args) => mock_upstream(args),
     }
@@ -206,6 +244,12 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             }
             println!("  active: true");
             Ok(())
+        }
+        KeysCommand::Db(command) => {
+            let admin = std::env::var_os("AIHUB_ADMIN_CONFIG")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("config/admin.yaml"));
+            control::db_keys(&admin, command)
         }
         KeysCommand::Hash => {
             let mut line = String::new();

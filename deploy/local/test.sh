@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, clippy, unit tests and the black-box tests (which start
-# the real `aihub` binary and the mock upstream on loopback). Installs what the build needs.
+# the real `aihub` binary and the mock upstream on loopback). Installs what the build needs and
+# starts the services the tests use (ClickHouse, PostgreSQL, Redis) when none is running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source deploy/local/deps.sh
@@ -14,6 +15,12 @@ if [ "$(curl -s --max-time 2 "$AIHUB_TEST_CLICKHOUSE_URL/ping" || true)" != "Ok.
     echo "==> starting ClickHouse on port $port" >&2
     ./deploy/clickhouse/start.sh "${AIHUB_TEST_CLICKHOUSE_DIR:-/var/tmp/aihub-test-clickhouse}" "$port" $((port + 877))
 fi
+
+# PostgreSQL and Redis for the control-plane tests: reuse running ones, else install (Debian's
+# packages) and start them. Tests create and drop their own databases.
+export AIHUB_TEST_POSTGRES_URL=${AIHUB_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}
+export AIHUB_TEST_REDIS_URL=${AIHUB_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+deploy/local/services.sh
 
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check

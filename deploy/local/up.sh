@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Starts AI Hub locally: builds `aihub` (release), starts the mock upstream and the gateway with
-# config/gateway.yaml plus a demo key, and prints how to call it. Ctrl-C stops everything it
-# started; with --detach it returns and deploy/local/down.sh stops it.
+# Starts AI Hub locally: builds `aihub` (release), starts ClickHouse, the mock upstream, and
+# `aihub serve` (the gateway and the admin API in one process, sharing an SQLite control-plane
+# database) with config/gateway.yaml and config/admin.yaml plus a demo key, and prints how to use
+# it. Ctrl-C stops everything it started; with --detach it returns and deploy/local/down.sh stops
+# it.
 #
-# Ports: GATEWAY_PORT (8080), OPS_PORT (9091), MOCK_PORT (9090), ClickHouse CLICKHOUSE_PORT (8123,
-# native 9000). State: data/local/ (AIHUB_DATA): ClickHouse data, usage WAL, demo key, logs.
+# Ports: GATEWAY_PORT (8080), OPS_PORT (9091), ADMIN_PORT (8081), MOCK_PORT (9090), ClickHouse
+# CLICKHOUSE_PORT (8123, native 9000). State: data/local/ (AIHUB_DATA): ClickHouse data, usage
+# WAL, control-plane database, mail folder, demo key, operator password, logs.
 # Setting OPENAI_API_KEY adds the real OpenAI models (gpt-4o, gpt-4o-mini, text-embedding-3-small).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,6 +15,7 @@ ROOT=$PWD
 DATA=${AIHUB_DATA:-$ROOT/data/local}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 OPS_PORT=${OPS_PORT:-9091}
+ADMIN_PORT=${ADMIN_PORT:-8081}
 MOCK_PORT=${MOCK_PORT:-9090}
 CLICKHOUSE_PORT=${CLICKHOUSE_PORT:-8123}
 DETACH=0
@@ -49,15 +53,32 @@ sed -e '/^keys: \[\]$/d' \
     -e "s#wal_dir: data/wal#wal_dir: $DATA/wal#" \
     config/gateway.yaml > "$DATA/gateway.yaml"
 { echo "keys:"; grep -v '^#' "$DATA/demo-key.yaml"; } >> "$DATA/gateway.yaml"
+# Keys created in the admin API reach the gateway through the shared control-plane database.
+printf 'control_plane:\n  database_url: "sqlite://%s/aihub.db"\n' "$DATA" >> "$DATA/gateway.yaml"
 "$BIN" gateway --config "$DATA/gateway.yaml" --check-config
+
+# The admin API: SQLite in $DATA, mail written to $DATA/mail, an operator account bootstrapped
+# with a password generated once.
+if [ ! -s "$DATA/operator-password" ]; then
+    (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' > "$DATA/operator-password")
+fi
+sed -e "s#127.0.0.1:8081#127.0.0.1:$ADMIN_PORT#g" \
+    -e "s#sqlite://data/aihub.db#sqlite://$DATA/aihub.db#" \
+    -e "s#dir: data/mail#dir: $DATA/mail#" \
+    config/admin.yaml > "$DATA/admin.yaml"
+printf 'bootstrap_admin:\n  email: ops@aihub.local\n  password_env: AIHUB_ADMIN_PASSWORD\n' >> "$DATA/admin.yaml"
+export AIHUB_ADMIN_PASSWORD
+AIHUB_ADMIN_PASSWORD=$(cat "$DATA/operator-password")
 
 "$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" > "$DATA/mock-upstream.log" 2>&1 &
 echo $! > "$DATA/mock-upstream.pid"
-"$BIN" gateway --config "$DATA/gateway.yaml" > "$DATA/gateway.log" 2>&1 &
+"$BIN" serve --gateway-config "$DATA/gateway.yaml" --admin-config "$DATA/admin.yaml" \
+    > "$DATA/gateway.log" 2>&1 &
 echo $! > "$DATA/gateway.pid"
 
-for _ in $(seq 1 100); do
-    curl -fsS "http://127.0.0.1:$OPS_PORT/readyz" >/dev/null 2>&1 && break
+for _ in $(seq 1 200); do
+    curl -fsS "http://127.0.0.1:$OPS_PORT/readyz" >/dev/null 2>&1 \
+        && curl -fsS "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 && break
     if ! kill -0 "$(cat "$DATA/gateway.pid")" 2>/dev/null; then
         echo "the gateway failed to start; its log:" >&2
         cat "$DATA/gateway.log" >&2
@@ -74,7 +95,17 @@ AI Hub is running.
   Usage:     ClickHouse http://127.0.0.1:$CLICKHOUSE_PORT, database aihub (see docs/clickhouse.md), e.g.
              curl 'http://127.0.0.1:$CLICKHOUSE_PORT/?database=aihub' --data-binary 'SELECT model, count(), sum(total_tokens) FROM usage_events GROUP BY model'
   Demo key:  $KEY
+  Admin API: http://127.0.0.1:$ADMIN_PORT   (reference: http://127.0.0.1:$ADMIN_PORT/docs)
+  Operator:  ops@aihub.local, password in $DATA/operator-password
+  Mail:      $DATA/mail  (verification and reset messages, as .eml files)
   Logs:      $DATA/gateway.log
+
+Sign up as a developer and get your own key:
+  curl -X POST http://127.0.0.1:$ADMIN_PORT/developer/register -H "Content-Type: application/json" -d '{"email":"you@example.com","password":"a long passphrase","full_name":"You"}'
+  # then the token from the newest mail in $DATA/mail:
+  curl -X POST http://127.0.0.1:$ADMIN_PORT/developer/verify-email -H "Content-Type: application/json" -d '{"token":"…"}'
+  curl -X POST http://127.0.0.1:$ADMIN_PORT/developer/login -H "Content-Type: application/json" -d '{"email":"you@example.com","password":"a long passphrase"}'
+  curl -X POST http://127.0.0.1:$ADMIN_PORT/developer/keys -H "Authorization: Bearer <access_token>" -H "Content-Type: application/json" -d '{"name":"my key"}'
 
 Try it:
   curl http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" -d '{"model":"demo","messages":[{"role":"user","content":"Hello"}]}'
