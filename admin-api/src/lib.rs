@@ -7,17 +7,17 @@
 //! `aihub admin` and `aihub serve` commands bind it with [`serve`].
 //!
 //! # Layout
-//! - [`config`]: `config/admin.yaml`, defaults, environment overrides, validation.
-//! - [`state`]: shared state, start-up (migrations, JWT secret, operator bootstrap).
-//! - [`error`]: `AppError`, the one place errors become responses; the JSON extractor.
-//! - [`auth`]: argon2id passwords, JWTs bound to sessions, throttling, caller extractors.
-//! - [`accounts`]: `/developer/register|verify-email|login|logout|reset-password|me`.
-//! - [`keys`]: `/developer/keys…`.
-//! - [`operators`]: `/admin/…`.
-//! - [`email`]: SMTP or `.eml` files.
-//! - [`notify`]: Redis pub/sub nudges to gateways.
-//! - [`http`]: request ids, access log, metrics, health, 404.
-//! - [`openapi`]: the document and the `/docs` page.
+//! - [`config`] — `config/admin.yaml`, defaults, environment overrides, validation.
+//! - [`state`] — shared state, start-up (migrations, JWT secret, operator bootstrap).
+//! - [`error`] — `AppError`, the one place errors become responses; the JSON extractor.
+//! - [`auth`] — argon2id passwords, JWTs bound to sessions, throttling, caller extractors.
+//! - [`accounts`] — `/developer/register|verify-email|login|logout|reset-password|me`.
+//! - [`keys`] — `/developer/keys…`.
+//! - [`operators`] — `/admin/…`.
+//! - [`email`] — SMTP or `.eml` files.
+//! - [`notify`] — Redis pub/sub nudges to gateways.
+//! - [`http`] — request ids, access log, metrics, health, 404.
+//! - [`openapi`] — the document and the `/docs` page.
 
 pub mod accounts;
 pub mod auth;

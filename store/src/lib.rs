@@ -9,14 +9,14 @@
 //!
 //! # Layout
 //! - [`Store`] (this file): connecting, dialects, write transactions, [`StoreError`].
-//! - [`migrations`]: numbered, re-runnable schema migrations recorded in `schema_migrations`.
-//! - [`developers`]: accounts, profiles, operator changes, search.
-//! - [`keys`]: the API key lifecycle (create, list, update, revoke, rotate).
-//! - [`feed`]: the key change feed gateways follow, and last-used timestamps they report.
-//! - [`auth`]: login sessions and single-use email tokens.
-//! - [`audit`]: operator actions.
-//! - [`outbox`]: events written in the same transaction as the change they describe.
-//! - [`settings`]: small named values shared by every admin node (e.g. the JWT secret).
+//! - [`migrations`] — numbered, re-runnable schema migrations recorded in `schema_migrations`.
+//! - [`developers`] — accounts, profiles, operator changes, search.
+//! - [`keys`] — the API key lifecycle (create, list, update, revoke, rotate).
+//! - [`feed`] — the key change feed gateways follow, and last-used timestamps they report.
+//! - [`auth`] — login sessions and single-use email tokens.
+//! - [`audit`] — operator actions.
+//! - [`outbox`] — events written in the same transaction as the change they describe.
+//! - [`settings`] — small named values shared by every admin node (e.g. the JWT secret).
 //! - `testing` (feature `testing`): fresh SQLite and PostgreSQL databases for tests.
 
 pub mod audit;
