@@ -154,7 +154,12 @@ impl AppState {
                     plan: "enterprise".into(),
                     verified: true,
                 };
-                developers::insert(&mut tx, &new).await?.id
+                match developers::insert(&mut tx, &new).await {
+                    Ok(d) => d.id,
+                    // Another admin node bootstrapped it a moment ago.
+                    Err(aihub_store::StoreError::Conflict(_)) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         let entry = audit::Audit {
