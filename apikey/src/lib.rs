@@ -11,7 +11,11 @@
 //! Only [`display_prefix`] (the prefix and the first four random characters) is ever shown again.
 //!
 //! # Layout
-//! Everything lives in this file: [`generate`], [`parse`], [`KeyHash`], [`display_prefix`].
+//! - This file: [`generate`], [`parse`], [`KeyHash`], [`display_prefix`].
+//! - [`pattern`]: a key's permission rules (model/endpoint patterns, IP allowlist entries),
+//!   enforced by the gateway and validated by the admin API with the same code.
+
+pub mod pattern;
 
 use std::fmt;
 

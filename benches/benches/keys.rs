@@ -44,6 +44,7 @@ fn loaded_store() -> (MemoryKeyStore, Vec<String>) {
                 endpoints: endpoints.clone(),
                 expires_at_ms: Some(now_ms() + 86_400_000),
                 active: true,
+                ..KeyRecord::default()
             },
         );
     }

@@ -4,6 +4,11 @@
 //! `config/gateway.yaml` is the commented reference; every default below is repeated there.
 //! Loading never touches the network: turning the config into live routes (DNS, peers) is
 //! [`crate::routing`]'s job.
+//!
+//! Environment overrides, applied once by [`Config::load`]: `AIHUB_CLICKHOUSE_URL`,
+//! `AIHUB_CLICKHOUSE_DATABASE`, `AIHUB_CLICKHOUSE_USER` (the `metering.clickhouse` fields, when
+//! that section is present) and `AIHUB_DATABASE_URL` (sets `control_plane.database_url`,
+//! creating the section with its defaults when the file has none; ignored when empty).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -13,7 +18,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use crate::keys::Pattern;
+use crate::keys::{parse_ip_net, Pattern};
+
+/// Environment variable that sets `control_plane.database_url`.
+pub const DATABASE_URL_ENV: &str = "AIHUB_DATABASE_URL";
 
 /// A configuration problem, located by file and key path.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +63,50 @@ pub struct Config {
     /// Prices by model. Default: the seed's table (USD per 1K tokens) and default price.
     #[serde(default)]
     pub pricing: aihub_usage::pricing::PricingConfig,
+    /// Keys from the control-plane database, followed through its change feed. Absent: only
+    /// the declarative `keys` (env `AIHUB_DATABASE_URL` creates it). Changes need a restart.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneConfig>,
+}
+
+/// Where the control-plane keys come from and how closely they are followed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// `sqlite://PATH` or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (required). Holds a
+    /// credential: never logged. The admin API owns the schema; the gateway never migrates it.
+    pub database_url: String,
+    /// `redis://HOST[:PORT][/DB]`: change notices pushed on the `aihub:keys:changed` channel
+    /// trigger an immediate poll. Default: none (poll only).
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// How often the change feed is read while no Redis subscription is live. Default 250ms.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How often the feed is read while the Redis subscription is live (a safety net for lost
+    /// notices). Default 5s.
+    #[serde(default = "default_push_poll_interval", with = "humantime_serde")]
+    pub push_poll_interval: Duration,
+    /// Database connections held by the gateway. Default 2.
+    #[serde(default = "default_cp_connections")]
+    pub max_connections: u32,
+    /// How often last-used times of control-plane keys are written back. Default 10s.
+    #[serde(default = "default_flush_interval", with = "humantime_serde")]
+    pub last_used_flush_interval: Duration,
+}
+
+impl ControlPlaneConfig {
+    /// The section with its defaults around `database_url`.
+    pub fn with_url(database_url: String) -> Self {
+        ControlPlaneConfig {
+            database_url,
+            redis_url: None,
+            poll_interval: default_poll_interval(),
+            push_poll_interval: default_push_poll_interval(),
+            max_connections: default_cp_connections(),
+            last_used_flush_interval: default_flush_interval(),
+        }
+    }
 }
 
 /// Listeners and request handling. Listener and thread changes need a restart; the rest reloads.
@@ -192,6 +244,10 @@ pub struct KeyConfig {
     /// Default true.
     #[serde(default = "default_true")]
     pub active: bool,
+    /// Client addresses the key may be used from: CIDR networks (`10.0.0.0/8`) or single
+    /// addresses. Other clients get 403 `ip_not_allowed`. Default: empty (any address).
+    #[serde(default)]
+    pub ip_allowlist: Vec<String>,
 }
 
 fn default_listen() -> Vec<String> {
@@ -227,6 +283,18 @@ fn default_failures() -> u32 {
 fn default_cooldown() -> Duration {
     Duration::from_secs(10)
 }
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_push_poll_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_cp_connections() -> u32 {
+    2
+}
+fn default_flush_interval() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_true() -> bool {
     true
 }
@@ -235,8 +303,8 @@ fn star() -> Vec<String> {
 }
 
 impl Config {
-    /// Reads, parses and validates a configuration file; applies the `AIHUB_CLICKHOUSE_*`
-    /// environment overrides.
+    /// Reads, parses and validates a configuration file; applies the `AIHUB_CLICKHOUSE_*` and
+    /// `AIHUB_DATABASE_URL` environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
@@ -247,8 +315,21 @@ impl Config {
         if let Some(m) = &mut config.metering {
             m.clickhouse = std::mem::take(&mut m.clickhouse).with_env_overrides();
         }
+        config.apply_database_url(std::env::var(DATABASE_URL_ENV).ok());
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Applies `AIHUB_DATABASE_URL`: sets `control_plane.database_url`, creating the section
+    /// with its defaults when absent. `None` or empty changes nothing.
+    pub fn apply_database_url(&mut self, url: Option<String>) {
+        let Some(url) = url.filter(|u| !u.is_empty()) else {
+            return;
+        };
+        match &mut self.control_plane {
+            Some(cp) => cp.database_url = url,
+            None => self.control_plane = Some(ControlPlaneConfig::with_url(url)),
+        }
     }
 
     /// Parses YAML text; `file` is only used to name errors.
@@ -386,9 +467,58 @@ impl Config {
             }
             for (field, list) in [("models", &k.models), ("endpoints", &k.endpoints)] {
                 for (j, p) in list.iter().enumerate() {
-                    Pattern::parse(p).map_err(|m| err(format!("{at}.{field}[{j}]"), m))?;
+                    Pattern::parse(p)
+                        .map_err(|m| err(format!("{at}.{field}[{j}]"), m.to_string()))?;
                 }
             }
+            for (j, entry) in k.ip_allowlist.iter().enumerate() {
+                parse_ip_net(entry)
+                    .map_err(|m| err(format!("{at}.ip_allowlist[{j}]"), m.to_string()))?;
+            }
+        }
+        if let Some(cp) = &self.control_plane {
+            cp.validate().map_err(|(key, message)| err(key, message))?;
+        }
+        Ok(())
+    }
+}
+
+impl ControlPlaneConfig {
+    /// Checks the section; errors carry the key path. URLs are never echoed (they may hold a
+    /// password).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let at = |k: &str| format!("control_plane.{k}");
+        let url = self.database_url.as_str();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err((
+                at("database_url"),
+                "expected `sqlite://PATH` or `postgres://USER@HOST/DB`".into(),
+            ));
+        }
+        if let Some(redis) = &self.redis_url {
+            if !(redis.starts_with("redis://") || redis.starts_with("rediss://"))
+                || redis::Client::open(redis.as_str()).is_err()
+            {
+                return Err((
+                    at("redis_url"),
+                    "expected `redis://HOST[:PORT][/DB]` (or `rediss://`)".into(),
+                ));
+            }
+        }
+        for (key, d) in [
+            ("poll_interval", self.poll_interval),
+            ("push_poll_interval", self.push_poll_interval),
+            ("last_used_flush_interval", self.last_used_flush_interval),
+        ] {
+            if d.is_zero() {
+                return Err((at(key), "must be positive".into()));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err((at("max_connections"), "must be positive".into()));
         }
         Ok(())
     }
@@ -474,6 +604,61 @@ mod tests {
         assert_eq!(e.key, "keys[0].hash");
         let e = parse("server:\n  listen: [\"nope\"]\n").unwrap_err();
         assert_eq!(e.key, "server.listen[0]");
+    }
+
+    #[test]
+    fn control_plane_section() {
+        let c = parse("control_plane:\n  database_url: sqlite://data/aihub.db\n").unwrap();
+        let cp = c.control_plane.unwrap();
+        assert_eq!(cp.poll_interval, Duration::from_millis(250));
+        assert_eq!(cp.push_poll_interval, Duration::from_secs(5));
+        assert_eq!(cp.last_used_flush_interval, Duration::from_secs(10));
+        assert_eq!((cp.max_connections, cp.redis_url), (2, None));
+        assert!(parse("{}").unwrap().control_plane.is_none());
+
+        let e = parse("control_plane:\n  database_url: \"mysql://u:secret@h/db\"\n").unwrap_err();
+        assert_eq!(e.key, "control_plane.database_url");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = parse("control_plane:\n  database_url: sqlite://x.db\n  redis_url: \"http://h\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "control_plane.redis_url");
+        let e = parse("control_plane:\n  database_url: sqlite://x.db\n  poll_interval: 0s\n")
+            .unwrap_err();
+        assert_eq!(e.key, "control_plane.poll_interval");
+        let e = parse("control_plane:\n  database_url: sqlite://x.db\n  poll: 1s\n").unwrap_err();
+        assert_eq!(e.key, "control_plane.poll");
+        let e = parse("control_plane: {}\n").unwrap_err();
+        assert!(e.message.contains("database_url"), "{e}");
+    }
+
+    #[test]
+    fn database_url_override_creates_or_sets_the_section() {
+        let mut c = parse("{}").unwrap();
+        c.apply_database_url(Some(String::new()));
+        assert!(c.control_plane.is_none());
+        c.apply_database_url(Some("postgres://u@h/db".into()));
+        assert_eq!(
+            c.control_plane.as_ref().unwrap(),
+            &ControlPlaneConfig::with_url("postgres://u@h/db".into())
+        );
+        let mut c =
+            parse("control_plane:\n  database_url: sqlite://a.db\n  poll_interval: 1s\n").unwrap();
+        c.apply_database_url(Some("sqlite://b.db".into()));
+        let cp = c.control_plane.unwrap();
+        assert_eq!(
+            (cp.database_url.as_str(), cp.poll_interval),
+            ("sqlite://b.db", Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn key_ip_allowlists_are_validated() {
+        let h = format!("sha256:{}", "ab".repeat(32));
+        let ok = format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, ip_allowlist: [\"10.0.0.0/8\", \"::1\"]}}\n");
+        assert_eq!(parse(&ok).unwrap().keys[0].ip_allowlist.len(), 2);
+        let bad = format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, ip_allowlist: [\"10.0.0.0/8\", \"10.0.0.0/40\"]}}\n");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.key, "keys[0].ip_allowlist[1]");
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub enum GatewayError {
     EndpointNotAllowed(String),
     #[error("model `{0}` is not allowed for this key")]
     ModelNotAllowed(String),
+    /// The client's address is outside the key's IP allowlist.
+    #[error("client address not in the key's IP allowlist")]
+    IpNotAllowed,
     #[error("unknown model `{0}`")]
     UnknownModel(String),
     #[error("unknown URL {0}")]
@@ -85,7 +88,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             Auth(_) => 401,
-            EndpointNotAllowed(_) | ModelNotAllowed(_) => 403,
+            EndpointNotAllowed(_) | ModelNotAllowed(_) | IpNotAllowed => 403,
             UnknownModel(_) | UnknownUrl(_) => 404,
             InvalidJson(_) | MissingModel => 400,
             BodyTimeout => 408,
@@ -106,6 +109,7 @@ impl GatewayError {
             Auth(AuthFailure::Disabled) => "api_key_disabled",
             Auth(_) => "invalid_api_key",
             EndpointNotAllowed(_) | ModelNotAllowed(_) => "permission_denied",
+            IpNotAllowed => "ip_not_allowed",
             UnknownModel(_) => "model_not_found",
             UnknownUrl(_) => "unknown_url",
             InvalidJson(_) => "invalid_json",
@@ -149,6 +153,7 @@ impl GatewayError {
             Auth(AuthFailure::Expired) => "This API key has expired.".into(),
             EndpointNotAllowed(e) => format!("This API key may not call `/v1/{e}`."),
             ModelNotAllowed(m) => format!("This API key may not use the model `{m}`."),
+            IpNotAllowed => "This API key may not be used from your IP address.".into(),
             UnknownModel(m) => format!("The model `{m}` does not exist or you do not have access to it."),
             UnknownUrl(u) => format!("Unknown request URL: {u}. Please check the URL for typos."),
             InvalidJson(why) => format!("We could not parse the JSON body of your request: {why}."),
@@ -191,6 +196,15 @@ mod tests {
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["param"], "model");
         assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+
+    #[test]
+    fn ip_refusals_are_403_ip_not_allowed() {
+        let e = GatewayError::IpNotAllowed;
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(e.status(), 403);
+        assert_eq!(v["error"]["code"], "ip_not_allowed");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
     }
 
     #[test]

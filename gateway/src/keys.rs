@@ -1,73 +1,46 @@
 //! API keys as the gateway sees them: what a key may do ([`KeyRecord`]), where keys are looked
-//! up ([`KeyStore`]), and the in-memory store every implementation serves from
-//! ([`MemoryKeyStore`], a dashmap keyed by the key's sha256).
+//! up ([`KeyStore`]), the in-memory map every implementation serves from ([`MemoryKeyStore`], a
+//! dashmap keyed by the key's sha256), and the gateway's two-layer key set ([`KeySet`]).
 //!
-//! In declarative mode the store is filled from the YAML `keys:` list (and refilled on reload);
-//! the control plane's key sync will fill the same store from its change feed. A request never
-//! waits on anything but this map.
+//! Keys come from two sources: the YAML `keys:` list (replaced whole on reload) and the control
+//! plane's change feed ([`crate::keysync`]). Each fills its own map of the [`KeySet`], so a
+//! reload never drops a synced key and the sync never touches a declared one. A request never
+//! waits on anything but these maps.
+//!
+//! The permission patterns live in `aihub-apikey` (shared with the admin API) and are
+//! re-exported here.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aihub_apikey::KeyHash;
 use dashmap::DashMap;
 
+pub use aihub_apikey::pattern::{parse_ip_net, IpNet, Pattern, PatternError, Patterns};
+
 use crate::config::KeyConfig;
 use crate::error::AuthFailure;
 
-/// A model or endpoint pattern: `*`, `prefix*`, or an exact name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pattern {
-    Any,
-    Prefix(Box<str>),
-    Exact(Box<str>),
+/// Where a key record came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeySource {
+    /// The YAML `keys:` list.
+    #[default]
+    Declared,
+    /// The control-plane database, through the change feed.
+    ControlPlane,
 }
 
-impl Pattern {
-    pub fn parse(p: &str) -> Result<Pattern, String> {
-        match p {
-            "" => Err("empty pattern".into()),
-            "*" => Ok(Pattern::Any),
-            _ => match p.strip_suffix('*') {
-                Some(prefix) if !prefix.contains('*') => Ok(Pattern::Prefix(prefix.into())),
-                None if !p.contains('*') => Ok(Pattern::Exact(p.into())),
-                _ => Err(format!("`{p}`: `*` is only allowed at the end")),
-            },
-        }
-    }
-
-    pub fn matches(&self, s: &str) -> bool {
-        match self {
-            Pattern::Any => true,
-            Pattern::Prefix(p) => s.starts_with(&**p),
-            Pattern::Exact(e) => &**e == s,
-        }
-    }
-}
-
-/// A list of patterns; empty matches nothing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Patterns(Arc<[Pattern]>);
-
-impl Patterns {
-    pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Patterns, String> {
-        let v: Result<Vec<_>, _> = list.iter().map(|p| Pattern::parse(p.as_ref())).collect();
-        Ok(Patterns(v?.into()))
-    }
-
-    pub fn any() -> Patterns {
-        Patterns(Arc::from([Pattern::Any]))
-    }
-
-    pub fn matches(&self, s: &str) -> bool {
-        self.0.iter().any(|p| p.matches(s))
-    }
-}
+/// Last-used times are recorded at most once per this many milliseconds per key, so a busy key
+/// does not write its cache line on every request.
+pub const LAST_USED_GRANULARITY_MS: u64 = 1_000;
 
 /// Everything the gateway knows about a key. Never holds the key itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Default)]
 pub struct KeyRecord {
     pub key_id: Arc<str>,
     pub developer_id: Arc<str>,
@@ -76,6 +49,14 @@ pub struct KeyRecord {
     /// Unix milliseconds from which the key is refused; `None` = never.
     pub expires_at_ms: Option<u64>,
     pub active: bool,
+    /// Client networks the key may be used from; `None` = any address. An empty list admits
+    /// nobody: it only arises when every entry of a stored allowlist was invalid (fail closed).
+    pub ip_allowlist: Option<Arc<[IpNet]>>,
+    pub source: KeySource,
+    /// Last successful use, unix milliseconds (0 = not since loaded). Control-plane keys only.
+    pub last_used_ms: AtomicU64,
+    /// The `last_used_ms` the control plane has already been told (written by the flusher).
+    pub reported_used_ms: AtomicU64,
 }
 
 impl KeyRecord {
@@ -91,6 +72,30 @@ impl KeyRecord {
         }
     }
 
+    /// Whether a client at `ip` may use the key. IPv4-mapped IPv6 addresses are compared as
+    /// IPv4; a client without an IP address (Unix socket) passes only keys without a list.
+    #[inline]
+    pub fn allows_ip(&self, ip: Option<IpAddr>) -> bool {
+        match &self.ip_allowlist {
+            None => true,
+            Some(nets) => ip.is_some_and(|ip| {
+                let ip = ip.to_canonical();
+                nets.iter().any(|n| n.contains(&ip))
+            }),
+        }
+    }
+
+    /// Notes a successful use at `now_ms` for last-used reporting: one relaxed load, and a
+    /// store at most once per [`LAST_USED_GRANULARITY_MS`]. Declared keys are not reported.
+    #[inline]
+    pub fn mark_used(&self, now_ms: u64) {
+        if self.source == KeySource::ControlPlane
+            && now_ms >= self.last_used_ms.load(Ordering::Relaxed) + LAST_USED_GRANULARITY_MS
+        {
+            self.last_used_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
     /// Builds a record from its YAML entry, sharing identical developer ids and permission
     /// lists with earlier records through `interner` (most keys share them).
     pub fn from_config(
@@ -103,10 +108,15 @@ impl KeyRecord {
             KeyRecord {
                 key_id: k.id.as_str().into(),
                 developer_id: interner.string(&k.developer_id),
-                models: interner.patterns(&k.models)?,
-                endpoints: interner.patterns(&k.endpoints)?,
+                models: interner.patterns(&k.models).map_err(|e| e.to_string())?,
+                endpoints: interner.patterns(&k.endpoints).map_err(|e| e.to_string())?,
                 expires_at_ms: k.expires_at.map(unix_ms),
                 active: k.active,
+                ip_allowlist: interner
+                    .ip_allowlist(&k.ip_allowlist)
+                    .map_err(|e| e.to_string())?,
+                source: KeySource::Declared,
+                ..KeyRecord::default()
             },
         ))
     }
@@ -118,6 +128,7 @@ impl KeyRecord {
 pub struct Interner {
     strings: HashMap<String, Arc<str>>,
     patterns: HashMap<Vec<String>, Patterns>,
+    nets: HashMap<Vec<String>, Arc<[IpNet]>>,
 }
 
 impl Interner {
@@ -130,13 +141,72 @@ impl Interner {
         shared
     }
 
-    pub fn patterns(&mut self, list: &[String]) -> Result<Patterns, String> {
+    pub fn patterns(&mut self, list: &[String]) -> Result<Patterns, PatternError> {
         if let Some(shared) = self.patterns.get(list) {
             return Ok(shared.clone());
         }
         let parsed = Patterns::parse(list)?;
         self.patterns.insert(list.to_vec(), parsed.clone());
         Ok(parsed)
+    }
+
+    /// Like [`Interner::patterns`], but keeps the valid patterns of a list with invalid ones
+    /// (returned as errors): for stored lists, where dropping a pattern only narrows the key.
+    pub fn patterns_lenient(&mut self, list: &[String]) -> (Patterns, Vec<PatternError>) {
+        match self.patterns(list) {
+            Ok(p) => (p, Vec::new()),
+            Err(_) => Patterns::parse_lenient(list),
+        }
+    }
+
+    /// An IP allowlist: `None` for an empty list (any address).
+    pub fn ip_allowlist(&mut self, list: &[String]) -> Result<Option<Arc<[IpNet]>>, PatternError> {
+        if list.is_empty() {
+            return Ok(None);
+        }
+        if let Some(shared) = self.nets.get(list) {
+            return Ok(Some(Arc::clone(shared)));
+        }
+        let parsed: Arc<[IpNet]> = list
+            .iter()
+            .map(|s| parse_ip_net(s))
+            .collect::<Result<Vec<_>, _>>()?
+            .into();
+        self.nets.insert(list.to_vec(), Arc::clone(&parsed));
+        Ok(Some(parsed))
+    }
+
+    /// Like [`Interner::ip_allowlist`], but keeps the valid entries of a list with invalid
+    /// ones. A non-empty list stays non-empty in meaning: if no entry is valid, the result
+    /// admits nobody rather than everybody.
+    pub fn ip_allowlist_lenient(
+        &mut self,
+        list: &[String],
+    ) -> (Option<Arc<[IpNet]>>, Vec<PatternError>) {
+        match self.ip_allowlist(list) {
+            Ok(nets) => (nets, Vec::new()),
+            Err(_) => {
+                let (ok, errors): (Vec<_>, Vec<_>) = list
+                    .iter()
+                    .map(|s| parse_ip_net(s))
+                    .partition(Result::is_ok);
+                let nets: Vec<IpNet> = ok.into_iter().filter_map(Result::ok).collect();
+                (
+                    Some(nets.into()),
+                    errors.into_iter().filter_map(Result::err).collect(),
+                )
+            }
+        }
+    }
+
+    /// Number of distinct strings and lists held (to bound the interner of a long-running
+    /// sync: it can be rebuilt when it grows far beyond the keys it serves).
+    pub fn len(&self) -> usize {
+        self.strings.len() + self.patterns.len() + self.nets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -203,8 +273,21 @@ impl MemoryKeyStore {
         self.map.insert(hash, Arc::new(record));
     }
 
-    pub fn remove(&self, hash: &KeyHash) {
-        self.map.remove(hash);
+    /// Inserts a shared record; returns the one it replaced.
+    pub fn insert_shared(&self, hash: KeyHash, record: Arc<KeyRecord>) -> Option<Arc<KeyRecord>> {
+        self.map.insert(hash, record)
+    }
+
+    pub fn remove(&self, hash: &KeyHash) -> Option<Arc<KeyRecord>> {
+        self.map.remove(hash).map(|(_, r)| r)
+    }
+
+    /// Calls `f` on every record (for the last-used flusher; takes each shard's read lock in
+    /// turn, as lookups do, so requests are not held up).
+    pub fn for_each(&self, mut f: impl FnMut(&KeyHash, &Arc<KeyRecord>)) {
+        for entry in self.map.iter() {
+            f(entry.key(), entry.value());
+        }
     }
 
     /// Makes the store hold exactly `keys`: upserts them, then drops every other key. Lookups
@@ -227,6 +310,36 @@ impl KeyStore for MemoryKeyStore {
 
     fn len(&self) -> usize {
         self.map.len()
+    }
+}
+
+/// The gateway's keys in two layers: `declared` from the YAML file (replaced whole on reload)
+/// and `synced` from the control plane (kept current by [`crate::keysync`]). A key present in
+/// both is governed by its control-plane record while that record exists.
+#[derive(Default)]
+pub struct KeySet {
+    pub declared: MemoryKeyStore,
+    pub synced: MemoryKeyStore,
+}
+
+impl KeySet {
+    pub fn new(declared_capacity: usize) -> Self {
+        KeySet {
+            declared: MemoryKeyStore::with_capacity(declared_capacity),
+            synced: MemoryKeyStore::new(),
+        }
+    }
+}
+
+impl KeyStore for KeySet {
+    #[inline]
+    fn get(&self, hash: &KeyHash) -> Option<Arc<KeyRecord>> {
+        self.synced.get(hash).or_else(|| self.declared.get(hash))
+    }
+
+    /// Keys held by both layers (a key listed in both counts twice).
+    fn len(&self) -> usize {
+        self.declared.len() + self.synced.len()
     }
 }
 
@@ -270,16 +383,66 @@ mod tests {
             endpoints: Patterns::any(),
             expires_at_ms,
             active,
+            ..KeyRecord::default()
         }
     }
 
     #[test]
-    fn patterns() {
-        let p = Patterns::parse(&["gpt-4o*", "demo"]).unwrap();
-        assert!(p.matches("gpt-4o-mini") && p.matches("demo"));
-        assert!(!p.matches("demo2") && !p.matches("gpt-4"));
-        assert!(Pattern::parse("a*b").is_err() && Pattern::parse("").is_err());
-        assert!(!Patterns::parse::<&str>(&[]).unwrap().matches("x"));
+    fn ip_allowlists() {
+        let mut interner = Interner::default();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let open = record(true, None);
+        assert!(open.allows_ip(ip("203.0.113.9")) && open.allows_ip(None));
+        let list = vec!["10.0.0.0/8".to_owned(), "2001:db8::1".to_owned()];
+        let only = KeyRecord {
+            ip_allowlist: interner.ip_allowlist(&list).unwrap(),
+            ..record(true, None)
+        };
+        assert!(only.allows_ip(ip("10.9.8.7")) && only.allows_ip(ip("::ffff:10.1.1.1")));
+        assert!(only.allows_ip(ip("2001:db8::1")) && !only.allows_ip(ip("2001:db8::2")));
+        assert!(!only.allows_ip(ip("127.0.0.1")) && !only.allows_ip(None));
+        assert!(interner.ip_allowlist(&[]).unwrap().is_none());
+        // A stored list whose entries are all invalid admits nobody.
+        let (nets, errors) = interner.ip_allowlist_lenient(&["nope".to_owned()]);
+        let closed = KeyRecord {
+            ip_allowlist: nets,
+            ..record(true, None)
+        };
+        assert_eq!(errors.len(), 1);
+        assert!(!closed.allows_ip(ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn last_use_is_recorded_for_synced_keys_once_per_granule() {
+        let declared = record(true, None);
+        declared.mark_used(5_000);
+        assert_eq!(declared.last_used_ms.load(Ordering::Relaxed), 0);
+        let synced = KeyRecord {
+            source: KeySource::ControlPlane,
+            ..record(true, None)
+        };
+        synced.mark_used(5_000);
+        synced.mark_used(5_500);
+        assert_eq!(synced.last_used_ms.load(Ordering::Relaxed), 5_000);
+        synced.mark_used(6_000);
+        assert_eq!(synced.last_used_ms.load(Ordering::Relaxed), 6_000);
+    }
+
+    #[test]
+    fn key_set_layers() {
+        let set = KeySet::default();
+        let (a, b) = (KeyHash::of("a"), KeyHash::of("b"));
+        set.declared.insert(a, record(true, None));
+        set.synced.insert(a, record(false, None));
+        set.synced.insert(b, record(true, None));
+        // The control-plane record governs a key in both layers.
+        assert!(!set.get(&a).unwrap().active);
+        assert_eq!(set.len(), 3);
+        // Replacing the declared layer leaves synced keys alone.
+        set.declared.replace_all(Vec::new());
+        assert!(set.get(&b).is_some() && set.get(&a).is_some());
+        set.synced.remove(&a);
+        assert!(set.get(&a).is_none());
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! string a client made up; endpoints are labelled by their configured base URL.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds: fine below a millisecond (gateway overhead), coarse up to
@@ -25,14 +25,18 @@ pub struct Metrics {
     pub gateway_overhead: Histogram,
     /// Time from upstream request sent to upstream response header, by upstream.
     pub upstream_latency: HistogramVec,
-    /// Authentication failures by reason (missing, malformed, not_found, disabled, expired).
+    /// Authentication failures by reason (missing, malformed, not_found, disabled, expired,
+    /// forbidden_ip).
     pub auth_failures: IntCounterVec,
     /// Upstream connect/exchange failures by upstream, endpoint and kind.
     pub upstream_errors: IntCounterVec,
     /// 1 when an endpoint is taking traffic, 0 while it is skipped after failures.
     pub endpoint_healthy: IntGaugeVec,
     pub in_flight: IntGauge,
+    /// Keys held in memory, both sources.
     pub keys_loaded: IntGauge,
+    /// Key sync (control plane): see [`KeySyncMetrics`].
+    pub key_sync: KeySyncMetrics,
     /// Configuration reloads by result (ok, error).
     pub config_reloads: IntCounterVec,
     /// Usage records whose tokens are the gateway's estimate.
@@ -75,7 +79,9 @@ impl Metrics {
         registry
             .register(Box::new(endpoint_healthy.clone()))
             .expect("unique metric");
+        let key_sync = KeySyncMetrics::new(&registry);
         Metrics {
+            key_sync,
             requests: counter(
                 "requests_total",
                 "Requests by routed model and status",
@@ -143,6 +149,87 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding cannot fail");
         out
+    }
+}
+
+/// Metrics of the control-plane key sync ([`crate::keysync`]).
+#[derive(Clone)]
+pub struct KeySyncMetrics {
+    /// Keys held from the control plane.
+    pub keys: IntGauge,
+    /// Change-feed reads (initial load pages included) that succeeded.
+    pub polls: IntCounter,
+    /// Feed rows applied (a key created, changed or revoked).
+    pub changes: IntCounter,
+    /// Failed database reads (unreachable, missing tables, timeouts).
+    pub errors: IntCounter,
+    /// 1 while the last database read succeeded, else 0.
+    pub up: IntGauge,
+    /// Unix seconds of the last successful read (0 before the first).
+    pub last_success: IntGauge,
+    /// Seconds the initial load took (0 until it completed).
+    pub initial_load_seconds: Gauge,
+    /// 1 while the Redis change subscription is live (0 without Redis).
+    pub push_connected: IntGauge,
+    /// Last-used write-backs by result (ok, error).
+    pub last_used_flushes: IntCounterVec,
+}
+
+impl KeySyncMetrics {
+    fn new(registry: &Registry) -> Self {
+        fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
+            r.register(Box::new(m.clone())).expect("unique metric");
+            m
+        }
+        let gauge = |n: &str, h: &str| reg(registry, IntGauge::new(n, h).expect("valid metric"));
+        let counter =
+            |n: &str, h: &str| reg(registry, IntCounter::new(n, h).expect("valid metric"));
+        KeySyncMetrics {
+            keys: gauge("key_sync_keys", "API keys held from the control plane"),
+            polls: counter(
+                "key_sync_polls_total",
+                "Successful reads of the control-plane key change feed",
+            ),
+            changes: counter(
+                "key_sync_changes_total",
+                "Key changes applied from the control-plane feed",
+            ),
+            errors: counter(
+                "key_sync_errors_total",
+                "Failed reads of the control-plane database",
+            ),
+            up: gauge(
+                "key_sync_up",
+                "1 when the last read of the control-plane database succeeded",
+            ),
+            last_success: gauge(
+                "key_sync_last_success_timestamp_seconds",
+                "Unix time of the last successful key sync",
+            ),
+            initial_load_seconds: reg(
+                registry,
+                Gauge::new(
+                    "key_sync_initial_load_seconds",
+                    "Duration of the initial key load from the control plane",
+                )
+                .expect("valid metric"),
+            ),
+            push_connected: gauge(
+                "key_sync_push_connected",
+                "1 while the Redis key-change subscription is live",
+            ),
+            last_used_flushes: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "key_last_used_flushes_total",
+                        "Last-used write-backs to the control plane by result",
+                    ),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            ),
+        }
     }
 }
 

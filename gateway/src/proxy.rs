@@ -36,6 +36,9 @@ pub struct Shared {
     pub connector: Connector,
     /// False until serving, and again once shutdown starts (`/readyz`).
     pub ready: AtomicBool,
+    /// False until the control-plane keys were loaded once (`/readyz`); true without a
+    /// control plane.
+    pub keys_ready: AtomicBool,
     /// Where usage records go; `None` when metering is off.
     pub usage: Option<aihub_usage::UsageSink>,
 }
@@ -243,9 +246,14 @@ impl Gateway {
         let Some(endpoint) = path.strip_prefix("/v1/") else {
             return Err(unknown_url(&method, path));
         };
-        let key = authenticate(&*self.shared.keys, presented_key(session), now_ms())
+        let now = now_ms();
+        let key = authenticate(&*self.shared.keys, presented_key(session), now)
             .map_err(GatewayError::Auth)?;
         ctx.key = Some(Arc::clone(&key));
+        if key.ip_allowlist.is_some() && !key.allows_ip(client_ip(session)) {
+            return Err(GatewayError::IpNotAllowed);
+        }
+        key.mark_used(now);
 
         if method == Method::GET {
             return match endpoint {
@@ -381,11 +389,16 @@ impl Gateway {
     /// The one place where a failure becomes a response.
     async fn respond_error(&self, session: &mut Session, ctx: &mut RequestCtx, e: &GatewayError) {
         ctx.error = Some(e.code());
-        if let GatewayError::Auth(why) = e {
+        let auth_failure = match e {
+            GatewayError::Auth(why) => Some(why.reason()),
+            GatewayError::IpNotAllowed => Some("forbidden_ip"),
+            _ => None,
+        };
+        if let Some(reason) = auth_failure {
             self.shared
                 .metrics
                 .auth_failures
-                .with_label_values(&[why.reason()])
+                .with_label_values(&[reason])
                 .inc();
         }
         match e {
@@ -462,6 +475,14 @@ fn presented_key(session: &Session) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The client's IP address (the TCP peer), `None` on a Unix socket.
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
 fn is_expect_continue(session: &Session) -> bool {
     !session.is_http2()
         && session
@@ -500,6 +521,11 @@ impl<'a> ModelObject<'a> {
                 .map_or("", |r| r.upstream.name.as_str()),
         }
     }
+}
+
+/// Whether `/readyz` answers ready: serving, and the initial key load (if any) done.
+pub fn is_ready(shared: &Shared) -> bool {
+    shared.ready.load(Ordering::Relaxed) && shared.keys_ready.load(Ordering::Relaxed)
 }
 
 /// Marks the gateway ready or not for `/readyz`.

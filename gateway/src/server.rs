@@ -1,10 +1,12 @@
 //! Assembles the pingora server: the proxy service on the configured listeners, the operations
-//! listener (`/metrics`, `/healthz`, `/readyz`), and the background reloader (SIGHUP).
+//! listener (`/metrics`, `/healthz`, `/readyz`), the background reloader (SIGHUP), the usage
+//! pipeline and, with a `control_plane` section, the key sync ([`crate::keysync`]).
 //!
-//! Reload re-reads the file, validates it and builds a new routing table and key set; if any
-//! step fails, the old configuration keeps serving and `aihub_config_reloads_total{result="error"}`
-//! rises. In-flight requests finish on the snapshot they started with. Listener and thread
-//! changes need a restart.
+//! Reload re-reads the file, validates it and builds a new routing table and declared key set;
+//! if any step fails, the old configuration keeps serving and
+//! `aihub_config_reloads_total{result="error"}` rises. In-flight requests finish on the snapshot
+//! they started with. Reload replaces only the YAML-declared keys, never synced ones. Listener,
+//! thread and `control_plane` changes need a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -25,10 +27,12 @@ use pingora_core::services::listening::Service;
 use aihub_usage::sink::ClickHouseConfig;
 use aihub_usage::{PipelineMetrics, UsagePipeline};
 
+use crate::config::ControlPlaneConfig;
 use crate::config::{Config, ConfigError};
-use crate::keys::{Interner, KeyRecord, MemoryKeyStore};
+use crate::keys::{Interner, KeyRecord, KeySet};
+use crate::keysync::KeySync;
 use crate::metrics::Metrics;
-use crate::proxy::{set_ready, Gateway, Shared};
+use crate::proxy::{is_ready, set_ready, Gateway, Shared};
 use crate::routing::Runtime;
 
 /// Loads the configuration and builds everything it describes, without serving yet.
@@ -49,8 +53,8 @@ impl GatewayServer {
     pub fn build(path: &Path) -> Result<GatewayServer, ConfigError> {
         let config = Config::load(path)?;
         let runtime = Runtime::build(&config, path)?;
-        let keys = Arc::new(MemoryKeyStore::with_capacity(config.keys.len()));
-        keys.replace_all(key_records(&config, path)?);
+        let keys = Arc::new(KeySet::new(config.keys.len()));
+        keys.declared.replace_all(key_records(&config, path)?);
 
         let threads = match config.server.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -95,6 +99,7 @@ impl GatewayServer {
             metrics,
             connector,
             ready: false.into(),
+            keys_ready: config.control_plane.is_none().into(),
             usage,
         });
 
@@ -119,13 +124,18 @@ impl GatewayServer {
             Reloader {
                 path: path.to_owned(),
                 shared: Arc::clone(&shared),
-                keys,
+                keys: Arc::clone(&keys),
                 listen: config.server.listen.clone(),
+                control_plane: config.control_plane.clone(),
             },
         );
         server.add_service(proxy);
         server.add_service(ops);
         server.add_service(reloader);
+        if let Some(cp) = &config.control_plane {
+            let sync = KeySync::new(cp.clone(), Arc::clone(&shared), keys);
+            server.add_service(background_service("aihub key sync", sync));
+        }
         if let Some(usage) = pipeline {
             server.add_service(background_service("aihub usage pipeline", usage));
         }
@@ -176,9 +186,12 @@ impl ServeHttp for OpsApp {
                 )
             }
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
-            "/readyz" if self.shared.ready.load(Ordering::Relaxed) => {
-                (200, "text/plain", b"ready\n".to_vec())
-            }
+            "/readyz" if is_ready(&self.shared) => (200, "text/plain", b"ready\n".to_vec()),
+            "/readyz" if !self.shared.keys_ready.load(Ordering::Relaxed) => (
+                503,
+                "text/plain",
+                b"not ready: control-plane keys not loaded yet\n".to_vec(),
+            ),
             "/readyz" => (503, "text/plain", b"not ready\n".to_vec()),
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };
@@ -251,8 +264,9 @@ impl BackgroundService for UsageService {
 struct Reloader {
     path: PathBuf,
     shared: Arc<Shared>,
-    keys: Arc<MemoryKeyStore>,
+    keys: Arc<KeySet>,
     listen: Vec<String>,
+    control_plane: Option<ControlPlaneConfig>,
 }
 
 impl Reloader {
@@ -263,8 +277,12 @@ impl Reloader {
         if config.server.listen != self.listen {
             tracing::warn!("server.listen changed: listeners change only on restart");
         }
+        if config.control_plane != self.control_plane {
+            tracing::warn!("control_plane changed: it changes only on restart");
+        }
         self.shared.runtime.store(Arc::new(runtime));
-        self.keys.replace_all(keys);
+        // Only the declared layer: keys synced from the control plane stay.
+        self.keys.declared.replace_all(keys);
         Ok(())
     }
 }

@@ -1,0 +1,524 @@
+//! Key sync: keeps the gateway's control-plane keys (`KeySet::synced`) equal to the
+//! control-plane database, off the request path. Owns the database pool, the initial load, the
+//! change-feed follower, the optional Redis subscription that wakes it, and the write-back of
+//! last-used times.
+//!
+//! - **Initial load**: the feed head is read first, then every live key in pages; from then on
+//!   the feed is followed from `(head, "")`, so a change committed during the load is read again
+//!   afterwards (rows are whole states, applying one twice is harmless). `/readyz` stays
+//!   not-ready until this load has completed once; declared (YAML) keys serve meanwhile.
+//! - **Following**: the feed is read every `poll_interval` (250 ms), or every
+//!   `push_poll_interval` (5 s) while a Redis subscription to [`feed::REDIS_CHANNEL`] is live;
+//!   each notice there triggers a read at once. A revoked key is removed; any other row replaces
+//!   the key's record whole.
+//! - **Outages**: a failed read (database down, tables missing, timeout) changes nothing: the
+//!   gateway keeps its last known keys, retries with backoff, logs once when the database
+//!   becomes unreachable and once when it is back, and sets `aihub_key_sync_up` to 0.
+//! - **Last used**: requests note the time in the record (`KeyRecord::mark_used`); every
+//!   `last_used_flush_interval` the keys used since the last write are sent in one batch. A
+//!   failed write is retried at the next flush; requests never wait for it.
+//!
+//! **Invariant:** nothing here runs on the request path: lookups only read the in-memory maps,
+//! so a flood of unknown keys costs the database nothing. The gateway never migrates the
+//! control-plane schema (the admin API owns it).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aihub_apikey::KeyHash;
+use aihub_store::feed::{self, Cursor, KeyState};
+use aihub_store::{Store, StoreError, StoreOptions};
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use tokio::sync::Notify;
+
+use crate::config::ControlPlaneConfig;
+use crate::keys::{Interner, KeyRecord, KeySet, KeySource, KeyStore};
+use crate::metrics::KeySyncMetrics;
+use crate::proxy::Shared;
+
+/// Rows read per feed query.
+const PAGE: i64 = 5_000;
+/// Longest a single database call may take before it counts as a failure.
+const DB_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller waits for a pooled connection (a down database fails a read this fast).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait between retries while the database (or Redis) is failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest a last-used write-back may take.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A failed read or write of the control-plane database.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+async fn timed<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, SyncError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r.map_err(SyncError::from),
+        Err(_) => Err(SyncError::Timeout(limit)),
+    }
+}
+
+/// The pingora background service running the key sync.
+pub struct KeySync {
+    config: ControlPlaneConfig,
+    shared: Arc<Shared>,
+    keys: Arc<KeySet>,
+}
+
+impl KeySync {
+    pub fn new(config: ControlPlaneConfig, shared: Arc<Shared>, keys: Arc<KeySet>) -> Self {
+        KeySync {
+            config,
+            shared,
+            keys,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for KeySync {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let cfg = &self.config;
+        let metrics = self.shared.metrics.key_sync.clone();
+        let opts = StoreOptions {
+            max_connections: cfg.max_connections,
+            acquire_timeout: ACQUIRE_TIMEOUT,
+            ..StoreOptions::new(cfg.database_url.as_str())
+        };
+        let store = match Store::connect(&opts).await {
+            Ok(store) => store,
+            Err(e) => {
+                // Only a malformed URL fails here (connections open lazily).
+                tracing::error!(error = %e, "control_plane.database_url is unusable; control-plane keys are disabled");
+                let _ = shutdown.changed().await;
+                return;
+            }
+        };
+        let wake = Arc::new(Notify::new());
+        let push_live = Arc::new(AtomicBool::new(false));
+        if let Some(url) = &cfg.redis_url {
+            tokio::spawn(follow_redis(
+                url.clone(),
+                Arc::clone(&wake),
+                Arc::clone(&push_live),
+                metrics.clone(),
+            ));
+        }
+        tokio::spawn(flush_last_used(
+            store.clone(),
+            Arc::clone(&self.keys),
+            metrics.clone(),
+            cfg.last_used_flush_interval,
+            shutdown.clone(),
+        ));
+        let mut follower = Follower {
+            store,
+            keys: Arc::clone(&self.keys),
+            metrics,
+            interner: Interner::default(),
+            cursor: Cursor::default(),
+            health: Health::Unknown,
+        };
+
+        // Initial load, retried until it completes once.
+        let mut backoff = cfg.poll_interval;
+        loop {
+            let started = Instant::now();
+            match follower.initial_load().await {
+                Ok(n) => {
+                    let took = started.elapsed();
+                    follower
+                        .metrics
+                        .initial_load_seconds
+                        .set(took.as_secs_f64());
+                    self.shared.keys_ready.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        keys = n,
+                        ms = took.as_millis() as u64,
+                        "control-plane keys loaded"
+                    );
+                    break;
+                }
+                Err(e) => follower.failed(&e, "initial key load"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+
+        // Follow the feed.
+        let mut backoff = cfg.poll_interval;
+        let mut failing = false;
+        loop {
+            let wait = if failing {
+                backoff
+            } else if push_live.load(Ordering::Relaxed) {
+                cfg.push_poll_interval
+            } else {
+                cfg.poll_interval
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            match follower.poll().await {
+                Ok(_) => {
+                    failing = false;
+                    backoff = cfg.poll_interval;
+                }
+                Err(e) => {
+                    follower.failed(&e, "key change feed read");
+                    backoff = if failing {
+                        (backoff * 2).min(MAX_BACKOFF)
+                    } else {
+                        cfg.poll_interval
+                    };
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Whether the database answered the last read, for logging transitions only once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Unknown,
+    Up,
+    Down,
+}
+
+/// Reads the feed and applies it to `keys.synced`.
+struct Follower {
+    store: Store,
+    keys: Arc<KeySet>,
+    metrics: KeySyncMetrics,
+    interner: Interner,
+    cursor: Cursor,
+    health: Health,
+}
+
+impl Follower {
+    /// Loads every live key; returns how many. Starts from an empty map each attempt, so a key
+    /// revoked between a failed attempt and the next is not kept.
+    async fn initial_load(&mut self) -> Result<usize, SyncError> {
+        let head = timed(DB_TIMEOUT, feed::head(&self.store)).await?;
+        self.keys.synced.replace_all(Vec::new());
+        let mut cursor = Cursor::default();
+        let mut loaded = 0;
+        loop {
+            let page = timed(
+                DB_TIMEOUT,
+                feed::changes_since(&self.store, &cursor, true, PAGE),
+            )
+            .await?;
+            if let Some(last) = page.last() {
+                cursor = Cursor {
+                    seq: last.change_seq,
+                    id: last.id.clone(),
+                };
+            }
+            for state in &page {
+                self.apply(state);
+            }
+            loaded += page.len();
+            if (page.len() as i64) < PAGE {
+                break;
+            }
+        }
+        self.cursor = Cursor {
+            seq: head,
+            id: String::new(),
+        };
+        self.succeeded(loaded);
+        Ok(loaded)
+    }
+
+    /// Applies every change after the cursor; returns how many rows were applied.
+    async fn poll(&mut self) -> Result<usize, SyncError> {
+        let mut applied = 0;
+        loop {
+            let page = timed(
+                DB_TIMEOUT,
+                feed::changes_since(&self.store, &self.cursor, false, PAGE),
+            )
+            .await?;
+            for state in &page {
+                self.apply(state);
+            }
+            if let Some(last) = page.last() {
+                self.cursor = Cursor {
+                    seq: last.change_seq,
+                    id: last.id.clone(),
+                };
+            }
+            applied += page.len();
+            if (page.len() as i64) < PAGE {
+                break;
+            }
+        }
+        self.succeeded(applied);
+        Ok(applied)
+    }
+
+    /// Applies one feed row as the key's whole state.
+    fn apply(&mut self, state: &KeyState) {
+        let Ok(hash) = KeyHash::from_hex(&state.key_hash) else {
+            tracing::warn!(key_id = %state.id, "stored key hash is not 64 hex digits; key ignored");
+            return;
+        };
+        if state.deleted {
+            self.keys.synced.remove(&hash);
+            return;
+        }
+        let record = Arc::new(record_from_state(state, &mut self.interner));
+        if let Some(old) = self.keys.synced.insert_shared(hash, Arc::clone(&record)) {
+            // Keep the last use noted on the previous record of the key.
+            let used = old.last_used_ms.load(Ordering::Relaxed);
+            record.last_used_ms.fetch_max(used, Ordering::Relaxed);
+            let reported = old.reported_used_ms.load(Ordering::Relaxed);
+            record
+                .reported_used_ms
+                .fetch_max(reported, Ordering::Relaxed);
+        }
+    }
+
+    fn succeeded(&mut self, applied: usize) {
+        let m = &self.metrics;
+        m.polls.inc();
+        m.changes.inc_by(applied as u64);
+        m.up.set(1);
+        m.last_success.set(
+            (crate::keys::now_ms() / 1000)
+                .try_into()
+                .unwrap_or(i64::MAX),
+        );
+        if applied > 0 {
+            let held = self.keys.synced.len();
+            m.keys.set(held as i64);
+            // The interner only grows; rebuild it when it holds far more than the live keys use.
+            if self.interner.len() > 2 * held + 1024 {
+                self.interner = Interner::default();
+            }
+        }
+        if self.health == Health::Down {
+            tracing::info!("control-plane database reachable again; key sync resumed");
+        }
+        self.health = Health::Up;
+    }
+
+    fn failed(&mut self, e: &SyncError, what: &str) {
+        self.metrics.errors.inc();
+        self.metrics.up.set(0);
+        if self.health == Health::Down {
+            tracing::debug!(error = %e, "{what} failed again");
+        } else {
+            tracing::warn!(
+                error = %e,
+                "{what} failed: control-plane database unreachable or not migrated; \
+                 serving the last known keys and retrying"
+            );
+        }
+        self.health = Health::Down;
+    }
+}
+
+/// The gateway's record of a stored key. Invalid permission entries (which the admin API
+/// refuses, so only a hand-edited row has them) are dropped with a warning: the key can only
+/// lose permissions that way, and an allowlist with no valid entry admits nobody.
+pub fn record_from_state(state: &KeyState, interner: &mut Interner) -> KeyRecord {
+    let (models, mut errors) = interner.patterns_lenient(&state.models);
+    let (endpoints, e) = interner.patterns_lenient(&state.endpoints);
+    errors.extend(e);
+    let (ip_allowlist, e) = interner.ip_allowlist_lenient(&state.ip_allowlist);
+    errors.extend(e);
+    if !errors.is_empty() {
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        tracing::warn!(key_id = %state.id, ?errors, "stored key has invalid permission entries; they are ignored");
+    }
+    KeyRecord {
+        key_id: state.id.as_str().into(),
+        developer_id: interner.string(&state.developer_id),
+        models,
+        endpoints,
+        expires_at_ms: state.expires_at.map(|t| t.max(0) as u64),
+        active: state.active,
+        ip_allowlist,
+        source: KeySource::ControlPlane,
+        ..KeyRecord::default()
+    }
+}
+
+/// Subscribes to the admin API's change notices; each one wakes the follower. Reconnects with
+/// backoff; while not subscribed the follower polls at its fast interval.
+async fn follow_redis(
+    url: String,
+    wake: Arc<Notify>,
+    live: Arc<AtomicBool>,
+    metrics: KeySyncMetrics,
+) {
+    use futures_util::StreamExt;
+    let client = match redis::Client::open(url.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "control_plane.redis_url is unusable; polling only");
+            return;
+        }
+    };
+    let mut down_logged = false;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let subscribed = tokio::time::timeout(DB_TIMEOUT, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(feed::REDIS_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        match subscribed {
+            Ok(Ok(pubsub)) => {
+                live.store(true, Ordering::Relaxed);
+                metrics.push_connected.set(1);
+                tracing::info!(
+                    channel = feed::REDIS_CHANNEL,
+                    "subscribed to key change notices"
+                );
+                backoff = Duration::from_millis(250);
+                // Catch up on whatever changed while not subscribed.
+                wake.notify_one();
+                let mut messages = pubsub.into_on_message();
+                while messages.next().await.is_some() {
+                    wake.notify_one();
+                }
+                live.store(false, Ordering::Relaxed);
+                metrics.push_connected.set(0);
+                // Wake the follower so it switches to fast polling now.
+                wake.notify_one();
+                tracing::warn!("Redis key change subscription lost; polling until it is back");
+                down_logged = true;
+            }
+            Ok(Err(e)) if !down_logged => {
+                tracing::warn!(error = %e, "cannot subscribe to Redis key change notices; polling until it works");
+                down_logged = true;
+            }
+            Err(_) if !down_logged => {
+                tracing::warn!("Redis did not answer; polling until it does");
+                down_logged = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Writes last-used times every `interval`, and once more at shutdown.
+async fn flush_last_used(
+    store: Store,
+    keys: Arc<KeySet>,
+    metrics: KeySyncMetrics,
+    interval: Duration,
+    mut shutdown: ShutdownWatch,
+) {
+    let mut failing = false;
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(interval) => false,
+            _ = shutdown.changed() => true,
+        };
+        match flush_once(&store, &keys).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.last_used_flushes.with_label_values(&["ok"]).inc();
+                if failing {
+                    tracing::info!(keys = n, "last-used times written again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                metrics
+                    .last_used_flushes
+                    .with_label_values(&["error"])
+                    .inc();
+                if !failing {
+                    tracing::warn!(error = %e, "cannot write last-used times; retrying at the next flush");
+                }
+                failing = true;
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Sends the last-used time of every key used since its last report; returns how many.
+async fn flush_once(store: &Store, keys: &KeySet) -> Result<usize, SyncError> {
+    let mut uses: Vec<(String, i64)> = Vec::new();
+    let mut records: Vec<(Arc<KeyRecord>, u64)> = Vec::new();
+    keys.synced.for_each(|_, r| {
+        let used = r.last_used_ms.load(Ordering::Relaxed);
+        if used > r.reported_used_ms.load(Ordering::Relaxed) {
+            uses.push((r.key_id.to_string(), used as i64));
+            records.push((Arc::clone(r), used));
+        }
+    });
+    if uses.is_empty() {
+        return Ok(0);
+    }
+    timed(FLUSH_TIMEOUT, feed::record_last_used(store, &uses)).await?;
+    for (r, used) in &records {
+        r.reported_used_ms.fetch_max(*used, Ordering::Relaxed);
+    }
+    Ok(uses.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(models: &[&str], ips: &[&str]) -> KeyState {
+        KeyState {
+            id: "key_1".into(),
+            key_hash: KeyHash::of("k").to_hex(),
+            developer_id: "dev_1".into(),
+            models: models.iter().map(|s| s.to_string()).collect(),
+            endpoints: vec!["*".into()],
+            ip_allowlist: ips.iter().map(|s| s.to_string()).collect(),
+            rate_limit_rpm: None,
+            expires_at: Some(1_700_000_000_000),
+            active: true,
+            deleted: false,
+            change_seq: 3,
+        }
+    }
+
+    #[test]
+    fn records_from_stored_states() {
+        let mut interner = Interner::default();
+        let r = record_from_state(&state(&["gpt-4o*"], &[]), &mut interner);
+        assert_eq!(r.source, KeySource::ControlPlane);
+        assert!(r.models.matches("gpt-4o-mini") && !r.models.matches("demo"));
+        assert!(r.ip_allowlist.is_none());
+        assert_eq!(r.expires_at_ms, Some(1_700_000_000_000));
+        // Invalid entries narrow the key, never widen it.
+        let r = record_from_state(&state(&["a*b", "demo"], &["nope"]), &mut interner);
+        assert!(r.models.matches("demo") && !r.models.matches("a"));
+        assert!(!r.allows_ip(Some("127.0.0.1".parse().unwrap())));
+    }
+}
