@@ -141,6 +141,16 @@ impl Gateway {
     }
 
     pub fn start_with_env(body: &str, server_extra: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Self::launch(body, server_extra, env, "/readyz")
+    }
+
+    /// Like [`Gateway::start`], but waits only for `/healthz` (the process serves), not for
+    /// readiness: for gateways that cannot load their keys yet.
+    pub fn start_live(body: &str, server_extra: &[&str]) -> Gateway {
+        Self::launch(body, server_extra, &[], "/healthz")
+    }
+
+    fn launch(body: &str, server_extra: &[&str], env: &[(&str, &str)], probe: &str) -> Gateway {
         let mut last_log = String::new();
         for _attempt in 0..3 {
             let dir = tempfile::tempdir().unwrap();
@@ -176,7 +186,7 @@ impl Gateway {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // exited: most likely a port collision; try again
                 }
-                if ready(ops) {
+                if answers(ops, probe) {
                     return Gateway {
                         child,
                         dir,
@@ -298,9 +308,19 @@ pub fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-fn ready(ops: SocketAddr) -> bool {
+fn answers(ops: SocketAddr, path: &str) -> bool {
     std::net::TcpStream::connect_timeout(&ops, Duration::from_millis(200)).is_ok()
-        && http_get(ops, "/readyz").0 == 200
+        && http_get(ops, path).0 == 200
+}
+
+/// A `control_plane:` section reading keys from `database_url`, with extra lines
+/// (`redis_url: …`, `poll_interval: …`).
+pub fn control_plane(database_url: &str, extra: &[&str]) -> String {
+    let mut y = format!("control_plane:\n  database_url: \"{database_url}\"\n");
+    for e in extra {
+        y.push_str(&format!("  {e}\n"));
+    }
+    y
 }
 
 /// A minimal blocking GET (for the ops listener), returning status and body.
