@@ -316,17 +316,20 @@ impl KeyStore for MemoryKeyStore {
 /// The gateway's keys in two layers: `declared` from the YAML file (replaced whole on reload)
 /// and `synced` from the control plane (kept current by [`crate::keysync`]). A key present in
 /// both is governed by its control-plane record while that record exists.
-#[derive(Default)]
 pub struct KeySet {
     pub declared: MemoryKeyStore,
     pub synced: MemoryKeyStore,
+    /// Whether the synced layer is in use (a control plane is configured); without it,
+    /// lookups cost what they did before there were two layers.
+    with_sync: bool,
 }
 
 impl KeySet {
-    pub fn new(declared_capacity: usize) -> Self {
+    pub fn new(declared_capacity: usize, with_sync: bool) -> Self {
         KeySet {
             declared: MemoryKeyStore::with_capacity(declared_capacity),
             synced: MemoryKeyStore::new(),
+            with_sync,
         }
     }
 }
@@ -334,7 +337,12 @@ impl KeySet {
 impl KeyStore for KeySet {
     #[inline]
     fn get(&self, hash: &KeyHash) -> Option<Arc<KeyRecord>> {
-        self.synced.get(hash).or_else(|| self.declared.get(hash))
+        if self.with_sync {
+            if let Some(record) = self.synced.get(hash) {
+                return Some(record);
+            }
+        }
+        self.declared.get(hash)
     }
 
     /// Keys held by both layers (a key listed in both counts twice).
@@ -430,7 +438,7 @@ mod tests {
 
     #[test]
     fn key_set_layers() {
-        let set = KeySet::default();
+        let set = KeySet::new(0, true);
         let (a, b) = (KeyHash::of("a"), KeyHash::of("b"));
         set.declared.insert(a, record(true, None));
         set.synced.insert(a, record(false, None));

@@ -53,7 +53,10 @@ impl GatewayServer {
     pub fn build(path: &Path) -> Result<GatewayServer, ConfigError> {
         let config = Config::load(path)?;
         let runtime = Runtime::build(&config, path)?;
-        let keys = Arc::new(KeySet::new(config.keys.len()));
+        let keys = Arc::new(KeySet::new(
+            config.keys.len(),
+            config.control_plane.is_some(),
+        ));
         keys.declared.replace_all(key_records(&config, path)?);
 
         let threads = match config.server.threads {
