@@ -309,9 +309,10 @@ struct Forwarder {
 
 impl Forwarder {
     fn new(target: &str) -> Forwarder {
+        use std::net::ToSocketAddrs;
         Forwarder {
             port: free_port(),
-            target: target.parse().unwrap(),
+            target: target.to_socket_addrs().unwrap().next().unwrap(),
             tasks: Default::default(),
         }
     }
@@ -395,9 +396,18 @@ async fn outages(backend: Backend) {
     // The gateway's view of the database: through the forwarder for PostgreSQL.
     let (forwarder, gateway_url) = match backend {
         Backend::Postgres => {
-            let f = Forwarder::new("127.0.0.1:5432");
-            let url = db.url.replace(":5432/", &format!(":{}/", f.port));
-            assert_ne!(url, db.url);
+            // postgres://user@HOST:PORT/db → postgres://user@127.0.0.1:FORWARDER/db
+            let (head, rest) = db.url.split_once("://").unwrap();
+            let (authority, path) = rest.split_once('/').unwrap();
+            let (user, host) = authority.rsplit_once('@').unwrap_or(("", authority));
+            let target = if host.contains(':') {
+                host.to_owned()
+            } else {
+                format!("{host}:5432")
+            };
+            let f = Forwarder::new(&target);
+            let at = if user.is_empty() { "" } else { "@" };
+            let url = format!("{head}://{user}{at}127.0.0.1:{}/{path}", f.port);
             f.start().await;
             (Some(f), url)
         }
@@ -472,6 +482,11 @@ async fn readiness_waits_for_keys_and_outages_keep_known_keys() {
     }
 }
 
+/// Redis for tests: `AIHUB_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`.
+fn redis_url() -> String {
+    std::env::var("AIHUB_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 async fn push(backend: Backend) {
     let db = TestDatabase::new(backend).await;
     let store = db.store().await;
@@ -485,7 +500,7 @@ async fn push(backend: Backend) {
             &control_plane(
                 &db.url,
                 &[
-                    "redis_url: \"redis://127.0.0.1:6379\"",
+                    &format!("redis_url: \"{}\"", redis_url()),
                     "push_poll_interval: 30s",
                 ],
             ),
@@ -503,7 +518,7 @@ async fn push(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(models_status(&gw, &k).await, 200);
 
-    let redis = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let redis = redis::Client::open(redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
 
     // Without a notice, a revocation waits for the 30 s safety-net poll.
