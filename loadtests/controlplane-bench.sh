@@ -3,7 +3,8 @@
 #   1. seeds a scratch database `aihub_bench` with DEVELOPERS developers × KEYS_PER keys;
 #   2. starts the release admin API on it, and a gateway following its keys;
 #   3. gateway start-up: time until /readyz (initial key load) and resident memory;
-#   4. admin API: key list and key create, CLIENTS concurrent clients for SECONDS each;
+#   4. admin API: key list and key create, CLIENTS concurrent clients for SECONDS each, closed
+#      loop (saturation) and open loop at OPEN_RATES requests/s;
 #   5. revocation propagation over TRIALS trials: polling only, then with Redis push.
 # Figures go to stdout and to loadtests/results/controlplane-latest.md.
 set -euo pipefail
@@ -13,6 +14,7 @@ KEYS_PER=${KEYS_PER:-10}
 CLIENTS=${CLIENTS:-50}
 SECONDS_EACH=${SECONDS_EACH:-20}
 TRIALS=${TRIALS:-100}
+OPEN_RATES=${OPEN_RATES:-200 1000}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 REDIS=${REDIS:-redis://127.0.0.1:6379}
 DB=aihub_bench
@@ -26,18 +28,22 @@ trap cleanup EXIT
 OUT=loadtests/results/controlplane-latest.md
 mkdir -p loadtests/results
 log() { echo "$*" | tee -a "$OUT.tmp"; }
+bench() { "$T/controlplane-bench" "$@" || { echo "controlplane-bench $1 failed" >&2; exit 1; }; }
 : > "$OUT.tmp"
 
 psql "$PG/test" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 log "# Control-plane benchmark — $(date -u +%FT%TZ), $(nproc) cores"
 log
-log "- seed: $("$T/controlplane-bench" seed "$PG/$DB" "$DEVELOPERS" "$KEYS_PER")"
+r=$(bench seed "$PG/$DB" "$DEVELOPERS" "$KEYS_PER"); log "- seed: $r"
 
 admin_config() { # $1 = port, $2 = redis url or empty
     cat <<YAML
 listen: 127.0.0.1:$1
 database: {url: "$PG/$DB", max_connections: 16}
 email: {transport: {kind: file, dir: "$TMP/mail"}}
+# The load client signs in 50 developers from one address and creates many keys each.
+auth: {attempts_per_ip_per_minute: 1000000}
+keys: {max_per_developer: 1000000}
 $( [ -n "$2" ] && echo "redis: {url: \"$2\"}" )
 YAML
 }
@@ -74,10 +80,14 @@ run_pair() { # $1 = label, $2 = redis url or empty; starts admin + gateway, meas
     hwm=$(awk '/VmHWM/ {print $2}' /proc/$GW/status)
     if [ "$1" = polling ]; then
         log "- gateway start-up: $keys keys loaded from PostgreSQL, ready after $(((ready - start) / 1000000)) ms (process start to /readyz); VmRSS $((rss / 1024)) MiB, peak VmHWM $((hwm / 1024)) MiB"
-        log "- admin API $("$T/controlplane-bench" api http://127.0.0.1:19281 "$CLIENTS" "$SECONDS_EACH" list)"
-        log "- admin API $("$T/controlplane-bench" api http://127.0.0.1:19281 "$CLIENTS" "$SECONDS_EACH" create)"
+        r=$(bench api http://127.0.0.1:19281 "$CLIENTS" "$SECONDS_EACH" list); log "- admin API $r"
+        r=$(bench api http://127.0.0.1:19281 "$CLIENTS" "$SECONDS_EACH" create); log "- admin API $r"
+        for rate in $OPEN_RATES; do
+            r=$(bench api http://127.0.0.1:19281 "$CLIENTS" "$SECONDS_EACH" list "$rate"); log "- admin API $r"
+            r=$(bench api http://127.0.0.1:19281 "$CLIENTS" "$SECONDS_EACH" create "$rate"); log "- admin API $r"
+        done
     fi
-    log "- $1: $("$T/controlplane-bench" propagation http://127.0.0.1:19281 http://127.0.0.1:19282 "$TRIALS")"
+    r=$(bench propagation http://127.0.0.1:19281 http://127.0.0.1:19282 "$TRIALS"); log "- $1: $r"
     kill $GW $ADMIN; wait $GW $ADMIN 2>/dev/null || true
 }
 

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use aihub_store::developers::Developer;
-use aihub_store::{auth as sessions, developers, now_ms};
+use aihub_store::{developers, now_ms};
 
 use crate::error::AppError;
 use crate::state::AppState;
@@ -285,13 +285,10 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(MISSING)?;
         let (developer_id, session_id) = state.jwt.verify(token.trim()).ok_or(INVALID)?;
-        match sessions::live_session(&state.store, &session_id).await? {
-            Some(owner) if owner == developer_id => {}
+        let developer = match developers::by_live_session(&state.store, &session_id).await? {
+            Some(d) if d.id == developer_id => d,
             _ => return Err(INVALID),
-        }
-        let developer = developers::by_id(&state.store, &developer_id)
-            .await
-            .map_err(|_| INVALID)?;
+        };
         if !developer.is_active() {
             return Err(AppError::Forbidden(
                 "account_disabled",

@@ -275,6 +275,7 @@ pub async fn create_key(
 
     let (key, hash, prefix) = mint();
     let new = NewKey {
+        id: aihub_store::new_id("key_"),
         developer_id: developer_id.to_owned(),
         name: r.name.trim().to_owned(),
         key_hash: hash,
@@ -561,6 +562,7 @@ pub async fn regenerate(
     let now = now_ms();
     let (key, hash, prefix) = mint();
     let new = NewKey {
+        id: aihub_store::new_id("key_"),
         developer_id: dev_id.clone(),
         name: old.name.clone(),
         key_hash: hash,

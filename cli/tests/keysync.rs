@@ -48,6 +48,7 @@ async fn create_key(store: &Store, dev: &str, ip_allowlist: &[&str]) -> (String,
     let stored = keys::insert(
         &mut tx,
         &NewKey {
+            id: aihub_store::new_id("key_"),
             developer_id: dev.into(),
             name: "test".into(),
             key_hash: aihub_apikey::KeyHash::of(&key).to_hex(),

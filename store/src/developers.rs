@@ -110,6 +110,25 @@ pub async fn by_id(store: &Store, id: &str) -> Result<Developer> {
     from_row(&sqlx::query(&sql).bind(id).fetch_one(store.pool()).await?)
 }
 
+/// The developer of a live (unrevoked, unexpired) session, in one query: what every
+/// authenticated admin request needs.
+pub async fn by_live_session(store: &Store, session_id: &str) -> Result<Option<Developer>> {
+    let columns: Vec<String> = COLUMNS.split(", ").map(|c| format!("d.{c}")).collect();
+    let sql = format!(
+        "SELECT {} FROM sessions s JOIN developers d ON d.id = s.developer_id \
+         WHERE s.id = $1 AND s.revoked_at IS NULL AND s.expires_at > $2",
+        columns.join(", ")
+    );
+    sqlx::query(&sql)
+        .bind(session_id)
+        .bind(now_ms())
+        .fetch_optional(store.pool())
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
 pub async fn by_email(store: &Store, email: &str) -> Result<Option<Developer>> {
     let sql = format!("SELECT {COLUMNS} FROM developers WHERE email = $1");
     sqlx::query(&sql)

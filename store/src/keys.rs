@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use crate::{feed, new_id, now_ms, Result, Store, StoreError};
+use crate::{feed, now_ms, Result, Store, StoreError};
 
 /// A key as the owner sees it (never the key itself, never its hash).
 #[derive(Debug, Clone, Serialize)]
@@ -65,6 +65,9 @@ fn from_row(r: &AnyRow) -> Result<ApiKey> {
 /// A key to store. The caller generated the key, shows it once, and passes only its hash.
 #[derive(Debug, Clone)]
 pub struct NewKey {
+    /// `key_…`, from [`crate::new_id`]: chosen by the caller so that the key's event can be
+    /// written before the key (the change-feed stamp must be the transaction's last write).
+    pub id: String,
     pub developer_id: String,
     pub name: String,
     /// Hex sha256 of the whole key.
@@ -77,17 +80,23 @@ pub struct NewKey {
     pub expires_at: Option<i64>,
 }
 
-/// Stores a new key and puts it on the change feed.
+/// Stores a new key and puts it on the change feed (its last statement).
 pub async fn insert(conn: &mut AnyConnection, k: &NewKey) -> Result<ApiKey> {
+    let key = insert_row(conn, k).await?;
+    feed::touch_keys(conn, &[&k.id]).await?;
+    Ok(key)
+}
+
+async fn insert_row(conn: &mut AnyConnection, k: &NewKey) -> Result<ApiKey> {
     let now = now_ms();
-    let id = new_id("key_");
+    let id = &k.id;
     let sql = format!(
         "INSERT INTO api_keys (id, developer_id, name, key_hash, key_prefix, models, endpoints, \
          ip_allowlist, rate_limit_rpm, expires_at, created_at, updated_at, change_seq) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 0) RETURNING {COLUMNS}"
     );
     let row = sqlx::query(&sql)
-        .bind(&id)
+        .bind(id)
         .bind(&k.developer_id)
         .bind(&k.name)
         .bind(&k.key_hash)
@@ -100,7 +109,6 @@ pub async fn insert(conn: &mut AnyConnection, k: &NewKey) -> Result<ApiKey> {
         .bind(now)
         .fetch_one(&mut *conn)
         .await?;
-    feed::touch_keys(conn, &[&id]).await?;
     from_row(&row)
 }
 
@@ -239,7 +247,6 @@ pub async fn rotate(
     new: &NewKey,
     old_expires_at: i64,
 ) -> Result<(ApiKey, ApiKey)> {
-    let created = insert(conn, new).await?;
     let sql = format!(
         "UPDATE api_keys SET \
            expires_at = CASE WHEN expires_at IS NULL OR expires_at > $3 THEN $3 ELSE expires_at END, \
@@ -251,10 +258,12 @@ pub async fn rotate(
         .bind(old_id)
         .bind(owner)
         .bind(old_expires_at)
-        .bind(&created.id)
+        .bind(&new.id)
         .bind(now_ms())
         .fetch_one(&mut *conn)
         .await?;
-    feed::touch_keys(conn, &[old_id]).await?;
-    Ok((from_row(&row)?, created))
+    let old = from_row(&row)?;
+    let created = insert_row(conn, new).await?;
+    feed::touch_keys(conn, &[old_id, &new.id]).await?;
+    Ok((old, created))
 }

@@ -28,6 +28,7 @@ async fn developer(store: &Store, email: &str) -> developers::Developer {
 
 fn new_key(dev: &str, hash: &str) -> NewKey {
     NewKey {
+        id: aihub_store::new_id("key_"),
         developer_id: dev.into(),
         name: "k".into(),
         key_hash: hash.into(),

@@ -3,10 +3,11 @@
 //! - `seed DATABASE_URL DEVELOPERS KEYS_PER_DEVELOPER`: fills a migrated control-plane database
 //!   with verified developers (`bench-N@aihub.test`, password `bench password 0000`) and keys, in
 //!   multi-row batches.
-//! - `api ADMIN_URL CLIENTS SECONDS MODE`: CLIENTS developers sign in, then each runs a closed
-//!   loop of MODE requests (`list`: `GET /developer/keys`; `create`: `POST /developer/keys`
-//!   then `DELETE` of the new key, only the create timed); prints throughput and latency
-//!   percentiles.
+//! - `api ADMIN_URL CLIENTS SECONDS MODE [RATE]`: CLIENTS developers sign in, then each sends
+//!   MODE requests (`list`: `GET /developer/keys`; `create`: `POST /developer/keys`): back to
+//!   back (closed loop), or, with RATE, at RATE requests/s in total on a fixed schedule, latency
+//!   counted from each request's scheduled time (no coordinated omission); prints throughput and
+//!   latency percentiles.
 //! - `propagation ADMIN_URL GATEWAY_URL TRIALS`: per trial, creates a key and waits until the
 //!   gateway accepts it, then revokes it and waits until the gateway refuses it (polling every
 //!   2 ms); prints median and max of both delays.
@@ -136,7 +137,13 @@ async fn login(http: &reqwest::Client, admin: &str, i: usize) -> anyhow::Result<
     Ok(r["access_token"].as_str().unwrap_or_default().to_owned())
 }
 
-async fn api(admin: &str, clients: usize, seconds: u64, mode: &str) -> anyhow::Result<()> {
+async fn api(
+    admin: &str,
+    clients: usize,
+    seconds: u64,
+    mode: &str,
+    rate: f64,
+) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()?;
@@ -145,17 +152,30 @@ async fn api(admin: &str, clients: usize, seconds: u64, mode: &str) -> anyhow::R
         // Spread over the seeded accounts; each client is its own developer.
         tokens.push(login(&http, admin, i * 37).await?);
     }
-    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let begin = Instant::now();
+    let deadline = begin + Duration::from_secs(seconds);
+    // Open loop: client i sends at begin + offset_i + n * interval.
+    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(clients as f64 / rate));
     let mut tasks = Vec::new();
-    for token in tokens {
+    for (i, token) in tokens.into_iter().enumerate() {
+        let offset = interval.map(|iv| iv.mul_f64(i as f64 / clients as f64));
         let http = http.clone();
         let admin = admin.to_owned();
         let mode = mode.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
+            let mut n = 0u32;
             while Instant::now() < deadline {
-                let t = Instant::now();
+                let t = match (interval, offset) {
+                    (Some(iv), Some(off)) => {
+                        let due = begin + off + iv * n;
+                        n += 1;
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    _ => Instant::now(),
+                };
                 if mode == "list" {
                     let r = http
                         .get(format!("{admin}/developer/keys"))
@@ -176,21 +196,12 @@ async fn api(admin: &str, clients: usize, seconds: u64, mode: &str) -> anyhow::R
                         .json(&json!({"name": "bench"}))
                         .send()
                         .await;
-                    let created: Option<Value> = match r {
-                        Ok(r) if r.status().is_success() => r.json().await.ok(),
-                        _ => None,
-                    };
-                    let elapsed = t.elapsed();
-                    match created.as_ref().and_then(|c| c["api_key"]["id"].as_str()) {
-                        Some(id) => {
-                            lat.push(elapsed);
-                            let _ = http
-                                .delete(format!("{admin}/developer/keys/{id}"))
-                                .bearer_auth(&token)
-                                .send()
-                                .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            lat.push(t.elapsed());
                         }
-                        None => errors += 1,
+                        _ => errors += 1,
                     }
                 }
             }
@@ -205,8 +216,13 @@ async fn api(admin: &str, clients: usize, seconds: u64, mode: &str) -> anyhow::R
         errors += e;
     }
     all.sort();
+    let shape = if rate > 0.0 {
+        format!("open loop at {rate:.0}/s")
+    } else {
+        "closed loop".into()
+    };
     println!(
-        "{mode}: {clients} clients, {seconds} s: {} requests ({:.0}/s), {errors} errors; p50 {} p95 {} p99 {} max {}",
+        "{mode}: {clients} clients, {shape}, {seconds} s: {} requests ({:.0}/s), {errors} errors; p50 {} p95 {} p99 {} max {}",
         all.len(),
         all.len() as f64 / seconds as f64,
         ms(percentile(&all, 0.50)),
@@ -285,7 +301,10 @@ async fn main() -> anyhow::Result<()> {
     let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     match arg(0).as_str() {
         "seed" => seed(&arg(1), num(2, 10_000), num(3, 10)).await,
-        "api" => api(&arg(1), num(2, 50), num(3, 20) as u64, &arg(4)).await,
+        "api" => {
+            let rate = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+            api(&arg(1), num(2, 50), num(3, 20) as u64, &arg(4), rate).await
+        }
         "propagation" => propagation(&arg(1), &arg(2), num(3, 100)).await,
         _ => {
             anyhow::bail!("usage: controlplane-bench seed|api|propagation … (see the source's doc)")
