@@ -22,6 +22,7 @@ const PASSWORD: &str = "correct horse battery staple";
 struct Admin {
     child: Child,
     base: String,
+    log: std::path::PathBuf,
     mail: tempfile::TempDir,
     _dir: tempfile::TempDir,
 }
@@ -42,13 +43,15 @@ impl Admin {
             ),
         )
         .unwrap();
+        let log = dir.path().join("admin.log");
         let mut child = Command::new(BIN)
             .args(["admin", "--config"])
             .arg(&path)
             .env("AIHUB_TEST_OPS_PASSWORD", PASSWORD)
+            .env("RUST_LOG", "debug")
             .env_remove("AIHUB_DATABASE_URL")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn aihub admin");
         let mut line = String::new();
@@ -63,6 +66,7 @@ impl Admin {
         Admin {
             child,
             base,
+            log,
             mail,
             _dir: dir,
         }
@@ -199,6 +203,25 @@ async fn developer_journey_through_the_gateway() {
 
         let session = admin.sign_up("journey@example.com").await;
         let (key, id) = admin.create_key(&session, json!({"name": "e2e"})).await;
+        // Nothing secret reaches the admin API's log, even at debug level.
+        let verify_token = admin.mail_token("journey@example.com").await;
+        let mut log = String::new();
+        for _ in 0..100 {
+            log = std::fs::read_to_string(&admin.log).unwrap();
+            if log.contains("path=/developer/keys") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(log.contains("path=/developer/keys"), "access log missing");
+        for secret in [
+            key.as_str(),
+            session.as_str(),
+            PASSWORD,
+            verify_token.as_str(),
+        ] {
+            assert!(!log.contains(secret), "a secret is in the admin log");
+        }
         until_status(&gw, &key, 200, SECOND).await;
         let resp = gw.chat(&key, &chat("demo")).await;
         assert_eq!(resp.status().as_u16(), 200);
