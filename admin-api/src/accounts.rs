@@ -115,14 +115,6 @@ fn check_type(v: Option<&str>, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn ok_or_invalid(errors: Vec<FieldError>) -> Result<(), AppError> {
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(AppError::Validation(errors))
-    }
-}
-
 const REGISTERED: &str = "Check your inbox: we sent a link to verify your email address.";
 
 /// Register a developer account. A verification link is emailed; the answer is the same
@@ -149,7 +141,7 @@ pub async fn register(
         check_name("company_name", c, &mut errors);
     }
     check_type(r.developer_type.as_deref(), &mut errors);
-    ok_or_invalid(errors)?;
+    AppError::check(errors)?;
 
     // Hash before looking the email up, so both paths cost the same.
     let hash = s.passwords.hash(r.password).await?;
@@ -523,7 +515,7 @@ pub async fn update_me(
         check_name("company_name", c, &mut errors);
     }
     check_type(r.developer_type.as_deref(), &mut errors);
-    ok_or_invalid(errors)?;
+    AppError::check(errors)?;
     let u = ProfileUpdate {
         full_name: r.full_name.map(|n| n.trim().to_owned()),
         company_name: r.company_name.map(|c| c.map(|c| c.trim().to_owned())),

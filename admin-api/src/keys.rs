@@ -188,14 +188,6 @@ fn check_ips(list: &[String], errors: &mut Vec<FieldError>) -> Vec<String> {
     out
 }
 
-fn ok_or_invalid(errors: Vec<FieldError>) -> Result<(), AppError> {
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(AppError::Validation(errors))
-    }
-}
-
 fn event_data(k: &ApiKey) -> serde_json::Value {
     serde_json::json!({
         "key_id": k.id,
@@ -271,7 +263,7 @@ pub async fn create_key(
         (None, true) => None,
         (None, false) => s.config.keys.default_lifetime(),
     };
-    ok_or_invalid(errors)?;
+    AppError::check(errors)?;
 
     let (key, hash, prefix) = mint();
     let new = NewKey {
@@ -454,7 +446,7 @@ pub async fn update(
             }
         },
     };
-    ok_or_invalid(errors)?;
+    AppError::check(errors)?;
     let u = KeyUpdate {
         name: r.name.map(|n| n.trim().to_owned()),
         models: r.permissions.as_ref().map(|p| p.models.clone()),

@@ -54,9 +54,7 @@ pub async fn list_developers(
     if offset < 0 {
         errors.push(FieldError::new("offset", "must not be negative"));
     }
-    if !errors.is_empty() {
-        return Err(AppError::Validation(errors));
-    }
+    AppError::check(errors)?;
     let (rows, total) = developers::search(&s.store, q.q.as_deref(), limit, offset).await?;
     Ok(Json(DeveloperList {
         data: rows.iter().map(DeveloperView::from).collect(),
@@ -108,9 +106,7 @@ pub async fn create_developer(
         r.plan.as_deref(),
         &mut errors,
     );
-    if !errors.is_empty() {
-        return Err(AppError::Validation(errors));
-    }
+    AppError::check(errors)?;
     let new = NewDeveloper {
         email: r.email.trim().to_lowercase(),
         password_hash: s.passwords.hash(r.password).await?,
@@ -231,9 +227,7 @@ pub async fn update_developer(
             "operators cannot disable or demote themselves",
         ));
     }
-    if !errors.is_empty() {
-        return Err(AppError::Validation(errors));
-    }
+    AppError::check(errors)?;
     let u = OperatorUpdate {
         active: r.active,
         plan: r.plan.clone(),
