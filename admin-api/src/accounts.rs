@@ -5,7 +5,7 @@
 //! requests answer 202 with the same body either way (the mail says what happened), and login
 //! answers the same 401 for an unknown email and a wrong password, after the same argon2 work.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -15,7 +15,7 @@ use aihub_store::outbox::rfc3339_ms;
 use aihub_store::{auth as tokens, new_id, now_ms};
 
 use crate::auth::{check_password, new_email_token, token_hash, Caller, ClientMeta};
-use crate::error::{AppError, FieldError, Json};
+use crate::error::{AppError, FieldError, Json, Query};
 use crate::state::AppState;
 
 pub const DEVELOPER_TYPES: &[&str] = &["individual", "enterprise"];
@@ -97,7 +97,7 @@ pub fn check_email(email: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
+pub fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
     let n = v.trim().chars().count();
     if n == 0 || n > 200 {
         errors.push(FieldError::new(field, "must be 1 to 200 characters"));
@@ -147,13 +147,16 @@ pub async fn register(
     let hash = s.passwords.hash(r.password).await?;
     let email = r.email.trim().to_lowercase();
     if let Some(existing) = developers::by_email(&s.store, &email).await? {
+        if !s.throttle.allow_mail(&existing.email) {
+            return Ok(accepted(REGISTERED));
+        }
         s.mailer.send(
             &existing.email,
             "Your AI Hub account",
             format!(
                 "Someone (maybe you) tried to register a new AI Hub account with this address, \
-                 which already has one.\n\nSign in at {0}/login, or reset your password at \
-                 {0}/reset-password if you forgot it.\n",
+                 which already has one.\n\nSign in at {0}, or ask for a password reset there \
+                 if you forgot it.\n",
                 s.config.public_url
             ),
         );
@@ -206,7 +209,7 @@ fn send_verification(s: &AppState, email: &str, token: &str) {
         "Verify your AI Hub email address",
         format!(
             "Welcome to AI Hub!\n\nVerify your email address by opening this link:\n\
-             {}/verify-email?token={token}\n\nOr paste this token in the portal:\n{token}\n\n\
+             {}/developer/verify-email?token={token}\n\nOr paste this token in the portal:\n{token}\n\n\
              The link expires in {}. If you did not register, ignore this message.\n",
             s.config.public_url,
             humantime::format_duration(s.config.auth.verify_token_ttl)
@@ -272,14 +275,24 @@ pub async fn resend_verification(
     Json(r): Json<ResendRequest>,
 ) -> Result<(StatusCode, Json<Message>), AppError> {
     s.throttle.check_ip(meta.ip)?;
-    if let Some(dev) = developers::by_email(&s.store, r.email.trim()).await? {
-        if !dev.is_verified() && dev.is_active() {
-            let mut tx = s.store.begin_write().await?;
-            let token = issue_token(&s, &mut tx, &dev.id, tokens::VERIFY_EMAIL).await?;
-            tx.commit().await?;
-            send_verification(&s, &dev.email, &token);
+    // Answered before any lookup: the response time says nothing about the address.
+    tokio::spawn(async move {
+        let result: Result<(), AppError> = async {
+            if let Some(dev) = developers::by_email(&s.store, r.email.trim()).await? {
+                if !dev.is_verified() && dev.is_active() && s.throttle.allow_mail(&dev.email) {
+                    let mut tx = s.store.begin_write().await?;
+                    let token = issue_token(&s, &mut tx, &dev.id, tokens::VERIFY_EMAIL).await?;
+                    tx.commit().await?;
+                    send_verification(&s, &dev.email, &token);
+                }
+            }
+            Ok(())
         }
-    }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "verification resend failed");
+        }
+    });
     Ok(accepted(
         "If the address has an unverified account, a new link is on its way.",
     ))
@@ -380,27 +393,42 @@ pub async fn request_reset(
     Json(r): Json<ResetRequest>,
 ) -> Result<(StatusCode, Json<Message>), AppError> {
     s.throttle.check_ip(meta.ip)?;
-    if let Some(dev) = developers::by_email(&s.store, r.email.trim()).await? {
-        if dev.is_active() {
-            let mut tx = s.store.begin_write().await?;
-            let token = issue_token(&s, &mut tx, &dev.id, tokens::RESET_PASSWORD).await?;
-            tx.commit().await?;
-            s.mailer.send(
-                &dev.email,
-                "Reset your AI Hub password",
-                format!(
-                    "Reset your password by opening this link:\n{}/reset-password?token={token}\n\n\
-                     Or paste this token in the portal:\n{token}\n\nThe link expires in {}. If you \
-                     did not ask for it, ignore this message: your password is unchanged.\n",
-                    s.config.public_url,
-                    humantime::format_duration(s.config.auth.reset_token_ttl)
-                ),
-            );
+    // Answered before any lookup: the response time says nothing about the address.
+    tokio::spawn(async move {
+        if let Err(e) = send_reset(&s, r.email.trim()).await {
+            tracing::warn!(error = %e, "password reset mail failed");
         }
-    }
+    });
     Ok(accepted(
         "If the address has an account, a reset link is on its way.",
     ))
+}
+
+async fn send_reset(s: &AppState, email: &str) -> Result<(), AppError> {
+    let Some(dev) = developers::by_email(&s.store, email).await? else {
+        return Ok(());
+    };
+    if !dev.is_active() || !s.throttle.allow_mail(&dev.email) {
+        return Ok(());
+    }
+    let mut tx = s.store.begin_write().await?;
+    let token = issue_token(s, &mut tx, &dev.id, tokens::RESET_PASSWORD).await?;
+    tx.commit().await?;
+    s.mailer.send(
+        &dev.email,
+        "Reset your AI Hub password",
+        format!(
+            "Someone (maybe you) asked to reset your AI Hub password.\n\n\
+             To choose a new one, paste this token in the portal:\n{token}\n\n\
+             (or send it with the new password to\n\
+             POST {}/developer/reset-password/confirm)\n\n\
+             The token expires in {}. If you did not ask for it, ignore this message:\n\
+             your password is unchanged.\n",
+            s.config.public_url,
+            humantime::format_duration(s.config.auth.reset_token_ttl)
+        ),
+    );
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -416,20 +444,31 @@ pub struct ResetConfirm {
     responses((status = 200, body = Message), (status = 422, body = crate::openapi::ErrorBody)))]
 pub async fn confirm_reset(
     State(s): State<AppState>,
+    meta: ClientMeta,
     Json(r): Json<ResetConfirm>,
 ) -> Result<Json<Message>, AppError> {
-    if let Err(e) = check_password(&r.new_password, "") {
+    s.throttle.check_ip(meta.ip)?;
+    const BAD_TOKEN: &str = "is invalid, used or expired";
+    let hash = token_hash(&r.token);
+    // The token is checked before any password hashing: a bogus token costs no argon2 work.
+    let owner = tokens::email_token_owner(&s.store, &hash, tokens::RESET_PASSWORD)
+        .await?
+        .ok_or_else(|| AppError::validation("token", BAD_TOKEN))?;
+    let dev = developers::by_id(&s.store, &owner).await?;
+    if let Err(e) = check_password(&r.new_password, &dev.email) {
         return Err(AppError::validation("new_password", e));
     }
-    let hash = s.passwords.hash(r.new_password).await?;
+    let password_hash = s.passwords.hash(r.new_password).await?;
     let mut tx = s.store.begin_write().await?;
-    let dev = tokens::consume_email_token(&mut tx, &token_hash(&r.token), tokens::RESET_PASSWORD)
-        .await?
-        .ok_or_else(|| AppError::validation("token", "is invalid, used or expired"))?;
-    developers::set_password(&mut tx, &dev, &hash).await?;
+    // Used here, once: a concurrent confirm with the same token finds it used.
+    match tokens::consume_email_token(&mut tx, &hash, tokens::RESET_PASSWORD).await? {
+        Some(id) if id == dev.id => {}
+        _ => return Err(AppError::validation("token", BAD_TOKEN)),
+    }
+    developers::set_password(&mut tx, &dev.id, &password_hash).await?;
     // The mail proved the address: a reset also verifies it.
-    developers::mark_verified(&mut tx, &dev).await?;
-    tokens::revoke_all_sessions(&mut tx, &dev).await?;
+    developers::mark_verified(&mut tx, &dev.id).await?;
+    tokens::revoke_all_sessions(&mut tx, &dev.id).await?;
     tx.commit().await?;
     s.metrics.event("password_reset");
     Ok(Json(Message {

@@ -30,6 +30,9 @@ use crate::state::AppState;
 #[derive(Clone)]
 pub struct Passwords {
     params: Params,
+    /// At most this many hashes at once (each holds `argon2_memory_kib`): floods of login or
+    /// reset attempts queue here instead of exhausting memory and the blocking pool.
+    permits: Arc<tokio::sync::Semaphore>,
     /// A real hash of a random password: verifying against it when the account does not exist
     /// makes "unknown email" take as long as "wrong password".
     dummy: Arc<str>,
@@ -38,8 +41,10 @@ pub struct Passwords {
 impl Passwords {
     pub fn new(memory_kib: u32, iterations: u32) -> Result<Passwords, String> {
         let params = Params::new(memory_kib, iterations, 1, None).map_err(|e| e.to_string())?;
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         let mut p = Passwords {
             params,
+            permits: Arc::new(tokio::sync::Semaphore::new(parallel)),
             dummy: "".into(),
         };
         let random: [u8; 16] = rand::random();
@@ -61,6 +66,7 @@ impl Passwords {
     }
 
     pub async fn hash(&self, password: String) -> Result<String, AppError> {
+        let _permit = self.permits.acquire().await.map_err(AppError::internal)?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.hash_now(&password))
             .await
@@ -70,6 +76,9 @@ impl Passwords {
 
     /// Checks `password` against `hash`, or against the dummy hash when there is no account.
     pub async fn verify(&self, password: String, hash: Option<String>) -> bool {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let stored = hash.as_deref().unwrap_or(&this.dummy);
@@ -195,6 +204,8 @@ impl Jwt {
 pub struct Throttle {
     per_account: DefaultKeyedRateLimiter<String>,
     per_ip: DefaultKeyedRateLimiter<IpAddr>,
+    /// Mails (verification, reset) per address: 3 a minute, so nobody can bomb an inbox.
+    mails: DefaultKeyedRateLimiter<String>,
 }
 
 impl Throttle {
@@ -203,14 +214,22 @@ impl Throttle {
         Throttle {
             per_account: RateLimiter::keyed(quota(per_account_per_minute)),
             per_ip: RateLimiter::keyed(quota(per_ip_per_minute)),
+            mails: RateLimiter::keyed(quota(3)),
         }
     }
 
+    /// Per client address; IPv6 clients are counted per /64 (one subscriber's usual share),
+    /// so hopping addresses inside a prefix does not reset the budget.
     pub fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), AppError> {
         match ip {
-            Some(ip) => Self::verdict(self.per_ip.check_key(&ip)),
+            Some(ip) => Self::verdict(self.per_ip.check_key(&throttle_key(ip))),
             None => Ok(()),
         }
+    }
+
+    /// Whether another mail may go to `email` now (silently skipped otherwise).
+    pub fn allow_mail(&self, email: &str) -> bool {
+        self.mails.check_key(&email.to_lowercase()).is_ok()
     }
 
     pub fn check_account(&self, email: &str) -> Result<(), AppError> {
@@ -234,6 +253,18 @@ impl Throttle {
         self.per_account.shrink_to_fit();
         self.per_ip.retain_recent();
         self.per_ip.shrink_to_fit();
+        self.mails.retain_recent();
+        self.mails.shrink_to_fit();
+    }
+}
+
+fn throttle_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
     }
 }
 
@@ -349,6 +380,16 @@ mod tests {
         assert_eq!(jwt.verify(&parts.join(".")), None);
         let expired = jwt.sign("dev_1", "ses_1", Duration::ZERO);
         assert_eq!(jwt.verify(&expired), None);
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_64() {
+        let a = throttle_key("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = throttle_key("2001:db8:1:2:bbbb::9".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, throttle_key("2001:db8:1:3::1".parse().unwrap()));
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(throttle_key("::ffff:10.1.2.3".parse().unwrap()), v4);
     }
 
     #[test]

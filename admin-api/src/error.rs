@@ -4,8 +4,9 @@
 //! request id and never sent to the client. Also [`Json`], the body extractor whose rejections
 //! become `AppError`s.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -49,6 +50,9 @@ pub enum AppError {
     /// 404 for a path no route serves.
     #[error("unknown url")]
     UnknownUrl(String),
+    /// 405 for a method a path does not serve.
+    #[error("method not allowed")]
+    MethodNotAllowed(String),
     /// 409: the resource exists already.
     #[error("conflict: {0}")]
     Conflict(String),
@@ -156,6 +160,14 @@ impl IntoResponse for AppError {
                 None,
                 None,
             ),
+            AppError::MethodNotAllowed(what) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+                format!("Method not allowed: {what}."),
+                None,
+                None,
+            ),
             AppError::Conflict(m) => (
                 StatusCode::CONFLICT,
                 "invalid_request_error",
@@ -210,8 +222,9 @@ impl IntoResponse for AppError {
     }
 }
 
-/// A JSON body; malformed JSON is a 400 and a body of the wrong shape a 422 naming the field,
-/// both as [`AppError`].
+/// A JSON body; malformed JSON (or a missing JSON content type) is a 400, a body of the wrong
+/// shape a 422 naming the field, and a string holding a NUL character a 422 too (PostgreSQL
+/// cannot store one) — all as [`AppError`].
 pub struct Json<T>(pub T);
 
 impl<T, S> FromRequest<S> for Json<T>
@@ -222,27 +235,94 @@ where
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(JsonRejection::JsonDataError(e)) => {
-                // "Failed to deserialize the JSON body into the target type: name: missing field"
-                let detail = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.body_text());
-                let (field, message) = match detail.split_once(": ") {
-                    Some((f, m)) if !f.contains(' ') => (f.to_owned(), m.to_owned()),
-                    _ => ("body".to_owned(), detail),
-                };
-                Err(AppError::Validation(vec![FieldError { field, message }]))
-            }
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(AppError::BadRequest(
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase())
+            .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+        if !json {
+            return Err(AppError::BadRequest(
                 "Expected a JSON body with `Content-Type: application/json`.".into(),
-            )),
-            Err(e) => Err(AppError::BadRequest(format!(
-                "Malformed JSON body: {}",
-                e.body_text()
-            ))),
+            ));
         }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            AppError::BadRequest(format!("Cannot read the body: {}", e.body_text()))
+        })?;
+        parse_json(&bytes).map(Json)
+    }
+}
+
+/// Deserializes a JSON body with field-naming errors (see [`Json`]).
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    if memmem(bytes, b"\\u0000") {
+        return Err(AppError::validation(
+            "body",
+            "strings must not contain NUL characters",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = match serde_path_to_error::deserialize(&mut de) {
+        Ok(v) => v,
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if !inner.is_data() {
+                return Err(AppError::BadRequest(format!(
+                    "Malformed JSON body: {inner}"
+                )));
+            }
+            let message = inner.to_string();
+            // Missing and unknown fields are reported at their parent: name the field itself.
+            let named = message.split('`').nth(1).filter(|_| {
+                message.starts_with("missing field") || message.starts_with("unknown field")
+            });
+            let field = match (path.as_str(), named) {
+                (".", Some(f)) => f.to_owned(),
+                (p, Some(f)) => format!("{p}.{f}"),
+                (".", None) => "body".to_owned(),
+                (p, None) => p.to_owned(),
+            };
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_owned();
+            return Err(AppError::Validation(vec![FieldError { field, message }]));
+        }
+    };
+    de.end()
+        .map_err(|e| AppError::BadRequest(format!("Malformed JSON body: {e}")))?;
+    Ok(value)
+}
+
+fn memmem(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// Query parameters; a bad one is a 422 naming the query string, as [`AppError`].
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| Query(q.0))
+            .map_err(|e| {
+                let text = e.body_text();
+                let detail = text
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&text);
+                AppError::validation("query", detail.to_owned())
+            })
     }
 }
 

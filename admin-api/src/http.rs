@@ -160,3 +160,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 pub async fn fallback(req: Request) -> AppError {
     AppError::UnknownUrl(format!("{} {}", req.method(), req.uri().path()))
 }
+
+pub async fn method_not_allowed(req: Request) -> AppError {
+    AppError::MethodNotAllowed(format!("{} {}", req.method(), req.uri().path()))
+}

@@ -3,10 +3,9 @@
 //! its outbox event (`api_key.created`, `api_key.deleted`, `api_key.rotated`) and then nudges
 //! gateways (Redis); gateways follow the change feed either way.
 
-use std::net::IpAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
@@ -18,7 +17,7 @@ use aihub_store::now_ms;
 use aihub_store::outbox::{self, rfc3339_ms};
 
 use crate::auth::Caller;
-use crate::error::{AppError, FieldError, Json};
+use crate::error::{AppError, FieldError, Json, Query};
 use crate::state::AppState;
 
 /// For optional fields where `null` means "clear": absent = `None`, `null` = `Some(None)`.
@@ -173,11 +172,8 @@ fn check_ips(list: &[String], errors: &mut Vec<FieldError>) -> Vec<String> {
     let mut out = Vec::with_capacity(list.len());
     for (i, entry) in list.iter().enumerate() {
         let entry = entry.trim();
-        let net = entry
-            .parse::<ipnet::IpNet>()
-            .map(|n| n.trunc())
-            .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from));
-        match net {
+        // The gateway's own parser: what is stored is exactly what the gateway enforces.
+        match aihub_apikey::pattern::parse_ip_net(entry) {
             Ok(n) => out.push(n.to_string()),
             Err(_) => errors.push(FieldError::new(
                 &format!("ip_allowlist[{i}]"),
@@ -229,16 +225,18 @@ pub async fn create(
     Json(r): Json<CreateKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedKey>), AppError> {
     require_verified(&caller)?;
-    let created = create_key(&s, &caller.developer.id, r).await?;
+    let created = create_key(&s, &caller.developer.id, r, None).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-/// Validates a key request and stores the key with its `api_key.created` event (shared by the
+/// Validates a key request and stores the key with its `api_key.created` event and, when an
+/// operator or the CLI acts (`actor`), its audit entry, in one transaction (shared by the
 /// endpoint and the `aihub keys create` command).
 pub async fn create_key(
     s: &AppState,
     developer_id: &str,
     r: CreateKeyRequest,
+    actor: Option<&str>,
 ) -> Result<CreatedKey, AppError> {
     let mut errors = Vec::new();
     check_key_name(&r.name, &mut errors);
@@ -288,14 +286,28 @@ pub async fn create_key(
             ),
         ));
     }
+    // The event (and audit entry) first: the key's insert ends with its change-feed stamp,
+    // which serializes key writes until commit, so it must be the last write.
+    let event = serde_json::json!({
+        "key_id": new.id,
+        "developer_id": developer_id,
+        "name": new.name,
+        "prefix": new.key_prefix,
+        "expires_at": new.expires_at.map(rfc3339_ms),
+    });
+    outbox::enqueue(&mut tx, outbox::API_KEY_CREATED, Some(developer_id), event).await?;
+    if let Some(actor_id) = actor {
+        let entry = aihub_store::audit::Audit {
+            actor_id,
+            action: "api_key.create",
+            target_type: "api_key",
+            target_id: &new.id,
+            details: serde_json::json!({ "developer_id": developer_id }),
+            ip: None,
+        };
+        aihub_store::audit::record(&mut tx, &entry).await?;
+    }
     let created = store_keys::insert(&mut tx, &new).await?;
-    outbox::enqueue(
-        &mut tx,
-        outbox::API_KEY_CREATED,
-        Some(developer_id),
-        event_data(&created),
-    )
-    .await?;
     tx.commit().await?;
     s.notifier.keys_changed();
     s.metrics.event("key_created");
@@ -457,6 +469,16 @@ pub async fn update(
         active: r.active,
     };
     let mut tx = s.store.begin_write().await?;
+    if u.expires_at.is_some() {
+        // A regenerated key's grace period is final: it cannot be extended.
+        let current = store_keys::get_on(&mut tx, Some(&caller.developer.id), &id).await?;
+        if current.rotated_to.is_some() {
+            return Err(AppError::validation(
+                "expires_at",
+                "cannot change on a regenerated key (its grace period is final)",
+            ));
+        }
+    }
     let k = store_keys::update(&mut tx, Some(&caller.developer.id), &id, &u).await?;
     tx.commit().await?;
     s.notifier.keys_changed();
@@ -473,12 +495,18 @@ pub async fn delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
-    revoke(&s, Some(&caller.developer.id), &id).await?;
+    revoke(&s, Some(&caller.developer.id), &id, None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Revokes a key (of `owner`, or any key for operators) with its outbox event.
-pub async fn revoke(s: &AppState, owner: Option<&str>, id: &str) -> Result<ApiKey, AppError> {
+/// Revokes a key (of `owner`, or any key for operators) with its outbox event and, when an
+/// operator or the CLI acts (`actor`: id and client IP), its audit entry, in one transaction.
+pub async fn revoke(
+    s: &AppState,
+    owner: Option<&str>,
+    id: &str,
+    actor: Option<(&str, Option<&str>)>,
+) -> Result<ApiKey, AppError> {
     let mut tx = s.store.begin_write().await?;
     let k = store_keys::revoke(&mut tx, owner, id).await?;
     outbox::enqueue(
@@ -488,6 +516,17 @@ pub async fn revoke(s: &AppState, owner: Option<&str>, id: &str) -> Result<ApiKe
         event_data(&k),
     )
     .await?;
+    if let Some((actor_id, ip)) = actor {
+        let entry = aihub_store::audit::Audit {
+            actor_id,
+            action: "api_key.revoke",
+            target_type: "api_key",
+            target_id: &k.id,
+            details: serde_json::json!({ "developer_id": k.developer_id, "name": k.name }),
+            ip,
+        };
+        aihub_store::audit::record(&mut tx, &entry).await?;
+    }
     tx.commit().await?;
     s.notifier.keys_changed();
     s.metrics.event("key_revoked");
@@ -530,13 +569,7 @@ pub async fn regenerate(
     let r: RegenerateRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RegenerateRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            if e.is_data() {
-                AppError::validation("body", e.to_string())
-            } else {
-                AppError::BadRequest(format!("Malformed JSON body: {e}"))
-            }
-        })?
+        crate::error::parse_json(&body)?
     };
     let max = s.config.keys.max_rotation_grace;
     if r.grace_period_seconds > max.as_secs() {
@@ -552,6 +585,18 @@ pub async fn regenerate(
         return Err(AppError::NotFound);
     }
     let now = now_ms();
+    // One successor per key: otherwise regenerating one key over and over would multiply live
+    // keys past the per-developer cap.
+    if let Some(next) = &old.rotated_to {
+        return Err(AppError::Conflict(format!(
+            "This key was already regenerated as {next}; regenerate that key instead."
+        )));
+    }
+    if old.expires_at.is_some_and(|e| e <= now) {
+        return Err(AppError::Conflict(
+            "This key has expired; create a new key.".into(),
+        ));
+    }
     let (key, hash, prefix) = mint();
     let new = NewKey {
         id: aihub_store::new_id("key_"),
@@ -569,16 +614,18 @@ pub async fn regenerate(
             .map(|l| now + l.as_millis() as i64),
     };
     let old_until = now + r.grace_period_seconds as i64 * 1000;
-    let (old, new) = store_keys::rotate(&mut tx, Some(&dev_id), &id, &new, old_until).await?;
+    let previous_expires_at = old.expires_at.map_or(old_until, |e| e.min(old_until));
     let data = serde_json::json!({
         "key_id": new.id,
         "previous_key_id": old.id,
         "developer_id": dev_id,
         "name": new.name,
         "prefix": new.key_prefix,
-        "previous_expires_at": old.expires_at.map(rfc3339_ms),
+        "previous_expires_at": rfc3339_ms(previous_expires_at),
     });
+    // The event first: the rotation ends with the change-feed stamp (see `create_key`).
     outbox::enqueue(&mut tx, outbox::API_KEY_ROTATED, Some(&dev_id), data).await?;
+    let (old, new) = store_keys::rotate(&mut tx, Some(&dev_id), &id, &new, old_until).await?;
     tx.commit().await?;
     s.notifier.keys_changed();
     s.metrics.event("key_rotated");

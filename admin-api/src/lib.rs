@@ -87,6 +87,7 @@ pub fn app(state: AppState) -> Router {
     .route("/readyz", get(http::readyz))
     .route("/metrics", get(http::metrics))
     .fallback(http::fallback)
+    .method_not_allowed_fallback(http::method_not_allowed)
     .layer(axum::middleware::from_fn_with_state(
         state.clone(),
         http::observe,

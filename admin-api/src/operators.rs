@@ -3,7 +3,7 @@
 //! role, quota and rate-limit overrides, revoke any key, and read the audit log. Every change is
 //! written to the audit log in its own transaction.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -14,7 +14,7 @@ use aihub_store::{auth as sessions, StoreError};
 
 use crate::accounts::{check_email, DeveloperView, DEVELOPER_TYPES};
 use crate::auth::{check_password, ClientMeta, Operator};
-use crate::error::{AppError, FieldError, Json};
+use crate::error::{AppError, FieldError, Json, Query};
 use crate::keys::{double_option, KeyList, ListQuery};
 use crate::state::AppState;
 
@@ -96,8 +96,9 @@ pub async fn create_developer(
     if let Err(e) = check_password(&r.password, &r.email) {
         errors.push(FieldError::new("password", e));
     }
-    if r.full_name.trim().is_empty() || r.full_name.chars().count() > 200 {
-        errors.push(FieldError::new("full_name", "must be 1 to 200 characters"));
+    crate::accounts::check_name("full_name", &r.full_name, &mut errors);
+    if let Some(c) = &r.company_name {
+        crate::accounts::check_name("company_name", c, &mut errors);
     }
     check_choices(
         &s,
@@ -111,7 +112,7 @@ pub async fn create_developer(
         email: r.email.trim().to_lowercase(),
         password_hash: s.passwords.hash(r.password).await?,
         full_name: r.full_name.trim().to_owned(),
-        company_name: r.company_name,
+        company_name: r.company_name.map(|c| c.trim().to_owned()),
         developer_type: r.developer_type.unwrap_or_else(|| "individual".into()),
         role: r.role.unwrap_or_else(|| ROLE_DEVELOPER.into()),
         plan: r.plan.unwrap_or_else(|| s.config.plans[0].clone()),
@@ -289,18 +290,8 @@ pub async fn revoke_key(
     meta: ClientMeta,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
-    let k = crate::keys::revoke(&s, None, &id).await?;
     let ip = meta.ip.map(|i| i.to_string());
-    let mut conn = s.store.pool().acquire().await?;
-    let entry = Audit {
-        actor_id: &op.id,
-        action: "api_key.revoke",
-        target_type: "api_key",
-        target_id: &k.id,
-        details: serde_json::json!({ "developer_id": k.developer_id, "name": k.name }),
-        ip: ip.as_deref(),
-    };
-    audit::record(&mut conn, &entry).await?;
+    crate::keys::revoke(&s, None, &id, Some((&op.id, ip.as_deref()))).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

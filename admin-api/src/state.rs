@@ -47,6 +47,20 @@ impl Deref for AppState {
     }
 }
 
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl AppState {
     /// Connects, migrates, loads or creates the JWT secret, and bootstraps the operator.
     pub async fn new(config: AdminConfig) -> Result<AppState, StartError> {
@@ -110,40 +124,59 @@ impl AppState {
                 }
             }
         });
+        if matches!(
+            state.config.email.transport,
+            crate::config::EmailTransport::File { .. }
+        ) && !is_loopback_url(&state.config.public_url)
+        {
+            tracing::warn!(
+                public_url = %state.config.public_url,
+                "email.transport is `file`: verification and reset mails are written to disk, not sent; configure SMTP for a public deployment"
+            );
+        }
         Ok(state)
     }
 
-    /// Creates the configured operator account, or gives an existing account the admin role.
+    /// Creates the configured operator account. An existing account with that email (someone
+    /// may have registered it first) becomes the operator only on the configured terms: its
+    /// password is replaced by the configured one, it is marked verified, and its sessions end,
+    /// so whoever registered it cannot sign in as the operator.
     async fn bootstrap_admin(&self) -> Result<(), StartError> {
         let Some(b) = &self.config.bootstrap_admin else {
             return Ok(());
         };
         let existing = developers::by_email(&self.store, &b.email).await?;
+        if existing.as_ref().is_some_and(|d| d.is_admin()) {
+            return Ok(());
+        }
+        let password = std::env::var(&b.password_env).map_err(|_| {
+            StartError::Setup(format!(
+                "bootstrap_admin: ${} must hold the operator's password",
+                b.password_env
+            ))
+        })?;
+        crate::auth::check_password(&password, &b.email)
+            .map_err(|e| StartError::Setup(format!("bootstrap_admin password {e}")))?;
+        let hash = self
+            .passwords
+            .hash(password)
+            .await
+            .map_err(|e| StartError::Setup(e.to_string()))?;
         let mut tx = self.store.begin_write().await?;
         let id = match existing {
-            Some(d) if d.is_admin() => return Ok(()),
             Some(d) => {
+                developers::set_password(&mut tx, &d.id, &hash).await?;
+                developers::mark_verified(&mut tx, &d.id).await?;
+                aihub_store::auth::revoke_all_sessions(&mut tx, &d.id).await?;
                 let promote = OperatorUpdate {
                     role: Some(ROLE_ADMIN.into()),
                     ..Default::default()
                 };
                 developers::operator_update(&mut tx, &d.id, &promote).await?;
+                tracing::warn!(developer_id = %d.id, "bootstrap_admin: an existing account was made the operator; its password was replaced and its sessions ended");
                 d.id
             }
             None => {
-                let password = std::env::var(&b.password_env).map_err(|_| {
-                    StartError::Setup(format!(
-                        "bootstrap_admin: ${} must hold the operator's password",
-                        b.password_env
-                    ))
-                })?;
-                crate::auth::check_password(&password, &b.email)
-                    .map_err(|e| StartError::Setup(format!("bootstrap_admin password {e}")))?;
-                let hash = self
-                    .passwords
-                    .hash(password)
-                    .await
-                    .map_err(|e| StartError::Setup(e.to_string()))?;
                 let new = NewDeveloper {
                     email: b.email.clone(),
                     password_hash: hash,

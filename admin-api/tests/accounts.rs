@@ -426,6 +426,30 @@ async fn validation_errors_name_the_fields() {
             .await;
         assert_eq!(s, 422);
 
+        // A NUL character in a string: 422, not a database error.
+        let (s, b) = api
+            .call(
+                "POST",
+                "/developer/login",
+                None,
+                Some(json!({"email": "a\u{0}@b.co", "password": "x"})),
+            )
+            .await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (422, Some("body")),
+            "{b}"
+        );
+        // Bad query parameters: 422 in the same shape; a wrong method: 405 in the same shape.
+        let (s, b) = api.call("GET", "/developer/verify-email", None, None).await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (422, Some("query")),
+            "{b}"
+        );
+        let (s, b) = api.call("DELETE", "/developer/login", None, None).await;
+        assert_eq!((s, error_of(&b).1.as_str()), (405, "method_not_allowed"));
+
         // Malformed JSON and a missing content type: 400.
         let resp = api
             .http
@@ -459,4 +483,89 @@ async fn validation_errors_name_the_fields() {
         let b: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(error_of(&b).1, "unknown_url");
     }
+}
+
+/// Someone registers the operator's address before the operator account is bootstrapped: the
+/// bootstrap takes the account over on the configured terms, and the squatter's password and
+/// sessions stop working.
+#[tokio::test]
+async fn bootstrap_takes_over_a_squatted_operator_address() {
+    for backend in BACKENDS {
+        let api = TestApi::start(backend).await;
+        let squatter = "squat-ops@aihub.test";
+        let (s, _) = api
+            .call(
+                "POST",
+                "/developer/register",
+                None,
+                Some(json!({"email": squatter, "password": "the squatters password", "full_name": "X"})),
+            )
+            .await;
+        assert_eq!(s, 202);
+        let squatter_session = api.login(squatter, "the squatters password").await;
+
+        // A second admin node starts with that address as its operator.
+        std::env::set_var("AIHUB_TEST_OPS2_PASSWORD", "the operators real password");
+        let mut config = aihub_admin::AdminConfig::default();
+        config.database.url = api.db.url.clone();
+        config.email.transport = aihub_admin::config::EmailTransport::File {
+            dir: api.mail_dir.clone(),
+        };
+        config.auth.argon2_memory_kib = 8192;
+        config.auth.argon2_iterations = 1;
+        config.bootstrap_admin = Some(aihub_admin::config::BootstrapAdmin {
+            email: squatter.into(),
+            password_env: "AIHUB_TEST_OPS2_PASSWORD".into(),
+        });
+        let _second = aihub_admin::AppState::new(config).await.unwrap();
+
+        let (s, _) = api
+            .call("GET", "/developer/me", Some(&squatter_session), None)
+            .await;
+        assert_eq!(s, 401, "the squatter's session survived");
+        let (s, _) = api
+            .call(
+                "POST",
+                "/developer/login",
+                None,
+                Some(json!({"email": squatter, "password": "the squatters password"})),
+            )
+            .await;
+        assert_eq!(s, 401, "the squatter's password still works");
+        let op = api.login(squatter, "the operators real password").await;
+        let (_, me) = api.call("GET", "/developer/me", Some(&op), None).await;
+        assert_eq!(
+            (me["role"].as_str(), me["email_verified"].as_bool()),
+            (Some("admin"), Some(true))
+        );
+    }
+}
+
+#[tokio::test]
+async fn reset_confirmation_checks_the_token_first_and_is_throttled() {
+    let api = TestApi::start_with(aihub_store::testing::Backend::Sqlite, |c| {
+        c.auth.attempts_per_ip_per_minute = 5;
+    })
+    .await;
+    let bogus = json!({"token": "not-a-token", "new_password": "a fine new passphrase"});
+    for _ in 0..5 {
+        let (s, b) = api
+            .call(
+                "POST",
+                "/developer/reset-password/confirm",
+                None,
+                Some(bogus.clone()),
+            )
+            .await;
+        assert_eq!((s, b["error"]["param"].as_str()), (422, Some("token")));
+    }
+    let (s, _) = api
+        .call(
+            "POST",
+            "/developer/reset-password/confirm",
+            None,
+            Some(bogus),
+        )
+        .await;
+    assert_eq!(s, 429);
 }

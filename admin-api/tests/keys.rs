@@ -38,6 +38,24 @@ async fn key_lifecycle() {
         assert_eq!(view["name"], "ci key");
         assert_eq!(view["status"], "active");
         assert_eq!(view["ip_allowlist"], json!(["10.0.0.0/8", "::1/128"]));
+        let (_, mapped) = api
+            .call(
+                "POST",
+                "/developer/keys",
+                Some(&ada),
+                Some(json!({"name": "mapped", "ip_allowlist": ["::ffff:192.0.2.7"]})),
+            )
+            .await;
+        // Stored as the gateway compares it: IPv4-mapped addresses as IPv4.
+        assert_eq!(mapped["api_key"]["ip_allowlist"], json!(["192.0.2.7/32"]));
+        let mapped_id = mapped["api_key"]["id"].as_str().unwrap();
+        api.call(
+            "DELETE",
+            &format!("/developer/keys/{mapped_id}"),
+            Some(&ada),
+            None,
+        )
+        .await;
         assert!(key.starts_with(view["prefix"].as_str().unwrap().trim_end_matches('…')));
         // Default expiry: 365 days.
         let expires = view["expires_at"].as_str().unwrap();
@@ -149,7 +167,7 @@ async fn key_lifecycle() {
                 rest["data"].as_array().unwrap().len(),
                 rest["has_more"].as_bool()
             ),
-            (1, Some(false))
+            (2, Some(false))
         );
 
         // Outbox: one event per change, in order, in the webhook shape.
@@ -162,6 +180,8 @@ async fn key_lifecycle() {
             event_types(&events),
             [
                 "api_key.created",
+                "api_key.created",
+                "api_key.deleted",
                 "api_key.rotated",
                 "api_key.rotated",
                 "api_key.deleted"

@@ -9,7 +9,6 @@ use anyhow::{bail, Context};
 
 use aihub_admin::keys::{CreateKeyRequest, ListQuery, Permissions};
 use aihub_admin::{AdminConfig, AppState};
-use aihub_store::audit::{self, Audit};
 use aihub_store::developers;
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -173,38 +172,20 @@ pub fn db_keys(admin: &Path, command: DbKeysCommand) -> anyhow::Result<()> {
                     never_expires: expires_in_days == Some(0),
                     ip_allowlist: Vec::new(),
                 };
-                let created = aihub_admin::keys::create_key(&state, &dev.id, req)
+                let created = aihub_admin::keys::create_key(&state, &dev.id, req, Some("cli"))
                     .await
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                let mut conn = state.store.pool().acquire().await?;
-                let entry = Audit {
-                    actor_id: "cli",
-                    action: "api_key.create",
-                    target_type: "api_key",
-                    target_id: &created.api_key.id,
-                    details: serde_json::json!({ "developer_id": dev.id }),
-                    ip: None,
-                };
-                audit::record(&mut conn, &entry).await?;
                 println!("# New API key, shown once; store it now:\n{}", created.key);
                 println!("{}", serde_json::to_string_pretty(&created.api_key)?);
             }
             DbKeysCommand::Revoke { key_id } => {
-                let k = match aihub_admin::keys::revoke(&state, None, &key_id).await {
+                let k = match aihub_admin::keys::revoke(&state, None, &key_id, Some(("cli", None)))
+                    .await
+                {
                     Ok(k) => k,
                     Err(aihub_admin::error::AppError::NotFound) => bail!("no live key `{key_id}`"),
                     Err(e) => bail!("{e:?}"),
                 };
-                let mut conn = state.store.pool().acquire().await?;
-                let entry = Audit {
-                    actor_id: "cli",
-                    action: "api_key.revoke",
-                    target_type: "api_key",
-                    target_id: &k.id,
-                    details: serde_json::json!({ "developer_id": k.developer_id }),
-                    ip: None,
-                };
-                audit::record(&mut conn, &entry).await?;
                 println!("revoked {}", k.id);
             }
         }

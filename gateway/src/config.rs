@@ -83,8 +83,9 @@ pub struct ControlPlaneConfig {
     /// How often the change feed is read while no Redis subscription is live. Default 250ms.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// How often the feed is read while the Redis subscription is live (a safety net for lost
-    /// notices). Default 5s.
+    /// How often the feed is read while the Redis subscription is live: a safety net for lost
+    /// notices (pub/sub delivers at most once), so the 1 s propagation bound holds even then.
+    /// Default 1s.
     #[serde(default = "default_push_poll_interval", with = "humantime_serde")]
     pub push_poll_interval: Duration,
     /// Database connections held by the gateway. Default 2.
@@ -287,7 +288,7 @@ fn default_poll_interval() -> Duration {
     Duration::from_millis(250)
 }
 fn default_push_poll_interval() -> Duration {
-    Duration::from_secs(5)
+    Duration::from_secs(1)
 }
 fn default_cp_connections() -> u32 {
     2
@@ -611,7 +612,7 @@ mod tests {
         let c = parse("control_plane:\n  database_url: sqlite://data/aihub.db\n").unwrap();
         let cp = c.control_plane.unwrap();
         assert_eq!(cp.poll_interval, Duration::from_millis(250));
-        assert_eq!(cp.push_poll_interval, Duration::from_secs(5));
+        assert_eq!(cp.push_poll_interval, Duration::from_secs(1));
         assert_eq!(cp.last_used_flush_interval, Duration::from_secs(10));
         assert_eq!((cp.max_connections, cp.redis_url), (2, None));
         assert!(parse("{}").unwrap().control_plane.is_none());

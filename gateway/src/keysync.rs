@@ -8,7 +8,7 @@
 //!   afterwards (rows are whole states, applying one twice is harmless). `/readyz` stays
 //!   not-ready until this load has completed once; declared (YAML) keys serve meanwhile.
 //! - **Following**: the feed is read every `poll_interval` (250 ms), or every
-//!   `push_poll_interval` (5 s) while a Redis subscription to [`feed::REDIS_CHANNEL`] is live;
+//!   `push_poll_interval` (1 s) while a Redis subscription to [`feed::REDIS_CHANNEL`] is live;
 //!   each notice there triggers a read at once. A revoked key is removed; any other row replaces
 //!   the key's record whole.
 //! - **Outages**: a failed read (database down, tables missing, timeout) changes nothing: the

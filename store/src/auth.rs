@@ -98,6 +98,24 @@ pub async fn create_email_token(
     Ok(())
 }
 
+/// The developer a token belongs to when it is usable (exists, this purpose, unused,
+/// unexpired), without using it.
+pub async fn email_token_owner(
+    store: &Store,
+    token_hash: &str,
+    purpose: &str,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT developer_id FROM email_tokens \
+         WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3",
+    )
+    .bind(token_hash)
+    .bind(purpose)
+    .bind(now_ms())
+    .fetch_optional(store.pool())
+    .await?)
+}
+
 /// Uses a token once: returns its developer when it exists, has this purpose, is unused and
 /// unexpired, and marks it used in the same statement (two concurrent uses: one wins).
 pub async fn consume_email_token(

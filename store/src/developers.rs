@@ -206,7 +206,7 @@ pub struct OperatorUpdate {
     pub api_rate_limit: Option<Option<i64>>,
 }
 
-/// Applies an operator change. Disabling or re-enabling an account puts all its keys on the
+/// Applies an operator change. Setting the active flag puts all the account's keys on the
 /// change feed in the same transaction, so every gateway drops or restores them.
 pub async fn operator_update(
     conn: &mut AnyConnection,
@@ -214,12 +214,6 @@ pub async fn operator_update(
     u: &OperatorUpdate,
 ) -> Result<Developer> {
     let now = now_ms();
-    let before: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT disabled_at FROM developers WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let was_disabled = before.ok_or(StoreError::NotFound)?.is_some();
     let sql = format!(
         "UPDATE developers SET \
            disabled_at = CASE WHEN $2 = 1 THEN NULL WHEN $2 = 0 THEN COALESCE(disabled_at, $9) \
@@ -244,7 +238,9 @@ pub async fn operator_update(
         .fetch_one(&mut *conn)
         .await?;
     let dev = from_row(&row)?;
-    if was_disabled != dev.disabled_at.is_some() {
+    // Whenever the active flag is set (changed or not): deciding from a read made before this
+    // update could miss a concurrent change, and re-stamping is harmless.
+    if u.active.is_some() {
         feed::touch_developer_keys(conn, id).await?;
     }
     Ok(dev)
@@ -258,11 +254,17 @@ pub async fn search(
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<Developer>, i64)> {
-    let pattern = query
-        .filter(|q| !q.is_empty())
-        .map(|q| format!("%{}%", q.to_lowercase().replace(['%', '_'], "")));
-    let filter = "($1 IS NULL OR email LIKE $1 OR LOWER(full_name) LIKE $1 \
-                  OR LOWER(COALESCE(company_name, '')) LIKE $1)";
+    let pattern = query.filter(|q| !q.is_empty()).map(|q| {
+        let escaped = q
+            .to_lowercase()
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        format!("%{escaped}%")
+    });
+    let filter =
+        "($1 IS NULL OR email LIKE $1 ESCAPE '\\' OR LOWER(full_name) LIKE $1 ESCAPE '\\' \
+                  OR LOWER(COALESCE(company_name, '')) LIKE $1 ESCAPE '\\')";
     let sql = format!(
         "SELECT {COLUMNS} FROM developers WHERE {filter} \
          ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"

@@ -64,7 +64,19 @@ pub async fn touch_keys(conn: &mut AnyConnection, ids: &[&str]) -> Result<i64> {
 }
 
 /// Puts every key of a developer on the feed (after the developer was disabled or enabled).
+/// Lock order matches the single-key writes (key rows, then the counter): on PostgreSQL the
+/// developer's key rows are locked in id order first, so a concurrent key write cannot deadlock
+/// with this.
 pub async fn touch_developer_keys(conn: &mut AnyConnection, developer_id: &str) -> Result<i64> {
+    if conn.backend_name() == "PostgreSQL" {
+        sqlx::query(
+            "SELECT id FROM api_keys WHERE developer_id = $1 AND deleted_at IS NULL \
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(developer_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    }
     let seq = next_seq(conn).await?;
     sqlx::query(
         "UPDATE api_keys SET change_seq = $1 WHERE developer_id = $2 AND deleted_at IS NULL",
@@ -148,25 +160,36 @@ pub async fn changes_since(
     rows.iter().map(state_from_row).collect()
 }
 
-/// Records when keys were last used (gateways batch these). A time never moves backwards.
-pub async fn record_last_used(store: &Store, uses: &[(String, i64)]) -> Result<()> {
+/// Records when keys were last used (gateways batch these). A time never moves backwards. On
+/// PostgreSQL rows locked by a key write at that moment are skipped (`SKIP LOCKED`) rather than
+/// waited for, so this never blocks or deadlocks an admin transaction; a skipped key gets its
+/// time at its next use. Returns how many rows were written.
+pub async fn record_last_used(store: &Store, uses: &[(String, i64)]) -> Result<u64> {
+    let postgres = store.dialect() == crate::Dialect::Postgres;
+    let mut written = 0;
     for chunk in uses.chunks(400) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
             .collect();
+        let lock = if postgres {
+            " AND api_keys.id IN (SELECT id FROM api_keys WHERE id IN (SELECT id FROM v) \
+             FOR UPDATE SKIP LOCKED)"
+        } else {
+            ""
+        };
         let sql = format!(
             "WITH v (id, t) AS (VALUES {}) \
              UPDATE api_keys SET last_used_at = v.t FROM v \
-             WHERE api_keys.id = v.id AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < v.t)",
+             WHERE api_keys.id = v.id AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < v.t){lock}",
             values.join(", ")
         );
         let mut q = sqlx::query(&sql);
         for (id, t) in chunk {
             q = q.bind(id).bind(*t);
         }
-        q.execute(store.pool()).await?;
+        written += q.execute(store.pool()).await?.rows_affected();
     }
-    Ok(())
+    Ok(written)
 }
 
 /// The feed's current head: every change numbered up to it is committed and visible. A gateway

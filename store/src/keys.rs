@@ -157,12 +157,14 @@ pub async fn list(
     rows.iter().map(from_row).collect()
 }
 
-/// Keys a developer holds that are not revoked (for the per-developer cap).
+/// Keys a developer holds that are neither revoked nor expired (for the per-developer cap).
 pub async fn count_live(conn: &mut AnyConnection, developer_id: &str) -> Result<i64> {
     Ok(sqlx::query_scalar(
-        "SELECT COUNT(*) FROM api_keys WHERE developer_id = $1 AND deleted_at IS NULL",
+        "SELECT COUNT(*) FROM api_keys WHERE developer_id = $1 AND deleted_at IS NULL \
+         AND (expires_at IS NULL OR expires_at > $2)",
     )
     .bind(developer_id)
+    .bind(now_ms())
     .fetch_one(conn)
     .await?)
 }
@@ -239,7 +241,8 @@ pub async fn revoke(conn: &mut AnyConnection, owner: Option<&str>, id: &str) -> 
 
 /// Rotation: stores `new` (which the caller built from the old key's permissions and limits),
 /// lets the old key live until `old_expires_at` at most, and links the two. Returns
-/// `(old, new)`. Both go on the change feed.
+/// `(old, new)`. Both go on the change feed. A key is rotated once: a key that already has a
+/// successor, or has expired, is [`StoreError::NotFound`] here.
 pub async fn rotate(
     conn: &mut AnyConnection,
     owner: Option<&str>,
@@ -252,6 +255,7 @@ pub async fn rotate(
            expires_at = CASE WHEN expires_at IS NULL OR expires_at > $3 THEN $3 ELSE expires_at END, \
            rotated_to = $4, updated_at = $5 \
          WHERE id = $1 AND ($2 IS NULL OR developer_id = $2) AND deleted_at IS NULL \
+           AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > $5) \
          RETURNING {COLUMNS}"
     );
     let row = sqlx::query(&sql)

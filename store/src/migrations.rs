@@ -1,5 +1,6 @@
 //! Numbered control-plane schema migrations, recorded in `schema_migrations` and safe to run
-//! again (each runs once, in its own transaction; concurrent starters are serialized).
+//! again (each runs once, in its own transaction; concurrent starters are serialized by an
+//! advisory lock on PostgreSQL and by the write lock on SQLite).
 //!
 //! The SQL is shared by both dialects except for `{serial}` (an auto-increment primary key),
 //! rewritten per dialect. A migration is never edited once released: add the next number.
@@ -168,26 +169,38 @@ fn dialect_sql(sql: &str, dialect: Dialect) -> String {
     sql.replace("{serial}", serial)
 }
 
-/// Applies every migration not yet recorded; returns the versions applied now.
+/// Applies every migration not yet recorded; returns the versions applied now. On PostgreSQL
+/// the whole run holds an advisory lock, so nodes starting together migrate one at a time.
 pub async fn migrate(store: &Store) -> Result<Vec<i64>> {
-    store
-        .pool()
-        .execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version BIGINT PRIMARY KEY,
-                name TEXT NOT NULL,
-                applied_at BIGINT NOT NULL
-            )",
-        )
-        .await?;
+    let postgres = store.dialect() == Dialect::Postgres;
+    let mut conn = store.pool().acquire().await?;
+    if postgres {
+        conn.execute("SELECT pg_advisory_lock(7240310)").await?;
+    }
+    let result = migrate_on(&mut conn, store.dialect()).await;
+    if postgres {
+        // Unlock even after a failure; the connection returns to the pool.
+        conn.execute("SELECT pg_advisory_unlock(7240310)").await?;
+    }
+    result
+}
+
+async fn migrate_on(conn: &mut sqlx::AnyConnection, dialect: Dialect) -> Result<Vec<i64>> {
+    use sqlx::Connection;
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version BIGINT PRIMARY KEY,
+            name TEXT NOT NULL,
+            applied_at BIGINT NOT NULL
+        )",
+    )
+    .await?;
     let mut applied = Vec::new();
     for m in MIGRATIONS {
-        let mut tx = store.begin_write().await?;
-        if store.dialect() == Dialect::Postgres {
-            // Several nodes may start together: one migrates, the others wait and skip.
-            tx.execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
-                .await?;
-        }
+        let mut tx = match dialect {
+            Dialect::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => conn.begin().await?,
+        };
         let done: Option<(i64,)> =
             sqlx::query_as("SELECT version FROM schema_migrations WHERE version = $1")
                 .bind(m.version)
@@ -197,8 +210,7 @@ pub async fn migrate(store: &Store) -> Result<Vec<i64>> {
             continue;
         }
         for stmt in m.statements {
-            tx.execute(dialect_sql(stmt, store.dialect()).as_str())
-                .await?;
+            tx.execute(dialect_sql(stmt, dialect).as_str()).await?;
         }
         sqlx::query(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",

@@ -97,7 +97,7 @@ async fn lifecycle(backend: Backend) {
     let mut tx = store.begin_write().await.unwrap();
     let upd = KeyUpdate {
         models: Some(vec!["gpt-4o*".into()]),
-        expires_at: Some(Some(123)),
+        expires_at: Some(Some(4_000_000_000_000)),
         ..Default::default()
     };
     let k1u = keys::update(&mut tx, Some(&ada.id), &k1.id, &upd)
@@ -108,7 +108,7 @@ async fn lifecycle(backend: Backend) {
     tx.commit().await.unwrap();
     let seen = all_changes(&store, &mut cursor).await;
     assert_eq!(seen.len(), 2);
-    assert_eq!(seen[0].expires_at, Some(123));
+    assert_eq!(seen[0].expires_at, Some(4_000_000_000_000));
     assert!(seen[1].deleted);
 
     // Another developer cannot see or touch Ada's keys.
@@ -150,6 +150,18 @@ async fn lifecycle(backend: Backend) {
     tx.commit().await.unwrap();
     assert_eq!(old.expires_at, Some(99));
     assert_eq!(old.rotated_to.as_deref(), Some(new.id.as_str()));
+    // A key is rotated once.
+    let mut tx = store.begin_write().await.unwrap();
+    let again = keys::rotate(
+        &mut tx,
+        Some(&ada.id),
+        &k1.id,
+        &new_key(&ada.id, "h4"),
+        i64::MAX,
+    )
+    .await;
+    assert!(matches!(again, Err(StoreError::NotFound)), "{again:?}");
+    drop(tx);
 
     let listed = keys::list(&store, &ada.id, false, 10, None).await.unwrap();
     assert_eq!(listed.len(), 2);
