@@ -9,7 +9,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aihub_store::developers::{self, NewDeveloper, OperatorUpdate};
+use aihub_store::developers::{self, OperatorUpdate};
 use aihub_store::feed;
 use aihub_store::keys::{self, KeyUpdate, NewKey};
 use aihub_store::testing::{Backend, TestDatabase, BACKENDS};
@@ -20,25 +20,8 @@ use common::*;
 const WITHIN: Duration = Duration::from_secs(1);
 
 async fn developer(store: &Store) -> developers::Developer {
-    let mut tx = store.begin_write().await.unwrap();
     let email = format!("{}@example.com", aihub_store::new_id("dev"));
-    let dev = developers::insert(
-        &mut tx,
-        &NewDeveloper {
-            email,
-            password_hash: "x".into(),
-            full_name: "Ada".into(),
-            company_name: None,
-            developer_type: "individual".into(),
-            role: developers::ROLE_DEVELOPER.into(),
-            plan: "free".into(),
-            verified: true,
-        },
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    dev
+    aihub_store::testing::developer(store, &email).await
 }
 
 /// Stores a new key for `dev` as the admin API does; returns the key and its id.

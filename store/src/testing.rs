@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sqlx::Executor;
 
+use crate::developers::{self, Developer, NewDeveloper};
 use crate::{Store, StoreOptions};
 
 /// Which databases the store tests run against.
@@ -103,4 +104,26 @@ impl Drop for TestDatabase {
         })
         .join();
     }
+}
+
+/// A verified developer account with `email` (panics on failure: for tests).
+pub async fn developer(store: &Store, email: &str) -> Developer {
+    let mut tx = store.begin_write().await.expect("begin");
+    let dev = developers::insert(
+        &mut tx,
+        &NewDeveloper {
+            email: email.into(),
+            password_hash: "x".into(),
+            full_name: "Test Developer".into(),
+            company_name: None,
+            developer_type: "individual".into(),
+            role: developers::ROLE_DEVELOPER.into(),
+            plan: "free".into(),
+            verified: true,
+        },
+    )
+    .await
+    .expect("insert developer");
+    tx.commit().await.expect("commit");
+    dev
 }

@@ -8,22 +8,7 @@ use aihub_store::testing::{Backend, TestDatabase, BACKENDS};
 use aihub_store::{auth, migrations, outbox, settings, Store, StoreError};
 
 async fn developer(store: &Store, email: &str) -> developers::Developer {
-    let mut conn = store.pool().acquire().await.unwrap();
-    developers::insert(
-        &mut conn,
-        &NewDeveloper {
-            email: email.into(),
-            password_hash: "x".into(),
-            full_name: "Ada".into(),
-            company_name: None,
-            developer_type: "individual".into(),
-            role: developers::ROLE_DEVELOPER.into(),
-            plan: "free".into(),
-            verified: true,
-        },
-    )
-    .await
-    .unwrap()
+    aihub_store::testing::developer(store, email).await
 }
 
 fn new_key(dev: &str, hash: &str) -> NewKey {
