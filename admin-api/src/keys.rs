@@ -277,6 +277,8 @@ pub async fn create_key(
         expires_at: lifetime.map(|l| now_ms() + l.as_millis() as i64),
     };
     let mut tx = s.store.begin_write().await?;
+    // Concurrent creates by one developer queue here, so the cap holds exactly.
+    aihub_store::developers::lock(&mut tx, developer_id).await?;
     if store_keys::count_live(&mut tx, developer_id).await? >= s.config.keys.max_per_developer {
         return Err(AppError::Forbidden(
             "key_limit_reached",

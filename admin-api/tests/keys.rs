@@ -537,3 +537,28 @@ async fn openapi_document_matches_routes() {
         .unwrap();
     assert!(metrics.contains("aihub_admin_requests_total"));
 }
+
+/// Ten concurrent creates against a cap of three: exactly three keys, on both stores.
+#[tokio::test]
+async fn key_cap_holds_under_concurrency() {
+    for backend in BACKENDS {
+        let api = TestApi::start_with(backend, |c| c.keys.max_per_developer = 3).await;
+        let ada = api.signed_up("racer@example.com").await;
+        let attempts = (0..10).map(|i| {
+            api.call(
+                "POST",
+                "/developer/keys",
+                Some(&ada),
+                Some(json!({"name": format!("k{i}")})),
+            )
+        });
+        let results = futures_util::future::join_all(attempts).await;
+        let created = results.iter().filter(|(s, _)| *s == 201).count();
+        let refused = results
+            .iter()
+            .filter(|(s, b)| *s == 403 && b["error"]["code"] == "key_limit_reached")
+            .count();
+        let statuses: Vec<u16> = results.iter().map(|(s, _)| *s).collect();
+        assert_eq!((created, refused), (3, 7), "{backend:?}: {statuses:?}");
+    }
+}

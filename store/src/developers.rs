@@ -169,6 +169,19 @@ pub async fn update_profile(store: &Store, id: &str, u: &ProfileUpdate) -> Resul
     from_row(&row)
 }
 
+/// Locks a developer's row until the transaction ends (PostgreSQL; SQLite write transactions
+/// are exclusive already), so checks on their keys (the per-developer cap) cannot race.
+/// Lock order everywhere: developer row, then key rows, then the feed counter.
+pub async fn lock(conn: &mut AnyConnection, id: &str) -> Result<()> {
+    if conn.backend_name() == "PostgreSQL" {
+        sqlx::query("SELECT id FROM developers WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    }
+    Ok(())
+}
+
 pub async fn set_password(conn: &mut AnyConnection, id: &str, hash: &str) -> Result<()> {
     let n = sqlx::query("UPDATE developers SET password_hash = $2, updated_at = $3 WHERE id = $1")
         .bind(id)
