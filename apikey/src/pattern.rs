@@ -52,6 +52,17 @@ impl Pattern {
     }
 }
 
+/// Renders a pattern as it was written (`*`, `prefix*`, `exact`): `parse(p.to_string()) == p`.
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::Any => f.write_str("*"),
+            Pattern::Prefix(p) => write!(f, "{p}*"),
+            Pattern::Exact(e) => f.write_str(e),
+        }
+    }
+}
+
 /// A list of patterns; empty (the default) matches nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Patterns(Arc<[Pattern]>);
@@ -61,6 +72,11 @@ impl Patterns {
     pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Patterns, PatternError> {
         let v: Result<Vec<_>, _> = list.iter().map(|p| Pattern::parse(p.as_ref())).collect();
         Ok(Patterns(v?.into()))
+    }
+
+    /// The patterns as written, in order.
+    pub fn to_strings(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
     }
 
     /// Parses what can be parsed and reports the rest: for lists that were validated elsewhere

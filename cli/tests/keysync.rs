@@ -589,3 +589,47 @@ async fn last_used_times_are_written_back() {
         last_used(backend).await;
     }
 }
+
+/// A gateway that starts while the control-plane database is unreachable serves the keys of
+/// its local snapshot (written by an earlier run) instead of staying not-ready.
+#[tokio::test]
+async fn a_gateway_started_without_its_database_serves_the_snapshot() {
+    let db = TestDatabase::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let dev = developer(&store).await;
+    let (key, _) = create_key(&store, &dev.id, &["127.0.0.1"]).await;
+    let (revoked, revoked_id) = create_key(&store, &dev.id, &[]).await;
+    revoke_key(&store, &revoked_id).await;
+    let mock = Mock::start(&[]);
+    let snap_dir = tempfile::tempdir().unwrap();
+    let snapshot = snap_dir.path().join("keys.jsonl");
+    let snapshot_line = format!("snapshot_path: \"{}\"", snapshot.display());
+
+    let first = Gateway::start(
+        &body_with(&mock, &[], &control_plane(&db.url, &[&snapshot_line])),
+        &[],
+    );
+    assert_eq!(models_status(&first, &key).await, 200);
+    for _ in 0..100 {
+        if snapshot.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(snapshot.exists(), "no snapshot written");
+    let text = std::fs::read_to_string(&snapshot).unwrap();
+    assert!(!text.contains(&key), "the snapshot holds a key");
+    drop(first);
+
+    // The "database" now has no tables at all: unreachable as far as the gateway can tell.
+    let empty = tempfile::tempdir().unwrap();
+    let nowhere = format!("sqlite://{}/empty.db", empty.path().display());
+    let second = Gateway::start(
+        &body_with(&mock, &[], &control_plane(&nowhere, &[&snapshot_line])),
+        &[],
+    );
+    assert_eq!(models_status(&second, &key).await, 200);
+    assert_eq!(second.chat(&key, &chat("mock-gpt")).await.status(), 200);
+    assert_eq!(models_status(&second, &revoked).await, 401);
+    second.wait_for_log("serving the keys of the local snapshot");
+}

@@ -54,7 +54,7 @@ sed -e '/^keys: \[\]$/d' \
     config/gateway.yaml > "$DATA/gateway.yaml"
 { echo "keys:"; grep -v '^#' "$DATA/demo-key.yaml"; } >> "$DATA/gateway.yaml"
 # Keys created in the admin API reach the gateway through the shared control-plane database.
-printf 'control_plane:\n  database_url: "sqlite://%s/aihub.db"\n' "$DATA" >> "$DATA/gateway.yaml"
+printf 'control_plane:\n  database_url: "sqlite://%s/aihub.db"\n  snapshot_path: "%s/keys-snapshot.jsonl"\n' "$DATA" "$DATA" >> "$DATA/gateway.yaml"
 "$BIN" gateway --config "$DATA/gateway.yaml" --check-config
 
 # The admin API: SQLite in $DATA, mail written to $DATA/mail, an operator account bootstrapped

@@ -94,6 +94,12 @@ pub struct ControlPlaneConfig {
     /// How often last-used times of control-plane keys are written back. Default 10s.
     #[serde(default = "default_flush_interval", with = "humantime_serde")]
     pub last_used_flush_interval: Duration,
+    /// File keeping a snapshot of the control-plane keys (hashes only), rewritten at most every
+    /// 10 s after changes. A gateway that starts while the database is unreachable serves the
+    /// snapshot's keys and follows the feed from its position once the database answers.
+    /// Default: none (such a gateway stays not-ready until the database answers).
+    #[serde(default)]
+    pub snapshot_path: Option<PathBuf>,
 }
 
 impl ControlPlaneConfig {
@@ -106,6 +112,7 @@ impl ControlPlaneConfig {
             push_poll_interval: default_push_poll_interval(),
             max_connections: default_cp_connections(),
             last_used_flush_interval: default_flush_interval(),
+            snapshot_path: None,
         }
     }
 }

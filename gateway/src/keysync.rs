@@ -130,10 +130,14 @@ impl BackgroundService for KeySync {
             interner: Interner::default(),
             cursor: Cursor::default(),
             health: Health::Unknown,
+            check_head: false,
         };
 
-        // Initial load, retried until it completes once.
+        // Initial load, retried until it completes once; the first failure falls back to the
+        // local snapshot, if there is one (the load from the database is then not needed: the
+        // feed is followed from the snapshot's position).
         let mut backoff = cfg.poll_interval;
+        let mut snapshot_tried = cfg.snapshot_path.is_none();
         loop {
             let started = Instant::now();
             match follower.initial_load().await {
@@ -151,7 +155,18 @@ impl BackgroundService for KeySync {
                     );
                     break;
                 }
-                Err(e) => follower.failed(&e, "initial key load"),
+                Err(e) => {
+                    follower.failed(&e, "initial key load");
+                    if !snapshot_tried {
+                        snapshot_tried = true;
+                        if let Some(path) = &cfg.snapshot_path {
+                            if follower.load_snapshot(path) {
+                                self.shared.keys_ready.store(true, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -164,7 +179,9 @@ impl BackgroundService for KeySync {
         // Follow the feed.
         let mut backoff = cfg.poll_interval;
         let mut failing = false;
+        let mut snapshots = SnapshotWriter::new(cfg.snapshot_path.clone());
         loop {
+            snapshots.maybe_write(&follower);
             let wait = if failing {
                 backoff
             } else if push_live.load(Ordering::Relaxed) {
@@ -178,7 +195,10 @@ impl BackgroundService for KeySync {
                 _ = shutdown.changed() => return,
             }
             match follower.poll().await {
-                Ok(_) => {
+                Ok(applied) => {
+                    if applied > 0 {
+                        snapshots.dirty = true;
+                    }
                     failing = false;
                     backoff = cfg.poll_interval;
                 }
@@ -193,6 +213,51 @@ impl BackgroundService for KeySync {
                 }
             }
         }
+    }
+}
+
+/// Keeps the local key snapshot current: after changes, at most every
+/// [`SNAPSHOT_INTERVAL`], one write at a time (captured in the sync task, written on the
+/// blocking pool).
+struct SnapshotWriter {
+    path: Option<std::path::PathBuf>,
+    dirty: bool,
+    last: Option<Instant>,
+    writing: Arc<AtomicBool>,
+}
+
+/// Shortest time between two snapshot writes.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
+
+impl SnapshotWriter {
+    fn new(path: Option<std::path::PathBuf>) -> Self {
+        SnapshotWriter {
+            path,
+            // The keys just loaded are worth a snapshot.
+            dirty: true,
+            last: None,
+            writing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn maybe_write(&mut self, follower: &Follower) {
+        let Some(path) = &self.path else { return };
+        if !self.dirty
+            || self.last.is_some_and(|t| t.elapsed() < SNAPSHOT_INTERVAL)
+            || self.writing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let snapshot = crate::keysnapshot::capture(&follower.keys.synced, &follower.cursor);
+        self.dirty = false;
+        self.last = Some(Instant::now());
+        let (path, writing) = (path.clone(), Arc::clone(&self.writing));
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::keysnapshot::write(&path, &snapshot) {
+                tracing::warn!(error = %e, path = %path.display(), "cannot write the key snapshot");
+            }
+            writing.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -212,6 +277,10 @@ struct Follower {
     interner: Interner,
     cursor: Cursor,
     health: Health,
+    /// Set after loading the local snapshot: the first read from the database checks that the
+    /// feed has not gone back behind the snapshot (a restored or replaced database), and
+    /// reloads everything if it has.
+    check_head: bool,
 }
 
 impl Follower {
@@ -250,8 +319,41 @@ impl Follower {
         Ok(loaded)
     }
 
+    /// Serves the keys of the local snapshot and follows the feed from its position. Returns
+    /// whether it loaded.
+    fn load_snapshot(&mut self, path: &std::path::Path) -> bool {
+        match crate::keysnapshot::read(path) {
+            Ok((cursor, keys)) => {
+                let n = keys.len();
+                self.keys.synced.replace_all(keys);
+                self.metrics.keys.set(n as i64);
+                self.cursor = cursor;
+                self.check_head = true;
+                tracing::warn!(
+                    keys = n,
+                    path = %path.display(),
+                    "control-plane database unreachable at start: serving the keys of the local snapshot until it answers"
+                );
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "key snapshot unusable; ignored");
+                false
+            }
+        }
+    }
+
     /// Applies every change after the cursor; returns how many rows were applied.
     async fn poll(&mut self) -> Result<usize, SyncError> {
+        if self.check_head {
+            let head = timed(DB_TIMEOUT, feed::head(&self.store)).await?;
+            self.check_head = false;
+            if head < self.cursor.seq {
+                tracing::warn!("the key feed is behind the local snapshot (database replaced?): reloading every key");
+                return self.initial_load().await;
+            }
+        }
         let mut applied = 0;
         loop {
             let page = timed(

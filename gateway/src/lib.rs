@@ -10,6 +10,7 @@
 //! - [`routing`]: the live routing table (models, upstreams, endpoints, passive health).
 //! - [`keys`]: key records, the [`keys::KeyStore`] trait and the in-memory store.
 //! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used.
+//! - [`keysnapshot`]: the on-disk snapshot of control-plane keys for starts without a database.
 //! - [`request`]: reading `model`/`stream` out of a body and splicing an alias in.
 //! - [`proxy`]: the pingora `ProxyHttp` implementation and per-request context.
 //! - [`forward`]: sending the request upstream with failover, streaming the response back.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod keys;
+pub mod keysnapshot;
 pub mod keysync;
 pub mod metering;
 pub mod metrics;

@@ -1,0 +1,231 @@
+//! A local snapshot of the control-plane keys (`control_plane.snapshot_path`), so that a
+//! gateway *started* while the control-plane database is unreachable can still serve the keys
+//! it last knew, instead of staying not-ready.
+//!
+//! The file is JSON lines: a header with the feed cursor the snapshot is consistent with, then
+//! one line per key (hash, never the key itself; permissions as written). It is captured in the
+//! key-sync task between two feed reads (so keys and cursor agree), written by a blocking task
+//! to a temporary file that is synced and renamed over the old one (a crash leaves the old or
+//! the new snapshot, never a torn one), mode 600. After loading it, the gateway follows the
+//! feed from the snapshot's cursor as soon as the database answers.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use aihub_apikey::KeyHash;
+use aihub_store::feed::Cursor;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{Interner, KeyRecord, KeySource, MemoryKeyStore};
+
+const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    cursor_seq: i64,
+    cursor_id: String,
+    keys: usize,
+    written_at_ms: u64,
+}
+
+/// One key as stored in the snapshot.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotKey {
+    id: String,
+    hash: String,
+    developer_id: String,
+    models: Vec<String>,
+    endpoints: Vec<String>,
+    /// `None` = any address; `Some([])` = nobody (kept: it fails closed).
+    ip_allowlist: Option<Vec<String>>,
+    expires_at_ms: Option<u64>,
+    active: bool,
+}
+
+/// Keys and the cursor they are consistent with, captured from memory.
+pub struct Snapshot {
+    cursor: Cursor,
+    keys: Vec<SnapshotKey>,
+}
+
+/// Copies the synced keys (cheap: no I/O; run between two feed reads).
+pub fn capture(store: &MemoryKeyStore, cursor: &Cursor) -> Snapshot {
+    let mut keys = Vec::with_capacity(crate::keys::KeyStore::len(store));
+    store.for_each(|hash, r| {
+        keys.push(SnapshotKey {
+            id: r.key_id.to_string(),
+            hash: hash.to_hex(),
+            developer_id: r.developer_id.to_string(),
+            models: r.models.to_strings(),
+            endpoints: r.endpoints.to_strings(),
+            ip_allowlist: r
+                .ip_allowlist
+                .as_ref()
+                .map(|nets| nets.iter().map(ToString::to_string).collect()),
+            expires_at_ms: r.expires_at_ms,
+            active: r.active,
+        })
+    });
+    Snapshot {
+        cursor: cursor.clone(),
+        keys,
+    }
+}
+
+/// Writes `snapshot` to `path` atomically (temporary file, fsync, rename), mode 600.
+pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let mut out = BufWriter::new(file);
+    let header = Header {
+        version: VERSION,
+        cursor_seq: snapshot.cursor.seq,
+        cursor_id: snapshot.cursor.id.clone(),
+        keys: snapshot.keys.len(),
+        written_at_ms: crate::keys::now_ms(),
+    };
+    serde_json::to_writer(&mut out, &header)?;
+    out.write_all(b"\n")?;
+    for k in &snapshot.keys {
+        serde_json::to_writer(&mut out, k)?;
+        out.write_all(b"\n")?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads a snapshot: the cursor it is consistent with and the key records to serve.
+pub fn read(path: &Path) -> std::io::Result<(Cursor, Vec<(KeyHash, KeyRecord)>)> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut lines = std::io::BufReader::new(std::fs::File::open(path)?).lines();
+    let header: Header = serde_json::from_str(&lines.next().ok_or_else(|| bad("empty".into()))??)
+        .map_err(|e| bad(format!("header: {e}")))?;
+    if header.version != VERSION {
+        return Err(bad(format!(
+            "version {} (expected {VERSION})",
+            header.version
+        )));
+    }
+    let mut interner = Interner::default();
+    let mut keys = Vec::with_capacity(header.keys);
+    for line in lines {
+        let k: SnapshotKey =
+            serde_json::from_str(&line?).map_err(|e| bad(format!("key line: {e}")))?;
+        let hash = KeyHash::from_hex(&k.hash).map_err(|e| bad(format!("key {}: {e}", k.id)))?;
+        let (models, _) = interner.patterns_lenient(&k.models);
+        let (endpoints, _) = interner.patterns_lenient(&k.endpoints);
+        let ip_allowlist = match &k.ip_allowlist {
+            None => None,
+            Some(list) => {
+                let nets: Vec<_> = list
+                    .iter()
+                    .filter_map(|n| aihub_apikey::pattern::parse_ip_net(n).ok())
+                    .collect();
+                Some(Arc::from(nets))
+            }
+        };
+        let record = KeyRecord {
+            key_id: k.id.as_str().into(),
+            developer_id: interner.string(&k.developer_id),
+            models,
+            endpoints,
+            expires_at_ms: k.expires_at_ms,
+            active: k.active,
+            ip_allowlist,
+            source: KeySource::ControlPlane,
+            ..KeyRecord::default()
+        };
+        keys.push((hash, record));
+    }
+    if keys.len() != header.keys {
+        return Err(bad(format!(
+            "{} keys, header says {}",
+            keys.len(),
+            header.keys
+        )));
+    }
+    let cursor = Cursor {
+        seq: header.cursor_seq,
+        id: header.cursor_id,
+    };
+    Ok((cursor, keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyStore;
+
+    #[test]
+    fn round_trip() {
+        let store = MemoryKeyStore::new();
+        let mut interner = Interner::default();
+        let a = KeyHash::of("a");
+        let b = KeyHash::of("b");
+        store.insert(
+            a,
+            KeyRecord {
+                key_id: "key_a".into(),
+                developer_id: "dev_1".into(),
+                models: interner
+                    .patterns(&["gpt-4o*".into(), "demo".into()])
+                    .unwrap(),
+                endpoints: interner.patterns(&["*".into()]).unwrap(),
+                expires_at_ms: Some(42),
+                active: true,
+                ip_allowlist: Some(Arc::from(vec!["10.0.0.0/8".parse().unwrap()])),
+                source: KeySource::ControlPlane,
+                ..KeyRecord::default()
+            },
+        );
+        store.insert(
+            b,
+            KeyRecord {
+                key_id: "key_b".into(),
+                developer_id: "dev_2".into(),
+                active: false,
+                ip_allowlist: Some(Arc::from(Vec::new())),
+                source: KeySource::ControlPlane,
+                ..KeyRecord::default()
+            },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap/keys.jsonl");
+        let cursor = Cursor {
+            seq: 7,
+            id: "key_b".into(),
+        };
+        write(&path, &capture(&store, &cursor)).unwrap();
+        let (back, keys) = read(&path).unwrap();
+        assert_eq!(back, cursor);
+        let loaded = MemoryKeyStore::new();
+        loaded.replace_all(keys);
+        let ra = loaded.get(&a).unwrap();
+        assert!(ra.models.matches("gpt-4o-mini") && ra.models.matches("demo"));
+        assert!(!ra.models.matches("gpt-4"));
+        assert_eq!(ra.expires_at_ms, Some(42));
+        assert!(ra.allows_ip(Some("10.1.2.3".parse().unwrap())));
+        assert!(!ra.allows_ip(Some("192.0.2.1".parse().unwrap())));
+        let rb = loaded.get(&b).unwrap();
+        assert!(!rb.active && !rb.allows_ip(Some("10.1.2.3".parse().unwrap())));
+        // A torn or foreign file is refused, not half-loaded.
+        std::fs::write(
+            &path,
+            "{\"version\":1,\"cursor_seq\":1,\"cursor_id\":\"\",\"keys\":3,\"written_at_ms\":0}\n",
+        )
+        .unwrap();
+        assert!(read(&path).is_err());
+    }
+}
