@@ -633,3 +633,54 @@ async fn a_gateway_started_without_its_database_serves_the_snapshot() {
     assert_eq!(models_status(&second, &revoked).await, 401);
     second.wait_for_log("serving the keys of the local snapshot");
 }
+
+/// Committed transactions of database `name`, as PostgreSQL counts them (read from another
+/// database so the reading itself is not counted; backends report at most once a second).
+async fn transactions_of(admin: &Store, name: &str) -> i64 {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query_scalar(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
+    )
+    .bind(name)
+    .fetch_one(admin.pool())
+    .await
+    .unwrap()
+}
+
+/// A flood of well-formed but unknown keys is answered from memory: the control-plane database
+/// sees no query at all.
+#[tokio::test]
+async fn unknown_keys_cost_the_database_nothing() {
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let store = db.store().await;
+    let dev = developer(&store).await;
+    let (known, _) = create_key(&store, &dev.id, &[]).await;
+    store.close().await;
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(
+        &body_with(
+            &mock,
+            &[],
+            &control_plane(
+                &db.url,
+                &["poll_interval: 60s", "last_used_flush_interval: 60s"],
+            ),
+        ),
+        &[],
+    );
+    assert_eq!(models_status(&gw, &known).await, 200);
+    let admin_url = std::env::var("AIHUB_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let admin = Store::connect(&aihub_store::StoreOptions::new(&admin_url))
+        .await
+        .unwrap();
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let before = transactions_of(&admin, &name).await;
+    for _ in 0..300 {
+        let stranger = aihub_apikey::generate();
+        assert_eq!(models_status(&gw, &stranger).await, 401);
+    }
+    let after = transactions_of(&admin, &name).await;
+    assert_eq!(after, before, "unknown keys caused database transactions");
+    admin.close().await;
+}
