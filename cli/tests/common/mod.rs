@@ -186,7 +186,14 @@ impl Gateway {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // exited: most likely a port collision; try again
                 }
-                if answers(ops, probe) {
+                // Ready means: the ops port answers, the proxy port answers like a gateway (an
+                // unauthenticated `/v1/models` is a 401; a mock or another process that took
+                // the port between `free_port` and the bind would not say that), and our
+                // process is still alive.
+                if answers(ops, probe)
+                    && http_get(addr, "/v1/models").0 == 401
+                    && matches!(child.try_wait(), Ok(None))
+                {
                     return Gateway {
                         child,
                         dir,
