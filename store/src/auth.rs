@@ -1,4 +1,5 @@
-//! Login sessions (what a JWT points at, so logout really ends it) and single-use email tokens
+//! Login sessions (what a JWT points at, so logout really ends it; looked up with their
+//! developer by [`crate::developers::by_live_session`]) and single-use email tokens
 //! (verification and password reset; only their sha256 is stored).
 
 use sqlx::AnyConnection;
@@ -31,17 +32,6 @@ pub async fn create_session(
     .execute(store.pool())
     .await?;
     Ok(())
-}
-
-/// The developer of a session that is neither revoked nor expired.
-pub async fn live_session(store: &Store, id: &str) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT developer_id FROM sessions WHERE id = $1 AND revoked_at IS NULL AND expires_at > $2",
-    )
-    .bind(id)
-    .bind(now_ms())
-    .fetch_optional(store.pool())
-    .await?)
 }
 
 pub async fn revoke_session(store: &Store, id: &str) -> Result<()> {

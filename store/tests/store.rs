@@ -199,9 +199,18 @@ async fn lifecycle(backend: Backend) {
     auth::create_session(&store, "s1", &ada.id, i64::MAX, None, None)
         .await
         .unwrap();
-    assert!(auth::live_session(&store, "s1").await.unwrap().is_some());
+    assert_eq!(
+        developers::by_live_session(&store, "s1")
+            .await
+            .unwrap()
+            .map(|d| d.id),
+        Some(ada.id.clone())
+    );
     auth::revoke_session(&store, "s1").await.unwrap();
-    assert!(auth::live_session(&store, "s1").await.unwrap().is_none());
+    assert!(developers::by_live_session(&store, "s1")
+        .await
+        .unwrap()
+        .is_none());
 
     let mut tx = store.begin_write().await.unwrap();
     outbox::enqueue(
