@@ -2,30 +2,13 @@
 //! structs with documented defaults, environment overrides, and `validate()` whose errors name
 //! the file and the key.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A configuration problem, located by file and key path.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
-        }
-    }
-}
+pub use aihub_yamlconf::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,33 +278,15 @@ impl Default for AdminConfig {
 impl AdminConfig {
     /// Reads, applies environment overrides, validates.
     pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            key: String::new(),
-            message: format!("cannot read the file: {e}"),
-        })?;
-        let mut config = AdminConfig::parse(&text, path)?;
+        let mut config = AdminConfig::parse(&aihub_yamlconf::read(path)?, path)?;
         config.apply_env();
         config.validate(path)?;
         Ok(config)
     }
 
+    /// Parses YAML text; `file` is only used to name errors.
     pub fn parse(text: &str, file: &Path) -> Result<AdminConfig, ConfigError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let mut message = e.into_inner().to_string();
-            if let Some((prefix, rest)) = message.split_once(": ") {
-                if !prefix.contains(' ') {
-                    message = rest.to_owned();
-                }
-            }
-            ConfigError {
-                file: file.to_owned(),
-                key: if key == "." { String::new() } else { key },
-                message,
-            }
-        })
+        aihub_yamlconf::parse(text, file)
     }
 
     /// `AIHUB_DATABASE_URL`, `AIHUB_REDIS_URL`, `AIHUB_ADMIN_EMAIL` override the file.

@@ -11,7 +11,6 @@
 //! creating the section with its defaults when the file has none; ignored when empty).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -23,24 +22,7 @@ use crate::keys::{parse_ip_net, Pattern};
 /// Environment variable that sets `control_plane.database_url`.
 pub const DATABASE_URL_ENV: &str = "AIHUB_DATABASE_URL";
 
-/// A configuration problem, located by file and key path.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    /// Dotted key path, e.g. `routes[2].upstream`; empty for whole-file problems.
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
-        }
-    }
-}
+pub use aihub_yamlconf::ConfigError;
 
 /// The whole gateway configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -314,12 +296,7 @@ impl Config {
     /// Reads, parses and validates a configuration file; applies the `AIHUB_CLICKHOUSE_*` and
     /// `AIHUB_DATABASE_URL` environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            key: String::new(),
-            message: format!("cannot read the file: {e}"),
-        })?;
-        let mut config = Config::parse(&text, path)?;
+        let mut config = Config::parse(&aihub_yamlconf::read(path)?, path)?;
         if let Some(m) = &mut config.metering {
             m.clickhouse = std::mem::take(&mut m.clickhouse).with_env_overrides();
         }
@@ -342,22 +319,7 @@ impl Config {
 
     /// Parses YAML text; `file` is only used to name errors.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let mut message = e.into_inner().to_string();
-            // serde_yaml prefixes its own rendering of the path ("server: …"); ours is exact.
-            if let Some((prefix, rest)) = message.split_once(": ") {
-                if !prefix.contains(' ') {
-                    message = rest.to_owned();
-                }
-            }
-            ConfigError {
-                file: file.to_owned(),
-                key: if key == "." { String::new() } else { key },
-                message,
-            }
-        })
+        aihub_yamlconf::parse(text, file)
     }
 
     /// Checks everything that can be checked without the network.
