@@ -1,5 +1,6 @@
 //! Developer accounts under `/developer/…`: register, verify email, log in and out, password
-//! reset and change, and the caller's own profile (`/developer/me`).
+//! reset and change, and the caller's own profile (`/developer/me`: plan, effective limits, and
+//! the monthly spend cap the developer sets).
 //!
 //! Nothing here tells a stranger whether an email has an account: registration and reset
 //! requests answer 202 with the same body either way (the mail says what happened), and login
@@ -10,12 +11,14 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use aihub_plans::PlanCatalog;
 use aihub_store::developers::{self, Developer, NewDeveloper, ProfileUpdate, ROLE_DEVELOPER};
 use aihub_store::outbox::rfc3339_ms;
 use aihub_store::{auth as tokens, new_id, now_ms};
 
 use crate::auth::{check_password, new_email_token, token_hash, Caller, ClientMeta};
 use crate::error::{AppError, FieldError, Json, Query};
+use crate::plans::{parse_usd_nanos, usd_from_nanos, EffectiveLimits};
 use crate::state::AppState;
 
 pub const DEVELOPER_TYPES: &[&str] = &["individual", "enterprise"];
@@ -38,12 +41,20 @@ pub struct DeveloperView {
     pub api_quota_limit: Option<i64>,
     /// Requests-per-minute override (`null`: the plan's).
     pub api_rate_limit: Option<i64>,
+    /// Tokens-per-minute override (`null`: the plan's).
+    pub api_token_rate_limit: Option<i64>,
+    /// The developer's cap on monthly overage spend, USD as a decimal string (`null`: no cap).
+    /// It applies on plans that bill overage.
+    pub monthly_spend_cap_usd: Option<String>,
+    /// What applies: the overrides, else the plan's.
+    pub limits: EffectiveLimits,
     /// RFC 3339.
     pub created_at: String,
 }
 
-impl From<&Developer> for DeveloperView {
-    fn from(d: &Developer) -> Self {
+impl DeveloperView {
+    /// The view of `d`, with limits resolved against `plans`.
+    pub fn new(d: &Developer, plans: &PlanCatalog) -> Self {
         DeveloperView {
             id: d.id.clone(),
             email: d.email.clone(),
@@ -56,6 +67,9 @@ impl From<&Developer> for DeveloperView {
             active: d.is_active(),
             api_quota_limit: d.api_quota_limit,
             api_rate_limit: d.api_rate_limit,
+            api_token_rate_limit: d.api_token_rate_limit,
+            monthly_spend_cap_usd: d.monthly_spend_cap_nanos.map(usd_from_nanos),
+            limits: EffectiveLimits::of(d, plans),
             created_at: rfc3339_ms(d.created_at),
         }
     }
@@ -169,7 +183,7 @@ pub async fn register(
         company_name: r.company_name.map(|c| c.trim().to_owned()),
         developer_type: r.developer_type.unwrap_or_else(|| "individual".into()),
         role: ROLE_DEVELOPER.into(),
-        plan: s.config.plans[0].clone(),
+        plan: s.plans.default_plan.clone(),
         verified: false,
     };
     let mut tx = s.store.begin_write().await?;
@@ -364,7 +378,7 @@ pub async fn login(
         access_token: s.jwt.sign(&dev.id, &session, ttl),
         token_type: "Bearer",
         expires_in: ttl.as_secs(),
-        developer: (&dev).into(),
+        developer: DeveloperView::new(&dev, &s.plans),
     }))
 }
 
@@ -517,12 +531,12 @@ pub async fn change_password(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The caller's account.
+/// The caller's account, plan and effective limits.
 #[utoipa::path(get, path = "/developer/me", tag = "accounts",
     responses((status = 200, body = DeveloperView), (status = 401, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn me(caller: Caller) -> Json<DeveloperView> {
-    Json((&caller.developer).into())
+pub async fn me(State(s): State<AppState>, caller: Caller) -> Json<DeveloperView> {
+    Json(DeveloperView::new(&caller.developer, &s.plans))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -534,9 +548,16 @@ pub struct UpdateMe {
     #[schema(value_type = Option<String>)]
     pub company_name: Option<Option<String>>,
     pub developer_type: Option<String>,
+    /// Cap on the month's overage spend, USD as a decimal string (`"50.00"`, at most 6
+    /// decimals); once reached, requests are refused until the month ends. `null` removes the
+    /// cap. Applies on plans that bill overage.
+    #[serde(default, deserialize_with = "crate::keys::double_option")]
+    #[schema(value_type = Option<String>)]
+    pub monthly_spend_cap_usd: Option<Option<String>>,
 }
 
-/// Update the caller's profile (name, company, type). The email cannot be changed here.
+/// Update the caller's profile (name, company, type) or monthly spend cap. The email cannot be
+/// changed here. A new spend cap reaches every gateway within a second.
 #[utoipa::path(put, path = "/developer/me", tag = "accounts",
     request_body = UpdateMe,
     responses((status = 200, body = DeveloperView), (status = 422, body = crate::openapi::ErrorBody)),
@@ -554,12 +575,33 @@ pub async fn update_me(
         check_name("company_name", c, &mut errors);
     }
     check_type(r.developer_type.as_deref(), &mut errors);
+    let cap = match &r.monthly_spend_cap_usd {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(text)) => match parse_usd_nanos(text) {
+            Ok(nanos) => Some(Some(nanos)),
+            Err(e) => {
+                errors.push(FieldError::new("monthly_spend_cap_usd", e));
+                None
+            }
+        },
+    };
     AppError::check(errors)?;
     let u = ProfileUpdate {
         full_name: r.full_name.map(|n| n.trim().to_owned()),
         company_name: r.company_name.map(|c| c.map(|c| c.trim().to_owned())),
         developer_type: r.developer_type,
     };
-    let dev = developers::update_profile(&s.store, &caller.developer.id, &u).await?;
-    Ok(Json((&dev).into()))
+    let id = &caller.developer.id;
+    let mut tx = s.store.begin_write().await?;
+    let mut dev = developers::update_profile(&mut tx, id, &u).await?;
+    if let Some(cap) = cap {
+        // Last: it puts the developer's keys on the change feed.
+        dev = developers::set_spend_cap(&mut tx, id, cap).await?;
+    }
+    tx.commit().await?;
+    if cap.is_some() {
+        s.notifier.keys_changed();
+    }
+    Ok(Json(DeveloperView::new(&dev, &s.plans)))
 }

@@ -31,9 +31,11 @@ pub struct AdminConfig {
     pub email: EmailConfig,
     #[serde(default)]
     pub keys: KeysConfig,
-    /// Plan names operators may assign. Default the seed's: free, developer, pro, enterprise.
-    #[serde(default = "default_plans")]
-    pub plans: Vec<String>,
+    /// The plans file (`config/plans.yaml` is the reference): the plans operators may assign,
+    /// the one new accounts get, and the limits and prices shown. Relative to this file's
+    /// directory. Absent: the built-in plans (the shipped `config/plans.yaml`).
+    #[serde(default)]
+    pub plans_file: Option<PathBuf>,
     /// The operator account created (or promoted) at start. Env `AIHUB_ADMIN_EMAIL` and
     /// `AIHUB_ADMIN_PASSWORD` override. Absent: no bootstrap.
     #[serde(default)]
@@ -260,11 +262,6 @@ fn default_max_keys() -> i64 {
 fn default_max_grace() -> Duration {
     Duration::from_secs(7 * 86_400)
 }
-fn default_plans() -> Vec<String> {
-    ["free", "developer", "pro", "enterprise"]
-        .map(String::from)
-        .to_vec()
-}
 fn default_admin_password_env() -> String {
     "AIHUB_ADMIN_PASSWORD".into()
 }
@@ -276,9 +273,16 @@ impl Default for AdminConfig {
 }
 
 impl AdminConfig {
-    /// Reads, applies environment overrides, validates.
+    /// Reads, applies environment overrides, resolves `plans_file` against the file's
+    /// directory, validates (the plans file included).
     pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
         let mut config = AdminConfig::parse(&aihub_yamlconf::read(path)?, path)?;
+        if let Some(p) = &config.plans_file {
+            if p.is_relative() {
+                let dir = path.parent().unwrap_or(Path::new(""));
+                config.plans_file = Some(dir.join(p));
+            }
+        }
         config.apply_env();
         config.validate(path)?;
         Ok(config)
@@ -307,6 +311,15 @@ impl AdminConfig {
                 email,
                 password_env,
             });
+        }
+    }
+
+    /// The plans: read from `plans_file` (as given: [`AdminConfig::load`] has made a relative
+    /// path relative to the configuration file) or built in. Errors name the plans file.
+    pub fn plans(&self) -> Result<aihub_plans::PlanCatalog, ConfigError> {
+        match &self.plans_file {
+            Some(p) => aihub_plans::PlanCatalog::load(p),
+            None => Ok(aihub_plans::PlanCatalog::builtin()),
         }
     }
 
@@ -382,9 +395,7 @@ impl AdminConfig {
         if self.keys.max_per_developer < 1 {
             return Err(err("keys.max_per_developer", "must be at least 1".into()));
         }
-        if self.plans.is_empty() {
-            return Err(err("plans", "at least one plan is needed".into()));
-        }
+        self.plans()?;
         if let Some(b) = &self.bootstrap_admin {
             if !b.email.contains('@') {
                 return Err(err(
@@ -419,5 +430,27 @@ mod tests {
         let c = AdminConfig::parse("keys: {default_expiry: soon}", Path::new("a.yaml")).unwrap();
         let e = c.validate(Path::new("a.yaml")).unwrap_err();
         assert_eq!(e.key, "keys.default_expiry");
+    }
+
+    #[test]
+    fn plans_file_is_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir(&conf).unwrap();
+        let plans = conf.join("my-plans.yaml");
+        std::fs::write(&plans, "default_plan: a\nplans: {a: {overage: true}}\n").unwrap();
+        std::fs::write(conf.join("admin.yaml"), "plans_file: my-plans.yaml\n").unwrap();
+        let c = AdminConfig::load(&conf.join("admin.yaml")).unwrap();
+        assert_eq!(c.plans_file.as_deref(), Some(plans.as_path()));
+        assert_eq!(c.plans().unwrap().default_plan, "a");
+        // No file: the built-in plans.
+        assert_eq!(AdminConfig::default().plans().unwrap().default_plan, "free");
+        // A broken plans file stops the start, naming that file and its key.
+        std::fs::write(&plans, "default_plan: b\nplans: {a: {overage: true}}\n").unwrap();
+        let e = AdminConfig::load(&conf.join("admin.yaml")).unwrap_err();
+        assert_eq!(
+            (e.file.as_path(), e.key.as_str()),
+            (plans.as_path(), "default_plan")
+        );
     }
 }

@@ -63,6 +63,9 @@ pub struct KeyView {
     pub permissions: Permissions,
     /// Requests per minute for this key (`null`: the developer's or plan's limit).
     pub rate_limit_rpm: Option<i64>,
+    /// Tokens (prompt + completion) per minute for this key (`null`: the developer's or plan's
+    /// limit).
+    pub rate_limit_tpm: Option<i64>,
     /// Client addresses allowed (CIDRs); empty = any.
     pub ip_allowlist: Vec<String>,
     /// RFC 3339; `null` = never.
@@ -95,6 +98,7 @@ impl From<&ApiKey> for KeyView {
                 endpoints: k.endpoints.clone(),
             },
             rate_limit_rpm: k.rate_limit_rpm,
+            rate_limit_tpm: k.rate_limit_tpm,
             ip_allowlist: k.ip_allowlist.clone(),
             expires_at: k.expires_at.map(rfc3339_ms),
             status,
@@ -118,8 +122,12 @@ pub struct CreateKeyRequest {
     pub name: String,
     #[serde(default)]
     pub permissions: Option<Permissions>,
+    /// Requests per minute for this key (1 to 10000000). Default: the developer's or plan's.
     #[serde(default)]
     pub rate_limit_rpm: Option<i64>,
+    /// Tokens per minute for this key (1 to 1000000000). Default: the developer's or plan's.
+    #[serde(default)]
+    pub rate_limit_tpm: Option<i64>,
     /// Lifetime in days (1 to 3650). Default: the platform's (365 days).
     #[serde(default)]
     pub expires_in_days: Option<i64>,
@@ -154,9 +162,19 @@ fn check_patterns(field: &str, list: &[String], errors: &mut Vec<FieldError>) {
     }
 }
 
-fn check_rpm(rpm: Option<i64>, errors: &mut Vec<FieldError>) {
-    if rpm.is_some_and(|r| !(1..=10_000_000).contains(&r)) {
-        errors.push(FieldError::new("rate_limit_rpm", "must be 1 to 10000000"));
+/// Largest requests-per-minute limit accepted (keys and developer overrides).
+pub const MAX_RPM: i64 = 10_000_000;
+/// Largest tokens-per-minute limit accepted (keys and developer overrides).
+pub const MAX_TPM: i64 = 1_000_000_000;
+
+fn check_rates(rpm: Option<i64>, tpm: Option<i64>, errors: &mut Vec<FieldError>) {
+    for (field, v, max) in [
+        ("rate_limit_rpm", rpm, MAX_RPM),
+        ("rate_limit_tpm", tpm, MAX_TPM),
+    ] {
+        if v.is_some_and(|n| !(1..=max).contains(&n)) {
+            errors.push(FieldError::new(field, format!("must be 1 to {max}")));
+        }
     }
 }
 
@@ -243,7 +261,7 @@ pub async fn create_key(
     let perms = r.permissions.unwrap_or_default();
     check_patterns("permissions.models", &perms.models, &mut errors);
     check_patterns("permissions.endpoints", &perms.endpoints, &mut errors);
-    check_rpm(r.rate_limit_rpm, &mut errors);
+    check_rates(r.rate_limit_rpm, r.rate_limit_tpm, &mut errors);
     let ips = check_ips(&r.ip_allowlist, &mut errors);
     let lifetime = match (r.expires_in_days, r.never_expires) {
         (Some(_), true) => {
@@ -274,6 +292,7 @@ pub async fn create_key(
         endpoints: perms.endpoints,
         ip_allowlist: ips,
         rate_limit_rpm: r.rate_limit_rpm,
+        rate_limit_tpm: r.rate_limit_tpm,
         expires_at: lifetime.map(|l| now_ms() + l.as_millis() as i64),
     };
     let mut tx = s.store.begin_write().await?;
@@ -408,6 +427,10 @@ pub struct UpdateKeyRequest {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     pub rate_limit_rpm: Option<Option<i64>>,
+    /// `null` clears the per-key limit.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
+    pub rate_limit_tpm: Option<Option<i64>>,
     /// RFC 3339 instant in the future; `null` = never expires.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
@@ -417,7 +440,7 @@ pub struct UpdateKeyRequest {
     pub active: Option<bool>,
 }
 
-/// Update a key's name, permissions, limit, expiry, IP allowlist or active flag.
+/// Update a key's name, permissions, limits, expiry, IP allowlist or active flag.
 #[utoipa::path(put, path = "/developer/keys/{id}", tag = "keys",
     params(("id" = String, Path, description = "Key id")),
     request_body = UpdateKeyRequest,
@@ -438,7 +461,11 @@ pub async fn update(
         check_patterns("permissions.models", &p.models, &mut errors);
         check_patterns("permissions.endpoints", &p.endpoints, &mut errors);
     }
-    check_rpm(r.rate_limit_rpm.flatten(), &mut errors);
+    check_rates(
+        r.rate_limit_rpm.flatten(),
+        r.rate_limit_tpm.flatten(),
+        &mut errors,
+    );
     let ips = r.ip_allowlist.as_deref().map(|l| check_ips(l, &mut errors));
     let expires_at = match &r.expires_at {
         None => None,
@@ -467,6 +494,7 @@ pub async fn update(
         endpoints: r.permissions.map(|p| p.endpoints),
         ip_allowlist: ips,
         rate_limit_rpm: r.rate_limit_rpm,
+        rate_limit_tpm: r.rate_limit_tpm,
         expires_at,
         active: r.active,
     };
@@ -610,6 +638,7 @@ pub async fn regenerate(
         endpoints: old.endpoints.clone(),
         ip_allowlist: old.ip_allowlist.clone(),
         rate_limit_rpm: old.rate_limit_rpm,
+        rate_limit_tpm: old.rate_limit_tpm,
         expires_at: old
             .expires_at
             .and(s.config.keys.default_lifetime())

@@ -1,5 +1,5 @@
 //! The AI Hub control plane's HTTP API (axum): developer accounts, API keys, operator tools,
-//! and its OpenAPI document. Data lives in the control-plane store (`aihub-store`: SQLite by
+//! the public plan list, and its OpenAPI document. Data lives in the control-plane store (`aihub-store`: SQLite by
 //! default, PostgreSQL when configured); gateways follow key changes from the store's change
 //! feed, nudged through Redis when configured.
 //!
@@ -14,6 +14,7 @@
 //! - [`accounts`] — `/developer/register|verify-email|login|logout|reset-password|me`.
 //! - [`keys`] — `/developer/keys…`.
 //! - [`operators`] — `/admin/…`.
+//! - [`plans`] — `GET /plans`, effective limits, USD amounts.
 //! - [`email`] — SMTP or `.eml` files.
 //! - [`notify`] — Redis pub/sub nudges to gateways.
 //! - [`http`] — request ids, access log, metrics, health, 404.
@@ -29,6 +30,7 @@ pub mod keys;
 pub mod notify;
 pub mod openapi;
 pub mod operators;
+pub mod plans;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -68,6 +70,7 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(operators::developer_keys))
         .routes(routes!(operators::revoke_key))
         .routes(routes!(operators::audit_log))
+        .routes(routes!(plans::list))
         .split_for_parts()
 }
 

@@ -50,7 +50,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(
         title = "AI Hub admin API",
-        description = "Developer accounts, API keys and operator tools of AI Hub Gateway. \
+        description = "Developer accounts, API keys, plans and operator tools of AI Hub Gateway. \
             Errors use the OpenAI shape `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
     ),
     modifiers(&BearerAuth),
@@ -59,6 +59,7 @@ impl Modify for BearerAuth {
         (name = "accounts", description = "Registration, email verification, login, passwords, profile"),
         (name = "keys", description = "API keys of the signed-in developer"),
         (name = "operators", description = "Operator tools (role admin)"),
+        (name = "plans", description = "Plans, their prices and limits (public)"),
     )
 )]
 pub struct ApiDoc;

@@ -1,7 +1,7 @@
 //! Operator endpoints under `/admin/…` (role `admin`): list and search developers, create
 //! accounts, disable or enable them (their keys stop or resume on every gateway), set plan,
-//! role, quota and rate-limit overrides, revoke any key, and read the audit log. Every change is
-//! written to the audit log in its own transaction.
+//! role, quota and rate-limit overrides (gateways apply them within a second), revoke any key,
+//! and read the audit log. Every change is written to the audit log in its own transaction.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -57,7 +57,10 @@ pub async fn list_developers(
     AppError::check(errors)?;
     let (rows, total) = developers::search(&s.store, q.q.as_deref(), limit, offset).await?;
     Ok(Json(DeveloperList {
-        data: rows.iter().map(DeveloperView::from).collect(),
+        data: rows
+            .iter()
+            .map(|d| DeveloperView::new(d, &s.plans))
+            .collect(),
         total,
     }))
 }
@@ -73,7 +76,7 @@ pub struct CreateDeveloper {
     pub developer_type: Option<String>,
     /// `developer` (default) or `admin`.
     pub role: Option<String>,
-    /// Default: the first configured plan.
+    /// One of the plans (`GET /plans`). Default: the default plan.
     pub plan: Option<String>,
 }
 
@@ -115,7 +118,7 @@ pub async fn create_developer(
         company_name: r.company_name.map(|c| c.trim().to_owned()),
         developer_type: r.developer_type.unwrap_or_else(|| "individual".into()),
         role: r.role.unwrap_or_else(|| ROLE_DEVELOPER.into()),
-        plan: r.plan.unwrap_or_else(|| s.config.plans[0].clone()),
+        plan: r.plan.unwrap_or_else(|| s.plans.default_plan.clone()),
         verified: true,
     };
     let mut tx = s.store.begin_write().await?;
@@ -138,7 +141,10 @@ pub async fn create_developer(
     };
     audit::record(&mut tx, &entry).await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json((&dev).into())))
+    Ok((
+        StatusCode::CREATED,
+        Json(DeveloperView::new(&dev, &s.plans)),
+    ))
 }
 
 fn check_choices(
@@ -158,10 +164,11 @@ fn check_choices(
         errors.push(FieldError::new("role", "must be `developer` or `admin`"));
     }
     if let Some(p) = plan {
-        if !s.config.plans.iter().any(|known| known == p) {
+        if !s.plans.plans.contains_key(p) {
+            let names: Vec<&str> = s.plans.plans.keys().map(String::as_str).collect();
             errors.push(FieldError::new(
                 "plan",
-                format!("must be one of: {}", s.config.plans.join(", ")),
+                format!("must be one of: {}", names.join(", ")),
             ));
         }
     }
@@ -177,7 +184,8 @@ pub async fn get_developer(
     _op: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<DeveloperView>, AppError> {
-    Ok(Json((&developers::by_id(&s.store, &id).await?).into()))
+    let dev = developers::by_id(&s.store, &id).await?;
+    Ok(Json(DeveloperView::new(&dev, &s.plans)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -192,13 +200,18 @@ pub struct UpdateDeveloper {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     pub api_quota_limit: Option<Option<i64>>,
-    /// Requests per minute; `null` = the plan's.
+    /// Requests per minute over all the developer's keys (1 to 10000000); `null` = the plan's.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     pub api_rate_limit: Option<Option<i64>>,
+    /// Tokens per minute over all the developer's keys (1 to 1000000000); `null` = the plan's.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
+    pub api_token_rate_limit: Option<Option<i64>>,
 }
 
-/// Disable or enable an account; set its plan, role, quota or rate limit.
+/// Disable or enable an account; set its plan, role, quota or rate limits. Gateways apply a
+/// new plan or limit within a second.
 #[utoipa::path(put, path = "/admin/developers/{id}", tag = "operators",
     params(("id" = String, Path, description = "Developer id")),
     request_body = UpdateDeveloper,
@@ -214,12 +227,20 @@ pub async fn update_developer(
 ) -> Result<Json<DeveloperView>, AppError> {
     let mut errors = Vec::new();
     check_choices(&s, None, r.role.as_deref(), r.plan.as_deref(), &mut errors);
-    for (field, v) in [
-        ("api_quota_limit", r.api_quota_limit),
-        ("api_rate_limit", r.api_rate_limit),
+    if r.api_quota_limit.flatten().is_some_and(|n| n < 0) {
+        errors.push(FieldError::new("api_quota_limit", "must not be negative"));
+    }
+    // Per-minute limits are positive, as the gateway applies them (0 would read as the plan's).
+    for (field, v, max) in [
+        ("api_rate_limit", r.api_rate_limit, crate::keys::MAX_RPM),
+        (
+            "api_token_rate_limit",
+            r.api_token_rate_limit,
+            crate::keys::MAX_TPM,
+        ),
     ] {
-        if v.flatten().is_some_and(|n| n < 0) {
-            errors.push(FieldError::new(field, "must not be negative"));
+        if v.flatten().is_some_and(|n| !(1..=max).contains(&n)) {
+            errors.push(FieldError::new(field, format!("must be 1 to {max}")));
         }
     }
     if id == op.id && (r.active == Some(false) || r.role.as_deref() == Some(ROLE_DEVELOPER)) {
@@ -235,9 +256,12 @@ pub async fn update_developer(
         role: r.role.clone(),
         api_quota_limit: r.api_quota_limit,
         api_rate_limit: r.api_rate_limit,
+        api_token_rate_limit: r.api_token_rate_limit,
     };
     let mut tx = s.store.begin_write().await?;
-    let dev = developers::operator_update(&mut tx, &id, &u).await?;
+    // The developer's row first (lock order: developer, sessions, keys, feed counter), so the
+    // update with its change-feed stamp can be the last write.
+    developers::lock(&mut tx, &id).await?;
     if r.active == Some(false) {
         sessions::revoke_all_sessions(&mut tx, &id).await?;
     }
@@ -253,15 +277,17 @@ pub async fn update_developer(
             "role": r.role,
             "api_quota_limit": r.api_quota_limit,
             "api_rate_limit": r.api_rate_limit,
+            "api_token_rate_limit": r.api_token_rate_limit,
         }),
         ip: ip.as_deref(),
     };
     audit::record(&mut tx, &entry).await?;
+    let dev = developers::operator_update(&mut tx, &id, &u).await?;
     tx.commit().await?;
-    if r.active.is_some() {
+    if u.touches_keys() {
         s.notifier.keys_changed();
     }
-    Ok(Json((&dev).into()))
+    Ok(Json(DeveloperView::new(&dev, &s.plans)))
 }
 
 /// A developer's keys.

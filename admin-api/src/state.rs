@@ -1,5 +1,5 @@
-//! [`AppState`]: everything handlers share (store, config, mailer, token signer, throttles,
-//! metrics, the gateway notifier), built once at start by [`AppState::new`], which also runs the
+//! [`AppState`]: everything handlers share (store, config, plans, mailer, token signer,
+//! throttles, metrics, the gateway notifier), built once at start by [`AppState::new`], which also runs the
 //! control-plane migrations and bootstraps the operator account.
 
 use std::ops::Deref;
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 
+use aihub_plans::PlanCatalog;
 use aihub_store::developers::{self, NewDeveloper, OperatorUpdate, ROLE_ADMIN};
 use aihub_store::{audit, migrations, settings, Store, StoreOptions};
 
@@ -32,6 +33,8 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub store: Store,
     pub config: AdminConfig,
+    /// The plans (`plans_file`, or built in).
+    pub plans: PlanCatalog,
     pub mailer: Mailer,
     pub jwt: Jwt,
     pub passwords: Passwords,
@@ -62,8 +65,12 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 impl AppState {
-    /// Connects, migrates, loads or creates the JWT secret, and bootstraps the operator.
+    /// Reads the plans, connects, migrates, loads or creates the JWT secret, and bootstraps
+    /// the operator.
     pub async fn new(config: AdminConfig) -> Result<AppState, StartError> {
+        let plans = config
+            .plans()
+            .map_err(|e| StartError::Setup(e.to_string()))?;
         let mut opts = StoreOptions::new(&config.database.url);
         opts.max_connections = config.database.max_connections;
         let store = Store::connect(&opts).await?;
@@ -104,6 +111,7 @@ impl AppState {
         );
         let state = AppState(Arc::new(Inner {
             store,
+            plans,
             jwt: Jwt::new(&secret),
             passwords,
             mailer,
@@ -141,6 +149,16 @@ impl AppState {
     /// may have registered it first) becomes the operator only on the configured terms: its
     /// password is replaced by the configured one, it is marked verified, and its sessions end,
     /// so whoever registered it cannot sign in as the operator.
+    /// The plan of a bootstrapped operator: `enterprise` when the plans have it, else the
+    /// default plan.
+    fn operator_plan(&self) -> String {
+        if self.plans.plans.contains_key("enterprise") {
+            "enterprise".into()
+        } else {
+            self.plans.default_plan.clone()
+        }
+    }
+
     async fn bootstrap_admin(&self) -> Result<(), StartError> {
         let Some(b) = &self.config.bootstrap_admin else {
             return Ok(());
@@ -184,7 +202,7 @@ impl AppState {
                     company_name: None,
                     developer_type: "enterprise".into(),
                     role: ROLE_ADMIN.into(),
-                    plan: "enterprise".into(),
+                    plan: self.operator_plan(),
                     verified: true,
                 };
                 match developers::insert(&mut tx, &new).await {

@@ -168,6 +168,7 @@ pub fn db_keys(admin: &Path, command: DbKeysCommand) -> anyhow::Result<()> {
                     name,
                     permissions: Some(Permissions { models, endpoints }),
                     rate_limit_rpm: None,
+                    rate_limit_tpm: None,
                     expires_in_days: expires_in_days.filter(|d| *d != 0),
                     never_expires: expires_in_days == Some(0),
                     ip_allowlist: Vec::new(),

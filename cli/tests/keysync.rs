@@ -40,6 +40,7 @@ async fn create_key(store: &Store, dev: &str, ip_allowlist: &[&str]) -> (String,
             endpoints: vec!["*".into()],
             ip_allowlist: ip_allowlist.iter().map(|s| s.to_string()).collect(),
             rate_limit_rpm: None,
+            rate_limit_tpm: None,
             expires_at: None,
         },
     )

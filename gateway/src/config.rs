@@ -49,6 +49,56 @@ pub struct Config {
     /// the declarative `keys` (env `AIHUB_DATABASE_URL` creates it). Changes need a restart.
     #[serde(default)]
     pub control_plane: Option<ControlPlaneConfig>,
+    /// Rate limits, token limits and plan quotas. Absent: nothing is limited.
+    #[serde(default)]
+    pub limits: Option<LimitsConfig>,
+}
+
+/// How requests are limited (`limits:`). Changes need a restart, except the plans file, which
+/// is re-read on reload.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Plans file (see `config/plans.yaml`), relative to this file's directory. Default: the
+    /// built-in plans (the shipped `config/plans.yaml`).
+    #[serde(default)]
+    pub plans_file: Option<PathBuf>,
+    /// Completion tokens reserved for a request that names no `max_tokens`. Default 1024.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
+    /// Shared limits across gateway nodes. Absent: each node limits alone.
+    #[serde(default)]
+    pub redis: Option<LimitsRedisConfig>,
+}
+
+/// Redis holding the limits every node shares.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRedisConfig {
+    /// `redis://[:password@]host:port[/db]` (required). Holds a credential: never logged.
+    pub url: String,
+    /// Longest a request waits for Redis before deciding locally (and marking Redis down).
+    /// Default 50ms.
+    #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Prefix of every Redis key. Default `aihub`.
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+}
+
+impl LimitsConfig {
+    /// The plans, from `plans_file` (relative to `config_file`'s directory) or built in.
+    pub fn plans(&self, config_file: &Path) -> Result<aihub_plans::PlanCatalog, ConfigError> {
+        match &self.plans_file {
+            None => Ok(aihub_plans::PlanCatalog::builtin()),
+            Some(p) => {
+                let path = config_file
+                    .parent()
+                    .map_or_else(|| p.clone(), |dir| dir.join(p));
+                aihub_plans::PlanCatalog::load(&path)
+            }
+        }
+    }
 }
 
 /// Where the control-plane keys come from and how closely they are followed.
@@ -238,6 +288,16 @@ pub struct KeyConfig {
     /// addresses. Other clients get 403 `ip_not_allowed`. Default: empty (any address).
     #[serde(default)]
     pub ip_allowlist: Vec<String>,
+    /// The developer's plan (`limits.plans_file`): its rate limits and monthly quota apply.
+    /// Default: none (only the key's own limits).
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// The key's own requests per minute (burst = the same). Default: none.
+    #[serde(default)]
+    pub rate_limit_rpm: Option<u32>,
+    /// The key's own tokens per minute. Default: none.
+    #[serde(default)]
+    pub rate_limit_tpm: Option<u32>,
 }
 
 fn default_listen() -> Vec<String> {
@@ -284,6 +344,15 @@ fn default_cp_connections() -> u32 {
 }
 fn default_flush_interval() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_tokens() -> u32 {
+    1024
+}
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_redis_prefix() -> String {
+    "aihub".into()
 }
 fn default_true() -> bool {
     true
@@ -445,6 +514,59 @@ impl Config {
                 parse_ip_net(entry)
                     .map_err(|m| err(format!("{at}.ip_allowlist[{j}]"), m.to_string()))?;
             }
+            for (field, v) in [
+                ("rate_limit_rpm", k.rate_limit_rpm),
+                ("rate_limit_tpm", k.rate_limit_tpm),
+            ] {
+                if v == Some(0) {
+                    return Err(err(
+                        format!("{at}.{field}"),
+                        "must be at least 1 (leave it out for no limit)".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(l) = &self.limits {
+            let plans = l.plans(file)?;
+            for (i, k) in self.keys.iter().enumerate() {
+                if let Some(p) = k.plan.as_deref().filter(|p| !plans.plans.contains_key(*p)) {
+                    return Err(err(
+                        format!("keys[{i}].plan"),
+                        format!("no plan named `{p}` in the plans file"),
+                    ));
+                }
+            }
+            if l.default_max_tokens == 0 {
+                return Err(err(
+                    "limits.default_max_tokens".into(),
+                    "must be positive".into(),
+                ));
+            }
+            if let Some(r) = &l.redis {
+                if !(r.url.starts_with("redis://")
+                    || r.url.starts_with("rediss://")
+                    || r.url.starts_with("unix://"))
+                {
+                    return Err(err(
+                        "limits.redis.url".into(),
+                        "expected redis://, rediss:// or unix://".into(),
+                    ));
+                }
+                if r.timeout.is_zero() {
+                    return Err(err(
+                        "limits.redis.timeout".into(),
+                        "must be positive".into(),
+                    ));
+                }
+                if r.prefix.is_empty() || r.prefix.contains(char::is_whitespace) {
+                    return Err(err("limits.redis.prefix".into(), "a non-empty word".into()));
+                }
+            }
+        } else if let Some(i) = self.keys.iter().position(|k| k.plan.is_some()) {
+            return Err(err(
+                format!("keys[{i}].plan"),
+                "plans apply only with a `limits:` section".into(),
+            ));
         }
         if let Some(cp) = &self.control_plane {
             cp.validate().map_err(|(key, message)| err(key, message))?;

@@ -5,6 +5,8 @@
 //! go to the logs through [`GatewayError::detail`].
 
 use aihub_apikey::KeyFormatError;
+
+use crate::limits::Reason;
 use serde::Serialize;
 
 /// Why authentication failed; also the `reason` label of `aihub_auth_failures_total`.
@@ -61,6 +63,13 @@ pub enum GatewayError {
     UpstreamTimeout { upstream: String, detail: String },
     #[error("upstream `{upstream}` failed: {detail}")]
     UpstreamFailed { upstream: String, detail: String },
+    #[error("refused by a limit: {}", .reason.as_str())]
+    Limited {
+        reason: crate::limits::Reason,
+        retry_after_secs: u64,
+        /// The per-minute limit that refused (requests or tokens), when one did.
+        limit: Option<u32>,
+    },
     #[error("usage metering is unavailable (WAL over its disk cap)")]
     MeteringUnavailable,
     #[error("internal error: {0}")]
@@ -93,6 +102,7 @@ impl GatewayError {
             InvalidJson(_) | MissingModel => 400,
             BodyTimeout => 408,
             BodyTooLarge(_) => 413,
+            Limited { .. } => 429,
             ClientGone => 499,
             UpstreamUnreachable { .. } | UpstreamFailed { .. } => 502,
             UpstreamTimeout { .. } => 504,
@@ -115,6 +125,10 @@ impl GatewayError {
             InvalidJson(_) => "invalid_json",
             MissingModel => "missing_model",
             BodyTooLarge(_) => "request_too_large",
+            Limited { reason, .. } => match reason {
+                Reason::Quota | Reason::SpendCap => "insufficient_quota",
+                _ => "rate_limit_exceeded",
+            },
             BodyTimeout => "request_timeout",
             ClientGone => "client_closed_request",
             UpstreamUnreachable { .. } => "upstream_unreachable",
@@ -126,6 +140,13 @@ impl GatewayError {
     }
 
     fn kind(&self) -> &'static str {
+        if let GatewayError::Limited { reason, .. } = self {
+            return match reason {
+                Reason::Tokens => "tokens",
+                Reason::Quota | Reason::SpendCap => "insufficient_quota",
+                Reason::Requests | Reason::Concurrency => "requests",
+            };
+        }
         match self.status() {
             500 | 503 => "server_error",
             502 | 504 => "upstream_error",
@@ -159,6 +180,16 @@ impl GatewayError {
             InvalidJson(why) => format!("We could not parse the JSON body of your request: {why}."),
             MissingModel => "You must provide a model parameter (a JSON string).".into(),
             BodyTooLarge(limit) => format!("The request body is larger than the maximum of {limit} bytes."),
+            Limited { reason, retry_after_secs: wait, limit } => {
+                let per_minute = limit.map_or_else(String::new, |n| format!(" Limit: {n} per minute."));
+                match reason {
+                    Reason::Requests => format!("Rate limit reached for requests.{per_minute} Please try again in {wait}s."),
+                    Reason::Tokens => format!("Rate limit reached for tokens.{per_minute} Please try again in {wait}s."),
+                    Reason::Concurrency => "Too many concurrent requests for this API key. Please retry when one has finished.".into(),
+                    Reason::Quota => "You exceeded your current quota: this month's included tokens are used up. Upgrade your plan, or wait for the next billing period.".into(),
+                    Reason::SpendCap => "You reached your monthly spend cap. Raise it in your account settings, or wait for the next billing period.".into(),
+                }
+            }
             BodyTimeout => "Timed out while reading the request body.".into(),
             ClientGone => "The client closed the request.".into(),
             UpstreamUnreachable { .. } => "The upstream model provider could not be reached. Please retry.".into(),
@@ -196,6 +227,35 @@ mod tests {
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["param"], "model");
         assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+
+    #[test]
+    fn limits_are_429_in_openai_shapes() {
+        let body = |reason| {
+            let e = GatewayError::Limited {
+                reason,
+                retry_after_secs: 7,
+                limit: Some(60),
+            };
+            assert_eq!(e.status(), 429);
+            serde_json::from_slice::<serde_json::Value>(&e.body()).unwrap()
+        };
+        let v = body(Reason::Requests);
+        assert_eq!(v["error"]["type"], "requests");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("60 per minute"));
+        assert!(v["error"]["message"].as_str().unwrap().contains("7s"));
+        assert_eq!(body(Reason::Tokens)["error"]["type"], "tokens");
+        let v = body(Reason::Quota);
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+        assert_eq!(v["error"]["code"], "insufficient_quota");
+        assert_eq!(
+            body(Reason::SpendCap)["error"]["code"],
+            "insufficient_quota"
+        );
     }
 
     #[test]

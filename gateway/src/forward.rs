@@ -171,8 +171,10 @@ async fn relay(
         .response_header()
         .ok_or_else(|| GatewayError::Internal("no upstream response header".into()))?;
     let mut resp = downstream_response(source, ctx)?;
+    ctx.rate_headers.apply(&mut resp);
     ctx.status = resp.status.as_u16();
-    ctx.meter = response_meter(&resp, strip_usage, shared.usage.is_some());
+    let metering = shared.usage.is_some() || ctx.admission.is_some();
+    ctx.meter = response_meter(&resp, strip_usage, metering);
     if matches!(ctx.meter, ResponseMeter::Sse(_)) && strip_usage {
         // Removing the usage event changes the length: let the body be chunked.
         if resp.remove_header(&header::CONTENT_LENGTH).is_some() {
@@ -339,6 +341,19 @@ fn downstream_response(
     let mut resp = source.clone();
     for name in ["connection", "keep-alive", "proxy-connection"] {
         resp.remove_header(name);
+    }
+    // The provider account's own limits are not the client's: ours replace them, or none.
+    let theirs: Vec<HeaderName> = resp
+        .headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n.starts_with("x-ratelimit-") || n == "ratelimit" || n == "ratelimit-policy"
+        })
+        .cloned()
+        .collect();
+    for name in theirs {
+        resp.remove_header(&name);
     }
     if let Some(theirs) = resp.remove_header(&X_REQUEST_ID) {
         resp.insert_header(X_UPSTREAM_REQUEST_ID, theirs)

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -57,6 +57,10 @@ pub struct KeyRecord {
     pub last_used_ms: AtomicU64,
     /// The `last_used_ms` the control plane has already been told (written by the flusher).
     pub reported_used_ms: AtomicU64,
+    /// The key's, its developer's and its plan's limits (resolved per request).
+    pub limits: crate::limits::KeyLimits,
+    /// Requests in flight on this node (the plan's concurrency cap).
+    pub in_flight: AtomicU32,
 }
 
 impl KeyRecord {
@@ -116,6 +120,12 @@ impl KeyRecord {
                     .ip_allowlist(&k.ip_allowlist)
                     .map_err(|e| e.to_string())?,
                 source: KeySource::Declared,
+                limits: crate::limits::KeyLimits {
+                    plan: k.plan.as_deref().map(|p| interner.string(p)),
+                    key_rpm: k.rate_limit_rpm,
+                    key_tpm: k.rate_limit_tpm,
+                    ..Default::default()
+                },
                 ..KeyRecord::default()
             },
         ))

@@ -42,6 +42,9 @@ pub struct SnapshotKey {
     ip_allowlist: Option<Vec<String>>,
     expires_at_ms: Option<u64>,
     active: bool,
+    /// Absent in snapshots written before limits existed: no limits until the feed says.
+    #[serde(default)]
+    limits: crate::limits::KeyLimits,
 }
 
 /// Keys and the cursor they are consistent with, captured from memory.
@@ -66,6 +69,7 @@ pub fn capture(store: &MemoryKeyStore, cursor: &Cursor) -> Snapshot {
                 .map(|nets| nets.iter().map(ToString::to_string).collect()),
             expires_at_ms: r.expires_at_ms,
             active: r.active,
+            limits: r.limits.clone(),
         })
     });
     Snapshot {
@@ -145,6 +149,10 @@ pub fn read(path: &Path) -> std::io::Result<(Cursor, Vec<(KeyHash, KeyRecord)>)>
             active: k.active,
             ip_allowlist,
             source: KeySource::ControlPlane,
+            limits: crate::limits::KeyLimits {
+                plan: k.limits.plan.as_deref().map(|p| interner.string(p)),
+                ..k.limits
+            },
             ..KeyRecord::default()
         };
         keys.push((hash, record));

@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 
 use crate::config::ControlPlaneConfig;
 use crate::keys::{Interner, KeyRecord, KeySet, KeySource, KeyStore};
+use crate::limits::KeyLimits;
 use crate::metrics::KeySyncMetrics;
 use crate::proxy::Shared;
 
@@ -463,8 +464,24 @@ pub fn record_from_state(state: &KeyState, interner: &mut Interner) -> KeyRecord
         active: state.active,
         ip_allowlist,
         source: KeySource::ControlPlane,
+        limits: KeyLimits {
+            plan: Some(interner.string(&state.plan)),
+            key_rpm: positive(state.rate_limit_rpm),
+            key_tpm: positive(state.rate_limit_tpm),
+            dev_rpm: positive(state.dev_rate_limit_rpm),
+            dev_tpm: positive(state.dev_rate_limit_tpm),
+            dev_quota_tokens: state.dev_quota_tokens.map(|q| q.max(0) as u64),
+            spend_cap_nanos: state.spend_cap_nanos,
+        },
         ..KeyRecord::default()
     }
+}
+
+/// A stored per-minute limit as the gateway applies it (the admin API stores positive values
+/// only; anything else is read as no limit).
+fn positive(v: Option<i64>) -> Option<u32> {
+    v.filter(|&n| n > 0)
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 /// Subscribes to the admin API's change notices; each one wakes the follower. Reconnects with
@@ -602,7 +619,13 @@ mod tests {
             models: models.iter().map(|s| s.to_string()).collect(),
             endpoints: vec!["*".into()],
             ip_allowlist: ips.iter().map(|s| s.to_string()).collect(),
-            rate_limit_rpm: None,
+            rate_limit_rpm: Some(60),
+            rate_limit_tpm: Some(0),
+            plan: "pro".into(),
+            dev_rate_limit_rpm: None,
+            dev_rate_limit_tpm: Some(5000),
+            dev_quota_tokens: Some(-1),
+            spend_cap_nanos: Some(7),
             expires_at: Some(1_700_000_000_000),
             active: true,
             deleted: false,
@@ -618,6 +641,18 @@ mod tests {
         assert!(r.models.matches("gpt-4o-mini") && !r.models.matches("demo"));
         assert!(r.ip_allowlist.is_none());
         assert_eq!(r.expires_at_ms, Some(1_700_000_000_000));
+        assert_eq!(
+            r.limits,
+            KeyLimits {
+                plan: Some("pro".into()),
+                key_rpm: Some(60),
+                key_tpm: None,
+                dev_rpm: None,
+                dev_tpm: Some(5000),
+                dev_quota_tokens: Some(0),
+                spend_cap_nanos: Some(7),
+            }
+        );
         // Invalid entries narrow the key, never widen it.
         let r = record_from_state(&state(&["a*b", "demo"], &["nope"]), &mut interner);
         assert!(r.models.matches("demo") && !r.models.matches("a"));

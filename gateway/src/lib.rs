@@ -11,6 +11,7 @@
 //! - [`keys`]: key records, the [`keys::KeyStore`] trait and the in-memory store.
 //! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used.
 //! - [`keysnapshot`]: the on-disk snapshot of control-plane keys for starts without a database.
+//! - [`limits`]: request/token limits and plan quotas, local or shared through Redis.
 //! - [`request`]: reading `model`/`stream` out of a body and splicing an alias in.
 //! - [`proxy`]: the pingora `ProxyHttp` implementation and per-request context.
 //! - [`forward`]: sending the request upstream with failover, streaming the response back.
@@ -24,6 +25,7 @@ pub mod forward;
 pub mod keys;
 pub mod keysnapshot;
 pub mod keysync;
+pub mod limits;
 pub mod metering;
 pub mod metrics;
 pub mod proxy;

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub keys_loaded: IntGauge,
     /// Key sync (control plane): see [`KeySyncMetrics`].
     pub key_sync: KeySyncMetrics,
+    /// Rate limits and quotas: see [`LimitMetrics`].
+    pub limits: LimitMetrics,
     /// Configuration reloads by result (ok, error).
     pub config_reloads: IntCounterVec,
     /// Usage records whose tokens are the gateway's estimate.
@@ -80,8 +82,10 @@ impl Metrics {
             .register(Box::new(endpoint_healthy.clone()))
             .expect("unique metric");
         let key_sync = KeySyncMetrics::new(&registry);
+        let limits = LimitMetrics::new(&registry);
         Metrics {
             key_sync,
+            limits,
             requests: counter(
                 "requests_total",
                 "Requests by routed model and status",
@@ -173,6 +177,78 @@ pub struct KeySyncMetrics {
     pub push_connected: IntGauge,
     /// Last-used write-backs by result (ok, error).
     pub last_used_flushes: IntCounterVec,
+}
+
+/// Rate limits and quotas.
+#[derive(Clone)]
+pub struct LimitMetrics {
+    /// Requests refused with 429, by reason (concurrency, requests, tokens, quota, spend_cap).
+    pub rate_limited: IntCounterVec,
+    /// 1 while limits are decided in Redis; 0 while this node decides alone (or before the
+    /// first connection). Absent without Redis.
+    pub redis_up: IntGauge,
+    /// Failed or timed-out Redis calls.
+    pub redis_errors: IntCounter,
+    /// Time of a Redis admission round trip.
+    pub redis_latency: Histogram,
+    /// Gateway nodes sharing the limits (node registry; last known value).
+    pub nodes: IntGauge,
+    /// Local bucket entries held (keys and developers with recent traffic).
+    pub entries: IntGauge,
+    /// 1 once this period's usage was read from ClickHouse.
+    pub quota_seeded: IntGauge,
+    /// Usage alerts by result (recorded, duplicate, logged, dropped).
+    pub usage_alerts: IntCounterVec,
+}
+
+impl LimitMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
+            r.register(Box::new(m.clone())).expect("unique metric");
+            m
+        }
+        let gauge = |n: &str, h: &str| reg(registry, IntGauge::new(n, h).expect("valid metric"));
+        let vec = |n: &str, h: &str, l: &[&str]| {
+            reg(
+                registry,
+                IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"),
+            )
+        };
+        LimitMetrics {
+            rate_limited: vec(
+                "rate_limited_total",
+                "Requests refused by a limit or quota, by reason",
+                &["reason"],
+            ),
+            redis_up: gauge(
+                "limits_redis_up",
+                "1 while limits are decided in Redis, 0 while this node decides alone",
+            ),
+            redis_errors: reg(
+                registry,
+                IntCounter::new(
+                    "limits_redis_errors_total",
+                    "Failed or timed-out Redis limit calls",
+                )
+                .expect("valid metric"),
+            ),
+            redis_latency: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("limits_redis_seconds", "Redis admission round trip")
+                        .buckets(BUCKETS.to_vec()),
+                )
+                .expect("valid metric"),
+            ),
+            nodes: gauge("limits_nodes", "Gateway nodes sharing the limits"),
+            entries: gauge("limits_local_entries", "Local limiter entries held"),
+            quota_seeded: gauge(
+                "limits_quota_seeded",
+                "1 once this period's usage was read from ClickHouse",
+            ),
+            usage_alerts: vec("usage_alerts_total", "Usage alerts by result", &["result"]),
+        }
+    }
 }
 
 impl KeySyncMetrics {

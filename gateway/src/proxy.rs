@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::error::GatewayError;
 use crate::keys::{authenticate, now_ms, KeyRecord, KeyStore};
+use crate::limits::headers::RateHeaders;
 use crate::metrics::Metrics;
 use crate::request;
 use crate::routing::{Route, Runtime};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub keys_ready: AtomicBool,
     /// Where usage records go; `None` when metering is off.
     pub usage: Option<aihub_usage::UsageSink>,
+    /// Rate limits and quotas; `None` without a `limits` section.
+    pub limits: Option<Arc<crate::limits::Limits>>,
 }
 
 /// The proxy.
@@ -79,6 +82,12 @@ pub struct RequestCtx {
     pub request_body: Option<Bytes>,
     /// Reads usage from the response as it streams by.
     pub meter: ResponseMeter,
+    /// The request's hold on its limits (settled in `logging`).
+    pub admission: Option<crate::limits::Admission>,
+    /// Rate-limit headers for the response (empty when no limit applies).
+    pub rate_headers: RateHeaders,
+    /// `Retry-After` seconds of a refusal.
+    pub retry_after: Option<u64>,
     counted: bool,
 }
 
@@ -125,6 +134,9 @@ impl ProxyHttp for Gateway {
             metered: false,
             request_body: None,
             meter: ResponseMeter::None,
+            admission: None,
+            rate_headers: RateHeaders::default(),
+            retry_after: None,
             counted: false,
         }
     }
@@ -215,15 +227,26 @@ impl ProxyHttp for Gateway {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             error = ctx.error,
         );
-        if ctx.metered {
-            if let Some(sink) = &self.shared.usage {
-                let runtime = self.shared.runtime.load();
-                let record = crate::usage::record(session, ctx, &runtime.pricing, elapsed);
-                if record.usage_estimated == 1 {
-                    m.usage_estimated.inc();
-                }
-                sink.record(record).await;
+        let sink = self.shared.usage.as_ref().filter(|_| ctx.metered);
+        if sink.is_none() && ctx.admission.is_none() {
+            return;
+        }
+        let runtime = self.shared.runtime.load();
+        let priced = crate::usage::priced(ctx, &runtime.pricing);
+        if let (Some(admission), Some(limits)) = (ctx.admission.take(), &self.shared.limits) {
+            limits.settle(
+                admission,
+                u64::from(priced.usage.total),
+                priced.cost_nanos,
+                &runtime.plans,
+            );
+        }
+        if let Some(sink) = sink {
+            let record = crate::usage::record(session, ctx, &priced, elapsed);
+            if record.usage_estimated == 1 {
+                m.usage_estimated.inc();
             }
+            sink.record(record).await;
         }
     }
 }
@@ -287,9 +310,33 @@ impl Gateway {
         if self.shared.usage.as_ref().is_some_and(|u| !u.admit()) {
             return Err(GatewayError::MeteringUnavailable);
         }
+        if let Some(limits) = &self.shared.limits {
+            let embeddings = endpoint.starts_with("embeddings");
+            let estimate = limits.estimate(body.len(), probe.max_tokens, probe.n, embeddings);
+            match limits.admit(&key, &rt.plans, estimate).await {
+                Ok(admission) => {
+                    ctx.rate_headers = admission.headers;
+                    ctx.admission = Some(admission);
+                }
+                Err(refusal) => {
+                    ctx.rate_headers = refusal.headers;
+                    ctx.retry_after = Some(refusal.retry_after_secs);
+                    let shown = match refusal.reason {
+                        crate::limits::Reason::Tokens => refusal.headers.tokens,
+                        _ => refusal.headers.requests,
+                    };
+                    return Err(GatewayError::Limited {
+                        reason: refusal.reason,
+                        retry_after_secs: refusal.retry_after_secs,
+                        limit: shown.filter(|s| s.remaining == 0).map(|s| s.limit),
+                    });
+                }
+            }
+        }
         // Streams are metered from the upstream's usage chunk: ask for it when the client did not
-        // (and strip it from the client's stream); only when metering is on.
-        let meter_stream = self.shared.usage.is_some() && route.upstream.inject_stream_usage;
+        // (and strip it from the client's stream); when metering or token limits need it.
+        let meter_stream = (self.shared.usage.is_some() || ctx.admission.is_some())
+            && route.upstream.inject_stream_usage;
         let (body, strip_usage) =
             request::upstream_body(body, &probe, route.upstream_model.as_deref(), meter_stream);
         crate::forward::exchange(&self.shared, session, ctx, route, body, strip_usage).await
@@ -430,7 +477,7 @@ impl Gateway {
         body: Vec<u8>,
     ) -> Result<(), GatewayError> {
         ctx.status = status;
-        let mut resp = ResponseHeader::build(status, Some(4)).expect("valid status");
+        let mut resp = ResponseHeader::build(status, Some(12)).expect("valid status");
         let headers = [
             (
                 header::CONTENT_TYPE,
@@ -444,6 +491,11 @@ impl Gateway {
         ];
         for (name, value) in headers {
             resp.insert_header(name, value).expect("valid header");
+        }
+        ctx.rate_headers.apply(&mut resp);
+        if let Some(secs) = ctx.retry_after {
+            resp.insert_header(header::RETRY_AFTER, HeaderValue::from(secs))
+                .expect("valid header");
         }
         ctx.response_started = true;
         ctx.bytes_out = body.len() as u64;

@@ -23,6 +23,11 @@ pub struct Probe {
     pub include_usage: bool,
     /// Byte range of the `stream_options` value, when present.
     pub stream_options_span: Option<Range<usize>>,
+    /// `max_completion_tokens`, else `max_tokens`, when a non-negative integer (the token
+    /// reservation; anything else is left for the upstream to judge).
+    pub max_tokens: Option<u64>,
+    /// `n` (choices), when a positive integer; default 1.
+    pub n: u64,
 }
 
 #[derive(Deserialize)]
@@ -33,6 +38,17 @@ struct Fields<'a> {
     stream: Option<bool>,
     #[serde(borrow, default)]
     stream_options: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    n: Option<&'a RawValue>,
+}
+
+/// A JSON value read as a non-negative integer, else `None`.
+fn uint(v: Option<&RawValue>) -> Option<u64> {
+    v.and_then(|v| v.get().parse::<u64>().ok())
 }
 
 #[derive(Deserialize)]
@@ -71,6 +87,8 @@ pub fn inspect(body: &[u8]) -> Result<Probe, GatewayError> {
         stream: fields.stream.unwrap_or(false),
         include_usage,
         stream_options_span: fields.stream_options.map(|o| span(body, o)),
+        max_tokens: uint(fields.max_completion_tokens).or_else(|| uint(fields.max_tokens)),
+        n: uint(fields.n).filter(|&n| n > 0).unwrap_or(1),
     })
 }
 

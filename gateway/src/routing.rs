@@ -28,6 +28,8 @@ pub struct Runtime {
     /// When this table was built, unix seconds (the `created` of `GET /v1/models`).
     pub loaded_at_unix: u64,
     pub pricing: aihub_usage::pricing::Pricing,
+    /// Plans for limits and quotas (re-read on reload); built in without `limits.plans_file`.
+    pub plans: Arc<aihub_plans::PlanCatalog>,
 }
 
 /// A model clients may name.
@@ -105,6 +107,10 @@ impl Runtime {
             max_request_body_bytes: config.server.max_request_body_bytes,
             request_body_timeout: config.server.request_body_timeout,
             loaded_at_unix: now_ms() / 1000,
+            plans: Arc::new(match &config.limits {
+                Some(l) => l.plans(file)?,
+                None => aihub_plans::PlanCatalog::builtin(),
+            }),
             pricing: aihub_usage::pricing::Pricing::from_config(&config.pricing).map_err(
                 |(key, message)| ConfigError {
                     file: file.to_owned(),

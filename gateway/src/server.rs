@@ -96,6 +96,41 @@ impl GatewayServer {
                 (None, None)
             }
         };
+        let (limits, limits_service) = match &config.limits {
+            Some(l) => {
+                let redis = match &l.redis {
+                    Some(r) => Some(
+                        crate::limits::distributed::Distributed::new(&r.url, &r.prefix, r.timeout)
+                            .map_err(|_| ConfigError {
+                                // The URL may hold a password: never echoed.
+                                file: path.to_owned(),
+                                key: "limits.redis.url".into(),
+                                message: "not a usable Redis URL".into(),
+                            })?,
+                    ),
+                    None => None,
+                };
+                let (limits, alerts) = crate::limits::Limits::new(
+                    crate::limits::Settings {
+                        default_max_tokens: l.default_max_tokens,
+                    },
+                    redis,
+                    metrics.limits.clone(),
+                );
+                let limits = Arc::new(limits);
+                let service = crate::limits::service::LimitsService {
+                    limits: Arc::clone(&limits),
+                    clickhouse: config.metering.as_ref().map(|m| m.clickhouse.client()),
+                    database_url: config
+                        .control_plane
+                        .as_ref()
+                        .map(|c| c.database_url.clone()),
+                    alerts: std::sync::Mutex::new(Some(alerts)),
+                };
+                (Some(limits), Some(service))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             keys: keys.clone(),
@@ -104,6 +139,7 @@ impl GatewayServer {
             ready: false.into(),
             keys_ready: config.control_plane.is_none().into(),
             usage,
+            limits,
         });
 
         let mut proxy = pingora_proxy::http_proxy_service_with_name(
@@ -132,6 +168,9 @@ impl GatewayServer {
                 control_plane: config.control_plane.clone(),
             },
         );
+        if let Some(service) = limits_service {
+            server.add_service(background_service("aihub limits", service));
+        }
         server.add_service(proxy);
         server.add_service(ops);
         server.add_service(reloader);

@@ -36,14 +36,17 @@ pub fn final_usage(ctx: &RequestCtx) -> (Usage, bool) {
     }
 }
 
-/// Builds the usage record of a finished request.
-pub fn record(
-    session: &Session,
-    ctx: &RequestCtx,
-    pricing: &Pricing,
-    elapsed: Duration,
-) -> UsageRecord {
-    let req = session.req_header();
+/// A finished request's tokens and their price.
+#[derive(Debug, Clone, Copy)]
+pub struct Priced {
+    pub usage: Usage,
+    /// The tokens are the gateway's estimate.
+    pub estimated: bool,
+    pub cost_nanos: i64,
+}
+
+/// Tokens and cost of a finished request (for its usage record and its limits).
+pub fn priced(ctx: &RequestCtx, pricing: &Pricing) -> Priced {
     let (usage, estimated) = final_usage(ctx);
     let route = ctx.route.as_deref();
     let model = route.map_or("", |r| r.model.as_str());
@@ -53,7 +56,29 @@ pub fn record(
         cached: usage.cached,
         completion: usage.completion,
     };
-    let cost = to_nanos(pricing.price(model, upstream_model).cost(tokens));
+    Priced {
+        usage,
+        estimated,
+        cost_nanos: to_nanos(pricing.price(model, upstream_model).cost(tokens)),
+    }
+}
+
+/// Builds the usage record of a finished request.
+pub fn record(
+    session: &Session,
+    ctx: &RequestCtx,
+    priced: &Priced,
+    elapsed: Duration,
+) -> UsageRecord {
+    let req = session.req_header();
+    let Priced {
+        usage,
+        estimated,
+        cost_nanos: cost,
+    } = *priced;
+    let route = ctx.route.as_deref();
+    let model = route.map_or("", |r| r.model.as_str());
+    let upstream_model = route.map_or("", |r| r.upstream_model.as_deref().unwrap_or(&r.model));
     let error_type = match ctx.error {
         Some(code) => code.to_owned(),
         None if ctx.status >= 400 => "upstream_error".to_owned(),

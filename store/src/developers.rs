@@ -1,6 +1,8 @@
 //! Developer accounts: registration, profile, password, email verification, and the operator's
-//! view (search, disable, plan and limits). Emails are stored lowercased; uniqueness is the
-//! database's.
+//! view (search, disable, plan and limits), and the developer's own monthly spend cap. Emails
+//! are stored lowercased; uniqueness is the database's. A change gateways enforce (active state,
+//! plan, limits, spend cap) puts all the developer's keys on the change feed ([`feed`]) in the
+//! same transaction.
 
 use serde::Serialize;
 use sqlx::any::AnyRow;
@@ -24,8 +26,14 @@ pub struct Developer {
     pub developer_type: String,
     pub role: String,
     pub plan: String,
+    /// Monthly token quota override (`None`: the plan's included tokens).
     pub api_quota_limit: Option<i64>,
+    /// Requests-per-minute override (`None`: the plan's).
     pub api_rate_limit: Option<i64>,
+    /// Tokens-per-minute override (`None`: the plan's).
+    pub api_token_rate_limit: Option<i64>,
+    /// The developer's cap on monthly overage spend, nano-USD (`None`: no cap).
+    pub monthly_spend_cap_nanos: Option<i64>,
     pub email_verified_at: Option<i64>,
     pub disabled_at: Option<i64>,
     pub created_at: i64,
@@ -45,7 +53,8 @@ impl Developer {
 }
 
 const COLUMNS: &str = "id, email, password_hash, full_name, company_name, developer_type, role, \
-    plan, api_quota_limit, api_rate_limit, email_verified_at, disabled_at, created_at, updated_at";
+    plan, api_quota_limit, api_rate_limit, api_token_rate_limit, monthly_spend_cap_nanos, \
+    email_verified_at, disabled_at, created_at, updated_at";
 
 fn from_row(r: &AnyRow) -> Result<Developer> {
     Ok(Developer {
@@ -59,6 +68,8 @@ fn from_row(r: &AnyRow) -> Result<Developer> {
         plan: r.try_get("plan")?,
         api_quota_limit: r.try_get("api_quota_limit")?,
         api_rate_limit: r.try_get("api_rate_limit")?,
+        api_token_rate_limit: r.try_get("api_token_rate_limit")?,
+        monthly_spend_cap_nanos: r.try_get("monthly_spend_cap_nanos")?,
         email_verified_at: r.try_get("email_verified_at")?,
         disabled_at: r.try_get("disabled_at")?,
         created_at: r.try_get("created_at")?,
@@ -148,7 +159,12 @@ pub struct ProfileUpdate {
     pub developer_type: Option<String>,
 }
 
-pub async fn update_profile(store: &Store, id: &str, u: &ProfileUpdate) -> Result<Developer> {
+/// Changes profile fields (nothing gateways see, so no key goes on the feed).
+pub async fn update_profile(
+    conn: &mut AnyConnection,
+    id: &str,
+    u: &ProfileUpdate,
+) -> Result<Developer> {
     let sql = format!(
         "UPDATE developers SET \
            full_name = COALESCE($2, full_name), \
@@ -164,7 +180,7 @@ pub async fn update_profile(store: &Store, id: &str, u: &ProfileUpdate) -> Resul
         .bind(u.company_name.clone().flatten())
         .bind(&u.developer_type)
         .bind(now_ms())
-        .fetch_one(store.pool())
+        .fetch_one(conn)
         .await?;
     from_row(&row)
 }
@@ -217,10 +233,24 @@ pub struct OperatorUpdate {
     pub role: Option<String>,
     pub api_quota_limit: Option<Option<i64>>,
     pub api_rate_limit: Option<Option<i64>>,
+    pub api_token_rate_limit: Option<Option<i64>>,
 }
 
-/// Applies an operator change. Setting the active flag puts all the account's keys on the
-/// change feed in the same transaction, so every gateway drops or restores them.
+impl OperatorUpdate {
+    /// Whether the change is one gateways enforce (active state, plan, limits), so the
+    /// developer's keys must go on the change feed.
+    pub fn touches_keys(&self) -> bool {
+        self.active.is_some()
+            || self.plan.is_some()
+            || self.api_quota_limit.is_some()
+            || self.api_rate_limit.is_some()
+            || self.api_token_rate_limit.is_some()
+    }
+}
+
+/// Applies an operator change. Setting the active flag, the plan or a limit puts all the
+/// account's keys on the change feed in the same transaction (its last write), so every gateway
+/// drops or restores them, or applies the new limits.
 pub async fn operator_update(
     conn: &mut AnyConnection,
     id: &str,
@@ -235,6 +265,7 @@ pub async fn operator_update(
            role = COALESCE($4, role), \
            api_quota_limit = CASE WHEN $5 = 1 THEN $6 ELSE api_quota_limit END, \
            api_rate_limit = CASE WHEN $7 = 1 THEN $8 ELSE api_rate_limit END, \
+           api_token_rate_limit = CASE WHEN $10 = 1 THEN $11 ELSE api_token_rate_limit END, \
            updated_at = $9 \
          WHERE id = $1 RETURNING {COLUMNS}"
     );
@@ -248,14 +279,39 @@ pub async fn operator_update(
         .bind(u.api_rate_limit.is_some() as i64)
         .bind(u.api_rate_limit.flatten())
         .bind(now)
+        .bind(u.api_token_rate_limit.is_some() as i64)
+        .bind(u.api_token_rate_limit.flatten())
         .fetch_one(&mut *conn)
         .await?;
     let dev = from_row(&row)?;
-    // Whenever the active flag is set (changed or not): deciding from a read made before this
-    // update could miss a concurrent change, and re-stamping is harmless.
-    if u.active.is_some() {
+    // Whenever such a field is set (changed or not): deciding from a read made before this
+    // update could miss a concurrent change, and re-stamping is harmless. The update above
+    // holds the developer's row, so the lock order is developer row, key rows, counter.
+    if u.touches_keys() {
         feed::touch_developer_keys(conn, id).await?;
     }
+    Ok(dev)
+}
+
+/// Sets (or, with `None`, clears) the developer's monthly overage spend cap in nano-USD, and
+/// puts their keys on the change feed so gateways apply it (same transaction, last write).
+pub async fn set_spend_cap(
+    conn: &mut AnyConnection,
+    id: &str,
+    cap_nanos: Option<i64>,
+) -> Result<Developer> {
+    let sql = format!(
+        "UPDATE developers SET monthly_spend_cap_nanos = $2, updated_at = $3 \
+         WHERE id = $1 RETURNING {COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id)
+        .bind(cap_nanos)
+        .bind(now_ms())
+        .fetch_one(&mut *conn)
+        .await?;
+    let dev = from_row(&row)?;
+    feed::touch_developer_keys(conn, id).await?;
     Ok(dev)
 }
 

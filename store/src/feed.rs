@@ -1,10 +1,10 @@
 //! The key change feed every gateway follows, and the last-used times gateways report back.
 //!
-//! Each transaction that changes a key (or a developer's active state) takes the next value of
-//! the `keys` counter and stamps it on the changed key rows as `change_seq`. The counter row is
-//! locked from that update to the commit, so sequence numbers become visible in order: a
-//! gateway that has read every row up to `(seq, id)` can never later find a row with a smaller
-//! stamp. Gateways read `(change_seq, id) > cursor` in pages and apply each row as the key's
+//! Each transaction that changes a key (or what gateways need of its developer: active state,
+//! plan, rate limits, quota, spend cap) takes the next value of the `keys` counter and stamps
+//! it on the changed key rows as `change_seq`. The counter row is locked from that update to
+//! the commit, so sequence numbers become visible in order: a gateway that has read every row
+//! up to `(seq, id)` can never later find a row with a smaller stamp. Gateways read `(change_seq, id) > cursor` in pages and apply each row as the key's
 //! whole current state (idempotent), so re-reading is harmless.
 //!
 //! **Invariant:** the counter update is the last write of such a transaction (or close to it),
@@ -63,10 +63,11 @@ pub async fn touch_keys(conn: &mut AnyConnection, ids: &[&str]) -> Result<i64> {
     Ok(seq)
 }
 
-/// Puts every key of a developer on the feed (after the developer was disabled or enabled).
-/// Lock order matches the single-key writes (key rows, then the counter): on PostgreSQL the
-/// developer's key rows are locked in id order first, so a concurrent key write cannot deadlock
-/// with this.
+/// Puts every key of a developer on the feed (after the developer was disabled or enabled, or
+/// their plan or limits changed: each key's state carries them). Call it after the developer's
+/// row was updated (or locked): the lock order is developer row, key rows, counter, as in the
+/// single-key writes. On PostgreSQL the developer's key rows are locked in id order first, so a
+/// concurrent key write cannot deadlock with this.
 pub async fn touch_developer_keys(conn: &mut AnyConnection, developer_id: &str) -> Result<i64> {
     if conn.backend_name() == "PostgreSQL" {
         sqlx::query(
@@ -98,7 +99,21 @@ pub struct KeyState {
     pub models: Vec<String>,
     pub endpoints: Vec<String>,
     pub ip_allowlist: Vec<String>,
+    /// The key's requests per minute (`NULL` in the store: the developer's or plan's).
     pub rate_limit_rpm: Option<i64>,
+    /// The key's tokens per minute (`None`: the developer's or plan's).
+    pub rate_limit_tpm: Option<i64>,
+    /// The developer's plan (a name from the plans file; unknown names mean the default plan).
+    pub plan: String,
+    /// The developer's requests-per-minute override (`developers.api_rate_limit`).
+    pub dev_rate_limit_rpm: Option<i64>,
+    /// The developer's tokens-per-minute override (`developers.api_token_rate_limit`).
+    pub dev_rate_limit_tpm: Option<i64>,
+    /// The developer's monthly token quota override (`developers.api_quota_limit`).
+    pub dev_quota_tokens: Option<i64>,
+    /// The developer's monthly overage spend cap, nano-USD
+    /// (`developers.monthly_spend_cap_nanos`).
+    pub spend_cap_nanos: Option<i64>,
     pub expires_at: Option<i64>,
     /// Key not disabled and its developer not disabled.
     pub active: bool,
@@ -126,6 +141,12 @@ fn state_from_row(r: &AnyRow) -> Result<KeyState> {
         endpoints: json_list(r, "endpoints")?,
         ip_allowlist: json_list(r, "ip_allowlist")?,
         rate_limit_rpm: r.try_get("rate_limit_rpm")?,
+        rate_limit_tpm: r.try_get("rate_limit_tpm")?,
+        plan: r.try_get("plan")?,
+        dev_rate_limit_rpm: r.try_get("api_rate_limit")?,
+        dev_rate_limit_tpm: r.try_get("api_token_rate_limit")?,
+        dev_quota_tokens: r.try_get("api_quota_limit")?,
+        spend_cap_nanos: r.try_get("monthly_spend_cap_nanos")?,
         expires_at: r.try_get("expires_at")?,
         active: key_disabled.is_none() && dev_disabled.is_none(),
         deleted: deleted.is_some(),
@@ -144,8 +165,9 @@ pub async fn changes_since(
 ) -> Result<Vec<KeyState>> {
     let rows = sqlx::query(
         "SELECT k.id, k.key_hash, k.developer_id, k.models, k.endpoints, k.ip_allowlist, \
-                k.rate_limit_rpm, k.expires_at, k.disabled_at, k.deleted_at, k.change_seq, \
-                d.disabled_at AS dev_disabled_at \
+                k.rate_limit_rpm, k.rate_limit_tpm, k.expires_at, k.disabled_at, k.deleted_at, \
+                k.change_seq, d.disabled_at AS dev_disabled_at, d.plan, d.api_rate_limit, \
+                d.api_token_rate_limit, d.api_quota_limit, d.monthly_spend_cap_nanos \
          FROM api_keys k JOIN developers d ON d.id = k.developer_id \
          WHERE (k.change_seq > $1 OR (k.change_seq = $1 AND k.id > $2)) \
            AND ($3 = 0 OR k.deleted_at IS NULL) \

@@ -19,7 +19,10 @@ pub struct ApiKey {
     pub models: Vec<String>,
     pub endpoints: Vec<String>,
     pub ip_allowlist: Vec<String>,
+    /// Requests per minute for this key (`None`: the developer's or plan's limit).
     pub rate_limit_rpm: Option<i64>,
+    /// Tokens per minute for this key (`None`: the developer's or plan's limit).
+    pub rate_limit_tpm: Option<i64>,
     pub expires_at: Option<i64>,
     pub disabled_at: Option<i64>,
     pub deleted_at: Option<i64>,
@@ -30,8 +33,8 @@ pub struct ApiKey {
 }
 
 const COLUMNS: &str = "id, developer_id, name, key_prefix, models, endpoints, ip_allowlist, \
-    rate_limit_rpm, expires_at, disabled_at, deleted_at, rotated_to, last_used_at, created_at, \
-    updated_at";
+    rate_limit_rpm, rate_limit_tpm, expires_at, disabled_at, deleted_at, rotated_to, last_used_at, \
+    created_at, updated_at";
 
 pub(crate) fn json_list(r: &AnyRow, col: &str) -> Result<Vec<String>> {
     let text: String = r.try_get(col)?;
@@ -52,6 +55,7 @@ fn from_row(r: &AnyRow) -> Result<ApiKey> {
         endpoints: json_list(r, "endpoints")?,
         ip_allowlist: json_list(r, "ip_allowlist")?,
         rate_limit_rpm: r.try_get("rate_limit_rpm")?,
+        rate_limit_tpm: r.try_get("rate_limit_tpm")?,
         expires_at: r.try_get("expires_at")?,
         disabled_at: r.try_get("disabled_at")?,
         deleted_at: r.try_get("deleted_at")?,
@@ -77,6 +81,7 @@ pub struct NewKey {
     pub endpoints: Vec<String>,
     pub ip_allowlist: Vec<String>,
     pub rate_limit_rpm: Option<i64>,
+    pub rate_limit_tpm: Option<i64>,
     pub expires_at: Option<i64>,
 }
 
@@ -92,8 +97,9 @@ async fn insert_row(conn: &mut AnyConnection, k: &NewKey) -> Result<ApiKey> {
     let id = &k.id;
     let sql = format!(
         "INSERT INTO api_keys (id, developer_id, name, key_hash, key_prefix, models, endpoints, \
-         ip_allowlist, rate_limit_rpm, expires_at, created_at, updated_at, change_seq) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 0) RETURNING {COLUMNS}"
+         ip_allowlist, rate_limit_rpm, expires_at, created_at, updated_at, change_seq, \
+         rate_limit_tpm) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 0, $12) RETURNING {COLUMNS}"
     );
     let row = sqlx::query(&sql)
         .bind(id)
@@ -107,6 +113,7 @@ async fn insert_row(conn: &mut AnyConnection, k: &NewKey) -> Result<ApiKey> {
         .bind(k.rate_limit_rpm)
         .bind(k.expires_at)
         .bind(now)
+        .bind(k.rate_limit_tpm)
         .fetch_one(&mut *conn)
         .await?;
     from_row(&row)
@@ -177,6 +184,7 @@ pub struct KeyUpdate {
     pub endpoints: Option<Vec<String>>,
     pub ip_allowlist: Option<Vec<String>>,
     pub rate_limit_rpm: Option<Option<i64>>,
+    pub rate_limit_tpm: Option<Option<i64>>,
     pub expires_at: Option<Option<i64>>,
     pub active: Option<bool>,
 }
@@ -199,6 +207,7 @@ pub async fn update(
            expires_at = CASE WHEN $9 = 1 THEN $10 ELSE expires_at END, \
            disabled_at = CASE WHEN $11 = 1 THEN NULL WHEN $11 = 0 THEN COALESCE(disabled_at, $12) \
                          ELSE disabled_at END, \
+           rate_limit_tpm = CASE WHEN $13 = 1 THEN $14 ELSE rate_limit_tpm END, \
            updated_at = $12 \
          WHERE id = $1 AND ($2 IS NULL OR developer_id = $2) AND deleted_at IS NULL \
          RETURNING {COLUMNS}"
@@ -216,6 +225,8 @@ pub async fn update(
         .bind(u.expires_at.flatten())
         .bind(u.active.map(|a| a as i64).unwrap_or(-1))
         .bind(now)
+        .bind(u.rate_limit_tpm.is_some() as i64)
+        .bind(u.rate_limit_tpm.flatten())
         .fetch_one(&mut *conn)
         .await?;
     feed::touch_keys(conn, &[id]).await?;

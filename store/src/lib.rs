@@ -1,5 +1,6 @@
 //! The AI Hub control-plane store: developer accounts, API keys, sessions, one-time email tokens,
-//! the operator audit log and the event outbox, in SQLite (the embedded default) or PostgreSQL.
+//! the operator audit log, the event outbox and usage alerts, in SQLite (the embedded default)
+//! or PostgreSQL.
 //!
 //! One set of SQL serves both databases through sqlx's `Any` driver: `$N` placeholders (which
 //! SQLite accepts too), `TEXT` ids, `BIGINT` unix-millisecond timestamps, and states recorded as
@@ -17,6 +18,7 @@
 //! - [`audit`] — operator actions.
 //! - [`outbox`] — events written in the same transaction as the change they describe.
 //! - [`settings`] — small named values shared by every admin node (e.g. the JWT secret).
+//! - [`usage_alerts`] — monthly quota alerts raised by gateways, once per threshold.
 //! - `testing` (feature `testing`): fresh SQLite and PostgreSQL databases for tests.
 
 pub mod audit;
@@ -29,6 +31,7 @@ pub mod outbox;
 pub mod settings;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod usage_alerts;
 
 use std::str::FromStr;
 use std::sync::Once;

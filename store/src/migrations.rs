@@ -20,7 +20,10 @@ pub struct Migration {
     pub statements: &'static [&'static str],
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[V1, V2];
+
+const V1: Migration = Migration {
     version: 1,
     name: "accounts_keys_outbox",
     statements: &[
@@ -159,7 +162,37 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             value TEXT NOT NULL
         )",
     ],
-}];
+};
+
+const V2: Migration = Migration {
+    version: 2,
+    name: "limits_quotas_alerts",
+    // Plain `ADD COLUMN` (SQLite has no `IF NOT EXISTS` for columns): the migration runs
+    // once, in one transaction (DDL is transactional on both databases), so a failed run
+    // leaves nothing behind and the next start runs it whole.
+    statements: &[
+        // Tokens per minute for one key (`NULL`: the developer's or plan's limit).
+        "ALTER TABLE api_keys ADD COLUMN rate_limit_tpm BIGINT",
+        // Operator override of the plan's tokens per minute (`api_rate_limit` is requests
+        // per minute, `api_quota_limit` tokens per month).
+        "ALTER TABLE developers ADD COLUMN api_token_rate_limit BIGINT",
+        // The developer's own cap on monthly overage spend, nano-USD (`NULL`: no cap).
+        "ALTER TABLE developers ADD COLUMN monthly_spend_cap_nanos BIGINT",
+        // One row per usage alert raised (developer, billing period `YYYY-MM`, threshold in
+        // percent of the quota): the key makes every alert happen once, whichever gateway
+        // node sees the threshold crossed. No foreign key: gateways may meter developers
+        // declared in their YAML only.
+        "CREATE TABLE IF NOT EXISTS usage_alerts (
+            developer_id TEXT NOT NULL,
+            period TEXT NOT NULL,
+            threshold_pct BIGINT NOT NULL,
+            used_tokens BIGINT NOT NULL,
+            quota_tokens BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (developer_id, period, threshold_pct)
+        )",
+    ],
+};
 
 fn dialect_sql(sql: &str, dialect: Dialect) -> String {
     let serial = match dialect {

@@ -14,6 +14,8 @@ use crate::{new_id, now_ms, Result, Store};
 pub const API_KEY_CREATED: &str = "api_key.created";
 pub const API_KEY_DELETED: &str = "api_key.deleted";
 pub const API_KEY_ROTATED: &str = "api_key.rotated";
+/// A developer's monthly usage crossed an alert threshold ([`crate::usage_alerts`]).
+pub const API_USAGE_ALERT: &str = "api.usage_alert";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxEvent {

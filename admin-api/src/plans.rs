@@ -1,0 +1,238 @@
+//! Plans as the API shows them: the public `GET /plans` (every plan's price, included tokens,
+//! overage policy and limits, and the usage-alert thresholds), a developer's effective limits
+//! (key-independent: their overrides, else their plan's) for `/developer/me`, and USD amounts
+//! (decimal strings on the wire, integer nano-USD in the store).
+
+use std::str::FromStr;
+
+use axum::extract::State;
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use aihub_plans::{Plan, PlanCatalog};
+use aihub_store::developers::Developer;
+
+use crate::error::Json;
+use crate::state::AppState;
+
+/// Every plan, and when usage alerts are raised.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanList {
+    /// The plan new accounts get.
+    pub default_plan: String,
+    /// Percentages of the monthly quota at which an `api.usage_alert` event is raised (once
+    /// per threshold per month).
+    pub alert_thresholds: Vec<u32>,
+    /// Cheapest first; custom-priced plans last.
+    pub data: Vec<PlanView>,
+}
+
+/// One plan.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanView {
+    /// The plan's id (what `/developer/me` shows as `plan`).
+    pub name: String,
+    pub display_name: String,
+    /// Base fee per month in USD, a decimal string (e.g. `"29.00"`); `null` = custom pricing.
+    pub monthly_price_usd: Option<String>,
+    /// Tokens per month covered by the base fee; `null` = unlimited.
+    pub included_tokens: Option<u64>,
+    /// Usage beyond the included tokens is billed (`true`) or refused (`false`).
+    pub overage: bool,
+    pub limits: PlanLimits,
+}
+
+/// A plan's rate limits; `null` = not limited.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanLimits {
+    /// Requests per minute, per developer (all keys together) and by default per key.
+    pub requests_per_minute: Option<u32>,
+    /// Requests that may arrive at once.
+    pub request_burst: Option<u32>,
+    /// Tokens (prompt + completion) per minute, per developer and by default per key.
+    pub tokens_per_minute: Option<u32>,
+    /// Requests in flight per key (per gateway node).
+    pub max_concurrent_requests: Option<u32>,
+}
+
+impl PlanView {
+    fn new(name: &str, p: &Plan) -> PlanView {
+        PlanView {
+            name: name.to_owned(),
+            display_name: p.display_name.clone(),
+            monthly_price_usd: p.monthly_price_usd.map(usd_string),
+            included_tokens: p.included_tokens,
+            overage: p.overage,
+            limits: PlanLimits {
+                requests_per_minute: p.requests_per_minute,
+                request_burst: p.request_burst.or(p.requests_per_minute),
+                tokens_per_minute: p.tokens_per_minute,
+                max_concurrent_requests: p.max_concurrent_requests,
+            },
+        }
+    }
+}
+
+/// The plans on offer, their prices and limits (public: no sign-in needed).
+#[utoipa::path(get, path = "/plans", tag = "plans",
+    responses((status = 200, body = PlanList)))]
+pub async fn list(State(s): State<AppState>) -> Json<PlanList> {
+    let mut plans: Vec<(&String, &Plan)> = s.plans.plans.iter().collect();
+    // Priced plans by price (then name), custom-priced ones after them.
+    plans.sort_by(|(an, a), (bn, b)| {
+        let key = |p: &Plan| (p.monthly_price_usd.is_none(), p.monthly_price_usd);
+        key(a).cmp(&key(b)).then(an.cmp(bn))
+    });
+    Json(PlanList {
+        default_plan: s.plans.default_plan.clone(),
+        alert_thresholds: s.plans.alert_thresholds.clone(),
+        data: plans
+            .into_iter()
+            .map(|(n, p)| PlanView::new(n, p))
+            .collect(),
+    })
+}
+
+/// The limits that apply to a developer as a whole (a key may have lower limits of its own):
+/// their overrides, else their plan's. `null` = not limited.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EffectiveLimits {
+    /// The plan applied: the developer's, or the default plan when theirs is not offered.
+    pub plan: String,
+    /// Requests per minute over all the developer's keys.
+    pub requests_per_minute: Option<i64>,
+    /// Tokens (prompt + completion) per minute over all the developer's keys.
+    pub tokens_per_minute: Option<i64>,
+    /// Requests in flight per key (per gateway node).
+    pub max_concurrent_requests: Option<i64>,
+    /// Tokens per month covered by the plan's base fee.
+    pub monthly_included_tokens: Option<i64>,
+    /// Tokens per month the quota (and usage alerts) count against: an operator's quota, else
+    /// the plan's included tokens.
+    pub monthly_quota_tokens: Option<i64>,
+    /// Usage beyond the quota is billed (`true`) or refused (`false`).
+    pub overage: bool,
+    /// The developer's monthly overage spend cap, when their plan bills overage (USD, decimal
+    /// string); beyond it requests are refused until the month ends.
+    pub monthly_spend_cap_usd: Option<String>,
+}
+
+impl EffectiveLimits {
+    /// Resolves like the gateway: developer override, else plan.
+    pub fn of(d: &Developer, plans: &PlanCatalog) -> EffectiveLimits {
+        let name = if plans.plans.contains_key(&d.plan) {
+            d.plan.clone()
+        } else {
+            plans.default_plan.clone()
+        };
+        let p = plans.plan(&name);
+        let included = p
+            .included_tokens
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        EffectiveLimits {
+            plan: name,
+            requests_per_minute: positive(d.api_rate_limit)
+                .or(p.requests_per_minute.map(i64::from)),
+            tokens_per_minute: positive(d.api_token_rate_limit)
+                .or(p.tokens_per_minute.map(i64::from)),
+            max_concurrent_requests: p.max_concurrent_requests.map(i64::from),
+            monthly_included_tokens: included,
+            monthly_quota_tokens: d.api_quota_limit.map(|q| q.max(0)).or(included),
+            overage: p.overage,
+            monthly_spend_cap_usd: d
+                .monthly_spend_cap_nanos
+                .filter(|_| p.overage)
+                .map(usd_from_nanos),
+        }
+    }
+}
+
+/// A stored per-minute override as the gateway applies it (non-positive = the plan's).
+fn positive(v: Option<i64>) -> Option<i64> {
+    v.filter(|&n| n > 0)
+}
+
+/// Nano-USD per USD.
+const NANOS_PER_USD: i64 = 1_000_000_000;
+
+/// Largest spend cap accepted, in USD.
+pub const MAX_SPEND_CAP_USD: i64 = 1_000_000_000;
+
+/// A USD amount as shown: at least two decimals (`"29.00"`, `"0.50"`, `"0.125"`).
+pub fn usd_string(d: Decimal) -> String {
+    let mut d = d.normalize();
+    if d.scale() < 2 {
+        d.rescale(2);
+    }
+    d.to_string()
+}
+
+/// Nano-USD as a USD decimal string.
+pub fn usd_from_nanos(nanos: i64) -> String {
+    usd_string(Decimal::new(nanos, 9))
+}
+
+/// Parses a USD amount given as a decimal string (`"50"`, `"50.00"`, `"0.125"`): not negative,
+/// at most 6 decimals, at most [`MAX_SPEND_CAP_USD`]. Returns nano-USD.
+pub fn parse_usd_nanos(text: &str) -> Result<i64, String> {
+    const SHAPE: &str = "must be a USD amount as a decimal string, e.g. \"50.00\"";
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        || digits.starts_with('.')
+        || digits.ends_with('.')
+    {
+        return Err(SHAPE.into());
+    }
+    let d = Decimal::from_str(text).map_err(|_| SHAPE.to_owned())?;
+    if d.is_sign_negative() && !d.is_zero() {
+        return Err("must not be negative".into());
+    }
+    if d.normalize().scale() > 6 {
+        return Err("must have at most 6 decimals".into());
+    }
+    if d > Decimal::from(MAX_SPEND_CAP_USD) {
+        return Err(format!("must be at most {MAX_SPEND_CAP_USD}"));
+    }
+    (d * Decimal::from(NANOS_PER_USD))
+        .to_i64()
+        .ok_or_else(|| SHAPE.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usd_amounts() {
+        assert_eq!(parse_usd_nanos("50.00"), Ok(50_000_000_000));
+        assert_eq!(parse_usd_nanos("0"), Ok(0));
+        assert_eq!(parse_usd_nanos("0.000001"), Ok(1_000));
+        assert_eq!(parse_usd_nanos("12.3400000"), Ok(12_340_000_000));
+        assert_eq!(
+            parse_usd_nanos("1000000000"),
+            Ok(1_000_000_000 * NANOS_PER_USD)
+        );
+        for bad in [
+            "", "abc", "1e3", "1.", ".5", " 5", "5 ", "+5", "1,5", "0x10",
+        ] {
+            assert!(
+                parse_usd_nanos(bad).unwrap_err().contains("decimal"),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_usd_nanos("-1").unwrap_err(), "must not be negative");
+        assert!(parse_usd_nanos("0.0000001")
+            .unwrap_err()
+            .contains("6 decimals"));
+        assert!(parse_usd_nanos("1000000000.01")
+            .unwrap_err()
+            .contains("at most"));
+        assert_eq!(usd_from_nanos(50_000_000_000), "50.00");
+        assert_eq!(usd_from_nanos(125_000_000), "0.125");
+        assert_eq!(usd_from_nanos(0), "0.00");
+        assert_eq!(usd_string(Decimal::from(29)), "29.00");
+    }
+}

@@ -1,0 +1,490 @@
+//! Limits shared by every gateway node through Redis.
+//!
+//! **Design: the decision is made in Redis.** One Lua script per request runs the same GCRA as
+//! [`super::gcra`] against the key's and the developer's buckets and checks the developer's
+//! period quota, atomically, on Redis' clock (`TIME`), and commits all buckets or none. So the
+//! global limits hold exactly across nodes (no over-admission from coordination); the price is
+//! one Redis round trip per limited request (measured in `loadtests/results/limits-latest.md`).
+//! Settling (real tokens, quota counters) is a second script run after the response, off the
+//! request's path.
+//!
+//! Quota counters live in one hash per developer and period. A missing hash (first use, or a
+//! Redis that lost its data) is created from the node's own totals (ClickHouse seed plus what
+//! it counted), so a Redis restart does not reset anybody's quota. Reservations of requests in
+//! flight stay on their node: with several nodes a quota edge can be overshot by the other
+//! nodes' reservations at most.
+//!
+//! **Outages.** A failed or slow (`limits.redis.timeout`) call marks Redis down: the node logs
+//! once, sets `aihub_limits_redis_up` to 0 and decides locally with its share of each limit
+//! (limit ÷ live nodes, from the node registry below). A monitor reconnects every second; when
+//! Redis answers again, quota usage counted meanwhile is added to Redis and decisions move back.
+//!
+//! **Node registry.** Every node refreshes its entry in a sorted set each second; nodes seen in
+//! the last 5 s are live. The count survives outages (last known value).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aihub_plans::Period;
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::Script;
+
+use super::gcra::Rate;
+use super::headers::{RateHeaders, Shown};
+use super::local::{Rates, Refused};
+use super::quota::QuotaRule;
+use super::Reason;
+
+/// Nodes that refreshed their registry entry within this window are live.
+const NODE_TTL_MS: i64 = 5_000;
+
+/// The admission script: [`super::gcra::decide`] for up to four buckets plus the quota check.
+/// Numbers are integers (µs, units) held exactly in Lua's doubles.
+const ADMIT_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local W = 60000000
+local function decide(tat, rate, burst, cost, lenient)
+  local T = math.ceil(W / rate)
+  local tau = burst * T
+  local base = math.max(tat, now)
+  local new = base + cost * T
+  local over
+  if lenient then over = base - now - (tau - T) else over = new - now - tau end
+  if over <= 0 then
+    local span, rem = tau - (new - now), 0
+    if span > 0 then rem = math.floor(span / T) end
+    return {true, new, rem, new - now}
+  end
+  return {false, tat, 0, over}
+end
+local function peek(tat, rate, burst)
+  local T = math.ceil(W / rate)
+  local used = math.max(tat - now, 0)
+  local span, rem = burst * T - used, 0
+  if span > 0 then rem = math.floor(span / T) end
+  return rem, used
+end
+local function tat(key, field)
+  local v = redis.call('HGET', key, field)
+  if v then return tonumber(v) end
+  return 0
+end
+local A = {}
+for i = 1, #ARGV do A[i] = tonumber(ARGV[i]) end
+-- A: 1 key req rate, 2 key req burst, 3 dev req rate, 4 dev req burst, 5 key tok rate,
+--    6 dev tok rate, 7 cost, 8 quota mode (0 none, 1 track, 2 hard, 3 spend cap),
+--    9 included, 10 spend cap, 11 reserved here, 12 seed tokens, 13 seed cost, 14 quota ttl s
+local qt, qc = 0, 0
+if A[8] >= 1 then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    redis.call('HSET', KEYS[3], 'tokens', ARGV[12], 'cost', ARGV[13])
+    redis.call('EXPIRE', KEYS[3], ARGV[14])
+  end
+  qt = tonumber(redis.call('HGET', KEYS[3], 'tokens'))
+  qc = tonumber(redis.call('HGET', KEYS[3], 'cost'))
+  local refuse = 0
+  if A[8] == 2 and qt + A[11] >= A[9] then refuse = 5 end
+  if A[8] == 3 and qt > A[9] and math.floor(qc * (qt - A[9]) / qt) >= A[10] then refuse = 6 end
+  if refuse > 0 then return {refuse, 0, -1, 0, 0, -1, 0, 0, -1, 0, 0, -1, 0, 0, qt, qc} end
+end
+local specs = {
+  {KEYS[1], 'r', A[1], A[2], 1, false},
+  {KEYS[2], 'r', A[3], A[4], 1, false},
+  {KEYS[1], 't', A[5], A[5], A[7], true},
+  {KEYS[2], 't', A[6], A[6], A[7], true},
+}
+local out, status, retry = {}, 0, 0
+local results = {}
+for i, s in ipairs(specs) do
+  if s[3] > 0 then
+    local d = decide(tat(s[1], s[2]), s[3], s[4], s[5], s[6])
+    results[i] = d
+    if not d[1] then
+      if status == 0 then
+        if i <= 2 then status = 1 else status = 2 end
+      end
+      retry = math.max(retry, d[4])
+    end
+  end
+end
+for i, s in ipairs(specs) do
+  local d = results[i]
+  if d == nil then
+    table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
+  elseif status ~= 0 and d[1] then
+    local rem, reset = peek(tat(s[1], s[2]), s[3], s[4])
+    table.insert(out, 1); table.insert(out, rem); table.insert(out, reset)
+  else
+    table.insert(out, 1); table.insert(out, d[3]); table.insert(out, d[4])
+  end
+end
+if status == 0 then
+  for i, s in ipairs(specs) do
+    local d = results[i]
+    if d ~= nil then
+      redis.call('HSET', s[1], s[2], string.format('%.0f', d[2]))
+      redis.call('PEXPIRE', s[1], math.ceil((d[2] - now) / 1000) + 1000)
+    end
+  end
+end
+local r = {status, retry}
+for _, v in ipairs(out) do table.insert(r, v) end
+table.insert(r, qt); table.insert(r, qc)
+return r
+"#;
+
+/// The settle script: token buckets moved by (real − reserved), quota counters increased.
+const SETTLE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local W = 60000000
+-- ARGV: 1 key tok rate, 2 dev tok rate, 3 delta, 4 tokens, 5 cost, 6 track quota,
+--       7 seed tokens, 8 seed cost, 9 quota ttl s
+local delta = tonumber(ARGV[3])
+local function adjust(key, rate)
+  if rate > 0 and delta ~= 0 then
+    local v = redis.call('HGET', key, 't')
+    if v then
+      local tat = math.max(tonumber(v), now) + delta * math.ceil(W / rate)
+      if tat < now then tat = now end
+      redis.call('HSET', key, 't', string.format('%.0f', tat))
+    end
+  end
+end
+adjust(KEYS[1], tonumber(ARGV[1]))
+adjust(KEYS[2], tonumber(ARGV[2]))
+if ARGV[6] == '1' then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    redis.call('HSET', KEYS[3], 'tokens', ARGV[7], 'cost', ARGV[8])
+    redis.call('EXPIRE', KEYS[3], ARGV[9])
+  end
+  local before = tonumber(redis.call('HGET', KEYS[3], 'tokens'))
+  local after = redis.call('HINCRBY', KEYS[3], 'tokens', ARGV[4])
+  local cost = redis.call('HINCRBY', KEYS[3], 'cost', ARGV[5])
+  return {1, before, after, cost}
+end
+return {0, 0, 0, 0}
+"#;
+
+/// Errors talking to Redis (the caller falls back to local limits).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisDown {
+    #[error("not connected")]
+    NotConnected,
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
+/// What the quota part of a request sends to Redis.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaArgs {
+    pub rule: Option<QuotaRule>,
+    /// Tokens reserved by this node's requests in flight for the developer.
+    pub reserved: u64,
+    /// This node's totals: the hash's content if Redis has none.
+    pub seed: (u64, i64),
+    /// The current period and its end (unix ms).
+    pub period: Period,
+    pub period_end_ms: i64,
+}
+
+/// A Redis admission: the decision and the developer's global totals (when tracked).
+pub struct RemoteAdmission {
+    pub result: Result<RateHeaders, Refused>,
+    pub quota: Option<(u64, i64)>,
+}
+
+/// Quota totals after a settle: tokens before and after, cost after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub before: u64,
+    pub after: u64,
+    pub cost: i64,
+}
+
+/// Usage counted while Redis was down: (tokens, cost) by period and developer.
+type Deferred = HashMap<(Period, Arc<str>), (u64, i64)>;
+
+/// The Redis side of the limiter.
+pub struct Distributed {
+    client: redis::Client,
+    conn: ArcSwapOption<MultiplexedConnection>,
+    prefix: String,
+    timeout: Duration,
+    up: AtomicBool,
+    nodes: AtomicU32,
+    node_id: String,
+    admit: Script,
+    settle: Script,
+    /// Quota usage counted while Redis was down, by period and developer: (tokens, cost).
+    pending: Mutex<Deferred>,
+}
+
+impl Distributed {
+    /// Prepares the client (no I/O: the monitor connects).
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Distributed, redis::RedisError> {
+        Ok(Distributed {
+            client: redis::Client::open(url)?,
+            conn: ArcSwapOption::empty(),
+            prefix: prefix.to_owned(),
+            timeout,
+            up: AtomicBool::new(false),
+            nodes: AtomicU32::new(1),
+            node_id: uuid::Uuid::now_v7().simple().to_string(),
+            admit: Script::new(ADMIT_LUA),
+            settle: Script::new(SETTLE_LUA),
+            pending: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether decisions currently go to Redis.
+    #[inline]
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Live gateway nodes (last known; at least 1).
+    pub fn nodes(&self) -> u32 {
+        self.nodes.load(Ordering::Relaxed).max(1)
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.prefix)
+    }
+
+    fn quota_key(&self, period: Period, dev_id: &str) -> String {
+        format!("{}:q:{period}:{dev_id}", self.prefix)
+    }
+
+    fn connection(&self) -> Result<MultiplexedConnection, RedisDown> {
+        self.conn
+            .load()
+            .as_deref()
+            .cloned()
+            .ok_or(RedisDown::NotConnected)
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RedisDown> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(RedisDown::Timeout(self.timeout)),
+        }
+    }
+
+    /// Marks Redis down; true the first time (the caller logs once).
+    pub fn mark_down(&self) -> bool {
+        self.up.swap(false, Ordering::Relaxed)
+    }
+
+    /// Runs the admission script.
+    pub async fn admit(
+        &self,
+        key_id: &str,
+        dev_id: &str,
+        rates: &Rates,
+        cost: u64,
+        quota: QuotaArgs,
+    ) -> Result<RemoteAdmission, RedisDown> {
+        let mut conn = self.connection()?;
+        let rate = |r: Option<Rate>| r.map_or((0, 0), |r| (r.per_minute, r.burst));
+        let (kr, kb) = rate(rates.key_requests);
+        let (dr, db) = rate(rates.dev_requests);
+        let (mode, included, cap) = match quota.rule {
+            None => (0, 0, 0),
+            Some(r) if r.hard && r.included.is_some() => (2, r.included.unwrap_or(0), 0),
+            Some(r) if !r.hard && r.spend_cap_nanos.is_some() => {
+                (3, r.included.unwrap_or(0), r.spend_cap_nanos.unwrap_or(0))
+            }
+            Some(_) => (1, 0, 0),
+        };
+        let mut inv = self.admit.prepare_invoke();
+        inv.key(self.key("rl:k", key_id))
+            .key(self.key("rl:d", dev_id))
+            .key(self.quota_key(quota.period, dev_id))
+            .arg(kr)
+            .arg(kb)
+            .arg(dr)
+            .arg(db)
+            .arg(rates.key_tokens.map_or(0, |r| r.per_minute))
+            .arg(rates.dev_tokens.map_or(0, |r| r.per_minute))
+            .arg(cost)
+            .arg(mode)
+            .arg(included)
+            .arg(cap)
+            .arg(quota.reserved)
+            .arg(quota.seed.0)
+            .arg(quota.seed.1)
+            .arg(quota_ttl_secs(quota.period_end_ms));
+        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
+        if r.len() != 16 {
+            return Err(RedisDown::Redis(redis::RedisError::from((
+                redis::ErrorKind::TypeError,
+                "unexpected admission reply",
+            ))));
+        }
+        let quota_totals = (mode > 0).then(|| (r[14].max(0) as u64, r[15]));
+        let bucket = |i: usize, rate: Option<Rate>| -> Option<Shown> {
+            let base = 2 + 3 * i;
+            (r[base] == 1).then(|| Shown {
+                limit: rate.map_or(0, |r| r.per_minute),
+                remaining: r[base + 1].max(0) as u64,
+                reset_us: r[base + 2],
+            })
+        };
+        let headers = RateHeaders {
+            requests: Shown::tighter(bucket(0, rates.key_requests), bucket(1, rates.dev_requests)),
+            tokens: Shown::tighter(bucket(2, rates.key_tokens), bucket(3, rates.dev_tokens)),
+        };
+        let result = match r[0] {
+            0 => Ok(headers),
+            status => Err(Refused {
+                reason: match status {
+                    1 => Reason::Requests,
+                    2 => Reason::Tokens,
+                    5 => Reason::Quota,
+                    _ => Reason::SpendCap,
+                },
+                retry_us: r[1],
+                headers,
+            }),
+        };
+        Ok(RemoteAdmission {
+            result,
+            quota: quota_totals,
+        })
+    }
+
+    /// Runs the settle script. `seed` is the node's totals before this usage.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn settle(
+        &self,
+        key_id: &str,
+        dev_id: &str,
+        rates: &Rates,
+        delta: i64,
+        usage: (u64, i64),
+        track: Option<(Period, i64, (u64, i64))>,
+    ) -> Result<Option<Settled>, RedisDown> {
+        let mut conn = self.connection()?;
+        let (period, end_ms, seed) = track.unwrap_or((Period::of_unix_ms(0), 0, (0, 0)));
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(self.key("rl:k", key_id))
+            .key(self.key("rl:d", dev_id))
+            .key(self.quota_key(period, dev_id))
+            .arg(rates.key_tokens.map_or(0, |r| r.per_minute))
+            .arg(rates.dev_tokens.map_or(0, |r| r.per_minute))
+            .arg(delta)
+            .arg(usage.0)
+            .arg(usage.1)
+            .arg(u8::from(track.is_some()))
+            .arg(seed.0)
+            .arg(seed.1)
+            .arg(quota_ttl_secs(end_ms));
+        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
+        Ok((r.first() == Some(&1) && r.len() == 4).then(|| Settled {
+            before: r[1].max(0) as u64,
+            after: r[2].max(0) as u64,
+            cost: r[3],
+        }))
+    }
+
+    /// Remembers quota usage that could not reach Redis.
+    pub fn defer(&self, period: Period, dev_id: &Arc<str>, tokens: u64, cost: i64) {
+        let mut p = self.pending.lock().expect("pending lock");
+        let e = p.entry((period, Arc::clone(dev_id))).or_default();
+        e.0 += tokens;
+        e.1 += cost;
+    }
+
+    /// One monitor round: connect if needed, refresh the node registry, hand over deferred
+    /// usage. Returns whether Redis is up, and whether it just came back.
+    pub async fn monitor_once(
+        &self,
+        totals: impl Fn(Period, &str) -> (u64, i64),
+    ) -> Result<bool, RedisDown> {
+        let mut conn = match self.connection() {
+            Ok(c) if self.is_up() => c,
+            _ => {
+                let c = self
+                    .timed(self.client.get_multiplexed_async_connection())
+                    .await?;
+                self.conn.store(Some(Arc::new(c.clone())));
+                c
+            }
+        };
+        let now_ms = crate::keys::now_ms() as i64;
+        let nodes_key = self.key("nodes", "live");
+        let (_, _, count): ((), (), u32) = self
+            .timed(
+                redis::pipe()
+                    .zadd(&nodes_key, &self.node_id, now_ms)
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&nodes_key)
+                    .arg("-inf")
+                    .arg(now_ms - NODE_TTL_MS)
+                    .zcard(&nodes_key)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        self.nodes.store(count.max(1), Ordering::Relaxed);
+        let pending: Vec<_> = std::mem::take(&mut *self.pending.lock().expect("pending lock"))
+            .into_iter()
+            .collect();
+        for (i, ((period, dev), (tokens, cost))) in pending.iter().enumerate() {
+            let (t, c) = totals(*period, dev);
+            let seed = (t.saturating_sub(*tokens), c - cost);
+            let end = period.end_ms();
+            if let Err(e) = self
+                .settle(
+                    "",
+                    dev,
+                    &Rates::default(),
+                    0,
+                    (*tokens, *cost),
+                    Some((*period, end, seed)),
+                )
+                .await
+            {
+                for ((p, d), (t, c)) in &pending[i..] {
+                    self.defer(*p, d, *t, *c);
+                }
+                return Err(e);
+            }
+        }
+        let came_back = !self.up.swap(true, Ordering::Relaxed);
+        Ok(came_back)
+    }
+
+    /// Leaves the node registry (at shutdown).
+    pub async fn leave(&self) {
+        if let Ok(mut conn) = self.connection() {
+            let _: Result<(), _> = self
+                .timed(
+                    redis::cmd("ZREM")
+                        .arg(self.key("nodes", "live"))
+                        .arg(&self.node_id)
+                        .query_async(&mut conn),
+                )
+                .await;
+        }
+    }
+}
+
+/// Quota hashes outlive their period by 35 days (invoices may still look at them).
+fn quota_ttl_secs(period_end_ms: i64) -> i64 {
+    let left = (period_end_ms - crate::keys::now_ms() as i64).max(0) / 1000;
+    left + 35 * 86_400
+}

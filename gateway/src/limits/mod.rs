@@ -1,0 +1,563 @@
+//! Request limits, token limits and plan quotas: who may send what, how fast, and how much per
+//! month; on one node or shared by many through Redis.
+//!
+//! For each request [`Limits::admit`] resolves the key's limits (the key's own values, then the
+//! developer's overrides, then the plan's: [`effective`]), caps its concurrency, checks the
+//! developer's monthly quota, and takes one request and a token *reservation* (prompt size +
+//! `max_tokens`) from the key's and the developer's buckets. When the response has ended,
+//! [`Limits::settle`] replaces the reservation by the real usage and counts it against the
+//! quota, raising usage alerts at the plan's thresholds. A refusal is a [`Refusal`]: 429 with
+//! `Retry-After` and the rate-limit headers.
+//!
+//! # Layout
+//! - [`gcra`]: the bucket arithmetic (strict for requests, lenient with debt for tokens).
+//! - [`local`]: buckets in this process (no Redis, or Redis unreachable).
+//! - [`distributed`]: the same decisions made atomically in Redis (Lua), node registry, outages.
+//! - [`quota`]: monthly usage per developer, quota rules, alert thresholds.
+//! - [`headers`]: `x-ratelimit-*`, `RateLimit-Policy`, `RateLimit`.
+//! - [`service`]: background work: ClickHouse seed, Redis monitor, eviction, alert delivery.
+
+pub mod distributed;
+pub mod gcra;
+pub mod headers;
+pub mod local;
+pub mod quota;
+pub mod service;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use aihub_plans::{Period, PlanCatalog};
+
+use crate::keys::{now_ms, KeyRecord};
+use crate::metrics::LimitMetrics;
+use distributed::{Distributed, QuotaArgs};
+use gcra::Rate;
+use headers::RateHeaders;
+use local::{LocalBuckets, Rates, Refused};
+use quota::{DevUsage, QuotaBook, QuotaRefusal, QuotaRule};
+
+/// Why a request was refused (the `reason` label of `aihub_rate_limited_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The key's in-flight cap.
+    Concurrency,
+    /// A requests-per-minute limit (key or developer).
+    Requests,
+    /// A tokens-per-minute limit (key or developer).
+    Tokens,
+    /// The plan's monthly tokens are used up (hard-stop plans).
+    Quota,
+    /// The developer's monthly spend cap is reached (overage plans).
+    SpendCap,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Concurrency => "concurrency",
+            Reason::Requests => "requests",
+            Reason::Tokens => "tokens",
+            Reason::Quota => "quota",
+            Reason::SpendCap => "spend_cap",
+        }
+    }
+}
+
+/// A refused request: the 429 it becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub reason: Reason,
+    /// `Retry-After`, whole seconds (at least 1).
+    pub retry_after_secs: u64,
+    pub headers: RateHeaders,
+}
+
+/// A key's limits as stored: its own, its developer's overrides, its developer's plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct KeyLimits {
+    /// The developer's plan; `None` (YAML keys without `plan`) = no plan limits.
+    pub plan: Option<Arc<str>>,
+    pub key_rpm: Option<u32>,
+    pub key_tpm: Option<u32>,
+    pub dev_rpm: Option<u32>,
+    pub dev_tpm: Option<u32>,
+    /// Monthly tokens instead of the plan's included tokens.
+    pub dev_quota_tokens: Option<u64>,
+    /// The developer's monthly overage spend cap, nano-USD.
+    pub spend_cap_nanos: Option<i64>,
+}
+
+/// The limits that apply to one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Effective {
+    pub rates: Rates,
+    pub concurrency: Option<u32>,
+    /// The developer's monthly usage is counted (and maybe limited) under this rule.
+    pub quota: Option<QuotaRule>,
+}
+
+/// Resolves a key's limits against the plans: key, then developer, then plan. A key without a
+/// limit of its own is covered by its developer's bucket (the sum over their keys).
+pub fn effective(k: &KeyLimits, plans: &PlanCatalog) -> Effective {
+    let plan = k.plan.as_deref().map(|p| plans.plan(p));
+    let dev_requests = match (k.dev_rpm, plan) {
+        (Some(n), _) => Some(Rate::per_minute(n)),
+        (None, Some(p)) => p.requests_per_minute.map(|n| Rate {
+            per_minute: n,
+            burst: p.request_burst.unwrap_or(n),
+        }),
+        (None, None) => None,
+    };
+    let dev_tokens = k
+        .dev_tpm
+        .or_else(|| plan.and_then(|p| p.tokens_per_minute))
+        .map(Rate::per_minute);
+    Effective {
+        rates: Rates {
+            key_requests: k.key_rpm.map(Rate::per_minute),
+            dev_requests,
+            key_tokens: k.key_tpm.map(Rate::per_minute),
+            dev_tokens,
+        },
+        concurrency: plan.and_then(|p| p.max_concurrent_requests),
+        quota: plan.map(|p| QuotaRule {
+            included: k.dev_quota_tokens.or(p.included_tokens),
+            hard: !p.overage,
+            spend_cap_nanos: k.spend_cap_nanos.filter(|_| p.overage),
+        }),
+    }
+}
+
+/// An admitted request's hold on its limits, until [`Limits::settle`] (or drop) releases it.
+pub struct Admission {
+    pub headers: RateHeaders,
+    key: Arc<KeyRecord>,
+    rates: Rates,
+    /// Tokens reserved in the token buckets and the quota.
+    reserved: u64,
+    quota: Option<Counted>,
+    /// Decided by Redis (settle there too).
+    remote: bool,
+    holds_slot: bool,
+}
+
+/// A developer's usage entry a request counts against.
+struct Counted {
+    rule: QuotaRule,
+    dev: Arc<DevUsage>,
+    period: Period,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.holds_slot {
+            self.key.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(q) = &self.quota {
+            q.dev.reserved.fetch_sub(self.reserved, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Settings of the limiter (from `limits:` in the gateway configuration).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Completion tokens reserved when a request names no `max_tokens`.
+    pub default_max_tokens: u32,
+}
+
+/// A usage alert to deliver (see [`service`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub developer_id: Arc<str>,
+    pub period: Period,
+    pub threshold_pct: u32,
+    pub used_tokens: u64,
+    pub quota_tokens: u64,
+}
+
+/// The limiter: local buckets, quota book, optional Redis.
+pub struct Limits {
+    pub settings: Settings,
+    pub local: LocalBuckets,
+    pub quota: QuotaBook,
+    pub redis: Option<Arc<Distributed>>,
+    pub metrics: LimitMetrics,
+    alerts: tokio::sync::mpsc::Sender<Alert>,
+    origin: Instant,
+}
+
+/// Alerts waiting for delivery; beyond this they are dropped (and counted).
+pub const ALERT_QUEUE: usize = 4096;
+
+impl Limits {
+    /// A limiter and the receiving end of its alerts (for [`service::LimitsService`]).
+    pub fn new(
+        settings: Settings,
+        redis: Option<Distributed>,
+        metrics: LimitMetrics,
+    ) -> (Limits, tokio::sync::mpsc::Receiver<Alert>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(ALERT_QUEUE);
+        let limits = Limits {
+            settings,
+            local: LocalBuckets::default(),
+            quota: QuotaBook::new(now_ms() as i64),
+            redis: redis.map(Arc::new),
+            metrics,
+            alerts: tx,
+            origin: Instant::now(),
+        };
+        (limits, rx)
+    }
+
+    /// Local bucket time, µs (monotonic).
+    #[inline]
+    pub fn now_us(&self) -> i64 {
+        self.origin.elapsed().as_micros() as i64
+    }
+
+    /// The reservation for a request: prompt tokens estimated as ⌈body bytes / 4⌉ (an upper
+    /// bound for JSON-wrapped text) plus `max_tokens` × `n` (or the default).
+    pub fn estimate(
+        &self,
+        body_len: usize,
+        max_tokens: Option<u64>,
+        n: u64,
+        embeddings: bool,
+    ) -> u64 {
+        let prompt = (body_len as u64).div_ceil(4);
+        let completion = if embeddings {
+            0
+        } else {
+            max_tokens
+                .unwrap_or(u64::from(self.settings.default_max_tokens))
+                .saturating_mul(n.max(1))
+        };
+        prompt.saturating_add(completion)
+    }
+
+    /// Admits a request reserving `cost` tokens, or refuses it.
+    pub async fn admit(
+        &self,
+        key: &Arc<KeyRecord>,
+        plans: &PlanCatalog,
+        cost: u64,
+    ) -> Result<Admission, Refusal> {
+        let eff = effective(&key.limits, plans);
+        let mut adm = Admission {
+            headers: RateHeaders::default(),
+            key: Arc::clone(key),
+            rates: eff.rates,
+            reserved: 0,
+            quota: None,
+            remote: false,
+            holds_slot: false,
+        };
+        if let Some(cap) = eff.concurrency {
+            if key.in_flight.fetch_add(1, Ordering::Relaxed) >= cap {
+                key.in_flight.fetch_sub(1, Ordering::Relaxed);
+                return Err(self.refuse(Reason::Concurrency, 1_000_000, RateHeaders::default()));
+            }
+            adm.holds_slot = true;
+        }
+        if eff.rates.is_empty() && eff.quota.is_none() {
+            return Ok(adm);
+        }
+        let now = now_ms() as i64;
+        let counted = eff.quota.map(|rule| {
+            let period = self.quota.period(now);
+            Counted {
+                rule,
+                dev: self.quota.dev(&key.developer_id, now),
+                period,
+            }
+        });
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
+            let args = QuotaArgs {
+                rule: counted.as_ref().map(|c| c.rule),
+                reserved: counted
+                    .as_ref()
+                    .map_or(0, |c| c.dev.reserved.load(Ordering::Relaxed)),
+                seed: counted.as_ref().map_or((0, 0), |c| c.dev.totals()),
+                period: counted
+                    .as_ref()
+                    .map_or_else(|| self.quota.period(now), |c| c.period),
+                period_end_ms: self.quota.period_end_ms(),
+            };
+            let started = Instant::now();
+            let answer = redis
+                .admit(&key.key_id, &key.developer_id, &eff.rates, cost, args)
+                .await;
+            self.metrics
+                .redis_latency
+                .observe(started.elapsed().as_secs_f64());
+            match answer {
+                Ok(a) => {
+                    if let (Some(c), Some((tokens, cost))) = (&counted, a.quota) {
+                        c.dev.tokens.store(tokens, Ordering::Relaxed);
+                        c.dev.cost_nanos.store(cost, Ordering::Relaxed);
+                    }
+                    match a.result {
+                        Ok(h) => {
+                            adm.headers = h;
+                            adm.remote = true;
+                        }
+                        Err(r) => return Err(self.refused(r, now)),
+                    }
+                }
+                Err(e) => self.redis_failed(redis, &e),
+            }
+        }
+        if !adm.remote {
+            if let Some(c) = &counted {
+                let (tokens, spent) = c.dev.totals();
+                let reserved = c.dev.reserved.load(Ordering::Relaxed);
+                if let Err(why) = c.rule.check(tokens, spent, reserved) {
+                    let reason = match why {
+                        QuotaRefusal::Exhausted => Reason::Quota,
+                        QuotaRefusal::SpendCap => Reason::SpendCap,
+                    };
+                    return Err(self.quota_refusal(reason, now));
+                }
+            }
+            let rates = match &self.redis {
+                Some(r) => eff.rates.share(r.nodes()),
+                None => eff.rates,
+            };
+            adm.rates = rates;
+            match self
+                .local
+                .admit(&key.key_id, &key.developer_id, &rates, cost, self.now_us())
+            {
+                Ok(h) => adm.headers = h,
+                Err(r) => return Err(self.refused(r, now)),
+            }
+        }
+        adm.reserved = cost;
+        if let Some(c) = &counted {
+            c.dev.reserved.fetch_add(cost, Ordering::Relaxed);
+        }
+        adm.quota = counted;
+        Ok(adm)
+    }
+
+    fn redis_failed(&self, redis: &Distributed, e: &distributed::RedisDown) {
+        self.metrics.redis_errors.inc();
+        if redis.mark_down() {
+            self.metrics.redis_up.set(0);
+            tracing::warn!(error = %e, nodes = redis.nodes(), "Redis unreachable: limits are decided locally with this node's share until it answers again");
+        }
+    }
+
+    fn refused(&self, r: Refused, now_ms: i64) -> Refusal {
+        match r.reason {
+            Reason::Quota | Reason::SpendCap => self.quota_refusal(r.reason, now_ms),
+            reason => self.refuse(reason, r.retry_us, r.headers),
+        }
+    }
+
+    fn quota_refusal(&self, reason: Reason, now_ms: i64) -> Refusal {
+        let until_end = (self.quota.period_end_ms() - now_ms).max(0) * 1000;
+        self.refuse(reason, until_end, RateHeaders::default())
+    }
+
+    fn refuse(&self, reason: Reason, retry_us: i64, headers: RateHeaders) -> Refusal {
+        self.metrics
+            .rate_limited
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        Refusal {
+            reason,
+            retry_after_secs: headers::ceil_secs(retry_us).max(1),
+            headers,
+        }
+    }
+
+    /// Replaces a request's reservation by its real usage (`tokens`, `cost_nanos`) and counts
+    /// it against the developer's quota. Never waits: Redis work runs in a task of its own.
+    pub fn settle(
+        self: &Arc<Self>,
+        adm: Admission,
+        tokens: u64,
+        cost_nanos: i64,
+        plans: &PlanCatalog,
+    ) {
+        let delta = tokens as i64 - adm.reserved as i64;
+        let key = Arc::clone(&adm.key);
+        let thresholds: Arc<[u32]> = plans.alert_thresholds.as_slice().into();
+        let quota = adm
+            .quota
+            .as_ref()
+            .map(|c| (c.rule, Arc::clone(&c.dev), c.period));
+        let rates = adm.rates;
+        let remote = adm.remote;
+        drop(adm); // releases the slot and the quota reservation
+        let Some(redis) = self.redis.as_ref().filter(|_| remote).cloned() else {
+            self.local
+                .settle(&key.key_id, &key.developer_id, &rates, delta, self.now_us());
+            if let Some((rule, dev, period)) = quota {
+                let before = dev.tokens.fetch_add(tokens, Ordering::Relaxed);
+                dev.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
+                if let Some(r) = &self.redis {
+                    r.defer(period, &key.developer_id, tokens, cost_nanos);
+                }
+                self.alert(
+                    &key.developer_id,
+                    period,
+                    rule,
+                    before,
+                    before + tokens,
+                    &thresholds,
+                );
+            }
+            return;
+        };
+        // Counted here at once (the local view stays current for a fallback), replaced by the
+        // global totals when Redis answers.
+        let seed = quota.as_ref().map(|(_, dev, _)| {
+            let t = dev.tokens.fetch_add(tokens, Ordering::Relaxed);
+            let c = dev.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
+            (t, c)
+        });
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let track = quota
+                .as_ref()
+                .zip(seed)
+                .map(|((_, _, p), seed)| (*p, p.end_ms(), seed));
+            match redis
+                .settle(
+                    &key.key_id,
+                    &key.developer_id,
+                    &rates,
+                    delta,
+                    (tokens, cost_nanos),
+                    track,
+                )
+                .await
+            {
+                Ok(Some(s)) => {
+                    if let Some((rule, dev, period)) = &quota {
+                        dev.tokens.store(s.after, Ordering::Relaxed);
+                        dev.cost_nanos.store(s.cost, Ordering::Relaxed);
+                        this.alert(
+                            &key.developer_id,
+                            *period,
+                            *rule,
+                            s.before,
+                            s.after,
+                            &thresholds,
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    this.redis_failed(&redis, &e);
+                    if let Some((rule, dev, period)) = &quota {
+                        redis.defer(*period, &key.developer_id, tokens, cost_nanos);
+                        let after = dev.tokens.load(Ordering::Relaxed);
+                        this.alert(
+                            &key.developer_id,
+                            *period,
+                            *rule,
+                            after.saturating_sub(tokens),
+                            after,
+                            &thresholds,
+                        );
+                    }
+                }
+            }
+        });
+    }
+
+    /// Queues an alert for each threshold of the monthly quota crossed between `before` and
+    /// `after` tokens.
+    fn alert(
+        &self,
+        developer_id: &Arc<str>,
+        period: Period,
+        rule: QuotaRule,
+        before: u64,
+        after: u64,
+        thresholds: &[u32],
+    ) {
+        let Some(quota) = rule.included else { return };
+        for pct in quota::crossed(thresholds, quota, before, after) {
+            let alert = Alert {
+                developer_id: Arc::clone(developer_id),
+                period,
+                threshold_pct: pct,
+                used_tokens: after,
+                quota_tokens: quota,
+            };
+            if self.alerts.try_send(alert).is_err() {
+                self.metrics
+                    .usage_alerts
+                    .with_label_values(&["dropped"])
+                    .inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_key_developer_plan() {
+        let plans = PlanCatalog::builtin();
+        let free = KeyLimits {
+            plan: Some("free".into()),
+            ..KeyLimits::default()
+        };
+        let e = effective(&free, &plans);
+        assert_eq!(e.rates.dev_requests, Some(Rate::per_minute(20)));
+        assert_eq!(e.rates.key_requests, None);
+        assert_eq!(e.rates.dev_tokens, Some(Rate::per_minute(10_000)));
+        assert_eq!(e.concurrency, Some(5));
+        assert_eq!(
+            e.quota,
+            Some(QuotaRule {
+                included: Some(1000),
+                hard: true,
+                spend_cap_nanos: None
+            })
+        );
+        let overridden = KeyLimits {
+            plan: Some("pro".into()),
+            key_rpm: Some(7),
+            dev_rpm: Some(100),
+            dev_tpm: Some(5000),
+            dev_quota_tokens: Some(42),
+            spend_cap_nanos: Some(9),
+            ..KeyLimits::default()
+        };
+        let e = effective(&overridden, &plans);
+        assert_eq!(e.rates.key_requests, Some(Rate::per_minute(7)));
+        assert_eq!(e.rates.dev_requests, Some(Rate::per_minute(100)));
+        assert_eq!(e.rates.dev_tokens, Some(Rate::per_minute(5000)));
+        assert_eq!(e.quota.unwrap().included, Some(42));
+        assert_eq!(e.quota.unwrap().spend_cap_nanos, Some(9));
+        assert!(!e.quota.unwrap().hard);
+        // A spend cap means nothing on a hard-stop plan; no plan, no plan limits.
+        let capped_free = KeyLimits {
+            spend_cap_nanos: Some(9),
+            ..free
+        };
+        assert_eq!(
+            effective(&capped_free, &plans)
+                .quota
+                .unwrap()
+                .spend_cap_nanos,
+            None
+        );
+        assert_eq!(
+            effective(&KeyLimits::default(), &plans),
+            Effective::default()
+        );
+    }
+}

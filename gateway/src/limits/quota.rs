@@ -1,0 +1,258 @@
+//! Monthly plan quotas: what each developer has used this period, as this node knows it.
+//!
+//! A developer's entry holds the period's committed tokens and metered cost (seeded from
+//! ClickHouse at start, then counted per request, or — with Redis — the last global totals
+//! Redis returned plus what this node settled since), and the tokens reserved by this node's
+//! in-flight requests. Admission refuses:
+//! - on a hard-stop plan, once committed + reserved tokens reach the included tokens;
+//! - on an overage plan with a spend cap, once the overage charge reaches the cap.
+//!
+//! The overage charge the gateway enforces is the period's metered cost times the share of its
+//! tokens beyond the included ones (a stateless estimate from totals; the invoice prices the
+//! overage exactly). Entries are per developer and dropped when the period turns over.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aihub_plans::Period;
+use dashmap::DashMap;
+
+/// A developer's quota rule, resolved from the plan and the developer's overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaRule {
+    /// Tokens per period covered by the plan (or the developer's override); `None` = unlimited.
+    pub included: Option<u64>,
+    /// Refuse once `included` is used up (no overage).
+    pub hard: bool,
+    /// Most overage charge per period, nano-USD (overage plans only).
+    pub spend_cap_nanos: Option<i64>,
+}
+
+/// Why the quota refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaRefusal {
+    /// The included tokens of a hard-stop plan are used up.
+    Exhausted,
+    /// The overage charge reached the developer's spend cap.
+    SpendCap,
+}
+
+/// One developer's period usage on this node.
+#[derive(Debug, Default)]
+pub struct DevUsage {
+    pub tokens: AtomicU64,
+    pub cost_nanos: AtomicI64,
+    /// Tokens reserved by this node's requests in flight.
+    pub reserved: AtomicU64,
+}
+
+impl DevUsage {
+    /// Committed tokens and cost.
+    pub fn totals(&self) -> (u64, i64) {
+        (
+            self.tokens.load(Ordering::Relaxed),
+            self.cost_nanos.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The estimated overage charge of `tokens` costing `cost_nanos` when `included` are free:
+/// the cost times the share of tokens beyond `included`, rounded down.
+pub fn overage_nanos(tokens: u64, cost_nanos: i64, included: Option<u64>) -> i64 {
+    let Some(included) = included else { return 0 };
+    if tokens <= included || tokens == 0 {
+        return 0;
+    }
+    let over = i128::from(tokens - included);
+    (i128::from(cost_nanos) * over / i128::from(tokens)) as i64
+}
+
+impl QuotaRule {
+    /// Checks a developer's usage against the rule.
+    pub fn check(&self, tokens: u64, cost_nanos: i64, reserved: u64) -> Result<(), QuotaRefusal> {
+        if let (true, Some(included)) = (self.hard, self.included) {
+            if tokens.saturating_add(reserved) >= included {
+                return Err(QuotaRefusal::Exhausted);
+            }
+        }
+        if let Some(cap) = self.spend_cap_nanos.filter(|_| !self.hard) {
+            if overage_nanos(tokens, cost_nanos, self.included) >= cap {
+                return Err(QuotaRefusal::SpendCap);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the rule can refuse anything (else it need not be checked).
+    pub fn limits_anything(&self) -> bool {
+        (self.hard && self.included.is_some()) || (!self.hard && self.spend_cap_nanos.is_some())
+    }
+}
+
+/// Every developer's usage this period, on this node.
+pub struct QuotaBook {
+    /// Serializes period turnovers.
+    turnover: Mutex<()>,
+    /// The current period as `year * 12 + month - 1`.
+    period_code: AtomicI64,
+    /// End of the current period, unix ms (checked on every access; cheap).
+    period_end_ms: AtomicI64,
+    devs: DashMap<Arc<str>, Arc<DevUsage>, foldhash::fast::RandomState>,
+}
+
+fn code(p: Period) -> i64 {
+    i64::from(p.year) * 12 + i64::from(p.month) - 1
+}
+
+fn from_code(c: i64) -> Period {
+    Period {
+        year: c.div_euclid(12) as i32,
+        month: c.rem_euclid(12) as u32 + 1,
+    }
+}
+
+impl QuotaBook {
+    pub fn new(now_ms: i64) -> QuotaBook {
+        let period = Period::of_unix_ms(now_ms);
+        QuotaBook {
+            turnover: Mutex::new(()),
+            period_code: AtomicI64::new(code(period)),
+            period_end_ms: AtomicI64::new(period.end_ms()),
+            devs: DashMap::default(),
+        }
+    }
+
+    /// The current period; turning it over (and forgetting the old one's usage) when `now_ms`
+    /// is past its end.
+    #[inline]
+    pub fn period(&self, now_ms: i64) -> Period {
+        if now_ms >= self.period_end_ms.load(Ordering::Acquire) {
+            let _guard = self.turnover.lock().expect("quota turnover lock");
+            if now_ms >= self.period_end_ms.load(Ordering::Acquire) {
+                let p = Period::of_unix_ms(now_ms);
+                self.devs.clear();
+                self.period_code.store(code(p), Ordering::Release);
+                self.period_end_ms.store(p.end_ms(), Ordering::Release);
+            }
+        }
+        from_code(self.period_code.load(Ordering::Acquire))
+    }
+
+    /// Unix ms at which the current period ends.
+    pub fn period_end_ms(&self) -> i64 {
+        self.period_end_ms.load(Ordering::Relaxed)
+    }
+
+    /// The developer's entry in the current period (created empty).
+    pub fn dev(&self, developer_id: &Arc<str>, now_ms: i64) -> Arc<DevUsage> {
+        self.period(now_ms);
+        if let Some(d) = self.devs.get(developer_id) {
+            return Arc::clone(&d);
+        }
+        Arc::clone(&self.devs.entry(Arc::clone(developer_id)).or_default())
+    }
+
+    /// The developer's committed totals in `period` (zero when unknown or another period).
+    pub fn totals(&self, period: Period, developer_id: &str) -> (u64, i64) {
+        if code(period) != self.period_code.load(Ordering::Acquire) {
+            return (0, 0);
+        }
+        self.devs.get(developer_id).map_or((0, 0), |d| d.totals())
+    }
+
+    /// Adds usage recorded before this node started (ClickHouse) to the current period.
+    pub fn add_seed(&self, period: Period, developer_id: &str, tokens: u64, cost_nanos: i64) {
+        if code(period) != self.period_code.load(Ordering::Acquire) {
+            return;
+        }
+        let d = self.dev(&Arc::from(developer_id), period.start_ms());
+        d.tokens.fetch_add(tokens, Ordering::Relaxed);
+        d.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
+    }
+
+    /// Developers with an entry this period.
+    pub fn len(&self) -> usize {
+        self.devs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devs.is_empty()
+    }
+}
+
+/// Alert thresholds (percent of `quota`) crossed by going from `before` to `after` tokens.
+pub fn crossed(thresholds: &[u32], quota: u64, before: u64, after: u64) -> Vec<u32> {
+    if quota == 0 {
+        return Vec::new();
+    }
+    thresholds
+        .iter()
+        .copied()
+        .filter(|&pct| {
+            let mark = (u128::from(quota) * u128::from(pct)).div_ceil(100);
+            u128::from(before) < mark && u128::from(after) >= mark
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hard_stop_counts_reservations() {
+        let r = QuotaRule {
+            included: Some(1000),
+            hard: true,
+            spend_cap_nanos: None,
+        };
+        assert_eq!(r.check(900, 0, 99), Ok(()));
+        assert_eq!(r.check(900, 0, 100), Err(QuotaRefusal::Exhausted));
+        assert_eq!(r.check(1000, 0, 0), Err(QuotaRefusal::Exhausted));
+        assert!(r.limits_anything());
+    }
+
+    #[test]
+    fn spend_cap_on_the_overage_share() {
+        let r = QuotaRule {
+            included: Some(100),
+            hard: false,
+            spend_cap_nanos: Some(500),
+        };
+        // 200 tokens for 1000 nano-USD: half is overage = 500 → at the cap.
+        assert_eq!(overage_nanos(200, 1000, Some(100)), 500);
+        assert_eq!(r.check(200, 1000, 0), Err(QuotaRefusal::SpendCap));
+        assert_eq!(r.check(199, 1000, 0), Ok(()));
+        assert_eq!(overage_nanos(100, 1000, Some(100)), 0);
+        assert_eq!(overage_nanos(100, 1000, None), 0);
+        let uncapped = QuotaRule {
+            spend_cap_nanos: None,
+            ..r
+        };
+        assert!(!uncapped.limits_anything());
+        assert_eq!(uncapped.check(u64::MAX / 2, i64::MAX / 2, 0), Ok(()));
+    }
+
+    #[test]
+    fn thresholds_cross_once() {
+        assert_eq!(crossed(&[80, 100], 1000, 0, 799), Vec::<u32>::new());
+        assert_eq!(crossed(&[80, 100], 1000, 799, 800), vec![80]);
+        assert_eq!(crossed(&[80, 100], 1000, 800, 999), Vec::<u32>::new());
+        assert_eq!(crossed(&[80, 100], 1000, 500, 1500), vec![80, 100]);
+        assert_eq!(crossed(&[80, 100], 3, 2, 3), vec![80, 100]);
+    }
+
+    #[test]
+    fn periods_turn_over() {
+        let nov = Period::parse("2026-11").unwrap();
+        let book = QuotaBook::new(nov.start_ms() + 5);
+        let dev: Arc<str> = "dev_a".into();
+        book.add_seed(nov, "dev_a", 700, 70);
+        assert_eq!(book.dev(&dev, nov.start_ms() + 10).totals(), (700, 70));
+        // A seed for another period is ignored.
+        book.add_seed(nov.next(), "dev_a", 1, 1);
+        assert_eq!(book.dev(&dev, nov.start_ms() + 10).totals(), (700, 70));
+        assert_eq!(book.dev(&dev, nov.end_ms()).totals(), (0, 0));
+        assert_eq!(book.period(nov.end_ms()), nov.next());
+    }
+}
