@@ -722,4 +722,65 @@ mod control_plane_limits {
         assert_eq!(r.status(), 200);
         expect_error(send(&a, &key, BODY, &[]).await, 429, "rate_limit_exceeded").await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_spend_cap_stops_overage() {
+        let db = TestDatabase::new(Backend::Sqlite).await;
+        let store = db.store().await;
+        let dir = tempfile::tempdir().unwrap();
+        let plans = dir.path().join("plans.yaml");
+        write(
+            &plans,
+            "default_plan: paid\nplans:\n  paid:\n    included_tokens: 100\n    overage: true\n",
+        );
+        let (dev, key) = developer_with_key(&store, "paid").await;
+        // 0.00001 USD of overage. Each request: 14 tokens at the default 0.001 USD / 1K tokens
+        // = 14,000 nano-USD.
+        let mut tx = store.begin_write().await.unwrap();
+        developers::set_spend_cap(&mut tx, &dev, Some(10_000))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let mock = Mock::start(&[]);
+        let body = config(
+            &[upstream("m", &[mock.base_url()], &[])],
+            &[("demo", "m", None)],
+            &[],
+        ) + &control_plane(&db.url, &[])
+            + &limits_yaml(Some(&plans.display().to_string()), None, &[]);
+        let gw = Gateway::start(&body, &[]);
+        let mut ok = 0;
+        let refused = loop {
+            let r = send(&gw, &key, BODY, &[]).await;
+            if r.status() == 429 {
+                break r;
+            }
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+            ok += 1;
+            assert!(ok < 50, "the cap never applied");
+            // Each request settles before the next one's admission.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        };
+        // 8 requests = 112 tokens, 112,000 nano-USD: the 12 tokens beyond the included 100
+        // are 12,000 nano-USD of overage ≥ the cap; 7 requests (98 tokens) have none.
+        assert_eq!(ok, 8);
+        let e = expect_error(refused, 429, "insufficient_quota").await;
+        assert!(e["message"].as_str().unwrap().contains("spend cap"), "{e}");
+        assert_eq!(
+            gw.metric_eventually("aihub_rate_limited_total{reason=\"spend_cap\"}", 1.0),
+            1.0
+        );
+        // Lifting the cap (null) lets overage go on.
+        let mut tx = store.begin_write().await.unwrap();
+        developers::set_spend_cap(&mut tx, &dev, None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while send(&gw, &key, BODY, &[]).await.status() != 200 {
+            assert!(Instant::now() < deadline, "cap removal not applied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -51,8 +51,10 @@ sed -e '/^keys: \[\]$/d' \
     -e "s#127.0.0.1:9090#127.0.0.1:$MOCK_PORT#" \
     -e "s#http://127.0.0.1:8123#http://127.0.0.1:$CLICKHOUSE_PORT#" \
     -e "s#wal_dir: data/wal#wal_dir: $DATA/wal#" \
+    -e "s#plans_file: plans.yaml#plans_file: $PWD/config/plans.yaml#" \
     config/gateway.yaml > "$DATA/gateway.yaml"
-{ echo "keys:"; grep -v '^#' "$DATA/demo-key.yaml"; } >> "$DATA/gateway.yaml"
+# The demo key is on the Developer plan (its limits and headers show; overage allowed).
+{ echo "keys:"; grep -v '^#' "$DATA/demo-key.yaml"; echo "  plan: developer"; } >> "$DATA/gateway.yaml"
 # Keys created in the admin API reach the gateway through the shared control-plane database.
 printf 'control_plane:\n  database_url: "sqlite://%s/aihub.db"\n  snapshot_path: "%s/keys-snapshot.jsonl"\n' "$DATA" "$DATA" >> "$DATA/gateway.yaml"
 "$BIN" gateway --config "$DATA/gateway.yaml" --check-config
@@ -65,6 +67,7 @@ fi
 sed -e "s#127.0.0.1:8081#127.0.0.1:$ADMIN_PORT#g" \
     -e "s#sqlite://data/aihub.db#sqlite://$DATA/aihub.db#" \
     -e "s#dir: data/mail#dir: $DATA/mail#" \
+    -e "s#^plans_file: plans.yaml#plans_file: $PWD/config/plans.yaml#" \
     config/admin.yaml > "$DATA/admin.yaml"
 printf 'bootstrap_admin:\n  email: ops@aihub.local\n  password_env: AIHUB_ADMIN_PASSWORD\n' >> "$DATA/admin.yaml"
 export AIHUB_ADMIN_PASSWORD

@@ -184,8 +184,8 @@ pub struct KeySyncMetrics {
 pub struct LimitMetrics {
     /// Requests refused with 429, by reason (concurrency, requests, tokens, quota, spend_cap).
     pub rate_limited: IntCounterVec,
-    /// 1 while limits are decided in Redis; 0 while this node decides alone (or before the
-    /// first connection). Absent without Redis.
+    /// 1 while limits are decided in Redis; 0 while this node decides alone (before the first
+    /// connection, during an outage, and always without `limits.redis`).
     pub redis_up: IntGauge,
     /// Failed or timed-out Redis calls.
     pub redis_errors: IntCounter,

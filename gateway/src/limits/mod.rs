@@ -395,6 +395,11 @@ impl Limits {
         let rates = adm.rates;
         let remote = adm.remote;
         drop(adm); // releases the slot and the quota reservation
+        let nothing_to_settle =
+            rates.key_tokens.is_none() && rates.dev_tokens.is_none() && quota.is_none();
+        if nothing_to_settle {
+            return;
+        }
         let Some(redis) = self.redis.as_ref().filter(|_| remote).cloned() else {
             self.local
                 .settle(&key.key_id, &key.developer_id, &rates, delta, self.now_us());
