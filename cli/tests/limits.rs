@@ -331,6 +331,69 @@ async fn quota_hard_stop_and_429s_in_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_starting_on_an_empty_redis_counts_the_months_usage_from_clickhouse() {
+    let db = TestDb::new();
+    let mock = Mock::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let plans = plans_file(dir.path(), "    included_tokens: 200\n    overage: false\n");
+    let k = key("reseed", &["plan: test"]);
+    let extra = limits_yaml(Some(&plans), Some(&redis_url()), &[])
+        + &db.metering_yaml(&dir.path().join("wal"), &[]);
+    let prefix = extra
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("prefix: "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    let gw = gateway_with(&mock, &[&k], &extra);
+    wait_metric(&gw, "aihub_limits_redis_up", 1.0).await;
+    let mut ok = 0u64;
+    while send(&gw, &k.key, BODY, &[]).await.status() == 200 {
+        ok += 1;
+        assert!(ok < 100);
+    }
+    let used = ok * BODY_USAGE;
+    db.wait_for(
+        "SELECT sum(total_tokens) FROM usage_events WHERE key_id = 'reseed'",
+        i128::from(used as u32),
+        Duration::from_secs(10),
+    )
+    .await;
+    drop(gw);
+    // Redis loses everything (a restart without persistence).
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    }
+    // A new node seeds its totals from ClickHouse and recreates the shared counter from them.
+    let gw = gateway_with(&mock, &[&k], &extra);
+    wait_metric(&gw, "aihub_limits_quota_seeded", 1.0).await;
+    wait_metric(&gw, "aihub_limits_redis_up", 1.0).await;
+    expect_error(send(&gw, &k.key, BODY, &[]).await, 429, "insufficient_quota").await;
+    let counted: u64 = redis::cmd("HGET")
+        .arg(format!("{prefix}:q:{}:dev_reseed", current_period()))
+        .arg("tokens")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counted, used);
+}
+
+/// `YYYY-MM` of now (UTC).
+fn current_period() -> String {
+    rfc3339_in(Duration::ZERO)[..7].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_at_a_quota_edge_overshoot_by_their_reservations_at_most() {
     let mock = Mock::start(&[]);
     let dir = tempfile::tempdir().unwrap();

@@ -117,6 +117,12 @@ impl GatewayServer {
                     redis,
                     metrics.limits.clone(),
                 );
+                // With ClickHouse, quotas wait for this month's usage before creating shared
+                // counters (see `Limits::seeded`).
+                limits.seeded.store(
+                    config.metering.is_none(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let limits = Arc::new(limits);
                 let service = crate::limits::service::LimitsService {
                     limits: Arc::clone(&limits),

@@ -77,18 +77,27 @@ local A = {}
 for i = 1, #ARGV do A[i] = tonumber(ARGV[i]) end
 -- A: 1 key req rate, 2 key req burst, 3 dev req rate, 4 dev req burst, 5 key tok rate,
 --    6 dev tok rate, 7 cost, 8 quota mode (0 none, 1 track, 2 hard, 3 spend cap),
---    9 included, 10 spend cap, 11 reserved here, 12 seed tokens, 13 seed cost, 14 quota ttl s
+--    9 included, 10 spend cap, 11 reserved here, 12 seed tokens, 13 seed cost, 14 quota ttl s,
+--    15 may create the quota hash from the seed (1) or must read a missing one as the seed (0)
 local qt, qc = 0, 0
 if A[8] >= 1 then
   if redis.call('EXISTS', KEYS[3]) == 0 then
-    redis.call('HSET', KEYS[3], 'tokens', ARGV[12], 'cost', ARGV[13])
-    redis.call('EXPIRE', KEYS[3], ARGV[14])
+    if A[15] == 1 then
+      redis.call('HSET', KEYS[3], 'tokens', ARGV[12], 'cost', ARGV[13])
+      redis.call('EXPIRE', KEYS[3], ARGV[14])
+    end
+    qt, qc = A[12], A[13]
+  else
+    qt = tonumber(redis.call('HGET', KEYS[3], 'tokens'))
+    qc = tonumber(redis.call('HGET', KEYS[3], 'cost'))
   end
-  qt = tonumber(redis.call('HGET', KEYS[3], 'tokens'))
-  qc = tonumber(redis.call('HGET', KEYS[3], 'cost'))
   local refuse = 0
   if A[8] == 2 and qt + A[11] >= A[9] then refuse = 5 end
-  if A[8] == 3 and qt > A[9] and math.floor(qc * (qt - A[9]) / qt) >= A[10] then refuse = 6 end
+  if A[8] == 3 and qt >= A[9] then
+    local over = 0
+    if qt > 0 then over = math.floor(qc * (qt - A[9]) / qt) end
+    if over >= A[10] then refuse = 6 end
+  end
   if refuse > 0 then return {refuse, 0, -1, 0, 0, -1, 0, 0, -1, 0, 0, -1, 0, 0, qt, qc} end
 end
 local specs = {
@@ -143,7 +152,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local W = 60000000
 -- ARGV: 1 key tok rate, 2 dev tok rate, 3 delta, 4 tokens, 5 cost, 6 track quota,
---       7 seed tokens, 8 seed cost, 9 quota ttl s
+--       7 seed tokens, 8 seed cost, 9 quota ttl s, 10 may create the quota hash (1/0)
 local delta = tonumber(ARGV[3])
 local function adjust(key, rate)
   if rate > 0 and delta ~= 0 then
@@ -159,6 +168,7 @@ adjust(KEYS[1], tonumber(ARGV[1]))
 adjust(KEYS[2], tonumber(ARGV[2]))
 if ARGV[6] == '1' then
   if redis.call('EXISTS', KEYS[3]) == 0 then
+    if ARGV[10] ~= '1' then return {2, 0, 0, 0} end
     redis.call('HSET', KEYS[3], 'tokens', ARGV[7], 'cost', ARGV[8])
     redis.call('EXPIRE', KEYS[3], ARGV[9])
   end
@@ -192,12 +202,37 @@ pub struct QuotaArgs {
     /// The current period and its end (unix ms).
     pub period: Period,
     pub period_end_ms: i64,
+    /// This node's totals include the period's usage from ClickHouse, so a missing quota hash
+    /// may be created from them (else it is read as `seed` without being created).
+    pub seeded: bool,
 }
 
 /// A Redis admission: the decision and the developer's global totals (when tracked).
 pub struct RemoteAdmission {
     pub result: Result<RateHeaders, Refused>,
     pub quota: Option<(u64, i64)>,
+}
+
+/// The quota a settle counts against.
+#[derive(Debug, Clone, Copy)]
+pub struct Track {
+    pub period: Period,
+    /// The node's totals before this usage (the hash's content if Redis has none).
+    pub seed: (u64, i64),
+    /// The node's totals include ClickHouse's: a missing hash may be created from them.
+    pub seeded: bool,
+}
+
+/// What a settle did to the quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleOutcome {
+    /// Counted: the global totals.
+    Counted(Settled),
+    /// No quota tracked for this request.
+    Untracked,
+    /// Redis has no counter yet and this node may not create it (its ClickHouse seed has not
+    /// arrived): the caller keeps the usage for later.
+    NotSeeded,
 }
 
 /// Quota totals after a settle: tokens before and after, cost after.
@@ -305,7 +340,8 @@ impl Distributed {
         let (mode, included, cap) = match quota.rule {
             None => (0, 0, 0),
             Some(r) if r.hard && r.included.is_some() => (2, r.included.unwrap_or(0), 0),
-            Some(r) if !r.hard && r.spend_cap_nanos.is_some() => {
+            // Without included tokens nothing is overage: the cap cannot bind (as locally).
+            Some(r) if !r.hard && r.spend_cap_nanos.is_some() && r.included.is_some() => {
                 (3, r.included.unwrap_or(0), r.spend_cap_nanos.unwrap_or(0))
             }
             Some(_) => (1, 0, 0),
@@ -327,7 +363,8 @@ impl Distributed {
             .arg(quota.reserved)
             .arg(quota.seed.0)
             .arg(quota.seed.1)
-            .arg(quota_ttl_secs(quota.period_end_ms));
+            .arg(quota_ttl_secs(quota.period_end_ms))
+            .arg(u8::from(quota.seeded));
         let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
         if r.len() != 16 {
             return Err(RedisDown::Redis(redis::RedisError::from((
@@ -367,8 +404,8 @@ impl Distributed {
         })
     }
 
-    /// Runs the settle script. `seed` is the node's totals before this usage.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs the settle script. `track`: the quota to count against, with the node's totals
+    /// before this usage and whether they may create a missing quota hash.
     pub async fn settle(
         &self,
         key_id: &str,
@@ -376,10 +413,15 @@ impl Distributed {
         rates: &Rates,
         delta: i64,
         usage: (u64, i64),
-        track: Option<(Period, i64, (u64, i64))>,
-    ) -> Result<Option<Settled>, RedisDown> {
+        track: Option<Track>,
+    ) -> Result<SettleOutcome, RedisDown> {
         let mut conn = self.connection()?;
-        let (period, end_ms, seed) = track.unwrap_or((Period::of_unix_ms(0), 0, (0, 0)));
+        let t = track.unwrap_or(Track {
+            period: Period::of_unix_ms(0),
+            seed: (0, 0),
+            seeded: false,
+        });
+        let (period, end_ms, seed) = (t.period, t.period.end_ms(), t.seed);
         let mut inv = self.settle.prepare_invoke();
         inv.key(self.key("rl:k", key_id))
             .key(self.key("rl:d", dev_id))
@@ -392,13 +434,18 @@ impl Distributed {
             .arg(u8::from(track.is_some()))
             .arg(seed.0)
             .arg(seed.1)
-            .arg(quota_ttl_secs(end_ms));
+            .arg(quota_ttl_secs(end_ms))
+            .arg(u8::from(t.seeded));
         let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
-        Ok((r.first() == Some(&1) && r.len() == 4).then(|| Settled {
-            before: r[1].max(0) as u64,
-            after: r[2].max(0) as u64,
-            cost: r[3],
-        }))
+        Ok(match (r.first(), r.len()) {
+            (Some(1), 4) => SettleOutcome::Counted(Settled {
+                before: r[1].max(0) as u64,
+                after: r[2].max(0) as u64,
+                cost: r[3],
+            }),
+            (Some(2), _) => SettleOutcome::NotSeeded,
+            _ => SettleOutcome::Untracked,
+        })
     }
 
     /// Remembers quota usage that could not reach Redis.
@@ -414,6 +461,7 @@ impl Distributed {
     pub async fn monitor_once(
         &self,
         totals: impl Fn(Period, &str) -> (u64, i64),
+        seeded: bool,
     ) -> Result<bool, RedisDown> {
         let mut conn = match self.connection() {
             Ok(c) if self.is_up() => c,
@@ -445,23 +493,23 @@ impl Distributed {
             .collect();
         for (i, ((period, dev), (tokens, cost))) in pending.iter().enumerate() {
             let (t, c) = totals(*period, dev);
-            let seed = (t.saturating_sub(*tokens), c - cost);
-            let end = period.end_ms();
-            if let Err(e) = self
-                .settle(
-                    "",
-                    dev,
-                    &Rates::default(),
-                    0,
-                    (*tokens, *cost),
-                    Some((*period, end, seed)),
-                )
-                .await
-            {
-                for ((p, d), (t, c)) in &pending[i..] {
-                    self.defer(*p, d, *t, *c);
+            let track = Track {
+                period: *period,
+                seed: (t.saturating_sub(*tokens), c - cost),
+                seeded,
+            };
+            let result = self
+                .settle("", dev, &Rates::default(), 0, (*tokens, *cost), Some(track))
+                .await;
+            match result {
+                Ok(SettleOutcome::NotSeeded) => self.defer(*period, dev, *tokens, *cost),
+                Ok(_) => {}
+                Err(e) => {
+                    for ((p, d), (t, c)) in &pending[i..] {
+                        self.defer(*p, d, *t, *c);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
         let came_back = !self.up.swap(true, Ordering::Relaxed);

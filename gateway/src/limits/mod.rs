@@ -32,7 +32,7 @@ use aihub_plans::{Period, PlanCatalog};
 
 use crate::keys::{now_ms, KeyRecord};
 use crate::metrics::LimitMetrics;
-use distributed::{Distributed, QuotaArgs};
+use distributed::{Distributed, QuotaArgs, SettleOutcome, Track};
 use gcra::Rate;
 use headers::RateHeaders;
 use local::{LocalBuckets, Rates, Refused};
@@ -188,6 +188,10 @@ pub struct Limits {
     pub metrics: LimitMetrics,
     alerts: tokio::sync::mpsc::Sender<Alert>,
     origin: Instant,
+    /// The quota book holds this period's usage from before this node started (ClickHouse
+    /// answered, or there is no ClickHouse). Until then this node never creates a quota
+    /// counter in Redis (it would start the month from zero for every node).
+    pub seeded: std::sync::atomic::AtomicBool,
 }
 
 /// Alerts waiting for delivery; beyond this they are dropped (and counted).
@@ -209,6 +213,7 @@ impl Limits {
             metrics,
             alerts: tx,
             origin: Instant::now(),
+            seeded: true.into(),
         };
         (limits, rx)
     }
@@ -286,6 +291,7 @@ impl Limits {
                     .as_ref()
                     .map_or_else(|| self.quota.period(now), |c| c.period),
                 period_end_ms: self.quota.period_end_ms(),
+                seeded: self.seeded.load(Ordering::Relaxed),
             };
             let started = Instant::now();
             let answer = redis
@@ -429,11 +435,12 @@ impl Limits {
         });
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let track = quota
-                .as_ref()
-                .zip(seed)
-                .map(|((_, _, p), seed)| (*p, p.end_ms(), seed));
-            match redis
+            let track = quota.as_ref().zip(seed).map(|((_, _, p), seed)| Track {
+                period: *p,
+                seed,
+                seeded: this.seeded.load(Ordering::Relaxed),
+            });
+            let settled = redis
                 .settle(
                     &key.key_id,
                     &key.developer_id,
@@ -442,9 +449,9 @@ impl Limits {
                     (tokens, cost_nanos),
                     track,
                 )
-                .await
-            {
-                Ok(Some(s)) => {
+                .await;
+            match settled {
+                Ok(SettleOutcome::Counted(s)) => {
                     if let Some((rule, dev, period)) = &quota {
                         dev.tokens.store(s.after, Ordering::Relaxed);
                         dev.cost_nanos.store(s.cost, Ordering::Relaxed);
@@ -458,7 +465,22 @@ impl Limits {
                         );
                     }
                 }
-                Ok(None) => {}
+                Ok(SettleOutcome::Untracked) => {}
+                Ok(SettleOutcome::NotSeeded) => {
+                    if let Some((rule, dev, period)) = &quota {
+                        redis.defer(*period, &key.developer_id, tokens, cost_nanos);
+                        let after = dev.tokens.load(Ordering::Relaxed);
+                        let before = after.saturating_sub(tokens);
+                        this.alert(
+                            &key.developer_id,
+                            *period,
+                            *rule,
+                            before,
+                            after,
+                            &thresholds,
+                        );
+                    }
+                }
                 Err(e) => {
                     this.redis_failed(&redis, &e);
                     if let Some((rule, dev, period)) = &quota {

@@ -75,17 +75,16 @@ impl QuotaRule {
                 return Err(QuotaRefusal::Exhausted);
             }
         }
-        if let Some(cap) = self.spend_cap_nanos.filter(|_| !self.hard) {
-            if overage_nanos(tokens, cost_nanos, self.included) >= cap {
+        if let (Some(cap), Some(included)) = (self.spend_cap_nanos, self.included) {
+            // Only in overage territory: a cap of 0 allows the included tokens, nothing more.
+            if !self.hard
+                && tokens >= included
+                && overage_nanos(tokens, cost_nanos, self.included) >= cap
+            {
                 return Err(QuotaRefusal::SpendCap);
             }
         }
         Ok(())
-    }
-
-    /// Whether the rule can refuse anything (else it need not be checked).
-    pub fn limits_anything(&self) -> bool {
-        (self.hard && self.included.is_some()) || (!self.hard && self.spend_cap_nanos.is_some())
     }
 }
 
@@ -209,7 +208,6 @@ mod tests {
         assert_eq!(r.check(900, 0, 99), Ok(()));
         assert_eq!(r.check(900, 0, 100), Err(QuotaRefusal::Exhausted));
         assert_eq!(r.check(1000, 0, 0), Err(QuotaRefusal::Exhausted));
-        assert!(r.limits_anything());
     }
 
     #[test]
@@ -225,11 +223,16 @@ mod tests {
         assert_eq!(r.check(199, 1000, 0), Ok(()));
         assert_eq!(overage_nanos(100, 1000, Some(100)), 0);
         assert_eq!(overage_nanos(100, 1000, None), 0);
+        let zero = QuotaRule {
+            spend_cap_nanos: Some(0),
+            ..r
+        };
+        assert_eq!(zero.check(99, 990, 0), Ok(()));
+        assert_eq!(zero.check(100, 1000, 0), Err(QuotaRefusal::SpendCap));
         let uncapped = QuotaRule {
             spend_cap_nanos: None,
             ..r
         };
-        assert!(!uncapped.limits_anything());
         assert_eq!(uncapped.check(u64::MAX / 2, i64::MAX / 2, 0), Ok(()));
     }
 

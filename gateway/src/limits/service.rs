@@ -84,6 +84,9 @@ impl LimitsService {
                     }
                     tracing::info!(%period, developers = rows.len(), "quota usage seeded from ClickHouse");
                     limits.metrics.quota_seeded.set(1);
+                    limits
+                        .seeded
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     return;
                 }
                 Err(e) => {
@@ -104,7 +107,11 @@ impl LimitsService {
         loop {
             tick.tick().await;
             let book = &limits.quota;
-            match redis.monitor_once(|p, dev| book.totals(p, dev)).await {
+            let seeded = limits.seeded.load(std::sync::atomic::Ordering::Relaxed);
+            match redis
+                .monitor_once(|p, dev| book.totals(p, dev), seeded)
+                .await
+            {
                 Ok(came_back) => {
                     limits.metrics.redis_up.set(1);
                     if came_back {
