@@ -264,7 +264,7 @@ async fn quota_hard_stop_and_429s_in_usage() {
     let dir = tempfile::tempdir().unwrap();
     let plans = plans_file(
         dir.path(),
-        "    included_tokens: 1000\n    overage: false\n",
+        "    included_tokens: 1000\n    overage: false\n    requests_per_minute: 1000\n",
     );
     let k = key("quota", &["plan: test"]);
     let wal = dir.path().join("wal");
@@ -281,6 +281,11 @@ async fn quota_hard_stop_and_429s_in_usage() {
                 wait > 0 && wait <= 31 * 86_400,
                 "Retry-After {wait} (period end)"
             );
+            // The rate-limit headers show the buckets as they stand (nothing taken).
+            assert_eq!(num(&r, "x-ratelimit-limit-requests"), 1000);
+            // (One request regenerates every 60 ms meanwhile.)
+            let left = num(&r, "x-ratelimit-remaining-requests");
+            assert!((1000 - ok..1000).contains(&left), "{left} left after {ok}");
             let e = expect_error(r, 429, "insufficient_quota").await;
             assert_eq!(e["type"], "insufficient_quota");
             break;
@@ -335,7 +340,10 @@ async fn a_node_starting_on_an_empty_redis_counts_the_months_usage_from_clickhou
     let db = TestDb::new();
     let mock = Mock::start(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let plans = plans_file(dir.path(), "    included_tokens: 200\n    overage: false\n");
+    let plans = plans_file(
+        dir.path(),
+        "    included_tokens: 200\n    overage: false\n    requests_per_minute: 1000\n",
+    );
     let k = key("reseed", &["plan: test"]);
     let extra = limits_yaml(Some(&plans), Some(&redis_url()), &[])
         + &db.metering_yaml(&dir.path().join("wal"), &[]);
@@ -372,13 +380,21 @@ async fn a_node_starting_on_an_empty_redis_counts_the_months_usage_from_clickhou
         .await
         .unwrap();
     if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
     // A new node seeds its totals from ClickHouse and recreates the shared counter from them.
     let gw = gateway_with(&mock, &[&k], &extra);
     wait_metric(&gw, "aihub_limits_quota_seeded", 1.0).await;
     wait_metric(&gw, "aihub_limits_redis_up", 1.0).await;
-    expect_error(send(&gw, &k.key, BODY, &[]).await, 429, "insufficient_quota").await;
+    let r = send(&gw, &k.key, BODY, &[]).await;
+    // Shown from Redis without taking anything: the earlier requests' bucket went with the
+    // rest of Redis, so all 1000 remain.
+    assert_eq!(num(&r, "x-ratelimit-remaining-requests"), 1000);
+    expect_error(r, 429, "insufficient_quota").await;
     let counted: u64 = redis::cmd("HGET")
         .arg(format!("{prefix}:q:{}:dev_reseed", current_period()))
         .arg("tokens")

@@ -68,6 +68,11 @@ local function peek(tat, rate, burst)
   if span > 0 then rem = math.floor(span / T) end
   return rem, used
 end
+-- A bucket hash lives until its fullest field is full again (never shortened).
+local function extend(key, until_us)
+  local ms = math.ceil((until_us - now) / 1000) + 1000
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
 local function tat(key, field)
   local v = redis.call('HGET', key, field)
   if v then return tonumber(v) end
@@ -79,7 +84,7 @@ for i = 1, #ARGV do A[i] = tonumber(ARGV[i]) end
 --    6 dev tok rate, 7 cost, 8 quota mode (0 none, 1 track, 2 hard, 3 spend cap),
 --    9 included, 10 spend cap, 11 reserved here, 12 seed tokens, 13 seed cost, 14 quota ttl s,
 --    15 may create the quota hash from the seed (1) or must read a missing one as the seed (0)
-local qt, qc = 0, 0
+local qt, qc, status, retry = 0, 0, 0, 0
 if A[8] >= 1 then
   if redis.call('EXISTS', KEYS[3]) == 0 then
     if A[15] == 1 then
@@ -98,7 +103,7 @@ if A[8] >= 1 then
     if qt > 0 then over = math.floor(qc * (qt - A[9]) / qt) end
     if over >= A[10] then refuse = 6 end
   end
-  if refuse > 0 then return {refuse, 0, -1, 0, 0, -1, 0, 0, -1, 0, 0, -1, 0, 0, qt, qc} end
+  status = refuse
 end
 local specs = {
   {KEYS[1], 'r', A[1], A[2], 1, false},
@@ -106,10 +111,9 @@ local specs = {
   {KEYS[1], 't', A[5], A[5], A[7], true},
   {KEYS[2], 't', A[6], A[6], A[7], true},
 }
-local out, status, retry = {}, 0, 0
-local results = {}
+local out, results = {}, {}
 for i, s in ipairs(specs) do
-  if s[3] > 0 then
+  if s[3] > 0 and status < 5 then
     local d = decide(tat(s[1], s[2]), s[3], s[4], s[5], s[6])
     results[i] = d
     if not d[1] then
@@ -122,9 +126,9 @@ for i, s in ipairs(specs) do
 end
 for i, s in ipairs(specs) do
   local d = results[i]
-  if d == nil then
+  if s[3] <= 0 then
     table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
-  elseif status ~= 0 and d[1] then
+  elseif d == nil or (status ~= 0 and d[1]) then
     local rem, reset = peek(tat(s[1], s[2]), s[3], s[4])
     table.insert(out, 1); table.insert(out, rem); table.insert(out, reset)
   else
@@ -136,7 +140,7 @@ if status == 0 then
     local d = results[i]
     if d ~= nil then
       redis.call('HSET', s[1], s[2], string.format('%.0f', d[2]))
-      redis.call('PEXPIRE', s[1], math.ceil((d[2] - now) / 1000) + 1000)
+      extend(s[1], d[2])
     end
   end
 end
@@ -161,6 +165,8 @@ local function adjust(key, rate)
       local tat = math.max(tonumber(v), now) + delta * math.ceil(W / rate)
       if tat < now then tat = now end
       redis.call('HSET', key, 't', string.format('%.0f', tat))
+      local ms = math.ceil((tat - now) / 1000) + 1000
+      if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
     end
   end
 end

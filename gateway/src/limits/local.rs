@@ -202,6 +202,38 @@ impl LocalBuckets {
         })
     }
 
+    /// The buckets as they stand, without taking anything (for refusals decided elsewhere).
+    pub fn peek(&self, key_id: &str, dev_id: &str, rates: &Rates, now: i64) -> RateHeaders {
+        let view = |map: &Map, id: &str, rate: Option<Rate>, tokens: bool| {
+            rate.map(|r| {
+                let tat = map.get(id).map_or(0, |e| {
+                    let p = e.lock().expect("bucket lock");
+                    if tokens {
+                        p.tokens
+                    } else {
+                        p.requests
+                    }
+                });
+                let (remaining, reset_us) = peek(tat, now, r);
+                Shown {
+                    limit: r.per_minute,
+                    remaining,
+                    reset_us,
+                }
+            })
+        };
+        RateHeaders {
+            requests: Shown::tighter(
+                view(&self.keys, key_id, rates.key_requests, false),
+                view(&self.devs, dev_id, rates.dev_requests, false),
+            ),
+            tokens: Shown::tighter(
+                view(&self.keys, key_id, rates.key_tokens, true),
+                view(&self.devs, dev_id, rates.dev_tokens, true),
+            ),
+        }
+    }
+
     /// Moves the token buckets by `delta` tokens (real usage minus the reservation).
     pub fn settle(&self, key_id: &str, dev_id: &str, rates: &Rates, delta: i64, now: i64) {
         if delta == 0 {

@@ -264,7 +264,15 @@ impl Limits {
         if let Some(cap) = eff.concurrency {
             if key.in_flight.fetch_add(1, Ordering::Relaxed) >= cap {
                 key.in_flight.fetch_sub(1, Ordering::Relaxed);
-                return Err(self.refuse(Reason::Concurrency, 1_000_000, RateHeaders::default()));
+                // The buckets as this node knows them (in Redis mode they live in Redis: none).
+                let headers = match &self.redis {
+                    Some(_) => RateHeaders::default(),
+                    None => {
+                        self.local
+                            .peek(&key.key_id, &key.developer_id, &eff.rates, self.now_us())
+                    }
+                };
+                return Err(self.refuse(Reason::Concurrency, 1_000_000, headers));
             }
             adm.holds_slot = true;
         }
@@ -326,13 +334,14 @@ impl Limits {
                         QuotaRefusal::Exhausted => Reason::Quota,
                         QuotaRefusal::SpendCap => Reason::SpendCap,
                     };
-                    return Err(self.quota_refusal(reason, now));
+                    let rates = self.local_rates(&eff.rates);
+                    let headers =
+                        self.local
+                            .peek(&key.key_id, &key.developer_id, &rates, self.now_us());
+                    return Err(self.quota_refusal(reason, now, headers));
                 }
             }
-            let rates = match &self.redis {
-                Some(r) => eff.rates.share(r.nodes()),
-                None => eff.rates,
-            };
+            let rates = self.local_rates(&eff.rates);
             adm.rates = rates;
             match self
                 .local
@@ -350,6 +359,14 @@ impl Limits {
         Ok(adm)
     }
 
+    /// The rates this node applies alone: all of them, or its share while Redis is down.
+    fn local_rates(&self, rates: &Rates) -> Rates {
+        match &self.redis {
+            Some(r) => rates.share(r.nodes()),
+            None => *rates,
+        }
+    }
+
     fn redis_failed(&self, redis: &Distributed, e: &distributed::RedisDown) {
         self.metrics.redis_errors.inc();
         if redis.mark_down() {
@@ -360,14 +377,14 @@ impl Limits {
 
     fn refused(&self, r: Refused, now_ms: i64) -> Refusal {
         match r.reason {
-            Reason::Quota | Reason::SpendCap => self.quota_refusal(r.reason, now_ms),
+            Reason::Quota | Reason::SpendCap => self.quota_refusal(r.reason, now_ms, r.headers),
             reason => self.refuse(reason, r.retry_us, r.headers),
         }
     }
 
-    fn quota_refusal(&self, reason: Reason, now_ms: i64) -> Refusal {
+    fn quota_refusal(&self, reason: Reason, now_ms: i64, headers: RateHeaders) -> Refusal {
         let until_end = (self.quota.period_end_ms() - now_ms).max(0) * 1000;
-        self.refuse(reason, until_end, RateHeaders::default())
+        self.refuse(reason, until_end, headers)
     }
 
     fn refuse(&self, reason: Reason, retry_us: i64, headers: RateHeaders) -> Refusal {
