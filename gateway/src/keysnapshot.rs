@@ -195,6 +195,14 @@ mod tests {
                 active: true,
                 ip_allowlist: Some(Arc::from(vec!["10.0.0.0/8".parse().unwrap()])),
                 source: KeySource::ControlPlane,
+                limits: crate::limits::KeyLimits {
+                    plan: Some("pro".into()),
+                    key_rpm: Some(60),
+                    dev_tpm: Some(1000),
+                    dev_quota_tokens: Some(5),
+                    spend_cap_nanos: Some(9),
+                    ..Default::default()
+                },
                 ..KeyRecord::default()
             },
         );
@@ -224,9 +232,14 @@ mod tests {
         assert!(ra.models.matches("gpt-4o-mini") && ra.models.matches("demo"));
         assert!(!ra.models.matches("gpt-4"));
         assert_eq!(ra.expires_at_ms, Some(42));
+        assert_eq!(ra.limits.plan.as_deref(), Some("pro"));
+        assert_eq!(ra.limits.key_rpm, Some(60));
+        assert_eq!(ra.limits.dev_tpm, Some(1000));
+        assert_eq!(ra.limits.spend_cap_nanos, Some(9));
         assert!(ra.allows_ip(Some("10.1.2.3".parse().unwrap())));
         assert!(!ra.allows_ip(Some("192.0.2.1".parse().unwrap())));
         let rb = loaded.get(&b).unwrap();
+        assert_eq!(rb.limits, crate::limits::KeyLimits::default());
         assert!(!rb.active && !rb.allows_ip(Some("10.1.2.3".parse().unwrap())));
         // A torn or foreign file is refused, not half-loaded.
         std::fs::write(
