@@ -72,7 +72,7 @@ pub struct LimitsConfig {
 }
 
 /// Redis holding the limits every node shares.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsRedisConfig {
     /// `redis://[:password@]host:port[/db]` (required). Holds a credential: never logged.
@@ -84,6 +84,17 @@ pub struct LimitsRedisConfig {
     /// Prefix of every Redis key. Default `aihub`.
     #[serde(default = "default_redis_prefix")]
     pub prefix: String,
+}
+
+impl std::fmt::Debug for LimitsRedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("LimitsRedisConfig")
+            .field("url", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 impl LimitsConfig {

@@ -59,8 +59,9 @@ pub struct KeyRecord {
     pub reported_used_ms: AtomicU64,
     /// The key's, its developer's and its plan's limits (resolved per request).
     pub limits: crate::limits::KeyLimits,
-    /// Requests in flight on this node (the plan's concurrency cap).
-    pub in_flight: AtomicU32,
+    /// Requests in flight on this node (the plan's concurrency cap); shared by the versions
+    /// of a synced key, so a key update does not reset it.
+    pub in_flight: Arc<AtomicU32>,
 }
 
 impl KeyRecord {

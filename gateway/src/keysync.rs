@@ -390,7 +390,12 @@ impl Follower {
             self.keys.synced.remove(&hash);
             return;
         }
-        let record = Arc::new(record_from_state(state, &mut self.interner));
+        let mut record = record_from_state(state, &mut self.interner);
+        if let Some(old) = self.keys.synced.get(&hash) {
+            // Requests in flight on the previous version still hold their slots.
+            record.in_flight = Arc::clone(&old.in_flight);
+        }
+        let record = Arc::new(record);
         if let Some(old) = self.keys.synced.insert_shared(hash, Arc::clone(&record)) {
             // Keep the last use noted on the previous record of the key.
             let used = old.last_used_ms.load(Ordering::Relaxed);

@@ -316,7 +316,7 @@ impl Gateway {
             match limits.admit(&key, &rt.plans, estimate).await {
                 Ok(admission) => {
                     ctx.rate_headers = admission.headers;
-                    ctx.admission = Some(admission);
+                    ctx.admission = Some(admission).filter(|a| !a.is_inert());
                 }
                 Err(refusal) => {
                     ctx.rate_headers = refusal.headers;

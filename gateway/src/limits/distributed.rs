@@ -49,6 +49,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local W = 60000000
 local function decide(tat, rate, burst, cost, lenient)
   local T = math.ceil(W / rate)
+  if lenient then cost = math.min(cost, rate) end
   local tau = burst * T
   local base = math.max(tat, now)
   local new = base + cost * T
@@ -150,19 +151,24 @@ table.insert(r, qt); table.insert(r, qc)
 return r
 "#;
 
-/// The settle script: token buckets moved by (real − reserved), quota counters increased.
+/// The settle script: token buckets moved by (real − reserved, each counted at most one
+/// window, as [`super::gcra::settle`]), quota counters increased.
 const SETTLE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local W = 60000000
--- ARGV: 1 key tok rate, 2 dev tok rate, 3 delta, 4 tokens, 5 cost, 6 track quota,
+-- ARGV: 1 key tok rate, 2 dev tok rate, 3 reserved, 4 tokens, 5 cost, 6 track quota,
 --       7 seed tokens, 8 seed cost, 9 quota ttl s, 10 may create the quota hash (1/0)
-local delta = tonumber(ARGV[3])
+local reserved, used = tonumber(ARGV[3]), tonumber(ARGV[4])
 local function adjust(key, rate)
-  if rate > 0 and delta ~= 0 then
-    local v = redis.call('HGET', key, 't')
-    if v then
-      local tat = math.max(tonumber(v), now) + delta * math.ceil(W / rate)
+  if rate <= 0 then return end
+  local delta = math.min(used, rate) - math.min(reserved, rate)
+  if delta == 0 then return end
+  local v = redis.call('HGET', key, 't')
+  -- Usage beyond the reservation is charged even if the bucket expired meanwhile.
+  if v or delta > 0 then
+    do
+      local tat = math.max(tonumber(v or 0), now) + delta * math.ceil(W / rate)
       if tat < now then tat = now end
       redis.call('HSET', key, 't', string.format('%.0f', tat))
       local ms = math.ceil((tat - now) / 1000) + 1000
@@ -417,7 +423,7 @@ impl Distributed {
         key_id: &str,
         dev_id: &str,
         rates: &Rates,
-        delta: i64,
+        reserved: u64,
         usage: (u64, i64),
         track: Option<Track>,
     ) -> Result<SettleOutcome, RedisDown> {
@@ -434,7 +440,7 @@ impl Distributed {
             .key(self.quota_key(period, dev_id))
             .arg(rates.key_tokens.map_or(0, |r| r.per_minute))
             .arg(rates.dev_tokens.map_or(0, |r| r.per_minute))
-            .arg(delta)
+            .arg(reserved)
             .arg(usage.0)
             .arg(usage.1)
             .arg(u8::from(track.is_some()))

@@ -10,7 +10,8 @@
 //! - **Lenient** admission (tokens): at least one unit must be available; the cost (a
 //!   reservation) is then taken whole and may leave the bucket in debt, which later requests
 //!   wait out. [`settle`] moves the bucket by the difference between the real usage and the
-//!   reservation, giving back what was not used.
+//!   reservation, giving back what was not used. A cost counts at most one whole window
+//!   (`per_minute` units): debt never exceeds a minute, whatever a request claims or uses.
 //!
 //! The Redis scripts in [`super::distributed`] are this file written in Lua, with the same
 //! arithmetic. Times are integer microseconds (`i64`; exact in Lua's doubles too, below 2^53)
@@ -70,7 +71,12 @@ pub fn decide(tat: i64, now: i64, rate: Rate, cost: u64, lenient: bool) -> Decis
     let t = rate.interval_us();
     let tau = rate.tau_us();
     let base = tat.max(now);
-    let new_tat = base.saturating_add((cost.min(i64::MAX as u64) as i64).saturating_mul(t));
+    let cost = if lenient {
+        window_units(rate, cost)
+    } else {
+        cost.min(u64::from(u32::MAX))
+    };
+    let new_tat = base + cost as i64 * t;
     let over = if lenient {
         base - now - (tau - t)
     } else {
@@ -95,13 +101,18 @@ pub fn decide(tat: i64, now: i64, rate: Rate, cost: u64, lenient: bool) -> Decis
     }
 }
 
-/// A bucket's state after `delta` more units were used than reserved (negative: fewer). Giving
-/// back never fills the bucket beyond full (`now`).
+/// A lenient cost as the bucket counts it: at most one window.
 #[inline]
-pub fn settle(tat: i64, now: i64, rate: Rate, delta: i64) -> i64 {
-    tat.max(now)
-        .saturating_add(delta.saturating_mul(rate.interval_us()))
-        .max(now)
+pub fn window_units(rate: Rate, units: u64) -> u64 {
+    units.min(u64::from(rate.per_minute))
+}
+
+/// A bucket's state once a request that reserved `reserved` units really used `used` (each
+/// counted at most one window). Giving back never fills the bucket beyond full (`now`).
+#[inline]
+pub fn settle(tat: i64, now: i64, rate: Rate, reserved: u64, used: u64) -> i64 {
+    let delta = window_units(rate, used) as i64 - window_units(rate, reserved) as i64;
+    (tat.max(now) + delta * rate.interval_us()).max(now)
 }
 
 /// What a bucket at `tat` shows now without taking anything: remaining units and µs until full.
@@ -165,14 +176,23 @@ mod tests {
         assert!(!d3.allowed);
         assert_eq!(d3.retry_us, 401 * rate.interval_us());
         // The second request really used 100: 400 given back, so 900 + 100 are used.
-        let tat = settle(d2.new_tat, now, rate, -400);
+        let tat = settle(d2.new_tat, now, rate, 500, 100);
         assert_eq!(peek(tat, now, rate).0, 0);
         // The first used only 300: 600 more given back.
-        let tat = settle(tat, now, rate, -600);
+        let tat = settle(tat, now, rate, 900, 300);
         assert_eq!(peek(tat, now, rate), (600, 400 * rate.interval_us()));
         // Giving back more than was taken never overfills.
-        assert_eq!(settle(tat, now, rate, -5000), now);
+        assert_eq!(settle(tat, now, rate, 5000, 0), now);
         assert_eq!(peek(now, now, rate), (1000, 0));
+        // Absurd claims count one window: a full minute of debt at most.
+        let d = decide(0, now, rate, u64::MAX, true);
+        assert!(d.allowed);
+        assert_eq!(d.new_tat - now, 1000 * rate.interval_us());
+        assert_eq!(settle(d.new_tat, now, rate, u64::MAX, 0), now);
+        assert_eq!(
+            settle(now, now, rate, 0, u64::MAX) - now,
+            1000 * rate.interval_us()
+        );
     }
 
     #[test]

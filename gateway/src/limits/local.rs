@@ -234,18 +234,33 @@ impl LocalBuckets {
         }
     }
 
-    /// Moves the token buckets by `delta` tokens (real usage minus the reservation).
-    pub fn settle(&self, key_id: &str, dev_id: &str, rates: &Rates, delta: i64, now: i64) {
-        if delta == 0 {
+    /// Replaces a request's token reservation by its real usage in the token buckets. Usage
+    /// beyond the reservation is charged even if the bucket was evicted meanwhile.
+    pub fn settle(
+        &self,
+        key_id: &Arc<str>,
+        dev_id: &Arc<str>,
+        rates: &Rates,
+        (reserved, used): (u64, u64),
+        now: i64,
+    ) {
+        if reserved == used {
             return;
         }
-        if let (Some(r), Some(e)) = (rates.key_tokens, self.keys.get(key_id)) {
-            let mut p = e.lock().expect("bucket lock");
-            p.tokens = settle(p.tokens, now, r, delta);
-        }
-        if let (Some(r), Some(e)) = (rates.dev_tokens, self.devs.get(dev_id)) {
-            let mut p = e.lock().expect("bucket lock");
-            p.tokens = settle(p.tokens, now, r, delta);
+        for (map, id, rate) in [
+            (&self.keys, key_id, rates.key_tokens),
+            (&self.devs, dev_id, rates.dev_tokens),
+        ] {
+            let Some(r) = rate else { continue };
+            let e = if used > reserved {
+                Some(entry(map, id))
+            } else {
+                map.get(id)
+            };
+            if let Some(e) = e {
+                let mut p = e.lock().expect("bucket lock");
+                p.tokens = settle(p.tokens, now, r, reserved, used);
+            }
         }
     }
 
@@ -323,7 +338,7 @@ mod tests {
         assert_eq!(h.tokens.unwrap().remaining, 400);
         assert!(h.requests.is_none());
         // Used 100 of the 600 reserved.
-        b.settle(&k, &d, &rates, -500, now);
+        b.settle(&k, &d, &rates, (600, 100), now);
         let h = b.admit(&k, &d, &rates, 0, now).unwrap();
         assert_eq!(h.tokens.unwrap().remaining, 900);
         assert_eq!(b.len(), 1, "no key entry without key limits");

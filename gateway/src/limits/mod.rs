@@ -144,6 +144,13 @@ pub struct Admission {
     holds_slot: bool,
 }
 
+impl Admission {
+    /// Holds nothing (no slot, no bucket, no quota): nothing to settle.
+    pub fn is_inert(&self) -> bool {
+        !self.holds_slot && self.quota.is_none() && self.rates.is_empty()
+    }
+}
+
 /// A developer's usage entry a request counts against.
 struct Counted {
     rule: QuotaRule,
@@ -193,6 +200,9 @@ pub struct Limits {
     /// counter in Redis (it would start the month from zero for every node).
     pub seeded: std::sync::atomic::AtomicBool,
 }
+
+/// The most tokens one request reserves (a body may claim any `max_tokens`).
+pub const MAX_RESERVATION: u64 = 1 << 32;
 
 /// Alerts waiting for delivery; beyond this they are dropped (and counted).
 pub const ALERT_QUEUE: usize = 4096;
@@ -279,25 +289,28 @@ impl Limits {
         if eff.rates.is_empty() && eff.quota.is_none() {
             return Ok(adm);
         }
+        let cost = cost.min(MAX_RESERVATION);
         let now = now_ms() as i64;
-        let counted = eff.quota.map(|rule| {
-            let period = self.quota.period(now);
-            Counted {
+        // The reservation is taken before the quota is checked (and given back by `Drop` on a
+        // refusal), so concurrent requests see each other's: none can slip past the edge.
+        adm.reserved = cost;
+        let mut others_reserved = 0;
+        if let Some(rule) = eff.quota {
+            let dev = self.quota.dev(&key.developer_id, now);
+            others_reserved = dev.reserved.fetch_add(cost, Ordering::Relaxed);
+            adm.quota = Some(Counted {
                 rule,
-                dev: self.quota.dev(&key.developer_id, now),
-                period,
-            }
-        });
+                dev,
+                period: self.quota.period(now),
+            });
+        }
+        let counted = adm.quota.as_ref();
         if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
             let args = QuotaArgs {
-                rule: counted.as_ref().map(|c| c.rule),
-                reserved: counted
-                    .as_ref()
-                    .map_or(0, |c| c.dev.reserved.load(Ordering::Relaxed)),
-                seed: counted.as_ref().map_or((0, 0), |c| c.dev.totals()),
-                period: counted
-                    .as_ref()
-                    .map_or_else(|| self.quota.period(now), |c| c.period),
+                rule: counted.map(|c| c.rule),
+                reserved: others_reserved,
+                seed: counted.map_or((0, 0), |c| c.dev.totals()),
+                period: counted.map_or_else(|| self.quota.period(now), |c| c.period),
                 period_end_ms: self.quota.period_end_ms(),
                 seeded: self.seeded.load(Ordering::Relaxed),
             };
@@ -310,9 +323,10 @@ impl Limits {
                 .observe(started.elapsed().as_secs_f64());
             match answer {
                 Ok(a) => {
-                    if let (Some(c), Some((tokens, cost))) = (&counted, a.quota) {
+                    if let (Some(c), Some((tokens, cost))) = (counted, a.quota) {
                         c.dev.tokens.store(tokens, Ordering::Relaxed);
                         c.dev.cost_nanos.store(cost, Ordering::Relaxed);
+                        c.dev.global.store(true, Ordering::Relaxed);
                     }
                     match a.result {
                         Ok(h) => {
@@ -328,8 +342,7 @@ impl Limits {
         if !adm.remote {
             if let Some(c) = &counted {
                 let (tokens, spent) = c.dev.totals();
-                let reserved = c.dev.reserved.load(Ordering::Relaxed);
-                if let Err(why) = c.rule.check(tokens, spent, reserved) {
+                if let Err(why) = c.rule.check(tokens, spent, others_reserved) {
                     let reason = match why {
                         QuotaRefusal::Exhausted => Reason::Quota,
                         QuotaRefusal::SpendCap => Reason::SpendCap,
@@ -351,11 +364,6 @@ impl Limits {
                 Err(r) => return Err(self.refused(r, now)),
             }
         }
-        adm.reserved = cost;
-        if let Some(c) = &counted {
-            c.dev.reserved.fetch_add(cost, Ordering::Relaxed);
-        }
-        adm.quota = counted;
         Ok(adm)
     }
 
@@ -408,7 +416,7 @@ impl Limits {
         cost_nanos: i64,
         plans: &PlanCatalog,
     ) {
-        let delta = tokens as i64 - adm.reserved as i64;
+        let reserved = adm.reserved;
         let key = Arc::clone(&adm.key);
         let thresholds: Arc<[u32]> = plans.alert_thresholds.as_slice().into();
         let quota = adm
@@ -424,8 +432,13 @@ impl Limits {
             return;
         }
         let Some(redis) = self.redis.as_ref().filter(|_| remote).cloned() else {
-            self.local
-                .settle(&key.key_id, &key.developer_id, &rates, delta, self.now_us());
+            self.local.settle(
+                &key.key_id,
+                &key.developer_id,
+                &rates,
+                (reserved, tokens),
+                self.now_us(),
+            );
             if let Some((rule, dev, period)) = quota {
                 let before = dev.tokens.fetch_add(tokens, Ordering::Relaxed);
                 dev.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
@@ -462,7 +475,7 @@ impl Limits {
                     &key.key_id,
                     &key.developer_id,
                     &rates,
-                    delta,
+                    reserved,
                     (tokens, cost_nanos),
                     track,
                 )
@@ -472,6 +485,7 @@ impl Limits {
                     if let Some((rule, dev, period)) = &quota {
                         dev.tokens.store(s.after, Ordering::Relaxed);
                         dev.cost_nanos.store(s.cost, Ordering::Relaxed);
+                        dev.global.store(true, Ordering::Relaxed);
                         this.alert(
                             &key.developer_id,
                             *period,

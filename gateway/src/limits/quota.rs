@@ -11,7 +11,7 @@
 //! tokens beyond the included ones (a stateless estimate from totals; the invoice prices the
 //! overage exactly). Entries are per developer and dropped when the period turns over.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aihub_plans::Period;
@@ -44,6 +44,9 @@ pub struct DevUsage {
     pub cost_nanos: AtomicI64,
     /// Tokens reserved by this node's requests in flight.
     pub reserved: AtomicU64,
+    /// The totals are Redis' global ones (which include ClickHouse's seed): a late seed must
+    /// not be added to them.
+    pub global: AtomicBool,
 }
 
 impl DevUsage {
@@ -165,6 +168,9 @@ impl QuotaBook {
             return;
         }
         let d = self.dev(&Arc::from(developer_id), period.start_ms());
+        if d.global.load(Ordering::Relaxed) {
+            return;
+        }
         d.tokens.fetch_add(tokens, Ordering::Relaxed);
         d.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
     }

@@ -212,7 +212,7 @@ impl LimitsService {
                     wait = (wait * 2).min(Duration::from_secs(10));
                 }
             }
-            if queue.len() > super::ALERT_QUEUE {
+            while queue.len() > super::ALERT_QUEUE {
                 queue.pop_front();
                 limits
                     .metrics
