@@ -19,7 +19,8 @@ PG=${PG:-postgres://postgres@127.0.0.1:5432}
 REDIS=${REDIS:-redis://127.0.0.1:6379}
 DB=aihub_bench
 source deploy/local/deps.sh
-cargo build --release -p aihub -p aihub-benches --bin controlplane-bench
+cargo build --release -p aihub
+cargo build --release -p aihub-benches --bin controlplane-bench
 T=${CARGO_TARGET_DIR:-$PWD/target}/release
 TMP=$(mktemp -d)
 PIDS=()

@@ -76,7 +76,7 @@ fn limits(c: &mut Criterion) {
             default_max_tokens: 1024,
         },
         None,
-        LimitMetrics::new(&registry),
+        LimitMetrics::new(&registry, false),
     );
     let limiter = Arc::new(limiter);
     let mut plans = PlanCatalog::builtin();

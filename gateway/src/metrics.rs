@@ -37,8 +37,6 @@ pub struct Metrics {
     pub keys_loaded: IntGauge,
     /// Key sync (control plane): see [`KeySyncMetrics`].
     pub key_sync: KeySyncMetrics,
-    /// Rate limits and quotas: see [`LimitMetrics`].
-    pub limits: LimitMetrics,
     /// Configuration reloads by result (ok, error).
     pub config_reloads: IntCounterVec,
     /// Usage records whose tokens are the gateway's estimate.
@@ -82,10 +80,8 @@ impl Metrics {
             .register(Box::new(endpoint_healthy.clone()))
             .expect("unique metric");
         let key_sync = KeySyncMetrics::new(&registry);
-        let limits = LimitMetrics::new(&registry);
         Metrics {
             key_sync,
-            limits,
             requests: counter(
                 "requests_total",
                 "Requests by routed model and status",
@@ -179,13 +175,14 @@ pub struct KeySyncMetrics {
     pub last_used_flushes: IntCounterVec,
 }
 
-/// Rate limits and quotas.
+/// Rate limits and quotas; registered only with a `limits` section (the Redis ones only with
+/// `limits.redis`), so their absence says the feature is off.
 #[derive(Clone)]
 pub struct LimitMetrics {
     /// Requests refused with 429, by reason (concurrency, requests, tokens, quota, spend_cap).
     pub rate_limited: IntCounterVec,
     /// 1 while limits are decided in Redis; 0 while this node decides alone (before the first
-    /// connection, during an outage, and always without `limits.redis`).
+    /// connection, during an outage).
     pub redis_up: IntGauge,
     /// Failed or timed-out Redis calls.
     pub redis_errors: IntCounter,
@@ -202,18 +199,34 @@ pub struct LimitMetrics {
 }
 
 impl LimitMetrics {
-    pub fn new(registry: &Registry) -> Self {
-        fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
-            r.register(Box::new(m.clone())).expect("unique metric");
-            m
-        }
-        let gauge = |n: &str, h: &str| reg(registry, IntGauge::new(n, h).expect("valid metric"));
-        let vec = |n: &str, h: &str, l: &[&str]| {
-            reg(
-                registry,
-                IntCounterVec::new(Opts::new(n, h), l).expect("valid metric"),
-            )
+    pub fn new(registry: &Registry, redis: bool) -> Self {
+        let register = |m: Box<dyn prometheus::core::Collector>, on: bool| {
+            if on {
+                registry.register(m).expect("unique metric");
+            }
         };
+        let gauge = |n: &str, h: &str, on: bool| {
+            let g = IntGauge::new(n, h).expect("valid metric");
+            register(Box::new(g.clone()), on);
+            g
+        };
+        let vec = |n: &str, h: &str, l: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(n, h), l).expect("valid metric");
+            register(Box::new(c.clone()), true);
+            c
+        };
+        let redis_errors = IntCounter::new(
+            "limits_redis_errors_total",
+            "Failed or timed-out Redis limit calls",
+        )
+        .expect("valid metric");
+        register(Box::new(redis_errors.clone()), redis);
+        let redis_latency = Histogram::with_opts(
+            HistogramOpts::new("limits_redis_seconds", "Redis admission round trip")
+                .buckets(BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        register(Box::new(redis_latency.clone()), redis);
         LimitMetrics {
             rate_limited: vec(
                 "rate_limited_total",
@@ -223,28 +236,16 @@ impl LimitMetrics {
             redis_up: gauge(
                 "limits_redis_up",
                 "1 while limits are decided in Redis, 0 while this node decides alone",
+                redis,
             ),
-            redis_errors: reg(
-                registry,
-                IntCounter::new(
-                    "limits_redis_errors_total",
-                    "Failed or timed-out Redis limit calls",
-                )
-                .expect("valid metric"),
-            ),
-            redis_latency: reg(
-                registry,
-                Histogram::with_opts(
-                    HistogramOpts::new("limits_redis_seconds", "Redis admission round trip")
-                        .buckets(BUCKETS.to_vec()),
-                )
-                .expect("valid metric"),
-            ),
-            nodes: gauge("limits_nodes", "Gateway nodes sharing the limits"),
-            entries: gauge("limits_local_entries", "Local limiter entries held"),
+            redis_errors,
+            redis_latency,
+            nodes: gauge("limits_nodes", "Gateway nodes sharing the limits", redis),
+            entries: gauge("limits_local_entries", "Local limiter entries held", true),
             quota_seeded: gauge(
                 "limits_quota_seeded",
                 "1 once this period's usage was read from ClickHouse",
+                true,
             ),
             usage_alerts: vec("usage_alerts_total", "Usage alerts by result", &["result"]),
         }

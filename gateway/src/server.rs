@@ -31,7 +31,7 @@ use crate::config::ControlPlaneConfig;
 use crate::config::{Config, ConfigError};
 use crate::keys::{Interner, KeyRecord, KeySet};
 use crate::keysync::KeySync;
-use crate::metrics::Metrics;
+use crate::metrics::{LimitMetrics, Metrics};
 use crate::proxy::{is_ready, set_ready, Gateway, Shared};
 use crate::routing::Runtime;
 
@@ -115,7 +115,7 @@ impl GatewayServer {
                         default_max_tokens: l.default_max_tokens,
                     },
                     redis,
-                    metrics.limits.clone(),
+                    LimitMetrics::new(&metrics.registry, l.redis.is_some()),
                 );
                 // With ClickHouse, quotas wait for this month's usage before creating shared
                 // counters (see `Limits::seeded`).

@@ -487,7 +487,7 @@ impl Distributed {
         };
         let now_ms = crate::keys::now_ms() as i64;
         let nodes_key = self.key("nodes", "live");
-        let (_, _, count): ((), (), u32) = self
+        let (_, _, count, _): ((), (), u32, ()) = self
             .timed(
                 redis::pipe()
                     .zadd(&nodes_key, &self.node_id, now_ms)
@@ -496,6 +496,7 @@ impl Distributed {
                     .arg("-inf")
                     .arg(now_ms - NODE_TTL_MS)
                     .zcard(&nodes_key)
+                    .pexpire(&nodes_key, NODE_TTL_MS * 2)
                     .query_async(&mut conn),
             )
             .await?;

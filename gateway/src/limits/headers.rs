@@ -14,7 +14,7 @@
 //! admits again (so `Retry-After` on a 429 is never earlier than the reset it names). `t` is
 //! that time in whole seconds, rounded up.
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;
 
 /// One limit as shown to the client: the most constraining of the key's and the developer's.
@@ -49,54 +49,59 @@ impl RateHeaders {
         self.requests.is_none() && self.tokens.is_none()
     }
 
-    /// Adds the headers to a response (nothing when no limit applies).
+    /// Adds the headers to a response (nothing when no limit applies). Static names and
+    /// integer values: no parsing, few allocations (this runs on every limited response).
     pub fn apply(&self, resp: &mut ResponseHeader) {
+        use std::fmt::Write;
         if self.is_empty() {
             return;
         }
-        let mut policy = String::new();
-        let mut state = String::new();
-        for (unit, shown) in [("requests", self.requests), ("tokens", self.tokens)] {
+        let mut policy = String::with_capacity(64);
+        let mut state = String::with_capacity(64);
+        for (unit, shown, names) in [
+            ("requests", self.requests, &REQUESTS),
+            ("tokens", self.tokens, &TOKENS),
+        ] {
             let Some(s) = shown else { continue };
-            let set = |resp: &mut ResponseHeader, name: &'static str, value: String| {
-                if let Ok(v) = HeaderValue::try_from(value) {
-                    let _ = resp.insert_header(name, v);
-                }
-            };
-            let (limit, remaining, reset) = match unit {
-                "requests" => (
-                    "x-ratelimit-limit-requests",
-                    "x-ratelimit-remaining-requests",
-                    "x-ratelimit-reset-requests",
-                ),
-                _ => (
-                    "x-ratelimit-limit-tokens",
-                    "x-ratelimit-remaining-tokens",
-                    "x-ratelimit-reset-tokens",
-                ),
-            };
-            set(resp, limit, s.limit.to_string());
-            set(resp, remaining, s.remaining.to_string());
-            set(resp, reset, go_duration(s.reset_us));
+            let [limit, remaining, reset] = names;
+            let _ = resp.insert_header(limit.clone(), HeaderValue::from(s.limit));
+            let _ = resp.insert_header(remaining.clone(), HeaderValue::from(s.remaining));
+            if let Ok(v) = HeaderValue::try_from(go_duration(s.reset_us)) {
+                let _ = resp.insert_header(reset.clone(), v);
+            }
             if !policy.is_empty() {
                 policy.push_str(", ");
                 state.push_str(", ");
             }
-            policy.push_str(&format!("\"{unit}\";q={};w=60", s.limit));
-            state.push_str(&format!(
+            let _ = write!(policy, "\"{unit}\";q={};w=60", s.limit);
+            let _ = write!(
+                state,
                 "\"{unit}\";r={};t={}",
                 s.remaining,
                 ceil_secs(s.reset_us)
-            ));
+            );
         }
         if let Ok(v) = HeaderValue::try_from(policy) {
-            let _ = resp.insert_header("ratelimit-policy", v);
+            let _ = resp.insert_header(RATELIMIT_POLICY, v);
         }
         if let Ok(v) = HeaderValue::try_from(state) {
-            let _ = resp.insert_header("ratelimit", v);
+            let _ = resp.insert_header(RATELIMIT, v);
         }
     }
 }
+
+const REQUESTS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const TOKENS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Whole seconds, rounded up (`Retry-After`, the IETF `t`).
 pub fn ceil_secs(us: i64) -> u64 {
