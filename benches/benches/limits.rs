@@ -105,6 +105,52 @@ fn limits(c: &mut Criterion) {
             limiter.settle(admission, 20, 20_000, &plans);
         })
     });
+    // The headers on a response shaped like the mock's (12 headers), as the gateway builds the
+    // client's response from the upstream's (plain `http` parts), against the copy alone.
+    let mut upstream = pingora_http::ResponseHeader::build(200, Some(16)).unwrap();
+    for (n, v) in [
+        ("content-type", "application/json"),
+        (
+            "x-mock-body-sha256",
+            "d5606a5746f1641aeed192a48d0380bbe7d886100bfc87a6be80be37d2f3be69",
+        ),
+        ("openai-processing-ms", "1"),
+        (
+            "x-mock-request-sha256",
+            "6149ca9d80a5ba2ede06bc594fedae824a30589c1f7bf323d5034615f33b17e8",
+        ),
+        ("x-mock-request-bytes", "60"),
+        ("x-mock-server", "mock"),
+        ("date", "Wed, 25 Nov 2026 13:24:50 GMT"),
+        ("content-length", "590"),
+        ("x-upstream-request-id", "req_mock1"),
+        ("x-request-id", "01a212e1-6471-7234-abec-31179c8cdac6"),
+    ] {
+        upstream.insert_header(n, v).unwrap();
+    }
+    let shown = aihub_gateway::limits::headers::Shown {
+        limit: 600,
+        remaining: 599,
+        reset_us: 100_000,
+    };
+    let headers = aihub_gateway::limits::headers::RateHeaders {
+        requests: Some(shown),
+        tokens: Some(aihub_gateway::limits::headers::Shown {
+            limit: 150_000,
+            remaining: 149_000,
+            reset_us: 400_000,
+        }),
+    };
+    g.bench_function("headers/parts_only", |b| {
+        b.iter(|| black_box(upstream.as_owned_parts()))
+    });
+    g.bench_function("headers/parts_and_apply", |b| {
+        b.iter(|| {
+            let mut r = upstream.as_owned_parts();
+            headers.apply(&mut r.headers);
+            black_box(r)
+        })
+    });
     g.finish();
 }
 

@@ -477,30 +477,29 @@ impl Gateway {
         body: Vec<u8>,
     ) -> Result<(), GatewayError> {
         ctx.status = status;
-        let mut resp = ResponseHeader::build(status, Some(12)).expect("valid status");
-        let headers = [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
-            (header::CONTENT_LENGTH, HeaderValue::from(body.len())),
-            (
-                HeaderName::from_static("x-request-id"),
-                ctx.request_id_header.clone(),
-            ),
-        ];
-        for (name, value) in headers {
-            resp.insert_header(name, value).expect("valid header");
-        }
-        ctx.rate_headers.apply(&mut resp);
+        let (mut resp, ()) = http::Response::builder()
+            .status(status)
+            .body(())
+            .expect("valid status")
+            .into_parts();
+        let h = &mut resp.headers;
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        h.insert(
+            HeaderName::from_static("x-request-id"),
+            ctx.request_id_header.clone(),
+        );
+        ctx.rate_headers.apply(h);
         if let Some(secs) = ctx.retry_after {
-            resp.insert_header(header::RETRY_AFTER, HeaderValue::from(secs))
-                .expect("valid header");
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         ctx.response_started = true;
         ctx.bytes_out = body.len() as u64;
         session
-            .write_response_header(Box::new(resp), false)
+            .write_response_header(Box::new(ResponseHeader::from(resp)), false)
             .await
             .map_err(|_| GatewayError::ClientGone)?;
         session

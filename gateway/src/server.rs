@@ -110,7 +110,7 @@ impl GatewayServer {
                     ),
                     None => None,
                 };
-                let (limits, alerts) = crate::limits::Limits::new(
+                let (limits, queues) = crate::limits::Limits::new(
                     crate::limits::Settings {
                         default_max_tokens: l.default_max_tokens,
                     },
@@ -131,7 +131,7 @@ impl GatewayServer {
                         .control_plane
                         .as_ref()
                         .map(|c| c.database_url.clone()),
-                    alerts: std::sync::Mutex::new(Some(alerts)),
+                    queues: std::sync::Mutex::new(Some(queues)),
                 };
                 (Some(limits), Some(service))
             }

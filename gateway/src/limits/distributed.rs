@@ -197,6 +197,8 @@ return {0, 0, 0, 0}
 pub enum RedisDown {
     #[error("not connected")]
     NotConnected,
+    #[error("the settle queue is full")]
+    QueueFull,
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error(transparent)]
@@ -245,6 +247,33 @@ pub enum SettleOutcome {
     /// Redis has no counter yet and this node may not create it (its ClickHouse seed has not
     /// arrived): the caller keeps the usage for later.
     NotSeeded,
+}
+
+/// One request's settle: its buckets, its reservation and real usage, its quota.
+#[derive(Debug, Clone)]
+pub struct SettleArgs {
+    pub key_id: Arc<str>,
+    pub dev_id: Arc<str>,
+    pub rates: Rates,
+    pub reserved: u64,
+    /// Real tokens and cost (nano-USD).
+    pub usage: (u64, i64),
+    pub track: Option<Track>,
+}
+
+/// A batch of settles may take this long (off the request path).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn settle_outcome(r: &[i64]) -> SettleOutcome {
+    match (r.first(), r.len()) {
+        (Some(1), 4) => SettleOutcome::Counted(Settled {
+            before: r[1].max(0) as u64,
+            after: r[2].max(0) as u64,
+            cost: r[3],
+        }),
+        (Some(2), _) => SettleOutcome::NotSeeded,
+        _ => SettleOutcome::Untracked,
+    }
 }
 
 /// Quota totals after a settle: tokens before and after, cost after.
@@ -416,48 +445,56 @@ impl Distributed {
         })
     }
 
-    /// Runs the settle script. `track`: the quota to count against, with the node's totals
-    /// before this usage and whether they may create a missing quota hash.
-    pub async fn settle(
-        &self,
-        key_id: &str,
-        dev_id: &str,
-        rates: &Rates,
-        reserved: u64,
-        usage: (u64, i64),
-        track: Option<Track>,
-    ) -> Result<SettleOutcome, RedisDown> {
+    /// Runs the settle script for a batch of requests in one pipeline (one round trip). A
+    /// Redis that lost its scripts (restart) gets them again and the batch is retried once.
+    pub async fn settle_batch(&self, jobs: &[SettleArgs]) -> Result<Vec<SettleOutcome>, RedisDown> {
         let mut conn = self.connection()?;
-        let t = track.unwrap_or(Track {
+        for attempt in 0..2 {
+            let mut pipe = redis::pipe();
+            for j in jobs {
+                pipe.add_command(self.settle_cmd(j));
+            }
+            let sent = tokio::time::timeout(SETTLE_TIMEOUT, pipe.query_async(&mut conn)).await;
+            match sent {
+                Err(_) => return Err(RedisDown::Timeout(SETTLE_TIMEOUT)),
+                Ok(Ok(rows)) => {
+                    let rows: Vec<Vec<i64>> = rows;
+                    return Ok(rows.iter().map(|r| settle_outcome(r)).collect());
+                }
+                Ok(Err(e)) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
+                    self.timed(self.settle.prepare_invoke().load_async(&mut conn))
+                        .await?;
+                }
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+        Err(RedisDown::NotConnected)
+    }
+
+    /// One request's settle as an `EVALSHA` command.
+    fn settle_cmd(&self, j: &SettleArgs) -> redis::Cmd {
+        let t = j.track.unwrap_or(Track {
             period: Period::of_unix_ms(0),
             seed: (0, 0),
             seeded: false,
         });
-        let (period, end_ms, seed) = (t.period, t.period.end_ms(), t.seed);
-        let mut inv = self.settle.prepare_invoke();
-        inv.key(self.key("rl:k", key_id))
-            .key(self.key("rl:d", dev_id))
-            .key(self.quota_key(period, dev_id))
-            .arg(rates.key_tokens.map_or(0, |r| r.per_minute))
-            .arg(rates.dev_tokens.map_or(0, |r| r.per_minute))
-            .arg(reserved)
-            .arg(usage.0)
-            .arg(usage.1)
-            .arg(u8::from(track.is_some()))
-            .arg(seed.0)
-            .arg(seed.1)
-            .arg(quota_ttl_secs(end_ms))
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.settle.get_hash())
+            .arg(3)
+            .arg(self.key("rl:k", &j.key_id))
+            .arg(self.key("rl:d", &j.dev_id))
+            .arg(self.quota_key(t.period, &j.dev_id))
+            .arg(j.rates.key_tokens.map_or(0, |r| r.per_minute))
+            .arg(j.rates.dev_tokens.map_or(0, |r| r.per_minute))
+            .arg(j.reserved)
+            .arg(j.usage.0)
+            .arg(j.usage.1)
+            .arg(u8::from(j.track.is_some()))
+            .arg(t.seed.0)
+            .arg(t.seed.1)
+            .arg(quota_ttl_secs(t.period.end_ms()))
             .arg(u8::from(t.seeded));
-        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
-        Ok(match (r.first(), r.len()) {
-            (Some(1), 4) => SettleOutcome::Counted(Settled {
-                before: r[1].max(0) as u64,
-                after: r[2].max(0) as u64,
-                cost: r[3],
-            }),
-            (Some(2), _) => SettleOutcome::NotSeeded,
-            _ => SettleOutcome::Untracked,
-        })
+        cmd
     }
 
     /// Remembers quota usage that could not reach Redis.
@@ -511,11 +548,18 @@ impl Distributed {
                 seed: (t.saturating_sub(*tokens), c - cost),
                 seeded,
             };
-            let result = self
-                .settle("", dev, &Rates::default(), 0, (*tokens, *cost), Some(track))
-                .await;
-            match result {
-                Ok(SettleOutcome::NotSeeded) => self.defer(*period, dev, *tokens, *cost),
+            let job = SettleArgs {
+                key_id: "".into(),
+                dev_id: Arc::clone(dev),
+                rates: Rates::default(),
+                reserved: 0,
+                usage: (*tokens, *cost),
+                track: Some(track),
+            };
+            match self.settle_batch(std::slice::from_ref(&job)).await {
+                Ok(o) if o.first() == Some(&SettleOutcome::NotSeeded) => {
+                    self.defer(*period, dev, *tokens, *cost)
+                }
                 Ok(_) => {}
                 Err(e) => {
                     for ((p, d), (t, c)) in &pending[i..] {

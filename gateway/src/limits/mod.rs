@@ -15,6 +15,7 @@
 //! - [`distributed`]: the same decisions made atomically in Redis (Lua), node registry, outages.
 //! - [`quota`]: monthly usage per developer, quota rules, alert thresholds.
 //! - [`headers`]: `x-ratelimit-*`, `RateLimit-Policy`, `RateLimit`.
+//! - [`settler`]: settles decided in Redis, sent in batches (one pipeline per batch).
 //! - [`service`]: background work: ClickHouse seed, Redis monitor, eviction, alert delivery.
 
 pub mod distributed;
@@ -23,6 +24,7 @@ pub mod headers;
 pub mod local;
 pub mod quota;
 pub mod service;
+pub mod settler;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,7 +34,7 @@ use aihub_plans::{Period, PlanCatalog};
 
 use crate::keys::{now_ms, KeyRecord};
 use crate::metrics::LimitMetrics;
-use distributed::{Distributed, QuotaArgs, SettleOutcome, Track};
+use distributed::{Distributed, QuotaArgs, SettleArgs, Track};
 use gcra::Rate;
 use headers::RateHeaders;
 use local::{LocalBuckets, Rates, Refused};
@@ -186,6 +188,12 @@ pub struct Alert {
     pub quota_tokens: u64,
 }
 
+/// What the limiter's background work consumes: alerts to deliver, settles to send to Redis.
+pub struct Queues {
+    pub alerts: tokio::sync::mpsc::Receiver<Alert>,
+    pub settles: tokio::sync::mpsc::Receiver<settler::SettleJob>,
+}
+
 /// The limiter: local buckets, quota book, optional Redis.
 pub struct Limits {
     pub settings: Settings,
@@ -194,6 +202,7 @@ pub struct Limits {
     pub redis: Option<Arc<Distributed>>,
     pub metrics: LimitMetrics,
     alerts: tokio::sync::mpsc::Sender<Alert>,
+    settles: tokio::sync::mpsc::Sender<settler::SettleJob>,
     origin: Instant,
     /// The quota book holds this period's usage from before this node started (ClickHouse
     /// answered, or there is no ClickHouse). Until then this node never creates a quota
@@ -208,24 +217,30 @@ pub const MAX_RESERVATION: u64 = 1 << 32;
 pub const ALERT_QUEUE: usize = 4096;
 
 impl Limits {
-    /// A limiter and the receiving end of its alerts (for [`service::LimitsService`]).
+    /// A limiter and the receiving ends of its queues (for [`service::LimitsService`]).
     pub fn new(
         settings: Settings,
         redis: Option<Distributed>,
         metrics: LimitMetrics,
-    ) -> (Limits, tokio::sync::mpsc::Receiver<Alert>) {
-        let (tx, rx) = tokio::sync::mpsc::channel(ALERT_QUEUE);
+    ) -> (Limits, Queues) {
+        let (alerts, alerts_rx) = tokio::sync::mpsc::channel(ALERT_QUEUE);
+        let (settles, settles_rx) = tokio::sync::mpsc::channel(settler::SETTLE_QUEUE);
         let limits = Limits {
             settings,
             local: LocalBuckets::default(),
             quota: QuotaBook::new(now_ms() as i64),
             redis: redis.map(Arc::new),
             metrics,
-            alerts: tx,
+            alerts,
+            settles,
             origin: Instant::now(),
             seeded: true.into(),
         };
-        (limits, rx)
+        let queues = Queues {
+            alerts: alerts_rx,
+            settles: settles_rx,
+        };
+        (limits, queues)
     }
 
     /// Local bucket time, µs (monotonic).
@@ -375,7 +390,7 @@ impl Limits {
         }
     }
 
-    fn redis_failed(&self, redis: &Distributed, e: &distributed::RedisDown) {
+    pub(crate) fn redis_failed(&self, redis: &Distributed, e: &distributed::RedisDown) {
         self.metrics.redis_errors.inc();
         if redis.mark_down() {
             self.metrics.redis_up.set(0);
@@ -463,77 +478,32 @@ impl Limits {
             let c = dev.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
             (t, c)
         });
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let track = quota.as_ref().zip(seed).map(|((_, _, p), seed)| Track {
-                period: *p,
-                seed,
-                seeded: this.seeded.load(Ordering::Relaxed),
-            });
-            let settled = redis
-                .settle(
-                    &key.key_id,
-                    &key.developer_id,
-                    &rates,
-                    reserved,
-                    (tokens, cost_nanos),
-                    track,
-                )
-                .await;
-            match settled {
-                Ok(SettleOutcome::Counted(s)) => {
-                    if let Some((rule, dev, period)) = &quota {
-                        dev.tokens.store(s.after, Ordering::Relaxed);
-                        dev.cost_nanos.store(s.cost, Ordering::Relaxed);
-                        dev.global.store(true, Ordering::Relaxed);
-                        this.alert(
-                            &key.developer_id,
-                            *period,
-                            *rule,
-                            s.before,
-                            s.after,
-                            &thresholds,
-                        );
-                    }
-                }
-                Ok(SettleOutcome::Untracked) => {}
-                Ok(SettleOutcome::NotSeeded) => {
-                    if let Some((rule, dev, period)) = &quota {
-                        redis.defer(*period, &key.developer_id, tokens, cost_nanos);
-                        let after = dev.tokens.load(Ordering::Relaxed);
-                        let before = after.saturating_sub(tokens);
-                        this.alert(
-                            &key.developer_id,
-                            *period,
-                            *rule,
-                            before,
-                            after,
-                            &thresholds,
-                        );
-                    }
-                }
-                Err(e) => {
-                    this.redis_failed(&redis, &e);
-                    if let Some((rule, dev, period)) = &quota {
-                        redis.defer(*period, &key.developer_id, tokens, cost_nanos);
-                        let after = dev.tokens.load(Ordering::Relaxed);
-                        this.alert(
-                            &key.developer_id,
-                            *period,
-                            *rule,
-                            after.saturating_sub(tokens),
-                            after,
-                            &thresholds,
-                        );
-                    }
-                }
-            }
-        });
+        let job = settler::SettleJob {
+            args: SettleArgs {
+                key_id: Arc::clone(&key.key_id),
+                dev_id: Arc::clone(&key.developer_id),
+                rates,
+                reserved,
+                usage: (tokens, cost_nanos),
+                track: quota.as_ref().zip(seed).map(|((_, _, p), seed)| Track {
+                    period: *p,
+                    seed,
+                    seeded: self.seeded.load(Ordering::Relaxed),
+                }),
+            },
+            quota,
+            thresholds,
+        };
+        if let Err(full) = self.settles.try_send(job) {
+            // The queue is full (Redis far behind): count the quota usage for later instead.
+            let job = full.into_inner();
+            self.finish_settle(&redis, &job, Err(&distributed::RedisDown::QueueFull));
+        }
     }
 
     /// Queues an alert for each threshold of the monthly quota crossed between `before` and
     /// `after` tokens.
-    fn alert(
+    pub(crate) fn alert(
         &self,
         developer_id: &Arc<str>,
         period: Period,

@@ -3,6 +3,7 @@
 //!   whole hours before this node started, raw records for the rest), retried until it works;
 //! - **Redis monitor** (distributed mode): connect, refresh the node registry, hand over usage
 //!   counted during an outage, every second;
+//! - **settler** (distributed mode): settles sent to Redis in batches ([`super::settler`]);
 //! - **eviction**: bucket entries that are full again are dropped every 30 s;
 //! - **alerts**: usage alerts become `api.usage_alert` outbox events in the control-plane
 //!   database (one per developer, period and threshold, however many nodes report it), retried
@@ -19,7 +20,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::mpsc::Receiver;
 
-use super::{Alert, Limits};
+use super::{Alert, Limits, Queues};
 use crate::keys::now_ms;
 
 const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
@@ -32,7 +33,8 @@ pub struct LimitsService {
     pub clickhouse: Option<clickhouse::Client>,
     /// Control-plane database URL (alerts); `None`: alerts are only logged.
     pub database_url: Option<String>,
-    pub alerts: Mutex<Option<Receiver<Alert>>>,
+    /// Taken once, at start.
+    pub queues: Mutex<Option<Queues>>,
 }
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -237,10 +239,11 @@ impl BackgroundService for LimitsService {
             tasks.push(tokio::spawn(Self::monitor(Arc::clone(limits))));
         }
         tasks.push(tokio::spawn(Self::evict(Arc::clone(limits))));
-        if let Some(rx) = self.alerts.lock().expect("not poisoned").take() {
+        if let Some(queues) = self.queues.lock().expect("not poisoned").take() {
+            tasks.push(tokio::spawn(Arc::clone(limits).run_settler(queues.settles)));
             tasks.push(tokio::spawn(Self::deliver(
                 Arc::clone(limits),
-                rx,
+                queues.alerts,
                 self.database_url.clone(),
             )));
         }
