@@ -62,8 +62,9 @@ impl fmt::Display for Period {
     }
 }
 
-/// Days since 1970-01-01 → (year, month, day). Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i32, u32, u32) {
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian, UTC. Howard Hinnant's
+/// algorithm; also what the store's RFC 3339 timestamps are made with.
+pub fn civil_from_days(z: i64) -> (i32, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
