@@ -85,6 +85,7 @@ fn limits(c: &mut Criterion) {
         p.tokens_per_minute = Some(HUGE);
         p.included_tokens = Some(u64::MAX / 4);
     }
+    let plans = Arc::new(plans);
     let record = Arc::new(KeyRecord {
         key_id: key.clone(),
         developer_id: dev.clone(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use aihub_store::developers::{self, OperatorUpdate};
 use aihub_store::feed;
-use aihub_store::keys::{self, KeyUpdate, NewKey};
+use aihub_store::keys::{self, KeyUpdate};
 use aihub_store::testing::{Backend, TestDatabase, BACKENDS};
 use aihub_store::Store;
 use common::*;
@@ -22,32 +22,6 @@ const WITHIN: Duration = Duration::from_secs(1);
 async fn developer(store: &Store) -> developers::Developer {
     let email = format!("{}@example.com", aihub_store::new_id("dev"));
     aihub_store::testing::developer(store, &email).await
-}
-
-/// Stores a new key for `dev` as the admin API does; returns the key and its id.
-async fn create_key(store: &Store, dev: &str, ip_allowlist: &[&str]) -> (String, String) {
-    let key = aihub_apikey::generate();
-    let mut tx = store.begin_write().await.unwrap();
-    let stored = keys::insert(
-        &mut tx,
-        &NewKey {
-            id: aihub_store::new_id("key_"),
-            developer_id: dev.into(),
-            name: "test".into(),
-            key_hash: aihub_apikey::KeyHash::of(&key).to_hex(),
-            key_prefix: aihub_apikey::display_prefix(&key),
-            models: vec!["*".into()],
-            endpoints: vec!["*".into()],
-            ip_allowlist: ip_allowlist.iter().map(|s| s.to_string()).collect(),
-            rate_limit_rpm: None,
-            rate_limit_tpm: None,
-            expires_at: None,
-        },
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    (key, stored.id)
 }
 
 async fn update_key(store: &Store, id: &str, u: KeyUpdate) {

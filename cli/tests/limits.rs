@@ -704,7 +704,6 @@ mod control_plane_limits {
 
     use super::*;
     use aihub_store::developers::{self, OperatorUpdate};
-    use aihub_store::keys::{self, NewKey};
     use aihub_store::testing::{Backend, TestDatabase};
     use aihub_store::Store;
 
@@ -722,26 +721,8 @@ mod control_plane_limits {
         )
         .await
         .unwrap();
-        let key = aihub_apikey::generate();
-        keys::insert(
-            &mut tx,
-            &NewKey {
-                id: aihub_store::new_id("key_"),
-                developer_id: dev.id.clone(),
-                name: "limits".into(),
-                key_hash: aihub_apikey::KeyHash::of(&key).to_hex(),
-                key_prefix: aihub_apikey::display_prefix(&key),
-                models: vec!["*".into()],
-                endpoints: vec!["*".into()],
-                ip_allowlist: Vec::new(),
-                rate_limit_rpm: None,
-                rate_limit_tpm: None,
-                expires_at: None,
-            },
-        )
-        .await
-        .unwrap();
         tx.commit().await.unwrap();
+        let (key, _) = create_key(store, &dev.id, &[]).await;
         (dev.id, key)
     }
 

@@ -638,3 +638,33 @@ impl Load {
         )
     }
 }
+
+/// Stores a new key for `dev` as the admin API does; returns the key and its id.
+pub async fn create_key(
+    store: &aihub_store::Store,
+    dev: &str,
+    ip_allowlist: &[&str],
+) -> (String, String) {
+    let key = aihub_apikey::generate();
+    let mut tx = store.begin_write().await.unwrap();
+    let stored = aihub_store::keys::insert(
+        &mut tx,
+        &aihub_store::keys::NewKey {
+            id: aihub_store::new_id("key_"),
+            developer_id: dev.into(),
+            name: "test".into(),
+            key_hash: aihub_apikey::KeyHash::of(&key).to_hex(),
+            key_prefix: aihub_apikey::display_prefix(&key),
+            models: vec!["*".into()],
+            endpoints: vec!["*".into()],
+            ip_allowlist: ip_allowlist.iter().map(|s| s.to_string()).collect(),
+            rate_limit_rpm: None,
+            rate_limit_tpm: None,
+            expires_at: None,
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    (key, stored.id)
+}

@@ -41,12 +41,22 @@ use super::Reason;
 /// Nodes that refreshed their registry entry within this window are live.
 const NODE_TTL_MS: i64 = 5_000;
 
-/// The admission script: [`super::gcra::decide`] for up to four buckets plus the quota check.
+/// What both scripts start with: Redis' clock (µs), the window, and bucket-key expiry.
 /// Numbers are integers (µs, units) held exactly in Lua's doubles.
-const ADMIT_LUA: &str = r#"
+const PRELUDE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local W = 60000000
+-- A bucket hash lives until its fullest field is full again (never shortened).
+local function extend(key, until_us)
+  local ms = math.ceil((until_us - now) / 1000) + 1000
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+"#;
+
+/// The admission script (after [`PRELUDE_LUA`]): [`super::gcra::decide`] for up to four
+/// buckets plus the quota check.
+const ADMIT_LUA: &str = r#"
 local function decide(tat, rate, burst, cost, lenient)
   local T = math.ceil(W / rate)
   if lenient then cost = math.min(cost, rate) end
@@ -68,11 +78,6 @@ local function peek(tat, rate, burst)
   local span, rem = burst * T - used, 0
   if span > 0 then rem = math.floor(span / T) end
   return rem, used
-end
--- A bucket hash lives until its fullest field is full again (never shortened).
-local function extend(key, until_us)
-  local ms = math.ceil((until_us - now) / 1000) + 1000
-  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
 end
 local function tat(key, field)
   local v = redis.call('HGET', key, field)
@@ -154,27 +159,18 @@ return r
 /// The settle script: token buckets moved by (real − reserved, each counted at most one
 /// window, as [`super::gcra::settle`]), quota counters increased.
 const SETTLE_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local W = 60000000
 -- ARGV: 1 key tok rate, 2 dev tok rate, 3 reserved, 4 tokens, 5 cost, 6 track quota,
 --       7 seed tokens, 8 seed cost, 9 quota ttl s, 10 may create the quota hash (1/0)
 local reserved, used = tonumber(ARGV[3]), tonumber(ARGV[4])
 local function adjust(key, rate)
   if rate <= 0 then return end
   local delta = math.min(used, rate) - math.min(reserved, rate)
-  if delta == 0 then return end
   local v = redis.call('HGET', key, 't')
   -- Usage beyond the reservation is charged even if the bucket expired meanwhile.
-  if v or delta > 0 then
-    do
-      local tat = math.max(tonumber(v or 0), now) + delta * math.ceil(W / rate)
-      if tat < now then tat = now end
-      redis.call('HSET', key, 't', string.format('%.0f', tat))
-      local ms = math.ceil((tat - now) / 1000) + 1000
-      if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
-    end
-  end
+  if delta == 0 or (not v and delta < 0) then return end
+  local tat = math.max(math.max(tonumber(v or 0), now) + delta * math.ceil(W / rate), now)
+  redis.call('HSET', key, 't', string.format('%.0f', tat))
+  extend(key, tat)
 end
 adjust(KEYS[1], tonumber(ARGV[1]))
 adjust(KEYS[2], tonumber(ARGV[2]))
@@ -317,8 +313,8 @@ impl Distributed {
             up: AtomicBool::new(false),
             nodes: AtomicU32::new(1),
             node_id: uuid::Uuid::now_v7().simple().to_string(),
-            admit: Script::new(ADMIT_LUA),
-            settle: Script::new(SETTLE_LUA),
+            admit: Script::new(&format!("{PRELUDE_LUA}{ADMIT_LUA}")),
+            settle: Script::new(&format!("{PRELUDE_LUA}{SETTLE_LUA}")),
             pending: Mutex::new(HashMap::new()),
         })
     }

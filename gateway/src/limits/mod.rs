@@ -429,11 +429,10 @@ impl Limits {
         adm: Admission,
         tokens: u64,
         cost_nanos: i64,
-        plans: &PlanCatalog,
+        plans: &Arc<PlanCatalog>,
     ) {
         let reserved = adm.reserved;
         let key = Arc::clone(&adm.key);
-        let thresholds: Arc<[u32]> = plans.alert_thresholds.as_slice().into();
         let quota = adm
             .quota
             .as_ref()
@@ -466,7 +465,7 @@ impl Limits {
                     rule,
                     before,
                     before + tokens,
-                    &thresholds,
+                    &plans.alert_thresholds,
                 );
             }
             return;
@@ -492,7 +491,7 @@ impl Limits {
                 }),
             },
             quota,
-            thresholds,
+            plans: Arc::clone(plans),
         };
         if let Err(full) = self.settles.try_send(job) {
             // The queue is full (Redis far behind): count the quota usage for later instead.

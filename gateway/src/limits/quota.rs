@@ -174,15 +174,6 @@ impl QuotaBook {
         d.tokens.fetch_add(tokens, Ordering::Relaxed);
         d.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
     }
-
-    /// Developers with an entry this period.
-    pub fn len(&self) -> usize {
-        self.devs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.devs.is_empty()
-    }
 }
 
 /// Alert thresholds (percent of `quota`) crossed by going from `before` to `after` tokens.

@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use aihub_plans::Period;
+use aihub_plans::{Period, PlanCatalog};
 use tokio::sync::mpsc::Receiver;
 
 use super::distributed::{Distributed, RedisDown, SettleArgs, SettleOutcome};
@@ -26,7 +26,8 @@ pub struct SettleJob {
     pub args: SettleArgs,
     /// The quota counted: rule, the developer's usage entry, period.
     pub quota: Option<(QuotaRule, Arc<DevUsage>, Period)>,
-    pub thresholds: Arc<[u32]>,
+    /// The plans in force when the request ended (their alert thresholds).
+    pub plans: Arc<PlanCatalog>,
 }
 
 impl Limits {
@@ -97,6 +98,13 @@ impl Limits {
                 (after.saturating_sub(tokens), after)
             }
         };
-        self.alert(dev_id, *period, *rule, before, after, &job.thresholds);
+        self.alert(
+            dev_id,
+            *period,
+            *rule,
+            before,
+            after,
+            &job.plans.alert_thresholds,
+        );
     }
 }
