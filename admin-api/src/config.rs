@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use aihub_billing::BillingConfig;
+pub use aihub_usage::sink::ClickHouseConfig;
+
 pub use aihub_yamlconf::ConfigError;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +43,14 @@ pub struct AdminConfig {
     /// `AIHUB_ADMIN_PASSWORD` override. Absent: no bootstrap.
     #[serde(default)]
     pub bootstrap_admin: Option<BootstrapAdmin>,
+    /// The usage database the gateways write (same settings as the gateway's
+    /// `metering.clickhouse`), read for usage, analytics and billing. `AIHUB_CLICKHOUSE_*`
+    /// override. Absent: those endpoints answer 503 `usage_unavailable`.
+    #[serde(default)]
+    pub clickhouse: Option<ClickHouseConfig>,
+    /// Invoice generation (see `docs/billing.md`).
+    #[serde(default)]
+    pub billing: BillingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -293,13 +304,17 @@ impl AdminConfig {
         aihub_yamlconf::parse(text, file)
     }
 
-    /// `AIHUB_DATABASE_URL`, `AIHUB_REDIS_URL`, `AIHUB_ADMIN_EMAIL` override the file.
+    /// `AIHUB_DATABASE_URL`, `AIHUB_REDIS_URL`, `AIHUB_ADMIN_EMAIL` and (when a `clickhouse`
+    /// section is present) `AIHUB_CLICKHOUSE_*` override the file.
     pub fn apply_env(&mut self) {
         if let Ok(url) = std::env::var("AIHUB_DATABASE_URL") {
             self.database.url = url;
         }
         if let Ok(url) = std::env::var("AIHUB_REDIS_URL") {
             self.redis = (!url.is_empty()).then_some(RedisConfig { url });
+        }
+        if let Some(ch) = self.clickhouse.take() {
+            self.clickhouse = Some(ch.with_env_overrides());
         }
         if let Ok(email) = std::env::var("AIHUB_ADMIN_EMAIL") {
             let password_env = self
@@ -351,6 +366,25 @@ impl AdminConfig {
         if self.database.max_connections == 0 {
             return Err(err("database.max_connections", "must be at least 1".into()));
         }
+        if let Some(ch) = &self.clickhouse {
+            if !ch.url.starts_with("http://") && !ch.url.starts_with("https://") {
+                return Err(err("clickhouse.url", "expected http://HOST:PORT".into()));
+            }
+            if ch.database.is_empty()
+                || !ch
+                    .database
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(err(
+                    "clickhouse.database",
+                    "letters, digits and `_` only".into(),
+                ));
+            }
+        }
+        self.billing
+            .validate()
+            .map_err(|(key, message)| err(key, message))?;
         if let Some(r) = &self.redis {
             if !r.url.starts_with("redis://") && !r.url.starts_with("rediss://") {
                 return Err(err("redis.url", "expected redis://HOST:PORT".into()));

@@ -62,9 +62,26 @@ pub enum AppError {
     /// 503: the database cannot be reached.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// 503 `usage_unavailable`: the usage database (ClickHouse) is not configured or cannot be
+    /// reached.
+    #[error("usage data unavailable: {0}")]
+    UsageUnavailable(String),
     /// 500: anything else; the detail is logged, not shown.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// A failed ClickHouse query: unreachable or timed out is 503, anything else (a query the
+/// server refused) is a bug, 500. The server's message is logged, never shown.
+impl From<clickhouse::error::Error> for AppError {
+    fn from(e: clickhouse::error::Error) -> AppError {
+        match e {
+            clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => {
+                AppError::UsageUnavailable(e.to_string())
+            }
+            other => AppError::Internal(format!("ClickHouse: {other}")),
+        }
+    }
 }
 
 impl AppError {
@@ -191,6 +208,17 @@ impl IntoResponse for AppError {
                     "server_error",
                     "unavailable",
                     "The service is temporarily unavailable. Try again later.".to_owned(),
+                    None,
+                    None,
+                )
+            }
+            AppError::UsageUnavailable(detail) => {
+                tracing::error!(error = %detail, "usage database unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "usage_unavailable",
+                    "Usage data is temporarily unavailable. Try again later.".to_owned(),
                     None,
                     None,
                 )

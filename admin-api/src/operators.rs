@@ -257,6 +257,7 @@ pub async fn update_developer(
         api_quota_limit: r.api_quota_limit,
         api_rate_limit: r.api_rate_limit,
         api_token_rate_limit: r.api_token_rate_limit,
+        changed_by: Some(op.id.clone()),
     };
     let mut tx = s.store.begin_write().await?;
     // The developer's row first (lock order: developer, sessions, keys, feed counter), so the

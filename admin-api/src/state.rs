@@ -13,7 +13,8 @@ use aihub_store::developers::{self, NewDeveloper, OperatorUpdate, ROLE_ADMIN};
 use aihub_store::{audit, migrations, settings, Store, StoreOptions};
 
 use crate::auth::{Jwt, Passwords, Throttle};
-use crate::config::AdminConfig;
+use crate::config::{AdminConfig, ClickHouseConfig};
+use crate::error::AppError;
 use crate::email::Mailer;
 use crate::http::Metrics;
 use crate::notify::Notifier;
@@ -41,12 +42,30 @@ pub struct Inner {
     pub throttle: Throttle,
     pub metrics: Metrics,
     pub notifier: Notifier,
+    /// The usage database (`clickhouse`), when configured.
+    pub usage: Option<UsageDb>,
+}
+
+/// The ClickHouse usage database: its settings and a client (a pooled HTTP client, cheap to
+/// clone).
+pub struct UsageDb {
+    pub config: ClickHouseConfig,
+    pub client: clickhouse::Client,
 }
 
 impl Deref for AppState {
     type Target = Inner;
     fn deref(&self) -> &Inner {
         &self.0
+    }
+}
+
+impl Inner {
+    /// The usage database, or 503 `usage_unavailable` when none is configured.
+    pub fn usage_db(&self) -> Result<&UsageDb, AppError> {
+        self.usage.as_ref().ok_or_else(|| {
+            AppError::UsageUnavailable("no `clickhouse` section in the admin configuration".into())
+        })
     }
 }
 
@@ -109,7 +128,22 @@ impl AppState {
             config.auth.login_attempts_per_account_per_minute,
             config.auth.attempts_per_ip_per_minute,
         );
+        let usage = match &config.clickhouse {
+            Some(ch) => {
+                // The gateways migrate too; a ClickHouse that is down now only makes the usage
+                // endpoints fail until it is back.
+                if let Err(e) = aihub_usage::schema::migrate(ch).await {
+                    tracing::warn!(error = %e, "ClickHouse schema not checked at start");
+                }
+                Some(UsageDb {
+                    client: ch.client(),
+                    config: ch.clone(),
+                })
+            }
+            None => None,
+        };
         let state = AppState(Arc::new(Inner {
+            usage,
             store,
             plans,
             jwt: Jwt::new(&secret),

@@ -44,6 +44,20 @@ impl Period {
         }
     }
 
+    pub fn prev(self) -> Period {
+        if self.month == 1 {
+            Period {
+                year: self.year - 1,
+                month: 12,
+            }
+        } else {
+            Period {
+                year: self.year,
+                month: self.month - 1,
+            }
+        }
+    }
+
     /// Parses `YYYY-MM`.
     pub fn parse(s: &str) -> Option<Period> {
         let (y, m) = s.split_once('-')?;

@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use crate::{feed, new_id, now_ms, Result, Store, StoreError};
+use crate::{feed, new_id, now_ms, subscriptions, Result, Store, StoreError};
 
 /// Account roles.
 pub const ROLE_DEVELOPER: &str = "developer";
@@ -91,17 +91,36 @@ pub struct NewDeveloper {
     pub verified: bool,
 }
 
-/// Inserts an account; [`StoreError::Conflict`] when the email is taken.
+/// Inserts an account and opens its first subscription; [`StoreError::Conflict`] when the
+/// email is taken.
 pub async fn insert(conn: &mut AnyConnection, d: &NewDeveloper) -> Result<Developer> {
-    let now = now_ms();
-    let id = new_id("dev_");
+    insert_as(conn, &new_id("dev_"), now_ms(), d).await
+}
+
+/// Inserts an account with a given id and creation time (imports from another system, demo
+/// and benchmark data): as [`insert`] otherwise. The subscription starts at `created_at`.
+pub async fn import(
+    conn: &mut AnyConnection,
+    id: &str,
+    created_at: i64,
+    d: &NewDeveloper,
+) -> Result<Developer> {
+    insert_as(conn, id, created_at, d).await
+}
+
+async fn insert_as(
+    conn: &mut AnyConnection,
+    id: &str,
+    now: i64,
+    d: &NewDeveloper,
+) -> Result<Developer> {
     let sql = format!(
         "INSERT INTO developers (id, email, password_hash, full_name, company_name, \
          developer_type, role, plan, email_verified_at, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING {COLUMNS}"
     );
     let row = sqlx::query(&sql)
-        .bind(&id)
+        .bind(id)
         .bind(d.email.to_lowercase())
         .bind(&d.password_hash)
         .bind(&d.full_name)
@@ -111,8 +130,9 @@ pub async fn insert(conn: &mut AnyConnection, d: &NewDeveloper) -> Result<Develo
         .bind(&d.plan)
         .bind(d.verified.then_some(now))
         .bind(now)
-        .fetch_one(conn)
+        .fetch_one(&mut *conn)
         .await?;
+    subscriptions::start(conn, id, &d.plan, now).await?;
     from_row(&row)
 }
 
@@ -234,6 +254,8 @@ pub struct OperatorUpdate {
     pub api_quota_limit: Option<Option<i64>>,
     pub api_rate_limit: Option<Option<i64>>,
     pub api_token_rate_limit: Option<Option<i64>>,
+    /// Who makes the change (recorded on the subscription when the plan changes).
+    pub changed_by: Option<String>,
 }
 
 impl OperatorUpdate {
@@ -248,9 +270,10 @@ impl OperatorUpdate {
     }
 }
 
-/// Applies an operator change. Setting the active flag, the plan or a limit puts all the
-/// account's keys on the change feed in the same transaction (its last write), so every gateway
-/// drops or restores them, or applies the new limits.
+/// Applies an operator change. A new plan closes the current subscription and opens the next
+/// (billing prorates). Setting the active flag, the plan or a limit puts all the account's keys
+/// on the change feed in the same transaction (its last write), so every gateway drops or
+/// restores them, or applies the new limits.
 pub async fn operator_update(
     conn: &mut AnyConnection,
     id: &str,
@@ -284,6 +307,9 @@ pub async fn operator_update(
         .fetch_one(&mut *conn)
         .await?;
     let dev = from_row(&row)?;
+    if let Some(plan) = &u.plan {
+        subscriptions::switch(conn, id, plan, now, u.changed_by.as_deref()).await?;
+    }
     // Whenever such a field is set (changed or not): deciding from a read made before this
     // update could miss a concurrent change, and re-stamping is harmless. The update above
     // holds the developer's row, so the lock order is developer row, key rows, counter.

@@ -1,5 +1,5 @@
 //! The AI Hub control-plane store: developer accounts, API keys, sessions, one-time email tokens,
-//! the operator audit log, the event outbox and usage alerts, in SQLite (the embedded default)
+//! the operator audit log, the event outbox, usage alerts, subscriptions and invoices, in SQLite (the embedded default)
 //! or PostgreSQL.
 //!
 //! One set of SQL serves both databases through sqlx's `Any` driver: `$N` placeholders (which
@@ -19,6 +19,8 @@
 //! - [`outbox`] — events written in the same transaction as the change they describe.
 //! - [`settings`] — small named values shared by every admin node (e.g. the JWT secret).
 //! - [`usage_alerts`] — monthly quota alerts raised by gateways, once per threshold.
+//! - [`subscriptions`] — the plans each developer held over time (billing prorates on them).
+//! - [`invoices`] — invoices, their lines and payments.
 //! - `testing` (feature `testing`): fresh SQLite and PostgreSQL databases for tests.
 
 pub mod audit;
@@ -29,6 +31,8 @@ pub mod keys;
 pub mod migrations;
 pub mod outbox;
 pub mod settings;
+pub mod subscriptions;
+pub mod invoices;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod usage_alerts;

@@ -21,7 +21,7 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[V1, V2];
+pub const MIGRATIONS: &[Migration] = &[V1, V2, V3];
 
 const V1: Migration = Migration {
     version: 1,
@@ -191,6 +191,95 @@ const V2: Migration = Migration {
             created_at BIGINT NOT NULL,
             PRIMARY KEY (developer_id, period, threshold_pct)
         )",
+    ],
+};
+
+const V3: Migration = Migration {
+    version: 3,
+    name: "billing",
+    // One transaction like V2. Money is `TEXT` holding an exact decimal (USD), read back with
+    // `rust_decimal`: neither database's numeric type maps through the `Any` driver.
+    statements: &[
+        // V1's `subscriptions` was a placeholder nothing wrote; billing needs the history of
+        // plans instead of one current row.
+        "DROP TABLE IF EXISTS subscriptions",
+        // A developer's plans over time: one row per plan held, `ended_at` NULL for the
+        // current one. Billing splits a period at every change (proration).
+        "CREATE TABLE subscriptions (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            plan TEXT NOT NULL,
+            started_at BIGINT NOT NULL,
+            ended_at BIGINT,
+            changed_by TEXT,
+            created_at BIGINT NOT NULL
+        )",
+        "CREATE INDEX subscriptions_developer ON subscriptions (developer_id, started_at)",
+        "CREATE UNIQUE INDEX subscriptions_current ON subscriptions (developer_id) \
+         WHERE ended_at IS NULL",
+        "CREATE INDEX subscriptions_span ON subscriptions (started_at, ended_at)",
+        // Every existing account has held its current plan since it was created.
+        "INSERT INTO subscriptions (id, developer_id, plan, started_at, ended_at, changed_by, created_at) \
+         SELECT 'sub_' || id, id, plan, created_at, NULL, NULL, created_at FROM developers",
+        // One invoice per developer and billing period (`YYYY-MM`), except voided ones.
+        // `subtotal` is exact; `total` is the subtotal rounded once to cents.
+        "CREATE TABLE IF NOT EXISTS invoices (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            period TEXT NOT NULL,
+            status TEXT NOT NULL,
+            currency TEXT NOT NULL,
+            subtotal TEXT NOT NULL,
+            total TEXT NOT NULL,
+            amount_paid TEXT NOT NULL,
+            total_tokens BIGINT NOT NULL,
+            included_tokens BIGINT NOT NULL,
+            overage_tokens BIGINT NOT NULL,
+            waived_tokens BIGINT NOT NULL,
+            requests BIGINT NOT NULL,
+            usage_cost TEXT NOT NULL,
+            computed_at BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            finalized_at BIGINT,
+            paid_at BIGINT,
+            voided_at BIGINT,
+            void_reason TEXT
+        )",
+        "CREATE UNIQUE INDEX IF NOT EXISTS invoices_one_per_period ON invoices (developer_id, period) \
+         WHERE status <> 'void'",
+        "CREATE INDEX IF NOT EXISTS invoices_period ON invoices (period, status)",
+        "CREATE INDEX IF NOT EXISTS invoices_developer ON invoices (developer_id, period)",
+        // An invoice's lines: a base fee per plan held in the period, overage per plan and model.
+        "CREATE TABLE IF NOT EXISTS invoice_lines (
+            invoice_id TEXT NOT NULL REFERENCES invoices (id),
+            line_no BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            plan TEXT NOT NULL,
+            model TEXT NOT NULL,
+            description TEXT NOT NULL,
+            starts_at BIGINT NOT NULL,
+            ends_at BIGINT NOT NULL,
+            quantity BIGINT NOT NULL,
+            requests BIGINT NOT NULL,
+            amount TEXT NOT NULL,
+            PRIMARY KEY (invoice_id, line_no)
+        )",
+        // Payments received, by provider; `(provider, reference)` makes recording idempotent.
+        "CREATE TABLE IF NOT EXISTS payments (
+            id TEXT PRIMARY KEY,
+            invoice_id TEXT NOT NULL REFERENCES invoices (id),
+            developer_id TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            reference TEXT NOT NULL,
+            amount TEXT NOT NULL,
+            currency TEXT NOT NULL,
+            received_at BIGINT NOT NULL,
+            recorded_by TEXT,
+            created_at BIGINT NOT NULL,
+            UNIQUE (provider, reference)
+        )",
+        "CREATE INDEX IF NOT EXISTS payments_invoice ON payments (invoice_id)",
     ],
 };
 

@@ -598,8 +598,17 @@ async fn upgrade_from_v1(backend: Backend) {
         .await
         .unwrap();
 
-    assert_eq!(migrations::migrate(&store).await.unwrap(), vec![2]);
+    assert_eq!(migrations::migrate(&store).await.unwrap(), vec![2, 3]);
     assert!(migrations::migrate(&store).await.unwrap().is_empty());
+    // v3: the existing account has held its plan since it was created.
+    let subs = aihub_store::subscriptions::overlapping(&store, "dev_old", 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(subs.len(), 1);
+    assert_eq!(
+        (subs[0].plan.as_str(), subs[0].started_at, subs[0].ended_at),
+        ("free", 0, None)
+    );
     let seen = feed::changes_since(&store, &Cursor::default(), true, 10)
         .await
         .unwrap();

@@ -1,8 +1,8 @@
 //! Usage records and everything that keeps them exact: prices, the ClickHouse schema, and the
 //! loss-free pipeline from the gateway's request path into ClickHouse.
 //!
-//! Shared by the gateway (which prices and records every request) and, later, the admin API
-//! (which reads usage for billing and analytics, and runs `aihub migrate`).
+//! Shared by the gateway (which prices and records every request), the admin API (which reads
+//! usage for analytics) and billing (which invoices it).
 //!
 //! # Layout
 //! - [`record`]: [`UsageRecord`], one row per metered request.
@@ -11,12 +11,15 @@
 //! - [`wal`]: write-ahead log segment files.
 //! - [`sink`]: ClickHouse connection settings, batch insert, replay dedup, error classes.
 //! - [`pipeline`]: channel → writer (WAL) → sender (ClickHouse), with its metrics and policy.
+//! - `testing` (feature `testing`): a fresh, migrated ClickHouse database per test.
 
 pub mod pipeline;
 pub mod pricing;
 pub mod record;
 pub mod schema;
 pub mod sink;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wal;
 
 pub use pipeline::{PipelineConfig, PipelineMetrics, UsagePipeline, UsageSink};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use aihub_admin::config::EmailTransport;
 use aihub_admin::{AdminConfig, AppState};
 use aihub_store::testing::{Backend, TestDatabase};
+use aihub_usage::testing::TestClickHouse;
 use serde_json::{json, Value};
 
 pub struct TestApi {
@@ -19,6 +20,8 @@ pub struct TestApi {
     pub mail_dir: PathBuf,
     _mail: tempfile::TempDir,
     pub db: TestDatabase,
+    /// The ClickHouse usage database, for APIs started with [`TestApi::start_with_usage`].
+    pub usage: Option<TestClickHouse>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -28,6 +31,29 @@ pub const ADMIN_EMAIL: &str = "ops@aihub.test";
 impl TestApi {
     pub async fn start(backend: Backend) -> TestApi {
         TestApi::start_with(backend, |_| {}).await
+    }
+
+    /// An API reading usage from a fresh ClickHouse database (`self.usage`), with background
+    /// billing off (tests run it explicitly).
+    pub async fn start_with_usage(
+        backend: Backend,
+        tweak: impl FnOnce(&mut AdminConfig),
+    ) -> TestApi {
+        let ch = TestClickHouse::new().await;
+        let config = ch.config.clone();
+        let mut api = TestApi::start_with(backend, move |c| {
+            c.clickhouse = Some(config);
+            c.billing.enabled = false;
+            tweak(c);
+        })
+        .await;
+        api.usage = Some(ch);
+        api
+    }
+
+    /// The usage database of an API started with [`TestApi::start_with_usage`].
+    pub fn ch(&self) -> &TestClickHouse {
+        self.usage.as_ref().expect("started with start_with_usage")
     }
 
     pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut AdminConfig)) -> TestApi {
@@ -69,6 +95,7 @@ impl TestApi {
             mail_dir: mail.path().to_owned(),
             _mail: mail,
             db,
+            usage: None,
             shutdown: Some(tx),
         }
     }
