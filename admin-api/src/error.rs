@@ -84,6 +84,16 @@ impl From<clickhouse::error::Error> for AppError {
     }
 }
 
+impl From<aihub_billing::BillingError> for AppError {
+    fn from(e: aihub_billing::BillingError) -> AppError {
+        match e {
+            aihub_billing::BillingError::Store(e) => e.into(),
+            aihub_billing::BillingError::ClickHouse(e) => e.into(),
+            aihub_billing::BillingError::UnknownDeveloper => AppError::NotFound,
+        }
+    }
+}
+
 impl AppError {
     pub fn validation(field: &str, message: impl Into<String>) -> AppError {
         AppError::Validation(vec![FieldError::new(field, message)])

@@ -15,13 +15,21 @@
 //! - [`keys`] — `/developer/keys…`.
 //! - [`operators`] — `/admin/…`.
 //! - [`plans`] — `GET /plans`, effective limits, USD amounts.
+//! - [`usage`] — `/developer/usage`, `/developer/keys/{id}/usage`, `/developer/usage/export`
+//!   (CSV, streamed), from the ClickHouse rollups.
+//! - [`analytics`] — `/developer/analytics/{overview,trends,costs,performance}` and
+//!   `/admin/analytics/overview`.
+//! - [`billing`] — `/developer/billing…`, `/developer/invoices…` (JSON and printable HTML),
+//!   `/admin/invoices…` (generate, finalize, void, payments), `/admin/billing/revenue`.
 //! - [`email`] — SMTP or `.eml` files.
 //! - [`notify`] — Redis pub/sub nudges to gateways.
 //! - [`http`] — request ids, access log, metrics, health, 404.
 //! - [`openapi`] — the document and the `/docs` page.
 
 pub mod accounts;
+pub mod analytics;
 pub mod auth;
+pub mod billing;
 pub mod config;
 pub mod email;
 pub mod error;
@@ -32,6 +40,7 @@ pub mod openapi;
 pub mod operators;
 pub mod plans;
 pub mod state;
+pub mod usage;
 
 use std::net::SocketAddr;
 
@@ -71,6 +80,25 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(operators::revoke_key))
         .routes(routes!(operators::audit_log))
         .routes(routes!(plans::list))
+        .routes(routes!(usage::usage))
+        .routes(routes!(usage::key_usage))
+        .routes(routes!(usage::export::export))
+        .routes(routes!(analytics::overview))
+        .routes(routes!(analytics::trends))
+        .routes(routes!(analytics::costs))
+        .routes(routes!(analytics::performance))
+        .routes(routes!(analytics::platform_overview))
+        .routes(routes!(billing::developer_billing))
+        .routes(routes!(billing::change_plan))
+        .routes(routes!(billing::developer_invoices))
+        .routes(routes!(billing::developer_invoice))
+        .routes(routes!(billing::admin::admin_invoices))
+        .routes(routes!(billing::admin::admin_invoice))
+        .routes(routes!(billing::admin::generate))
+        .routes(routes!(billing::admin::finalize))
+        .routes(routes!(billing::admin::void))
+        .routes(routes!(billing::admin::record_payment))
+        .routes(routes!(billing::admin::revenue))
         .split_for_parts()
 }
 

@@ -50,7 +50,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(
         title = "AI Hub admin API",
-        description = "Developer accounts, API keys, plans and operator tools of AI Hub Gateway. \
+        description = "Developer accounts, API keys, plans, usage, analytics, billing and operator tools of AI Hub Gateway. \
             Errors use the OpenAI shape `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
     ),
     modifiers(&BearerAuth),
@@ -60,6 +60,9 @@ impl Modify for BearerAuth {
         (name = "keys", description = "API keys of the signed-in developer"),
         (name = "operators", description = "Operator tools (role admin)"),
         (name = "plans", description = "Plans, their prices and limits (public)"),
+        (name = "usage", description = "Metered usage: totals and breakdowns by model, key and day; CSV export"),
+        (name = "analytics", description = "Trends, costs, performance; platform views for operators"),
+        (name = "billing", description = "The month so far, plan changes, invoices and payments"),
     )
 )]
 pub struct ApiDoc;

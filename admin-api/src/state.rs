@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 
+use aihub_billing::Billing;
 use aihub_plans::PlanCatalog;
 use aihub_store::developers::{self, NewDeveloper, OperatorUpdate, ROLE_ADMIN};
 use aihub_store::{audit, migrations, settings, Store, StoreOptions};
@@ -44,6 +45,8 @@ pub struct Inner {
     pub notifier: Notifier,
     /// The usage database (`clickhouse`), when configured.
     pub usage: Option<UsageDb>,
+    /// Billing, when the usage database is configured.
+    pub billing: Option<Billing>,
 }
 
 /// The ClickHouse usage database: its settings and a client (a pooled HTTP client, cheap to
@@ -61,6 +64,13 @@ impl Deref for AppState {
 }
 
 impl Inner {
+    /// Billing, or 503 `usage_unavailable` when no usage database is configured.
+    pub fn billing(&self) -> Result<&Billing, AppError> {
+        self.billing.as_ref().ok_or_else(|| {
+            AppError::UsageUnavailable("no `clickhouse` section in the admin configuration".into())
+        })
+    }
+
     /// The usage database, or 503 `usage_unavailable` when none is configured.
     pub fn usage_db(&self) -> Result<&UsageDb, AppError> {
         self.usage.as_ref().ok_or_else(|| {
@@ -128,22 +138,29 @@ impl AppState {
             config.auth.login_attempts_per_account_per_minute,
             config.auth.attempts_per_ip_per_minute,
         );
-        let usage = match &config.clickhouse {
-            Some(ch) => {
-                // The gateways migrate too; a ClickHouse that is down now only makes the usage
-                // endpoints fail until it is back.
-                if let Err(e) = aihub_usage::schema::migrate(ch).await {
-                    tracing::warn!(error = %e, "ClickHouse schema not checked at start");
+        let usage = config.clickhouse.as_ref().map(|ch| {
+            // The gateways migrate too. In the background: a first start on a large existing
+            // database backfills new rollups (about 25 s per 10M rows), and the accounts and
+            // keys endpoints need not wait for it; a ClickHouse that is down only makes the
+            // usage endpoints fail until it is back.
+            let migrating = ch.clone();
+            tokio::spawn(async move {
+                if let Err(e) = aihub_usage::schema::migrate(&migrating).await {
+                    tracing::warn!(error = %e, "ClickHouse schema not checked at start (`aihub migrate` applies it)");
                 }
-                Some(UsageDb {
-                    client: ch.client(),
-                    config: ch.clone(),
-                })
+            });
+            UsageDb {
+                client: ch.client(),
+                config: ch.clone(),
             }
-            None => None,
-        };
+        });
+        let billing = config
+            .clickhouse
+            .as_ref()
+            .map(|ch| Billing::new(store.clone(), ch, plans.clone(), config.billing.clone()));
         let state = AppState(Arc::new(Inner {
             usage,
+            billing,
             store,
             plans,
             jwt: Jwt::new(&secret),
@@ -166,6 +183,9 @@ impl AppState {
                 }
             }
         });
+        if let (Some(b), true) = (&state.billing, state.config.billing.enabled) {
+            tokio::spawn(billing_job(b.clone()));
+        }
         if matches!(
             state.config.email.transport,
             crate::config::EmailTransport::File { .. }
@@ -259,5 +279,27 @@ impl AppState {
         tx.commit().await.map_err(aihub_store::StoreError::from)?;
         tracing::info!(developer_id = %id, "operator account bootstrapped");
         Ok(())
+    }
+}
+
+/// The background billing pass (`billing.run_every`): drafts for closed periods, finalization
+/// after the grace window. Every admin node runs it; the store's unique index makes concurrent
+/// passes harmless.
+async fn billing_job(billing: Billing) {
+    let mut tick = tokio::time::interval(billing.config().run_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match billing.run_once(aihub_store::now_ms()).await {
+            Ok(r) => {
+                for (period, g) in &r.generated {
+                    tracing::info!(%period, developers = g.developers, created = g.created, refreshed = g.refreshed, kept = g.kept, "invoices generated");
+                }
+                if r.finalized > 0 {
+                    tracing::info!(finalized = r.finalized, "invoices finalized");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "billing pass failed; retried at the next run"),
+        }
     }
 }

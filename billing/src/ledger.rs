@@ -289,10 +289,7 @@ impl Ledger {
             let span = span_text(s.starts_at, s.ends_at);
             let (description, amount) = match s.base_fee {
                 Some(fee) if whole(s) => (format!("{} plan, {span}", s.display_name), fee),
-                Some(fee) => (
-                    format!("{} plan, {span} (prorated)", s.display_name),
-                    fee,
-                ),
+                Some(fee) => (format!("{} plan, {span} (prorated)", s.display_name), fee),
                 None => (
                     format!(
                         "{} plan, {span}: custom pricing, invoiced under contract",

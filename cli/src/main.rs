@@ -4,6 +4,8 @@
 //! - `aihub admin --config FILE` runs the admin API (control plane).
 //! - `aihub serve` runs the gateway and the admin API in one process (the embedded default).
 //! - `aihub migrate` creates or updates the ClickHouse and control-plane schemas.
+//! - `aihub billing reconcile --period YYYY-MM` re-computes every invoice from the raw usage
+//!   records and exits non-zero on a mismatch; `aihub billing generate` creates invoices now.
 //! - `aihub keys generate …` prints a new API key and the YAML entry holding its hash.
 //! - `aihub keys hash` reads a key on stdin and prints its hash (format checked first).
 //! - `aihub keys list|create|revoke …` manage keys in the control-plane database (operators).
@@ -14,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+mod billing;
 mod control;
 mod logwriter;
 
@@ -68,6 +71,11 @@ enum Command {
         /// Admin configuration file (its `database`); skipped when the file does not exist.
         #[arg(long, default_value = "config/admin.yaml")]
         admin_config: PathBuf,
+    },
+    /// Invoices: reconcile a period against the raw usage records, generate invoices now.
+    Billing {
+        #[command(subcommand)]
+        command: billing::BillingCommand,
     },
     /// API key tools.
     Keys {
@@ -175,6 +183,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             gateway
         }
+        Command::Billing { command } => billing::run(command),
         Command::Keys { command } => keys(command),
         Command::MockUpstream(args) => mock_upstream(args),
     }

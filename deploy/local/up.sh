@@ -68,6 +68,7 @@ sed -e "s#127.0.0.1:8081#127.0.0.1:$ADMIN_PORT#g" \
     -e "s#sqlite://data/aihub.db#sqlite://$DATA/aihub.db#" \
     -e "s#dir: data/mail#dir: $DATA/mail#" \
     -e "s#^plans_file: plans.yaml#plans_file: $PWD/config/plans.yaml#" \
+    -e "s#http://127.0.0.1:8123#http://127.0.0.1:$CLICKHOUSE_PORT#" \
     config/admin.yaml > "$DATA/admin.yaml"
 printf 'bootstrap_admin:\n  email: ops@aihub.local\n  password_env: AIHUB_ADMIN_PASSWORD\n' >> "$DATA/admin.yaml"
 export AIHUB_ADMIN_PASSWORD

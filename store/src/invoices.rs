@@ -454,3 +454,283 @@ pub async fn developers_invoiced(store: &Store, period: &str) -> Result<Vec<(Str
         .map(|r| Ok((r.try_get("developer_id")?, r.try_get("status")?)))
         .collect()
 }
+
+/// Outbox event written when an invoice the developer has seen (finalized) is voided.
+pub const INVOICE_VOIDED: &str = "invoice.voided";
+
+/// Reads an invoice and, on PostgreSQL, locks its row until the transaction ends (SQLite write
+/// transactions are exclusive already): payments and voiding of one invoice queue here.
+pub(crate) async fn lock_on(conn: &mut AnyConnection, id: &str) -> Result<Invoice> {
+    let lock = if conn.backend_name() == "PostgreSQL" {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    let sql = format!("SELECT {COLUMNS} FROM invoices WHERE id = $1{lock}");
+    from_row(&sqlx::query(&sql).bind(id).fetch_one(conn).await?)
+}
+
+/// Books a payment on a locked open invoice: the new amount paid and, when it covers the
+/// total, `paid` at `paid_at` ([`crate::payments`]).
+pub(crate) async fn apply_payment(
+    conn: &mut AnyConnection,
+    id: &str,
+    amount_paid: Decimal,
+    paid_at: Option<i64>,
+) -> Result<Invoice> {
+    let now = now_ms();
+    let row = sqlx::query(&format!(
+        "UPDATE invoices SET amount_paid = $2, \
+         status = CASE WHEN $3 IS NULL THEN status ELSE 'paid' END, \
+         paid_at = COALESCE($3, paid_at), updated_at = $4 \
+         WHERE id = $1 AND status = 'open' RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(amount_paid.to_string())
+    .bind(paid_at)
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    from_row(&row)
+}
+
+/// Voids a `draft` or `open` invoice that has no payments, recording why; an invoice that was
+/// finalized gets an [`INVOICE_VOIDED`] event (same transaction). Returns the invoice and
+/// whether it changed: voiding a void invoice returns it as it is. A paid invoice, or one with
+/// payments, is a [`StoreError::Conflict`] (refund first: not supported yet). The period may
+/// then be invoiced again (`SaveMode::Reissue`).
+pub async fn void(conn: &mut AnyConnection, id: &str, reason: &str) -> Result<(Invoice, bool)> {
+    let inv = lock_on(conn, id).await?;
+    match inv.status.as_str() {
+        VOID => return Ok((inv, false)),
+        PAID => {
+            return Err(StoreError::Conflict(
+                "the invoice is paid: a paid invoice cannot be voided".into(),
+            ))
+        }
+        _ => {}
+    }
+    let payments: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payments WHERE invoice_id = $1")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if payments > 0 || inv.amount_paid != Decimal::ZERO {
+        return Err(StoreError::Conflict(
+            "the invoice has payments recorded: it cannot be voided".into(),
+        ));
+    }
+    let now = now_ms();
+    let row = sqlx::query(&format!(
+        "UPDATE invoices SET status = 'void', voided_at = $2, void_reason = $3, updated_at = $2 \
+         WHERE id = $1 AND status IN ('draft', 'open') RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(now)
+    .bind(reason)
+    .fetch_one(&mut *conn)
+    .await?;
+    let inv = from_row(&row)?;
+    if inv.finalized_at.is_some() {
+        outbox::enqueue(
+            conn,
+            INVOICE_VOIDED,
+            Some(&inv.developer_id),
+            serde_json::json!({
+                "invoice_id": inv.id,
+                "period": inv.period,
+                "status": inv.status,
+                "reason": reason,
+            }),
+        )
+        .await?;
+    }
+    Ok((inv, true))
+}
+
+/// A developer's invoices as they see them: those that were ever finalized (drafts, and drafts
+/// voided before finalization, are hidden), newest period first, at most `limit`.
+pub async fn issued_for(store: &Store, developer_id: &str, limit: i64) -> Result<Vec<Invoice>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM invoices WHERE developer_id = $1 AND finalized_at IS NOT NULL \
+         ORDER BY period DESC, created_at DESC LIMIT $2"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(developer_id)
+        .bind(limit)
+        .fetch_all(store.pool())
+        .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// One status's invoices in a [`Revenue`] report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusRevenue {
+    pub status: String,
+    pub invoices: i64,
+    /// Sum of their totals.
+    pub total: Decimal,
+    pub amount_paid: Decimal,
+}
+
+/// One plan's share of a [`Revenue`] report (exact line sums).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanRevenue {
+    pub plan: String,
+    /// Base-fee lines (prorated where the plan was held part of the period).
+    pub base_fees: Decimal,
+    /// Overage lines billed on this plan.
+    pub overage: Decimal,
+    pub overage_tokens: i64,
+    /// Invoices with a line of this plan.
+    pub invoices: i64,
+}
+
+/// One model's overage in a [`Revenue`] report (exact line sums).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelRevenue {
+    pub model: String,
+    pub overage: Decimal,
+    pub overage_tokens: i64,
+    pub requests: i64,
+}
+
+/// A period's revenue from its invoices and their lines, void invoices left out; every sum
+/// exact ([`Decimal`], added in Rust: amounts are stored as text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Revenue {
+    pub period: String,
+    /// Invoices that are not void (drafts included).
+    pub invoices: i64,
+    /// Sum of their subtotals (exact): equals the sum of every line below.
+    pub subtotal: Decimal,
+    /// Sum of their totals (each rounded once to cents).
+    pub total: Decimal,
+    /// Received on them.
+    pub amount_paid: Decimal,
+    /// Still due on `open` invoices.
+    pub outstanding: Decimal,
+    /// Per status, `void` included (its figures are not in the sums above).
+    pub by_status: Vec<StatusRevenue>,
+    /// Largest first.
+    pub by_plan: Vec<PlanRevenue>,
+    /// Largest first.
+    pub by_model: Vec<ModelRevenue>,
+}
+
+/// The revenue report of `period` (`YYYY-MM`).
+pub async fn revenue(store: &Store, period: &str) -> Result<Revenue> {
+    use std::collections::BTreeMap;
+    let rows = sqlx::query(
+        "SELECT status, subtotal, total, amount_paid FROM invoices WHERE period = $1",
+    )
+    .bind(period)
+    .fetch_all(store.pool())
+    .await?;
+    let mut r = Revenue {
+        period: period.to_owned(),
+        invoices: 0,
+        subtotal: Decimal::ZERO,
+        total: Decimal::ZERO,
+        amount_paid: Decimal::ZERO,
+        outstanding: Decimal::ZERO,
+        by_status: Vec::new(),
+        by_plan: Vec::new(),
+        by_model: Vec::new(),
+    };
+    let mut by_status: BTreeMap<String, StatusRevenue> = BTreeMap::new();
+    for row in &rows {
+        let status: String = row.try_get("status")?;
+        let total = decimal(row, "total")?;
+        let paid = decimal(row, "amount_paid")?;
+        let s = by_status
+            .entry(status.clone())
+            .or_insert_with(|| StatusRevenue {
+                status: status.clone(),
+                invoices: 0,
+                total: Decimal::ZERO,
+                amount_paid: Decimal::ZERO,
+            });
+        s.invoices += 1;
+        s.total += total;
+        s.amount_paid += paid;
+        if status == VOID {
+            continue;
+        }
+        r.invoices += 1;
+        r.subtotal += decimal(row, "subtotal")?;
+        r.total += total;
+        r.amount_paid += paid;
+        if status == OPEN {
+            r.outstanding += total - paid;
+        }
+    }
+    // Lifecycle order.
+    let order = |s: &str| [DRAFT, OPEN, PAID, VOID].iter().position(|x| *x == s);
+    r.by_status = by_status.into_values().collect();
+    r.by_status.sort_by_key(|s| (order(&s.status), s.status.clone()));
+
+    let lines = sqlx::query(
+        "SELECT l.invoice_id, l.kind, l.plan, l.model, l.quantity, l.requests, l.amount \
+         FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id \
+         WHERE i.period = $1 AND i.status <> 'void'",
+    )
+    .bind(period)
+    .fetch_all(store.pool())
+    .await?;
+    let mut plans: BTreeMap<String, (PlanRevenue, std::collections::BTreeSet<String>)> =
+        BTreeMap::new();
+    let mut models: BTreeMap<String, ModelRevenue> = BTreeMap::new();
+    for l in &lines {
+        let invoice_id: String = l.try_get("invoice_id")?;
+        let kind: String = l.try_get("kind")?;
+        let plan: String = l.try_get("plan")?;
+        let model: String = l.try_get("model")?;
+        let quantity: i64 = l.try_get("quantity")?;
+        let requests: i64 = l.try_get("requests")?;
+        let amount = decimal(l, "amount")?;
+        let (p, invoices) = plans.entry(plan.clone()).or_insert_with(|| {
+            (
+                PlanRevenue {
+                    plan,
+                    base_fees: Decimal::ZERO,
+                    overage: Decimal::ZERO,
+                    overage_tokens: 0,
+                    invoices: 0,
+                },
+                Default::default(),
+            )
+        });
+        invoices.insert(invoice_id);
+        if kind == "base" {
+            p.base_fees += amount;
+            continue;
+        }
+        p.overage += amount;
+        p.overage_tokens += quantity;
+        let m = models.entry(model.clone()).or_insert_with(|| ModelRevenue {
+            model,
+            overage: Decimal::ZERO,
+            overage_tokens: 0,
+            requests: 0,
+        });
+        m.overage += amount;
+        m.overage_tokens += quantity;
+        m.requests += requests;
+    }
+    r.by_plan = plans
+        .into_values()
+        .map(|(mut p, invoices)| {
+            p.invoices = invoices.len() as i64;
+            p
+        })
+        .collect();
+    r.by_plan.sort_by(|a, b| {
+        (b.base_fees + b.overage)
+            .cmp(&(a.base_fees + a.overage))
+            .then_with(|| a.plan.cmp(&b.plan))
+    });
+    r.by_model = models.into_values().collect();
+    r.by_model
+        .sort_by(|a, b| b.overage.cmp(&a.overage).then_with(|| a.model.cmp(&b.model)));
+    Ok(r)
+}

@@ -21,6 +21,8 @@
 //! - [`usage_alerts`] — monthly quota alerts raised by gateways, once per threshold.
 //! - [`subscriptions`] — the plans each developer held over time (billing prorates on them).
 //! - [`invoices`] — invoices, their lines and payments.
+//! - [`payments`] — recording payments against open invoices (idempotent by provider reference,
+//!   `billing.payment` outbox event).
 //! - `testing` (feature `testing`): fresh SQLite and PostgreSQL databases for tests.
 
 pub mod audit;
@@ -30,6 +32,7 @@ pub mod feed;
 pub mod keys;
 pub mod migrations;
 pub mod outbox;
+pub mod payments;
 pub mod settings;
 pub mod subscriptions;
 pub mod invoices;

@@ -89,6 +89,20 @@ pub async fn switch(
                 .bind(&c.id)
                 .execute(&mut *conn)
                 .await?;
+            // Undoing a change made in the same millisecond back to the plan before it: that
+            // plan simply continues (no two adjacent spans of one plan).
+            let reopened = sqlx::query(
+                "UPDATE subscriptions SET ended_at = NULL \
+                 WHERE developer_id = $1 AND ended_at = $2 AND plan = $3",
+            )
+            .bind(developer_id)
+            .bind(at)
+            .bind(plan)
+            .execute(&mut *conn)
+            .await?;
+            if reopened.rows_affected() > 0 {
+                return Ok(true);
+            }
         } else {
             sqlx::query("UPDATE subscriptions SET ended_at = $2 WHERE id = $1")
                 .bind(&c.id)

@@ -10,6 +10,15 @@
 //!   developer, time, request id.
 //! - `usage_hourly`: per developer × model × hour sums, `SummingMergeTree`, filled by the
 //!   materialized view `usage_hourly_mv` at insert time.
+//! - `usage_daily`: per developer × UTC day × key × model × status aggregate states (counts,
+//!   sums, t-digests of the latencies): a `Merge` table over `usage_daily_live`
+//!   (`AggregatingMergeTree`, filled by `usage_daily_mv`) and `usage_daily_history` (the same
+//!   rollup of the rows that existed before the view, built once by [`backfill_usage_daily`]).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use clickhouse::Client;
 
 use crate::sink::ClickHouseConfig;
 
@@ -19,7 +28,17 @@ pub struct Migration {
     pub version: u32,
     pub name: &'static str,
     pub sql: &'static str,
+    /// Work that needs values only known at run time (the database name, the time a view was
+    /// created), run after `sql` and before the migration is recorded. Like `sql`, it must be
+    /// safe to run again after an interruption at any point, and on several nodes at once.
+    pub then: Option<Step>,
 }
+
+/// A migration's run-time step: given the client (bound to the usage database) and the
+/// database's name.
+pub type Step = for<'a> fn(&'a Client, &'a str) -> StepFuture<'a>;
+pub type StepFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(), clickhouse::error::Error>> + Send + 'a>>;
 
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -54,6 +73,7 @@ pub const MIGRATIONS: &[Migration] = &[
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(ts)
 ORDER BY (developer_id, ts, request_id)",
+        then: None,
     },
     Migration {
         version: 2,
@@ -90,8 +110,230 @@ SELECT
     sum(toUInt64(total_latency_ms)) AS total_latency_ms
 FROM usage_events
 GROUP BY developer_id, model, hour",
+        then: None,
+    },
+    Migration {
+        version: 3,
+        name: "usage_daily",
+        sql: USAGE_DAILY_SQL,
+        then: Some(|db, database| Box::pin(backfill_usage_daily(db, database))),
     },
 ];
+
+/// The rollup of `usage_events` rows into `usage_daily` states, shared by the view and the
+/// backfill (which adds a time filter).
+macro_rules! usage_daily_select {
+    () => {
+        "SELECT
+    developer_id,
+    toDate(ts) AS day,
+    key_id,
+    model,
+    status,
+    countState() AS requests,
+    sumState(toUInt64(prompt_tokens)) AS prompt_tokens,
+    sumState(toUInt64(cached_tokens)) AS cached_tokens,
+    sumState(toUInt64(completion_tokens)) AS completion_tokens,
+    sumState(toUInt64(total_tokens)) AS total_tokens,
+    sumState(cost_nanos) AS cost_nanos,
+    sumState(toUInt64(total_latency_ms)) AS total_latency_sum_ms,
+    sumState(toUInt64(upstream_latency_ms)) AS upstream_latency_sum_ms,
+    sumState(toUInt64(gateway_overhead_us)) AS gateway_overhead_sum_us,
+    quantilesTDigestStateIf(0.5, 0.95, 0.99)(total_latency_ms, status < 400) AS total_latency_q,
+    quantilesTDigestStateIf(0.5, 0.95, 0.99)(upstream_latency_ms, status < 400) AS upstream_latency_q,
+    quantilesTDigestStateIf(0.5, 0.95, 0.99)(gateway_overhead_us, status < 400) AS gateway_overhead_q
+FROM usage_events"
+    };
+}
+
+macro_rules! usage_daily_group_by {
+    () => {
+        "GROUP BY developer_id, day, key_id, model, status"
+    };
+}
+
+/// Migration 3's statements: the live table and its view. The `Merge` table `usage_daily` and
+/// the history are made by [`backfill_usage_daily`] (the `Merge` engine needs the database's
+/// name).
+const USAGE_DAILY_SQL: &str = concat!(
+    "CREATE TABLE IF NOT EXISTS usage_daily_live (
+    developer_id String,
+    day Date,
+    key_id String,
+    model String,
+    status UInt16,
+    requests AggregateFunction(count),
+    prompt_tokens AggregateFunction(sum, UInt64),
+    cached_tokens AggregateFunction(sum, UInt64),
+    completion_tokens AggregateFunction(sum, UInt64),
+    total_tokens AggregateFunction(sum, UInt64),
+    cost_nanos AggregateFunction(sum, Int64),
+    total_latency_sum_ms AggregateFunction(sum, UInt64),
+    upstream_latency_sum_ms AggregateFunction(sum, UInt64),
+    gateway_overhead_sum_us AggregateFunction(sum, UInt64),
+    total_latency_q AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), UInt32),
+    upstream_latency_q AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), UInt32),
+    gateway_overhead_q AggregateFunction(quantilesTDigest(0.5, 0.95, 0.99), UInt32)
+) ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(day)
+ORDER BY (developer_id, day, key_id, model, status)
+SETTINGS index_granularity = 256;
+CREATE MATERIALIZED VIEW IF NOT EXISTS usage_daily_mv TO usage_daily_live AS
+",
+    usage_daily_select!(),
+    "\n",
+    usage_daily_group_by!()
+);
+
+/// The private staging tables of backfill runs (`usage_daily_backfill_<random>`).
+const STAGING_PREFIX: &str = "usage_daily_backfill_";
+
+/// Migration 3's step: creates `usage_daily` (a `Merge` table over the live rollup and the
+/// history) and builds `usage_daily_history`, the rollup of the rows older than the view.
+///
+/// The cutoff is derived from the view's creation time as ClickHouse recorded it
+/// (`system.tables.metadata_modification_time`, whole seconds), rounded up to the next second:
+/// every row whose `ts_ms` is at or after the cutoff started after the view existed, so the view
+/// saw it; the history takes the rows before it. Every run derives the same cutoff, however
+/// late or often it runs. (Rows that started before the cutoff but were inserted after the
+/// view was created and before the backfill read their month are counted by both: the window
+/// `docs/clickhouse.md` describes.)
+///
+/// Each run fills a staging table of its own, month by month (newest first, so the current
+/// month's snapshot is taken closest to the view's creation), then publishes it with one
+/// `RENAME` to `usage_daily_history`: atomic, and refused when another run published first
+/// (this run's copy is then dropped). An interrupted run leaves only its staging table behind,
+/// which a later run drops; the history is never half there, nor there twice.
+pub async fn backfill_usage_daily(
+    db: &Client,
+    database: &str,
+) -> Result<(), clickhouse::error::Error> {
+    db.query(&format!(
+        "CREATE TABLE IF NOT EXISTS usage_daily AS usage_daily_live \
+         ENGINE = Merge('{database}', '^usage_daily_(live|history)$')"
+    ))
+    .execute()
+    .await?;
+    if !table_exists(db, "usage_daily_history").await? {
+        let created: u32 = db
+            .query(
+                "SELECT toUInt32(metadata_modification_time) FROM system.tables \
+                 WHERE database = currentDatabase() AND name = 'usage_daily_mv'",
+            )
+            .fetch_one()
+            .await?;
+        let cutoff_ms = (u64::from(created) + 1) * 1000;
+        let staging = format!("{STAGING_PREFIX}{}", uuid::Uuid::now_v7().simple());
+        db.query(&format!("CREATE TABLE {staging} AS usage_daily_live"))
+            .execute()
+            .await?;
+        let mut months: Vec<u32> = db
+            .query(
+                "SELECT DISTINCT toUInt32(partition) FROM system.parts \
+                 WHERE database = currentDatabase() AND table = 'usage_events' AND active",
+            )
+            .fetch_all()
+            .await?;
+        months.retain(|&m| m <= yyyymm_of_ms(cutoff_ms));
+        months.sort_unstable_by(|a, b| b.cmp(a));
+        for &month in &months {
+            let (start, end) = month_bounds(month);
+            db.query(&format!(
+                "INSERT INTO {staging} {} WHERE ts >= toDateTime('{start}') AND ts < toDateTime('{end}') \
+                 AND ts_ms < {cutoff_ms} {}",
+                usage_daily_select!(),
+                usage_daily_group_by!()
+            ))
+            .with_setting("query_id", format!("{staging}_{month}"))
+            // A month's groups fit in memory at 10M rows (~700 MiB); bigger months spill.
+            .with_setting("max_bytes_before_external_group_by", "2000000000")
+            .execute()
+            .await?;
+        }
+        match db
+            .query(&format!("RENAME TABLE {staging} TO usage_daily_history"))
+            .execute()
+            .await
+        {
+            Ok(()) => tracing::info!(cutoff_ms, ?months, "usage_daily: history built"),
+            // Another node published its history first: ours is a copy.
+            Err(_) if table_exists(db, "usage_daily_history").await? => {
+                db.query(&format!("DROP TABLE IF EXISTS {staging}"))
+                    .execute()
+                    .await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    drop_abandoned_staging(db).await;
+    Ok(())
+}
+
+async fn table_exists(db: &Client, name: &str) -> Result<bool, clickhouse::error::Error> {
+    let n: u64 = db
+        .query("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = ?")
+        .bind(name)
+        .fetch_one()
+        .await?;
+    Ok(n > 0)
+}
+
+/// Drops the staging tables of interrupted backfill runs (best effort). A table some query is
+/// still writing is left alone; a run whose table is dropped under it fails and, run again,
+/// finds the history built.
+async fn drop_abandoned_staging(db: &Client) {
+    let result = async {
+        let names: Vec<String> = db
+            .query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+            .fetch_all()
+            .await?;
+        let running: Vec<String> = db
+            .query("SELECT query_id FROM system.processes")
+            .fetch_all()
+            .await?;
+        for name in names.iter().filter(|n| n.starts_with(STAGING_PREFIX)) {
+            if !running.iter().any(|q| q.starts_with(name.as_str())) {
+                db.query(&format!("DROP TABLE IF EXISTS {name}"))
+                    .execute()
+                    .await?;
+            }
+        }
+        Ok::<(), clickhouse::error::Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "usage_daily: leftover backfill tables not dropped");
+    }
+}
+
+/// `YYYYMM` (UTC) of a unix-milliseconds instant.
+fn yyyymm_of_ms(ms: u64) -> u32 {
+    let (y, m, _) = civil_from_days((ms / 86_400_000) as i64);
+    y as u32 * 100 + m
+}
+
+/// The first instants of month `YYYYMM` and of the month after, as ClickHouse `DateTime` text.
+fn month_bounds(yyyymm: u32) -> (String, String) {
+    let (y, m) = (yyyymm / 100, yyyymm % 100);
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    (
+        format!("{y:04}-{m:02}-01 00:00:00"),
+        format!("{ny:04}-{nm:02}-01 00:00:00"),
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), UTC (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
 
 /// Errors from running migrations.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +404,9 @@ pub async fn migrate(config: &ClickHouseConfig) -> Result<MigrationReport, Schem
         for statement in m.sql.split(";\n").filter(|s| !s.trim().is_empty()) {
             db.query(statement).execute().await.map_err(fail)?;
         }
+        if let Some(step) = m.then {
+            step(&db, &config.database).await.map_err(fail)?;
+        }
         db.query("INSERT INTO schema_migrations (version, name) VALUES (?, ?)")
             .bind(m.version)
             .bind(m.name)
@@ -175,4 +420,21 @@ pub async fn migrate(config: &ClickHouseConfig) -> Result<MigrationReport, Schem
         server_version,
         applied,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months() {
+        // 2026-11-25T12:00:00Z
+        assert_eq!(yyyymm_of_ms(1_795_608_000_000), 202611);
+        assert_eq!(yyyymm_of_ms(0), 197001);
+        assert_eq!(
+            month_bounds(202612),
+            ("2026-12-01 00:00:00".into(), "2027-01-01 00:00:00".into())
+        );
+        assert_eq!(month_bounds(202402).1, "2024-03-01 00:00:00");
+    }
 }

@@ -12,6 +12,14 @@
 //!   0.5 % upstream errors (502/504, zero tokens); a third of the requests streamed.
 //!
 //! Memory stays flat: batches of `--batch` rows are generated, inserted and dropped.
+//!
+//! `--store URL` (SQLite or PostgreSQL, migrated if needed) also registers the generated
+//! developers in the control-plane store, with exactly the ids above (`dev_gen_00000` is the
+//! heaviest), emails `dev-gen-NNNNN@aihub.test`, no usable password, plans by traffic rank
+//! (the top 50 `enterprise`, the next 450 `pro`, the next 2,500 `developer`, the rest `free`)
+//! and creation times before the generated range, each with its keys (`key_gen_NNNNN_K`, the
+//! ids in the rows; their secrets are never known). Developers already there are left alone,
+//! so it can run again (`--rows 0 --store URL` registers only).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +38,7 @@ struct Args {
     days: u64,
     batch: usize,
     seed: u64,
+    store: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -41,6 +50,7 @@ fn parse_args() -> anyhow::Result<Args> {
         days: 90,
         batch: 200_000,
         seed: 42,
+        store: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +63,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--days" => a.days = value()?.parse()?,
             "--batch" => a.batch = value()?.parse()?,
             "--seed" => a.seed = value()?.parse()?,
+            "--store" => a.store = Some(value()?),
             other => anyhow::bail!("unknown flag {other} (see the file's doc comment)"),
         }
     }
@@ -214,6 +225,81 @@ impl Generator {
     }
 }
 
+/// The plan of the developer at traffic rank `i` (0 = heaviest).
+fn plan_of(i: usize) -> &'static str {
+    match i {
+        0..50 => "enterprise",
+        50..500 => "pro",
+        500..3000 => "developer",
+        _ => "free",
+    }
+}
+
+/// Registers the generated developers and their keys in the control-plane store (missing ones
+/// only), created a year (and a second per rank) before `range_start_ms`.
+async fn register(
+    url: &str,
+    generated: &[(String, Vec<String>)],
+    range_start_ms: i64,
+) -> anyhow::Result<usize> {
+    use aihub_store::developers::{self, NewDeveloper, ROLE_DEVELOPER};
+    use aihub_store::keys::{self, NewKey};
+    let developers = generated.len();
+    let store = aihub_store::Store::connect(&aihub_store::StoreOptions::new(url)).await?;
+    aihub_store::migrations::migrate(&store).await?;
+    let existing: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT id FROM developers WHERE id LIKE 'dev_gen_%'")
+            .fetch_all(store.pool())
+            .await?
+            .into_iter()
+            .collect();
+    let missing: Vec<usize> = (0..developers)
+        .filter(|&i| !existing.contains(&generated[i].0))
+        .collect();
+    for chunk in missing.chunks(500) {
+        let mut tx = store.begin_write().await?;
+        for &i in chunk {
+            let new = NewDeveloper {
+                email: format!("dev-gen-{i:05}@aihub.test"),
+                // Not a PHC string: no password signs in.
+                password_hash: "!generated".into(),
+                full_name: format!("Generated Developer {i}"),
+                company_name: (i % 3 == 0).then(|| format!("Company {}", i / 3)),
+                developer_type: if i % 3 == 0 {
+                    "enterprise"
+                } else {
+                    "individual"
+                }
+                .into(),
+                role: ROLE_DEVELOPER.into(),
+                plan: plan_of(i).into(),
+                verified: true,
+            };
+            let created = range_start_ms - 365 * 86_400_000 - (developers - i) as i64 * 1000;
+            let (id, key_ids) = &generated[i];
+            developers::import(&mut tx, id, created, &new).await?;
+            for (k, key_id) in key_ids.iter().enumerate() {
+                let key = NewKey {
+                    id: key_id.clone(),
+                    developer_id: id.clone(),
+                    name: format!("generated key {k}"),
+                    key_hash: aihub_apikey::KeyHash::of(&format!("generated:{key_id}")).to_hex(),
+                    key_prefix: "ahub_gen…".into(),
+                    models: vec!["*".into()],
+                    endpoints: vec!["*".into()],
+                    ip_allowlist: Vec::new(),
+                    rate_limit_rpm: None,
+                    rate_limit_tpm: None,
+                    expires_at: None,
+                };
+                keys::insert(&mut tx, &key).await?;
+            }
+        }
+        tx.commit().await?;
+    }
+    Ok(missing.len())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let a = parse_args()?;
@@ -228,6 +314,13 @@ async fn main() -> anyhow::Result<()> {
     let client = config.client();
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let mut generator = Generator::new(&a, now_s);
+    if let Some(url) = &a.store {
+        let range_start_ms = (now_s - a.days * 86_400) as i64 * 1000;
+        let added = register(url, &generator.developers, range_start_ms)
+            .await
+            .context("registering developers in the store")?;
+        eprintln!("store: {added} developers registered");
+    }
     let started = Instant::now();
     let mut written = 0u64;
     let mut batch = Vec::with_capacity(a.batch);

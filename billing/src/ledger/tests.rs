@@ -46,10 +46,16 @@ fn overage_starts_with_the_request_that_crosses_the_allowance() {
     l.add_row(&row(t0 + 4, "gpt-4o-mini", 1_000, 150_001));
     let c = l.finish();
     assert_eq!(c.lines.len(), 3);
-    assert_eq!((c.lines[0].kind.as_str(), c.lines[0].amount), ("base", d("29")));
+    assert_eq!(
+        (c.lines[0].kind.as_str(), c.lines[0].amount),
+        ("base", d("29"))
+    );
     assert_eq!(c.lines[0].description, "Developer plan, Nov 1 – Nov 30 UTC");
     let o = &c.lines[1];
-    assert_eq!((o.model.as_str(), o.quantity, o.requests), ("gpt-4o", 20_000, 1));
+    assert_eq!(
+        (o.model.as_str(), o.quantity, o.requests),
+        ("gpt-4o", 20_000, 1)
+    );
     assert_eq!(o.amount, d("0.3")); // 0.45 × 20/30
     let o = &c.lines[2];
     assert_eq!((o.model.as_str(), o.quantity), ("gpt-4o-mini", 1_000));
@@ -57,7 +63,12 @@ fn overage_starts_with_the_request_that_crosses_the_allowance() {
     assert_eq!(c.subtotal, d("29.300150001"));
     assert_eq!(c.total, d("29.30"));
     assert_eq!(
-        (c.total_tokens, c.included_tokens, c.overage_tokens, c.waived_tokens),
+        (
+            c.total_tokens,
+            c.included_tokens,
+            c.overage_tokens,
+            c.waived_tokens
+        ),
         (121_000, 100_000, 21_000, 0)
     );
     assert_eq!(c.usage_cost, d("1.354650002"));
@@ -68,10 +79,7 @@ fn overage_starts_with_the_request_that_crosses_the_allowance() {
 fn a_plan_change_prorates_fee_and_allowance_by_time() {
     let p = nov();
     let change = p.start_ms() + 9 * 86_400_000; // Nov 10, 00:00
-    let subs = [
-        sub("developer", 0, Some(change)),
-        sub("pro", change, None),
-    ];
+    let subs = [sub("developer", 0, Some(change)), sub("pro", change, None)];
     let mut l = Ledger::new("dev_a", p, &subs, &plans());
     // Developer part: 9/30 of 100k = 30k included; 40k used → 10k overage.
     l.add_row(&row(change - 10, "gpt-4o", 40_000, 600_000_000));
@@ -82,9 +90,15 @@ fn a_plan_change_prorates_fee_and_allowance_by_time() {
     assert_eq!(base[0].amount, d("8.7")); // 29 × 9/30
     assert_eq!(base[1].amount, d("69.3")); // 99 × 21/30
     assert!(base[1].description.contains("prorated"));
-    assert_eq!(base[1].description, "Pro plan, Nov 10 – Nov 30 UTC (prorated)");
+    assert_eq!(
+        base[1].description,
+        "Pro plan, Nov 10 – Nov 30 UTC (prorated)"
+    );
     let over: Vec<_> = c.lines.iter().filter(|l| l.kind == "overage").collect();
-    assert_eq!((over[0].plan.as_str(), over[0].quantity), ("developer", 10_000));
+    assert_eq!(
+        (over[0].plan.as_str(), over[0].quantity),
+        ("developer", 10_000)
+    );
     assert_eq!(over[0].amount, d("0.15"));
     assert_eq!((over[1].plan.as_str(), over[1].quantity), ("pro", 1));
     assert_eq!(over[1].amount, d("0.00001"));
@@ -98,7 +112,10 @@ fn free_plans_waive_what_they_do_not_bill_and_custom_plans_cost_nothing_here() {
     let mut l = Ledger::new("dev_a", p, &[sub("free", 0, None)], &plans());
     l.add_row(&row(p.start_ms(), "gpt-4o", 1_500, 22_500_000));
     let c = l.finish();
-    assert_eq!((c.included_tokens, c.waived_tokens, c.overage_tokens), (1_000, 500, 0));
+    assert_eq!(
+        (c.included_tokens, c.waived_tokens, c.overage_tokens),
+        (1_000, 500, 0)
+    );
     assert_eq!(c.lines.len(), 1);
     assert_eq!(c.total, Decimal::ZERO);
 
@@ -141,7 +158,8 @@ fn hourly_application_matches_row_by_row() {
         seed
     };
     for case in 0..50 {
-        let change = p.start_ms() + (next() % (29 * 24)) as i64 * HOUR_MS + (next() % 3_600_000) as i64;
+        let change =
+            p.start_ms() + (next() % (29 * 24)) as i64 * HOUR_MS + (next() % 3_600_000) as i64;
         let plans_pair = [("free", "developer"), ("developer", "pro"), ("pro", "free")][case % 3];
         let subs = [
             sub(plans_pair.0, 0, Some(change)),
