@@ -10,7 +10,9 @@ Reports p50/p95/p99/max per endpoint and group, then the export of the heaviest 
 whole generated range (rows/s, MiB/s, the client's RSS), and writes Markdown.
 
   analytics_bench.py --base URL --email E --password P --requests N --days D --out FILE
-                     [--developers N] [--title TEXT]
+                     [--developers N] [--title TEXT] [--only TEXT]
+
+`--only TEXT` measures only the endpoints whose name contains TEXT, and skips the export.
 """
 
 import argparse
@@ -157,6 +159,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="")
     ap.add_argument("--server-pid", type=int, default=0)
+    ap.add_argument("--only", default="", help="only the endpoints whose name contains this")
     a = ap.parse_args()
 
     c = Client(a.base)
@@ -177,6 +180,8 @@ def main():
     sizes = {}
     rows = []
     for name, template in endpoints(a.days):
+        if a.only not in name:
+            continue
         groups = [("top", [top] * a.requests)]
         if "{d}" in template:
             groups.append(("random", picks))
@@ -195,16 +200,17 @@ def main():
                 flush=True,
             )
 
-    top_rows = c.get_json(f"/developer/usage?developer_id={top}&from="
+    top_rows = 0 if a.only else c.get_json(f"/developer/usage?developer_id={top}&from="
                           f"{dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=a.days - 1)}"
                           f"&to={dt.datetime.now(dt.timezone.utc).date()}")["totals"]["requests"]
-    ex = export(c, top, a.days)
-    print(
-        f"export {top}: {ex['rows']} rows, {ex['bytes'] / (1 << 20):.1f} MiB in {ex['seconds']:.2f} s "
-        f"= {ex['rows_per_s']:.0f} rows/s, {ex['mib_per_s']:.1f} MiB/s; first byte after "
-        f"{ex['first_byte_ms']:.0f} ms",
-        flush=True,
-    )
+    ex = None if a.only else export(c, top, a.days)
+    if ex:
+        print(
+            f"export {top}: {ex['rows']} rows, {ex['bytes'] / (1 << 20):.1f} MiB in "
+            f"{ex['seconds']:.2f} s = {ex['rows_per_s']:.0f} rows/s, {ex['mib_per_s']:.1f} MiB/s; "
+            f"first byte after {ex['first_byte_ms']:.0f} ms",
+            flush=True,
+        )
     server_rss = ""
     if a.server_pid:
         try:
@@ -223,13 +229,15 @@ def main():
         else f"met by {len(rows) - len(over)} of {len(rows)} rows; above it: "
         + ", ".join(f"{n} / {g} ({p:.1f} ms)" for n, g, p in over)
     )
+    heaviest = f", {top_rows:,} requests in the last {a.days} days" if top_rows else ""
     out.append(
         f"{a.requests} sequential requests per endpoint and group (one keep-alive connection, "
         f"timed to the last byte, after 3 warm-up requests): `top` = the heaviest developer "
-        f"(dev_gen_00000, {top_rows:,} requests in the last {a.days} days), `random` = "
+        f"(dev_gen_00000{heaviest}), `random` = "
         f"{a.requests} developers drawn at random from {a.developers:,}, `platform` = the "
         f"operator view. Endpoints without a range parameter read the current period. "
         f"Target p95 ≤ {TARGET_P95_MS:.0f} ms: {verdict}."
+        + (f" Only the endpoints named `…{a.only}…`." if a.only else "")
     )
     out.append("")
     out.append("| endpoint | developer | p50 ms | p95 ms | p99 ms | max ms | body |")
@@ -240,14 +248,15 @@ def main():
             f"{r['max']:.2f} | {size / 1024:.1f} KiB |"
         )
     out.append("")
-    out.append(
-        f"Export (`GET /developer/usage/export`, CSV, streamed) of the heaviest developer's "
-        f"{a.days + 1} days: **{ex['rows']:,} rows in {ex['seconds']:.2f} s = "
-        f"{ex['rows_per_s']:,.0f} rows/s** ({ex['bytes'] / (1 << 20):.0f} MiB, "
-        f"{ex['mib_per_s']:.1f} MiB/s; first byte after {ex['first_byte_ms']:.0f} ms)."
-        + (f" {server_rss}." if server_rss else "")
-    )
-    out.append("")
+    if ex:
+        out.append(
+            f"Export (`GET /developer/usage/export`, CSV, streamed) of the heaviest developer's "
+            f"{a.days + 1} days: **{ex['rows']:,} rows in {ex['seconds']:.2f} s = "
+            f"{ex['rows_per_s']:,.0f} rows/s** ({ex['bytes'] / (1 << 20):.0f} MiB, "
+            f"{ex['mib_per_s']:.1f} MiB/s; first byte after {ex['first_byte_ms']:.0f} ms)."
+            + (f" {server_rss}." if server_rss else "")
+        )
+        out.append("")
     with open(a.out, "a") as f:
         f.write("\n".join(out) + "\n")
 

@@ -790,7 +790,8 @@ struct PlatformModelRow {
 }
 
 /// Platform totals over a period or range, the top developers by cost and the models (from
-/// `usage_hourly`).
+/// the day × developer and day × model rollups `usage_developer_daily` and `usage_model_daily`:
+/// at most one row per active developer, or model, and day).
 #[utoipa::path(get, path = "/admin/analytics/overview", tag = "analytics", params(PlatformQuery),
     responses((status = 200, body = PlatformOverview),
               (status = 403, body = crate::openapi::ErrorBody),
@@ -814,9 +815,9 @@ pub async fn platform_overview(
         return Err(AppError::validation("limit", "must be 1 to 100"));
     }
     let range = format!(
-        "hour >= toDateTime('{}') AND hour < toDateTime('{}')",
-        datetime_sql(r.start_ms()),
-        datetime_sql(r.end_ms())
+        "day >= toDate('{}') AND day <= toDate('{}')",
+        r.from_date(),
+        r.to_date()
     );
     let developers = db
         .client
@@ -827,14 +828,14 @@ pub async fn platform_overview(
                  groupArray((developer_id, nanos, n, tokens))), 1, {limit}) AS top \
              FROM (SELECT developer_id, sum(requests) AS n, sum(errors) AS errs, \
                  sum(total_tokens) AS tokens, sum(cost_nanos) AS nanos \
-                 FROM usage_hourly WHERE {range} GROUP BY developer_id)"
+                 FROM usage_developer_daily WHERE {range} GROUP BY developer_id)"
         ))
         .fetch_one::<PlatformDevelopers>();
     let models = db
         .client
         .query(&format!(
             "SELECT model, sum(requests) AS n, sum(errors) AS errs, sum(total_tokens) AS tokens, \
-             sum(cost_nanos) AS nanos FROM usage_hourly WHERE {range} GROUP BY model"
+             sum(cost_nanos) AS nanos FROM usage_model_daily WHERE {range} GROUP BY model"
         ))
         .fetch_all::<PlatformModelRow>();
     let (d, mut models) = tokio::try_join!(developers, models)?;

@@ -15,8 +15,8 @@ use aihub_store::{audit, migrations, settings, Store, StoreOptions};
 
 use crate::auth::{Jwt, Passwords, Throttle};
 use crate::config::{AdminConfig, ClickHouseConfig};
-use crate::error::AppError;
 use crate::email::Mailer;
+use crate::error::AppError;
 use crate::http::Metrics;
 use crate::notify::Notifier;
 

@@ -56,6 +56,60 @@ fn assert_window(v: &Value, s: &Sums, what: &str) {
     }
 }
 
+/// Asserts the operator's platform view against the records of each developer: totals, active
+/// developers, the top developers by cost (ties by id) and every model, all exact `Decimal`
+/// sums over the records.
+fn assert_platform(v: &Value, devs: &[(&str, &str, Vec<&UsageRecord>)]) {
+    let all: Vec<&UsageRecord> = devs.iter().flat_map(|d| d.2.iter().copied()).collect();
+    let both = Sums::of(all.iter().copied());
+    let t = &v["totals"];
+    assert_eq!(t["requests"], both.requests, "{v}");
+    assert_eq!(t["errors"], both.errors);
+    assert_eq!(
+        t["error_rate_pct"],
+        pct(both.errors.into(), both.requests.into())
+    );
+    assert_eq!(t["total_tokens"], both.tokens);
+    assert_eq!(t["cost_usd"], both.cost_usd().as_str());
+    let active = devs.iter().filter(|d| !d.2.is_empty()).count();
+    assert_eq!(t["active_developers"], active as u64);
+    let mut expected: Vec<(Sums, &str, &str)> = devs
+        .iter()
+        .filter(|d| !d.2.is_empty())
+        .map(|(id, email, rows)| (Sums::of(rows.iter().copied()), *id, *email))
+        .collect();
+    expected.sort_by(|a, b| b.0.cost.cmp(&a.0.cost).then(a.1.cmp(b.1)));
+    let tops = v["top_developers"].as_array().unwrap();
+    assert_eq!(tops.len(), expected.len());
+    for (top, (sums, id, email)) in tops.iter().zip(&expected) {
+        assert_eq!(top["developer_id"], *id);
+        assert_eq!(top["email"], *email);
+        assert_eq!(top["requests"], sums.requests, "{id}");
+        assert_eq!(top["total_tokens"], sums.tokens, "{id}");
+        assert_eq!(top["cost_usd"], sums.cost_usd().as_str(), "{id}");
+        assert_eq!(top["share_pct"], pct(sums.cost, both.cost));
+    }
+    let mut by_model: BTreeMap<&str, Vec<&UsageRecord>> = BTreeMap::new();
+    for r in &all {
+        by_model.entry(r.model.as_str()).or_default().push(r);
+    }
+    let mut expected: Vec<(&str, Sums)> = by_model
+        .into_iter()
+        .map(|(m, rows)| (m, Sums::of(rows)))
+        .collect();
+    expected.sort_by(|a, b| b.1.cost.cmp(&a.1.cost).then(a.0.cmp(b.0)));
+    let models = v["by_model"].as_array().unwrap();
+    assert_eq!(models.len(), expected.len(), "{v}");
+    for (m, (name, sums)) in models.iter().zip(&expected) {
+        assert_eq!(m["model"], *name);
+        assert_eq!(m["requests"], sums.requests, "{name}");
+        assert_eq!(m["errors"], sums.errors, "{name}");
+        assert_eq!(m["total_tokens"], sums.tokens, "{name}");
+        assert_eq!(m["cost_usd"], sums.cost_usd().as_str(), "{name}");
+        assert_eq!(m["share_pct"], pct(sums.cost, both.cost), "{name}");
+    }
+}
+
 fn mean(s: &Sums) -> Decimal {
     let sum: u64 = s.ok_latencies.iter().map(|&l| u64::from(l)).sum();
     if s.ok_latencies.is_empty() {
@@ -325,46 +379,45 @@ async fn analytics_match_independent_sums() {
             .await;
         assert_eq!(s, 200, "{v}");
         let bob = in_days(&f.bob_rows, prev.start_ms(), prev.end_ms());
-        let both = Sums::of(rows.iter().copied().chain(bob.iter().copied()));
-        let t = &v["totals"];
-        assert_eq!(t["requests"], both.requests);
-        assert_eq!(t["errors"], both.errors);
-        assert_eq!(t["total_tokens"], both.tokens);
-        assert_eq!(t["cost_usd"], both.cost_usd().as_str());
-        assert_eq!(t["active_developers"], 2);
-        let tops = v["top_developers"].as_array().unwrap();
-        let bob_sums = Sums::of(bob.iter().copied());
-        let mut expected = [
-            (total.cost, f.ada_id.as_str(), "ada@example.com"),
-            (bob_sums.cost, f.bob_id.as_str(), "bob@example.com"),
-        ];
-        expected.sort_by_key(|e| std::cmp::Reverse(e.0));
-        assert_eq!(tops.len(), 2);
-        for (top, (cost, id, email)) in tops.iter().zip(expected) {
-            assert_eq!(top["developer_id"], id);
-            assert_eq!(top["email"], email);
-            assert_eq!(
-                top["cost_usd"],
-                aihub_admin::plans::usd_string(cost).as_str()
-            );
-            assert_eq!(top["share_pct"], pct(cost, both.cost));
-        }
-        let models = v["by_model"].as_array().unwrap();
-        for m in models {
-            let name = m["model"].as_str().unwrap();
-            let all: Vec<&UsageRecord> = rows
-                .iter()
-                .chain(bob.iter())
-                .copied()
-                .filter(|r| r.model == name)
-                .collect();
-            assert_eq!(m["requests"], all.len() as u64, "{name}");
-            let sums = Sums::of(all);
-            assert_eq!(m["cost_usd"], sums.cost_usd().as_str());
-            assert_eq!(m["errors"], sums.errors);
-            assert_eq!(m["total_tokens"], sums.tokens);
-            assert_eq!(m["share_pct"], pct(sums.cost, both.cost));
-        }
+        assert_eq!(v["totals"]["active_developers"], 2);
+        assert_platform(
+            &v,
+            &[
+                (f.ada_id.as_str(), "ada@example.com", rows),
+                (f.bob_id.as_str(), "bob@example.com", bob),
+            ],
+        );
+        // A `from`/`to` range across both periods: whole UTC days, both inclusive.
+        let from_day = prev.start_ms() / DAY + 9;
+        let (s, v) = api
+            .call(
+                "GET",
+                &format!(
+                    "/admin/analytics/overview?from={}&to={}",
+                    day_of(from_day * DAY),
+                    day_of(now)
+                ),
+                Some(&op),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let (lo, hi) = (from_day * DAY, (today + 1) * DAY);
+        assert_platform(
+            &v,
+            &[
+                (
+                    f.ada_id.as_str(),
+                    "ada@example.com",
+                    in_days(&f.ada_rows, lo, hi),
+                ),
+                (
+                    f.bob_id.as_str(),
+                    "bob@example.com",
+                    in_days(&f.bob_rows, lo, hi),
+                ),
+            ],
+        );
         let (_, v) = api
             .call(
                 "GET",

@@ -2,8 +2,8 @@
 //! usage report and per-key usage against independent `Decimal` sums over the inserted records,
 //! range validation, isolation (every usage and analytics endpoint with another developer's id
 //! and key), the CSV export row by row and a million rows in flat memory, 503 without
-//! ClickHouse, and the daily rollup's migration (backfill of existing rows, re-runs,
-//! concurrent runs).
+//! ClickHouse, and the rollups' migrations (3: `usage_daily`; 4: `usage_developer_daily` and
+//! `usage_model_daily`): backfill of existing rows, re-runs, interrupted and concurrent runs.
 
 mod common;
 mod usage_data;
@@ -680,16 +680,17 @@ async fn export_of_a_million_rows_keeps_memory_flat() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The daily rollup's migration
+// The rollups' migrations
 
-/// A database as before migration 3 (an existing deployment), with `rows` in it.
+/// A database as before migrations 3 and 4 (an existing deployment), with `rows` in it.
 async fn version_2_database(rows: &[UsageRecord]) -> TestClickHouse {
     let ch = TestClickHouse::new().await;
+    for rollup in ["usage_daily", "usage_developer_daily", "usage_model_daily"] {
+        for suffix in ["_mv", "", "_live", "_history"] {
+            ch.execute(&format!("DROP TABLE {rollup}{suffix}")).await;
+        }
+    }
     for sql in [
-        "DROP TABLE usage_daily_mv",
-        "DROP TABLE usage_daily",
-        "DROP TABLE usage_daily_live",
-        "DROP TABLE usage_daily_history",
         "DROP TABLE schema_migrations",
         "CREATE TABLE schema_migrations (version UInt32, name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY version",
         "INSERT INTO schema_migrations (version, name) VALUES (1, 'usage_events'), (2, 'usage_hourly')",
@@ -744,6 +745,46 @@ ORDER BY developer_id, d, key_id, model, status";
         .collect()
 }
 
+/// Days × developers and days × models where `usage_developer_daily` and `usage_model_daily`
+/// disagree with `usage_events` (docs/clickhouse.md, query (j)).
+async fn platform_mismatches(ch: &TestClickHouse) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for (table, dim) in [
+        ("usage_developer_daily", "developer_id"),
+        ("usage_model_daily", "model"),
+    ] {
+        let sql = format!(
+            "SELECT toString(day) AS d, {dim}
+FROM
+(
+    SELECT toDate(ts) AS day, {dim},
+        count() AS requests, countIf(status >= 400) AS errs,
+        sum(toUInt64(prompt_tokens)) AS prompt, sum(toUInt64(cached_tokens)) AS cached,
+        sum(toUInt64(completion_tokens)) AS completion, sum(toUInt64(total_tokens)) AS tokens,
+        sum(cost_nanos) AS nanos
+    FROM usage_events
+    GROUP BY day, {dim}
+)
+ALL FULL OUTER JOIN
+(
+    SELECT day, {dim},
+        sum(requests) AS r_requests, sum(errors) AS r_errs,
+        sum(prompt_tokens) AS r_prompt, sum(cached_tokens) AS r_cached,
+        sum(completion_tokens) AS r_completion, sum(total_tokens) AS r_tokens,
+        sum(cost_nanos) AS r_nanos
+    FROM {table}
+    GROUP BY day, {dim}
+) USING (day, {dim})
+WHERE requests != r_requests OR errs != r_errs OR prompt != r_prompt OR cached != r_cached
+   OR completion != r_completion OR tokens != r_tokens OR nanos != r_nanos
+ORDER BY d, {dim}"
+        );
+        let rows: Vec<(String, String)> = ch.client().query(&sql).fetch_all().await.unwrap();
+        diffs.extend(rows.into_iter().map(|(d, v)| format!("{table}: {d} {v:?}")));
+    }
+    diffs
+}
+
 async fn tables(ch: &TestClickHouse) -> Vec<String> {
     ch.client()
         .query("SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name")
@@ -760,8 +801,9 @@ async fn daily_rollup_backfills_existing_rows_once() {
     let old = records("dev_a", &keys, 900, now - 70 * DAY, now - 1_000, 11);
     let ch = version_2_database(&old).await;
     let report = aihub_usage::schema::migrate(&ch.config).await.unwrap();
-    assert_eq!(report.applied, [3]);
+    assert_eq!(report.applied, [3, 4]);
     assert!(daily_mismatches(&ch).await.is_empty());
+    assert_eq!(platform_mismatches(&ch).await, Vec::<String>::new());
     assert_eq!(
         tables(&ch).await,
         [
@@ -770,9 +812,17 @@ async fn daily_rollup_backfills_existing_rows_once() {
             "usage_daily_history",
             "usage_daily_live",
             "usage_daily_mv",
+            "usage_developer_daily",
+            "usage_developer_daily_history",
+            "usage_developer_daily_live",
+            "usage_developer_daily_mv",
             "usage_events",
             "usage_hourly",
             "usage_hourly_mv",
+            "usage_model_daily",
+            "usage_model_daily_history",
+            "usage_model_daily_live",
+            "usage_model_daily_mv",
         ]
     );
     // New rows (late ones too) go through the view, once.
@@ -781,6 +831,7 @@ async fn daily_rollup_backfills_existing_rows_once() {
     ch.insert(&records("dev_b", &keys, 100, now - 80 * DAY, now, 13))
         .await;
     assert!(daily_mismatches(&ch).await.is_empty());
+    assert_eq!(platform_mismatches(&ch).await, Vec::<String>::new());
     // Running again changes nothing.
     assert_eq!(
         aihub_usage::schema::migrate(&ch.config)
@@ -789,10 +840,14 @@ async fn daily_rollup_backfills_existing_rows_once() {
             .applied,
         Vec::<u32>::new()
     );
-    aihub_usage::schema::backfill_usage_daily(&ch.client(), &ch.config.database)
-        .await
-        .unwrap();
+    use aihub_usage::schema::{backfill, USAGE_DAILY, USAGE_DEVELOPER_DAILY, USAGE_MODEL_DAILY};
+    for rollup in [&USAGE_DAILY, &USAGE_DEVELOPER_DAILY, &USAGE_MODEL_DAILY] {
+        backfill(&ch.client(), &ch.config.database, rollup)
+            .await
+            .unwrap();
+    }
     assert!(daily_mismatches(&ch).await.is_empty());
+    assert_eq!(platform_mismatches(&ch).await, Vec::<String>::new());
     let n: u64 = ch
         .client()
         .query("SELECT countMerge(requests) FROM usage_daily")
@@ -800,6 +855,15 @@ async fn daily_rollup_backfills_existing_rows_once() {
         .await
         .unwrap();
     assert_eq!(n, 1_200);
+    for table in ["usage_developer_daily", "usage_model_daily"] {
+        let n: u64 = ch
+            .client()
+            .query(&format!("SELECT sum(requests) FROM {table}"))
+            .fetch_one()
+            .await
+            .unwrap();
+        assert_eq!(n, 1_200, "{table}");
+    }
 }
 
 #[tokio::test]
@@ -809,11 +873,26 @@ async fn daily_backfill_survives_interruption_and_concurrency() {
     let keys = vec!["key_a".to_owned()];
     let old = records("dev_a", &keys, 600, now - 100 * DAY, now - 1_000, 21);
     let ch = version_2_database(&old).await;
-    // An interrupted run: the view and the live table exist, a half-filled staging table is
-    // left over, the migration is not recorded.
-    for statement in aihub_usage::schema::MIGRATIONS[2].sql.split(";\n") {
-        ch.execute(statement).await;
+    // Interrupted runs of migrations 3 and 4: the views and the live tables exist, half-filled
+    // staging tables are left over, the migrations are not recorded.
+    for m in &aihub_usage::schema::MIGRATIONS[2..4] {
+        for statement in m.sql.split(";\n") {
+            ch.execute(statement).await;
+        }
     }
+    ch.execute(
+        "CREATE TABLE usage_developer_daily_backfill_0123abcd AS usage_developer_daily_live",
+    )
+    .await;
+    ch.execute(&format!(
+        "INSERT INTO usage_developer_daily_backfill_0123abcd SELECT toDate(ts) AS day, \
+         developer_id, count(), countIf(status >= 400), sum(toUInt64(prompt_tokens)), \
+         sum(toUInt64(cached_tokens)), sum(toUInt64(completion_tokens)), \
+         sum(toUInt64(total_tokens)), sum(cost_nanos) FROM usage_events WHERE ts_ms < {} \
+         GROUP BY day, developer_id",
+        now - 50 * DAY
+    ))
+    .await;
     ch.execute("CREATE TABLE usage_daily_backfill_0123abcd AS usage_daily_live")
         .await;
     ch.execute(&format!(
@@ -832,7 +911,7 @@ async fn daily_backfill_survives_interruption_and_concurrency() {
     .await;
     // Requests that start while the migration is pending (after the view's second) go through
     // the view only.
-    ch.insert(&records("dev_a", &keys, 50, now + 2_000, now + 60_000, 22))
+    ch.insert(&records("dev_a", &keys, 50, now + 5_000, now + 60_000, 22))
         .await;
     // Three nodes start at once.
     let (a, b, c) = tokio::join!(
@@ -848,16 +927,14 @@ async fn daily_backfill_survives_interruption_and_concurrency() {
     }
     aihub_usage::schema::migrate(&ch.config).await.unwrap();
     assert!(daily_mismatches(&ch).await.is_empty());
+    assert_eq!(platform_mismatches(&ch).await, Vec::<String>::new());
     let left = tables(&ch).await;
-    assert!(
-        left.iter().all(|t| !t.starts_with("usage_daily_backfill_")),
-        "{left:?}"
-    );
+    assert!(left.iter().all(|t| !t.contains("_backfill_")), "{left:?}");
     let versions: Vec<u32> = ch
         .client()
         .query("SELECT DISTINCT version FROM schema_migrations ORDER BY version")
         .fetch_all()
         .await
         .unwrap();
-    assert_eq!(versions, [1, 2, 3]);
+    assert_eq!(versions, [1, 2, 3, 4]);
 }

@@ -620,12 +620,11 @@ pub struct Revenue {
 /// The revenue report of `period` (`YYYY-MM`).
 pub async fn revenue(store: &Store, period: &str) -> Result<Revenue> {
     use std::collections::BTreeMap;
-    let rows = sqlx::query(
-        "SELECT status, subtotal, total, amount_paid FROM invoices WHERE period = $1",
-    )
-    .bind(period)
-    .fetch_all(store.pool())
-    .await?;
+    let rows =
+        sqlx::query("SELECT status, subtotal, total, amount_paid FROM invoices WHERE period = $1")
+            .bind(period)
+            .fetch_all(store.pool())
+            .await?;
     let mut r = Revenue {
         period: period.to_owned(),
         invoices: 0,
@@ -667,7 +666,8 @@ pub async fn revenue(store: &Store, period: &str) -> Result<Revenue> {
     // Lifecycle order.
     let order = |s: &str| [DRAFT, OPEN, PAID, VOID].iter().position(|x| *x == s);
     r.by_status = by_status.into_values().collect();
-    r.by_status.sort_by_key(|s| (order(&s.status), s.status.clone()));
+    r.by_status
+        .sort_by_key(|s| (order(&s.status), s.status.clone()));
 
     let lines = sqlx::query(
         "SELECT l.invoice_id, l.kind, l.plan, l.model, l.quantity, l.requests, l.amount \
@@ -730,7 +730,10 @@ pub async fn revenue(store: &Store, period: &str) -> Result<Revenue> {
             .then_with(|| a.plan.cmp(&b.plan))
     });
     r.by_model = models.into_values().collect();
-    r.by_model
-        .sort_by(|a, b| b.overage.cmp(&a.overage).then_with(|| a.model.cmp(&b.model)));
+    r.by_model.sort_by(|a, b| {
+        b.overage
+            .cmp(&a.overage)
+            .then_with(|| a.model.cmp(&b.model))
+    });
     Ok(r)
 }

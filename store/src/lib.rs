@@ -29,13 +29,13 @@ pub mod audit;
 pub mod auth;
 pub mod developers;
 pub mod feed;
+pub mod invoices;
 pub mod keys;
 pub mod migrations;
 pub mod outbox;
 pub mod payments;
 pub mod settings;
 pub mod subscriptions;
-pub mod invoices;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod usage_alerts;

@@ -13,7 +13,10 @@
 //! - `usage_daily`: per developer × UTC day × key × model × status aggregate states (counts,
 //!   sums, t-digests of the latencies): a `Merge` table over `usage_daily_live`
 //!   (`AggregatingMergeTree`, filled by `usage_daily_mv`) and `usage_daily_history` (the same
-//!   rollup of the rows that existed before the view, built once by [`backfill_usage_daily`]).
+//!   rollup of the rows that existed before the view, built once by [`backfill`]).
+//! - `usage_developer_daily` and `usage_model_daily`: per UTC day × developer and per UTC day ×
+//!   model sums for the operator's platform view, built the same way (live table filled by a
+//!   view, history built once, a `Merge` table over both).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -116,7 +119,18 @@ GROUP BY developer_id, model, hour",
         version: 3,
         name: "usage_daily",
         sql: USAGE_DAILY_SQL,
-        then: Some(|db, database| Box::pin(backfill_usage_daily(db, database))),
+        then: Some(|db, database| Box::pin(backfill(db, database, &USAGE_DAILY))),
+    },
+    Migration {
+        version: 4,
+        name: "platform_daily",
+        sql: PLATFORM_DAILY_SQL,
+        then: Some(|db, database| {
+            Box::pin(async move {
+                backfill(db, database, &USAGE_DEVELOPER_DAILY).await?;
+                backfill(db, database, &USAGE_MODEL_DAILY).await
+            })
+        }),
     },
 ];
 
@@ -153,7 +167,7 @@ macro_rules! usage_daily_group_by {
 }
 
 /// Migration 3's statements: the live table and its view. The `Merge` table `usage_daily` and
-/// the history are made by [`backfill_usage_daily`] (the `Merge` engine needs the database's
+/// the history are made by [`backfill`] (the `Merge` engine needs the database's
 /// name).
 const USAGE_DAILY_SQL: &str = concat!(
     "CREATE TABLE IF NOT EXISTS usage_daily_live (
@@ -185,11 +199,133 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS usage_daily_mv TO usage_daily_live AS
     usage_daily_group_by!()
 );
 
-/// The private staging tables of backfill runs (`usage_daily_backfill_<random>`).
-const STAGING_PREFIX: &str = "usage_daily_backfill_";
+/// The rollup of `usage_events` rows into `usage_developer_daily` sums, shared by the view and
+/// the backfill. The columns are in `usage_developer_daily_live`'s order.
+macro_rules! developer_daily_select {
+    () => {
+        "SELECT
+    toDate(ts) AS day,
+    developer_id,
+    count() AS requests,
+    countIf(status >= 400) AS errors,
+    sum(toUInt64(prompt_tokens)) AS prompt_tokens,
+    sum(toUInt64(cached_tokens)) AS cached_tokens,
+    sum(toUInt64(completion_tokens)) AS completion_tokens,
+    sum(toUInt64(total_tokens)) AS total_tokens,
+    sum(cost_nanos) AS cost_nanos
+FROM usage_events"
+    };
+}
 
-/// Migration 3's step: creates `usage_daily` (a `Merge` table over the live rollup and the
-/// history) and builds `usage_daily_history`, the rollup of the rows older than the view.
+macro_rules! developer_daily_group_by {
+    () => {
+        "GROUP BY day, developer_id"
+    };
+}
+
+/// The same per model (`usage_model_daily`).
+macro_rules! model_daily_select {
+    () => {
+        "SELECT
+    toDate(ts) AS day,
+    model,
+    count() AS requests,
+    countIf(status >= 400) AS errors,
+    sum(toUInt64(prompt_tokens)) AS prompt_tokens,
+    sum(toUInt64(cached_tokens)) AS cached_tokens,
+    sum(toUInt64(completion_tokens)) AS completion_tokens,
+    sum(toUInt64(total_tokens)) AS total_tokens,
+    sum(cost_nanos) AS cost_nanos
+FROM usage_events"
+    };
+}
+
+macro_rules! model_daily_group_by {
+    () => {
+        "GROUP BY day, model"
+    };
+}
+
+/// Migration 4's statements: the two live tables and their views (the `Merge` tables and the
+/// histories are made by [`backfill`]). `SummingMergeTree` sorted by day first, so a range of
+/// days reads only those days' rows: at most one per active developer (model) and day.
+const PLATFORM_DAILY_SQL: &str = concat!(
+    "CREATE TABLE IF NOT EXISTS usage_developer_daily_live (
+    day Date,
+    developer_id String,
+    requests UInt64,
+    errors UInt64,
+    prompt_tokens UInt64,
+    cached_tokens UInt64,
+    completion_tokens UInt64,
+    total_tokens UInt64,
+    cost_nanos Int64
+) ENGINE = SummingMergeTree
+PARTITION BY toYYYYMM(day)
+ORDER BY (day, developer_id);
+CREATE MATERIALIZED VIEW IF NOT EXISTS usage_developer_daily_mv TO usage_developer_daily_live AS
+",
+    developer_daily_select!(),
+    "\n",
+    developer_daily_group_by!(),
+    ";
+CREATE TABLE IF NOT EXISTS usage_model_daily_live (
+    day Date,
+    model String,
+    requests UInt64,
+    errors UInt64,
+    prompt_tokens UInt64,
+    cached_tokens UInt64,
+    completion_tokens UInt64,
+    total_tokens UInt64,
+    cost_nanos Int64
+) ENGINE = SummingMergeTree
+PARTITION BY toYYYYMM(day)
+ORDER BY (day, model);
+CREATE MATERIALIZED VIEW IF NOT EXISTS usage_model_daily_mv TO usage_model_daily_live AS
+",
+    model_daily_select!(),
+    "\n",
+    model_daily_group_by!()
+);
+
+/// A rollup of `usage_events` as migrations 3 and 4 build them: `{name}_live`, filled by the
+/// materialized view `{name}_mv` from every insert; `{name}_history`, the same rollup of the
+/// rows older than the view, built once by [`backfill`]; and `{name}`, a `Merge` table reading
+/// both as one, which is what queries read.
+pub struct Rollup {
+    /// The `Merge` table's name; the prefix of the others.
+    pub name: &'static str,
+    /// The view's `SELECT … FROM usage_events`, its columns in the live table's order (the
+    /// backfill inserts by position).
+    pub select: &'static str,
+    /// The view's `GROUP BY` clause.
+    pub group_by: &'static str,
+}
+
+/// Migration 3's rollup: states per developer × day × key × model × status.
+pub const USAGE_DAILY: Rollup = Rollup {
+    name: "usage_daily",
+    select: usage_daily_select!(),
+    group_by: usage_daily_group_by!(),
+};
+
+/// Migration 4's rollups: sums per day × developer and per day × model (the operator view).
+pub const USAGE_DEVELOPER_DAILY: Rollup = Rollup {
+    name: "usage_developer_daily",
+    select: developer_daily_select!(),
+    group_by: developer_daily_group_by!(),
+};
+
+pub const USAGE_MODEL_DAILY: Rollup = Rollup {
+    name: "usage_model_daily",
+    select: model_daily_select!(),
+    group_by: model_daily_group_by!(),
+};
+
+/// A rollup's step (migrations 3 and 4): creates the `Merge` table `{name}` over the live
+/// rollup and the history, and builds `{name}_history`, the rollup of the rows older than the
+/// view `{name}_mv`.
 ///
 /// The cutoff is derived from the view's creation time as ClickHouse recorded it
 /// (`system.tables.metadata_modification_time`, whole seconds), rounded up to the next second:
@@ -199,32 +335,37 @@ const STAGING_PREFIX: &str = "usage_daily_backfill_";
 /// view was created and before the backfill read their month are counted by both: the window
 /// `docs/clickhouse.md` describes.)
 ///
-/// Each run fills a staging table of its own, month by month (newest first, so the current
-/// month's snapshot is taken closest to the view's creation), then publishes it with one
-/// `RENAME` to `usage_daily_history`: atomic, and refused when another run published first
-/// (this run's copy is then dropped). An interrupted run leaves only its staging table behind,
-/// which a later run drops; the history is never half there, nor there twice.
-pub async fn backfill_usage_daily(
+/// Each run fills a staging table of its own (`{name}_backfill_<random>`), month by month
+/// (newest first, so the current month's snapshot is taken closest to the view's creation),
+/// then publishes it with one `RENAME` to `{name}_history`: atomic, and refused when another
+/// run published first (this run's copy is then dropped). An interrupted run leaves only its
+/// staging table behind, which a later run drops; the history is never half there, nor there
+/// twice.
+pub async fn backfill(
     db: &Client,
     database: &str,
+    rollup: &Rollup,
 ) -> Result<(), clickhouse::error::Error> {
+    let name = rollup.name;
+    let history = format!("{name}_history");
     db.query(&format!(
-        "CREATE TABLE IF NOT EXISTS usage_daily AS usage_daily_live \
-         ENGINE = Merge('{database}', '^usage_daily_(live|history)$')"
+        "CREATE TABLE IF NOT EXISTS {name} AS {name}_live \
+         ENGINE = Merge('{database}', '^{name}_(live|history)$')"
     ))
     .execute()
     .await?;
-    if !table_exists(db, "usage_daily_history").await? {
+    if !table_exists(db, &history).await? {
         let created: u32 = db
             .query(
                 "SELECT toUInt32(metadata_modification_time) FROM system.tables \
-                 WHERE database = currentDatabase() AND name = 'usage_daily_mv'",
+                 WHERE database = currentDatabase() AND name = ?",
             )
+            .bind(format!("{name}_mv"))
             .fetch_one()
             .await?;
         let cutoff_ms = (u64::from(created) + 1) * 1000;
-        let staging = format!("{STAGING_PREFIX}{}", uuid::Uuid::now_v7().simple());
-        db.query(&format!("CREATE TABLE {staging} AS usage_daily_live"))
+        let staging = format!("{name}{STAGING_INFIX}{}", uuid::Uuid::now_v7().simple());
+        db.query(&format!("CREATE TABLE {staging} AS {name}_live"))
             .execute()
             .await?;
         let mut months: Vec<u32> = db
@@ -241,23 +382,23 @@ pub async fn backfill_usage_daily(
             db.query(&format!(
                 "INSERT INTO {staging} {} WHERE ts >= toDateTime('{start}') AND ts < toDateTime('{end}') \
                  AND ts_ms < {cutoff_ms} {}",
-                usage_daily_select!(),
-                usage_daily_group_by!()
+                rollup.select, rollup.group_by
             ))
             .with_setting("query_id", format!("{staging}_{month}"))
-            // A month's groups fit in memory at 10M rows (~700 MiB); bigger months spill.
+            // A month's groups fit in memory at 10M rows (~700 MiB for `usage_daily`); bigger
+            // months spill.
             .with_setting("max_bytes_before_external_group_by", "2000000000")
             .execute()
             .await?;
         }
         match db
-            .query(&format!("RENAME TABLE {staging} TO usage_daily_history"))
+            .query(&format!("RENAME TABLE {staging} TO {history}"))
             .execute()
             .await
         {
-            Ok(()) => tracing::info!(cutoff_ms, ?months, "usage_daily: history built"),
+            Ok(()) => tracing::info!(rollup = name, cutoff_ms, ?months, "history built"),
             // Another node published its history first: ours is a copy.
-            Err(_) if table_exists(db, "usage_daily_history").await? => {
+            Err(_) if table_exists(db, &history).await? => {
                 db.query(&format!("DROP TABLE IF EXISTS {staging}"))
                     .execute()
                     .await?;
@@ -265,9 +406,12 @@ pub async fn backfill_usage_daily(
             Err(e) => return Err(e),
         }
     }
-    drop_abandoned_staging(db).await;
+    drop_abandoned_staging(db, name).await;
     Ok(())
 }
+
+/// Between a rollup's name and a backfill run's id in its staging table's name.
+const STAGING_INFIX: &str = "_backfill_";
 
 async fn table_exists(db: &Client, name: &str) -> Result<bool, clickhouse::error::Error> {
     let n: u64 = db
@@ -278,10 +422,11 @@ async fn table_exists(db: &Client, name: &str) -> Result<bool, clickhouse::error
     Ok(n > 0)
 }
 
-/// Drops the staging tables of interrupted backfill runs (best effort). A table some query is
-/// still writing is left alone; a run whose table is dropped under it fails and, run again,
-/// finds the history built.
-async fn drop_abandoned_staging(db: &Client) {
+/// Drops the staging tables of interrupted backfill runs of `rollup` (best effort). A table
+/// some query is still writing is left alone; a run whose table is dropped under it fails and,
+/// run again, finds the history built.
+async fn drop_abandoned_staging(db: &Client, rollup: &str) {
+    let prefix = format!("{rollup}{STAGING_INFIX}");
     let result = async {
         let names: Vec<String> = db
             .query("SELECT name FROM system.tables WHERE database = currentDatabase()")
@@ -291,7 +436,7 @@ async fn drop_abandoned_staging(db: &Client) {
             .query("SELECT query_id FROM system.processes")
             .fetch_all()
             .await?;
-        for name in names.iter().filter(|n| n.starts_with(STAGING_PREFIX)) {
+        for name in names.iter().filter(|n| n.starts_with(&prefix)) {
             if !running.iter().any(|q| q.starts_with(name.as_str())) {
                 db.query(&format!("DROP TABLE IF EXISTS {name}"))
                     .execute()
@@ -302,7 +447,7 @@ async fn drop_abandoned_staging(db: &Client) {
     }
     .await;
     if let Err(e) = result {
-        tracing::warn!(error = %e, "usage_daily: leftover backfill tables not dropped");
+        tracing::warn!(rollup, error = %e, "leftover backfill tables not dropped");
     }
 }
 

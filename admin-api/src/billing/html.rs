@@ -242,7 +242,6 @@ pub fn render_html(
     h
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
