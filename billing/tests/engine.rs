@@ -8,7 +8,6 @@ use std::time::Duration;
 use aihub_billing::reconcile::{self, Problem};
 use aihub_billing::{Billing, BillingConfig};
 use aihub_plans::{Period, PlanCatalog};
-use aihub_store::developers::{self, NewDeveloper};
 use aihub_store::invoices::{self, SaveMode};
 use aihub_store::testing::{Backend, TestDatabase, BACKENDS};
 use aihub_store::{subscriptions, Store};
@@ -33,25 +32,7 @@ fn last_month() -> Period {
 }
 
 async fn account(store: &Store, id: &str, plan: &str, created_at: i64) {
-    let mut tx = store.begin_write().await.unwrap();
-    developers::import(
-        &mut tx,
-        id,
-        created_at,
-        &NewDeveloper {
-            email: format!("{id}@example.com"),
-            password_hash: "x".into(),
-            full_name: id.into(),
-            company_name: None,
-            developer_type: "individual".into(),
-            role: developers::ROLE_DEVELOPER.into(),
-            plan: plan.into(),
-            verified: true,
-        },
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    aihub_store::testing::imported(store, id, plan, created_at).await;
 }
 
 async fn switch_plan(store: &Store, id: &str, plan: &str, at: i64) {

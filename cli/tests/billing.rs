@@ -8,7 +8,6 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use aihub_store::developers::{self, NewDeveloper};
 use aihub_store::invoices;
 use aihub_store::testing::{Backend, TestDatabase};
 use common::*;
@@ -59,25 +58,8 @@ async fn reconcile_proves_invoices_and_catches_a_tampered_row() {
     let store = store_db.store().await;
     let now = aihub_store::now_ms();
     let period = aihub_plans::Period::of_unix_ms(now);
-    let mut tx = store.begin_write().await.unwrap();
-    developers::import(
-        &mut tx,
-        "dev_bill",
-        period.start_ms() - 86_400_000,
-        &NewDeveloper {
-            email: "bill@example.com".into(),
-            password_hash: "x".into(),
-            full_name: "Bill".into(),
-            company_name: None,
-            developer_type: "individual".into(),
-            role: developers::ROLE_DEVELOPER.into(),
-            plan: "tiny".into(),
-            verified: true,
-        },
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    aihub_store::testing::imported(&store, "dev_bill", "tiny", period.start_ms() - 86_400_000)
+        .await;
 
     for i in 0..12 {
         let model = if i % 3 == 0 { "gpt-4o-mini" } else { "gpt-4o" };

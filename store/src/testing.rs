@@ -127,3 +127,28 @@ pub async fn developer(store: &Store, email: &str) -> Developer {
     tx.commit().await.expect("commit");
     dev
 }
+
+/// A verified account with a given id, plan and creation time (its first subscription starts
+/// then), as imports and benchmarks create them (panics on failure: for tests).
+pub async fn imported(store: &Store, id: &str, plan: &str, created_at: i64) -> Developer {
+    let mut tx = store.begin_write().await.expect("begin");
+    let dev = developers::import(
+        &mut tx,
+        id,
+        created_at,
+        &NewDeveloper {
+            email: format!("{id}@example.com"),
+            password_hash: "x".into(),
+            full_name: id.into(),
+            company_name: None,
+            developer_type: "individual".into(),
+            role: developers::ROLE_DEVELOPER.into(),
+            plan: plan.into(),
+            verified: true,
+        },
+    )
+    .await
+    .expect("import developer");
+    tx.commit().await.expect("commit");
+    dev
+}

@@ -123,25 +123,7 @@ async fn subscription_history(backend: Backend) {
     let store = db.store().await;
     // An account created a day ago, so every change below is in the past of the last one.
     let t0 = aihub_store::now_ms() - 86_400_000;
-    let mut tx = store.begin_write().await.unwrap();
-    let dev = developers::import(
-        &mut tx,
-        "dev_subs",
-        t0,
-        &developers::NewDeveloper {
-            email: "subs@example.com".into(),
-            password_hash: "x".into(),
-            full_name: "Subs".into(),
-            company_name: None,
-            developer_type: "individual".into(),
-            role: developers::ROLE_DEVELOPER.into(),
-            plan: "free".into(),
-            verified: true,
-        },
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    let dev = aihub_store::testing::imported(&store, "dev_subs", "free", t0).await;
     let t0 = dev.created_at;
     let mut tx = store.begin_write().await.unwrap();
     assert!(

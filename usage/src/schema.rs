@@ -453,8 +453,8 @@ async fn drop_abandoned_staging(db: &Client, rollup: &str) {
 
 /// `YYYYMM` (UTC) of a unix-milliseconds instant.
 fn yyyymm_of_ms(ms: u64) -> u32 {
-    let (y, m, _) = civil_from_days((ms / 86_400_000) as i64);
-    y as u32 * 100 + m
+    let p = aihub_plans::Period::of_unix_ms(ms as i64);
+    p.year as u32 * 100 + p.month
 }
 
 /// The first instants of month `YYYYMM` and of the month after, as ClickHouse `DateTime` text.
@@ -465,19 +465,6 @@ fn month_bounds(yyyymm: u32) -> (String, String) {
         format!("{y:04}-{m:02}-01 00:00:00"),
         format!("{ny:04}-{nm:02}-01 00:00:00"),
     )
-}
-
-/// Days since 1970-01-01 → (year, month, day), UTC (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Errors from running migrations.
