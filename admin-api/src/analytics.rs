@@ -30,10 +30,6 @@ use crate::usage::{
     daily_filter, key_names, mean_ms, percent, usd, whose, FigureRow, UsageQuery, FIGURES_SQL,
 };
 
-fn nanos_dec(nanos: i128) -> Decimal {
-    Decimal::from_i128_with_scale(nanos, 9)
-}
-
 /// Change from `prev` to `cur` in percent (two decimals), `None` when `prev` is 0.
 fn change(cur: Decimal, prev: Decimal) -> Option<String> {
     percent(cur - prev, prev)
@@ -468,7 +464,7 @@ pub async fn costs(
     }
     let total: i128 = models.iter().map(|m| i128::from(m.nanos)).sum();
     let requests = models.iter().map(|m| m.n).sum();
-    let total_usd = nanos_dec(total);
+    let total_usd = aihub_billing::ledger::usd_from_nanos(total);
     let share = |nanos: i64| {
         percent(
             Decimal::from(nanos),

@@ -60,6 +60,9 @@ pub struct ReconcileReport {
     pub rows: u64,
     /// Sum of the checked invoices' totals.
     pub invoiced_total: Decimal,
+    /// Developers whose invoice for the period was voided and not reissued (shown for
+    /// information: an operator decided).
+    pub voided: Vec<String>,
     /// Developer ids with usage but no subscription in the period, and their requests (not
     /// billed; shown for information).
     pub without_subscription: Vec<(String, u64)>,
@@ -87,9 +90,17 @@ pub async fn reconcile(billing: &Billing, period: Period) -> Result<ReconcileRep
         invoices: stored.len(),
         rows: 0,
         invoiced_total: stored.values().map(|(i, _)| i.total).sum(),
+        voided: Vec::new(),
         without_subscription: Vec::new(),
         problems: Vec::new(),
     };
+    let voided: std::collections::HashSet<String> =
+        invoices::developers_invoiced(store, &period.to_string())
+            .await?
+            .into_iter()
+            .filter(|(_, status)| status == invoices::VOID)
+            .map(|(dev, _)| dev)
+            .collect();
     let mut subs: BTreeMap<String, Vec<Subscription>> = BTreeMap::new();
     for s in subscriptions::all_overlapping(store, from, to).await? {
         subs.entry(s.developer_id.clone()).or_default().push(s);
@@ -109,6 +120,9 @@ pub async fn reconcile(billing: &Billing, period: Period) -> Result<ReconcileRep
                     diffs,
                 });
             }
+        }
+        None if voided.contains(&computed.developer_id) => {
+            report.voided.push(computed.developer_id)
         }
         None => report.problems.push(Problem::MissingInvoice {
             developer_id: computed.developer_id,

@@ -68,13 +68,16 @@ pub struct Totals {
     pub cost_nanos: i64,
 }
 
-/// A ClickHouse string literal.
+/// A ClickHouse string literal, inside a query template of the clickhouse crate (which reads
+/// `?` as a bind placeholder, `??` as a literal `?`).
 pub fn quote(s: &str) -> String {
     let mut q = String::with_capacity(s.len() + 2);
     q.push('\'');
     for c in s.chars() {
-        if c == '\'' || c == '\\' {
-            q.push('\\');
+        match c {
+            '\'' | '\\' => q.push('\\'),
+            '?' => q.push('?'),
+            _ => {}
         }
         q.push(c);
     }
@@ -184,5 +187,6 @@ mod tests {
     fn quoting_escapes_quotes_and_backslashes() {
         assert_eq!(super::quote("dev_a"), "'dev_a'");
         assert_eq!(super::quote(r"a'b\c"), r"'a\'b\\c'");
+        assert_eq!(super::quote("dev?x"), "'dev??x'");
     }
 }

@@ -84,6 +84,12 @@ pub fn run(command: BillingCommand) -> anyhow::Result<()> {
             let report = rt.block_on(aihub_billing::reconcile::reconcile(&billing, period))?;
             print!("{report}");
             println!("checked in {:.1} s", started.elapsed().as_secs_f64());
+            if !report.voided.is_empty() {
+                println!(
+                    "note: {} developer(s) have only a voided invoice for the period (not reissued)",
+                    report.voided.len()
+                );
+            }
             if !report.without_subscription.is_empty() {
                 println!(
                     "note: {} developer id(s) have usage but no subscription in the period (not billed)",

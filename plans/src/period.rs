@@ -61,7 +61,8 @@ impl Period {
     /// Parses `YYYY-MM`.
     pub fn parse(s: &str) -> Option<Period> {
         let (y, m) = s.split_once('-')?;
-        if y.len() != 4 || m.len() != 2 {
+        let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+        if y.len() != 4 || m.len() != 2 || !digits(y) || !digits(m) {
             return None;
         }
         let year = y.parse().ok()?;
@@ -127,5 +128,8 @@ mod tests {
         );
         assert!(Period::parse("2024-13").is_none());
         assert!(Period::parse("24-01").is_none());
+        for signed in ["+026-11", "-001-05", "2026-+1", "2026-1 "] {
+            assert!(Period::parse(signed).is_none(), "{signed}");
+        }
     }
 }

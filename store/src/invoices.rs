@@ -204,10 +204,13 @@ pub async fn save_drafts(
 
 async fn save_one(conn: &mut AnyConnection, c: &Computed, mode: SaveMode) -> Result<Saved> {
     let now = now_ms();
-    let existing = sqlx::query(
+    // Locked (PostgreSQL) so a concurrent finalize or void waits for this transaction, and
+    // this one then sees its result: a draft's lines are never replaced once it is final.
+    let existing = sqlx::query(&format!(
         "SELECT id, status FROM invoices WHERE developer_id = $1 AND period = $2 \
-         ORDER BY created_at DESC",
-    )
+         ORDER BY created_at DESC{}",
+        for_update(conn)
+    ))
     .bind(&c.developer_id)
     .bind(&c.period)
     .fetch_all(&mut *conn)
@@ -223,7 +226,7 @@ async fn save_one(conn: &mut AnyConnection, c: &Computed, mode: SaveMode) -> Res
         if status != DRAFT {
             return Ok(Saved::Kept(id));
         }
-        sqlx::query(
+        let updated = sqlx::query(
             "UPDATE invoices SET subtotal = $2, total = $3, total_tokens = $4, \
              included_tokens = $5, overage_tokens = $6, waived_tokens = $7, requests = $8, \
              usage_cost = $9, computed_at = $10, updated_at = $10 \
@@ -241,6 +244,9 @@ async fn save_one(conn: &mut AnyConnection, c: &Computed, mode: SaveMode) -> Res
         .bind(now)
         .execute(&mut *conn)
         .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(Saved::Kept(id));
+        }
         sqlx::query("DELETE FROM invoice_lines WHERE invoice_id = $1")
             .bind(&id)
             .execute(&mut *conn)
@@ -302,14 +308,25 @@ async fn insert_lines(conn: &mut AnyConnection, id: &str, lines: &[InvoiceLine])
 
 /// Finalizes a draft: `open`, or `paid` at once when nothing is due; writes
 /// [`INVOICE_FINALIZED`] to the outbox. An invoice past draft is returned unchanged
-/// (finalizing twice is harmless); a voided one is a [`StoreError::Conflict`].
+/// (finalizing twice is harmless); a voided one, or one whose period has not ended yet (its
+/// usage is not complete), is a [`StoreError::Conflict`].
 pub async fn finalize(conn: &mut AnyConnection, id: &str) -> Result<Invoice> {
     let now = now_ms();
-    let inv = by_id_on(conn, id).await?;
+    // Locked: a refresh of the draft racing this finalize either commits first (and this
+    // reads its total) or waits and then keeps the final invoice.
+    let inv = lock_on(conn, id).await?;
     match inv.status.as_str() {
         DRAFT => {}
         VOID => return Err(StoreError::Conflict("the invoice is void".into())),
         _ => return Ok(inv),
+    }
+    let period_end = aihub_plans::Period::parse(&inv.period)
+        .ok_or_else(|| StoreError::Corrupt(format!("invoice period `{}`", inv.period)))?
+        .end_ms();
+    if now < period_end {
+        return Err(StoreError::Conflict(
+            "the invoice's period has not ended: it can be finalized once the month is over".into(),
+        ));
     }
     let nothing_due = inv.total <= Decimal::ZERO;
     let row = sqlx::query(&format!(
@@ -367,8 +384,6 @@ pub struct InvoiceFilter {
     pub developer_id: Option<String>,
     pub period: Option<String>,
     pub status: Option<String>,
-    /// Leave drafts out (what developers see).
-    pub hide_drafts: bool,
 }
 
 /// Invoices, newest period first, at most `limit`.
@@ -376,14 +391,12 @@ pub async fn list(store: &Store, f: &InvoiceFilter, limit: i64) -> Result<Vec<In
     let sql = format!(
         "SELECT {COLUMNS} FROM invoices WHERE ($1 IS NULL OR developer_id = $1) \
          AND ($2 IS NULL OR period = $2) AND ($3 IS NULL OR status = $3) \
-         AND ($4 = 0 OR status <> 'draft') \
-         ORDER BY period DESC, developer_id, created_at DESC LIMIT $5"
+         ORDER BY period DESC, developer_id, created_at DESC LIMIT $4"
     );
     let rows = sqlx::query(&sql)
         .bind(&f.developer_id)
         .bind(&f.period)
         .bind(&f.status)
-        .bind(f.hide_drafts as i64)
         .bind(limit)
         .fetch_all(store.pool())
         .await?;
@@ -461,13 +474,21 @@ pub const INVOICE_VOIDED: &str = "invoice.voided";
 /// Reads an invoice and, on PostgreSQL, locks its row until the transaction ends (SQLite write
 /// transactions are exclusive already): payments and voiding of one invoice queue here.
 pub(crate) async fn lock_on(conn: &mut AnyConnection, id: &str) -> Result<Invoice> {
-    let lock = if conn.backend_name() == "PostgreSQL" {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM invoices WHERE id = $1{}",
+        for_update(conn)
+    );
+    from_row(&sqlx::query(&sql).bind(id).fetch_one(conn).await?)
+}
+
+/// ` FOR UPDATE` on PostgreSQL; nothing on SQLite, whose write transactions hold the whole
+/// database (`BEGIN IMMEDIATE`).
+fn for_update(conn: &AnyConnection) -> &'static str {
+    if conn.backend_name() == "PostgreSQL" {
         " FOR UPDATE"
     } else {
         ""
-    };
-    let sql = format!("SELECT {COLUMNS} FROM invoices WHERE id = $1{lock}");
-    from_row(&sqlx::query(&sql).bind(id).fetch_one(conn).await?)
+    }
 }
 
 /// Books a payment on a locked open invoice: the new amount paid and, when it covers the

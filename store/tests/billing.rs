@@ -32,7 +32,7 @@ fn line(no: i64, kind: &str, plan: &str, model: &str, tokens: i64, amount: &str)
     }
 }
 
-/// An invoice for `dev` in 2026-11 with the given lines.
+/// An invoice for `dev` in 2026-10 with the given lines.
 fn computed(dev: &str, lines: Vec<InvoiceLine>) -> Computed {
     let subtotal: Decimal = lines.iter().map(|l| l.amount).sum();
     let overage: i64 = lines
@@ -42,7 +42,7 @@ fn computed(dev: &str, lines: Vec<InvoiceLine>) -> Computed {
         .sum();
     Computed {
         developer_id: dev.into(),
-        period: "2026-11".into(),
+        period: "2026-10".into(),
         subtotal,
         total: subtotal
             .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero),
@@ -552,7 +552,7 @@ async fn lifecycle(backend: Backend) {
     assert_eq!(f.status, "paid");
 
     // Revenue of the period: the paid invoice and the free one; the void ones left out.
-    let r = invoices::revenue(&store, "2026-11").await.unwrap();
+    let r = invoices::revenue(&store, "2026-10").await.unwrap();
     assert_eq!(r.invoices, 2);
     assert_eq!((r.subtotal, r.total), (d("29.300150001"), d("29.30")));
     assert_eq!((r.amount_paid, r.outstanding), (d("29.30"), d("0")));
@@ -625,7 +625,32 @@ async fn outstanding_counts_open_invoices() {
             .await
             .unwrap()
             .is_empty());
-        let rev = invoices::revenue(&store, "2026-11").await.unwrap();
+        let rev = invoices::revenue(&store, "2026-10").await.unwrap();
         assert_eq!((rev.amount_paid, rev.outstanding), (d("0.30"), d("29.00")));
+    }
+}
+
+/// The current month's usage is not complete: its invoice cannot be finalized yet.
+#[tokio::test]
+async fn an_open_period_cannot_be_finalized() {
+    for backend in BACKENDS {
+        let db = TestDatabase::new(backend).await;
+        let store = db.store().await;
+        let dev = aihub_store::testing::developer(&store, "early@example.com").await;
+        let mut c = standard(&dev.id);
+        c.period = aihub_plans::Period::of_unix_ms(aihub_store::now_ms()).to_string();
+        let id = created_id(
+            &invoices::save_drafts(&store, &[c], SaveMode::Automatic)
+                .await
+                .unwrap(),
+        );
+        let mut tx = store.begin_write().await.unwrap();
+        let e = invoices::finalize(&mut tx, &id).await.unwrap_err();
+        drop(tx);
+        assert!(
+            matches!(&e, StoreError::Conflict(m) if m.contains("has not ended")),
+            "{e:?}"
+        );
+        assert_eq!(invoices::by_id(&store, &id).await.unwrap().status, "draft");
     }
 }

@@ -54,7 +54,6 @@ pub async fn admin_invoices(
         developer_id: q.developer_id,
         period: q.period,
         status: q.status,
-        hide_drafts: false,
     };
     let mut rows = invoices::list(&s.store, &filter, limit + 1).await?;
     let has_more = rows.len() as i64 > limit;

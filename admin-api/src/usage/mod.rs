@@ -21,7 +21,6 @@ use aihub_store::{developers, keys as store_keys, now_ms};
 
 use crate::auth::Caller;
 use crate::error::{AppError, Json, Query};
-use crate::plans::usd_string;
 use crate::state::AppState;
 use range::{DayRange, RangeParams, MAX_RANGE_DAYS};
 
@@ -41,10 +40,7 @@ pub async fn whose(
     }
 }
 
-/// Nano-USD as an exact USD decimal string.
-pub fn usd(nanos: i64) -> String {
-    usd_string(Decimal::new(nanos, 9))
-}
+pub use crate::plans::usd_from_nanos as usd;
 
 /// `part / whole` in percent with exactly two decimals (rounded half to even), as a string
 /// (`"12.50"`, `"-20.00"`); `None` when `whole` is 0.

@@ -153,11 +153,6 @@ fn date_param(field: &str, value: Option<&str>, errors: &mut Vec<FieldError>) ->
 const YEARS: std::ops::RangeInclusive<i32> = 1970..=2100;
 
 fn parse_period(s: &str) -> Option<Period> {
-    let b = s.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    if b.len() != 7 || b[4] != b'-' || !digits(0..4) || !digits(5..7) {
-        return None;
-    }
     Period::parse(s).filter(|p| YEARS.contains(&p.year))
 }
 
