@@ -254,6 +254,15 @@ async fn invoices_match_independent_sums(backend: Backend) {
         vec![("dev_ghost".to_owned(), 50)]
     );
 
+    // A voided invoice that was not reissued is an operator's decision, not a missing one.
+    let (quiet, _) = invoice("dev_quiet").await;
+    let mut tx = s.store.begin_write().await.unwrap();
+    invoices::void(&mut tx, &quiet.id, "waived").await.unwrap();
+    tx.commit().await.unwrap();
+    let report = reconcile::reconcile(&s.billing, p).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.voided, vec!["dev_quiet".to_owned()]);
+
     // Tamper with one raw row of dev_a beyond the allowance: reconciliation names it.
     let victim = a_rows.iter().max_by_key(|r| r.ts_ms).unwrap();
     s.ch.execute(&format!(
