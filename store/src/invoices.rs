@@ -226,27 +226,17 @@ async fn save_one(conn: &mut AnyConnection, c: &Computed, mode: SaveMode) -> Res
         if status != DRAFT {
             return Ok(Saved::Kept(id));
         }
-        let updated = sqlx::query(
+        // The row is locked and a draft: its amounts are replaced.
+        let update = sqlx::query(
             "UPDATE invoices SET subtotal = $2, total = $3, total_tokens = $4, \
              included_tokens = $5, overage_tokens = $6, waived_tokens = $7, requests = $8, \
-             usage_cost = $9, computed_at = $10, updated_at = $10 \
-             WHERE id = $1 AND status = 'draft'",
+             usage_cost = $9, computed_at = $10, updated_at = $10 WHERE id = $1",
         )
-        .bind(&id)
-        .bind(c.subtotal.to_string())
-        .bind(c.total.to_string())
-        .bind(c.total_tokens)
-        .bind(c.included_tokens)
-        .bind(c.overage_tokens)
-        .bind(c.waived_tokens)
-        .bind(c.requests)
-        .bind(c.usage_cost.to_string())
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        if updated.rows_affected() == 0 {
-            return Ok(Saved::Kept(id));
-        }
+        .bind(&id);
+        bind_amounts(update, c)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
         sqlx::query("DELETE FROM invoice_lines WHERE invoice_id = $1")
             .bind(&id)
             .execute(&mut *conn)
@@ -258,7 +248,7 @@ async fn save_one(conn: &mut AnyConnection, c: &Computed, mode: SaveMode) -> Res
         return Ok(Saved::Kept(id));
     }
     let id = new_id("inv_");
-    sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO invoices (id, developer_id, period, status, currency, subtotal, total, \
          amount_paid, total_tokens, included_tokens, overage_tokens, waived_tokens, requests, \
          usage_cost, computed_at, created_at, updated_at) \
@@ -266,20 +256,28 @@ async fn save_one(conn: &mut AnyConnection, c: &Computed, mode: SaveMode) -> Res
     )
     .bind(&id)
     .bind(&c.developer_id)
-    .bind(&c.period)
-    .bind(c.subtotal.to_string())
-    .bind(c.total.to_string())
-    .bind(c.total_tokens)
-    .bind(c.included_tokens)
-    .bind(c.overage_tokens)
-    .bind(c.waived_tokens)
-    .bind(c.requests)
-    .bind(c.usage_cost.to_string())
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
+    .bind(&c.period);
+    bind_amounts(insert, c)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
     insert_lines(conn, &id, &c.lines).await?;
     Ok(Saved::Created(id))
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds a computed invoice's amounts and counts, in column order: subtotal, total, then
+/// total, included, overage and waived tokens, requests, usage cost.
+fn bind_amounts<'q>(q: AnyQuery<'q>, c: &'q Computed) -> AnyQuery<'q> {
+    q.bind(c.subtotal.to_string())
+        .bind(c.total.to_string())
+        .bind(c.total_tokens)
+        .bind(c.included_tokens)
+        .bind(c.overage_tokens)
+        .bind(c.waived_tokens)
+        .bind(c.requests)
+        .bind(c.usage_cost.to_string())
 }
 
 async fn insert_lines(conn: &mut AnyConnection, id: &str, lines: &[InvoiceLine]) -> Result<()> {
