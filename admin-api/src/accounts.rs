@@ -223,7 +223,7 @@ fn send_verification(s: &AppState, email: &str, token: &str) {
         "Verify your AI Hub email address",
         format!(
             "Welcome to AI Hub!\n\nVerify your email address by opening this link:\n\
-             {}/developer/verify-email?token={token}\n\nOr paste this token in the portal:\n{token}\n\n\
+             {}/portal/verify-email?token={token}\n\nOr paste this token in the portal:\n{token}\n\n\
              The link expires in {}. If you did not register, ignore this message.\n",
             s.config.public_url,
             humantime::format_duration(s.config.auth.verify_token_ttl)
@@ -433,10 +433,12 @@ async fn send_reset(s: &AppState, email: &str) -> Result<(), AppError> {
         "Reset your AI Hub password",
         format!(
             "Someone (maybe you) asked to reset your AI Hub password.\n\n\
-             To choose a new one, paste this token in the portal:\n{token}\n\n\
+             Choose a new one by opening this link:\n\
+             {0}/portal/reset-password/confirm?token={token}\n\n\
+             Or paste this token in the portal:\n{token}\n\n\
              (or send it with the new password to\n\
-             POST {}/developer/reset-password/confirm)\n\n\
-             The token expires in {}. If you did not ask for it, ignore this message:\n\
+             POST {0}/developer/reset-password/confirm)\n\n\
+             The token expires in {1}. If you did not ask for it, ignore this message:\n\
              your password is unchanged.\n",
             s.config.public_url,
             humantime::format_duration(s.config.auth.reset_token_ttl)

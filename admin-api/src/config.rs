@@ -51,6 +51,50 @@ pub struct AdminConfig {
     /// Invoice generation (see `docs/billing.md`).
     #[serde(default)]
     pub billing: BillingConfig,
+    /// The web developer portal under `/portal`.
+    #[serde(default)]
+    pub portal: PortalConfig,
+}
+
+/// The web developer portal (`/portal`): cookie settings and what its pages tell developers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalConfig {
+    /// Serve the portal. Default `true`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Mark the session and CSRF cookies `Secure` (sent over HTTPS only). Default `true`; set
+    /// `false` only for a portal reached over plain http (local development).
+    #[serde(default = "default_true")]
+    pub secure_cookie: bool,
+    /// The gateway's base URL as developers must use it (the quick-start, the docs).
+    /// Default `http://127.0.0.1:8080/v1`.
+    #[serde(default = "default_gateway_url")]
+    pub gateway_url: String,
+    /// The model the portal's first-call examples name. Default `gpt-4o-mini`.
+    #[serde(default = "default_example_model")]
+    pub example_model: String,
+}
+
+impl Default for PortalConfig {
+    fn default() -> Self {
+        PortalConfig {
+            enabled: true,
+            secure_cookie: true,
+            gateway_url: default_gateway_url(),
+            example_model: default_example_model(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_example_model() -> String {
+    "gpt-4o-mini".into()
+}
+fn default_gateway_url() -> String {
+    "http://127.0.0.1:8080/v1".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -350,6 +394,14 @@ impl AdminConfig {
         if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
             return Err(err(
                 "public_url",
+                "must start with http:// or https://".into(),
+            ));
+        }
+        if !(self.portal.gateway_url.starts_with("http://")
+            || self.portal.gateway_url.starts_with("https://"))
+        {
+            return Err(err(
+                "portal.gateway_url",
                 "must start with http:// or https://".into(),
             ));
         }

@@ -130,9 +130,22 @@ impl From<sqlx::Error> for AppError {
     }
 }
 
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let (status, kind, code, message, param, fields) = match &self {
+/// What a client is told about an [`AppError`]: status, OpenAI error type and code, a
+/// client-safe message, and the invalid fields. Built (and internal details logged) once per
+/// error, by [`AppError::describe`]; the JSON body here and the portal's error page both use it.
+pub struct Described {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    pub fields: Option<Vec<FieldError>>,
+}
+
+impl AppError {
+    /// The client-facing description; logs what clients are not told.
+    pub fn describe(&self) -> Described {
+        let (status, kind, code, message, param, fields) = match self {
             AppError::Validation(fields) => {
                 let list: Vec<String> = fields
                     .iter()
@@ -245,11 +258,26 @@ impl IntoResponse for AppError {
                 )
             }
         };
-        let mut error = json!({ "message": message, "type": kind, "param": param, "code": code });
-        if let Some(fields) = fields {
+        Described {
+            status,
+            kind,
+            code,
+            message,
+            param,
+            fields,
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let d = self.describe();
+        let mut error =
+            json!({ "message": d.message, "type": d.kind, "param": d.param, "code": d.code });
+        if let Some(fields) = d.fields {
             error["fields"] = json!(fields);
         }
-        let mut resp = (status, axum::Json(json!({ "error": error }))).into_response();
+        let mut resp = (d.status, axum::Json(json!({ "error": error }))).into_response();
         if let AppError::TooManyRequests { retry_after_secs } = self {
             resp.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -25,6 +25,8 @@
 //! - [`notify`] — Redis pub/sub nudges to gateways.
 //! - [`http`] — request ids, access log, metrics, health, 404.
 //! - [`openapi`] — the document and the `/docs` page.
+//! - [`portal`] — the web developer portal under `/portal` (server-rendered pages over the
+//!   same handlers, session cookie, CSRF, English and Chinese).
 
 pub mod accounts;
 pub mod analytics;
@@ -39,6 +41,7 @@ pub mod notify;
 pub mod openapi;
 pub mod operators;
 pub mod plans;
+pub mod portal;
 pub mod state;
 pub mod usage;
 
@@ -104,7 +107,13 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// The whole admin API: documented routes, operational endpoints, middleware.
 pub fn app(state: AppState) -> Router {
-    let (api, doc) = api();
+    let (mut api, doc) = api();
+    if state.config.portal.enabled {
+        api = api.merge(portal::router(state.clone())).route(
+            "/",
+            get(|| async { axum::response::Redirect::to("/portal") }),
+        );
+    }
     let doc_json = doc
         .to_pretty_json()
         .expect("the OpenAPI document serializes");

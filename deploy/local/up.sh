@@ -71,6 +71,8 @@ sed -e "s#127.0.0.1:8081#127.0.0.1:$ADMIN_PORT#g" \
     -e "s#http://127.0.0.1:8123#http://127.0.0.1:$CLICKHOUSE_PORT#" \
     config/admin.yaml > "$DATA/admin.yaml"
 printf 'bootstrap_admin:\n  email: ops@aihub.local\n  password_env: AIHUB_ADMIN_PASSWORD\n' >> "$DATA/admin.yaml"
+# The portal is reached over plain http here: cookies without Secure.
+printf 'portal:\n  secure_cookie: false\n  gateway_url: http://127.0.0.1:%s/v1\n  example_model: demo\n' "$GATEWAY_PORT" >> "$DATA/admin.yaml"
 export AIHUB_ADMIN_PASSWORD
 AIHUB_ADMIN_PASSWORD=$(cat "$DATA/operator-password")
 
@@ -99,6 +101,7 @@ AI Hub is running.
   Usage:     ClickHouse http://127.0.0.1:$CLICKHOUSE_PORT, database aihub (see docs/clickhouse.md), e.g.
              curl 'http://127.0.0.1:$CLICKHOUSE_PORT/?database=aihub' --data-binary 'SELECT model, count(), sum(total_tokens) FROM usage_events GROUP BY model'
   Demo key:  $KEY
+  Portal:    http://127.0.0.1:$ADMIN_PORT/portal   (sign up, keys, usage, billing, docs)
   Admin API: http://127.0.0.1:$ADMIN_PORT   (reference: http://127.0.0.1:$ADMIN_PORT/docs)
   Operator:  ops@aihub.local, password in $DATA/operator-password
   Mail:      $DATA/mail  (verification and reset messages, as .eml files)
