@@ -2,6 +2,7 @@
 //! HTML and JSON for an invoice request.
 
 use super::*;
+use crate::portal::view::int as grouped;
 
 /// `format` wins; else the `Accept` header's preference between `text/html` and JSON (an
 /// explicit `text/html` with a higher quality than `application/json`, `application/*` or
@@ -51,22 +52,6 @@ pub fn escape(text: &str) -> String {
             '\'' => out.push_str("&#39;"),
             c => out.push(c),
         }
-    }
-    out
-}
-
-/// `1234567` → `1,234,567`.
-fn grouped(n: i64) -> String {
-    let digits = n.unsigned_abs().to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 {
-        out.insert(0, '-');
     }
     out
 }

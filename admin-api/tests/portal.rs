@@ -1,0 +1,341 @@
+//! The portal over real HTTP (a real admin API on loopback, SQLite): security headers and
+//! cookie attributes, the CSRF guard (missing, wrong, cross-site, bound to the session), the
+//! sign-in redirect and its open-redirect guard, keys shown once, the verification link that
+//! does not consume its token on GET, validation errors re-rendered in the form, the language
+//! switch, the operators' area, logout. The browser flow end to end is `cli/tests/portal_e2e.rs`.
+
+mod common;
+
+use std::collections::HashMap;
+
+use aihub_store::testing::Backend;
+use common::{TestApi, ADMIN_EMAIL, PASSWORD};
+use reqwest::header::{HeaderMap, COOKIE, LOCATION, SET_COOKIE};
+
+/// A minimal browser: keeps cookies, follows no redirects.
+struct Browser<'a> {
+    api: &'a TestApi,
+    http: reqwest::Client,
+    cookies: HashMap<String, String>,
+    /// The raw `Set-Cookie` lines last received, by cookie name.
+    set: HashMap<String, String>,
+}
+
+struct Page {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Page {
+    /// The `csrf` value of the page's first form.
+    fn csrf(&self) -> String {
+        let at = self
+            .body
+            .find(r#"name="csrf" value=""#)
+            .expect("a form with csrf");
+        let rest = &self.body[at + r#"name="csrf" value=""#.len()..];
+        rest[..rest.find('"').unwrap()].to_owned()
+    }
+
+    fn location(&self) -> &str {
+        self.headers.get(LOCATION).unwrap().to_str().unwrap()
+    }
+}
+
+impl<'a> Browser<'a> {
+    fn new(api: &'a TestApi) -> Browser<'a> {
+        Browser {
+            api,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            cookies: HashMap::new(),
+            set: HashMap::new(),
+        }
+    }
+
+    async fn send(&mut self, req: reqwest::RequestBuilder) -> Page {
+        let cookie: Vec<String> = self
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let resp = req.header(COOKIE, cookie.join("; ")).send().await.unwrap();
+        for line in resp.headers().get_all(SET_COOKIE) {
+            let line = line.to_str().unwrap().to_owned();
+            let (name, value) = line.split(';').next().unwrap().split_once('=').unwrap();
+            if line.contains("Max-Age=0") {
+                self.cookies.remove(name);
+            } else {
+                self.cookies.insert(name.into(), value.into());
+            }
+            self.set.insert(name.into(), line.clone());
+        }
+        Page {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap(),
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Page {
+        let req = self.http.get(self.api.url(path));
+        self.send(req).await
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
+        let req = self.http.post(self.api.url(path)).form(form);
+        self.send(req).await
+    }
+
+    /// Logs in through the form; asserts the redirect.
+    async fn log_in(&mut self, email: &str, password: &str) {
+        let csrf = self.get("/portal/login").await.csrf();
+        let p = self
+            .post(
+                "/portal/login",
+                &[("csrf", &csrf), ("email", email), ("password", password)],
+            )
+            .await;
+        assert_eq!(p.status, 303, "{}", p.body);
+        assert_eq!(p.location(), "/portal/dashboard");
+    }
+}
+
+#[tokio::test]
+async fn pages_carry_security_headers_and_strict_cookies() {
+    let api = TestApi::start(Backend::Sqlite).await;
+    let mut b = Browser::new(&api);
+    let p = b.get("/portal/login").await;
+    assert_eq!(p.status, 200);
+    let h = |n: &str| p.headers.get(n).unwrap().to_str().unwrap().to_owned();
+    assert!(h("content-security-policy").starts_with("default-src 'none'; script-src 'self'"));
+    assert!(!h("content-security-policy").contains("unsafe"));
+    assert_eq!(h("x-frame-options"), "DENY");
+    assert_eq!(h("cache-control"), "no-store");
+    let csrf = &b.set["aihub_csrf"];
+    for attr in ["HttpOnly", "SameSite=Lax", "Secure", "Path=/portal"] {
+        assert!(csrf.contains(attr), "{csrf} lacks {attr}");
+    }
+    // No inline script or style anywhere: the CSP would block them.
+    assert!(!p.body.contains("<script>") && !p.body.contains("style="));
+    let css = b.get("/portal/assets/portal.css").await;
+    assert_eq!(css.status, 200);
+    assert!(css.headers["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+
+    b.log_in(ADMIN_EMAIL, PASSWORD).await;
+    let session = &b.set["aihub_session"];
+    for attr in ["HttpOnly", "SameSite=Lax", "Secure"] {
+        assert!(session.contains(attr), "{session} lacks {attr}");
+    }
+    assert_eq!(b.get("/portal/dashboard").await.status, 200);
+}
+
+#[tokio::test]
+async fn state_changes_need_the_sessions_csrf_token() {
+    let api = TestApi::start(Backend::Sqlite).await;
+    api.signed_up("csrf@example.com").await;
+    let mut b = Browser::new(&api);
+    let anonymous = b.get("/portal/login").await.csrf();
+    let creds = [("email", "csrf@example.com"), ("password", PASSWORD)];
+
+    let missing = b.post("/portal/login", &creds).await;
+    assert_eq!(missing.status, 403);
+    assert!(missing.body.contains(r#"data-code="csrf_failed""#));
+    let wrong = [("csrf", "AAAA"), creds[0], creds[1]];
+    assert_eq!(b.post("/portal/login", &wrong).await.status, 403);
+    let with_token = [("csrf", anonymous.as_str()), creds[0], creds[1]];
+    let cross_site = b
+        .http
+        .post(api.url("/portal/login"))
+        .header("sec-fetch-site", "cross-site")
+        .form(&with_token);
+    assert_eq!(b.send(cross_site).await.status, 403);
+    assert!(!b.cookies.contains_key("aihub_session"));
+
+    b.log_in("csrf@example.com", PASSWORD).await;
+    // The token is bound to the session: the one of the signed-out page no longer works.
+    let stale = [("csrf", anonymous.as_str()), ("name", "stale")];
+    assert_eq!(b.post("/portal/keys", &stale).await.status, 403);
+    let fresh = b.get("/portal/keys").await.csrf();
+    let created = b
+        .post("/portal/keys", &[("csrf", &fresh), ("name", "ok")])
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    // Another visitor's token (another seed) does not work either.
+    let mut other = Browser::new(&api);
+    let foreign = other.get("/portal/login").await.csrf();
+    assert_eq!(
+        b.post("/portal/keys", &[("csrf", &foreign), ("name", "x")])
+            .await
+            .status,
+        403
+    );
+    let token = api.login("csrf@example.com", PASSWORD).await;
+    let (_, keys) = api.call("GET", "/developer/keys", Some(&token), None).await;
+    assert_eq!(keys["data"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_key_is_shown_once_and_revoked_from_the_page() {
+    let api = TestApi::start(Backend::Sqlite).await;
+    let token = api.signed_up("keys@example.com").await;
+    let mut b = Browser::new(&api);
+    b.log_in("keys@example.com", PASSWORD).await;
+    let csrf = b.get("/portal/keys").await.csrf();
+    let form = [
+        ("csrf", csrf.as_str()),
+        ("name", "ci key"),
+        ("models", "gpt-4o*, demo"),
+        ("endpoints", "chat/completions"),
+        ("rate_limit_rpm", "120"),
+        ("expires_in_days", "30"),
+    ];
+    let p = b.post("/portal/keys", &form).await;
+    assert_eq!(p.status, 201, "{}", p.body);
+    let at = p.body.find(r#"id="new-key">"#).unwrap() + r#"id="new-key">"#.len();
+    let key = &p.body[at..at + p.body[at..].find('<').unwrap()];
+    assert!(key.starts_with("ahub_dev_"), "{key}");
+    assert_eq!(p.headers["cache-control"], "no-store");
+
+    let list = b.get("/portal/keys").await;
+    assert!(!list.body.contains(key), "the key is rendered again");
+    let (_, keys) = api.call("GET", "/developer/keys", Some(&token), None).await;
+    let k = &keys["data"][0];
+    assert_eq!(
+        k["permissions"]["models"],
+        serde_json::json!(["gpt-4o*", "demo"])
+    );
+    assert_eq!(k["rate_limit_rpm"], 120);
+    let id = k["id"].as_str().unwrap();
+    assert!(list.body.contains(&format!(r#"data-key-id="{id}""#)));
+
+    let bad = b
+        .post(
+            "/portal/keys",
+            &[("csrf", &csrf), ("name", ""), ("rate_limit_rpm", "lots")],
+        )
+        .await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.body.contains("must be a whole number"));
+
+    let revoked = b
+        .post(&format!("/portal/keys/{id}/revoke"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(revoked.status, 303);
+    assert_eq!(revoked.location(), "/portal/keys?done=revoked");
+    let (_, k) = api
+        .call("GET", &format!("/developer/keys/{id}"), Some(&token), None)
+        .await;
+    assert_eq!(k["status"], "revoked");
+    // Someone else's key id is a 404 page, as in the JSON API.
+    let again = b
+        .post("/portal/keys/key_nope/revoke", &[("csrf", &csrf)])
+        .await;
+    assert_eq!(again.status, 404);
+}
+
+#[tokio::test]
+async fn sign_in_redirects_stay_local_and_logout_ends_the_session() {
+    let api = TestApi::start(Backend::Sqlite).await;
+    api.signed_up("nav@example.com").await;
+    let mut b = Browser::new(&api);
+    let p = b.get("/portal/usage?period=2026-11").await;
+    assert_eq!(p.status, 303);
+    assert_eq!(
+        p.location(),
+        "/portal/login?next=/portal/usage%3Fperiod%3D2026-11"
+    );
+
+    let csrf = b.get("/portal/login").await.csrf();
+    let creds = [
+        ("csrf", csrf.as_str()),
+        ("email", "nav@example.com"),
+        ("password", PASSWORD),
+        ("next", "https://evil.example/"),
+    ];
+    let p = b.post("/portal/login", &creds).await;
+    assert_eq!(p.location(), "/portal/dashboard");
+    let wrong = [creds[0], creds[1], ("password", "not the password")];
+    let csrf = b.get("/portal/dashboard").await.csrf();
+    let wrong = [("csrf", csrf.as_str()), wrong[1], wrong[2]];
+    let failed = b.post("/portal/login", &wrong).await;
+    assert_eq!(failed.status, 401);
+    assert!(failed.body.contains("Incorrect email or password."));
+
+    let session = b.cookies["aihub_session"].clone();
+    let out = b.post("/portal/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(out.location(), "/portal/login?done=logged_out");
+    assert!(!b.cookies.contains_key("aihub_session"));
+    // The old cookie is dead server-side too.
+    b.cookies.insert("aihub_session".into(), session);
+    assert_eq!(b.get("/portal/keys").await.status, 303);
+}
+
+#[tokio::test]
+async fn the_mail_link_verifies_only_when_the_button_is_pressed() {
+    let api = TestApi::start(Backend::Sqlite).await;
+    let mut b = Browser::new(&api);
+    let csrf = b.get("/portal/register").await.csrf();
+    let short = [
+        ("csrf", csrf.as_str()),
+        ("email", "new@example.com"),
+        ("password", "short"),
+        ("full_name", "New Dev"),
+    ];
+    let p = b.post("/portal/register", &short).await;
+    assert_eq!(p.status, 422);
+    assert!(p.body.contains(r#"id="password-error""#) && p.body.contains("new@example.com"));
+    let ok = [short[0], short[1], ("password", PASSWORD), short[3]];
+    assert_eq!(b.post("/portal/register", &ok).await.status, 200);
+
+    let mail = api.mail_token("new@example.com", "Verify").await;
+    let text = api.find_mail("new@example.com", "Verify").unwrap();
+    assert!(text.contains("/portal/verify-email?token="), "{text}");
+    // Opening the link (a mail scanner would) shows the form; the token survives.
+    let page = b.get(&format!("/portal/verify-email?token={mail}")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains(&mail));
+    let p = b
+        .post("/portal/verify-email", &[("csrf", &csrf), ("token", &mail)])
+        .await;
+    assert_eq!(p.location(), "/portal/login?done=verified");
+    let reused = b
+        .post("/portal/verify-email", &[("csrf", &csrf), ("token", &mail)])
+        .await;
+    assert_eq!(reused.status, 422);
+    assert!(reused.body.contains(r#"id="token-error""#));
+}
+
+#[tokio::test]
+async fn language_switch_and_operator_area() {
+    let api = TestApi::start(Backend::Sqlite).await;
+    api.signed_up("dev@example.com").await;
+    let mut b = Browser::new(&api);
+    let p = b.get("/portal/lang?to=zh&next=/portal/login").await;
+    assert_eq!(p.location(), "/portal/login");
+    assert!(b.get("/portal/login").await.body.contains("登录 AI Hub"));
+    let away = b.get("/portal/lang?to=en&next=//evil.example").await;
+    assert_eq!(away.location(), "/portal/dashboard");
+    let req = b
+        .http
+        .get(api.url("/portal/register"))
+        .header("accept-language", "zh-CN,zh;q=0.9");
+    let mut fresh = Browser::new(&api);
+    assert!(fresh.send(req).await.body.contains("创建开发者账户"));
+
+    b.log_in("dev@example.com", PASSWORD).await;
+    assert_eq!(b.get("/portal/admin").await.status, 403);
+    let mut op = Browser::new(&api);
+    op.log_in(ADMIN_EMAIL, PASSWORD).await;
+    let list = op.get("/portal/admin/developers?q=dev%40example").await;
+    assert_eq!(list.status, 200);
+    assert!(list.body.contains("dev@example.com"));
+    assert_eq!(op.get("/portal/admin/plans").await.status, 200);
+    assert_eq!(op.get("/portal/nowhere").await.status, 404);
+}
