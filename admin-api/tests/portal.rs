@@ -339,3 +339,38 @@ async fn language_switch_and_operator_area() {
     assert_eq!(op.get("/portal/admin/plans").await.status, 200);
     assert_eq!(op.get("/portal/nowhere").await.status, 404);
 }
+
+#[tokio::test]
+async fn the_account_page_sets_the_spend_cap_and_changes_the_password() {
+    let api = TestApi::start(Backend::Sqlite).await;
+    let token = api.signed_up("acct@example.com").await;
+    let mut b = Browser::new(&api);
+    b.log_in("acct@example.com", PASSWORD).await;
+    let csrf = b.get("/portal/account").await.csrf();
+    let bad = [
+        ("csrf", csrf.as_str()),
+        ("full_name", "Ada"),
+        ("monthly_spend_cap_usd", "lots"),
+    ];
+    assert_eq!(b.post("/portal/account", &bad).await.status, 422);
+    let ok = [bad[0], bad[1], ("monthly_spend_cap_usd", "50")];
+    assert_eq!(
+        b.post("/portal/account", &ok).await.location(),
+        "/portal/account?done=saved"
+    );
+    let (_, me) = api.call("GET", "/developer/me", Some(&token), None).await;
+    assert_eq!(me["monthly_spend_cap_usd"], "50.00");
+    assert_eq!(me["full_name"], "Ada");
+
+    let wrong = [
+        ("csrf", csrf.as_str()),
+        ("current_password", "not it at all"),
+        ("new_password", "a brand new passphrase"),
+    ];
+    assert_eq!(b.post("/portal/account/password", &wrong).await.status, 422);
+    let right = [wrong[0], ("current_password", PASSWORD), wrong[2]];
+    let p = b.post("/portal/account/password", &right).await;
+    assert_eq!(p.location(), "/portal/login?done=reset");
+    assert_eq!(b.get("/portal/account").await.status, 303);
+    b.log_in("acct@example.com", "a brand new passphrase").await;
+}

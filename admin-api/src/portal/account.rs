@@ -346,3 +346,117 @@ pub async fn reset_confirm(
         ),
     }
 }
+
+#[derive(Template)]
+#[template(path = "portal/account.html")]
+struct AccountPage {
+    page: Chrome,
+    view: crate::accounts::DeveloperView,
+    errors: FieldErrors,
+}
+
+fn account_page(
+    s: &AppState,
+    member: &Member,
+    dev: &aihub_store::developers::Developer,
+    errors: FieldErrors,
+    notice: Option<&'static str>,
+) -> AccountPage {
+    let t = member.visit.lang.texts();
+    AccountPage {
+        page: Chrome::new(&member.visit, Some(dev), "account", t.nav_account).with_notice(notice),
+        view: crate::accounts::DeveloperView::new(dev, &s.plans),
+        errors,
+    }
+}
+
+pub async fn account(
+    State(s): State<AppState>,
+    member: Member,
+    Query(q): Query<NextQuery>,
+) -> PageResult {
+    let t = member.visit.lang.texts();
+    let notice = (q.done.as_deref() == Some("saved")).then_some(t.admin_saved);
+    render(&account_page(
+        &s,
+        &member,
+        &member.caller.developer,
+        FieldErrors::default(),
+        notice,
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct ProfileForm {
+    #[serde(default)]
+    full_name: String,
+    #[serde(default)]
+    company_name: String,
+    #[serde(default)]
+    monthly_spend_cap_usd: String,
+}
+
+pub async fn update_profile(
+    State(s): State<AppState>,
+    member: Member,
+    Form(f): Form<ProfileForm>,
+) -> PageResult {
+    let blank_is_none = |v: &str| Some(v.trim().to_owned()).filter(|v| !v.is_empty());
+    let update = crate::accounts::UpdateMe {
+        full_name: Some(f.full_name.clone()),
+        company_name: Some(blank_is_none(&f.company_name)),
+        developer_type: None,
+        monthly_spend_cap_usd: Some(blank_is_none(&f.monthly_spend_cap_usd)),
+    };
+    let result = accounts::update_me(State(s.clone()), member.caller.clone(), Json(update)).await;
+    match form_errors(result)? {
+        Ok(_) => Ok(see_other("/portal/account?done=saved")),
+        Err(errors) => render_status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &account_page(&s, &member, &member.caller.developer, errors, None),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PasswordForm {
+    #[serde(default)]
+    current_password: String,
+    #[serde(default)]
+    new_password: String,
+}
+
+/// Changes the password; every session ends (this one too), so the answer is the login page.
+pub async fn change_password(
+    State(s): State<AppState>,
+    member: Member,
+    Form(f): Form<PasswordForm>,
+) -> PageResult {
+    let t = member.visit.lang.texts();
+    let request = crate::accounts::ChangePassword {
+        current_password: f.current_password,
+        new_password: f.new_password,
+    };
+    let result =
+        accounts::change_password(State(s.clone()), member.caller.clone(), Json(request)).await;
+    let errors = match result {
+        Ok(_) => {
+            let mut resp = see_other("/portal/login?done=reset").into_response();
+            resp.headers_mut()
+                .append(header::SET_COOKIE, set_cookie(&s, SESSION_COOKIE, "", 0));
+            return Ok(resp);
+        }
+        Err(AppError::Unauthorized(..)) => FieldErrors(vec![crate::error::FieldError::new(
+            "current_password",
+            t.login_failed,
+        )]),
+        Err(e) => match form_errors::<()>(Err(e))? {
+            Err(errors) => errors,
+            Ok(()) => FieldErrors::default(),
+        },
+    };
+    render_status(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &account_page(&s, &member, &member.caller.developer, errors, None),
+    )
+}

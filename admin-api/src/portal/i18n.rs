@@ -115,6 +115,10 @@ texts! {
     reset_confirm_button: "Set the new password", "设置新密码";
     reset_done: "Password changed. Log in with the new password.", "密码已修改，请使用新密码登录。";
     logged_out: "You are logged out.", "您已退出登录。";
+    account_spend_cap: "Monthly overage spend cap, USD (optional)", "每月超额消费上限（美元，可选）";
+    account_spend_cap_hint: "Once this month's overage reaches it, requests are refused until the month ends. Empty: no cap.", "本月超额费用达到上限后，请求将被拒绝直至月底。留空：不设上限。";
+    account_password: "Change password", "修改密码";
+    account_password_hint: "Every session ends: you log in again.", "所有会话都将结束，需要重新登录。";
 
     dash_title: "Dashboard", "概览";
     dash_period: "This period", "本期";

@@ -8,7 +8,8 @@
 //!   `Guest` / `Member` / `Staff` extractors.
 //! - [`i18n`] — the two languages and every text.
 //! - [`view`] — display formatting; [`charts`] — SVG charts.
-//! - [`account`] — register, verify email, login/logout, password reset.
+//! - [`account`] — register, verify email, login/logout, password reset; the account page
+//!   (profile, monthly spend cap, password change).
 //! - [`dashboard`] — this period at a glance.
 //! - [`keys`] — create (shown once), rotate, disable, revoke.
 //! - [`usage`] — charts by day and model, per-key table, CSV export.
@@ -78,6 +79,11 @@ pub fn router(state: AppState) -> Router<AppState> {
             "/portal/reset-password/confirm",
             get(account::reset_confirm_page).post(account::reset_confirm),
         )
+        .route(
+            "/portal/account",
+            get(account::account).post(account::update_profile),
+        )
+        .route("/portal/account/password", post(account::change_password))
         .route("/portal/dashboard", get(dashboard::page))
         .route("/portal/keys", get(keys::page).post(keys::create))
         .route("/portal/keys/{id}/rotate", post(keys::rotate))
