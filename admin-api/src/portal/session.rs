@@ -74,12 +74,14 @@ pub fn set_cookie(s: &AppState, name: &str, value: &str, max_age_secs: u64) -> H
     .expect("cookie values are base64url or JWTs")
 }
 
-fn csrf_for(s: &AppState, seed: &str, session: Option<&str>) -> String {
+/// What a CSRF token signs: the visitor's seed and the session the cookie names (none when
+/// signed out or the token is invalid).
+fn csrf_data(s: &AppState, seed: &str, session: Option<&str>) -> String {
     let sid = session
         .and_then(|t| s.jwt.verify(t))
         .map(|(_, sid)| sid)
         .unwrap_or_default();
-    s.jwt.tag("csrf", &format!("{seed}|{sid}"))
+    format!("{seed}|{sid}")
 }
 
 fn form_field(body: &[u8], name: &str) -> Option<String> {
@@ -109,7 +111,8 @@ pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Respo
     let session: Option<Arc<str>> = cookie(headers, SESSION_COOKIE)
         .filter(|v| !v.is_empty())
         .map(Into::into);
-    let csrf = csrf_for(&s, &seed, session.as_deref());
+    let signed = csrf_data(&s, &seed, session.as_deref());
+    let csrf = s.jwt.tag("csrf", &signed);
     let here = req
         .uri()
         .path_and_query()
@@ -131,15 +134,8 @@ pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Respo
         let Ok(bytes) = to_bytes(body, MAX_FORM_BYTES).await else {
             return finish(&s, &visit, new_seed, &seed, csrf_refused());
         };
-        let token_ok = form_field(&bytes, "csrf").is_some_and(|t| {
-            let sid = visit
-                .session
-                .as_deref()
-                .and_then(|t| s.jwt.verify(t))
-                .map(|(_, sid)| sid)
-                .unwrap_or_default();
-            s.jwt.check_tag("csrf", &format!("{seed}|{sid}"), &t)
-        });
+        let token_ok =
+            form_field(&bytes, "csrf").is_some_and(|t| s.jwt.check_tag("csrf", &signed, &t));
         if cross_site || !token_ok {
             s.metrics.event("portal_csrf_refused");
             return finish(&s, &visit, new_seed, &seed, csrf_refused());
