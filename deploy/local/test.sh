@@ -22,6 +22,10 @@ export AIHUB_TEST_POSTGRES_URL=${AIHUB_TEST_POSTGRES_URL:-postgres://postgres@12
 export AIHUB_TEST_REDIS_URL=${AIHUB_TEST_REDIS_URL:-redis://127.0.0.1:6379}
 deploy/local/services.sh
 
+# Chromium, Node.js with e2e/'s packages and a Python virtualenv with the `openai` SDK, for the
+# portal's browser test and the documentation's code samples (AIHUB_TEST_CHROMIUM, _NODE, _PYTHON).
+source deploy/local/test-tools.sh
+
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "==> cargo clippy" >&2

@@ -28,6 +28,12 @@ fn nice_ceiling(v: u64) -> u64 {
     }
 }
 
+/// The top of a value axis with four grid steps: four times a 1, 2 or 5 × 10^k step, so every
+/// grid line's label is a whole number (`1` → 4: 0, 1, 2, 3, 4 — not 0, 0, 0, 0, 1).
+fn axis_max(v: u64) -> u64 {
+    nice_ceiling(v.div_ceil(4)).saturating_mul(4)
+}
+
 /// `1234` → `1.2k`, `5600000` → `5.6M`.
 pub fn compact(v: u64) -> String {
     let (d, unit) = match v {
@@ -53,7 +59,7 @@ pub fn stacked_bars(
     values: &[Vec<u64>],
 ) -> String {
     let totals: Vec<u64> = values.iter().map(|v| v.iter().sum()).collect();
-    let max = nice_ceiling(totals.iter().copied().max().unwrap_or(0));
+    let max = axis_max(totals.iter().copied().max().unwrap_or(0));
     let plot_w = W - LEFT - 4.0;
     let plot_h = H - TOP - BOTTOM;
     let n = labels.len().max(1) as f64;
@@ -165,6 +171,10 @@ mod tests {
         assert_eq!(nice_ceiling(7), 10);
         assert_eq!(nice_ceiling(1_234), 2_000);
         assert_eq!(nice_ceiling(5_000), 5_000);
+        assert_eq!(axis_max(0), 4);
+        assert_eq!(axis_max(1), 4);
+        assert_eq!(axis_max(24), 40);
+        assert_eq!(axis_max(1_234), 2_000);
         assert_eq!(compact(950), "950");
         assert_eq!(compact(1_234), "1.2k");
         assert_eq!(compact(56_000_000), "56M");

@@ -13,6 +13,7 @@
 //!   runs — no handler can forget the check.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{FromRequestParts, Request, State};
@@ -96,6 +97,7 @@ fn form_field(body: &[u8], name: &str) -> Option<String> {
 /// changes, renders failures as pages (the one place a portal error becomes a response), and
 /// adds the security headers.
 pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
     let headers = req.headers();
     let lang = Lang::pick(
         cookie(headers, LANG_COOKIE),
@@ -144,7 +146,14 @@ pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Respo
     }
     req.extensions_mut().insert(visit.clone());
     let resp = next.run(req).await;
-    finish(&s, &visit, new_seed, &seed, resp)
+    let mut resp = finish(&s, &visit, new_seed, &seed, resp);
+    // The server's share of the page (the page is rendered in full before it is sent), for the
+    // browser's developer tools and loadtests/portal-bench.sh.
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = HeaderValue::from_str(&format!("app;dur={ms:.2}")) {
+        resp.headers_mut().insert("server-timing", v);
+    }
+    resp
 }
 
 fn csrf_refused() -> Response {

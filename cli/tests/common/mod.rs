@@ -10,6 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+pub mod admin;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_aihub");
 
 /// A port nobody listens on right now (bound then released).

@@ -1,0 +1,370 @@
+//! Every code sample of the developer guides (`docs/guide/**/*.md`) runs against a real gateway
+//! (the `aihub` binary in front of the mock upstream), so the guides cannot drift from it.
+//!
+//! - Fenced blocks tagged `sh`/`bash` run with `bash -euo pipefail -c`, `python` with
+//!   `$AIHUB_TEST_PYTHON` (default `python3`; needs the `openai` package), `js`/`javascript`
+//!   with `$AIHUB_TEST_NODE` (default `node`) as an ES module written into `e2e/` (so `openai`
+//!   resolves from `e2e/node_modules`). `text`, `json`, `http` and `console` blocks are
+//!   illustrations and are not run; any other tag (or none) fails the test.
+//! - Each sample gets `AIHUB_BASE_URL` (the gateway's `/v1`) and `AIHUB_API_KEY`: a key of its
+//!   own developer on the shipped `developer` plan (`config/plans.yaml`), so samples do not share
+//!   limits. It must exit 0 within [`TIMEOUT`] and print something.
+//! - Words after the tag (invisible in the portal, which keeps only the first word): `rpm=N`
+//!   gives the sample's key its own limit of N requests per minute (what the guide tells the
+//!   reader to create), `expect=WORD` requires WORD in its stdout.
+//! - The quick-starts must keep [`QUICKSTART_MIN`] samples per language, one streaming.
+//!
+//! All samples run (a few at a time); the failures are then listed with file, line, language.
+//! Tools come from `deploy/local/test-tools.sh`; a missing one fails the test naming it.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+/// Samples running at once (most of their time is spent starting an interpreter or waiting).
+const WORKERS: usize = 4;
+/// Samples each quick-start must keep per language (chat, stream, embeddings, models).
+const QUICKSTART_MIN: usize = 4;
+const TOOLS_HINT: &str =
+    "run `source deploy/local/test-tools.sh` from the repository root, which installs it and \
+     exports AIHUB_TEST_PYTHON / AIHUB_TEST_NODE";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Lang {
+    Bash,
+    Python,
+    Node,
+}
+
+struct Sample {
+    file: String,
+    line: usize,
+    lang: Lang,
+    rpm: Option<u32>,
+    expect: Option<String>,
+    code: String,
+}
+
+impl Sample {
+    fn at(&self) -> String {
+        format!("{}:{} [{:?}]", self.file, self.line, self.lang)
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            markdown_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "md") {
+            out.push(path);
+        }
+    }
+}
+
+/// The fenced code blocks of one guide; unknown tags or attributes become `errors`.
+fn parse(file: &str, text: &str, samples: &mut Vec<Sample>, errors: &mut Vec<String>) {
+    let mut lines = text.lines().enumerate();
+    while let Some((i, line)) = lines.next() {
+        let indent = line.len() - line.trim_start().len();
+        let rest = line.trim_start();
+        let Some(ch) = rest.chars().next().filter(|&c| c == '`' || c == '~') else {
+            continue;
+        };
+        let fence = rest.chars().take_while(|&c| c == ch).count();
+        if fence < 3 {
+            continue;
+        }
+        let at = format!("{file}:{}", i + 1);
+        let mut words = rest[fence..].split_whitespace();
+        let tag = words.next().unwrap_or("");
+        let mut code = String::new();
+        let mut closed = false;
+        for (_, l) in lines.by_ref() {
+            let t = l.trim();
+            if t.len() >= fence && t.chars().all(|c| c == ch) {
+                closed = true;
+                break;
+            }
+            let strip = l.len() - l.trim_start().len();
+            code.push_str(&l[strip.min(indent)..]);
+            code.push('\n');
+        }
+        if !closed {
+            errors.push(format!("{at}: unterminated code block"));
+        }
+        let lang = match tag {
+            "sh" | "bash" => Lang::Bash,
+            "python" => Lang::Python,
+            "js" | "javascript" => Lang::Node,
+            "text" | "json" | "http" | "console" => continue,
+            other => {
+                errors.push(format!(
+                    "{at}: code block tagged {other:?}: not executable by this test (use sh, \
+                     bash, python, js; or text, json, http, console for illustrations)"
+                ));
+                continue;
+            }
+        };
+        let mut sample = Sample {
+            file: file.to_owned(),
+            line: i + 1,
+            lang,
+            rpm: None,
+            expect: None,
+            code,
+        };
+        for w in words {
+            match w.split_once('=') {
+                Some(("rpm", n)) if n.parse::<u32>().is_ok() => sample.rpm = n.parse().ok(),
+                Some(("expect", s)) => sample.expect = Some(s.to_owned()),
+                _ => errors.push(format!("{at}: unknown code block attribute {w:?}")),
+            }
+        }
+        samples.push(sample);
+    }
+}
+
+fn tool(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Fails at once, naming test-tools.sh, when a language's interpreter or SDK is missing.
+fn check_tools(langs: &[Lang]) {
+    let works = |cmd: &mut Command| {
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    for lang in langs {
+        let (ok, what) = match lang {
+            Lang::Bash => (
+                works(Command::new("bash").arg("--version"))
+                    && works(Command::new("curl").arg("--version")),
+                "bash and curl".to_owned(),
+            ),
+            Lang::Python => {
+                let py = tool("AIHUB_TEST_PYTHON", "python3");
+                let ok = works(Command::new(&py).args(["-c", "import openai"]));
+                (
+                    ok,
+                    format!("{py} with the `openai` package (AIHUB_TEST_PYTHON)"),
+                )
+            }
+            Lang::Node => {
+                let node = tool("AIHUB_TEST_NODE", "node");
+                let sdk = root().join("e2e/node_modules/openai/package.json");
+                let ok = works(Command::new(&node).arg("--version")) && sdk.exists();
+                (
+                    ok,
+                    format!("{node} (AIHUB_TEST_NODE) and e2e/node_modules/openai"),
+                )
+            }
+        };
+        assert!(ok, "{what} not found: {TOOLS_HINT}");
+    }
+}
+
+/// Deletes the sample's module from `e2e/` however the run ends.
+struct Remove(PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Runs one sample; `Err` says why it failed, with the end of its output.
+fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut _module = None;
+    let mut cmd = match s.lang {
+        Lang::Bash => {
+            let mut c = Command::new("bash");
+            c.args(["-euo", "pipefail", "-c", &s.code]);
+            c
+        }
+        Lang::Python => {
+            let file = dir.path().join("sample.py");
+            write(&file, &s.code);
+            let mut c = Command::new(tool("AIHUB_TEST_PYTHON", "python3"));
+            c.arg(file);
+            c
+        }
+        Lang::Node => {
+            let name = format!(".docs-sample-{}-{index}.mjs", std::process::id());
+            let file = root().join("e2e").join(name);
+            write(&file, &s.code);
+            let mut c = Command::new(tool("AIHUB_TEST_NODE", "node"));
+            c.arg(&file);
+            _module = Some(Remove(file));
+            c
+        }
+    };
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let child = cmd
+        .current_dir(dir.path())
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env("AIHUB_BASE_URL", base_url)
+        .env("AIHUB_API_KEY", key)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .process_group(0)
+        .spawn();
+    let mut child = child.map_err(|e| format!("cannot start: {e} ({TOOLS_HINT})"))?;
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            // The sample's whole process group (the shell and the curl it started).
+            let group = format!("-{}", child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    let why = match status {
+        None => Some(format!("timed out after {TIMEOUT:?}")),
+        Some(st) if !st.success() => Some(format!("{st}")),
+        Some(_) if stdout.trim().is_empty() => Some("printed nothing on stdout".into()),
+        Some(_) => match &s.expect {
+            Some(w) if !stdout.contains(w.as_str()) => Some(format!("stdout lacks {w:?}")),
+            _ => None,
+        },
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(format!(
+            "{}: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            s.at(),
+            tail(&stdout),
+            tail(&stderr)
+        )),
+    }
+}
+
+#[test]
+fn every_guide_sample_runs_against_the_gateway() {
+    let started = Instant::now();
+    let root = root();
+    let mut files = Vec::new();
+    markdown_files(&root.join("docs/guide"), &mut files);
+    files.sort();
+    let (mut samples, mut failures) = (Vec::new(), Vec::new());
+    for path in &files {
+        let name = path.strip_prefix(&root).unwrap().display().to_string();
+        parse(
+            &name,
+            &std::fs::read_to_string(path).unwrap(),
+            &mut samples,
+            &mut failures,
+        );
+    }
+    for quickstart in ["docs/guide/quickstart.md", "docs/guide/zh/quickstart.md"] {
+        for lang in [Lang::Bash, Lang::Python, Lang::Node] {
+            let of: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.file == quickstart && s.lang == lang)
+                .collect();
+            if of.len() < QUICKSTART_MIN || !of.iter().any(|s| s.code.contains("stream")) {
+                failures.push(format!(
+                    "{quickstart}: {} {lang:?} samples; at least {QUICKSTART_MIN} are needed \
+                     (chat, streaming, embeddings, models)",
+                    of.len()
+                ));
+            }
+        }
+    }
+    let mut langs: Vec<Lang> = samples.iter().map(|s| s.lang).collect();
+    langs.sort();
+    langs.dedup();
+    check_tools(&langs);
+
+    let mock = Mock::start(&[]);
+    let keys: Vec<TestKey> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let rpm = s.rpm.map(|n| format!("rate_limit_rpm: {n}"));
+            let mut extra = vec!["plan: developer"];
+            extra.extend(rpm.as_deref());
+            key(&format!("sample{i}"), &extra)
+        })
+        .collect();
+    let body = config(
+        &[upstream("mock", &[mock.base_url()], &[])],
+        &[
+            ("gpt-4o-mini", "mock", None),
+            ("text-embedding-3-small", "mock", None),
+        ],
+        &keys.iter().collect::<Vec<_>>(),
+    ) + &format!(
+        "limits:\n  plans_file: \"{}\"\n",
+        root.join("config/plans.yaml").display()
+    );
+    let gw = Gateway::start(&body, &["threads: 2"]);
+    let base_url = gw.url("/v1");
+
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(s) = samples.get(i) else { break };
+                if let Err(e) = run(s, i, &base_url, &keys[i].key) {
+                    failed.lock().unwrap().push((i, e));
+                }
+            });
+        }
+    });
+    let mut failed = failed.into_inner().unwrap();
+    failed.sort();
+    failures.extend(failed.into_iter().map(|(_, e)| e));
+
+    let count = |l: Lang| samples.iter().filter(|s| s.lang == l).count();
+    eprintln!(
+        "{} samples in {} guides ({} bash, {} python, {} js) in {:.1?}",
+        samples.len(),
+        files.len(),
+        count(Lang::Bash),
+        count(Lang::Python),
+        count(Lang::Node),
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} problem(s) in docs/guide:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
