@@ -4,15 +4,15 @@
 //! - Fenced blocks tagged `sh`/`bash` run with `bash -euo pipefail -c`, `python` with
 //!   `$AIHUB_TEST_PYTHON` (default `python3`; needs the `openai` package), `js`/`javascript`
 //!   with `$AIHUB_TEST_NODE` (default `node`) as an ES module written into `e2e/` (so `openai`
-//!   resolves from `e2e/node_modules`). `text`, `json`, `http` and `console` blocks are
-//!   illustrations and are not run; any other tag (or none) fails the test.
+//!   resolves from `e2e/node_modules`; deleted afterwards). `text`, `json`, `http` and `console`
+//!   blocks are illustrations and are not run; any other tag (or none) fails the test.
 //! - Each sample gets `AIHUB_BASE_URL` (the gateway's `/v1`) and `AIHUB_API_KEY`: a key of its
 //!   own developer on the shipped `developer` plan (`config/plans.yaml`), so samples do not share
-//!   limits. It must exit 0 within [`TIMEOUT`] and print something.
+//!   limits. It must exit 0 within [`TIMEOUT`] and print something on stdout.
 //! - Words after the tag (invisible in the portal, which keeps only the first word): `rpm=N`
 //!   gives the sample's key its own limit of N requests per minute (what the guide tells the
 //!   reader to create), `expect=WORD` requires WORD in its stdout.
-//! - The quick-starts must keep [`QUICKSTART_MIN`] samples per language, one streaming.
+//! - The quick-starts must keep [`QUICKSTART_MIN`] samples per language, one of them streaming.
 //!
 //! All samples run (a few at a time); the failures are then listed with file, line, language.
 //! Tools come from `deploy/local/test-tools.sh`; a missing one fails the test naming it.
@@ -33,15 +33,25 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 const WORKERS: usize = 4;
 /// Samples each quick-start must keep per language (chat, stream, embeddings, models).
 const QUICKSTART_MIN: usize = 4;
-const TOOLS_HINT: &str =
-    "run `source deploy/local/test-tools.sh` from the repository root, which installs it and \
-     exports AIHUB_TEST_PYTHON / AIHUB_TEST_NODE";
+const TOOLS_HINT: &str = "run `source deploy/local/test-tools.sh` from the repository root: it \
+     installs the tools and exports AIHUB_TEST_PYTHON / AIHUB_TEST_NODE";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Lang {
     Bash,
     Python,
     Node,
+}
+
+impl Lang {
+    fn program(self) -> String {
+        let var = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+        match self {
+            Lang::Bash => "bash".into(),
+            Lang::Python => var("AIHUB_TEST_PYTHON", "python3"),
+            Lang::Node => var("AIHUB_TEST_NODE", "node"),
+        }
+    }
 }
 
 struct Sample {
@@ -51,12 +61,6 @@ struct Sample {
     rpm: Option<u32>,
     expect: Option<String>,
     code: String,
-}
-
-impl Sample {
-    fn at(&self) -> String {
-        format!("{}:{} [{:?}]", self.file, self.line, self.lang)
-    }
 }
 
 fn root() -> PathBuf {
@@ -81,8 +85,8 @@ fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn parse(file: &str, text: &str, samples: &mut Vec<Sample>, errors: &mut Vec<String>) {
     let mut lines = text.lines().enumerate();
     while let Some((i, line)) = lines.next() {
-        let indent = line.len() - line.trim_start().len();
         let rest = line.trim_start();
+        let indent = line.len() - rest.len();
         let Some(ch) = rest.chars().next().filter(|&c| c == '`' || c == '~') else {
             continue;
         };
@@ -92,96 +96,74 @@ fn parse(file: &str, text: &str, samples: &mut Vec<Sample>, errors: &mut Vec<Str
         }
         let at = format!("{file}:{}", i + 1);
         let mut words = rest[fence..].split_whitespace();
-        let tag = words.next().unwrap_or("");
-        let mut code = String::new();
-        let mut closed = false;
+        let (mut code, mut closed) = (String::new(), false);
         for (_, l) in lines.by_ref() {
             let t = l.trim();
             if t.len() >= fence && t.chars().all(|c| c == ch) {
                 closed = true;
                 break;
             }
-            let strip = l.len() - l.trim_start().len();
-            code.push_str(&l[strip.min(indent)..]);
+            code.push_str(&l[(l.len() - l.trim_start().len()).min(indent)..]);
             code.push('\n');
         }
         if !closed {
             errors.push(format!("{at}: unterminated code block"));
         }
-        let lang = match tag {
+        let lang = match words.next().unwrap_or("") {
             "sh" | "bash" => Lang::Bash,
             "python" => Lang::Python,
             "js" | "javascript" => Lang::Node,
             "text" | "json" | "http" | "console" => continue,
             other => {
                 errors.push(format!(
-                    "{at}: code block tagged {other:?}: not executable by this test (use sh, \
-                     bash, python, js; or text, json, http, console for illustrations)"
+                    "{at}: code block tagged {other:?} cannot be run by this test (use sh, bash, \
+                     python or js; text, json, http or console for illustrations)"
                 ));
                 continue;
             }
         };
-        let mut sample = Sample {
-            file: file.to_owned(),
-            line: i + 1,
+        let (line, file) = (i + 1, file.to_owned());
+        let (rpm, expect) = (None, None);
+        let mut s = Sample {
+            file,
+            line,
             lang,
-            rpm: None,
-            expect: None,
+            rpm,
+            expect,
             code,
         };
         for w in words {
             match w.split_once('=') {
-                Some(("rpm", n)) if n.parse::<u32>().is_ok() => sample.rpm = n.parse().ok(),
-                Some(("expect", s)) => sample.expect = Some(s.to_owned()),
+                Some(("rpm", n)) if n.parse::<u32>().is_ok() => s.rpm = n.parse().ok(),
+                Some(("expect", word)) => s.expect = Some(word.to_owned()),
                 _ => errors.push(format!("{at}: unknown code block attribute {w:?}")),
             }
         }
-        samples.push(sample);
+        samples.push(s);
     }
 }
 
-fn tool(var: &str, default: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| default.to_owned())
-}
-
-/// Fails at once, naming test-tools.sh, when a language's interpreter or SDK is missing.
+/// Fails at once, naming test-tools.sh, when an interpreter or its `openai` SDK is missing.
 fn check_tools(langs: &[Lang]) {
-    let works = |cmd: &mut Command| {
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    for lang in langs {
-        let (ok, what) = match lang {
-            Lang::Bash => (
-                works(Command::new("bash").arg("--version"))
-                    && works(Command::new("curl").arg("--version")),
-                "bash and curl".to_owned(),
-            ),
-            Lang::Python => {
-                let py = tool("AIHUB_TEST_PYTHON", "python3");
-                let ok = works(Command::new(&py).args(["-c", "import openai"]));
-                (
-                    ok,
-                    format!("{py} with the `openai` package (AIHUB_TEST_PYTHON)"),
-                )
-            }
-            Lang::Node => {
-                let node = tool("AIHUB_TEST_NODE", "node");
-                let sdk = root().join("e2e/node_modules/openai/package.json");
-                let ok = works(Command::new(&node).arg("--version")) && sdk.exists();
-                (
-                    ok,
-                    format!("{node} (AIHUB_TEST_NODE) and e2e/node_modules/openai"),
-                )
-            }
+    for &lang in langs {
+        let program = lang.program();
+        let mut probe = Command::new(&program);
+        let what = match lang {
+            Lang::Bash => probe.args(["-c", "command -v curl"]),
+            Lang::Python => probe.args(["-c", "import openai"]),
+            Lang::Node => probe
+                .args(["--input-type=module", "-e", "import 'openai'"])
+                .current_dir(root().join("e2e")),
         };
-        assert!(ok, "{what} not found: {TOOLS_HINT}");
+        let ok = what.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        assert!(
+            ok.is_ok_and(|s| s.success()),
+            "{program} (for {lang:?} samples) or its `openai` package not found: {TOOLS_HINT}"
+        );
     }
 }
 
-/// Deletes the sample's module from `e2e/` however the run ends.
+/// Deletes a sample's file however its run ends.
 struct Remove(PathBuf);
 
 impl Drop for Remove {
@@ -198,32 +180,27 @@ fn tail(text: &str) -> String {
 /// Runs one sample; `Err` says why it failed, with the end of its output.
 fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
-    let mut _module = None;
-    let mut cmd = match s.lang {
+    let mut cmd = Command::new(s.lang.program());
+    let _file = match s.lang {
         Lang::Bash => {
-            let mut c = Command::new("bash");
-            c.args(["-euo", "pipefail", "-c", &s.code]);
-            c
+            cmd.args(["-euo", "pipefail", "-c", &s.code]);
+            None
         }
-        Lang::Python => {
-            let file = dir.path().join("sample.py");
+        lang => {
+            let file = match lang {
+                Lang::Node => root().join(format!(
+                    "e2e/.docs-sample-{}-{index}.mjs",
+                    std::process::id()
+                )),
+                _ => dir.path().join("sample.py"),
+            };
             write(&file, &s.code);
-            let mut c = Command::new(tool("AIHUB_TEST_PYTHON", "python3"));
-            c.arg(file);
-            c
-        }
-        Lang::Node => {
-            let name = format!(".docs-sample-{}-{index}.mjs", std::process::id());
-            let file = root().join("e2e").join(name);
-            write(&file, &s.code);
-            let mut c = Command::new(tool("AIHUB_TEST_NODE", "node"));
-            c.arg(&file);
-            _module = Some(Remove(file));
-            c
+            cmd.arg(&file);
+            Some(Remove(file))
         }
     };
     let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let child = cmd
+    let mut child = cmd
         .current_dir(dir.path())
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
@@ -234,8 +211,8 @@ fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&err).unwrap())
         .process_group(0)
-        .spawn();
-    let mut child = child.map_err(|e| format!("cannot start: {e} ({TOOLS_HINT})"))?;
+        .spawn()
+        .map_err(|e| format!("{}:{}: cannot start: {e} ({TOOLS_HINT})", s.file, s.line))?;
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -251,25 +228,22 @@ fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String
         std::thread::sleep(Duration::from_millis(20));
     };
     let stdout = std::fs::read_to_string(&out).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
-    let why = match status {
-        None => Some(format!("timed out after {TIMEOUT:?}")),
-        Some(st) if !st.success() => Some(format!("{st}")),
-        Some(_) if stdout.trim().is_empty() => Some("printed nothing on stdout".into()),
-        Some(_) => match &s.expect {
-            Some(w) if !stdout.contains(w.as_str()) => Some(format!("stdout lacks {w:?}")),
-            _ => None,
-        },
+    let why = match (status, &s.expect) {
+        (None, _) => format!("timed out after {TIMEOUT:?}"),
+        (Some(st), _) if !st.success() => st.to_string(),
+        _ if stdout.trim().is_empty() => "printed nothing on stdout".into(),
+        (_, Some(w)) if !stdout.contains(w.as_str()) => format!("stdout lacks {w:?}"),
+        _ => return Ok(()),
     };
-    match why {
-        None => Ok(()),
-        Some(why) => Err(format!(
-            "{}: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            s.at(),
-            tail(&stdout),
-            tail(&stderr)
-        )),
-    }
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    Err(format!(
+        "{}:{} [{:?}]: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        s.file,
+        s.line,
+        s.lang,
+        tail(&stdout),
+        tail(&stderr)
+    ))
 }
 
 #[test]
@@ -282,24 +256,21 @@ fn every_guide_sample_runs_against_the_gateway() {
     let (mut samples, mut failures) = (Vec::new(), Vec::new());
     for path in &files {
         let name = path.strip_prefix(&root).unwrap().display().to_string();
-        parse(
-            &name,
-            &std::fs::read_to_string(path).unwrap(),
-            &mut samples,
-            &mut failures,
-        );
+        let text = std::fs::read_to_string(path).unwrap();
+        parse(&name, &text, &mut samples, &mut failures);
     }
     for quickstart in ["docs/guide/quickstart.md", "docs/guide/zh/quickstart.md"] {
         for lang in [Lang::Bash, Lang::Python, Lang::Node] {
-            let of: Vec<&Sample> = samples
-                .iter()
-                .filter(|s| s.file == quickstart && s.lang == lang)
-                .collect();
-            if of.len() < QUICKSTART_MIN || !of.iter().any(|s| s.code.contains("stream")) {
+            let of = || {
+                samples
+                    .iter()
+                    .filter(|s| s.file == quickstart && s.lang == lang)
+            };
+            if of().count() < QUICKSTART_MIN || !of().any(|s| s.code.contains("stream")) {
                 failures.push(format!(
                     "{quickstart}: {} {lang:?} samples; at least {QUICKSTART_MIN} are needed \
                      (chat, streaming, embeddings, models)",
-                    of.len()
+                    of().count()
                 ));
             }
         }
@@ -315,22 +286,21 @@ fn every_guide_sample_runs_against_the_gateway() {
         .enumerate()
         .map(|(i, s)| {
             let rpm = s.rpm.map(|n| format!("rate_limit_rpm: {n}"));
-            let mut extra = vec!["plan: developer"];
-            extra.extend(rpm.as_deref());
+            let extra: Vec<&str> = ["plan: developer"]
+                .into_iter()
+                .chain(rpm.as_deref())
+                .collect();
             key(&format!("sample{i}"), &extra)
         })
         .collect();
-    let body = config(
-        &[upstream("mock", &[mock.base_url()], &[])],
-        &[
-            ("gpt-4o-mini", "mock", None),
-            ("text-embedding-3-small", "mock", None),
-        ],
-        &keys.iter().collect::<Vec<_>>(),
-    ) + &format!(
-        "limits:\n  plans_file: \"{}\"\n",
-        root.join("config/plans.yaml").display()
-    );
+    let routes = [
+        ("gpt-4o-mini", "mock", None),
+        ("text-embedding-3-small", "mock", None),
+    ];
+    let upstreams = [upstream("mock", &[mock.base_url()], &[])];
+    let plans = root.join("config/plans.yaml");
+    let body = config(&upstreams, &routes, &keys.iter().collect::<Vec<_>>())
+        + &format!("limits:\n  plans_file: \"{}\"\n", plans.display());
     let gw = Gateway::start(&body, &["threads: 2"]);
     let base_url = gw.url("/v1");
 
