@@ -19,6 +19,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -122,29 +123,28 @@ fn parse(file: &str, text: &str, samples: &mut Vec<Sample>, errors: &mut Vec<Str
                 continue;
             }
         };
-        let (line, file) = (i + 1, file.to_owned());
-        let (rpm, expect) = (None, None);
-        let mut s = Sample {
+        let (mut rpm, mut expect) = (None, None);
+        for w in words {
+            match w.split_once('=') {
+                Some(("rpm", n)) if n.parse::<u32>().is_ok() => rpm = n.parse().ok(),
+                Some(("expect", word)) => expect = Some(word.to_owned()),
+                _ => errors.push(format!("{at}: unknown code block attribute {w:?}")),
+            }
+        }
+        let (file, line) = (file.to_owned(), i + 1);
+        samples.push(Sample {
             file,
             line,
             lang,
             rpm,
             expect,
             code,
-        };
-        for w in words {
-            match w.split_once('=') {
-                Some(("rpm", n)) if n.parse::<u32>().is_ok() => s.rpm = n.parse().ok(),
-                Some(("expect", word)) => s.expect = Some(word.to_owned()),
-                _ => errors.push(format!("{at}: unknown code block attribute {w:?}")),
-            }
-        }
-        samples.push(s);
+        });
     }
 }
 
 /// Fails at once, naming test-tools.sh, when an interpreter or its `openai` SDK is missing.
-fn check_tools(langs: &[Lang]) {
+fn check_tools(langs: &BTreeSet<Lang>) {
     for &lang in langs {
         let program = lang.program();
         let mut probe = Command::new(&program);
@@ -275,9 +275,7 @@ fn every_guide_sample_runs_against_the_gateway() {
             }
         }
     }
-    let mut langs: Vec<Lang> = samples.iter().map(|s| s.lang).collect();
-    langs.sort();
-    langs.dedup();
+    let langs: BTreeSet<Lang> = samples.iter().map(|s| s.lang).collect();
     check_tools(&langs);
 
     let mock = Mock::start(&[]);
@@ -321,14 +319,14 @@ fn every_guide_sample_runs_against_the_gateway() {
     failed.sort();
     failures.extend(failed.into_iter().map(|(_, e)| e));
 
-    let count = |l: Lang| samples.iter().filter(|s| s.lang == l).count();
+    let per_lang: Vec<_> = langs
+        .iter()
+        .map(|&l| (l, samples.iter().filter(|s| s.lang == l).count()))
+        .collect();
     eprintln!(
-        "{} samples in {} guides ({} bash, {} python, {} js) in {:.1?}",
+        "{} samples in {} guides {per_lang:?}, {:.1?}",
         samples.len(),
         files.len(),
-        count(Lang::Bash),
-        count(Lang::Python),
-        count(Lang::Node),
         started.elapsed()
     );
     assert!(
