@@ -34,8 +34,6 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 const WORKERS: usize = 4;
 /// Samples each quick-start must keep per language (chat, stream, embeddings, models).
 const QUICKSTART_MIN: usize = 4;
-const TOOLS_HINT: &str = "run `source deploy/local/test-tools.sh` from the repository root: it \
-     installs the tools and exports AIHUB_TEST_PYTHON / AIHUB_TEST_NODE";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Lang {
@@ -46,11 +44,10 @@ enum Lang {
 
 impl Lang {
     fn program(self) -> String {
-        let var = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
         match self {
             Lang::Bash => "bash".into(),
-            Lang::Python => var("AIHUB_TEST_PYTHON", "python3"),
-            Lang::Node => var("AIHUB_TEST_NODE", "node"),
+            Lang::Python => test_tool("AIHUB_TEST_PYTHON", "python3"),
+            Lang::Node => test_tool("AIHUB_TEST_NODE", "node"),
         }
     }
 }
@@ -62,13 +59,6 @@ struct Sample {
     rpm: Option<u32>,
     expect: Option<String>,
     code: String,
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
 }
 
 fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -153,12 +143,12 @@ fn check_tools(langs: &BTreeSet<Lang>) {
             Lang::Python => probe.args(["-c", "import openai"]),
             Lang::Node => probe
                 .args(["--input-type=module", "-e", "import 'openai'"])
-                .current_dir(root().join("e2e")),
+                .current_dir(repo_root().join("e2e")),
         };
         let ok = what.stdout(Stdio::null()).stderr(Stdio::null()).status();
         assert!(
             ok.is_ok_and(|s| s.success()),
-            "{program} (for {lang:?} samples) or its `openai` package not found: {TOOLS_HINT}"
+            "{program} (for {lang:?} samples) or its `openai` package not found: {TEST_TOOLS_HINT}"
         );
     }
 }
@@ -172,11 +162,6 @@ impl Drop for Remove {
     }
 }
 
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
 /// Runs one sample; `Err` says why it failed, with the end of its output.
 fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
@@ -188,7 +173,7 @@ fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String
         }
         lang => {
             let file = match lang {
-                Lang::Node => root().join(format!(
+                Lang::Node => repo_root().join(format!(
                     "e2e/.docs-sample-{}-{index}.mjs",
                     std::process::id()
                 )),
@@ -212,7 +197,12 @@ fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String
         .stderr(std::fs::File::create(&err).unwrap())
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("{}:{}: cannot start: {e} ({TOOLS_HINT})", s.file, s.line))?;
+        .map_err(|e| {
+            format!(
+                "{}:{}: cannot start: {e} ({TEST_TOOLS_HINT})",
+                s.file, s.line
+            )
+        })?;
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -241,15 +231,15 @@ fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String
         s.file,
         s.line,
         s.lang,
-        tail(&stdout),
-        tail(&stderr)
+        last_lines(&stdout, 40),
+        last_lines(&stderr, 40)
     ))
 }
 
 #[test]
 fn every_guide_sample_runs_against_the_gateway() {
     let started = Instant::now();
-    let root = root();
+    let root = repo_root();
     let mut files = Vec::new();
     markdown_files(&root.join("docs/guide"), &mut files);
     files.sort();

@@ -15,61 +15,46 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aihub_store::testing::{Backend, TestDatabase};
 use common::admin::Admin;
-use common::{config, control_plane, upstream, Gateway, Mock, TestDb};
+use common::{
+    config, control_plane, last_lines, repo_root, test_tool, upstream, Gateway, Mock, TestDb,
+    TEST_TOOLS_HINT,
+};
 
 /// The whole browser run's limit (it takes well under a minute).
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
-
-const SETUP: &str = "run `source deploy/local/test-tools.sh` from the repository root (installs \
-                     Debian's chromium, Node.js and e2e/'s packages, exports AIHUB_TEST_CHROMIUM \
-                     and AIHUB_TEST_NODE)";
 
 /// Prices high enough that one small request shows a non-zero cost (the portal shows four
 /// decimals below $1).
 const PRICING: &str =
     "pricing:\n  default: {per_1k: 0.001}\n  models:\n    gpt-4o-mini: {per_1k: 0.01}\n";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
 /// Node.js and Chromium, or a panic saying how to install them.
 fn tools(e2e: &Path) -> (String, String) {
-    let node = std::env::var("AIHUB_TEST_NODE").unwrap_or_else(|_| "node".into());
-    let chromium =
-        std::env::var("AIHUB_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let node = test_tool("AIHUB_TEST_NODE", "node");
+    let chromium = test_tool("AIHUB_TEST_CHROMIUM", "/usr/bin/chromium");
     let node_ok = Command::new(&node)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    assert!(node_ok, "Node.js ({node}) not found: {SETUP}");
+    assert!(node_ok, "Node.js ({node}) not found: {TEST_TOOLS_HINT}");
     assert!(
         Path::new(&chromium).is_file(),
-        "Chromium ({chromium}) not found: {SETUP}"
+        "Chromium ({chromium}) not found: {TEST_TOOLS_HINT}"
     );
     assert!(
         e2e.join("node_modules/playwright-core/package.json")
             .is_file(),
-        "e2e/node_modules/playwright-core is missing: {SETUP}"
+        "e2e/node_modules/playwright-core is missing: {TEST_TOOLS_HINT}"
     );
     (node, chromium)
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +104,7 @@ async fn portal_in_headless_chromium() {
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {node}: {e}: {SETUP}"));
+        .unwrap_or_else(|e| panic!("spawn {node}: {e}: {TEST_TOOLS_HINT}"));
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break Some(status);
@@ -148,8 +133,8 @@ async fn portal_in_headless_chromium() {
             Some(s) => format!("failed ({s})"),
             None => format!("timed out ({SCRIPT_TIMEOUT:?})"),
         },
-        tail(&admin.log, 40),
-        tail(&gw.log, 40),
+        last_lines(&std::fs::read_to_string(&admin.log).unwrap_or_default(), 40),
+        last_lines(&gw.log_text(), 40),
         shots.display()
     );
 }

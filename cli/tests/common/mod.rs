@@ -14,6 +14,31 @@ pub mod admin;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_aihub");
 
+/// What to run when a test tool (Chromium, Node.js with e2e/'s packages, the Python `openai`
+/// SDK) is missing.
+pub const TEST_TOOLS_HINT: &str = "run `source deploy/local/test-tools.sh` from the repository \
+     root: it installs Chromium, Node.js with e2e/'s packages and a Python venv with the `openai` \
+     SDK, and exports AIHUB_TEST_CHROMIUM / AIHUB_TEST_NODE / AIHUB_TEST_PYTHON";
+
+/// The tool `deploy/local/test-tools.sh` exported as `var`, else `default`.
+pub fn test_tool(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.into())
+}
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// A port nobody listens on right now (bound then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -535,13 +560,6 @@ pub struct PrivateClickHouse {
     pub dir: tempfile::TempDir,
     pub url: String,
     ports: [u16; 3],
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
 }
 
 impl PrivateClickHouse {
