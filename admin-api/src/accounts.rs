@@ -217,6 +217,30 @@ async fn issue_token(
     Ok(token)
 }
 
+/// A duration as the mails say it: "1 day", "2 hours", "1 hour and 30 minutes",
+/// "1 day, 2 hours and 5 minutes" (whole seconds; less than one is "0 seconds").
+fn human_duration(d: std::time::Duration) -> String {
+    let mut left = d.as_secs();
+    let mut parts = Vec::new();
+    for (unit, secs) in [
+        ("day", 86_400),
+        ("hour", 3_600),
+        ("minute", 60),
+        ("second", 1),
+    ] {
+        let n = left / secs;
+        left %= secs;
+        if n > 0 {
+            parts.push(format!("{n} {unit}{}", if n == 1 { "" } else { "s" }));
+        }
+    }
+    match parts.len() {
+        0 => "0 seconds".to_owned(),
+        1 => parts.remove(0),
+        n => format!("{} and {}", parts[..n - 1].join(", "), parts[n - 1]),
+    }
+}
+
 fn send_verification(s: &AppState, email: &str, token: &str) {
     s.mailer.send(
         email,
@@ -226,7 +250,7 @@ fn send_verification(s: &AppState, email: &str, token: &str) {
              {}/portal/verify-email?token={token}\n\nOr paste this token in the portal:\n{token}\n\n\
              The link expires in {}. If you did not register, ignore this message.\n",
             s.config.public_url,
-            humantime::format_duration(s.config.auth.verify_token_ttl)
+            human_duration(s.config.auth.verify_token_ttl)
         ),
     );
 }
@@ -441,7 +465,7 @@ async fn send_reset(s: &AppState, email: &str) -> Result<(), AppError> {
              The token expires in {1}. If you did not ask for it, ignore this message:\n\
              your password is unchanged.\n",
             s.config.public_url,
-            humantime::format_duration(s.config.auth.reset_token_ttl)
+            human_duration(s.config.auth.reset_token_ttl)
         ),
     );
     Ok(())
@@ -606,4 +630,35 @@ pub async fn update_me(
         s.notifier.keys_changed();
     }
     Ok(Json(DeveloperView::new(&dev, &s.plans)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::human_duration;
+
+    #[test]
+    fn mail_durations_read_as_people_write_them() {
+        let h = |secs: u64| human_duration(Duration::from_secs(secs));
+        assert_eq!(h(86_400), "1 day");
+        assert_eq!(h(3 * 86_400), "3 days");
+        assert_eq!(h(3_600), "1 hour");
+        assert_eq!(h(2 * 3_600), "2 hours");
+        assert_eq!(h(30 * 60), "30 minutes");
+        assert_eq!(h(60), "1 minute");
+        assert_eq!(h(45), "45 seconds");
+        assert_eq!(h(5_400), "1 hour and 30 minutes");
+        assert_eq!(
+            h(86_400 + 2 * 3_600 + 5 * 60),
+            "1 day, 2 hours and 5 minutes"
+        );
+        assert_eq!(h(36 * 3_600), "1 day and 12 hours");
+        assert_eq!(human_duration(Duration::from_millis(1_500)), "1 second");
+        assert_eq!(human_duration(Duration::from_millis(300)), "0 seconds");
+        // The defaults (auth.verify_token_ttl 24h, reset_token_ttl 1h) as the mails show them.
+        let ttl = |s: &str| humantime::parse_duration(s).unwrap();
+        assert_eq!(human_duration(ttl("24h")), "1 day");
+        assert_eq!(human_duration(ttl("1h")), "1 hour");
+    }
 }

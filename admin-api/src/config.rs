@@ -19,6 +19,9 @@ pub struct AdminConfig {
     /// Listen address. Default `127.0.0.1:8081`.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// How long the listener waits for a client's request header and body (slow clients).
+    #[serde(default)]
+    pub server: ServerConfig,
     /// Base URL of the portal, used in links sent by email. Default `http://127.0.0.1:8081`.
     #[serde(default = "default_public_url")]
     pub public_url: String,
@@ -54,6 +57,44 @@ pub struct AdminConfig {
     /// The web developer portal under `/portal`.
     #[serde(default)]
     pub portal: PortalConfig,
+}
+
+/// Deadlines for slow clients on the admin listener: a connection that has not sent a whole
+/// request header within `header_read_timeout` is closed (this also ends idle keep-alive
+/// connections), and a request whose body has not fully arrived within `body_read_timeout` of
+/// its header is answered 408 `request_timeout` and its connection closed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Default 10s.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Default 30s.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Largest request body accepted (413 `request_too_large` beyond). Default 2097152 (2 MiB).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_body_bytes() -> usize {
+    2 * 1024 * 1024
 }
 
 /// The web developer portal (`/portal`): cookie settings and what its pages tell developers.
@@ -234,6 +275,14 @@ pub struct KeysConfig {
     /// Longest grace period a rotation may give the old key. Default 7d.
     #[serde(default = "default_max_grace", with = "humantime_serde")]
     pub max_rotation_grace: Duration,
+    /// The latest expiry a key may be given, from now: at creation (`expires_in_days`, the
+    /// default expiry) and on update (`expires_at`). At least 1d. Default 3650d.
+    #[serde(default = "default_max_lifetime", with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Whether a key may have no expiry (`never_expires` at creation, `expires_at: null` on
+    /// update). Default true; `false`: every key expires within `max_lifetime`.
+    #[serde(default = "default_true")]
+    pub allow_never_expires: bool,
 }
 
 impl Default for KeysConfig {
@@ -242,6 +291,8 @@ impl Default for KeysConfig {
             default_expiry: default_key_expiry(),
             max_per_developer: default_max_keys(),
             max_rotation_grace: default_max_grace(),
+            max_lifetime: default_max_lifetime(),
+            allow_never_expires: true,
         }
     }
 }
@@ -317,6 +368,11 @@ fn default_max_keys() -> i64 {
 fn default_max_grace() -> Duration {
     Duration::from_secs(7 * 86_400)
 }
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(3650 * 86_400)
+}
+/// The longest `keys.max_lifetime` accepted (keeps expiry arithmetic far from overflow).
+const LONGEST_LIFETIME: Duration = Duration::from_secs(36_500 * 86_400);
 fn default_admin_password_env() -> String {
     "AIHUB_ADMIN_PASSWORD".into()
 }
@@ -415,6 +471,18 @@ impl AdminConfig {
                 "expected sqlite://PATH or postgres://…".into(),
             ));
         }
+        let srv = &self.server;
+        for (key, d) in [
+            ("server.header_read_timeout", srv.header_read_timeout),
+            ("server.body_read_timeout", srv.body_read_timeout),
+        ] {
+            if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+                return Err(err(key, "must be between 100ms and 1h".into()));
+            }
+        }
+        if srv.max_body_bytes < 1024 {
+            return Err(err("server.max_body_bytes", "must be at least 1024".into()));
+        }
         if self.database.max_connections == 0 {
             return Err(err("database.max_connections", "must be at least 1".into()));
         }
@@ -478,6 +546,32 @@ impl AdminConfig {
                 ),
             ));
         }
+        let max = self.keys.max_lifetime;
+        if max < Duration::from_secs(86_400) || max > LONGEST_LIFETIME {
+            return Err(err(
+                "keys.max_lifetime",
+                "must be at least 1d and at most 36500d".into(),
+            ));
+        }
+        match self.keys.default_lifetime() {
+            Some(d) if d > max => {
+                return Err(err(
+                    "keys.default_expiry",
+                    format!(
+                        "`{}` is longer than keys.max_lifetime ({}); lower one or raise the other",
+                        self.keys.default_expiry,
+                        humantime::format_duration(max)
+                    ),
+                ))
+            }
+            None if !self.keys.allow_never_expires => {
+                return Err(err(
+                    "keys.default_expiry",
+                    "`never` needs keys.allow_never_expires: true".into(),
+                ))
+            }
+            _ => {}
+        }
         if self.keys.max_per_developer < 1 {
             return Err(err("keys.max_per_developer", "must be at least 1".into()));
         }
@@ -516,6 +610,52 @@ mod tests {
         let c = AdminConfig::parse("keys: {default_expiry: soon}", Path::new("a.yaml")).unwrap();
         let e = c.validate(Path::new("a.yaml")).unwrap_err();
         assert_eq!(e.key, "keys.default_expiry");
+    }
+
+    #[test]
+    fn server_deadlines_and_key_lifetime() {
+        let c = AdminConfig::default();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.keys.max_lifetime, Duration::from_secs(3650 * 86_400));
+        let c = AdminConfig::parse(
+            "server: {header_read_timeout: 2s, body_read_timeout: 5s}",
+            Path::new("a.yaml"),
+        )
+        .unwrap();
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(5));
+        let e = AdminConfig::parse("server: {read_timeout: 2s}", Path::new("a.yaml")).unwrap_err();
+        assert!(e.to_string().starts_with("a.yaml: server"), "{e}");
+        for (yaml, key) in [
+            (
+                "server: {header_read_timeout: 0s}",
+                "server.header_read_timeout",
+            ),
+            (
+                "server: {body_read_timeout: 2h}",
+                "server.body_read_timeout",
+            ),
+            ("keys: {max_lifetime: 12h}", "keys.max_lifetime"),
+            ("keys: {max_lifetime: 90d}", "keys.default_expiry"),
+            (
+                "keys: {allow_never_expires: false, default_expiry: never}",
+                "keys.default_expiry",
+            ),
+        ] {
+            let c = AdminConfig::parse(yaml, Path::new("a.yaml")).unwrap();
+            let e = c.validate(Path::new("a.yaml")).unwrap_err();
+            assert_eq!(
+                (e.file.to_str(), e.key.as_str()),
+                (Some("a.yaml"), key),
+                "{yaml}"
+            );
+        }
+        let c = AdminConfig::parse(
+            "keys: {max_lifetime: 90d, default_expiry: 30d, allow_never_expires: false}",
+            Path::new("a.yaml"),
+        )
+        .unwrap();
+        c.validate(Path::new("a.yaml")).unwrap();
     }
 
     #[test]

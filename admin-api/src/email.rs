@@ -2,12 +2,16 @@
 //! account" notice. SMTP in production; by default each message is written as an `.eml` file
 //! into a folder (development and tests read tokens from there). Sending happens in the
 //! background, so a response never reveals (by timing) whether a mail was sent.
+//!
+//! The mail folder holds sign-in links and reset tokens: it is created owner-only (0700) and
+//! each `.eml` file is created 0600, whatever the process umask.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lettre::message::{header::ContentType, Mailbox, Message};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use crate::config::{EmailConfig, EmailTransport};
 
@@ -18,7 +22,8 @@ pub struct Mailer {
 }
 
 enum Transport {
-    File(AsyncFileTransport<Tokio1Executor>),
+    /// The mail folder.
+    File(PathBuf),
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
 }
 
@@ -30,9 +35,9 @@ impl Mailer {
             .map_err(|e| format!("email.from: {e}"))?;
         let transport = match &config.transport {
             EmailTransport::File { dir } => {
-                std::fs::create_dir_all(dir)
+                create_private_dir(dir)
                     .map_err(|e| format!("email.transport.dir {}: {e}", dir.display()))?;
-                Transport::File(AsyncFileTransport::new(dir))
+                Transport::File(dir.clone())
             }
             EmailTransport::Smtp {
                 host,
@@ -95,7 +100,7 @@ impl Mailer {
         let subject = subject.to_owned();
         tokio::spawn(async move {
             let result = match &*transport {
-                Transport::File(t) => t.send(message).await.map(|_| ()).map_err(|e| e.to_string()),
+                Transport::File(dir) => write_eml(dir, &message).await.map_err(|e| e.to_string()),
                 Transport::Smtp(t) => t.send(message).await.map(|_| ()).map_err(|e| e.to_string()),
             };
             if let Err(e) = result {
@@ -103,4 +108,37 @@ impl Mailer {
             }
         });
     }
+}
+
+/// Creates `dir` (and missing parents) with mode 0700. A folder that already exists keeps its
+/// mode; one that others may read is reported.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the mail folder is open to other users; its mails hold sign-in tokens (chmod 700 it)"
+        );
+    }
+    Ok(())
+}
+
+/// Writes `message` as `<uuid>.eml` into `dir`, created with mode 0600.
+async fn write_eml(dir: &Path, message: &Message) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let path = dir.join(format!("{}.eml", uuid::Uuid::now_v7()));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .await?;
+    file.write_all(&message.formatted()).await?;
+    file.flush().await
 }

@@ -128,10 +128,12 @@ pub struct CreateKeyRequest {
     /// Tokens per minute for this key (1 to 1000000000). Default: the developer's or plan's.
     #[serde(default)]
     pub rate_limit_tpm: Option<i64>,
-    /// Lifetime in days (1 to 3650). Default: the platform's (365 days).
+    /// Lifetime in days (1 to the platform's maximum, `keys.max_lifetime`: 3650 days unless
+    /// configured). Default: the platform's (365 days).
     #[serde(default)]
     pub expires_in_days: Option<i64>,
-    /// Set to create a key that never expires.
+    /// Set to create a key that never expires (when the platform allows it,
+    /// `keys.allow_never_expires`).
     #[serde(default)]
     pub never_expires: bool,
     #[serde(default)]
@@ -202,6 +204,39 @@ fn check_ips(list: &[String], errors: &mut Vec<FieldError>) -> Vec<String> {
     out
 }
 
+/// `d` for people: `3650 days`, `1 day`, else humantime's form (`36h`).
+fn span(d: Duration) -> String {
+    match d.as_secs() {
+        86_400 => "1 day".into(),
+        s if s % 86_400 == 0 => format!("{} days", s / 86_400),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
+/// The one rule for a key's expiry, at creation and on every later change: `expires_at`
+/// (unix ms; `None` = never) must lie in the future and at most `keys.max_lifetime` after
+/// `now`, and `never` needs `keys.allow_never_expires`. The message is for the field that
+/// carried the expiry.
+pub fn check_expiry(
+    keys: &crate::config::KeysConfig,
+    expires_at: Option<i64>,
+    now: i64,
+) -> Result<(), String> {
+    let max = keys.max_lifetime;
+    match expires_at {
+        None if keys.allow_never_expires => Ok(()),
+        None => Err(format!(
+            "keys must expire on this platform, at most {} from now",
+            span(max)
+        )),
+        Some(at) if at <= now => Err("must be in the future".into()),
+        Some(at) if (at - now) as u128 > max.as_millis() => {
+            Err(format!("must be at most {} from now", span(max)))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 fn event_data(k: &ApiKey) -> serde_json::Value {
     serde_json::json!({
         "key_id": k.id,
@@ -263,22 +298,35 @@ pub async fn create_key(
     check_patterns("permissions.endpoints", &perms.endpoints, &mut errors);
     check_rates(r.rate_limit_rpm, r.rate_limit_tpm, &mut errors);
     let ips = check_ips(&r.ip_allowlist, &mut errors);
-    let lifetime = match (r.expires_in_days, r.never_expires) {
+    let now = now_ms();
+    let (field, expires_at) = match (r.expires_in_days, r.never_expires) {
         (Some(_), true) => {
             errors.push(FieldError::new(
                 "expires_in_days",
                 "conflicts with never_expires",
             ));
-            None
+            ("expires_in_days", None)
         }
-        (Some(d), false) if !(1..=3650).contains(&d) => {
-            errors.push(FieldError::new("expires_in_days", "must be 1 to 3650"));
-            None
+        (Some(d), false) if d < 1 => {
+            errors.push(FieldError::new("expires_in_days", "must be at least 1"));
+            ("expires_in_days", None)
         }
-        (Some(d), false) => Some(Duration::from_secs(d as u64 * 86_400)),
-        (None, true) => None,
-        (None, false) => s.config.keys.default_lifetime(),
+        // Clamped only to keep the arithmetic sane; the rule below refuses it anyway.
+        (Some(d), false) => ("expires_in_days", Some(now + d.min(1 << 32) * 86_400_000)),
+        (None, true) => ("never_expires", None),
+        (None, false) => (
+            "expires_in_days",
+            s.config
+                .keys
+                .default_lifetime()
+                .map(|l| now + l.as_millis() as i64),
+        ),
     };
+    if errors.iter().all(|e| e.field != field) {
+        if let Err(m) = check_expiry(&s.config.keys, expires_at, now) {
+            errors.push(FieldError::new(field, m));
+        }
+    }
     AppError::check(errors)?;
 
     let (key, hash, prefix) = mint();
@@ -293,7 +341,7 @@ pub async fn create_key(
         ip_allowlist: ips,
         rate_limit_rpm: r.rate_limit_rpm,
         rate_limit_tpm: r.rate_limit_tpm,
-        expires_at: lifetime.map(|l| now_ms() + l.as_millis() as i64),
+        expires_at,
     };
     let mut tx = s.store.begin_write().await?;
     // Concurrent creates by one developer queue here, so the cap holds exactly.
@@ -431,7 +479,9 @@ pub struct UpdateKeyRequest {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<i64>)]
     pub rate_limit_tpm: Option<Option<i64>>,
-    /// RFC 3339 instant in the future; `null` = never expires.
+    /// RFC 3339 instant in the future, at most the platform's maximum key lifetime
+    /// (`keys.max_lifetime`, 3650 days unless configured) from now; `null` = never expires
+    /// (when the platform allows it). An expired key's expiry cannot change: it stays expired.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
     pub expires_at: Option<Option<String>>,
@@ -467,26 +517,27 @@ pub async fn update(
         &mut errors,
     );
     let ips = r.ip_allowlist.as_deref().map(|l| check_ips(l, &mut errors));
+    let now = now_ms();
     let expires_at = match &r.expires_at {
         None => None,
         Some(None) => Some(None),
         Some(Some(t)) => match humantime::parse_rfc3339_weak(t) {
-            Ok(at) => {
-                let ms = at
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
-                if ms <= now_ms() {
-                    errors.push(FieldError::new("expires_at", "must be in the future"));
-                }
-                Some(Some(ms))
-            }
+            Ok(at) => Some(Some(
+                at.duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis().min(i64::MAX as u128) as i64)
+                    .unwrap_or(0),
+            )),
             Err(_) => {
                 errors.push(FieldError::new("expires_at", "must be an RFC 3339 instant"));
                 None
             }
         },
     };
+    if let Some(e) = expires_at {
+        if let Err(m) = check_expiry(&s.config.keys, e, now) {
+            errors.push(FieldError::new("expires_at", m));
+        }
+    }
     AppError::check(errors)?;
     let u = KeyUpdate {
         name: r.name.map(|n| n.trim().to_owned()),
@@ -500,12 +551,22 @@ pub async fn update(
     };
     let mut tx = s.store.begin_write().await?;
     if u.expires_at.is_some() {
-        // A regenerated key's grace period is final: it cannot be extended.
         let current = store_keys::get_on(&mut tx, Some(&caller.developer.id), &id).await?;
+        if current.deleted_at.is_some() {
+            return Err(AppError::NotFound);
+        }
+        // A regenerated key's grace period is final: it cannot be extended.
         if current.rotated_to.is_some() {
             return Err(AppError::validation(
                 "expires_at",
                 "cannot change on a regenerated key (its grace period is final)",
+            ));
+        }
+        // An expired key stays expired: neither extended nor made never-expiring.
+        if current.expires_at.is_some_and(|e| e <= now_ms()) {
+            return Err(AppError::validation(
+                "expires_at",
+                "cannot change: the key has expired (create a new key)",
             ));
         }
     }
@@ -561,6 +622,20 @@ pub async fn revoke(
     s.notifier.keys_changed();
     s.metrics.event("key_revoked");
     Ok(k)
+}
+
+/// A regenerated key's expiry: none when the old key had none (and the platform still allows
+/// that), else the default lifetime from now (at most `keys.max_lifetime`).
+fn successor_expiry(keys: &crate::config::KeysConfig, never: bool, now: i64) -> Option<i64> {
+    if never && keys.allow_never_expires {
+        return None;
+    }
+    let lifetime = match keys.default_lifetime() {
+        Some(l) => l.min(keys.max_lifetime),
+        None if keys.allow_never_expires => return None,
+        None => keys.max_lifetime,
+    };
+    Some(now + lifetime.as_millis() as i64)
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -639,10 +714,7 @@ pub async fn regenerate(
         ip_allowlist: old.ip_allowlist.clone(),
         rate_limit_rpm: old.rate_limit_rpm,
         rate_limit_tpm: old.rate_limit_tpm,
-        expires_at: old
-            .expires_at
-            .and(s.config.keys.default_lifetime())
-            .map(|l| now + l.as_millis() as i64),
+        expires_at: successor_expiry(&s.config.keys, old.expires_at.is_none(), now),
     };
     let old_until = now + r.grace_period_seconds as i64 * 1000;
     let previous_expires_at = old.expires_at.map_or(old_until, |e| e.min(old_until));

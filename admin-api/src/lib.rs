@@ -23,7 +23,8 @@
 //!   `/admin/invoices…` (generate, finalize, void, payments), `/admin/billing/revenue`.
 //! - [`email`] — SMTP or `.eml` files.
 //! - [`notify`] — Redis pub/sub nudges to gateways.
-//! - [`http`] — request ids, access log, metrics, health, 404.
+//! - [`http`] — request ids, access log, metrics, health, 404, the request-body deadline.
+//! - [`server`] — the accept loop: HTTP/1.1 with a header read deadline, graceful shutdown.
 //! - [`openapi`] — the document and the `/docs` page.
 //! - [`portal`] — the web developer portal under `/portal` (server-rendered pages over the
 //!   same handlers, session cookie, CSRF, English and Chinese).
@@ -42,10 +43,9 @@ pub mod openapi;
 pub mod operators;
 pub mod plans;
 pub mod portal;
+pub mod server;
 pub mod state;
 pub mod usage;
-
-use std::net::SocketAddr;
 
 use axum::routing::get;
 use axum::Router;
@@ -129,20 +129,26 @@ pub fn app(state: AppState) -> Router {
     .fallback(http::fallback)
     .method_not_allowed_fallback(http::method_not_allowed)
     .layer(axum::middleware::from_fn_with_state(
+        http::BodyLimits {
+            timeout: state.config.server.body_read_timeout,
+            max_bytes: state.config.server.max_body_bytes,
+        },
+        http::read_body,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
         state.clone(),
         http::observe,
     ))
     .with_state(state)
 }
 
-/// Serves the admin API on `listener` until `shutdown` resolves (in-flight requests finish).
+/// Serves the admin API on `listener` until `shutdown` resolves (in-flight requests finish),
+/// with the `server` section's deadlines for slow clients.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let header_read_timeout = state.config.server.header_read_timeout;
+    server::serve_router(listener, app(state), header_read_timeout, shutdown).await
 }

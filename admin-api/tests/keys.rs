@@ -562,3 +562,196 @@ async fn key_cap_holds_under_concurrency() {
         assert_eq!((created, refused), (3, 7), "{backend:?}: {statuses:?}");
     }
 }
+
+/// RFC 3339 of now + `ms` (negative: the past).
+fn in_ms(ms: i64) -> String {
+    aihub_store::outbox::rfc3339_ms(aihub_store::now_ms() + ms)
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// A key's expiry stays within the platform's maximum lifetime, at creation and on update (one
+/// rule), and an expired key stays expired.
+#[tokio::test]
+async fn expiry_stays_within_the_platform_maximum() {
+    for backend in BACKENDS {
+        // The default maximum: 3650 days, as creation has always enforced.
+        let api = TestApi::start(backend).await;
+        let ada = api.signed_up("ada@example.com").await;
+        let (_, k) = api
+            .call(
+                "POST",
+                "/developer/keys",
+                Some(&ada),
+                Some(json!({"name": "a"})),
+            )
+            .await;
+        let id = k["api_key"]["id"].as_str().unwrap().to_owned();
+        let path = format!("/developer/keys/{id}");
+        let (s, b) = api
+            .call(
+                "PUT",
+                &path,
+                Some(&ada),
+                Some(json!({"expires_at": in_ms(3651 * DAY_MS)})),
+            )
+            .await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (422, Some("expires_at")),
+            "{b}"
+        );
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("3650 days"),
+            "{b}"
+        );
+        let (s, b) = api
+            .call(
+                "PUT",
+                &path,
+                Some(&ada),
+                Some(json!({"expires_at": "9999-12-31T00:00:00Z"})),
+            )
+            .await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (422, Some("expires_at")),
+            "{b}"
+        );
+        let (s, b) = api
+            .call(
+                "PUT",
+                &path,
+                Some(&ada),
+                Some(json!({"expires_at": in_ms(3649 * DAY_MS)})),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        let (s, b) = api
+            .call(
+                "POST",
+                "/developer/keys",
+                Some(&ada),
+                Some(json!({"name": "b", "expires_in_days": 3651})),
+            )
+            .await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (422, Some("expires_in_days")),
+            "{b}"
+        );
+
+        // An expired key: neither extended nor made never-expiring; other fields still change.
+        let (_, k) = api
+            .call(
+                "POST",
+                "/developer/keys",
+                Some(&ada),
+                Some(json!({"name": "old"})),
+            )
+            .await;
+        let old = k["api_key"]["id"].as_str().unwrap().to_owned();
+        let mut conn = api.state.store.pool().acquire().await.unwrap();
+        let update = aihub_store::keys::KeyUpdate {
+            expires_at: Some(Some(aihub_store::now_ms() - 1_000)),
+            ..Default::default()
+        };
+        aihub_store::keys::update(&mut conn, None, &old, &update)
+            .await
+            .unwrap();
+        drop(conn);
+        let old_path = format!("/developer/keys/{old}");
+        for revive in [
+            json!({"expires_at": null}),
+            json!({"expires_at": in_ms(DAY_MS)}),
+            json!({"expires_at": in_ms(DAY_MS), "active": true}),
+        ] {
+            let (s, b) = api
+                .call("PUT", &old_path, Some(&ada), Some(revive.clone()))
+                .await;
+            assert_eq!(
+                (s, b["error"]["param"].as_str()),
+                (422, Some("expires_at")),
+                "{revive}: {b}"
+            );
+            assert!(
+                b["error"]["message"].as_str().unwrap().contains("expired"),
+                "{b}"
+            );
+        }
+        let (s, b) = api
+            .call(
+                "PUT",
+                &old_path,
+                Some(&ada),
+                Some(json!({"name": "old, renamed", "active": true})),
+            )
+            .await;
+        assert_eq!(
+            (s, b["status"].as_str(), b["name"].as_str()),
+            (200, Some("expired"), Some("old, renamed")),
+            "{b}"
+        );
+        let (_, b) = api.call("GET", &old_path, Some(&ada), None).await;
+        assert_eq!(b["status"], "expired");
+
+        // A platform with a 30-day maximum and no never-expiring keys.
+        let api = TestApi::start_with(backend, |c| {
+            c.keys.max_lifetime = std::time::Duration::from_secs(30 * 86_400);
+            c.keys.default_expiry = "7d".into();
+            c.keys.allow_never_expires = false;
+        })
+        .await;
+        let bob = api.signed_up("bob@example.com").await;
+        let create =
+            |body: serde_json::Value| api.call("POST", "/developer/keys", Some(&bob), Some(body));
+        let (s, b) = create(json!({"name": "x", "expires_in_days": 31})).await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (422, Some("expires_in_days")),
+            "{b}"
+        );
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains("30 days"),
+            "{b}"
+        );
+        let (s, b) = create(json!({"name": "x", "never_expires": true})).await;
+        assert_eq!(
+            (s, b["error"]["param"].as_str()),
+            (422, Some("never_expires")),
+            "{b}"
+        );
+        let (s, k) = create(json!({"name": "x", "expires_in_days": 30})).await;
+        assert_eq!(s, 201, "{k}");
+        let (s, k) = create(json!({"name": "y"})).await;
+        assert_eq!(s, 201, "{k}");
+        let at =
+            humantime::parse_rfc3339_weak(k["api_key"]["expires_at"].as_str().unwrap()).unwrap();
+        let days = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap()
+            .as_secs()
+            / 86_400;
+        assert_eq!(days, 6, "the default 7 days");
+        let path = format!("/developer/keys/{}", k["api_key"]["id"].as_str().unwrap());
+        for (body, ok) in [
+            (json!({"expires_at": in_ms(31 * DAY_MS)}), false),
+            (json!({"expires_at": null}), false),
+            (json!({"expires_at": in_ms(29 * DAY_MS)}), true),
+        ] {
+            let (s, b) = api.call("PUT", &path, Some(&bob), Some(body.clone())).await;
+            if ok {
+                assert_eq!(s, 200, "{body}: {b}");
+            } else {
+                assert_eq!(
+                    (s, b["error"]["param"].as_str()),
+                    (422, Some("expires_at")),
+                    "{body}: {b}"
+                );
+            }
+        }
+    }
+}

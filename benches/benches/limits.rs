@@ -99,7 +99,16 @@ fn limits(c: &mut Criterion) {
     g.bench_function("admit_settle/free_plan", |b| {
         b.iter(|| {
             let admission = limiter
-                .admit(&record, &plans, 120)
+                .admit(&record, &plans)
+                .now_or_never()
+                .expect("local admission never waits")
+                .expect("admitted");
+            let cost = aihub_gateway::limits::Cost {
+                reserve: 120,
+                declared: 120,
+            };
+            let admission = limiter
+                .reserve(admission, cost)
                 .now_or_never()
                 .expect("local admission never waits")
                 .expect("admitted");

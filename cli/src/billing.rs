@@ -2,7 +2,9 @@
 //! and usage database.
 //!
 //! - `aihub billing reconcile --period YYYY-MM` re-computes every invoice of the period from
-//!   the raw ClickHouse records; prints the report; exits 1 on any mismatch.
+//!   the raw ClickHouse records; prints the report; exits 1 on any mismatch. A period still open
+//!   has no invoices yet: its raw records are compared with the live computation (the invoices
+//!   as if it closed now), and it exits 0 when they agree.
 //! - `aihub billing generate --period YYYY-MM [--developer ID] [--finalize]` creates or
 //!   refreshes the period's drafts now (and finalizes them), as the background job would.
 
@@ -18,6 +20,7 @@ use anyhow::{bail, Context};
 #[derive(clap::Subcommand)]
 pub enum BillingCommand {
     /// Re-compute every invoice of a period from the raw usage records; exit 1 on a mismatch.
+    /// For the current (open) month, compare with the invoices as if it closed now.
     Reconcile {
         /// The billing period, `YYYY-MM`.
         #[arg(long)]
@@ -84,6 +87,13 @@ pub fn run(command: BillingCommand) -> anyhow::Result<()> {
             let report = rt.block_on(aihub_billing::reconcile::reconcile(&billing, period))?;
             print!("{report}");
             println!("checked in {:.1} s", started.elapsed().as_secs_f64());
+            if let Some(open) = report.open.as_ref().filter(|o| o.early_drafts > 0) {
+                println!(
+                    "note: {} draft invoice(s) generated before the period closed were not compared \
+                     (they are refreshed once it has closed)",
+                    open.early_drafts
+                );
+            }
             if !report.voided.is_empty() {
                 println!(
                     "note: {} developer(s) have only a voided invoice for the period (not reissued)",

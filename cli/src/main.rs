@@ -141,6 +141,10 @@ struct MockArgs {
     error_every: u64,
     #[arg(long, default_value_t = 500)]
     error_status: u16,
+    /// Where a chat or completion stream puts the usage it was asked for: `choices-empty`
+    /// (OpenAI), `empty-delta` or `on-finish` (other OpenAI-compatible servers).
+    #[arg(long, default_value = "choices-empty", value_parser = parse_usage_shape)]
+    usage_shape: aihub_mock_upstream::wire::UsageShape,
     /// Worker threads (0 = one per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -313,6 +317,11 @@ fn migrate(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_usage_shape(s: &str) -> Result<aihub_mock_upstream::wire::UsageShape, String> {
+    aihub_mock_upstream::wire::UsageShape::parse(s)
+        .ok_or_else(|| "expected choices-empty, empty-delta or on-finish".to_owned())
+}
+
 fn mock_upstream(args: MockArgs) -> anyhow::Result<()> {
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if args.threads > 0 {
@@ -335,6 +344,7 @@ fn mock_upstream(args: MockArgs) -> anyhow::Result<()> {
             chunk_interval: args.chunk_interval.into(),
             error_every: args.error_every,
             error_status: args.error_status,
+            usage_shape: args.usage_shape,
         };
         tokio::select! {
             r = aihub_mock_upstream::serve(listener, config) => r.map_err(Into::into),

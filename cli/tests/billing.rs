@@ -1,7 +1,8 @@
 //! Billing end to end, black-box: requests through the real gateway are metered into a fresh
-//! ClickHouse database; `aihub billing generate` invoices them from a real SQLite store; and
-//! `aihub billing reconcile` proves the invoice from the raw records, then catches a tampered
-//! row (exit code 1 and a readable diff).
+//! ClickHouse database; `aihub billing reconcile` checks the open month against the live
+//! computation (no invoices exist yet: clean, exit 0); `aihub billing generate` invoices a
+//! closed month from a real SQLite store and `reconcile` proves that invoice from the raw records
+//! (and reports it missing before); a tampered row is caught (exit code 1 and a readable diff).
 
 mod common;
 
@@ -53,13 +54,13 @@ async fn reconcile_proves_invoices_and_catches_a_tampered_row() {
         &[],
     );
 
-    // The key's developer (`dev_bill`) has an account on the tiny plan since last month.
+    // The key's developer (`dev_bill`) has an account on the tiny plan since before last month.
     let store_db = TestDatabase::new(Backend::Sqlite).await;
     let store = store_db.store().await;
     let now = aihub_store::now_ms();
     let period = aihub_plans::Period::of_unix_ms(now);
-    aihub_store::testing::imported(&store, "dev_bill", "tiny", period.start_ms() - 86_400_000)
-        .await;
+    let last = period.prev();
+    aihub_store::testing::imported(&store, "dev_bill", "tiny", last.start_ms() - 86_400_000).await;
 
     for i in 0..12 {
         let model = if i % 3 == 0 { "gpt-4o-mini" } else { "gpt-4o" };
@@ -85,7 +86,31 @@ async fn reconcile_proves_invoices_and_catches_a_tampered_row() {
     .unwrap();
     let admin = admin.to_str().unwrap();
     let p = period.to_string();
+    let reconcile = |period: &str| {
+        aihub(&[
+            "billing",
+            "reconcile",
+            "--period",
+            period,
+            "--admin-config",
+            admin,
+        ])
+    };
 
+    // This month is open: no invoice exists yet, so the raw rows are compared with the live
+    // computation (the invoice as if the month closed now), not reported as missing invoices.
+    let (code, out, err) = reconcile(&p);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("period {p} is open")), "{out}");
+    assert!(out.contains("1 developers computed live"), "{out}");
+    assert!(out.contains("12 raw usage rows"), "{out}");
+    assert!(
+        out.contains("OK: the live computation matches the raw usage records"),
+        "{out}"
+    );
+    assert!(!out.contains("MISSING"), "{out}");
+
+    // Drafts generated early are not compared (they would be stale as usage goes on).
     let (code, out, err) = aihub(&[
         "billing",
         "generate",
@@ -110,20 +135,51 @@ async fn reconcile_proves_invoices_and_catches_a_tampered_row() {
     assert_eq!(inv.total_tokens as i128, tokens);
     assert_eq!(inv.overage_tokens as i128, tokens - 100);
     assert!(inv.subtotal > Decimal::ONE && inv.subtotal < Decimal::ONE + inv.usage_cost);
+    let (code, out, _) = reconcile(&p);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK: the live computation matches"), "{out}");
+    assert!(out.contains("note: 1 draft invoice(s)"), "{out}");
 
-    let (code, out, _) = aihub(&[
+    // Last month (closed): usage recorded then, but no invoice generated yet — missing.
+    let l = last.to_string();
+    let rows: Vec<String> = (0..3i64)
+        .map(|i| {
+            let ts_ms = last.start_ms() + 3_600_000 + i * 60_000;
+            format!(
+                "(toUUID('00000000-0000-4000-8000-00000000000{i}'), toDateTime({}), {ts_ms}, \
+                 'dev_bill', 'bill', 'gpt-4o', 80, {}, 200)",
+                ts_ms / 1000,
+                80 * 15_000
+            )
+        })
+        .collect();
+    db.query(&format!(
+        "INSERT INTO usage_events (request_id, ts, ts_ms, developer_id, key_id, model, \
+         total_tokens, cost_nanos, status) VALUES {}",
+        rows.join(", ")
+    ))
+    .await;
+    let (code, out, _) = reconcile(&l);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("MISSING invoice for dev_bill"), "{out}");
+    assert!(!out.contains("is open"), "{out}");
+    let (code, out, err) = aihub(&[
         "billing",
-        "reconcile",
+        "generate",
         "--period",
-        &p,
+        &l,
         "--admin-config",
         admin,
     ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = reconcile(&l);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("OK: every invoice matches"), "{out}");
     assert!(out.contains("1 invoices"), "{out}");
+    assert!(out.contains("3 raw usage rows"), "{out}");
 
-    // Tamper with one raw row (a mutation: the rollup keeps the original).
+    // Tamper with one raw row of this month (a mutation: the rollup keeps the original).
+    let metered_all: i128 = db.number("SELECT sum(cost_nanos) FROM usage_events").await;
     let request_id = db
         .query("SELECT toString(request_id) FROM usage_events ORDER BY ts_ms DESC LIMIT 1")
         .await
@@ -136,27 +192,24 @@ async fn reconcile_proves_invoices_and_catches_a_tampered_row() {
     assert_eq!(
         db.wait_for(
             "SELECT sum(cost_nanos) FROM usage_events",
-            metered + 7_000,
+            metered_all + 7_000,
             WAIT
         )
         .await,
-        metered + 7_000
+        metered_all + 7_000
     );
-    let (code, out, _) = aihub(&[
-        "billing",
-        "reconcile",
-        "--period",
-        &p,
-        "--admin-config",
-        admin,
-    ]);
+    // The live computation reads the tampered row too (its hour is split: the included tokens
+    // run out in it); the rollup keeps the original.
+    let (code, out, _) = reconcile(&p);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains(&format!("MISMATCH invoice {}", inv.id)),
+        out.contains(&format!(
+            "ROLLUP dev_bill: raw rows 12 requests, {tokens} tokens, {} nano-USD; \
+             usage_hourly 12 requests, {tokens} tokens, {metered} nano-USD",
+            metered + 7_000
+        )),
         "{out}"
     );
-    assert!(out.contains("usage cost"), "{out}");
-    assert!(out.contains("ROLLUP dev_bill"), "{out}");
     assert!(out.contains("problem(s) found"), "{out}");
 
     // Bad input is refused clearly.

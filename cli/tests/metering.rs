@@ -202,7 +202,13 @@ async fn client_leaving_mid_stream_leaves_an_estimated_record() {
         .await;
     let f: Vec<&str> = row.trim().split('\t').collect();
     assert_eq!(f[0], "1", "{row}");
-    assert_eq!(f[1], "4", "prompt estimated from the request: {row}");
+    // "user" and "Say hello" tokenized (o200k_base), plus the chat format's per-message and
+    // reply-priming overhead.
+    let prompt: u32 = f[1].parse().unwrap();
+    assert!(
+        (8..=16).contains(&prompt),
+        "prompt estimated from the request: {row}"
+    );
     let completion: u32 = f[2].parse().unwrap();
     assert!(
         (1..10).contains(&completion),
@@ -476,7 +482,7 @@ async fn upstreams_without_stream_options_are_metered_by_estimate() {
         1
     );
     let row = db
-        .query("SELECT usage_estimated, prompt_tokens, completion_tokens > 0 FROM usage_events FORMAT TSV")
+        .query("SELECT usage_estimated, prompt_tokens > 0, completion_tokens > 0 FROM usage_events FORMAT TSV")
         .await;
-    assert_eq!(row.trim(), "1\t4\t1");
+    assert_eq!(row.trim(), "1\t1\t1");
 }

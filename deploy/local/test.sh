@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, clippy, unit tests and the black-box tests (which start
-# the real `aihub` binary and the mock upstream on loopback). Installs what the build needs and
-# starts the services the tests use (ClickHouse, PostgreSQL, Redis) when none is running.
+# the real `aihub` binary and the mock upstream on loopback), then README's first command itself
+# (deploy/local/smoke.sh: up.sh over a fresh data directory on free ports, its printed
+# instructions, a restart, down.sh). Installs what the build needs and starts the services the
+# tests use (ClickHouse, PostgreSQL, Redis) when none is running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source deploy/local/deps.sh
@@ -32,3 +34,5 @@ echo "==> cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test" >&2
 cargo test --workspace --locked
+echo "==> deploy/local/smoke.sh (README's ./deploy/local/up.sh, end to end)" >&2
+deploy/local/smoke.sh

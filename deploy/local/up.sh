@@ -3,7 +3,12 @@
 # `aihub serve` (the gateway and the admin API in one process, sharing an SQLite control-plane
 # database) with config/gateway.yaml and config/admin.yaml plus a demo key, and prints how to use
 # it. Ctrl-C stops everything it started; with --detach it returns and deploy/local/down.sh stops
-# it.
+# it. Running it again over the same data directory keeps its data, keys and accounts.
+#
+# The local configuration files ($DATA/gateway.yaml, $DATA/admin.yaml) are the reference files
+# with the local settings ($DATA/*.overrides.yaml: ports, paths, the demo key) merged in by
+# deploy/local/merge-config.sh, each setting once. deploy/local/smoke.sh (run by test.sh) tests
+# this script.
 #
 # Ports: GATEWAY_PORT (8080), OPS_PORT (9091), ADMIN_PORT (8081), MOCK_PORT (9090), ClickHouse
 # CLICKHOUSE_PORT (8123, native 9000). State: data/local/ (AIHUB_DATA): ClickHouse data, usage
@@ -44,35 +49,62 @@ if [ ! -s "$DATA/demo-key" ]; then
 fi
 KEY=$(cat "$DATA/demo-key")
 
-# Local configuration: the reference file with local ports and the demo key appended.
-sed -e '/^keys: \[\]$/d' \
-    -e "s#127.0.0.1:8080#127.0.0.1:$GATEWAY_PORT#" \
-    -e "s#127.0.0.1:9091#127.0.0.1:$OPS_PORT#" \
-    -e "s#127.0.0.1:9090#127.0.0.1:$MOCK_PORT#" \
-    -e "s#http://127.0.0.1:8123#http://127.0.0.1:$CLICKHOUSE_PORT#" \
-    -e "s#wal_dir: data/wal#wal_dir: $DATA/wal#" \
-    -e "s#plans_file: plans.yaml#plans_file: $PWD/config/plans.yaml#" \
-    config/gateway.yaml > "$DATA/gateway.yaml"
-# The demo key is on the Developer plan (its limits and headers show; overage allowed).
-{ echo "keys:"; grep -v '^#' "$DATA/demo-key.yaml"; echo "  plan: developer"; } >> "$DATA/gateway.yaml"
+# Local configuration: the reference files with local settings merged in (each section and
+# setting once; $DATA/*.overrides.yaml show what differs from config/).
+{
+    cat <<YAML
+server:
+  listen: ["127.0.0.1:$GATEWAY_PORT"]
+  ops_listen: "127.0.0.1:$OPS_PORT"
+upstreams:
+  mock:
+    endpoints: ["http://127.0.0.1:$MOCK_PORT/v1"]
+metering:
+  clickhouse:
+    url: "http://127.0.0.1:$CLICKHOUSE_PORT"
+  wal_dir: "$DATA/wal"
+limits:
+  plans_file: "$ROOT/config/plans.yaml"
 # Keys created in the admin API reach the gateway through the shared control-plane database.
-printf 'control_plane:\n  database_url: "sqlite://%s/aihub.db"\n  snapshot_path: "%s/keys-snapshot.jsonl"\n' "$DATA" "$DATA" >> "$DATA/gateway.yaml"
+control_plane:
+  database_url: "sqlite://$DATA/aihub.db"
+  snapshot_path: "$DATA/keys-snapshot.jsonl"
+# The demo key is on the Developer plan (its limits and headers show; overage allowed).
+keys:
+YAML
+    grep -v '^#' "$DATA/demo-key.yaml" | sed 's/^/  /'
+    echo "    plan: developer"
+} > "$DATA/gateway.overrides.yaml"
+deploy/local/merge-config.sh config/gateway.yaml "$DATA/gateway.overrides.yaml" > "$DATA/gateway.yaml"
 "$BIN" gateway --config "$DATA/gateway.yaml" --check-config
 
 # The admin API: SQLite in $DATA, mail written to $DATA/mail, an operator account bootstrapped
-# with a password generated once.
+# with a password generated once; the portal is reached over plain http here (cookies without
+# Secure).
 if [ ! -s "$DATA/operator-password" ]; then
     (umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' > "$DATA/operator-password")
 fi
-sed -e "s#127.0.0.1:8081#127.0.0.1:$ADMIN_PORT#g" \
-    -e "s#sqlite://data/aihub.db#sqlite://$DATA/aihub.db#" \
-    -e "s#dir: data/mail#dir: $DATA/mail#" \
-    -e "s#^plans_file: plans.yaml#plans_file: $PWD/config/plans.yaml#" \
-    -e "s#http://127.0.0.1:8123#http://127.0.0.1:$CLICKHOUSE_PORT#" \
-    config/admin.yaml > "$DATA/admin.yaml"
-printf 'bootstrap_admin:\n  email: ops@aihub.local\n  password_env: AIHUB_ADMIN_PASSWORD\n' >> "$DATA/admin.yaml"
-# The portal is reached over plain http here: cookies without Secure.
-printf 'portal:\n  secure_cookie: false\n  gateway_url: http://127.0.0.1:%s/v1\n  example_model: demo\n' "$GATEWAY_PORT" >> "$DATA/admin.yaml"
+cat > "$DATA/admin.overrides.yaml" <<YAML
+listen: "127.0.0.1:$ADMIN_PORT"
+public_url: "http://127.0.0.1:$ADMIN_PORT"
+database:
+  url: "sqlite://$DATA/aihub.db"
+email:
+  transport:
+    kind: file
+    dir: "$DATA/mail"
+plans_file: "$ROOT/config/plans.yaml"
+clickhouse:
+  url: "http://127.0.0.1:$CLICKHOUSE_PORT"
+bootstrap_admin:
+  email: ops@aihub.local
+  password_env: AIHUB_ADMIN_PASSWORD
+portal:
+  secure_cookie: false
+  gateway_url: "http://127.0.0.1:$GATEWAY_PORT/v1"
+  example_model: demo
+YAML
+deploy/local/merge-config.sh config/admin.yaml "$DATA/admin.overrides.yaml" > "$DATA/admin.yaml"
 export AIHUB_ADMIN_PASSWORD
 AIHUB_ADMIN_PASSWORD=$(cat "$DATA/operator-password")
 
@@ -82,12 +114,20 @@ echo $! > "$DATA/mock-upstream.pid"
     > "$DATA/gateway.log" 2>&1 &
 echo $! > "$DATA/gateway.pid"
 
-for _ in $(seq 1 200); do
-    curl -fsS "http://127.0.0.1:$OPS_PORT/readyz" >/dev/null 2>&1 \
-        && curl -fsS "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 && break
+ready() {
+    curl -fsS --max-time 2 "http://127.0.0.1:$OPS_PORT/readyz" >/dev/null 2>&1 \
+        && curl -fsS --max-time 2 "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1
+}
+deadline=$((SECONDS + 60))
+until ready; do
     if ! kill -0 "$(cat "$DATA/gateway.pid")" 2>/dev/null; then
         echo "the gateway failed to start; its log:" >&2
         cat "$DATA/gateway.log" >&2
+        exit 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+        echo "the gateway is not ready after 60 s; its log:" >&2
+        tail -n 50 "$DATA/gateway.log" >&2
         exit 1
     fi
     sleep 0.1

@@ -182,6 +182,12 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight requests may take to finish. Default 30s.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace_period: Duration,
+    /// Longest a single write to the client (the response header, a body chunk) may wait for
+    /// the client to read. Past it the connection is dropped, the upstream connection is not
+    /// reused, and the request is metered with what was delivered (`error_type` =
+    /// `client_timeout`). Default 60s.
+    #[serde(default = "default_write_timeout", with = "humantime_serde")]
+    pub response_write_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -193,6 +199,7 @@ impl Default for ServerConfig {
             max_request_body_bytes: default_max_body(),
             request_body_timeout: default_body_timeout(),
             shutdown_grace_period: default_grace(),
+            response_write_timeout: default_write_timeout(),
         }
     }
 }
@@ -233,6 +240,20 @@ pub struct UpstreamConfig {
     /// metered by estimate unless the client asks for usage. Default true.
     #[serde(default = "default_true")]
     pub inject_stream_usage: bool,
+    /// Pass account-identifying headers through: the client's `OpenAI-Organization` and
+    /// `OpenAI-Project` upstream (with the platform's credential they would choose which of the
+    /// platform's organizations and projects pays), and the upstream's `openai-organization`,
+    /// `openai-project` and `anthropic-organization-id` back to the client (they name the
+    /// platform's provider account). Default false: stripped both ways.
+    #[serde(default)]
+    pub forward_account_headers: bool,
+    /// Paths after `/v1/` this upstream serves with `POST` (exact, e.g. `chat/completions`).
+    /// Default: the paths whose usage the gateway reads exactly: `chat/completions`,
+    /// `completions`, `embeddings`, `responses`, `messages`. Any other path listed here is
+    /// forwarded and metered by estimate (`usage_estimated = 1`); a path no upstream lists gets
+    /// 404 `unsupported_endpoint`.
+    #[serde(default = "default_paths")]
+    pub paths: Vec<String>,
     #[serde(default)]
     pub health: HealthConfig,
 }
@@ -326,6 +347,9 @@ fn default_body_timeout() -> Duration {
 fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
+fn default_write_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_auth_header() -> String {
     "authorization".into()
 }
@@ -365,11 +389,40 @@ fn default_redis_timeout() -> Duration {
 fn default_redis_prefix() -> String {
     "aihub".into()
 }
+fn default_paths() -> Vec<String> {
+    crate::api::Api::METERED_PATHS
+        .iter()
+        .map(|p| (*p).to_owned())
+        .collect()
+}
 fn default_true() -> bool {
     true
 }
 fn star() -> Vec<String> {
     vec!["*".into()]
+}
+
+/// A path of `upstreams.*.paths`: segments of letters, digits, `-`, `_` and `.` (no dot
+/// segments), separated by single slashes, without the `/v1/` prefix.
+fn check_api_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("empty");
+    }
+    if path.starts_with('/') || path.starts_with("v1/") {
+        return Err("give the path after `/v1/`, without a leading slash");
+    }
+    for segment in path.split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Err("empty or dot segment");
+        }
+        if !segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err("only letters, digits, `-`, `_` and `.` in a segment");
+        }
+    }
+    Ok(())
 }
 
 impl Config {
@@ -423,6 +476,12 @@ impl Config {
                 format!("`{}`: {e}", s.ops_listen),
             )
         })?;
+        if s.response_write_timeout.is_zero() {
+            return Err(err(
+                "server.response_write_timeout".into(),
+                "must be positive".into(),
+            ));
+        }
         if s.max_request_body_bytes == 0 {
             return Err(err(
                 "server.max_request_body_bytes".into(),
@@ -438,6 +497,15 @@ impl Config {
                 ));
             }
             for (i, url) in up.endpoints.iter().enumerate() {
+                if has_userinfo(url) {
+                    // Not echoed: the URL holds a credential.
+                    return Err(err(
+                        format!("{at}.endpoints[{i}]"),
+                        "credentials do not belong in a URL (they would show in metrics and \
+                         logs): use api_key_env"
+                            .into(),
+                    ));
+                }
                 BaseUrl::parse(url)
                     .map_err(|m| err(format!("{at}.endpoints[{i}]"), format!("`{url}`: {m}")))?;
             }
@@ -463,6 +531,11 @@ impl Config {
                     format!("{at}.health.failures"),
                     "must be positive".into(),
                 ));
+            }
+            for (i, path) in up.paths.iter().enumerate() {
+                if let Err(m) = check_api_path(path) {
+                    return Err(err(format!("{at}.paths[{i}]"), format!("`{path}`: {m}")));
+                }
             }
         }
         let mut models = HashSet::new();
@@ -637,8 +710,18 @@ pub struct BaseUrl {
     pub path: String,
 }
 
+/// Whether a URL carries `user[:password]@` before its host.
+fn has_userinfo(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
 impl BaseUrl {
     pub fn parse(url: &str) -> Result<BaseUrl, String> {
+        if has_userinfo(url) {
+            return Err("credentials do not belong in a URL: use api_key_env".into());
+        }
         let uri: http::Uri = url.parse().map_err(|e| format!("not a URL ({e})"))?;
         let tls = match uri.scheme_str() {
             Some("http") => false,
@@ -665,111 +748,5 @@ impl BaseUrl {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(yaml: &str) -> Result<Config, ConfigError> {
-        let file = Path::new("test.yaml");
-        let c = Config::parse(yaml, file)?;
-        c.validate(file)?;
-        Ok(c)
-    }
-
-    #[test]
-    fn defaults_apply() {
-        let c = parse("{}").unwrap();
-        assert_eq!(c.server.listen, vec!["127.0.0.1:8080"]);
-        assert_eq!(c.server.max_request_body_bytes, 10 * 1024 * 1024);
-    }
-
-    #[test]
-    fn unknown_fields_are_named_with_their_path() {
-        let e =
-            parse("upstreams:\n  a:\n    endpoints: [http://x]\n    colour: red\n").unwrap_err();
-        assert_eq!(e.key, "upstreams.a.colour");
-        assert!(e.message.contains("unknown field `colour`"), "{e}");
-        assert!(e.to_string().starts_with("test.yaml: upstreams.a.colour: "));
-    }
-
-    #[test]
-    fn validation_names_the_key() {
-        let e = parse("upstreams:\n  a:\n    endpoints: [ftp://x]\n").unwrap_err();
-        assert_eq!(e.key, "upstreams.a.endpoints[0]");
-        let e = parse(
-            "upstreams:\n  a:\n    endpoints: [http://x]\nroutes:\n  - {model: m, upstream: b}\n",
-        )
-        .unwrap_err();
-        assert_eq!(e.key, "routes[0].upstream");
-        let e = parse("upstreams:\n  a:\n    endpoints: [http://x]\n    api_key_env: AIHUB_TEST_SURELY_UNSET\n")
-            .unwrap_err();
-        assert_eq!(e.key, "upstreams.a.api_key_env");
-        let e = parse("keys:\n  - {id: k, hash: nope, developer_id: d}\n").unwrap_err();
-        assert_eq!(e.key, "keys[0].hash");
-        let e = parse("server:\n  listen: [\"nope\"]\n").unwrap_err();
-        assert_eq!(e.key, "server.listen[0]");
-    }
-
-    #[test]
-    fn control_plane_section() {
-        let c = parse("control_plane:\n  database_url: sqlite://data/aihub.db\n").unwrap();
-        let cp = c.control_plane.unwrap();
-        assert_eq!(cp.poll_interval, Duration::from_millis(250));
-        assert_eq!(cp.push_poll_interval, Duration::from_secs(1));
-        assert_eq!(cp.last_used_flush_interval, Duration::from_secs(10));
-        assert_eq!((cp.max_connections, cp.redis_url), (2, None));
-        assert!(parse("{}").unwrap().control_plane.is_none());
-
-        let e = parse("control_plane:\n  database_url: \"mysql://u:secret@h/db\"\n").unwrap_err();
-        assert_eq!(e.key, "control_plane.database_url");
-        assert!(!e.to_string().contains("secret"), "{e}");
-        let e = parse("control_plane:\n  database_url: sqlite://x.db\n  redis_url: \"http://h\"\n")
-            .unwrap_err();
-        assert_eq!(e.key, "control_plane.redis_url");
-        let e = parse("control_plane:\n  database_url: sqlite://x.db\n  poll_interval: 0s\n")
-            .unwrap_err();
-        assert_eq!(e.key, "control_plane.poll_interval");
-        let e = parse("control_plane:\n  database_url: sqlite://x.db\n  poll: 1s\n").unwrap_err();
-        assert_eq!(e.key, "control_plane.poll");
-        let e = parse("control_plane: {}\n").unwrap_err();
-        assert!(e.message.contains("database_url"), "{e}");
-    }
-
-    #[test]
-    fn database_url_override_creates_or_sets_the_section() {
-        let mut c = parse("{}").unwrap();
-        c.apply_database_url(Some(String::new()));
-        assert!(c.control_plane.is_none());
-        c.apply_database_url(Some("postgres://u@h/db".into()));
-        assert_eq!(
-            c.control_plane.as_ref().unwrap(),
-            &ControlPlaneConfig::with_url("postgres://u@h/db".into())
-        );
-        let mut c =
-            parse("control_plane:\n  database_url: sqlite://a.db\n  poll_interval: 1s\n").unwrap();
-        c.apply_database_url(Some("sqlite://b.db".into()));
-        let cp = c.control_plane.unwrap();
-        assert_eq!(
-            (cp.database_url.as_str(), cp.poll_interval),
-            ("sqlite://b.db", Duration::from_secs(1))
-        );
-    }
-
-    #[test]
-    fn key_ip_allowlists_are_validated() {
-        let h = format!("sha256:{}", "ab".repeat(32));
-        let ok = format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, ip_allowlist: [\"10.0.0.0/8\", \"::1\"]}}\n");
-        assert_eq!(parse(&ok).unwrap().keys[0].ip_allowlist.len(), 2);
-        let bad = format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, ip_allowlist: [\"10.0.0.0/8\", \"10.0.0.0/40\"]}}\n");
-        let e = parse(&bad).unwrap_err();
-        assert_eq!(e.key, "keys[0].ip_allowlist[1]");
-    }
-
-    #[test]
-    fn base_urls() {
-        let b = BaseUrl::parse("https://api.openai.com/v1/").unwrap();
-        assert_eq!((b.tls, b.port, b.path.as_str()), (true, 443, "/v1"));
-        let b = BaseUrl::parse("http://127.0.0.1:9000").unwrap();
-        assert_eq!((b.tls, b.port, b.path.as_str()), (false, 9000, ""));
-        assert!(BaseUrl::parse("http://h/v1?x=1").is_err());
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

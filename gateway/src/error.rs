@@ -47,6 +47,12 @@ pub enum GatewayError {
     UnknownModel(String),
     #[error("unknown URL {0}")]
     UnknownUrl(String),
+    /// The path is not in canonical form (see [`crate::path`]): refused, never rewritten.
+    #[error("non-canonical path: {0}")]
+    InvalidPath(crate::path::PathError),
+    /// A `POST /v1/…` path no upstream of the model (or of any model) serves.
+    #[error("unsupported endpoint `/v1/{0}`")]
+    UnsupportedEndpoint(String),
     #[error("malformed JSON body: {0}")]
     InvalidJson(String),
     #[error("the body has no `model` string")]
@@ -57,6 +63,9 @@ pub enum GatewayError {
     BodyTimeout,
     #[error("the client went away while sending the body")]
     ClientGone,
+    /// A write to the client did not complete within `server.response_write_timeout`.
+    #[error("the client stopped reading the response")]
+    ClientTimeout,
     #[error("no upstream endpoint of `{upstream}` accepted a connection: {detail}")]
     UpstreamUnreachable { upstream: String, detail: String },
     #[error("upstream `{upstream}` timed out: {detail}")]
@@ -98,12 +107,12 @@ impl GatewayError {
         match self {
             Auth(_) => 401,
             EndpointNotAllowed(_) | ModelNotAllowed(_) | IpNotAllowed => 403,
-            UnknownModel(_) | UnknownUrl(_) => 404,
-            InvalidJson(_) | MissingModel => 400,
+            UnknownModel(_) | UnknownUrl(_) | UnsupportedEndpoint(_) => 404,
+            InvalidJson(_) | MissingModel | InvalidPath(_) => 400,
             BodyTimeout => 408,
             BodyTooLarge(_) => 413,
             Limited { .. } => 429,
-            ClientGone => 499,
+            ClientGone | ClientTimeout => 499,
             UpstreamUnreachable { .. } | UpstreamFailed { .. } => 502,
             UpstreamTimeout { .. } => 504,
             MeteringUnavailable => 503,
@@ -122,6 +131,8 @@ impl GatewayError {
             IpNotAllowed => "ip_not_allowed",
             UnknownModel(_) => "model_not_found",
             UnknownUrl(_) => "unknown_url",
+            InvalidPath(_) => "invalid_path",
+            UnsupportedEndpoint(_) => "unsupported_endpoint",
             InvalidJson(_) => "invalid_json",
             MissingModel => "missing_model",
             BodyTooLarge(_) => "request_too_large",
@@ -131,6 +142,7 @@ impl GatewayError {
             },
             BodyTimeout => "request_timeout",
             ClientGone => "client_closed_request",
+            ClientTimeout => "client_timeout",
             UpstreamUnreachable { .. } => "upstream_unreachable",
             UpstreamTimeout { .. } => "upstream_timeout",
             UpstreamFailed { .. } => "upstream_error",
@@ -177,6 +189,8 @@ impl GatewayError {
             IpNotAllowed => "This API key may not be used from your IP address.".into(),
             UnknownModel(m) => format!("The model `{m}` does not exist or you do not have access to it."),
             UnknownUrl(u) => format!("Unknown request URL: {u}. Please check the URL for typos."),
+            InvalidPath(_) => "The request path is not in canonical form: dot segments (`.`, `..`), percent-encoded dots, slashes and unreserved characters, doubled slashes and backslashes are refused.".into(),
+            UnsupportedEndpoint(e) => format!("The endpoint `/v1/{e}` is not supported by this gateway for this model."),
             InvalidJson(why) => format!("We could not parse the JSON body of your request: {why}."),
             MissingModel => "You must provide a model parameter (a JSON string).".into(),
             BodyTooLarge(limit) => format!("The request body is larger than the maximum of {limit} bytes."),
@@ -192,6 +206,7 @@ impl GatewayError {
             }
             BodyTimeout => "Timed out while reading the request body.".into(),
             ClientGone => "The client closed the request.".into(),
+            ClientTimeout => "The client stopped reading the response.".into(),
             UpstreamUnreachable { .. } => "The upstream model provider could not be reached. Please retry.".into(),
             UpstreamTimeout { .. } => "The upstream model provider did not answer in time. Please retry.".into(),
             UpstreamFailed { .. } => "The upstream model provider returned an invalid response. Please retry.".into(),
@@ -256,6 +271,16 @@ mod tests {
             body(Reason::SpendCap)["error"]["code"],
             "insufficient_quota"
         );
+    }
+
+    #[test]
+    fn invalid_paths_are_400_invalid_path() {
+        let e = GatewayError::InvalidPath(crate::path::PathError::DotSegment);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(e.status(), 400);
+        assert_eq!(v["error"]["code"], "invalid_path");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(GatewayError::ClientTimeout.code(), "client_timeout");
     }
 
     #[test]

@@ -18,9 +18,10 @@ use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
+use crate::api::Api;
 use crate::error::GatewayError;
-use crate::metering::{JsonBody, SseMeter};
-use crate::proxy::{RequestCtx, ResponseMeter, Shared};
+use crate::metering::{JsonMeter, SseMeter};
+use crate::proxy::{client_error, client_write, RequestCtx, ResponseMeter, Shared};
 use crate::routing::{Endpoint, Route, Upstream};
 
 /// How many times a request may meet a stale pooled connection before giving up on an endpoint.
@@ -51,6 +52,17 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
             | "accept-encoding"
     )
 }
+
+/// Headers naming an account at the provider. Sent by a client, they would choose which of the
+/// platform's organizations or projects pays (the platform's credential goes with them); sent
+/// by the upstream, they name the platform's provider account. Stripped both ways unless the
+/// upstream has `forward_account_headers`.
+const ACCOUNT_REQUEST_HEADERS: [&str; 2] = ["openai-organization", "openai-project"];
+const ACCOUNT_RESPONSE_HEADERS: [&str; 3] = [
+    "openai-organization",
+    "openai-project",
+    "anthropic-organization-id",
+];
 
 /// Proxies `body` to `route`'s upstream and streams the response to `session`.
 pub async fn exchange(
@@ -170,11 +182,11 @@ async fn relay(
     let source = up
         .response_header()
         .ok_or_else(|| GatewayError::Internal("no upstream response header".into()))?;
-    let mut resp = downstream_response(source, ctx);
+    let mut resp = downstream_response(source, ctx, upstream.forward_account_headers);
     ctx.rate_headers.apply(&mut resp.headers);
     ctx.status = resp.status.as_u16();
     let metering = shared.usage.is_some() || ctx.admission.is_some();
-    ctx.meter = response_meter(&resp, strip_usage, metering);
+    ctx.meter = response_meter(&resp, ctx.api, strip_usage, metering);
     if matches!(ctx.meter, ResponseMeter::Sse(_)) && strip_usage {
         // Removing the usage event changes the length: let the body be chunked.
         if resp.headers.remove(header::CONTENT_LENGTH).is_some() {
@@ -192,10 +204,11 @@ async fn relay(
     }
 
     ctx.response_started = true;
-    session
-        .write_response_header(Box::new(ResponseHeader::from(resp)), false)
-        .await
-        .map_err(|_| GatewayError::ClientGone)?;
+    // Every write to the client is bounded by `server.response_write_timeout`: a client that
+    // stops reading ends the exchange (the upstream connection is dropped, not pooled).
+    let limit = session.downstream_session.get_write_timeout();
+    let header = Box::new(ResponseHeader::from(resp));
+    client_write(limit, session.write_response_header(header, false)).await?;
     loop {
         let chunk = match up.read_response_body().await {
             Ok(Some(chunk)) => chunk,
@@ -210,10 +223,7 @@ async fn relay(
         };
         let chunk = meter(&mut ctx.meter, chunk);
         ctx.bytes_out += chunk.len() as u64;
-        session
-            .write_response_body(Some(chunk), false)
-            .await
-            .map_err(|_| GatewayError::ClientGone)?;
+        client_write(limit, session.write_response_body(Some(chunk), false)).await?;
         if up.response_done() {
             break;
         }
@@ -224,12 +234,9 @@ async fn relay(
         session
             .write_response_body(Some(rest), false)
             .await
-            .map_err(|_| GatewayError::ClientGone)?;
+            .map_err(|e| client_error(&e))?;
     }
-    session
-        .write_response_body(None, true)
-        .await
-        .map_err(|_| GatewayError::ClientGone)?;
+    client_write(limit, session.write_response_body(None, true)).await?;
     shared
         .connector
         .release_http_session(up, &endpoint.peer, endpoint.peer.options.idle_timeout)
@@ -237,9 +244,11 @@ async fn relay(
     Ok(())
 }
 
-/// How to meter a response: successful JSON and SSE bodies only (errors carry zero tokens).
+/// How to meter a response: errors carry zero tokens; successful JSON and SSE bodies are read
+/// for their usage; any other successful body (audio, images) is estimated.
 fn response_meter(
     resp: &http::response::Parts,
+    api: Api,
     strip_usage: bool,
     metering: bool,
 ) -> ResponseMeter {
@@ -252,18 +261,18 @@ fn response_meter(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if content_type.starts_with("text/event-stream") {
-        ResponseMeter::Sse(SseMeter::new(strip_usage))
+        ResponseMeter::Sse(SseMeter::new(api, strip_usage))
     } else if content_type.starts_with("application/json") {
-        ResponseMeter::Json(JsonBody::default())
+        ResponseMeter::Json(JsonMeter::default())
     } else {
-        ResponseMeter::None // audio, files…: no tokens to read
+        ResponseMeter::Opaque // audio, images…: no usage to read
     }
 }
 
 /// Passes a body chunk through the meter; returns what the client gets.
 fn meter(m: &mut ResponseMeter, chunk: Bytes) -> Bytes {
     match m {
-        ResponseMeter::None => chunk,
+        ResponseMeter::None | ResponseMeter::Opaque => chunk,
         ResponseMeter::Sse(sse) => sse.feed(chunk),
         ResponseMeter::Json(kept) => {
             kept.push(&chunk);
@@ -296,7 +305,9 @@ fn take_buffered(up: &mut HttpSession, first: Bytes) -> Result<Bytes, Box<Error>
 }
 
 /// The request header sent to `endpoint`: the client's path under the endpoint's base path, the
-/// client's headers minus the dropped ones, the upstream credential, exact framing.
+/// client's headers minus the dropped ones (and its account headers, unless the upstream
+/// forwards them), the upstream credential, exact framing. The path is the one the client sent,
+/// already checked by [`crate::path::check`]: never rewritten.
 fn upstream_request(
     client: &RequestHeader,
     endpoint: &Endpoint,
@@ -320,7 +331,8 @@ fn upstream_request(
     )
     .map_err(internal)?;
     for (name, value) in client.headers.iter() {
-        if !is_dropped_request_header(name) {
+        let account = ACCOUNT_REQUEST_HEADERS.contains(&name.as_str());
+        if !is_dropped_request_header(name) && (!account || upstream.forward_account_headers) {
             h.append_header(name.clone(), value.clone())
                 .map_err(internal)?;
         }
@@ -340,14 +352,23 @@ fn upstream_request(
 
 /// The response header sent to the client: the upstream's, with our request id (the upstream's
 /// moves to `x-upstream-request-id`) and without hop-by-hop headers or the provider account's
-/// rate-limit headers. Built as plain `http` parts: header names go out in canonical case, and
-/// edits are single map operations (pingora's case-preserving map costs two allocations and a
-/// name parse per header).
-fn downstream_response(source: &ResponseHeader, ctx: &RequestCtx) -> http::response::Parts {
+/// rate-limit headers (nor its account headers unless `forward_account`). Built as plain `http`
+/// parts: header names go out in canonical case, and edits are single map operations
+/// (pingora's case-preserving map costs two allocations and a name parse per header).
+fn downstream_response(
+    source: &ResponseHeader,
+    ctx: &RequestCtx,
+    forward_account: bool,
+) -> http::response::Parts {
     let mut resp = source.as_owned_parts();
     let h = &mut resp.headers;
     for name in ["connection", "keep-alive", "proxy-connection"] {
         h.remove(name);
+    }
+    if !forward_account {
+        for name in ACCOUNT_RESPONSE_HEADERS {
+            h.remove(name);
+        }
     }
     // The provider account's own limits are not the client's: ours replace them, or none.
     let theirs: Vec<HeaderName> = h

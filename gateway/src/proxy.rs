@@ -60,6 +60,8 @@ pub struct RequestCtx {
     pub start: Instant,
     pub key: Option<Arc<KeyRecord>>,
     pub route: Option<Arc<Route>>,
+    /// The API of the request's path (how its usage is read).
+    pub api: crate::api::Api,
     /// Index of the upstream endpoint that answered.
     pub endpoint: Option<usize>,
     pub stream: bool,
@@ -97,8 +99,10 @@ pub enum ResponseMeter {
     /// Not metered (no response yet, or an error status: zero tokens).
     #[default]
     None,
-    /// A JSON body, kept aside up to `metering::JSON_KEEP_MAX`.
-    Json(crate::metering::JsonBody),
+    /// A successful body that is neither JSON nor SSE (audio, images): estimated.
+    Opaque,
+    /// A JSON body (kept aside when small, scanned for its usage when large).
+    Json(crate::metering::JsonMeter),
     /// An SSE stream.
     Sse(crate::metering::SseMeter),
 }
@@ -120,6 +124,7 @@ impl ProxyHttp for Gateway {
             start: Instant::now(),
             key: None,
             route: None,
+            api: crate::api::Api::Other,
             endpoint: None,
             stream: false,
             status: 0,
@@ -166,7 +171,10 @@ impl ProxyHttp for Gateway {
                 // Mid-stream failure: drop the connection so the client sees a truncated body
                 // (no final chunk), never a clean end.
                 tracing::warn!(request_id = %ctx.request_id, error = %e, "response aborted mid-stream");
-                ctx.error = Some("aborted");
+                ctx.error = Some(match e {
+                    GatewayError::ClientTimeout => e.code(),
+                    _ => "aborted",
+                });
                 Error::e_explain(ErrorType::InternalError, "response aborted mid-stream")
             }
         }
@@ -196,7 +204,11 @@ impl ProxyHttp for Gateway {
         }
         let elapsed = ctx.start.elapsed();
         let model = ctx.route.as_ref().map_or("unknown", |r| r.model.as_str());
-        let status = ctx.status.to_string();
+        // The upstream chooses the status: a label takes only real HTTP codes.
+        let status = match ctx.status {
+            100..=599 => ctx.status.to_string(),
+            _ => "other".to_owned(),
+        };
         m.requests
             .with_label_values(&[model, status.as_str()])
             .inc();
@@ -232,7 +244,8 @@ impl ProxyHttp for Gateway {
             return;
         }
         let runtime = self.shared.runtime.load();
-        let priced = crate::usage::priced(ctx, &runtime.pricing);
+        let tokens = crate::usage::tokens(crate::usage::metered(ctx)).await;
+        let priced = crate::usage::priced(ctx, tokens, &runtime.pricing);
         if let (Some(admission), Some(limits)) = (ctx.admission.take(), &self.shared.limits) {
             limits.settle(
                 admission,
@@ -262,10 +275,16 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<(), GatewayError> {
         let rt = self.shared.runtime.load_full();
+        // Every write to the client is bounded (pingora's body writes by this setting, the
+        // others by `client_write`), and so is draining an unread body after an early answer.
+        let downstream = &mut session.downstream_session;
+        downstream.set_write_timeout(Some(rt.response_write_timeout));
+        downstream.set_total_drain_timeout(Some(rt.request_body_timeout));
         // Cheap clones (reference-counted bytes) that free `session` for the writes below.
         let uri = session.req_header().uri.clone();
         let method = session.req_header().method.clone();
-        let path = uri.path();
+        // The path as sent is the one checked, forwarded and recorded: refused unless canonical.
+        let path = crate::path::check(uri.path()).map_err(GatewayError::InvalidPath)?;
         let Some(endpoint) = path.strip_prefix("/v1/") else {
             return Err(unknown_url(&method, path));
         };
@@ -294,7 +313,29 @@ impl Gateway {
         if !key.endpoints.matches(endpoint) {
             return Err(GatewayError::EndpointNotAllowed(endpoint.to_owned()));
         }
+        // A path no upstream serves is refused before its body is read.
+        if !rt.paths.contains(endpoint) {
+            return Err(GatewayError::UnsupportedEndpoint(endpoint.to_owned()));
+        }
+        ctx.api = crate::api::Api::of_path(endpoint);
 
+        // Everything decidable without the body comes before reading it: a key at a limit is
+        // refused without its body being read or buffered.
+        if declared_length(session).is_some_and(|n| n > rt.max_request_body_bytes) {
+            return Err(GatewayError::BodyTooLarge(rt.max_request_body_bytes));
+        }
+        if self.shared.usage.as_ref().is_some_and(|u| !u.admit()) {
+            return Err(GatewayError::MeteringUnavailable);
+        }
+        if let Some(limits) = &self.shared.limits {
+            match limits.admit(&key, &rt.plans).await {
+                Ok(admission) => {
+                    ctx.rate_headers = admission.headers;
+                    ctx.admission = Some(admission).filter(|a| !a.is_inert());
+                }
+                Err(refusal) => return Err(limited(ctx, refusal)),
+            }
+        }
         let body = self.read_body(session, ctx, &rt).await?;
         ctx.request_body = Some(body.clone());
         let probe = request::inspect(&body)?;
@@ -305,38 +346,29 @@ impl Gateway {
         if !key.models.matches(&probe.model) {
             return Err(GatewayError::ModelNotAllowed(probe.model));
         }
+        if !route.upstream.serves(endpoint) {
+            return Err(GatewayError::UnsupportedEndpoint(endpoint.to_owned()));
+        }
         ctx.route = Some(Arc::clone(route));
         ctx.stream = probe.stream;
-        if self.shared.usage.as_ref().is_some_and(|u| !u.admit()) {
-            return Err(GatewayError::MeteringUnavailable);
-        }
-        if let Some(limits) = &self.shared.limits {
+        // The second step of the admission: the token reservation, which needs the body.
+        if let (Some(limits), Some(admission)) = (&self.shared.limits, ctx.admission.take()) {
             let embeddings = endpoint.starts_with("embeddings");
-            let estimate = limits.estimate(body.len(), probe.max_tokens, probe.n, embeddings);
-            match limits.admit(&key, &rt.plans, estimate).await {
+            let cost = limits.cost(body.len(), probe.max_tokens, probe.n, embeddings);
+            match limits.reserve(admission, cost).await {
                 Ok(admission) => {
                     ctx.rate_headers = admission.headers;
-                    ctx.admission = Some(admission).filter(|a| !a.is_inert());
+                    ctx.admission = Some(admission);
                 }
-                Err(refusal) => {
-                    ctx.rate_headers = refusal.headers;
-                    ctx.retry_after = Some(refusal.retry_after_secs);
-                    let shown = match refusal.reason {
-                        crate::limits::Reason::Tokens => refusal.headers.tokens,
-                        _ => refusal.headers.requests,
-                    };
-                    return Err(GatewayError::Limited {
-                        reason: refusal.reason,
-                        retry_after_secs: refusal.retry_after_secs,
-                        limit: shown.filter(|s| s.remaining == 0).map(|s| s.limit),
-                    });
-                }
+                Err(refusal) => return Err(limited(ctx, refusal)),
             }
         }
-        // Streams are metered from the upstream's usage chunk: ask for it when the client did not
-        // (and strip it from the client's stream); when metering or token limits need it.
+        // Chat and completion streams report usage only when asked: ask when the client did not
+        // (and strip it from the client's stream), when metering or token limits need it. Other
+        // APIs report it unasked and refuse `stream_options`.
         let meter_stream = (self.shared.usage.is_some() || ctx.admission.is_some())
-            && route.upstream.inject_stream_usage;
+            && route.upstream.inject_stream_usage
+            && ctx.api.takes_stream_options();
         let (body, strip_usage) =
             request::upstream_body(body, &probe, route.upstream_model.as_deref(), meter_stream);
         crate::forward::exchange(&self.shared, session, ctx, route, body, strip_usage).await
@@ -350,20 +382,15 @@ impl Gateway {
         rt: &Runtime,
     ) -> Result<Bytes, GatewayError> {
         let limit = rt.max_request_body_bytes;
-        let declared = session
-            .get_header(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let declared = declared_length(session);
         if declared.is_some_and(|n| n > limit) {
             return Err(GatewayError::BodyTooLarge(limit));
         }
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + rt.request_body_timeout);
         if is_expect_continue(session) {
-            session
-                .downstream_session
-                .write_continue_response()
-                .await
-                .map_err(|_| GatewayError::ClientGone)?;
+            let limit = session.downstream_session.get_write_timeout();
+            client_write(limit, session.downstream_session.write_continue_response()).await?;
         }
         // The common case is a body that arrives in one read: keep it without copying.
         let mut first: Option<Bytes> = None;
@@ -383,7 +410,10 @@ impl Gateway {
                 None if buf.is_empty() => first = Some(chunk),
                 prev => {
                     if buf.is_empty() {
-                        buf.reserve(declared.unwrap_or(0).max(ctx.bytes_in));
+                        // A declared length sizes the buffer only up to a small bound: past it
+                        // the buffer grows as bytes actually arrive.
+                        let expected = declared.unwrap_or(0).min(BODY_PREALLOC_MAX);
+                        buf.reserve(expected.max(ctx.bytes_in));
                     }
                     if let Some(prev) = prev {
                         buf.extend_from_slice(&prev);
@@ -449,7 +479,7 @@ impl Gateway {
                 .inc();
         }
         match e {
-            GatewayError::ClientGone => {
+            GatewayError::ClientGone | GatewayError::ClientTimeout => {
                 ctx.status = e.status();
                 session.set_keepalive(None);
                 return;
@@ -498,15 +528,69 @@ impl Gateway {
         }
         ctx.response_started = true;
         ctx.bytes_out = body.len() as u64;
-        session
-            .write_response_header(Box::new(ResponseHeader::from(resp)), false)
-            .await
-            .map_err(|_| GatewayError::ClientGone)?;
-        session
-            .write_response_body(Some(Bytes::from(body)), true)
-            .await
-            .map_err(|_| GatewayError::ClientGone)
+        let limit = session.downstream_session.get_write_timeout();
+        let written = async {
+            let header = Box::new(ResponseHeader::from(resp));
+            client_write(limit, session.write_response_header(header, false)).await?;
+            let body = Some(Bytes::from(body));
+            client_write(limit, session.write_response_body(body, true)).await
+        }
+        .await;
+        if written.is_err() {
+            session.set_keepalive(None);
+        }
+        written
     }
+}
+
+/// Most bytes a declared `Content-Length` reserves up front (a larger body's buffer grows as
+/// its bytes arrive).
+const BODY_PREALLOC_MAX: usize = 64 * 1024;
+
+/// One write to the client, bounded by `limit` (`server.response_write_timeout`, as set on the
+/// session by `handle`): a client that stops reading becomes `ClientTimeout`, a closed
+/// connection `ClientGone`.
+pub(crate) async fn client_write<T>(
+    limit: Option<Duration>,
+    write: impl std::future::Future<Output = Result<T>>,
+) -> Result<T, GatewayError> {
+    let done = match limit {
+        Some(limit) => tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| GatewayError::ClientTimeout)?,
+        None => write.await,
+    };
+    done.map_err(|e| client_error(&e))
+}
+
+/// A failed write to the client: timed out (`server.response_write_timeout`) or gone.
+pub(crate) fn client_error(e: &Error) -> GatewayError {
+    match e.etype() {
+        ErrorType::WriteTimedout => GatewayError::ClientTimeout,
+        _ => GatewayError::ClientGone,
+    }
+}
+
+/// A limit's refusal as the error it becomes; its rate-limit headers go on the response.
+fn limited(ctx: &mut RequestCtx, refusal: crate::limits::Refusal) -> GatewayError {
+    ctx.rate_headers = refusal.headers;
+    ctx.retry_after = Some(refusal.retry_after_secs);
+    let shown = match refusal.reason {
+        crate::limits::Reason::Tokens => refusal.headers.tokens,
+        _ => refusal.headers.requests,
+    };
+    GatewayError::Limited {
+        reason: refusal.reason,
+        retry_after_secs: refusal.retry_after_secs,
+        limit: shown.filter(|s| s.remaining == 0).map(|s| s.limit),
+    }
+}
+
+/// The body length the client declared (`Content-Length`), if any.
+fn declared_length(session: &Session) -> Option<usize> {
+    session
+        .get_header(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
 }
 
 /// The key the client presented: `Authorization: Bearer …`, else `x-api-key`.

@@ -25,11 +25,15 @@ pub struct Runtime {
     pub models: Vec<String>,
     pub max_request_body_bytes: usize,
     pub request_body_timeout: Duration,
+    /// Longest one write to the client may take (`server.response_write_timeout`).
+    pub response_write_timeout: Duration,
     /// When this table was built, unix seconds (the `created` of `GET /v1/models`).
     pub loaded_at_unix: u64,
     pub pricing: aihub_usage::pricing::Pricing,
     /// Plans for limits and quotas (re-read on reload); built in without `limits.plans_file`.
     pub plans: Arc<aihub_plans::PlanCatalog>,
+    /// Every path (after `/v1/`) some upstream serves: others are refused before the body.
+    pub paths: std::collections::HashSet<String>,
 }
 
 /// A model clients may name.
@@ -50,6 +54,11 @@ pub struct Upstream {
     pub auth: Option<(HeaderName, HeaderValue)>,
     /// Add `stream_options.include_usage` to streams (see the config key of the same name).
     pub inject_stream_usage: bool,
+    /// Pass `OpenAI-Organization`/`OpenAI-Project` upstream and the provider account's headers
+    /// back (see the config key of the same name); stripped when false.
+    pub forward_account_headers: bool,
+    /// Paths after `/v1/` this upstream serves (`POST`).
+    pub paths: Vec<String>,
     next: AtomicUsize,
     failures_to_trip: u32,
     cooldown_ms: u64,
@@ -101,11 +110,17 @@ impl Runtime {
         }
         let mut models: Vec<String> = routes.keys().cloned().collect();
         models.sort();
+        let paths = routes
+            .values()
+            .flat_map(|r| r.upstream.paths.iter().cloned())
+            .collect();
         Ok(Runtime {
             routes,
             models,
+            paths,
             max_request_body_bytes: config.server.max_request_body_bytes,
             request_body_timeout: config.server.request_body_timeout,
+            response_write_timeout: config.server.response_write_timeout,
             loaded_at_unix: now_ms() / 1000,
             plans: Arc::new(match &config.limits {
                 Some(l) => l.plans(file)?,
@@ -132,6 +147,11 @@ impl Runtime {
 }
 
 impl Upstream {
+    /// Whether this upstream serves `path` (after `/v1/`).
+    pub fn serves(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| p == path)
+    }
+
     fn build(name: &str, cfg: &UpstreamConfig) -> Result<Upstream, (String, String)> {
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
         for (i, url) in cfg.endpoints.iter().enumerate() {
@@ -199,6 +219,8 @@ impl Upstream {
             endpoints,
             auth,
             inject_stream_usage: cfg.inject_stream_usage,
+            forward_account_headers: cfg.forward_account_headers,
+            paths: cfg.paths.clone(),
             next: AtomicUsize::new(0),
             failures_to_trip: cfg.health.failures,
             cooldown_ms: cfg.health.cooldown.as_millis() as u64,

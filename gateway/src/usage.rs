@@ -14,25 +14,55 @@ use crate::proxy::{RequestCtx, ResponseMeter};
 /// Longest user agent kept in a record.
 const USER_AGENT_MAX: usize = 512;
 
-/// Token counts of a finished request and whether they are estimated.
-pub fn final_usage(ctx: &RequestCtx) -> (Usage, bool) {
-    let body = ctx.request_body.as_deref().unwrap_or(&[]);
-    let estimate =
-        |response: &[u8]| metering::estimate(body, metering::response_text_chars(response));
-    match &ctx.meter {
-        ResponseMeter::None => (Usage::default(), false),
-        ResponseMeter::Json(kept) => match kept.bytes() {
-            Some(body) if ctx.error.is_none() => match metering::json_usage(&body) {
-                Some(u) => (u, false),
-                None => (estimate(&body), true),
-            },
-            // Too large to keep, or cut short: estimate from what was delivered.
-            kept => (estimate(kept.as_deref().unwrap_or(&[])), true),
+/// What a finished request's tokens come from.
+#[derive(Debug)]
+pub enum Metered {
+    /// Nothing was consumed (refused before the upstream, or an error status): zero, exactly.
+    Nothing,
+    /// The upstream reported its usage.
+    Exact(Usage),
+    /// No readable usage: estimated from the request and the text delivered.
+    Estimate {
+        request: bytes::Bytes,
+        delivered: metering::Delivered,
+    },
+}
+
+/// How a finished request is metered: the response meter's reading, taken out of `ctx`.
+pub fn metered(ctx: &mut RequestCtx) -> Metered {
+    let api = ctx.api;
+    let estimate = |delivered| Metered::Estimate {
+        request: ctx.request_body.clone().unwrap_or_default(),
+        delivered,
+    };
+    match std::mem::take(&mut ctx.meter) {
+        ResponseMeter::None => Metered::Nothing,
+        ResponseMeter::Opaque => estimate(metering::Delivered::default()),
+        ResponseMeter::Json(json) => match json.usage(api) {
+            // A body cut short may still hold an early usage object, but not the whole answer.
+            Some(u) if ctx.error.is_none() => Metered::Exact(u),
+            _ => estimate(json.delivered()),
         },
-        ResponseMeter::Sse(sse) => match sse.usage {
-            Some(u) => (u, false),
-            None => (metering::estimate(body, sse.text_chars), true),
+        ResponseMeter::Sse(sse) => match sse.usage() {
+            Some(u) => Metered::Exact(u),
+            None => estimate(sse.delivered),
         },
+    }
+}
+
+/// The tokens of a finished request and whether they are estimated. Estimating tokenizes text,
+/// so it runs on the blocking pool, never on a proxy worker thread.
+pub async fn tokens(metered: Metered) -> (Usage, bool) {
+    match metered {
+        Metered::Nothing => (Usage::default(), false),
+        Metered::Exact(u) => (u, false),
+        Metered::Estimate { request, delivered } => {
+            let work = move || metering::estimate::estimate(&request, &delivered);
+            match tokio::task::spawn_blocking(work).await {
+                Ok(u) => (u, true),
+                Err(_) => (Usage::default(), true), // the blocking pool is shutting down
+            }
+        }
     }
 }
 
@@ -45,9 +75,8 @@ pub struct Priced {
     pub cost_nanos: i64,
 }
 
-/// Tokens and cost of a finished request (for its usage record and its limits).
-pub fn priced(ctx: &RequestCtx, pricing: &Pricing) -> Priced {
-    let (usage, estimated) = final_usage(ctx);
+/// The cost of a finished request's tokens (for its usage record and its limits).
+pub fn priced(ctx: &RequestCtx, (usage, estimated): (Usage, bool), pricing: &Pricing) -> Priced {
     let route = ctx.route.as_deref();
     let model = route.map_or("", |r| r.model.as_str());
     let upstream_model = route.map_or("", |r| r.upstream_model.as_deref().unwrap_or(&r.model));

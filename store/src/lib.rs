@@ -129,20 +129,18 @@ static DRIVERS: Once = Once::new();
 impl Store {
     /// Connects (lazily: the pool opens connections on first use, so a gateway can start while
     /// the database is down). SQLite files and their folder are created when missing and run
-    /// in WAL mode.
+    /// in WAL mode. The control-plane database holds credentials (password and key hashes,
+    /// session tokens), so a new file is created with mode 0600 (SQLite gives its `-wal` and
+    /// `-shm` files the database file's mode) and a new folder 0700, whatever the umask.
     pub async fn connect(opts: &StoreOptions) -> Result<Store> {
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let dialect = dialect_of(&opts.url)?;
         let mut url = opts.url.clone();
         if dialect == Dialect::Sqlite {
             let path = sqlite_path(&url);
-            if path != ":memory:" {
-                if let Some(dir) = std::path::Path::new(path).parent() {
-                    if !dir.as_os_str().is_empty() {
-                        std::fs::create_dir_all(dir)
-                            .map_err(|e| StoreError::Url(format!("{}: {e}", dir.display())))?;
-                    }
-                }
+            let in_memory = path == ":memory:" || url.contains("mode=memory");
+            if !in_memory && !url.contains("mode=ro") {
+                create_private_file(std::path::Path::new(path))?;
             }
             if !url.contains("mode=") {
                 url.push_str(if url.contains('?') { "&" } else { "?" });
@@ -198,6 +196,31 @@ impl Store {
     }
 }
 
+/// Creates a missing SQLite database file, empty (SQLite's form of a new database) and
+/// owner-only, and its missing folders owner-only; an existing file is left as it is.
+fn create_private_file(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let failed =
+        |p: &std::path::Path, e: std::io::Error| StoreError::Url(format!("{}: {e}", p.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| failed(dir, e))?;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(failed(path, e)),
+    }
+}
+
 fn dialect_of(url: &str) -> Result<Dialect> {
     if url.starts_with("sqlite:") {
         Ok(Dialect::Sqlite)
@@ -240,5 +263,28 @@ mod tests {
         assert_eq!(sqlite_path("sqlite://data/a.db?mode=rwc"), "data/a.db");
         assert_eq!(sqlite_path("sqlite:///abs/a.db"), "/abs/a.db");
         assert!(new_id("dev_").starts_with("dev_") && new_id("k").len() == 33);
+    }
+
+    /// The database, its `-wal` and `-shm` files and its folder are owner-only, whatever the
+    /// umask (0022 here, as on most systems).
+    #[tokio::test]
+    async fn sqlite_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("data/nested/aihub.db");
+        let store = Store::connect(&StoreOptions::new(format!("sqlite://{}", db.display())))
+            .await
+            .unwrap();
+        migrations::migrate(&store).await.unwrap();
+        let wal = db.with_extension("db-wal");
+        let shm = db.with_extension("db-shm");
+        assert!(wal.exists() && shm.exists(), "WAL mode files");
+        for f in [&db, &wal, &shm] {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+        assert_eq!(mode(&tmp.path().join("data")), 0o700);
+        assert_eq!(mode(db.parent().unwrap()), 0o700);
+        store.close().await;
     }
 }

@@ -8,9 +8,13 @@
 //!
 //! Writes go through a 64 KiB buffer flushed to the OS every flush interval; the buffer is also
 //! flushed when the writer is dropped, so a runtime shutdown loses nothing already received.
+//!
+//! Records hold client addresses and user agents: the folders this module creates are
+//! owner-only (0700) and every file it writes is 0600, whatever the process umask.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -44,10 +48,27 @@ fn name(dir: &Path, seq: u64, ext: &str) -> PathBuf {
     dir.join(format!("{seq:020}.{ext}"))
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (an existing folder keeps its mode).
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates a new file with mode 0600 for writing; fails if it exists.
+fn create_private_file(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Lists segments left on disk (`.open` and `.ready`), oldest first; creates `dir` and
 /// `dir/dead` when missing.
 pub fn recover(dir: &Path) -> io::Result<Vec<Segment>> {
-    fs::create_dir_all(dir.join("dead"))?;
+    create_private_dir(&dir.join("dead"))?;
     let mut found = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -88,10 +109,7 @@ pub fn recover(dir: &Path) -> io::Result<Vec<Segment>> {
 impl OpenSegment {
     pub fn create(dir: &Path, seq: u64) -> io::Result<OpenSegment> {
         let path = name(dir, seq, "open");
-        let file = fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)?;
+        let file = create_private_file(&path)?;
         Ok(OpenSegment {
             seq,
             path,
@@ -160,10 +178,16 @@ pub fn remove(segment: &Segment) -> io::Result<()> {
 /// Moves a refused segment to `dead/`, with the refusal beside it.
 pub fn dead_letter(segment: &Segment, error: &str) -> io::Result<PathBuf> {
     let dir = segment.path.parent().unwrap_or(Path::new(".")).join("dead");
-    fs::create_dir_all(&dir)?;
+    create_private_dir(&dir)?;
     let target = dir.join(segment.path.file_name().unwrap_or_default());
     fs::rename(&segment.path, &target)?;
-    fs::write(target.with_extension("error"), error)?;
+    let note = target.with_extension("error");
+    // A refusal written again for a segment of the same name replaces the old note.
+    match fs::remove_file(&note) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    create_private_file(&note)?.write_all(error.as_bytes())?;
     Ok(target)
 }
 
@@ -234,6 +258,35 @@ mod tests {
         assert!(dead.exists() && dead.with_extension("error").exists());
         remove(&found[1]).unwrap();
         assert!(recover(dir.path()).unwrap().is_empty());
+    }
+
+    /// The folders and files the WAL creates are owner-only whatever the umask (0022 in
+    /// tests, as on most systems), through the pipeline's own entry point.
+    #[test]
+    fn files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data/wal");
+        let config = crate::pipeline::PipelineConfig {
+            wal_dir: dir.clone(),
+            ..serde_json::from_str("{}").unwrap()
+        };
+        let registry = prometheus::Registry::new();
+        let metrics = crate::pipeline::PipelineMetrics::new(&registry);
+        drop(crate::pipeline::open(config, metrics).unwrap());
+        for d in [tmp.path().join("data"), dir.clone(), dir.join("dead")] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        let mut seg = OpenSegment::create(&dir, 1).unwrap();
+        let open_path = dir.join(format!("{:020}.open", 1));
+        assert_eq!(mode(&open_path), 0o600);
+        seg.append(record(1)).unwrap();
+        let closed = seg.close().unwrap();
+        assert_eq!(mode(&closed.path), 0o600);
+        let dead = dead_letter(&closed, "Code: 53").unwrap();
+        assert_eq!(mode(&dead), 0o600);
+        assert_eq!(mode(&dead.with_extension("error")), 0o600);
     }
 
     #[test]

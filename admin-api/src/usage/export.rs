@@ -262,17 +262,17 @@ async fn stream(
 }
 
 fn write_row(buf: &mut Vec<u8>, r: &ExportRow<'_>) {
-    field(buf, r.rid);
+    text_cell(buf, r.rid);
     buf.push(b',');
     write_timestamp(buf, r.ts_ms);
     buf.push(b',');
-    field(buf, r.key_id);
+    text_cell(buf, r.key_id);
     buf.push(b',');
-    field(buf, r.endpoint);
+    text_cell(buf, r.endpoint);
     buf.push(b',');
-    field(buf, r.model);
+    text_cell(buf, r.model);
     let _ = write!(buf, ",{},", r.status);
-    field(buf, r.error_type);
+    text_cell(buf, r.error_type);
     let _ = write!(
         buf,
         ",{},{},{},{},{},{},",
@@ -289,27 +289,42 @@ fn write_row(buf: &mut Vec<u8>, r: &ExportRow<'_>) {
         ",{},{},{},",
         r.total_latency_ms, r.upstream_latency_ms, r.gateway_overhead_us
     );
-    field(buf, r.client_ip);
+    text_cell(buf, r.client_ip);
     buf.push(b',');
-    field(buf, r.user_agent);
+    text_cell(buf, r.user_agent);
     buf.extend_from_slice(b"\r\n");
 }
 
-/// One CSV field (RFC 4180): quoted, with quotes doubled, when it holds a comma, a quote or a
-/// line break.
-fn field(buf: &mut Vec<u8>, s: &str) {
-    if !s.bytes().any(|b| matches!(b, b',' | b'"' | b'\r' | b'\n')) {
-        buf.extend_from_slice(s.as_bytes());
-        return;
+/// Whether a spreadsheet would read a cell starting with `s` as a formula: `=`, `+`, `-`,
+/// `@`, a tab or a carriage return first (OWASP, "CSV Injection").
+pub fn is_formula_like(s: &str) -> bool {
+    matches!(
+        s.as_bytes().first(),
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
+    )
+}
+
+/// One text cell: formula-like text (see [`is_formula_like`]; e.g. a `user_agent` of
+/// `=HYPERLINK(…)`) gets a leading `'`, which spreadsheets show as text rather than
+/// evaluate; then RFC 4180: quoted, with quotes doubled, when it holds a comma, a quote or a
+/// line break. Only for text columns: numbers (a negative cost) are written as they are.
+pub fn text_cell(buf: &mut Vec<u8>, s: &str) {
+    let quoted = s.bytes().any(|b| matches!(b, b',' | b'"' | b'\r' | b'\n'));
+    if quoted {
+        buf.push(b'"');
     }
-    buf.push(b'"');
-    for part in s.split('"').enumerate() {
-        if part.0 > 0 {
+    if is_formula_like(s) {
+        buf.push(b'\'');
+    }
+    for (i, part) in s.split('"').enumerate() {
+        if i > 0 {
             buf.extend_from_slice(b"\"\"");
         }
-        buf.extend_from_slice(part.1.as_bytes());
+        buf.extend_from_slice(part.as_bytes());
     }
-    buf.push(b'"');
+    if quoted {
+        buf.push(b'"');
+    }
 }
 
 /// Unix ms → `2026-11-25T09:30:47.521Z`.
@@ -373,12 +388,33 @@ mod tests {
     fn csv_fields() {
         let mut b = Vec::new();
         for s in ["plain", "a,b", "say \"hi\"", "two\nlines", ""] {
-            field(&mut b, s);
+            text_cell(&mut b, s);
             b.push(b'|');
         }
         assert_eq!(
             String::from_utf8(b).unwrap(),
             "plain|\"a,b\"|\"say \"\"hi\"\"\"|\"two\nlines\"||"
+        );
+        // Formula-like text is neutralised, quoted as needed; other text is left alone.
+        let mut b = Vec::new();
+        for s in [
+            "=1+1",
+            "+1",
+            "-2",
+            "@SUM(A1)",
+            "\tx",
+            "\rx",
+            "=HYPERLINK(\"http://x\",\"y\")",
+            "a=1",
+            " =1",
+            "'",
+        ] {
+            text_cell(&mut b, s);
+            b.push(b'|');
+        }
+        assert_eq!(
+            String::from_utf8(b).unwrap(),
+            "'=1+1|'+1|'-2|'@SUM(A1)|'\tx|\"'\rx\"|\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"|a=1| =1|'|"
         );
         let mut t = Vec::new();
         write_timestamp(&mut t, 1_795_599_047_521);

@@ -4,7 +4,11 @@
 //! [`super::gcra`] against the key's and the developer's buckets and checks the developer's
 //! period quota, atomically, on Redis' clock (`TIME`), and commits all buckets or none. So the
 //! global limits hold exactly across nodes (no over-admission from coordination); the price is
-//! one Redis round trip per limited request (measured in `loadtests/results/limits-latest.md`).
+//! one Redis round trip per limited request (measured in `loadtests/results/limits-latest.md`),
+//! two when tokens or a hard-stop quota are limited: the admission script runs before the
+//! request's body is read (requests taken, tokens and quota checked with no cost of its own),
+//! the reservation script once it is read (tokens taken, the quota must fit the request; a
+//! refusal gives back the request the first script took, in the same script).
 //! Settling (real tokens, quota counters) is a second script run after the response, off the
 //! request's path.
 //!
@@ -156,6 +160,84 @@ table.insert(r, qt); table.insert(r, qc)
 return r
 "#;
 
+/// The reservation script (after [`PRELUDE_LUA`]): the second step of an admission, once the
+/// request's body is read. The token buckets decide again with the reservation as cost (as
+/// [`super::gcra::decide`], leniently) and a hard-stop quota must fit the tokens the request
+/// declares; refused, nothing is taken and the request the admission script took is given back.
+const RESERVE_LUA: &str = r#"
+local function tat(key, field)
+  local v = redis.call('HGET', key, field)
+  if v then return tonumber(v) end
+  return 0
+end
+local A = {}
+for i = 1, #ARGV do A[i] = tonumber(ARGV[i]) end
+-- A: 1 key req rate, 2 dev req rate (given back on a refusal; 0 = none), 3 key tok rate,
+--    4 dev tok rate, 5 cost, 6 hard quota (1/0), 7 included, 8 reserved here, 9 declared,
+--    10 seed tokens (a missing quota hash reads as the seed)
+local status, retry, qt = 0, 0, 0
+if A[6] == 1 then
+  local v = redis.call('HGET', KEYS[3], 'tokens')
+  if v then qt = tonumber(v) else qt = A[10] end
+  if qt + A[8] + A[9] > A[7] then status = 5 end
+end
+local specs = {{KEYS[1], A[3]}, {KEYS[2], A[4]}}
+local results, out = {}, {}
+for i, s in ipairs(specs) do
+  if s[2] > 0 and status == 0 then
+    local T = math.ceil(W / s[2])
+    local t0 = tat(s[1], 't')
+    local base = math.max(t0, now)
+    local new = base + math.min(A[5], s[2]) * T
+    local over = base - now - (s[2] * T - T)
+    if over <= 0 then
+      local span, rem = s[2] * T - (new - now), 0
+      if span > 0 then rem = math.floor(span / T) end
+      results[i] = {true, new, rem, new - now}
+    else
+      results[i] = {false, t0, 0, over}
+      status = 2
+      retry = math.max(retry, over)
+    end
+  end
+end
+for i, s in ipairs(specs) do
+  local d = results[i]
+  if s[2] <= 0 then
+    table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
+  elseif d == nil or (status ~= 0 and d[1]) then
+    local T = math.ceil(W / s[2])
+    local used = math.max(tat(s[1], 't') - now, 0)
+    local span, rem = s[2] * T - used, 0
+    if span > 0 then rem = math.floor(span / T) end
+    table.insert(out, 1); table.insert(out, rem); table.insert(out, used)
+  else
+    table.insert(out, 1); table.insert(out, d[3]); table.insert(out, d[4])
+  end
+end
+if status == 0 then
+  for i, s in ipairs(specs) do
+    local d = results[i]
+    if d ~= nil then
+      redis.call('HSET', s[1], 't', string.format('%.0f', d[2]))
+      extend(s[1], d[2])
+    end
+  end
+else
+  for i, key in ipairs({KEYS[1], KEYS[2]}) do
+    local v = redis.call('HGET', key, 'r')
+    if A[i] > 0 and v then
+      local back = math.max(tonumber(v) - math.ceil(W / A[i]), now)
+      redis.call('HSET', key, 'r', string.format('%.0f', back))
+    end
+  end
+end
+local r = {status, retry}
+for _, v in ipairs(out) do table.insert(r, v) end
+table.insert(r, qt)
+return r
+"#;
+
 /// The settle script: token buckets moved by (real − reserved, each counted at most one
 /// window, as [`super::gcra::settle`]), quota counters increased.
 const SETTLE_LUA: &str = r#"
@@ -215,6 +297,30 @@ pub struct QuotaArgs {
     /// This node's totals include the period's usage from ClickHouse, so a missing quota hash
     /// may be created from them (else it is read as `seed` without being created).
     pub seeded: bool,
+}
+
+/// What the reservation step sends to Redis about the quota and the request to give back.
+#[derive(Debug, Clone, Copy)]
+pub struct ReserveArgs {
+    /// The request buckets the admission script took from (given back on a refusal); empty
+    /// when that step was decided elsewhere.
+    pub give_back: Rates,
+    /// A hard-stop quota's included tokens.
+    pub hard_included: Option<u64>,
+    /// Tokens reserved by this node's other requests in flight for the developer.
+    pub reserved: u64,
+    /// The tokens the request itself declares (must fit what is left of a hard-stop quota).
+    pub declared: u64,
+    /// This node's committed tokens: what a missing quota hash is read as.
+    pub seed: u64,
+    pub period: Period,
+}
+
+/// A Redis reservation: the decision (tokens shown) and the developer's global committed
+/// tokens (when a hard-stop quota was checked).
+pub struct RemoteReservation {
+    pub result: Result<Option<Shown>, Refused>,
+    pub quota_tokens: Option<u64>,
 }
 
 /// A Redis admission: the decision and the developer's global totals (when tracked).
@@ -293,6 +399,7 @@ pub struct Distributed {
     nodes: AtomicU32,
     node_id: String,
     admit: Script,
+    reserve: Script,
     settle: Script,
     /// Quota usage counted while Redis was down, by period and developer: (tokens, cost).
     pending: Mutex<Deferred>,
@@ -314,6 +421,7 @@ impl Distributed {
             nodes: AtomicU32::new(1),
             node_id: uuid::Uuid::now_v7().simple().to_string(),
             admit: Script::new(&format!("{PRELUDE_LUA}{ADMIT_LUA}")),
+            reserve: Script::new(&format!("{PRELUDE_LUA}{RESERVE_LUA}")),
             settle: Script::new(&format!("{PRELUDE_LUA}{SETTLE_LUA}")),
             pending: Mutex::new(HashMap::new()),
         })
@@ -438,6 +546,69 @@ impl Distributed {
         Ok(RemoteAdmission {
             result,
             quota: quota_totals,
+        })
+    }
+
+    /// Runs the reservation script: takes `cost` tokens from the key's and the developer's
+    /// token buckets (`rates`), checks a hard-stop quota against the request's declared tokens,
+    /// and on a refusal gives back the request taken by [`Distributed::admit`].
+    pub async fn reserve(
+        &self,
+        (key_id, dev_id): (&str, &str),
+        rates: &Rates,
+        cost: u64,
+        q: ReserveArgs,
+    ) -> Result<RemoteReservation, RedisDown> {
+        let mut conn = self.connection()?;
+        let per_minute = |r: Option<Rate>| r.map_or(0, |r| r.per_minute);
+        let mut inv = self.reserve.prepare_invoke();
+        inv.key(self.key("rl:k", key_id))
+            .key(self.key("rl:d", dev_id))
+            .key(self.quota_key(q.period, dev_id))
+            .arg(per_minute(q.give_back.key_requests))
+            .arg(per_minute(q.give_back.dev_requests))
+            .arg(per_minute(rates.key_tokens))
+            .arg(per_minute(rates.dev_tokens))
+            .arg(cost)
+            .arg(u8::from(q.hard_included.is_some()))
+            .arg(q.hard_included.unwrap_or(0))
+            .arg(q.reserved)
+            .arg(q.declared)
+            .arg(q.seed);
+        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
+        if r.len() != 9 {
+            return Err(RedisDown::Redis(redis::RedisError::from((
+                redis::ErrorKind::TypeError,
+                "unexpected reservation reply",
+            ))));
+        }
+        let bucket = |i: usize, rate: Option<Rate>| -> Option<Shown> {
+            let base = 2 + 3 * i;
+            (r[base] == 1).then(|| Shown {
+                limit: rate.map_or(0, |r| r.per_minute),
+                remaining: r[base + 1].max(0) as u64,
+                reset_us: r[base + 2],
+            })
+        };
+        let tokens = Shown::tighter(bucket(0, rates.key_tokens), bucket(1, rates.dev_tokens));
+        let result = match r[0] {
+            0 => Ok(tokens),
+            status => Err(Refused {
+                reason: if status == 5 {
+                    Reason::Quota
+                } else {
+                    Reason::Tokens
+                },
+                retry_us: r[1],
+                headers: RateHeaders {
+                    requests: None,
+                    tokens,
+                },
+            }),
+        };
+        Ok(RemoteReservation {
+            result,
+            quota_tokens: q.hard_included.map(|_| r[8].max(0) as u64),
         })
     }
 

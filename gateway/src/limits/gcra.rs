@@ -115,6 +115,13 @@ pub fn settle(tat: i64, now: i64, rate: Rate, reserved: u64, used: u64) -> i64 {
     (tat.max(now) + delta * rate.interval_us()).max(now)
 }
 
+/// A bucket's state once one strictly admitted unit is given back (a request counted before its
+/// body was read, then refused): never beyond full (`now`).
+#[inline]
+pub fn give_back(tat: i64, now: i64, rate: Rate) -> i64 {
+    (tat - rate.interval_us()).max(now)
+}
+
 /// What a bucket at `tat` shows now without taking anything: remaining units and µs until full.
 #[inline]
 pub fn peek(tat: i64, now: i64, rate: Rate) -> (u64, i64) {
@@ -193,6 +200,17 @@ mod tests {
             settle(now, now, rate, 0, u64::MAX) - now,
             1000 * rate.interval_us()
         );
+    }
+
+    #[test]
+    fn a_request_given_back_is_as_if_never_taken() {
+        let rate = Rate::per_minute(3);
+        let now = 1_000_000_000;
+        let first = decide(0, now, rate, 1, false);
+        let second = decide(first.new_tat, now, rate, 1, false);
+        assert_eq!(give_back(second.new_tat, now, rate), first.new_tat);
+        assert_eq!(give_back(first.new_tat, now, rate), now);
+        assert_eq!(give_back(now, now, rate), now, "never beyond full");
     }
 
     #[test]

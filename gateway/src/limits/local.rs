@@ -4,7 +4,10 @@
 //! One small entry per key (only keys with limits of their own) and per developer, each a mutex
 //! over two bucket states (requests, tokens). An admission locks the key's entry, then the
 //! developer's (always in that order), decides every bucket, and commits all of them or none:
-//! a request refused by the developer's limit costs the key nothing. Entries that are full
+//! a request refused by the developer's limit costs the key nothing. An admission has two steps
+//! ([`LocalBuckets::admit`] before the request's body is read, with no token cost: requests are
+//! taken, tokens only checked; [`LocalBuckets::reserve`] once the reservation is known), and a
+//! refusal in the second gives back what the first took. Entries that are full
 //! again (idle) are evicted by [`LocalBuckets::evict`], so memory follows active keys only.
 
 use std::sync::{Arc, Mutex};
@@ -12,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::mapref::one::Ref;
 use dashmap::DashMap;
 
-use super::gcra::{decide, peek, settle, Decision, Rate};
+use super::gcra::{decide, give_back, peek, settle, Decision, Rate};
 use super::headers::{RateHeaders, Shown};
 use super::Reason;
 
@@ -87,6 +90,32 @@ fn shown(rate: Rate, d: &Decision) -> Shown {
         limit: rate.per_minute,
         remaining: d.remaining,
         reset_us: d.reset_us,
+    }
+}
+
+/// A bucket as it stands after a decision: refused ones empty, admitted ones untouched.
+fn view(x: Option<(Rate, Decision)>, tat: Option<i64>, now: i64) -> Option<Shown> {
+    x.zip(tat).map(|((r, d), tat)| {
+        if d.allowed {
+            let (remaining, reset_us) = peek(tat, now, r);
+            Shown {
+                limit: r.per_minute,
+                remaining,
+                reset_us,
+            }
+        } else {
+            shown(r, &d)
+        }
+    })
+}
+
+/// Gives one request back to the request buckets that apply.
+fn give_back_request(key: Option<&mut Pair>, dev: Option<&mut Pair>, rates: &Rates, now: i64) {
+    if let (Some(p), Some(r)) = (key, rates.key_requests) {
+        p.requests = give_back(p.requests, now, r);
+    }
+    if let (Some(p), Some(r)) = (dev, rates.dev_requests) {
+        p.requests = give_back(p.requests, now, r);
     }
 }
 
@@ -200,6 +229,84 @@ impl LocalBuckets {
             requests: Shown::tighter(s(kr), s(dr)),
             tokens: Shown::tighter(s(kt), s(dt)),
         })
+    }
+
+    /// Takes a request's token reservation `cost` once its body is read (the second step of an
+    /// admission whose first, [`LocalBuckets::admit`], took the request): the token buckets
+    /// decide again, leniently, and are committed together, or nothing is taken. Refused, it
+    /// gives back the request the first step took when `give_back` (under the same locks), so
+    /// a refused request holds nothing. Returns the tokens shown.
+    pub fn reserve(
+        &self,
+        (key_id, dev_id): (&Arc<str>, &Arc<str>),
+        rates: &Rates,
+        cost: u64,
+        give_back: bool,
+        now: i64,
+    ) -> Result<Option<Shown>, Refused> {
+        if rates.key_tokens.is_none() && rates.dev_tokens.is_none() {
+            return Ok(None);
+        }
+        // Lock order: key, then developer.
+        let key_ref = rates.uses_key().then(|| entry(&self.keys, key_id));
+        let dev_ref = rates.uses_dev().then(|| entry(&self.devs, dev_id));
+        let mut key = key_ref.as_ref().map(|r| r.lock().expect("bucket lock"));
+        let mut dev = dev_ref.as_ref().map(|r| r.lock().expect("bucket lock"));
+        let d = |rate: Option<Rate>, tat: Option<i64>| {
+            rate.zip(tat)
+                .map(|(r, tat)| (r, decide(tat, now, r, cost, true)))
+        };
+        let kt = d(rates.key_tokens, key.as_ref().map(|p| p.tokens));
+        let dt = d(rates.dev_tokens, dev.as_ref().map(|p| p.tokens));
+        let refused = [kt, dt]
+            .into_iter()
+            .flatten()
+            .filter(|(_, d)| !d.allowed)
+            .map(|(_, d)| d.retry_us)
+            .max();
+        if let Some(retry_us) = refused {
+            let tokens = Shown::tighter(
+                view(kt, key.as_ref().map(|p| p.tokens), now),
+                view(dt, dev.as_ref().map(|p| p.tokens), now),
+            );
+            if give_back {
+                give_back_request(key.as_deref_mut(), dev.as_deref_mut(), rates, now);
+            }
+            return Err(Refused {
+                reason: Reason::Tokens,
+                retry_us,
+                headers: RateHeaders {
+                    requests: None,
+                    tokens,
+                },
+            });
+        }
+        if let (Some(p), Some((_, d))) = (key.as_deref_mut(), kt) {
+            p.tokens = d.new_tat;
+        }
+        if let (Some(p), Some((_, d))) = (dev.as_deref_mut(), dt) {
+            p.tokens = d.new_tat;
+        }
+        let s = |x: Option<(Rate, Decision)>| x.map(|(r, d)| shown(r, &d));
+        Ok(Shown::tighter(s(kt), s(dt)))
+    }
+
+    /// Gives back the request [`LocalBuckets::admit`] took, for a request refused afterwards
+    /// (its quota, decided outside the buckets).
+    pub fn give_back_request(&self, key_id: &str, dev_id: &str, rates: &Rates, now: i64) {
+        let key_ref = rates
+            .key_requests
+            .is_some()
+            .then(|| self.keys.get(key_id))
+            .flatten();
+        let dev_ref = rates
+            .dev_requests
+            .is_some()
+            .then(|| self.devs.get(dev_id))
+            .flatten();
+        let mut key = key_ref.as_ref().map(|r| r.lock().expect("bucket lock"));
+        let mut dev = dev_ref.as_ref().map(|r| r.lock().expect("bucket lock"));
+        give_back_request(key.as_deref_mut(), dev.as_deref_mut(), rates, now);
     }
 
     /// The buckets as they stand, without taking anything (for refusals decided elsewhere).
@@ -345,6 +452,44 @@ mod tests {
         assert_eq!(b.evict(now), 0);
         assert_eq!(b.evict(now + 60_000_000), 1);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_refused_reservation_gives_the_request_back() {
+        let b = LocalBuckets::default();
+        let (k, d) = ids();
+        let rates = Rates {
+            key_requests: Some(Rate::per_minute(2)),
+            dev_tokens: Some(Rate::per_minute(100)),
+            ..Rates::default()
+        };
+        let now = 1_000_000_000;
+        // Step one takes the request and checks the tokens; step two takes them.
+        let h = b.admit(&k, &d, &rates, 0, now).unwrap();
+        assert_eq!(h.requests.unwrap().remaining, 1);
+        assert_eq!(h.tokens.unwrap().remaining, 100);
+        let t = b.reserve((&k, &d), &rates, 150, true, now).unwrap();
+        assert_eq!(t.unwrap().remaining, 0, "in debt");
+        // The next request passes step one (a request is left)… but its tokens are refused, and
+        // its request comes back: two more step-one admissions fit, not one.
+        let h = b.admit(&k, &d, &rates, 0, now);
+        let refused = h.unwrap_err();
+        assert_eq!(refused.reason, Reason::Tokens, "tokens checked in step one");
+        let rates_no_tokens = Rates {
+            dev_tokens: None,
+            ..rates
+        };
+        let _ = b.admit(&k, &d, &rates_no_tokens, 0, now).unwrap();
+        let err = b.reserve((&k, &d), &rates, 10, true, now).unwrap_err();
+        assert_eq!(err.reason, Reason::Tokens);
+        assert!(
+            b.admit(&k, &d, &rates_no_tokens, 0, now).is_ok(),
+            "the refused request's slot came back"
+        );
+        assert!(b.admit(&k, &d, &rates_no_tokens, 0, now).is_err());
+        // Given back outside `reserve` (a quota refusal): the same.
+        b.give_back_request(&k, &d, &rates_no_tokens, now);
+        assert!(b.admit(&k, &d, &rates_no_tokens, 0, now).is_ok());
     }
 
     #[test]

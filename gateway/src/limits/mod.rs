@@ -1,10 +1,15 @@
 //! Request limits, token limits and plan quotas: who may send what, how fast, and how much per
 //! month; on one node or shared by many through Redis.
 //!
-//! For each request [`Limits::admit`] resolves the key's limits (the key's own values, then the
-//! developer's overrides, then the plan's: [`effective`]), caps its concurrency, checks the
-//! developer's monthly quota, and takes one request and a token *reservation* (prompt size +
-//! `max_tokens`) from the key's and the developer's buckets. When the response has ended,
+//! Admission has two steps. Before the request's body is read, [`Limits::admit`] resolves the
+//! key's limits (the key's own values, then the developer's overrides, then the plan's:
+//! [`effective`]), caps its concurrency, checks the developer's monthly quota and spend cap,
+//! checks that the token buckets have room, and takes one request from the key's and the
+//! developer's request buckets: a key at a limit is refused without its body being read. Once
+//! the body is read, [`Limits::reserve`] takes the token *reservation* (prompt size +
+//! `max_tokens`) from the token buckets and checks that what the request declares fits what is
+//! left of a hard-stop quota; a refusal there gives back the request the first step took, so a
+//! refused request takes nothing from any bucket. When the response has ended,
 //! [`Limits::settle`] replaces the reservation by the real usage and counts it against the
 //! quota, raising usage alerts at the plan's thresholds. A refusal is a [`Refusal`]: 429 with
 //! `Retry-After` and the rate-limit headers.
@@ -34,7 +39,7 @@ use aihub_plans::{Period, PlanCatalog};
 
 use crate::keys::{now_ms, KeyRecord};
 use crate::metrics::LimitMetrics;
-use distributed::{Distributed, QuotaArgs, SettleArgs, Track};
+use distributed::{Distributed, QuotaArgs, ReserveArgs, SettleArgs, Track};
 use gcra::Rate;
 use headers::RateHeaders;
 use local::{LocalBuckets, Rates, Refused};
@@ -137,20 +142,36 @@ pub fn effective(k: &KeyLimits, plans: &PlanCatalog) -> Effective {
 pub struct Admission {
     pub headers: RateHeaders,
     key: Arc<KeyRecord>,
+    /// Every limit that applies to the request.
+    limits: Rates,
+    /// The buckets holding the request and its reservation: `limits` (in Redis) or this node's
+    /// share of them (decided locally).
     rates: Rates,
     /// Tokens reserved in the token buckets and the quota.
     reserved: u64,
     quota: Option<Counted>,
-    /// Decided by Redis (settle there too).
+    /// The reservation was taken in Redis (settle there too).
     remote: bool,
+    /// The request was taken from the request buckets in Redis.
+    requests_remote: bool,
     holds_slot: bool,
 }
 
 impl Admission {
     /// Holds nothing (no slot, no bucket, no quota): nothing to settle.
     pub fn is_inert(&self) -> bool {
-        !self.holds_slot && self.quota.is_none() && self.rates.is_empty()
+        !self.holds_slot && self.quota.is_none() && self.limits.is_empty()
     }
+}
+
+/// What a request's body says it may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    /// The token reservation ([`Limits::estimate`]).
+    pub reserve: u64,
+    /// The tokens the request declares: its prompt estimate plus its own `max_tokens` × `n`
+    /// (no completion part when it names none). Must fit what is left of a hard-stop quota.
+    pub declared: u64,
 }
 
 /// A developer's usage entry a request counts against.
@@ -269,21 +290,35 @@ impl Limits {
         prompt.saturating_add(completion)
     }
 
-    /// Admits a request reserving `cost` tokens, or refuses it.
+    /// A request's [`Cost`]: the reservation, and what it declares (for hard-stop quotas: a
+    /// request naming no `max_tokens` declares its prompt only, so the default reservation
+    /// alone never refuses it).
+    pub fn cost(&self, body_len: usize, max_tokens: Option<u64>, n: u64, embeddings: bool) -> Cost {
+        Cost {
+            reserve: self.estimate(body_len, max_tokens, n, embeddings),
+            declared: self.estimate(body_len, Some(max_tokens.unwrap_or(0)), n, embeddings),
+        }
+    }
+
+    /// The first step of an admission, before the request's body is read: the concurrency
+    /// slot, the quota and spend cap as they stand, room in the token buckets, and one request
+    /// from the request buckets (all decided together; a refusal takes nothing). The token
+    /// reservation follows with [`Limits::reserve`].
     pub async fn admit(
         &self,
         key: &Arc<KeyRecord>,
         plans: &PlanCatalog,
-        cost: u64,
     ) -> Result<Admission, Refusal> {
         let eff = effective(&key.limits, plans);
         let mut adm = Admission {
             headers: RateHeaders::default(),
             key: Arc::clone(key),
+            limits: eff.rates,
             rates: eff.rates,
             reserved: 0,
             quota: None,
             remote: false,
+            requests_remote: false,
             holds_slot: false,
         };
         if let Some(cap) = eff.concurrency {
@@ -304,15 +339,11 @@ impl Limits {
         if eff.rates.is_empty() && eff.quota.is_none() {
             return Ok(adm);
         }
-        let cost = cost.min(MAX_RESERVATION);
         let now = now_ms() as i64;
-        // The reservation is taken before the quota is checked (and given back by `Drop` on a
-        // refusal), so concurrent requests see each other's: none can slip past the edge.
-        adm.reserved = cost;
         let mut others_reserved = 0;
         if let Some(rule) = eff.quota {
             let dev = self.quota.dev(&key.developer_id, now);
-            others_reserved = dev.reserved.fetch_add(cost, Ordering::Relaxed);
+            others_reserved = dev.reserved.load(Ordering::Relaxed);
             adm.quota = Some(Counted {
                 rule,
                 dev,
@@ -330,8 +361,9 @@ impl Limits {
                 seeded: self.seeded.load(Ordering::Relaxed),
             };
             let started = Instant::now();
+            // No token cost yet: the token buckets are only checked for room.
             let answer = redis
-                .admit(&key.key_id, &key.developer_id, &eff.rates, cost, args)
+                .admit(&key.key_id, &key.developer_id, &eff.rates, 0, args)
                 .await;
             self.metrics
                 .redis_latency
@@ -346,6 +378,7 @@ impl Limits {
                     match a.result {
                         Ok(h) => {
                             adm.headers = h;
+                            adm.requests_remote = true;
                             adm.remote = true;
                         }
                         Err(r) => return Err(self.refused(r, now)),
@@ -354,7 +387,7 @@ impl Limits {
                 Err(e) => self.redis_failed(redis, &e),
             }
         }
-        if !adm.remote {
+        if !adm.requests_remote {
             if let Some(c) = &counted {
                 let (tokens, spent) = c.dev.totals();
                 if let Err(why) = c.rule.check(tokens, spent, others_reserved) {
@@ -373,13 +406,143 @@ impl Limits {
             adm.rates = rates;
             match self
                 .local
-                .admit(&key.key_id, &key.developer_id, &rates, cost, self.now_us())
+                .admit(&key.key_id, &key.developer_id, &rates, 0, self.now_us())
             {
                 Ok(h) => adm.headers = h,
                 Err(r) => return Err(self.refused(r, now)),
             }
         }
         Ok(adm)
+    }
+
+    /// The second step of an admission, once the body is read: takes the token reservation
+    /// (`cost.reserve`) from the token buckets and, on a hard-stop plan, checks that what the
+    /// request declares (`cost.declared`) fits what is left of the quota after the committed
+    /// tokens and the other requests' reservations. The reservation is counted against the
+    /// quota before the check, so concurrent requests see each other's. Refused, the request
+    /// taken by [`Limits::admit`] is given back and the admission dropped: nothing is held.
+    pub async fn reserve(&self, mut adm: Admission, cost: Cost) -> Result<Admission, Refusal> {
+        let tokens_limited = adm.limits.key_tokens.is_some() || adm.limits.dev_tokens.is_some();
+        if !tokens_limited && adm.quota.is_none() {
+            return Ok(adm);
+        }
+        let now = now_ms() as i64;
+        adm.reserved = cost.reserve.min(MAX_RESERVATION);
+        let declared = cost.declared.min(MAX_RESERVATION);
+        let others = adm.quota.as_ref().map_or(0, |c| {
+            c.dev.reserved.fetch_add(adm.reserved, Ordering::Relaxed)
+        });
+        let hard_included = adm
+            .quota
+            .as_ref()
+            .and_then(|c| c.rule.included.filter(|_| c.rule.hard));
+        let ids = (
+            Arc::clone(&adm.key.key_id),
+            Arc::clone(&adm.key.developer_id),
+        );
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
+            let args = ReserveArgs {
+                give_back: if adm.requests_remote {
+                    adm.limits
+                } else {
+                    Rates::default()
+                },
+                hard_included,
+                reserved: others,
+                declared,
+                seed: adm.quota.as_ref().map_or(0, |c| c.dev.totals().0),
+                period: adm
+                    .quota
+                    .as_ref()
+                    .map_or_else(|| self.quota.period(now), |c| c.period),
+            };
+            let started = Instant::now();
+            let answer = redis
+                .reserve((&ids.0, &ids.1), &adm.limits, adm.reserved, args)
+                .await;
+            self.metrics
+                .redis_latency
+                .observe(started.elapsed().as_secs_f64());
+            match answer {
+                Ok(a) => {
+                    if let (Some(c), Some(tokens)) = (&adm.quota, a.quota_tokens) {
+                        c.dev.tokens.store(tokens, Ordering::Relaxed);
+                        c.dev.global.store(true, Ordering::Relaxed);
+                    }
+                    return match a.result {
+                        Ok(tokens) => {
+                            adm.headers.tokens = tokens.or(adm.headers.tokens);
+                            adm.rates = adm.limits;
+                            adm.remote = true;
+                            Ok(adm)
+                        }
+                        Err(r) => {
+                            if !adm.requests_remote {
+                                self.local.give_back_request(
+                                    &ids.0,
+                                    &ids.1,
+                                    &adm.rates,
+                                    self.now_us(),
+                                );
+                            }
+                            Err(self.refused_after(&adm, r, now))
+                        }
+                    };
+                }
+                Err(e) => self.redis_failed(redis, &e),
+            }
+        }
+        // Decided on this node (no Redis, or Redis unreachable: this node's share). A request
+        // taken in Redis before an outage cannot be given back from here: it stays counted.
+        let give_back = !adm.requests_remote;
+        if let Some(c) = &adm.quota {
+            if c.rule.fits(c.dev.totals().0, others, declared).is_err() {
+                if give_back {
+                    self.local
+                        .give_back_request(&ids.0, &ids.1, &adm.rates, self.now_us());
+                }
+                let refused = Refused {
+                    reason: Reason::Quota,
+                    retry_us: 0,
+                    headers: RateHeaders::default(),
+                };
+                return Err(self.refused_after(&adm, refused, now));
+            }
+        }
+        let rates = if adm.requests_remote {
+            self.local_rates(&adm.limits)
+        } else {
+            adm.rates
+        };
+        match self.local.reserve(
+            (&ids.0, &ids.1),
+            &rates,
+            adm.reserved,
+            give_back,
+            self.now_us(),
+        ) {
+            Ok(tokens) => {
+                adm.headers.tokens = tokens.or(adm.headers.tokens);
+                adm.rates = rates;
+                adm.remote = false;
+                Ok(adm)
+            }
+            Err(r) => Err(self.refused_after(&adm, r, now)),
+        }
+    }
+
+    /// The refusal of a request whose first step took a request, now given back: its headers
+    /// show the request buckets with that request returned.
+    fn refused_after(&self, adm: &Admission, r: Refused, now_ms: i64) -> Refusal {
+        let requests = adm.headers.requests.map(|s| headers::Shown {
+            remaining: s.remaining + 1,
+            ..s
+        });
+        let headers = RateHeaders {
+            requests,
+            tokens: r.headers.tokens.or(adm.headers.tokens),
+        };
+        self.refused(Refused { headers, ..r }, now_ms)
     }
 
     /// The rates this node applies alone: all of them, or its share while Redis is down.
@@ -440,8 +603,11 @@ impl Limits {
         let rates = adm.rates;
         let remote = adm.remote;
         drop(adm); // releases the slot and the quota reservation
-        let nothing_to_settle =
-            rates.key_tokens.is_none() && rates.dev_tokens.is_none() && quota.is_none();
+
+        // Nothing to do for a request that ended before its reservation (a bad body).
+        let nothing_used = reserved == 0 && tokens == 0 && cost_nanos == 0;
+        let nothing_to_settle = nothing_used
+            || (rates.key_tokens.is_none() && rates.dev_tokens.is_none() && quota.is_none());
         if nothing_to_settle {
             return;
         }

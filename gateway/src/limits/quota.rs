@@ -4,7 +4,10 @@
 //! ClickHouse at start, then counted per request, or — with Redis — the last global totals
 //! Redis returned plus what this node settled since), and the tokens reserved by this node's
 //! in-flight requests. Admission refuses:
-//! - on a hard-stop plan, once committed + reserved tokens reach the included tokens;
+//! - on a hard-stop plan, once committed + reserved tokens reach the included tokens (before
+//!   the body is read), and when what the request itself declares (its prompt plus its
+//!   `max_tokens` × `n`) does not fit in what is left ([`QuotaRule::fits`], once the body is
+//!   read): a hard stop lets no single oversized request through;
 //! - on an overage plan with a spend cap, once the overage charge reaches the cap.
 //!
 //! The overage charge the gateway enforces is the period's metered cost times the share of its
@@ -85,6 +88,17 @@ impl QuotaRule {
                 && overage_nanos(tokens, cost_nanos, self.included) >= cap
             {
                 return Err(QuotaRefusal::SpendCap);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a request declaring `declared` tokens fits what is left of a hard-stop quota
+    /// after the committed `tokens` and the `reserved` tokens of other requests in flight.
+    pub fn fits(&self, tokens: u64, reserved: u64, declared: u64) -> Result<(), QuotaRefusal> {
+        if let (true, Some(included)) = (self.hard, self.included) {
+            if tokens.saturating_add(reserved).saturating_add(declared) > included {
+                return Err(QuotaRefusal::Exhausted);
             }
         }
         Ok(())
@@ -205,6 +219,26 @@ mod tests {
         assert_eq!(r.check(900, 0, 99), Ok(()));
         assert_eq!(r.check(900, 0, 100), Err(QuotaRefusal::Exhausted));
         assert_eq!(r.check(1000, 0, 0), Err(QuotaRefusal::Exhausted));
+    }
+
+    #[test]
+    fn a_request_must_fit_what_is_left() {
+        let r = QuotaRule {
+            included: Some(1000),
+            hard: true,
+            spend_cap_nanos: None,
+        };
+        assert_eq!(r.fits(900, 50, 50), Ok(()));
+        assert_eq!(r.fits(900, 50, 51), Err(QuotaRefusal::Exhausted));
+        assert_eq!(r.fits(0, 0, 1001), Err(QuotaRefusal::Exhausted));
+        assert_eq!(r.fits(0, 0, u64::MAX), Err(QuotaRefusal::Exhausted));
+        let overage = QuotaRule { hard: false, ..r };
+        assert_eq!(overage.fits(900, 50, 5000), Ok(()));
+        let unlimited = QuotaRule {
+            included: None,
+            ..r
+        };
+        assert_eq!(unlimited.fits(900, 50, 5000), Ok(()));
     }
 
     #[test]

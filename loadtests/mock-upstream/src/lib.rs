@@ -1,21 +1,33 @@
 //! A mock OpenAI-compatible upstream that speaks the real wire format, for tests and load tests.
 //!
 //! It serves `POST /v1/chat/completions` (JSON, or SSE when `"stream": true`),
-//! `POST /v1/completions`, `POST /v1/embeddings` and `GET /v1/models`, with OpenAI's usage objects
-//! and error bodies. Like OpenAI, a stream carries a usage chunk (`"choices": []`) **only** when
-//! the request asks for `stream_options.include_usage`.
+//! `POST /v1/completions`, `POST /v1/embeddings`, `POST /v1/responses` (OpenAI's Responses API,
+//! JSON or typed SSE events), `POST /v1/messages` (Anthropic's Messages API, JSON or SSE, with
+//! Anthropic's error shape), `POST /v1/audio/speech` (an `audio/mpeg` body, for opaque
+//! responses) and `GET /v1/models`, with each API's usage objects and error bodies. Like OpenAI,
+//! a chat or completion stream carries its usage **only** when the request asks for
+//! `stream_options.include_usage`; the Responses and Messages APIs refuse `stream_options`, as
+//! the real ones do.
 //!
 //! Behaviour is set per server ([`MockConfig`]) and may be overridden per request by headers
 //! (which the gateway forwards): `x-mock-status` (answer with that error), `x-mock-latency-ms`
 //! (delay before the header), `x-mock-chunks`, `x-mock-chunk-interval-ms`, `x-mock-hang` (never
-//! answer). Every response carries `x-mock-request-sha256`/`x-mock-request-bytes` (what arrived),
+//! answer), `x-mock-usage-shape` (`choices-empty`, `empty-delta`, `on-finish`: where a stream's
+//! usage goes), `x-mock-usage-null` (`0`/`1`: `"usage": null` on the other chunks),
+//! `x-mock-cached-tokens` and `x-mock-cache-write-tokens` (prompt tokens reported as cached). Every response carries `x-mock-request-sha256`/`x-mock-request-bytes` (what arrived),
 //! `x-mock-body-sha256` (what is being sent) and `x-mock-server` (the server's name), so tests
-//! can prove bodies crossed the gateway byte for byte.
+//! can prove bodies crossed the gateway byte for byte; `openai-organization`/`openai-project`
+//! (as OpenAI names the account), and `x-mock-request-openai-organization`/`-project` echoing
+//! those request headers when they arrived.
 //!
 //! # Layout
 //! - this file: the server loop, routing and error bodies;
-//! - [`wire`]: the OpenAI response bodies (chat, completion, embeddings, SSE events).
+//! - [`wire`]: the OpenAI response bodies (chat, completion, embeddings, SSE events);
+//! - [`responses`]: the Responses API's object and events;
+//! - [`messages`]: the Messages API's message, events and errors.
 
+pub mod messages;
+pub mod responses;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -52,6 +64,8 @@ pub struct MockConfig {
     /// Every Nth request fails with `error_status` (0 = never).
     pub error_every: u64,
     pub error_status: u16,
+    /// Where a chat or completion stream puts the usage it was asked for.
+    pub usage_shape: wire::UsageShape,
 }
 
 impl Default for MockConfig {
@@ -64,6 +78,7 @@ impl Default for MockConfig {
             chunk_interval: Duration::ZERO,
             error_every: 0,
             error_status: 500,
+            usage_shape: wire::UsageShape::default(),
         }
     }
 }
@@ -120,6 +135,9 @@ struct Behaviour {
     chunks: usize,
     interval: Duration,
     hang: bool,
+    usage: wire::StreamUsage,
+    cached: u64,
+    cache_write: u64,
 }
 
 impl Behaviour {
@@ -134,6 +152,15 @@ impl Behaviour {
             interval: num("x-mock-chunk-interval-ms")
                 .map_or(config.chunk_interval, Duration::from_millis),
             hang: headers.contains_key("x-mock-hang"),
+            usage: wire::StreamUsage {
+                shape: headers
+                    .get("x-mock-usage-shape")
+                    .and_then(|v| wire::UsageShape::parse(v.to_str().ok()?))
+                    .unwrap_or(config.usage_shape),
+                null_elsewhere: num("x-mock-usage-null").is_none_or(|n| n != 0),
+            },
+            cached: num("x-mock-cached-tokens").unwrap_or(0),
+            cache_write: num("x-mock-cache-write-tokens").unwrap_or(0),
         }
     }
 }
@@ -171,6 +198,17 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<MockBody> {
     h.insert("x-mock-request-bytes", hv(&body.len().to_string()));
     h.insert("x-mock-server", hv(&state.config.name));
     h.insert("x-request-id", hv(&format!("req_mock{n}")));
+    // Like OpenAI, name the account; echo the account headers received (`x-mock-request-*`).
+    h.insert("openai-organization", HeaderValue::from_static("org-mock"));
+    h.insert("openai-project", HeaderValue::from_static("proj_mock"));
+    for (name, echo) in [
+        ("openai-organization", "x-mock-request-openai-organization"),
+        ("openai-project", "x-mock-request-openai-project"),
+    ] {
+        if let Some(v) = parts.headers.get(name) {
+            h.insert(echo, v.clone());
+        }
+    }
     resp
 }
 
@@ -242,21 +280,62 @@ async fn route(
         );
     };
     let id = format!("mock{n}");
+    let stream = request.get("stream").and_then(|s| s.as_bool()) == Some(true);
     match path {
         "/v1/chat/completions" | "/v1/completions" => {
             let chat = path == "/v1/chat/completions";
-            let c = wire::Completion::new(&request, &model, &id, chat, b.chunks);
-            if request.get("stream").and_then(|s| s.as_bool()) == Some(true) {
+            let mut c = wire::Completion::new(&request, &model, &id, chat, b.chunks);
+            c.cached_tokens = b.cached;
+            if stream {
                 let include_usage = request
                     .pointer("/stream_options/include_usage")
                     .and_then(|v| v.as_bool())
                     == Some(true);
-                sse(c.events(include_usage), b.interval)
+                sse(c.events_with(include_usage.then_some(b.usage)), b.interval)
             } else {
                 json(200, &c.body())
             }
         }
         "/v1/embeddings" => json(200, &wire::embeddings(&request, &model)),
+        "/v1/responses" => {
+            if let Some(p) = responses::UNKNOWN_PARAMETERS
+                .iter()
+                .find(|p| request.get(**p).is_some())
+            {
+                return json(
+                    400,
+                    &serde_json::json!({"error": {"message": format!("Unknown parameter: '{p}'."),
+                        "type": "invalid_request_error", "param": p, "code": "unknown_parameter"}}),
+                );
+            }
+            let r = responses::Response::new(&request, &model, &id, b.chunks, b.cached);
+            if stream {
+                sse(r.events(), b.interval)
+            } else {
+                json(200, &r.object(true))
+            }
+        }
+        "/v1/messages" => {
+            if let Some(field) = messages::unknown_field(&request) {
+                let message = format!("{field}: Extra inputs are not permitted");
+                return json(
+                    400,
+                    &messages::error_body("invalid_request_error", &message),
+                );
+            }
+            if request.get("max_tokens").and_then(|m| m.as_u64()).is_none() {
+                let message = "max_tokens: Field required";
+                return json(400, &messages::error_body("invalid_request_error", message));
+            }
+            let m =
+                messages::Message::new(&request, &model, &id, b.chunks, b.cached, b.cache_write);
+            if stream {
+                sse(m.events(), b.interval)
+            } else {
+                json(200, &m.body())
+            }
+        }
+        "/v1/audio/speech" => audio(&request),
         _ => error(
             404,
             "invalid_request_error",
@@ -300,6 +379,17 @@ fn injected_error(status: u16) -> Response<MockBody> {
             "The server had an error while processing your request.",
         ),
     }
+}
+
+/// `POST /v1/audio/speech`: an MP3-looking body whose length follows the input text.
+fn audio(request: &serde_json::Value) -> Response<MockBody> {
+    let text = request.get("input").and_then(|i| i.as_str()).unwrap_or("");
+    let mut body = b"ID3\x04\x00\x00\x00\x00\x00\x00".to_vec();
+    body.extend(text.bytes().cycle().take(text.len() * 64).map(|b| b ^ 0x5a));
+    let mut r = Response::new(MockBody::Left(Full::new(Bytes::from(body))));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("audio/mpeg"));
+    r
 }
 
 fn hv(s: &str) -> HeaderValue {

@@ -25,7 +25,7 @@ const WORDS: &[&str] = &[
     " time",
 ];
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -54,6 +54,48 @@ pub fn prompt_tokens(request: &Value) -> u64 {
     total
 }
 
+/// How a chat or completion stream carries the usage it was asked for (`x-mock-usage-shape`,
+/// `aihub mock-upstream --usage-shape`). OpenAI-compatible servers differ here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UsageShape {
+    /// OpenAI: a last chunk with `"choices": []` and the usage.
+    #[default]
+    ChoicesEmpty,
+    /// vLLM and others: a last chunk with `"choices": [{"index":0,"delta":{}}]` and the usage.
+    EmptyDelta,
+    /// The usage on the finish chunk, which also carries the last content and `finish_reason`.
+    OnFinish,
+}
+
+impl UsageShape {
+    /// `choices-empty`, `empty-delta` or `on-finish`.
+    pub fn parse(s: &str) -> Option<UsageShape> {
+        match s {
+            "choices-empty" => Some(UsageShape::ChoicesEmpty),
+            "empty-delta" => Some(UsageShape::EmptyDelta),
+            "on-finish" => Some(UsageShape::OnFinish),
+            _ => None,
+        }
+    }
+}
+
+/// How a stream reports usage when asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamUsage {
+    pub shape: UsageShape,
+    /// `"usage": null` on every chunk without the usage (OpenAI does this; default true).
+    pub null_elsewhere: bool,
+}
+
+impl Default for StreamUsage {
+    fn default() -> Self {
+        StreamUsage {
+            shape: UsageShape::ChoicesEmpty,
+            null_elsewhere: true,
+        }
+    }
+}
+
 /// One completion (chat or legacy), rendered as a JSON body or as SSE events.
 pub struct Completion {
     id: String,
@@ -62,6 +104,8 @@ pub struct Completion {
     chat: bool,
     tokens: Vec<&'static str>,
     prompt_tokens: u64,
+    /// Prompt tokens reported as read from the prompt cache.
+    pub cached_tokens: u64,
 }
 
 impl Completion {
@@ -80,9 +124,15 @@ impl Completion {
             model: model.to_owned(),
             created: unix_now(),
             chat,
-            tokens: (0..limit).map(|i| WORDS[i % WORDS.len()]).collect(),
+            tokens: Completion::words(limit),
             prompt_tokens: prompt_tokens(request),
+            cached_tokens: 0,
         }
+    }
+
+    /// The first `n` words of the mock's text (one token each).
+    pub fn words(n: usize) -> Vec<&'static str> {
+        (0..n).map(|i| WORDS[i % WORDS.len()]).collect()
     }
 
     pub fn text(&self) -> String {
@@ -95,7 +145,7 @@ impl Completion {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens.min(self.prompt_tokens), "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                 "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
         })
@@ -120,11 +170,16 @@ impl Completion {
         })
     }
 
-    /// SSE events: a role chunk (chat), one chunk per token, a finish chunk, the usage chunk
-    /// when `include_usage`, then `[DONE]`.
+    /// SSE events: a role chunk (chat), one chunk per token, a finish chunk, the usage (when
+    /// `include_usage`, in the given shape), then `[DONE]`.
     pub fn events(&self, include_usage: bool) -> Vec<Bytes> {
+        self.events_with(include_usage.then(StreamUsage::default))
+    }
+
+    /// [`Completion::events`] with the usage reported as `usage` says (`None`: not asked).
+    pub fn events_with(&self, usage: Option<StreamUsage>) -> Vec<Bytes> {
         let mut out = Vec::with_capacity(self.tokens.len() + 4);
-        let usage_field = include_usage.then_some(Value::Null);
+        let usage_field = usage.filter(|u| u.null_elsewhere).map(|_| Value::Null);
         if self.chat {
             out.push(self.chunk(
                 json!({"role": "assistant", "content": "", "refusal": null}),
@@ -132,14 +187,33 @@ impl Completion {
                 &usage_field,
             ));
         }
-        for t in &self.tokens {
+        let shape = usage.map(|u| u.shape);
+        let on_finish = shape == Some(UsageShape::OnFinish);
+        let (body, last) = match self.tokens.split_last() {
+            Some((last, body)) if on_finish => (body, Some(*last)),
+            _ => (&self.tokens[..], None),
+        };
+        for t in body {
             out.push(self.chunk(json!({"content": t}), None, &usage_field));
         }
-        out.push(self.chunk(json!({}), Some("stop"), &usage_field));
-        if include_usage {
-            let mut last = self.envelope(&Some(self.usage()));
-            last["choices"] = json!([]);
-            out.push(event(&last));
+        match shape {
+            Some(UsageShape::OnFinish) => {
+                let delta = last.map_or(json!({}), |t| json!({"content": t}));
+                out.push(self.chunk(delta, Some("stop"), &Some(self.usage())));
+            }
+            Some(UsageShape::EmptyDelta) => {
+                out.push(self.chunk(json!({}), Some("stop"), &usage_field));
+                let mut v = self.envelope(&Some(self.usage()));
+                v["choices"] = json!([{"index": 0, "delta": {}}]);
+                out.push(event(&v));
+            }
+            Some(UsageShape::ChoicesEmpty) => {
+                out.push(self.chunk(json!({}), Some("stop"), &usage_field));
+                let mut v = self.envelope(&Some(self.usage()));
+                v["choices"] = json!([]);
+                out.push(event(&v));
+            }
+            None => out.push(self.chunk(json!({}), Some("stop"), &None)),
         }
         out.push(Bytes::from_static(b"data: [DONE]\n\n"));
         out

@@ -1,0 +1,151 @@
+//! Tests of [`super`]: parsing, defaults, validation errors naming the file and key.
+use super::*;
+
+fn parse(yaml: &str) -> Result<Config, ConfigError> {
+    let file = Path::new("test.yaml");
+    let c = Config::parse(yaml, file)?;
+    c.validate(file)?;
+    Ok(c)
+}
+
+#[test]
+fn defaults_apply() {
+    let c = parse("{}").unwrap();
+    assert_eq!(c.server.listen, vec!["127.0.0.1:8080"]);
+    assert_eq!(c.server.max_request_body_bytes, 10 * 1024 * 1024);
+}
+
+#[test]
+fn unknown_fields_are_named_with_their_path() {
+    let e = parse("upstreams:\n  a:\n    endpoints: [http://x]\n    colour: red\n").unwrap_err();
+    assert_eq!(e.key, "upstreams.a.colour");
+    assert!(e.message.contains("unknown field `colour`"), "{e}");
+    assert!(e.to_string().starts_with("test.yaml: upstreams.a.colour: "));
+}
+
+#[test]
+fn validation_names_the_key() {
+    let e = parse("upstreams:\n  a:\n    endpoints: [ftp://x]\n").unwrap_err();
+    assert_eq!(e.key, "upstreams.a.endpoints[0]");
+    let e = parse(
+        "upstreams:\n  a:\n    endpoints: [http://x]\nroutes:\n  - {model: m, upstream: b}\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].upstream");
+    let e = parse(
+        "upstreams:\n  a:\n    endpoints: [http://x]\n    api_key_env: AIHUB_TEST_SURELY_UNSET\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "upstreams.a.api_key_env");
+    let e = parse("keys:\n  - {id: k, hash: nope, developer_id: d}\n").unwrap_err();
+    assert_eq!(e.key, "keys[0].hash");
+    let e = parse("server:\n  listen: [\"nope\"]\n").unwrap_err();
+    assert_eq!(e.key, "server.listen[0]");
+}
+
+#[test]
+fn control_plane_section() {
+    let c = parse("control_plane:\n  database_url: sqlite://data/aihub.db\n").unwrap();
+    let cp = c.control_plane.unwrap();
+    assert_eq!(cp.poll_interval, Duration::from_millis(250));
+    assert_eq!(cp.push_poll_interval, Duration::from_secs(1));
+    assert_eq!(cp.last_used_flush_interval, Duration::from_secs(10));
+    assert_eq!((cp.max_connections, cp.redis_url), (2, None));
+    assert!(parse("{}").unwrap().control_plane.is_none());
+
+    let e = parse("control_plane:\n  database_url: \"mysql://u:secret@h/db\"\n").unwrap_err();
+    assert_eq!(e.key, "control_plane.database_url");
+    assert!(!e.to_string().contains("secret"), "{e}");
+    let e = parse("control_plane:\n  database_url: sqlite://x.db\n  redis_url: \"http://h\"\n")
+        .unwrap_err();
+    assert_eq!(e.key, "control_plane.redis_url");
+    let e =
+        parse("control_plane:\n  database_url: sqlite://x.db\n  poll_interval: 0s\n").unwrap_err();
+    assert_eq!(e.key, "control_plane.poll_interval");
+    let e = parse("control_plane:\n  database_url: sqlite://x.db\n  poll: 1s\n").unwrap_err();
+    assert_eq!(e.key, "control_plane.poll");
+    let e = parse("control_plane: {}\n").unwrap_err();
+    assert!(e.message.contains("database_url"), "{e}");
+}
+
+#[test]
+fn database_url_override_creates_or_sets_the_section() {
+    let mut c = parse("{}").unwrap();
+    c.apply_database_url(Some(String::new()));
+    assert!(c.control_plane.is_none());
+    c.apply_database_url(Some("postgres://u@h/db".into()));
+    assert_eq!(
+        c.control_plane.as_ref().unwrap(),
+        &ControlPlaneConfig::with_url("postgres://u@h/db".into())
+    );
+    let mut c =
+        parse("control_plane:\n  database_url: sqlite://a.db\n  poll_interval: 1s\n").unwrap();
+    c.apply_database_url(Some("sqlite://b.db".into()));
+    let cp = c.control_plane.unwrap();
+    assert_eq!(
+        (cp.database_url.as_str(), cp.poll_interval),
+        ("sqlite://b.db", Duration::from_secs(1))
+    );
+}
+
+#[test]
+fn key_ip_allowlists_are_validated() {
+    let h = format!("sha256:{}", "ab".repeat(32));
+    let ok = format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, ip_allowlist: [\"10.0.0.0/8\", \"::1\"]}}\n");
+    assert_eq!(parse(&ok).unwrap().keys[0].ip_allowlist.len(), 2);
+    let bad = format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, ip_allowlist: [\"10.0.0.0/8\", \"10.0.0.0/40\"]}}\n");
+    let e = parse(&bad).unwrap_err();
+    assert_eq!(e.key, "keys[0].ip_allowlist[1]");
+}
+
+#[test]
+fn write_timeout_and_account_headers() {
+    let c = parse("upstreams:\n  a:\n    endpoints: [http://x]\n").unwrap();
+    assert_eq!(c.server.response_write_timeout, Duration::from_secs(60));
+    assert!(!c.upstreams["a"].forward_account_headers);
+    let c = parse("server:\n  response_write_timeout: 5s\nupstreams:\n  a:\n    endpoints: [http://x]\n    forward_account_headers: true\n").unwrap();
+    assert_eq!(c.server.response_write_timeout, Duration::from_secs(5));
+    assert!(c.upstreams["a"].forward_account_headers);
+    let e = parse("server:\n  response_write_timeout: 0s\n").unwrap_err();
+    assert_eq!(e.key, "server.response_write_timeout");
+}
+
+#[test]
+fn base_urls() {
+    let b = BaseUrl::parse("https://api.openai.com/v1/").unwrap();
+    assert_eq!((b.tls, b.port, b.path.as_str()), (true, 443, "/v1"));
+    let b = BaseUrl::parse("http://127.0.0.1:9000").unwrap();
+    assert_eq!((b.tls, b.port, b.path.as_str()), (false, 9000, ""));
+    assert!(BaseUrl::parse("http://h/v1?x=1").is_err());
+}
+
+#[test]
+fn upstream_paths_and_urls_are_checked() {
+    let c = parse("upstreams:\n  a:\n    endpoints: [\"http://127.0.0.1:1/v1\"]\n").unwrap();
+    assert_eq!(
+        c.upstreams["a"].paths,
+        [
+            "chat/completions",
+            "completions",
+            "embeddings",
+            "responses",
+            "messages"
+        ]
+    );
+    for bad in [
+        "/audio/speech",
+        "v1/audio",
+        "audio//speech",
+        "audio/../chat",
+        "a b",
+        "",
+    ] {
+        let yaml =
+            format!("upstreams:\n  a:\n    endpoints: [\"http://h/v1\"]\n    paths: [\"{bad}\"]\n");
+        let e = parse(&yaml).unwrap_err();
+        assert_eq!(e.key, "upstreams.a.paths[0]", "{bad}");
+    }
+    let e = parse("upstreams:\n  a:\n    endpoints: [\"https://user:s3cret@h/v1\"]\n").unwrap_err();
+    assert_eq!(e.key, "upstreams.a.endpoints[0]");
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+}
