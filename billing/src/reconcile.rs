@@ -9,8 +9,8 @@
 //! now, computed as generation would (rollup, split hours), the figures `GET /developer/billing`
 //! shows. Usage arriving during the check can make the reads differ for a moment (rows not yet
 //! in one of them, the rollup a moment behind the rows), so an open period's check is repeated,
-//! a second apart, until it is clean with the row count held still throughout, or
-//! [`OPEN_ATTEMPTS`] times: a real difference stays.
+//! a second apart, until the row count held still throughout and the result is clean or the
+//! same differences show twice, at most [`OPEN_ATTEMPTS`] times.
 //!
 //! `aihub billing reconcile --period YYYY-MM` prints the [`ReconcileReport`] and exits non-zero
 //! unless it is clean.
@@ -28,8 +28,8 @@ use crate::engine::{Billing, BillingError, GenerateReport};
 use crate::ledger::Ledger;
 use crate::source::{self, Totals};
 
-/// Times an open period is checked, a second apart, while it shows problems or its usage
-/// changes during the check.
+/// At most this many checks of an open period, a second apart, while its usage changes during
+/// the check or its differences have not shown twice.
 pub const OPEN_ATTEMPTS: usize = 3;
 
 /// One value that differs.
@@ -158,6 +158,7 @@ pub async fn reconcile_at(
 
     let early_drafts = invoices::drafts(store, &name).await?.len();
     let mut attempt = 0;
+    let mut before: Option<Vec<Problem>> = None;
     loop {
         attempt += 1;
         let rows_before = count_rows(client, from, to).await?;
@@ -172,7 +173,9 @@ pub async fn reconcile_at(
         let settled = report.rows == rows_before
             && count_rows(client, from, to).await? == rows_before
             && subscriptions::all_overlapping(store, from, to).await? == subs;
-        if (settled && report.is_clean()) || attempt == OPEN_ATTEMPTS {
+        // With the rows held still, a clean result is final, and so are differences found twice.
+        let confirmed = report.is_clean() || before.as_ref() == Some(&report.problems);
+        if (settled && confirmed) || attempt == OPEN_ATTEMPTS {
             report.open = Some(OpenPeriod {
                 as_of: now_ms,
                 early_drafts,
@@ -180,6 +183,7 @@ pub async fn reconcile_at(
             });
             return Ok(report);
         }
+        before = settled.then(|| report.problems.clone());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -197,7 +201,8 @@ async fn count_rows(client: &clickhouse::Client, from: i64, to: i64) -> Result<u
 }
 
 /// One pass over the raw rows: every developer's invoice recomputed and compared with
-/// `reference`, then the rollup's totals with the raw rows'. `subs`: the period's subscriptions.
+/// `reference`, then the rollup's totals with the raw rows'. `all_subs`: the period's
+/// subscriptions.
 async fn check(
     billing: &Billing,
     period: Period,

@@ -28,8 +28,9 @@ started=$SECONDS
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/aihub-smoke.XXXXXX")
 export AIHUB_DATA=$WORK/data
 FAILED=1
+UP_PID=""
 
-step() { echo "==> smoke: $*" >&2; }
+step() { echo "==> smoke [$((SECONDS - started)) s]: $*" >&2; }
 fail() {
     echo "smoke test FAILED: $*" >&2
     exit 1
@@ -48,6 +49,11 @@ show_logs() {
 cleanup() {
     local code=$?
     trap - EXIT INT TERM
+    set +e
+    if [ -n "$UP_PID" ]; then
+        kill "$UP_PID" 2>/dev/null
+        wait "$UP_PID" 2>/dev/null
+    fi
     [ "$FAILED" = 0 ] || show_logs
     "$ROOT/deploy/local/down.sh" >&2 || true
     if [ "${AIHUB_SMOKE_KEEP:-0}" = 1 ]; then
@@ -75,13 +81,19 @@ done
 [ "$ok" = 1 ] || fail "no free ports found"
 export GATEWAY_PORT=$base OPS_PORT=$((base + 1)) ADMIN_PORT=$((base + 2)) \
     MOCK_PORT=$((base + 3)) CLICKHOUSE_PORT=$((base + 4))
-# Not the caller's provider key: the smoke test uses the mock upstream only.
-unset OPENAI_API_KEY
+# A new user's environment: no provider key (the mock upstream only), none of the variables that
+# override the configuration files.
+unset OPENAI_API_KEY AIHUB_DATABASE_URL AIHUB_REDIS_URL AIHUB_CLICKHOUSE_URL \
+    AIHUB_CLICKHOUSE_DATABASE AIHUB_CLICKHOUSE_USER AIHUB_ADMIN_EMAIL AIHUB_LOG_FORMAT
 
 # up.sh --detach; its printed output in $WORK/up-N.log.
 up() {
     step "up.sh --detach (start $1, data $AIHUB_DATA, gateway port $GATEWAY_PORT)"
-    ./deploy/local/up.sh --detach > "$WORK/up-$1.log" 2>&1 || fail "up.sh exited with $?"
+    # In the background, so that a signal stops it (cleanup) instead of waiting for it.
+    ./deploy/local/up.sh --detach > "$WORK/up-$1.log" 2>&1 &
+    UP_PID=$!
+    wait "$UP_PID" || fail "up.sh exited with $?"
+    UP_PID=""
     OUT=$WORK/up-$1.log
 }
 # A value printed by up.sh as "  Label:  value ..." (the first word after the label).
@@ -186,13 +198,24 @@ rows_arrive "$NEW_ID" 1 2
 step "aihub billing reconcile for the open month"
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/aihub
 PERIOD=$(date -u +%Y-%m)
+code=0
 "$BIN" billing reconcile --period "$PERIOD" --admin-config "$AIHUB_DATA/admin.yaml" \
-    > "$WORK/reconcile.log" 2>&1 || { cat "$WORK/reconcile.log" >&2; fail "reconcile exited with $?"; }
-grep -q "open" "$WORK/reconcile.log" || { cat "$WORK/reconcile.log" >&2; fail "reconcile did not say the period is open"; }
+    > "$WORK/reconcile.log" 2>&1 || code=$?
+[ "$code" = 0 ] && grep -q "period $PERIOD is open" "$WORK/reconcile.log" \
+    && grep -q "OK: the live computation matches" "$WORK/reconcile.log" \
+    || fail "aihub billing reconcile --period $PERIOD (exit $code):
+$(cat "$WORK/reconcile.log")"
 
-step "down.sh"
-./deploy/local/down.sh >&2
-! curl -s --max-time 2 "$GATEWAY/models" >/dev/null 2>&1 || fail "the gateway still answers after down.sh"
+# down.sh; then nothing may answer on the ports up.sh used.
+down() {
+    step "down.sh"
+    ./deploy/local/down.sh >&2
+    local port
+    for port in "$GATEWAY_PORT" "$OPS_PORT" "$ADMIN_PORT" "$MOCK_PORT" "$CLICKHOUSE_PORT"; do
+        port_free "$port" || fail "port $port still answers after down.sh"
+    done
+}
+down
 
 # --- Second start over the same data directory ------------------------------------------------
 up 2
@@ -202,6 +225,7 @@ run_printed 200 "$(printed_line '/developer/login')"
 chat_json "$KEY"
 chat_json "$NEW_KEY"
 rows_arrive "$NEW_ID" 2 3
+down
 
 FAILED=0
 step "passed in $((SECONDS - started)) s"
