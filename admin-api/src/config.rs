@@ -61,8 +61,9 @@ pub struct AdminConfig {
 
 /// Deadlines for slow clients on the admin listener: a connection that has not sent a whole
 /// request header within `header_read_timeout` is closed (this also ends idle keep-alive
-/// connections), and a request whose body has not fully arrived within `body_read_timeout` of
-/// its header is answered 408 `request_timeout` and its connection closed.
+/// connections), a request whose body has not fully arrived within `body_read_timeout` of
+/// its header is answered 408 `request_timeout` and its connection closed, and a connection
+/// whose client stops reading (no write progress for `response_write_timeout`) is closed.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -72,6 +73,9 @@ pub struct ServerConfig {
     /// Default 30s.
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Default 60s.
+    #[serde(default = "default_response_write_timeout", with = "humantime_serde")]
+    pub response_write_timeout: Duration,
     /// Largest request body accepted (413 `request_too_large` beyond). Default 2097152 (2 MiB).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -82,6 +86,7 @@ impl Default for ServerConfig {
         ServerConfig {
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
+            response_write_timeout: default_response_write_timeout(),
             max_body_bytes: default_max_body_bytes(),
         }
     }
@@ -92,6 +97,9 @@ fn default_header_read_timeout() -> Duration {
 }
 fn default_body_read_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_response_write_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_body_bytes() -> usize {
     2 * 1024 * 1024
@@ -475,6 +483,7 @@ impl AdminConfig {
         for (key, d) in [
             ("server.header_read_timeout", srv.header_read_timeout),
             ("server.body_read_timeout", srv.body_read_timeout),
+            ("server.response_write_timeout", srv.response_write_timeout),
         ] {
             if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
                 return Err(err(key, "must be between 100ms and 1h".into()));

@@ -149,6 +149,9 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let header_read_timeout = state.config.server.header_read_timeout;
-    server::serve_router(listener, app(state), header_read_timeout, shutdown).await
+    let deadlines = server::Deadlines {
+        header_read: state.config.server.header_read_timeout,
+        response_write: state.config.server.response_write_timeout,
+    };
+    server::serve_router(listener, app(state), deadlines, shutdown).await
 }

@@ -6,8 +6,14 @@
 //! Here every connection is served by hyper with `header_read_timeout`: a connection that has
 //! not delivered a complete request header within it (counted from the connection's start, or
 //! from the end of the previous response on a kept-alive connection) is closed. The body's
-//! deadline is [`crate::http::read_body`]'s, inside the router.
+//! deadline is [`crate::http::read_body`]'s, inside the router. Writes to the client must make
+//! progress within `response_write_timeout` ([`WriteDeadline`]): a client that stops reading
+//! (say, in the middle of a CSV export holding a ClickHouse cursor) is disconnected.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,6 +22,7 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::Service;
@@ -26,7 +33,7 @@ use tower::Service;
 pub async fn serve_router(
     listener: TcpListener,
     router: Router,
-    header_read_timeout: Duration,
+    deadlines: Deadlines,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -61,7 +68,8 @@ pub async fn serve_router(
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
+                .header_read_timeout(deadlines.header_read);
+            let stream = WriteDeadline::new(stream, deadlines.response_write);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -81,6 +89,107 @@ pub async fn serve_router(
     drop(listener);
     open_tx.closed().await;
     Ok(())
+}
+
+/// The connection deadlines of the admin listener (`server` section of the admin config).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// A whole request header must arrive within this.
+    pub header_read: Duration,
+    /// Every write to the client must make progress within this.
+    pub response_write: Duration,
+}
+
+/// A connection whose writes must make progress within a deadline: a write that stays blocked
+/// (the client's receive window closed) for `limit` fails with `TimedOut`, which ends the
+/// connection. Reads pass through.
+pub struct WriteDeadline<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed when a write is blocked; cleared once one makes progress.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    pub fn new(inner: S, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            timer: None,
+        }
+    }
+
+    /// Called when a write is blocked: `Pending` until the deadline, then `TimedOut`.
+    fn blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading the response",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progressed<T>(&mut self, result: io::Result<T>) -> Poll<io::Result<T>> {
+        self.timer = None;
+        Poll::Ready(result)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => this.progressed(r),
+            Poll::Pending => this.blocked(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => this.progressed(r),
+            Poll::Pending => this.blocked(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Ready(r) => this.progressed(r),
+            Poll::Pending => this.blocked(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Resolves once shutdown has been signalled.

@@ -106,6 +106,45 @@ async fn connect(api: &TestApi) -> TcpStream {
         .unwrap()
 }
 
+/// A client that asks for responses and stops reading them is disconnected once writes make
+/// no progress for `response_write_timeout`, instead of holding the connection forever.
+#[tokio::test]
+async fn clients_that_stop_reading_are_cut_off() {
+    let api = TestApi::start_with(Backend::Sqlite, |c| {
+        c.server.response_write_timeout = Duration::from_secs(1);
+        c.server.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let one = api
+        .http
+        .get(api.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    // Far more than the socket buffers hold, pipelined on one connection, never read.
+    let requests = (32 << 20) / one + 1;
+    let mut stream = connect(&api).await;
+    let pipelined = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(requests);
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Reading now drains what the buffers held, then finds the connection closed: the server
+    // gave up on the rest.
+    let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(20)).await;
+    assert!(closed, "still open");
+    assert!(
+        got.len() < requests * one,
+        "every response was written: {} bytes",
+        got.len()
+    );
+    // The listener still serves others.
+    let ok = api.http.get(api.url("/healthz")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
 #[tokio::test]
 async fn slow_headers_are_cut_off() {
     let api = TestApi::start_with(Backend::Sqlite, |c| {

@@ -396,23 +396,12 @@ async fn credentials_are_injected_and_stay_out_of_logs_even_at_trace_level() {
 /// Writes `head` (and `body`) on a raw connection and returns everything read until close or
 /// `wait` passes.
 fn raw_exchange(addr: std::net::SocketAddr, head: &str, body: &[u8], wait: Duration) -> String {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(wait)).unwrap();
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&out).contains("}}") {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    read_error_answer(&mut s)
 }
 
 #[tokio::test]

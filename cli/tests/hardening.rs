@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -21,22 +21,7 @@ fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(wait)).unwrap();
     s.write_all(request).unwrap();
-    read_some(&mut s)
-}
-
-fn read_some(s: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-        if String::from_utf8_lossy(&out).contains("}}") {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    read_error_answer(&mut s)
 }
 
 fn post_head(path: &str, key: &str, len: usize, extra: &str) -> String {
@@ -127,7 +112,7 @@ async fn a_key_at_its_request_limit_is_refused_before_its_body_is_read() {
     s.write_all(post_head("/v1/chat/completions", &k.key, 5_000_000, "").as_bytes())
         .unwrap();
     s.write_all(&[b' '; 1024]).unwrap();
-    let out = read_some(&mut s);
+    let out = read_error_answer(&mut s);
     let waited = started.elapsed();
     assert_eq!(status_of(&out), 429, "{out}");
     assert!(out.contains("\"code\":\"rate_limit_exceeded\""), "{out}");
@@ -143,7 +128,7 @@ async fn a_key_at_its_request_limit_is_refused_before_its_body_is_read() {
         "Expect: 100-continue\r\n",
     );
     s.write_all(head.as_bytes()).unwrap();
-    let out = read_some(&mut s);
+    let out = read_error_answer(&mut s);
     assert_eq!(status_of(&out), 429, "{out}");
 }
 

@@ -99,6 +99,37 @@ fn request_id(resp: &reqwest::Response) -> String {
     resp.headers()["x-request-id"].to_str().unwrap().to_owned()
 }
 
+/// Posts `body` to `path` with `headers`; asserts a 200; returns the request id and the answer.
+async fn call(
+    s: &Setup,
+    path: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (String, reqwest::Response) {
+    let mut req = s.gw.post(&s.key, path).json(body);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{path}");
+    (request_id(&resp), resp)
+}
+
+/// [`call`] with `"stream": true` and no header; asserts the stream arrived byte for byte (so
+/// nothing such as `stream_options` broke it); returns the request id and the stream.
+async fn call_streamed(s: &Setup, path: &str, body: &serde_json::Value) -> (String, String) {
+    let mut body = body.clone();
+    body["stream"] = true.into();
+    let (id, resp) = call(s, path, &body, &[]).await;
+    let sha = resp.headers()["x-mock-body-sha256"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let text = resp.text().await.unwrap();
+    assert_eq!(sha256_hex(text.as_bytes()), sha);
+    (id, text)
+}
+
 /// nano-USD of `tokens` at `per_1m` USD per million.
 fn nanos(tokens: u64, per_1m: &str) -> i128 {
     let usd = Decimal::from(tokens) * Decimal::from_str(per_1m).unwrap() / Decimal::from(1_000_000);
@@ -113,15 +144,7 @@ async fn responses_api_is_metered_exactly_json_and_stream() {
     let s = start(&[]);
     let body = serde_json::json!({"model": "gpt-4o", "input": "Tell me a story about a gateway.",
                                   "instructions": "Be brief."});
-    let resp =
-        s.gw.post(&s.key, "/v1/responses")
-            .header("x-mock-cached-tokens", "4")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-    assert_eq!(resp.status(), 200);
-    let id = request_id(&resp);
+    let (id, resp) = call(&s, "/v1/responses", &body, &[("x-mock-cached-tokens", "4")]).await;
     let v: serde_json::Value = resp.json().await.unwrap();
     let u = &v["usage"];
     let (input, output) = (
@@ -136,22 +159,7 @@ async fn responses_api_is_metered_exactly_json_and_stream() {
 
     // Streamed: no `stream_options` added (the real API refuses it), usage from
     // `response.completed`, the stream byte for byte.
-    let mut body = body.clone();
-    body["stream"] = true.into();
-    let resp =
-        s.gw.post(&s.key, "/v1/responses")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-    assert_eq!(resp.status(), 200);
-    let id = request_id(&resp);
-    let sha = resp.headers()["x-mock-body-sha256"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let text = resp.text().await.unwrap();
-    assert_eq!(sha256_hex(text.as_bytes()), sha);
+    let (id, text) = call_streamed(&s, "/v1/responses", &body).await;
     assert!(text.contains("event: response.completed"), "{text}");
     let cost = nanos(input, "2.5") + nanos(output, "10");
     assert_eq!(
@@ -165,16 +173,11 @@ async fn messages_api_is_metered_exactly_json_and_stream() {
     let s = start(&[]);
     let body = serde_json::json!({"model": "claude", "max_tokens": 64, "system": "Be brief.",
         "messages": [{"role": "user", "content": "Write a haiku about metering."}]});
-    let resp =
-        s.gw.post(&s.key, "/v1/messages")
-            .header("x-mock-cached-tokens", "3")
-            .header("x-mock-cache-write-tokens", "2")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-    assert_eq!(resp.status(), 200);
-    let id = request_id(&resp);
+    let cache = [
+        ("x-mock-cached-tokens", "3"),
+        ("x-mock-cache-write-tokens", "2"),
+    ];
+    let (id, resp) = call(&s, "/v1/messages", &body, &cache).await;
     let v: serde_json::Value = resp.json().await.unwrap();
     let u = &v["usage"];
     let input = u["input_tokens"].as_u64().unwrap();
@@ -188,22 +191,8 @@ async fn messages_api_is_metered_exactly_json_and_stream() {
         (prompt, 3, output, prompt + output, cost, 0, 200)
     );
 
-    let mut body = body.clone();
-    body["stream"] = true.into();
-    let resp =
-        s.gw.post(&s.key, "/v1/messages")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-    assert_eq!(resp.status(), 200, "stream_options must not be added");
-    let id = request_id(&resp);
-    let sha = resp.headers()["x-mock-body-sha256"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let text = resp.text().await.unwrap();
-    assert_eq!(sha256_hex(text.as_bytes()), sha);
+    // Streamed: no `stream_options` added (the real API refuses extra fields).
+    let (id, text) = call_streamed(&s, "/v1/messages", &body).await;
     assert!(text.contains("event: message_delta"));
     // No cache this time: every prompt token is an input token.
     let cost = nanos(prompt, "3") + nanos(output, "15");

@@ -78,11 +78,15 @@ pub fn capture(store: &MemoryKeyStore, cursor: &Cursor) -> Snapshot {
     }
 }
 
-/// Writes `snapshot` to `path` atomically (temporary file, fsync, rename), mode 600.
+/// Writes `snapshot` to `path` atomically (temporary file, fsync, rename), mode 600; folders
+/// it creates are owner-only (700).
 pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
     let tmp = path.with_extension("tmp");
     let file = std::fs::OpenOptions::new()
@@ -224,6 +228,12 @@ mod tests {
             id: "key_b".into(),
         };
         write(&path, &capture(&store, &cursor)).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&path), 0o600);
+            assert_eq!(mode(path.parent().unwrap()), 0o700);
+        }
         let (back, keys) = read(&path).unwrap();
         assert_eq!(back, cursor);
         let loaded = MemoryKeyStore::new();

@@ -168,6 +168,8 @@ struct KeysPage {
     form: KeyForm,
     errors: FieldErrors,
     max_grace_days: u64,
+    /// Keys without an expiry are allowed (`keys.allow_never_expires`).
+    never_allowed: bool,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +203,7 @@ async fn keys_page(
         form,
         errors,
         max_grace_days: s.config.keys.max_rotation_grace.as_secs() / 86_400,
+        never_allowed: s.config.keys.allow_never_expires,
     })
 }
 

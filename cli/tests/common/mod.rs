@@ -39,6 +39,24 @@ pub fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Reads a raw connection until a JSON error answer ended (`}}`), the peer closed, or its read
+/// timeout passed; returns what arrived.
+pub fn read_error_answer(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&out).contains("}}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A port nobody listens on right now (bound then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

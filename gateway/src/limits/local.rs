@@ -178,28 +178,14 @@ impl LocalBuckets {
 
         if let Some((reason, retry_us)) = refused {
             // Show the buckets as they stand: refused ones empty, the others untouched.
-            let view = |x: Option<(Rate, Decision)>, tat: Option<i64>| {
-                x.zip(tat).map(|((r, d), tat)| {
-                    if d.allowed {
-                        let (remaining, reset_us) = peek(tat, now, r);
-                        Shown {
-                            limit: r.per_minute,
-                            remaining,
-                            reset_us,
-                        }
-                    } else {
-                        shown(r, &d)
-                    }
-                })
-            };
             let headers = RateHeaders {
                 requests: Shown::tighter(
-                    view(kr, key.as_ref().map(|p| p.requests)),
-                    view(dr, dev.as_ref().map(|p| p.requests)),
+                    view(kr, key.as_ref().map(|p| p.requests), now),
+                    view(dr, dev.as_ref().map(|p| p.requests), now),
                 ),
                 tokens: Shown::tighter(
-                    view(kt, key.as_ref().map(|p| p.tokens)),
-                    view(dt, dev.as_ref().map(|p| p.tokens)),
+                    view(kt, key.as_ref().map(|p| p.tokens), now),
+                    view(dt, dev.as_ref().map(|p| p.tokens), now),
                 ),
             };
             return Err(Refused {

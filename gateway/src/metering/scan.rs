@@ -68,16 +68,18 @@ fn value_end(json: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-/// The top-level members of the object `json` (surrounding whitespace allowed).
-pub fn members(json: &[u8]) -> Option<Vec<Member>> {
+/// Calls `visit` with each top-level member of the object `json` (surrounding whitespace
+/// allowed) until it returns true. `Some(true)`: stopped by `visit`; `Some(false)`: every member
+/// visited and the object well formed to its end; `None`: not an object, or malformed before
+/// `visit` stopped. Allocates nothing.
+fn walk(json: &[u8], mut visit: impl FnMut(Member) -> bool) -> Option<bool> {
     let mut i = skip_ws(json, 0);
     if json.get(i) != Some(&b'{') {
         return None;
     }
     i = skip_ws(json, i + 1);
-    let mut out = Vec::with_capacity(8);
     if json.get(i) == Some(&b'}') {
-        return (skip_ws(json, i + 1) == json.len()).then_some(out);
+        return (skip_ws(json, i + 1) == json.len()).then_some(false);
     }
     loop {
         if json.get(i) != Some(&b'"') {
@@ -90,71 +92,60 @@ pub fn members(json: &[u8]) -> Option<Vec<Member>> {
         }
         let value_start = skip_ws(json, colon + 1);
         let value_stop = value_end(json, value_start)?;
-        out.push(Member {
+        let member = Member {
             key: i..key_end,
             value: value_start..value_stop,
-        });
+        };
+        if visit(member) {
+            return Some(true);
+        }
         i = skip_ws(json, value_stop);
         match json.get(i) {
             Some(b',') => i = skip_ws(json, i + 1),
-            Some(b'}') => return (skip_ws(json, i + 1) == json.len()).then_some(out),
+            Some(b'}') => return (skip_ws(json, i + 1) == json.len()).then_some(false),
             _ => return None,
         }
     }
 }
 
+/// The top-level members of the object `json` (surrounding whitespace allowed).
+pub fn members(json: &[u8]) -> Option<Vec<Member>> {
+    let mut out = Vec::with_capacity(8);
+    walk(json, |m| {
+        out.push(m);
+        false
+    })?;
+    Some(out)
+}
+
 /// The bytes to cut from the object `json` to remove its top-level member named `key` (given
 /// with its quotes, e.g. `"usage"`) and one separating comma, leaving valid JSON with every
-/// other byte unchanged; `None` when `json` is not an object or has no such member. Walks the
-/// members without allocating.
+/// other byte unchanged; `None` when `json` is not an object or has no such member.
 pub fn member_cut(json: &[u8], key: &[u8]) -> Option<Range<usize>> {
-    let mut i = skip_ws(json, 0);
-    if json.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_ws(json, i + 1);
-    if json.get(i) == Some(&b'}') {
-        return None;
-    }
-    // The end of the previous member's value, and the member to cut once found.
     let mut previous_end: Option<usize> = None;
-    let mut found: Option<Member> = None;
-    loop {
-        if json.get(i) != Some(&b'"') {
-            return None;
+    let mut first: Option<Member> = None;
+    let mut cut = None;
+    walk(json, |m| {
+        if let Some(f) = &first {
+            // The member was the first: cut up to the next key.
+            cut = Some(f.key.start..m.key.start);
+            return true;
         }
-        let key_end = string_end(json, i)?;
-        let colon = skip_ws(json, key_end);
-        if json.get(colon) != Some(&b':') {
-            return None;
-        }
-        let value_start = skip_ws(json, colon + 1);
-        let value_stop = value_end(json, value_start)?;
-        if let Some(m) = &found {
-            // The member to cut was first: cut up to this key.
-            return Some(m.key.start..i);
-        }
-        if &json[i..key_end] == key {
-            if let Some(prev) = previous_end {
+        if &json[m.key.clone()] == key {
+            match previous_end {
                 // `, "usage": {…}` after the previous value.
-                return Some(prev..value_stop);
+                Some(end) => {
+                    cut = Some(end..m.value.end);
+                    return true;
+                }
+                None => first = Some(m.clone()),
             }
-            found = Some(Member {
-                key: i..key_end,
-                value: value_start..value_stop,
-            });
         }
-        previous_end = Some(value_stop);
-        i = skip_ws(json, value_stop);
-        match json.get(i) {
-            Some(b',') => i = skip_ws(json, i + 1),
-            Some(b'}') => {
-                // The only member (`{"usage": …}` → `{}`).
-                return found.map(|m| m.key.start..m.value.end);
-            }
-            _ => return None,
-        }
-    }
+        previous_end = Some(m.value.end);
+        false
+    })?;
+    // The only member (`{"usage": …}` → `{}`).
+    cut.or_else(|| first.map(|m| m.key.start..m.value.end))
 }
 
 /// `json` without its top-level member named `key` ([`member_cut`] applied).
