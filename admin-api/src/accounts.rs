@@ -11,21 +11,19 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use aihub_control::accounts::{self as service, Registered, Registration, TokenPurpose};
 use aihub_plans::PlanCatalog;
-use aihub_store::developers::{self, Developer, NewDeveloper, ProfileUpdate, ROLE_DEVELOPER};
+use aihub_store::developers::{self, Developer};
 use aihub_store::outbox::rfc3339_ms;
-use aihub_store::{auth as tokens, new_id, now_ms};
 
-use crate::auth::{check_password, new_email_token, token_hash, Caller, ClientMeta};
-use crate::error::{AppError, FieldError, Json, Query};
-use crate::plans::{parse_usd_nanos, usd_from_nanos, EffectiveLimits};
+use crate::auth::{check_password, Caller, ClientMeta};
+use crate::error::{AppError, Json, Query};
+use crate::plans::{usd_from_nanos, EffectiveLimits};
 use crate::state::AppState;
-
-pub const DEVELOPER_TYPES: &[&str] = &["individual", "enterprise"];
 
 /// A developer account as its owner (or an operator) sees it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct DeveloperView {
+pub(crate) struct DeveloperView {
     pub id: String,
     pub email: String,
     pub full_name: String,
@@ -76,7 +74,7 @@ impl DeveloperView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Message {
+pub(crate) struct Message {
     pub message: String,
 }
 
@@ -91,7 +89,7 @@ fn accepted(m: &str) -> (StatusCode, Json<Message>) {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RegisterRequest {
+pub(crate) struct RegisterRequest {
     pub email: String,
     /// 10 to 128 characters; not a common password; not containing the email.
     pub password: String,
@@ -103,32 +101,6 @@ pub struct RegisterRequest {
     pub developer_type: Option<String>,
 }
 
-/// Checks an email address's shape (the mail itself proves it exists).
-pub fn check_email(email: &str) -> Result<(), String> {
-    if email.len() > 254 || email.parse::<lettre::Address>().is_err() {
-        return Err("is not a valid email address".into());
-    }
-    Ok(())
-}
-
-pub fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
-    let n = v.trim().chars().count();
-    if n == 0 || n > 200 {
-        errors.push(FieldError::new(field, "must be 1 to 200 characters"));
-    }
-}
-
-fn check_type(v: Option<&str>, errors: &mut Vec<FieldError>) {
-    if let Some(t) = v {
-        if !DEVELOPER_TYPES.contains(&t) {
-            errors.push(FieldError::new(
-                "developer_type",
-                "must be `individual` or `enterprise`",
-            ));
-        }
-    }
-}
-
 const REGISTERED: &str = "Check your inbox: we sent a link to verify your email address.";
 
 /// Register a developer account. A verification link is emailed; the answer is the same
@@ -137,84 +109,54 @@ const REGISTERED: &str = "Check your inbox: we sent a link to verify your email 
     request_body = RegisterRequest,
     responses((status = 202, body = Message), (status = 422, body = crate::openapi::ErrorBody),
               (status = 429, body = crate::openapi::ErrorBody)))]
-pub async fn register(
+pub(crate) async fn register(
     State(s): State<AppState>,
     meta: ClientMeta,
     Json(r): Json<RegisterRequest>,
 ) -> Result<(StatusCode, Json<Message>), AppError> {
-    s.throttle.check_ip(meta.ip)?;
-    let mut errors = Vec::new();
-    if let Err(e) = check_email(&r.email) {
-        errors.push(FieldError::new("email", e));
-    }
-    if let Err(e) = check_password(&r.password, &r.email) {
-        errors.push(FieldError::new("password", e));
-    }
-    check_name("full_name", &r.full_name, &mut errors);
-    if let Some(c) = &r.company_name {
-        check_name("company_name", c, &mut errors);
-    }
-    check_type(r.developer_type.as_deref(), &mut errors);
-    AppError::check(errors)?;
-
-    // Hash before looking the email up, so both paths cost the same.
-    let hash = s.passwords.hash(r.password).await?;
-    let email = r.email.trim().to_lowercase();
-    if let Some(existing) = developers::by_email(&s.store, &email).await? {
-        if !s.throttle.allow_mail(&existing.email) {
-            return Ok(accepted(REGISTERED));
-        }
-        s.mailer.send(
-            &existing.email,
-            "Your AI Hub account",
-            format!(
-                "Someone (maybe you) tried to register a new AI Hub account with this address, \
-                 which already has one.\n\nSign in at {0}, or ask for a password reset there \
-                 if you forgot it.\n",
-                s.config.public_url
-            ),
-        );
-        return Ok(accepted(REGISTERED));
-    }
-    let new = NewDeveloper {
-        email: email.clone(),
-        password_hash: hash,
-        full_name: r.full_name.trim().to_owned(),
-        company_name: r.company_name.map(|c| c.trim().to_owned()),
-        developer_type: r.developer_type.unwrap_or_else(|| "individual".into()),
-        role: ROLE_DEVELOPER.into(),
-        plan: s.plans.default_plan.clone(),
-        verified: false,
-    };
-    let mut tx = s.store.begin_write().await?;
-    let dev = match developers::insert(&mut tx, &new).await {
-        Ok(d) => d,
-        // Registered concurrently by another request: same answer.
-        Err(aihub_store::StoreError::Conflict(_)) => return Ok(accepted(REGISTERED)),
-        Err(e) => return Err(e.into()),
-    };
-    let token = issue_token(&s, &mut tx, &dev.id, tokens::VERIFY_EMAIL).await?;
-    tx.commit().await?;
-    s.metrics.event("registered");
-    send_verification(&s, &email, &token);
+    sign_up(&s, &meta, r).await?;
     Ok(accepted(REGISTERED))
 }
 
-async fn issue_token(
+/// Registration as the API and the portal run it: throttle, field rules, the password hash
+/// (before the lookup, so both paths cost the same), the service's registration, the mail.
+pub(crate) async fn sign_up(
     s: &AppState,
-    conn: &mut sqlx::AnyConnection,
-    developer_id: &str,
-    purpose: &str,
-) -> Result<String, AppError> {
-    let ttl = if purpose == tokens::VERIFY_EMAIL {
-        s.config.auth.verify_token_ttl
-    } else {
-        s.config.auth.reset_token_ttl
+    meta: &ClientMeta,
+    r: RegisterRequest,
+) -> Result<(), AppError> {
+    s.throttle.check_ip(meta.ip)?;
+    let r = Registration {
+        email: r.email,
+        password: r.password,
+        full_name: r.full_name,
+        company_name: r.company_name,
+        developer_type: r.developer_type,
     };
-    let (token, hash) = new_email_token();
-    let expires = now_ms() + ttl.as_millis() as i64;
-    tokens::create_email_token(conn, &hash, developer_id, purpose, expires).await?;
-    Ok(token)
+    r.check()?;
+    // Hash before looking the email up, so both paths cost the same.
+    let hash = s.passwords.hash(r.password.clone()).await?;
+    match s.control.register(r, hash).await? {
+        Registered::Existing(existing) => {
+            if !s.throttle.allow_mail(&existing.email) {
+                return Ok(());
+            }
+            s.mailer.send(
+                &existing.email,
+                "Your AI Hub account",
+                format!(
+                    "Someone (maybe you) tried to register a new AI Hub account with this \
+                     address, which already has one.\n\nSign in at {0}, or ask for a password \
+                     reset there if you forgot it.\n",
+                    s.config.public_url
+                ),
+            );
+        }
+        Registered::Created { developer, token } => send_verification(s, &developer.email, &token),
+        // Registered concurrently by another request: same answer.
+        Registered::Raced => {}
+    }
+    Ok(())
 }
 
 /// A duration as the mails say it: "1 day", "2 hours", "1 hour and 30 minutes",
@@ -257,7 +199,7 @@ fn send_verification(s: &AppState, email: &str, token: &str) {
 
 #[derive(Debug, Deserialize, ToSchema, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-pub struct VerifyEmailRequest {
+pub(crate) struct VerifyEmailRequest {
     /// The token from the verification mail.
     pub token: String,
 }
@@ -266,7 +208,7 @@ pub struct VerifyEmailRequest {
 #[utoipa::path(post, path = "/developer/verify-email", tag = "accounts",
     request_body = VerifyEmailRequest,
     responses((status = 200, body = Message), (status = 422, body = crate::openapi::ErrorBody)))]
-pub async fn verify_email(
+pub(crate) async fn verify_email(
     State(s): State<AppState>,
     Json(r): Json<VerifyEmailRequest>,
 ) -> Result<Json<Message>, AppError> {
@@ -277,7 +219,7 @@ pub async fn verify_email(
 #[utoipa::path(get, path = "/developer/verify-email", tag = "accounts",
     params(VerifyEmailRequest),
     responses((status = 200, body = Message), (status = 422, body = crate::openapi::ErrorBody)))]
-pub async fn verify_email_link(
+pub(crate) async fn verify_email_link(
     State(s): State<AppState>,
     Query(r): Query<VerifyEmailRequest>,
 ) -> Result<Json<Message>, AppError> {
@@ -285,13 +227,7 @@ pub async fn verify_email_link(
 }
 
 async fn consume_verification(s: &AppState, token: &str) -> Result<Json<Message>, AppError> {
-    let mut tx = s.store.begin_write().await?;
-    let dev = tokens::consume_email_token(&mut tx, &token_hash(token), tokens::VERIFY_EMAIL)
-        .await?
-        .ok_or_else(|| AppError::validation("token", "is invalid, used or expired"))?;
-    developers::mark_verified(&mut tx, &dev).await?;
-    tx.commit().await?;
-    s.metrics.event("verified");
+    s.control.verify_email(token).await?;
     Ok(Json(Message {
         message: "Email verified.".into(),
     }))
@@ -299,7 +235,7 @@ async fn consume_verification(s: &AppState, token: &str) -> Result<Json<Message>
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ResendRequest {
+pub(crate) struct ResendRequest {
     pub email: String,
 }
 
@@ -307,20 +243,31 @@ pub struct ResendRequest {
 #[utoipa::path(post, path = "/developer/verify-email/resend", tag = "accounts",
     request_body = ResendRequest,
     responses((status = 202, body = Message), (status = 429, body = crate::openapi::ErrorBody)))]
-pub async fn resend_verification(
+pub(crate) async fn resend_verification(
     State(s): State<AppState>,
     meta: ClientMeta,
     Json(r): Json<ResendRequest>,
 ) -> Result<(StatusCode, Json<Message>), AppError> {
+    resend_mail(&s, &meta, r.email)?;
+    Ok(accepted(
+        "If the address has an unverified account, a new link is on its way.",
+    ))
+}
+
+/// Sends `email` a new verification link in the background when it has an unverified, active
+/// account (throttled per IP and per address).
+pub(crate) fn resend_mail(s: &AppState, meta: &ClientMeta, email: String) -> Result<(), AppError> {
     s.throttle.check_ip(meta.ip)?;
+    let s = s.clone();
     // Answered before any lookup: the response time says nothing about the address.
     tokio::spawn(async move {
         let result: Result<(), AppError> = async {
-            if let Some(dev) = developers::by_email(&s.store, r.email.trim()).await? {
+            if let Some(dev) = developers::by_email(&s.store, email.trim()).await? {
                 if !dev.is_verified() && dev.is_active() && s.throttle.allow_mail(&dev.email) {
-                    let mut tx = s.store.begin_write().await?;
-                    let token = issue_token(&s, &mut tx, &dev.id, tokens::VERIFY_EMAIL).await?;
-                    tx.commit().await?;
+                    let token = s
+                        .control
+                        .issue_email_token(&dev.id, TokenPurpose::VerifyEmail)
+                        .await?;
                     send_verification(&s, &dev.email, &token);
                 }
             }
@@ -331,20 +278,18 @@ pub async fn resend_verification(
             tracing::warn!(error = %e, "verification resend failed");
         }
     });
-    Ok(accepted(
-        "If the address has an unverified account, a new link is on its way.",
-    ))
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct LoginRequest {
+pub(crate) struct LoginRequest {
     pub email: String,
     pub password: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TokenResponse {
+pub(crate) struct TokenResponse {
     /// A JWT; send it as `Authorization: Bearer …`. Logging out ends it.
     pub access_token: String,
     /// Always `Bearer`.
@@ -359,11 +304,21 @@ pub struct TokenResponse {
     request_body = LoginRequest,
     responses((status = 200, body = TokenResponse), (status = 401, body = crate::openapi::ErrorBody),
               (status = 403, body = crate::openapi::ErrorBody), (status = 429, body = crate::openapi::ErrorBody)))]
-pub async fn login(
+pub(crate) async fn login(
     State(s): State<AppState>,
     meta: ClientMeta,
     Json(r): Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, AppError> {
+    sign_in(&s, &meta, r).await.map(Json)
+}
+
+/// Signing in as the API and the portal run it: throttles, the password check (equal work for
+/// unknown accounts), a new session and its token.
+pub(crate) async fn sign_in(
+    s: &AppState,
+    meta: &ClientMeta,
+    r: LoginRequest,
+) -> Result<TokenResponse, AppError> {
     s.throttle.check_ip(meta.ip)?;
     s.throttle.check_account(r.email.trim())?;
     let dev = developers::by_email(&s.store, r.email.trim()).await?;
@@ -386,38 +341,35 @@ pub async fn login(
         ));
     }
     let ttl = s.config.auth.access_token_ttl;
-    let session = new_id("ses_");
     let ip = meta.ip.map(|i| i.to_string());
-    tokens::create_session(
-        &s.store,
-        &session,
-        &dev.id,
-        now_ms() + ttl.as_millis() as i64,
-        ip.as_deref(),
-        meta.user_agent.as_deref(),
-    )
-    .await?;
+    let session = s
+        .control
+        .open_session(&dev.id, ttl, ip.as_deref(), meta.user_agent.as_deref())
+        .await?;
     s.metrics.event("login_ok");
-    Ok(Json(TokenResponse {
+    Ok(TokenResponse {
         access_token: s.jwt.sign(&dev.id, &session, ttl),
         token_type: "Bearer",
         expires_in: ttl.as_secs(),
         developer: DeveloperView::new(&dev, &s.plans),
-    }))
+    })
 }
 
 /// Log out: the access token stops working at once.
 #[utoipa::path(post, path = "/developer/logout", tag = "accounts",
     responses((status = 204), (status = 401, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn logout(State(s): State<AppState>, caller: Caller) -> Result<StatusCode, AppError> {
-    tokens::revoke_session(&s.store, &caller.session_id).await?;
+pub(crate) async fn logout(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<StatusCode, AppError> {
+    s.control.end_session(&caller.session_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ResetRequest {
+pub(crate) struct ResetRequest {
     pub email: String,
 }
 
@@ -425,21 +377,28 @@ pub struct ResetRequest {
 #[utoipa::path(post, path = "/developer/reset-password", tag = "accounts",
     request_body = ResetRequest,
     responses((status = 202, body = Message), (status = 429, body = crate::openapi::ErrorBody)))]
-pub async fn request_reset(
+pub(crate) async fn request_reset(
     State(s): State<AppState>,
     meta: ClientMeta,
     Json(r): Json<ResetRequest>,
 ) -> Result<(StatusCode, Json<Message>), AppError> {
-    s.throttle.check_ip(meta.ip)?;
-    // Answered before any lookup: the response time says nothing about the address.
-    tokio::spawn(async move {
-        if let Err(e) = send_reset(&s, r.email.trim()).await {
-            tracing::warn!(error = %e, "password reset mail failed");
-        }
-    });
+    start_reset(&s, &meta, r.email)?;
     Ok(accepted(
         "If the address has an account, a reset link is on its way.",
     ))
+}
+
+/// Mails `email` a reset link in the background when it has an active account (throttled).
+pub(crate) fn start_reset(s: &AppState, meta: &ClientMeta, email: String) -> Result<(), AppError> {
+    s.throttle.check_ip(meta.ip)?;
+    let s = s.clone();
+    // Answered before any lookup: the response time says nothing about the address.
+    tokio::spawn(async move {
+        if let Err(e) = send_reset(&s, email.trim()).await {
+            tracing::warn!(error = %e, "password reset mail failed");
+        }
+    });
+    Ok(())
 }
 
 async fn send_reset(s: &AppState, email: &str) -> Result<(), AppError> {
@@ -449,9 +408,10 @@ async fn send_reset(s: &AppState, email: &str) -> Result<(), AppError> {
     if !dev.is_active() || !s.throttle.allow_mail(&dev.email) {
         return Ok(());
     }
-    let mut tx = s.store.begin_write().await?;
-    let token = issue_token(s, &mut tx, &dev.id, tokens::RESET_PASSWORD).await?;
-    tx.commit().await?;
+    let token = s
+        .control
+        .issue_email_token(&dev.id, TokenPurpose::ResetPassword)
+        .await?;
     s.mailer.send(
         &dev.email,
         "Reset your AI Hub password",
@@ -473,7 +433,7 @@ async fn send_reset(s: &AppState, email: &str) -> Result<(), AppError> {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ResetConfirm {
+pub(crate) struct ResetConfirm {
     pub token: String,
     pub new_password: String,
 }
@@ -482,43 +442,40 @@ pub struct ResetConfirm {
 #[utoipa::path(post, path = "/developer/reset-password/confirm", tag = "accounts",
     request_body = ResetConfirm,
     responses((status = 200, body = Message), (status = 422, body = crate::openapi::ErrorBody)))]
-pub async fn confirm_reset(
+pub(crate) async fn confirm_reset(
     State(s): State<AppState>,
     meta: ClientMeta,
     Json(r): Json<ResetConfirm>,
 ) -> Result<Json<Message>, AppError> {
-    s.throttle.check_ip(meta.ip)?;
-    const BAD_TOKEN: &str = "is invalid, used or expired";
-    let hash = token_hash(&r.token);
-    // The token is checked before any password hashing: a bogus token costs no argon2 work.
-    let owner = tokens::email_token_owner(&s.store, &hash, tokens::RESET_PASSWORD)
-        .await?
-        .ok_or_else(|| AppError::validation("token", BAD_TOKEN))?;
-    let dev = developers::by_id(&s.store, &owner).await?;
-    if let Err(e) = check_password(&r.new_password, &dev.email) {
-        return Err(AppError::validation("new_password", e));
-    }
-    let password_hash = s.passwords.hash(r.new_password).await?;
-    let mut tx = s.store.begin_write().await?;
-    // Used here, once: a concurrent confirm with the same token finds it used.
-    match tokens::consume_email_token(&mut tx, &hash, tokens::RESET_PASSWORD).await? {
-        Some(id) if id == dev.id => {}
-        _ => return Err(AppError::validation("token", BAD_TOKEN)),
-    }
-    developers::set_password(&mut tx, &dev.id, &password_hash).await?;
-    // The mail proved the address: a reset also verifies it.
-    developers::mark_verified(&mut tx, &dev.id).await?;
-    tokens::revoke_all_sessions(&mut tx, &dev.id).await?;
-    tx.commit().await?;
-    s.metrics.event("password_reset");
+    finish_reset(&s, &meta, r).await?;
     Ok(Json(Message {
         message: "Password changed. Sign in with the new password.".into(),
     }))
 }
 
+/// A reset's second half: throttle, the token (before any argon2 work), the password policy,
+/// the hash, the service's reset.
+pub(crate) async fn finish_reset(
+    s: &AppState,
+    meta: &ClientMeta,
+    r: ResetConfirm,
+) -> Result<(), AppError> {
+    s.throttle.check_ip(meta.ip)?;
+    // The token is checked before any password hashing: a bogus token costs no argon2 work.
+    let dev = s.control.reset_token_owner(&r.token).await?;
+    if let Err(e) = check_password(&r.new_password, &dev.email) {
+        return Err(AppError::validation("new_password", e));
+    }
+    let password_hash = s.passwords.hash(r.new_password).await?;
+    s.control
+        .reset_password(&r.token, &dev.id, &password_hash)
+        .await?;
+    Ok(())
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ChangePassword {
+pub(crate) struct ChangePassword {
     pub current_password: String,
     pub new_password: String,
 }
@@ -529,12 +486,22 @@ pub struct ChangePassword {
     responses((status = 204), (status = 401, body = crate::openapi::ErrorBody),
               (status = 422, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn change_password(
+pub(crate) async fn change_password(
     State(s): State<AppState>,
     caller: Caller,
     Json(r): Json<ChangePassword>,
 ) -> Result<StatusCode, AppError> {
-    let dev = caller.developer;
+    set_own_password(&s, &caller.developer, r).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A password change: the policy, the per-account throttle, the current password, the hash,
+/// the service's change (every session ends).
+pub(crate) async fn set_own_password(
+    s: &AppState,
+    dev: &Developer,
+    r: ChangePassword,
+) -> Result<(), AppError> {
     if let Err(e) = check_password(&r.new_password, &dev.email) {
         return Err(AppError::validation("new_password", e));
     }
@@ -550,24 +517,21 @@ pub async fn change_password(
         ));
     }
     let hash = s.passwords.hash(r.new_password).await?;
-    let mut tx = s.store.begin_write().await?;
-    developers::set_password(&mut tx, &dev.id, &hash).await?;
-    tokens::revoke_all_sessions(&mut tx, &dev.id).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    s.control.change_password(&dev.id, &hash).await?;
+    Ok(())
 }
 
 /// The caller's account, plan and effective limits.
 #[utoipa::path(get, path = "/developer/me", tag = "accounts",
     responses((status = 200, body = DeveloperView), (status = 401, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn me(State(s): State<AppState>, caller: Caller) -> Json<DeveloperView> {
+pub(crate) async fn me(State(s): State<AppState>, caller: Caller) -> Json<DeveloperView> {
     Json(DeveloperView::new(&caller.developer, &s.plans))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct UpdateMe {
+pub(crate) struct UpdateMe {
     pub full_name: Option<String>,
     /// `null` clears it.
     #[serde(default, deserialize_with = "crate::keys::double_option")]
@@ -588,47 +552,18 @@ pub struct UpdateMe {
     request_body = UpdateMe,
     responses((status = 200, body = DeveloperView), (status = 422, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn update_me(
+pub(crate) async fn update_me(
     State(s): State<AppState>,
     caller: Caller,
     Json(r): Json<UpdateMe>,
 ) -> Result<Json<DeveloperView>, AppError> {
-    let mut errors = Vec::new();
-    if let Some(n) = &r.full_name {
-        check_name("full_name", n, &mut errors);
-    }
-    if let Some(Some(c)) = &r.company_name {
-        check_name("company_name", c, &mut errors);
-    }
-    check_type(r.developer_type.as_deref(), &mut errors);
-    let cap = match &r.monthly_spend_cap_usd {
-        None => None,
-        Some(None) => Some(None),
-        Some(Some(text)) => match parse_usd_nanos(text) {
-            Ok(nanos) => Some(Some(nanos)),
-            Err(e) => {
-                errors.push(FieldError::new("monthly_spend_cap_usd", e));
-                None
-            }
-        },
-    };
-    AppError::check(errors)?;
-    let u = ProfileUpdate {
-        full_name: r.full_name.map(|n| n.trim().to_owned()),
-        company_name: r.company_name.map(|c| c.map(|c| c.trim().to_owned())),
+    let u = service::UpdateProfile {
+        full_name: r.full_name,
+        company_name: r.company_name,
         developer_type: r.developer_type,
+        monthly_spend_cap_usd: r.monthly_spend_cap_usd,
     };
-    let id = &caller.developer.id;
-    let mut tx = s.store.begin_write().await?;
-    let mut dev = developers::update_profile(&mut tx, id, &u).await?;
-    if let Some(cap) = cap {
-        // Last: it puts the developer's keys on the change feed.
-        dev = developers::set_spend_cap(&mut tx, id, cap).await?;
-    }
-    tx.commit().await?;
-    if cap.is_some() {
-        s.notifier.keys_changed();
-    }
+    let dev = s.control.update_profile(&caller.developer.id, u).await?;
     Ok(Json(DeveloperView::new(&dev, &s.plans)))
 }
 

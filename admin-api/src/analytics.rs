@@ -146,14 +146,23 @@ impl Window<'_> {
               (status = 422, body = crate::openapi::ErrorBody),
               (status = 503, description = "`usage_unavailable`: no usage database", body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn overview(
+pub(crate) async fn overview(
     State(s): State<AppState>,
     caller: Caller,
     Query(q): Query<UsageQuery>,
 ) -> Result<Json<Overview>, AppError> {
+    overview_of(&s, &caller, q).await.map(Json)
+}
+
+/// What `overview` answers (the caller's, or the developer an operator names), for the portal too.
+pub(crate) async fn overview_of(
+    s: &AppState,
+    caller: &Caller,
+    q: UsageQuery,
+) -> Result<Overview, AppError> {
     let db = s.usage_db()?;
     let cur = q.range(Some(MAX_RANGE_DAYS))?.until(now_ms());
-    let developer_id = whose(&s, &caller, q.developer_id.as_deref()).await?;
+    let developer_id = whose(s, caller, q.developer_id.as_deref()).await?;
     let prev = previous_window(&cur);
     let sql = format!(
         "SELECT if(day >= toDate('{cur_from}'), 'current', 'previous') AS dim, '' AS name, \
@@ -178,7 +187,7 @@ pub async fn overview(
     };
     let (c, p) = (window("current", cur), window("previous", prev));
     let count = |f: fn(&FigureRow) -> u64| move |r: &FigureRow| Decimal::from(f(r));
-    Ok(Json(Overview {
+    Ok(Overview {
         developer_id,
         period: cur.period.map(|p| p.to_string()),
         current: c.figures(),
@@ -200,7 +209,7 @@ pub async fn overview(
                 p.ratio(|r| r.ok_latency, |r| r.ok_n),
             ),
         },
-    }))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,11 +275,20 @@ struct BucketRow {
               (status = 422, body = crate::openapi::ErrorBody),
               (status = 503, description = "`usage_unavailable`: no usage database", body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn trends(
+pub(crate) async fn trends(
     State(s): State<AppState>,
     caller: Caller,
     Query(q): Query<TrendsQuery>,
 ) -> Result<Json<Trends>, AppError> {
+    trends_of(&s, &caller, q).await.map(Json)
+}
+
+/// What `trends` answers (the caller's, or the developer an operator names), for the portal too.
+pub(crate) async fn trends_of(
+    s: &AppState,
+    caller: &Caller,
+    q: TrendsQuery,
+) -> Result<Trends, AppError> {
     let db = s.usage_db()?;
     let hourly = match q.granularity.as_deref() {
         None | Some("day") => false,
@@ -289,7 +307,7 @@ pub async fn trends(
             format!("an hourly series may span at most {MAX_HOURLY_DAYS} days"),
         )]));
     }
-    let developer_id = whose(&s, &caller, q.developer_id.as_deref()).await?;
+    let developer_id = whose(s, caller, q.developer_id.as_deref()).await?;
     let now = now_ms();
     let (step, sql) = if hourly {
         (
@@ -341,14 +359,14 @@ pub async fn trends(
             }
         })
         .collect();
-    Ok(Json(Trends {
+    Ok(Trends {
         developer_id,
         granularity: if hourly { "hour" } else { "day" }.into(),
         period: r.period.map(|p| p.to_string()),
         from: r.from_date(),
         to: r.to_date(),
         data,
-    }))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -794,11 +812,19 @@ struct PlatformModelRow {
               (status = 422, body = crate::openapi::ErrorBody),
               (status = 503, description = "`usage_unavailable`: no usage database", body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn platform_overview(
+pub(crate) async fn platform_overview(
     State(s): State<AppState>,
     _op: Operator,
     Query(q): Query<PlatformQuery>,
 ) -> Result<Json<PlatformOverview>, AppError> {
+    platform_overview_of(&s, q).await.map(Json)
+}
+
+/// What `platform_overview` answers, for the portal too (operators only: the handler or page checks).
+pub(crate) async fn platform_overview_of(
+    s: &AppState,
+    q: PlatformQuery,
+) -> Result<PlatformOverview, AppError> {
     let db = s.usage_db()?;
     let r = RangeParams {
         period: q.period.as_deref(),
@@ -855,7 +881,7 @@ pub async fn platform_overview(
             share_pct: share(*nanos),
         });
     }
-    Ok(Json(PlatformOverview {
+    Ok(PlatformOverview {
         period: r.period.map(|p| p.to_string()),
         from: r.from_date(),
         to: r.to_date(),
@@ -879,7 +905,7 @@ pub async fn platform_overview(
                 share_pct: share(m.nanos),
             })
             .collect(),
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -306,6 +306,17 @@ impl Default for KeysConfig {
 }
 
 impl KeysConfig {
+    /// The rules the service layer enforces.
+    pub fn rules(&self) -> aihub_control::KeyRules {
+        aihub_control::KeyRules {
+            default_lifetime: self.default_lifetime(),
+            max_per_developer: self.max_per_developer,
+            max_rotation_grace: self.max_rotation_grace,
+            max_lifetime: self.max_lifetime,
+            allow_never_expires: self.allow_never_expires,
+        }
+    }
+
     /// The default key lifetime; `None` = never expires.
     pub fn default_lifetime(&self) -> Option<Duration> {
         if self.default_expiry == "never" {
@@ -392,6 +403,19 @@ impl Default for AdminConfig {
 }
 
 impl AdminConfig {
+    /// The service layer's rules (`keys`, `auth` token lifetimes, the default plan of
+    /// `plans`).
+    pub fn control(&self, plans: &aihub_plans::PlanCatalog) -> aihub_control::Config {
+        aihub_control::Config {
+            keys: self.keys.rules(),
+            accounts: aihub_control::accounts::AccountRules {
+                verify_token_ttl: self.auth.verify_token_ttl,
+                reset_token_ttl: self.auth.reset_token_ttl,
+            },
+            plans: plans.clone(),
+        }
+    }
+
     /// Reads, applies environment overrides, resolves `plans_file` against the file's
     /// directory, validates (the plans file included).
     pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {

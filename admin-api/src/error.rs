@@ -94,6 +94,28 @@ impl From<aihub_billing::BillingError> for AppError {
     }
 }
 
+/// The service layer's failures, mapped in this one place.
+impl From<aihub_control::Error> for AppError {
+    fn from(e: aihub_control::Error) -> AppError {
+        use aihub_control::Error;
+        match e {
+            Error::Invalid(fields) => AppError::Validation(
+                fields
+                    .into_iter()
+                    .map(|f| FieldError {
+                        field: f.field,
+                        message: f.message,
+                    })
+                    .collect(),
+            ),
+            Error::Forbidden(code, message) => AppError::Forbidden(code, message),
+            Error::NotFound => AppError::NotFound,
+            Error::Conflict(message) => AppError::Conflict(message),
+            Error::Store(e) => e.into(),
+        }
+    }
+}
+
 impl AppError {
     pub fn validation(field: &str, message: impl Into<String>) -> AppError {
         AppError::Validation(vec![FieldError::new(field, message)])

@@ -6,11 +6,19 @@
 //! [`app`] builds the whole router from an [`AppState`], so tests can call it directly; the
 //! `aihub admin` and `aihub serve` commands bind it with [`serve`].
 //!
+//! The rules of every control-plane write (transactions, outbox events, audit entries, key
+//! caps, plan changes) are in the service layer, `aihub-control`, which the state holds as
+//! `control`; the modules here are the HTTP edge: wire types, extractors, throttles, password
+//! hashing, mail, tokens, and `AppError` (which maps `aihub_control::Error` in one place). Only
+//! [`config`], [`plans`] and [`usage`] are public modules (for the `aihub` binary and tests).
+//!
 //! # Layout
 //! - [`config`] — `config/admin.yaml`, defaults, environment overrides, validation.
-//! - [`state`] — shared state, start-up (migrations, JWT secret, operator bootstrap).
+//! - [`state`] — shared state, start-up (migrations, JWT secret, operator bootstrap, the
+//!   service layer, background jobs).
 //! - [`error`] — `AppError`, the one place errors become responses; the JSON extractor.
-//! - [`auth`] — argon2id passwords, JWTs bound to sessions, throttling, caller extractors.
+//! - [`credentials`] — argon2id passwords, JWTs bound to sessions, throttling.
+//! - [`auth`] — the caller extractors (`Caller`, `Operator`, `ClientMeta`).
 //! - [`accounts`] — `/developer/register|verify-email|login|logout|reset-password|me`.
 //! - [`keys`] — `/developer/keys…`.
 //! - [`operators`] — `/admin/…`.
@@ -22,30 +30,33 @@
 //! - [`billing`] — `/developer/billing…`, `/developer/invoices…` (JSON and printable HTML),
 //!   `/admin/invoices…` (generate, finalize, void, payments), `/admin/billing/revenue`.
 //! - [`email`] — SMTP or `.eml` files.
-//! - [`notify`] — Redis pub/sub nudges to gateways.
-//! - [`http`] — request ids, access log, metrics, health, 404, the request-body deadline.
+//! - [`http`] — request ids, access log, health, 404, the request-body deadline.
+//! - [`metrics`] — the Prometheus registry and its bounded labels.
+//! - [`view`] — display formatting (grouped numbers, USD, times) for the portal and invoices.
 //! - [`server`] — the accept loop: HTTP/1.1 with a header read deadline, graceful shutdown.
 //! - [`openapi`] — the document and the `/docs` page.
 //! - [`portal`] — the web developer portal under `/portal` (server-rendered pages over the
-//!   same handlers, session cookie, CSRF, English and Chinese).
+//!   same service calls, session cookie, CSRF, English and Chinese).
 
-pub mod accounts;
-pub mod analytics;
-pub mod auth;
-pub mod billing;
+pub(crate) mod accounts;
+pub(crate) mod analytics;
+pub(crate) mod auth;
+pub(crate) mod billing;
 pub mod config;
-pub mod email;
-pub mod error;
-pub mod http;
-pub mod keys;
-pub mod notify;
-pub mod openapi;
-pub mod operators;
+pub(crate) mod credentials;
+pub(crate) mod email;
+pub(crate) mod error;
+pub(crate) mod http;
+pub(crate) mod keys;
+pub(crate) mod metrics;
+pub(crate) mod openapi;
+pub(crate) mod operators;
 pub mod plans;
-pub mod portal;
-pub mod server;
-pub mod state;
+pub(crate) mod portal;
+pub(crate) mod server;
+pub(crate) mod state;
 pub mod usage;
+pub(crate) mod view;
 
 use axum::routing::get;
 use axum::Router;

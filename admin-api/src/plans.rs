@@ -3,10 +3,7 @@
 //! (key-independent: their overrides, else their plan's) for `/developer/me`, and USD amounts
 //! (decimal strings on the wire, integer nano-USD in the store).
 
-use std::str::FromStr;
-
 use axum::extract::State;
-use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -78,21 +75,26 @@ impl PlanView {
 /// The plans on offer, their prices and limits (public: no sign-in needed).
 #[utoipa::path(get, path = "/plans", tag = "plans",
     responses((status = 200, body = PlanList)))]
-pub async fn list(State(s): State<AppState>) -> Json<PlanList> {
-    let mut plans: Vec<(&String, &Plan)> = s.plans.plans.iter().collect();
+pub(crate) async fn list(State(s): State<AppState>) -> Json<PlanList> {
+    Json(plan_list(&s.plans))
+}
+
+/// The plan list the API answers and the operators' plans page shows.
+pub(crate) fn plan_list(catalog: &PlanCatalog) -> PlanList {
+    let mut plans: Vec<(&String, &Plan)> = catalog.plans.iter().collect();
     // Priced plans by price (then name), custom-priced ones after them.
     plans.sort_by(|(an, a), (bn, b)| {
         let key = |p: &Plan| (p.monthly_price_usd.is_none(), p.monthly_price_usd);
         key(a).cmp(&key(b)).then(an.cmp(bn))
     });
-    Json(PlanList {
-        default_plan: s.plans.default_plan.clone(),
-        alert_thresholds: s.plans.alert_thresholds.clone(),
+    PlanList {
+        default_plan: catalog.default_plan.clone(),
+        alert_thresholds: catalog.alert_thresholds.clone(),
         data: plans
             .into_iter()
             .map(|(n, p)| PlanView::new(n, p))
             .collect(),
-    })
+    }
 }
 
 /// The limits that apply to a developer as a whole (a key may have lower limits of its own):
@@ -154,12 +156,6 @@ fn positive(v: Option<i64>) -> Option<i64> {
     v.filter(|&n| n > 0)
 }
 
-/// Nano-USD per USD.
-const NANOS_PER_USD: i64 = 1_000_000_000;
-
-/// Largest spend cap accepted, in USD.
-pub const MAX_SPEND_CAP_USD: i64 = 1_000_000_000;
-
 /// A USD amount as shown: at least two decimals (`"29.00"`, `"0.50"`, `"0.125"`).
 pub fn usd_string(d: Decimal) -> String {
     let mut d = d.normalize();
@@ -174,36 +170,10 @@ pub fn usd_from_nanos(nanos: i64) -> String {
     usd_string(Decimal::new(nanos, 9))
 }
 
-/// Parses a USD amount given as a decimal string (`"50"`, `"50.00"`, `"0.125"`): not negative,
-/// at most 6 decimals, at most [`MAX_SPEND_CAP_USD`]. Returns nano-USD.
-pub fn parse_usd_nanos(text: &str) -> Result<i64, String> {
-    const SHAPE: &str = "must be a USD amount as a decimal string, e.g. \"50.00\"";
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    if digits.is_empty()
-        || !digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-        || digits.starts_with('.')
-        || digits.ends_with('.')
-    {
-        return Err(SHAPE.into());
-    }
-    let d = Decimal::from_str(text).map_err(|_| SHAPE.to_owned())?;
-    if d.is_sign_negative() && !d.is_zero() {
-        return Err("must not be negative".into());
-    }
-    if d.normalize().scale() > 6 {
-        return Err("must have at most 6 decimals".into());
-    }
-    if d > Decimal::from(MAX_SPEND_CAP_USD) {
-        return Err(format!("must be at most {MAX_SPEND_CAP_USD}"));
-    }
-    (d * Decimal::from(NANOS_PER_USD))
-        .to_i64()
-        .ok_or_else(|| SHAPE.to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aihub_control::accounts::parse_usd_nanos;
 
     #[test]
     fn usd_amounts() {
@@ -213,7 +183,7 @@ mod tests {
         assert_eq!(parse_usd_nanos("12.3400000"), Ok(12_340_000_000));
         assert_eq!(
             parse_usd_nanos("1000000000"),
-            Ok(1_000_000_000 * NANOS_PER_USD)
+            Ok(1_000_000_000 * 1_000_000_000)
         );
         for bad in [
             "", "abc", "1e3", "1.", ".5", " 5", "5 ", "+5", "1,5", "0x10",

@@ -1,6 +1,7 @@
 //! [`AppState`]: everything handlers share (store, config, plans, mailer, token signer,
-//! throttles, metrics, the gateway notifier), built once at start by [`AppState::new`], which also runs the
-//! control-plane migrations and bootstraps the operator account.
+//! throttles, metrics, the service layer with its gateway notifier), built once at start by
+//! [`AppState::new`], which also runs the control-plane migrations, bootstraps the operator
+//! account and starts the background jobs (throttle eviction, billing).
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -9,16 +10,16 @@ use std::time::Duration;
 use base64::Engine;
 
 use aihub_billing::Billing;
+use aihub_control::{Control, Notifier};
 use aihub_plans::PlanCatalog;
-use aihub_store::developers::{self, NewDeveloper, OperatorUpdate, ROLE_ADMIN};
-use aihub_store::{audit, migrations, settings, Store, StoreOptions};
+use aihub_store::developers;
+use aihub_store::{migrations, settings, Store, StoreOptions};
 
-use crate::auth::{Jwt, Passwords, Throttle};
 use crate::config::{AdminConfig, ClickHouseConfig};
+use crate::credentials::{Jwt, Passwords, Throttle};
 use crate::email::Mailer;
 use crate::error::AppError;
-use crate::http::Metrics;
-use crate::notify::Notifier;
+use crate::metrics::Metrics;
 
 /// Why the admin API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,9 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub store: Store,
+    /// The service layer (accounts, keys, …) over the same store, with the notifier and the
+    /// metrics' event counter.
+    pub control: Control,
     pub config: AdminConfig,
     /// The plans (`plans_file`, or built in).
     pub plans: PlanCatalog,
@@ -42,7 +46,6 @@ pub struct Inner {
     pub passwords: Passwords,
     pub throttle: Throttle,
     pub metrics: Metrics,
-    pub notifier: Notifier,
     /// The usage database (`clickhouse`), when configured.
     pub usage: Option<UsageDb>,
     /// Billing, when the usage database is configured.
@@ -158,7 +161,15 @@ impl AppState {
             .clickhouse
             .as_ref()
             .map(|ch| Billing::new(store.clone(), ch, plans.clone(), config.billing.clone()));
+        let metrics = Metrics::new();
+        let counter = metrics.events.clone();
+        let control = Control::new(store.clone(), config.control(&plans))
+            .with_notifier(notifier)
+            .with_events(Arc::new(move |kind| {
+                counter.with_label_values(&[kind]).inc()
+            }));
         let state = AppState(Arc::new(Inner {
+            control,
             usage,
             billing,
             store,
@@ -166,9 +177,8 @@ impl AppState {
             jwt: Jwt::new(&secret),
             passwords,
             mailer,
-            notifier,
             throttle,
-            metrics: Metrics::new(),
+            metrics,
             config,
         }));
         state.bootstrap_admin().await?;
@@ -227,56 +237,24 @@ impl AppState {
                 b.password_env
             ))
         })?;
-        crate::auth::check_password(&password, &b.email)
+        aihub_control::accounts::check_password(&password, &b.email)
             .map_err(|e| StartError::Setup(format!("bootstrap_admin password {e}")))?;
         let hash = self
             .passwords
             .hash(password)
             .await
             .map_err(|e| StartError::Setup(e.to_string()))?;
-        let mut tx = self.store.begin_write().await?;
-        let id = match existing {
-            Some(d) => {
-                developers::set_password(&mut tx, &d.id, &hash).await?;
-                developers::mark_verified(&mut tx, &d.id).await?;
-                aihub_store::auth::revoke_all_sessions(&mut tx, &d.id).await?;
-                let promote = OperatorUpdate {
-                    role: Some(ROLE_ADMIN.into()),
-                    ..Default::default()
-                };
-                developers::operator_update(&mut tx, &d.id, &promote).await?;
-                tracing::warn!(developer_id = %d.id, "bootstrap_admin: an existing account was made the operator; its password was replaced and its sessions ended");
-                d.id
-            }
-            None => {
-                let new = NewDeveloper {
-                    email: b.email.clone(),
-                    password_hash: hash,
-                    full_name: "Operator".into(),
-                    company_name: None,
-                    developer_type: "enterprise".into(),
-                    role: ROLE_ADMIN.into(),
-                    plan: self.operator_plan(),
-                    verified: true,
-                };
-                match developers::insert(&mut tx, &new).await {
-                    Ok(d) => d.id,
-                    // Another admin node bootstrapped it a moment ago.
-                    Err(aihub_store::StoreError::Conflict(_)) => return Ok(()),
-                    Err(e) => return Err(e.into()),
-                }
-            }
+        let bootstrapped = self
+            .control
+            .bootstrap_operator(&b.email, hash, self.operator_plan())
+            .await
+            .map_err(|e| match e {
+                aihub_control::Error::Store(e) => StartError::Store(e),
+                e => StartError::Setup(e.to_string()),
+            })?;
+        let Some(id) = bootstrapped else {
+            return Ok(());
         };
-        let entry = audit::Audit {
-            actor_id: "bootstrap",
-            action: "operator.bootstrap",
-            target_type: "developer",
-            target_id: &id,
-            details: serde_json::json!({ "email": b.email.to_lowercase() }),
-            ip: None,
-        };
-        audit::record(&mut tx, &entry).await?;
-        tx.commit().await.map_err(aihub_store::StoreError::from)?;
         tracing::info!(developer_id = %id, "operator account bootstrapped");
         Ok(())
     }

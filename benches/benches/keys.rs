@@ -8,7 +8,8 @@
 use std::hint::black_box;
 
 use aihub_apikey::KeyHash;
-use aihub_gateway::keys::{authenticate, now_ms, KeyRecord, MemoryKeyStore, Patterns};
+use aihub_gateway::clock::now_ms;
+use aihub_gateway::keys::{authenticate, KeyRecord, MemoryKeyStore, Patterns};
 use aihub_gateway::request;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 

@@ -14,10 +14,11 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
+use aihub_gateway::keys::KeyLimits;
 use aihub_gateway::keys::KeyRecord;
 use aihub_gateway::limits::gcra::{decide, Rate};
 use aihub_gateway::limits::local::{LocalBuckets, Rates};
-use aihub_gateway::limits::{KeyLimits, Limits, Settings};
+use aihub_gateway::limits::{Limits, Settings};
 use aihub_gateway::metrics::LimitMetrics;
 use aihub_plans::PlanCatalog;
 use criterion::{criterion_group, criterion_main, Criterion};

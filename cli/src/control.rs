@@ -7,9 +7,11 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use aihub_admin::keys::{CreateKeyRequest, ListQuery, Permissions};
 use aihub_admin::{AdminConfig, AppState};
+use aihub_control::keys::{CreateKey, ListKeys, Permissions};
+use aihub_control::{Actor, Control, Notifier};
 use aihub_store::developers;
+use aihub_store::outbox::rfc3339_ms;
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -125,17 +127,65 @@ pub enum DbKeysCommand {
     Revoke { key_id: String },
 }
 
+/// The service layer over the configured database, without the admin server's start-up: no
+/// migrations (the schema must be current: `aihub migrate`), no operator bootstrap, no
+/// background jobs. Gateways are nudged through Redis when configured.
+async fn open_control(config: &AdminConfig) -> anyhow::Result<Control> {
+    let mut opts = aihub_store::StoreOptions::new(&config.database.url);
+    opts.max_connections = config.database.max_connections;
+    let store = aihub_store::Store::connect(&opts)
+        .await
+        .with_context(|| format!("control-plane database {}", redact(&config.database.url)))?;
+    let notifier = match &config.redis {
+        Some(r) => Notifier::redis(&r.url).map_err(anyhow::Error::msg)?,
+        None => Notifier::disabled(),
+    };
+    let plans = config.plans()?;
+    Ok(Control::new(store, config.control(&plans)).with_notifier(notifier))
+}
+
+/// A key row as the commands print it: never the key, never its hash.
+fn key_json(k: &aihub_store::keys::ApiKey) -> serde_json::Value {
+    serde_json::json!({
+        "id": k.id,
+        "name": k.name,
+        "prefix": k.key_prefix,
+        "permissions": { "models": k.models, "endpoints": k.endpoints },
+        "rate_limit_rpm": k.rate_limit_rpm,
+        "rate_limit_tpm": k.rate_limit_tpm,
+        "ip_allowlist": k.ip_allowlist,
+        "expires_at": k.expires_at.map(rfc3339_ms),
+        "status": key_status(k),
+        "created_at": rfc3339_ms(k.created_at),
+        "last_used_at": k.last_used_at.map(rfc3339_ms),
+        "rotated_to": k.rotated_to,
+    })
+}
+
+fn key_status(k: &aihub_store::keys::ApiKey) -> &'static str {
+    if k.deleted_at.is_some() {
+        "revoked"
+    } else if k.expires_at.is_some_and(|e| e <= aihub_store::now_ms()) {
+        "expired"
+    } else if k.disabled_at.is_some() {
+        "disabled"
+    } else {
+        "active"
+    }
+}
+
 pub fn db_keys(admin: &Path, command: DbKeysCommand) -> anyhow::Result<()> {
     let config = AdminConfig::load(admin)?;
     runtime()?.block_on(async move {
-        let state = AppState::new(config).await?;
+        let control = open_control(&config).await?;
+        let store = control.store().clone();
         let developer = |who: String| {
-            let state = state.clone();
+            let store = store.clone();
             async move {
                 let found = if who.contains('@') {
-                    developers::by_email(&state.store, &who).await?
+                    developers::by_email(&store, &who).await?
                 } else {
-                    developers::by_id(&state.store, &who).await.ok()
+                    developers::by_id(&store, &who).await.ok()
                 };
                 found.with_context(|| format!("no developer `{who}`"))
             }
@@ -146,15 +196,14 @@ pub fn db_keys(admin: &Path, command: DbKeysCommand) -> anyhow::Result<()> {
                 include_revoked,
             } => {
                 let dev = developer(who).await?;
-                let q = ListQuery {
+                let q = ListKeys {
                     include_revoked,
                     limit: Some(100),
                     after: None,
                 };
-                let list = aihub_admin::keys::list_for(&state, &dev.id, q)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                println!("{}", serde_json::to_string_pretty(&list.0.data)?);
+                let page = control.list_keys(&dev.id, q).await?;
+                let list: Vec<_> = page.keys.iter().map(key_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
             }
             DbKeysCommand::Create {
                 developer: who,
@@ -164,7 +213,7 @@ pub fn db_keys(admin: &Path, command: DbKeysCommand) -> anyhow::Result<()> {
                 expires_in_days,
             } => {
                 let dev = developer(who).await?;
-                let req = CreateKeyRequest {
+                let req = CreateKey {
                     name,
                     permissions: Some(Permissions { models, endpoints }),
                     rate_limit_rpm: None,
@@ -173,18 +222,17 @@ pub fn db_keys(admin: &Path, command: DbKeysCommand) -> anyhow::Result<()> {
                     never_expires: expires_in_days == Some(0),
                     ip_allowlist: Vec::new(),
                 };
-                let created = aihub_admin::keys::create_key(&state, &dev.id, req, Some("cli"))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let created = control.create_key(&Actor::Cli, &dev.id, req).await?;
                 println!("# New API key, shown once; store it now:\n{}", created.key);
-                println!("{}", serde_json::to_string_pretty(&created.api_key)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&key_json(&created.api_key))?
+                );
             }
             DbKeysCommand::Revoke { key_id } => {
-                let k = match aihub_admin::keys::revoke(&state, None, &key_id, Some(("cli", None)))
-                    .await
-                {
+                let k = match control.revoke_key(&Actor::Cli, None, &key_id).await {
                     Ok(k) => k,
-                    Err(aihub_admin::error::AppError::NotFound) => bail!("no live key `{key_id}`"),
+                    Err(aihub_control::Error::NotFound) => bail!("no live key `{key_id}`"),
                     Err(e) => bail!("{e:?}"),
                 };
                 println!("revoked {}", k.id);

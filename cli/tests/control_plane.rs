@@ -281,3 +281,66 @@ async fn two_gateways_see_a_revocation_within_a_second() {
         eprintln!("round {round}: gateway 1 after {a:?}, gateway 2 after {b:?}");
     }
 }
+
+/// `aihub keys create|list|revoke` open the service layer only: no migrations, no operator
+/// bootstrap (its password variable is unset here, which would stop `aihub admin`), no jobs.
+#[tokio::test]
+async fn key_commands_run_without_the_admin_server() {
+    let db = TestDatabase::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let dev = aihub_store::testing::developer(&store, "cli@example.com").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("admin.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "database: {{url: \"{}\"}}\n\
+             email: {{transport: {{kind: file, dir: \"{}\"}}}}\n\
+             bootstrap_admin: {{email: ops@aihub.test, password_env: AIHUB_TEST_UNSET_PASSWORD}}\n",
+            db.url,
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let aihub = |args: &[&str]| {
+        let out = std::process::Command::new(common::BIN)
+            .arg("keys")
+            .args(args)
+            .env("AIHUB_ADMIN_CONFIG", &config)
+            .env_remove("AIHUB_TEST_UNSET_PASSWORD")
+            .env_remove("AIHUB_DATABASE_URL")
+            .output()
+            .expect("run aihub");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success(),
+            "aihub keys {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let created = aihub(&["create", "--developer", "cli@example.com", "--name", "ci"]);
+    let key = created.lines().nth(1).unwrap();
+    assert!(key.starts_with("ahub_"), "{created}");
+    let listed: Value = serde_json::from_str(&aihub(&["list", "--developer", &dev.id])).unwrap();
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(listed[0]["name"], "ci");
+    assert_eq!(listed[0]["status"], "active");
+    assert!(aihub(&["revoke", &id]).contains(&format!("revoked {id}")));
+    // Audited as the CLI; no operator account was bootstrapped.
+    let log = aihub_store::audit::list(&store, Some(&id), None, 10)
+        .await
+        .unwrap();
+    let actions: Vec<(&str, &str)> = log
+        .iter()
+        .map(|e| (e.actor_id.as_str(), e.action.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [("cli", "api_key.revoke"), ("cli", "api_key.create")]
+    );
+    assert!(aihub_store::developers::by_email(&store, "ops@aihub.test")
+        .await
+        .unwrap()
+        .is_none());
+}

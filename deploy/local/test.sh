@@ -30,6 +30,12 @@ source deploy/local/test-tools.sh
 
 echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
+# Unused dependencies stay out: cargo-machete reads the sources (no network once installed).
+command -v cargo-machete >/dev/null 2>&1 || cargo install --locked cargo-machete@0.9.2
+echo "==> cargo machete" >&2
+cargo machete
+echo "==> no import circles between a crate's modules" >&2
+python3 deploy/ci/module-cycles.py ./*/src loadtests/mock-upstream/src
 echo "==> cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test" >&2

@@ -1,5 +1,7 @@
 //! The gateway's YAML configuration: serde structs with documented defaults, loading, and
-//! `validate()` whose errors name the file and the key path (`upstreams.openai.endpoints[1]`).
+//! [`Config::check`], which checks every value once and keeps what it parsed ([`Checked`]: the
+//! upstreams' URLs and credentials, prices, plans) for the routing table to be built from;
+//! its errors name the file and the key path (`upstreams.openai.endpoints[1]`).
 //!
 //! `config/gateway.yaml` is the commented reference; every default below is repeated there.
 //! Loading never touches the network: turning the config into live routes (DNS, peers) is
@@ -17,7 +19,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-use crate::keys::{parse_ip_net, Pattern};
+use aihub_apikey::pattern::{parse_ip_net, Pattern};
+
+use crate::clock::unix_ms;
+use crate::keys::{Interner, KeyLimits, KeyRecord, KeySource};
 
 /// Environment variable that sets `control_plane.database_url`.
 pub const DATABASE_URL_ENV: &str = "AIHUB_DATABASE_URL";
@@ -426,16 +431,21 @@ fn check_api_path(path: &str) -> Result<(), &'static str> {
 }
 
 impl Config {
-    /// Reads, parses and validates a configuration file; applies the `AIHUB_CLICKHOUSE_*` and
+    /// Reads, parses and checks a configuration file; applies the `AIHUB_CLICKHOUSE_*` and
     /// `AIHUB_DATABASE_URL` environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Ok(Config::load_checked(path)?.0)
+    }
+
+    /// [`Config::load`], keeping what checking parsed: the values the gateway runs on.
+    pub fn load_checked(path: &Path) -> Result<(Config, Checked), ConfigError> {
         let mut config = Config::parse(&aihub_yamlconf::read(path)?, path)?;
         if let Some(m) = &mut config.metering {
             m.clickhouse = std::mem::take(&mut m.clickhouse).with_env_overrides();
         }
         config.apply_database_url(std::env::var(DATABASE_URL_ENV).ok());
-        config.validate(path)?;
-        Ok(config)
+        let checked = config.check(path)?;
+        Ok((config, checked))
     }
 
     /// Applies `AIHUB_DATABASE_URL`: sets `control_plane.database_url`, creating the section
@@ -455,8 +465,11 @@ impl Config {
         aihub_yamlconf::parse(text, file)
     }
 
-    /// Checks everything that can be checked without the network.
-    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+    /// Checks everything that can be checked without the network, parsing each value once
+    /// into what the gateway runs on ([`Checked`]: upstream URLs and credentials, plans,
+    /// prices). Reads the upstreams' credential variables; an optional upstream whose variable
+    /// is unset is left out here (with its routes), once.
+    pub fn check(&self, file: &Path) -> Result<Checked, ConfigError> {
         let err = |key: String, message: String| ConfigError {
             file: file.to_owned(),
             key,
@@ -488,6 +501,7 @@ impl Config {
                 "must be positive".into(),
             ));
         }
+        let mut upstreams = BTreeMap::new();
         for (name, up) in &self.upstreams {
             let at = format!("upstreams.{name}");
             if up.endpoints.is_empty() {
@@ -496,6 +510,7 @@ impl Config {
                     "at least one endpoint".into(),
                 ));
             }
+            let mut endpoints = Vec::with_capacity(up.endpoints.len());
             for (i, url) in up.endpoints.iter().enumerate() {
                 if has_userinfo(url) {
                     // Not echoed: the URL holds a credential.
@@ -506,26 +521,34 @@ impl Config {
                             .into(),
                     ));
                 }
-                BaseUrl::parse(url)
+                let base = BaseUrl::parse(url)
                     .map_err(|m| err(format!("{at}.endpoints[{i}]"), format!("`{url}`: {m}")))?;
+                endpoints.push((url.clone(), base));
             }
-            if let Some(var) = &up.api_key_env {
-                if var.is_empty() {
+            // `None`: an optional upstream whose credential is unset, left out.
+            let secret = match &up.api_key_env {
+                None => Some(None),
+                Some(var) if var.is_empty() => {
                     return Err(err(format!("{at}.api_key_env"), "empty".into()));
                 }
-                if std::env::var_os(var).is_none() && !up.optional {
-                    return Err(err(
-                        format!("{at}.api_key_env"),
-                        format!("environment variable `{var}` is not set (set `optional: true` to skip this upstream when it is absent)"),
-                    ));
-                }
-            }
-            http::HeaderName::try_from(up.api_key_header.as_str()).map_err(|_| {
-                err(
-                    format!("{at}.api_key_header"),
-                    "not a valid header name".into(),
-                )
-            })?;
+                Some(var) => match std::env::var_os(var) {
+                    Some(value) => Some(Some((var, value))),
+                    None if up.optional => None,
+                    None => {
+                        return Err(err(
+                            format!("{at}.api_key_env"),
+                            format!("environment variable `{var}` is not set (set `optional: true` to skip this upstream when it is absent)"),
+                        ));
+                    }
+                },
+            };
+            let header = http::HeaderName::try_from(up.api_key_header.to_ascii_lowercase())
+                .map_err(|_| {
+                    err(
+                        format!("{at}.api_key_header"),
+                        "not a valid header name".into(),
+                    )
+                })?;
             if up.health.failures == 0 {
                 return Err(err(
                     format!("{at}.health.failures"),
@@ -537,6 +560,26 @@ impl Config {
                     return Err(err(format!("{at}.paths[{i}]"), format!("`{path}`: {m}")));
                 }
             }
+            let auth = match secret {
+                None => {
+                    let var = up.api_key_env.as_deref().unwrap_or_default();
+                    tracing::warn!(upstream = %name, env = %var, "credential variable unset; optional upstream and its routes left out");
+                    continue;
+                }
+                Some(None) => None,
+                Some(Some((var, value))) => Some(
+                    credential(header, var, value)
+                        .map_err(|m| err(format!("{at}.api_key_env"), m))?,
+                ),
+            };
+            upstreams.insert(
+                name.clone(),
+                UpstreamSpec {
+                    endpoints,
+                    auth,
+                    settings: up.clone(),
+                },
+            );
         }
         let mut models = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -562,9 +605,12 @@ impl Config {
         if let Some(m) = &self.metering {
             m.validate().map_err(|(key, message)| err(key, message))?;
         }
-        aihub_usage::pricing::Pricing::from_config(&self.pricing)
+        let pricing = aihub_usage::pricing::Pricing::from_config(&self.pricing)
             .map_err(|(key, message)| err(key, message))?;
         let (mut ids, mut hashes) = (HashSet::new(), HashSet::new());
+        // Declared keys share equal developer ids and permission lists (parsed once per list).
+        let mut interner = Interner::default();
+        let mut keys = Vec::with_capacity(self.keys.len());
         for (i, k) in self.keys.iter().enumerate() {
             let at = format!("keys[{i}]");
             if k.id.is_empty() || !ids.insert(k.id.as_str()) {
@@ -588,16 +634,28 @@ impl Config {
             if k.developer_id.is_empty() {
                 return Err(err(format!("{at}.developer_id"), "empty".into()));
             }
-            for (field, list) in [("models", &k.models), ("endpoints", &k.endpoints)] {
-                for (j, p) in list.iter().enumerate() {
-                    Pattern::parse(p)
-                        .map_err(|m| err(format!("{at}.{field}[{j}]"), m.to_string()))?;
-                }
-            }
-            for (j, entry) in k.ip_allowlist.iter().enumerate() {
-                parse_ip_net(entry)
-                    .map_err(|m| err(format!("{at}.ip_allowlist[{j}]"), m.to_string()))?;
-            }
+            let patterns = |interner: &mut Interner, field: &str, list: &[String]| {
+                interner.patterns(list).map_err(|_| {
+                    // The first invalid entry, named by its index (only on this error path).
+                    let (j, m) = list
+                        .iter()
+                        .enumerate()
+                        .find_map(|(j, p)| Pattern::parse(p).err().map(|m| (j, m)))
+                        .expect("a list that fails to parse has an invalid entry");
+                    err(format!("{at}.{field}[{j}]"), m.to_string())
+                })
+            };
+            let models = patterns(&mut interner, "models", &k.models)?;
+            let endpoints = patterns(&mut interner, "endpoints", &k.endpoints)?;
+            let ip_allowlist = interner.ip_allowlist(&k.ip_allowlist).map_err(|_| {
+                let (j, m) = k
+                    .ip_allowlist
+                    .iter()
+                    .enumerate()
+                    .find_map(|(j, e)| parse_ip_net(e).err().map(|m| (j, m)))
+                    .expect("a list that fails to parse has an invalid entry");
+                err(format!("{at}.ip_allowlist[{j}]"), m.to_string())
+            })?;
             for (field, v) in [
                 ("rate_limit_rpm", k.rate_limit_rpm),
                 ("rate_limit_tpm", k.rate_limit_tpm),
@@ -609,9 +667,30 @@ impl Config {
                     ));
                 }
             }
+            keys.push((
+                hash,
+                KeyRecord {
+                    key_id: k.id.as_str().into(),
+                    developer_id: interner.string(&k.developer_id),
+                    models,
+                    endpoints,
+                    expires_at_ms: k.expires_at.map(unix_ms),
+                    active: k.active,
+                    ip_allowlist,
+                    source: KeySource::Declared,
+                    limits: KeyLimits {
+                        plan: k.plan.as_deref().map(|p| interner.string(p)),
+                        key_rpm: k.rate_limit_rpm,
+                        key_tpm: k.rate_limit_tpm,
+                        ..KeyLimits::default()
+                    },
+                    ..KeyRecord::default()
+                },
+            ));
         }
+        let mut plans = None;
         if let Some(l) = &self.limits {
-            let plans = l.plans(file)?;
+            let plans = plans.insert(l.plans(file)?);
             for (i, k) in self.keys.iter().enumerate() {
                 if let Some(p) = k.plan.as_deref().filter(|p| !plans.plans.contains_key(*p)) {
                     return Err(err(
@@ -655,8 +734,59 @@ impl Config {
         if let Some(cp) = &self.control_plane {
             cp.validate().map_err(|(key, message)| err(key, message))?;
         }
-        Ok(())
+        Ok(Checked {
+            upstreams,
+            keys,
+            plans: plans.unwrap_or_else(aihub_plans::PlanCatalog::builtin),
+            pricing,
+        })
     }
+}
+
+/// A configuration's values parsed once by [`Config::check`], for the routing table and the
+/// limits to be built from (nothing in it is parsed again).
+#[derive(Debug)]
+pub struct Checked {
+    /// The upstreams in use, by name. An optional upstream whose credential variable is unset
+    /// is not here, and the routes to it are left out.
+    pub upstreams: BTreeMap<String, UpstreamSpec>,
+    /// The declared keys (`keys:`) as records, by hash.
+    pub keys: Vec<(aihub_apikey::KeyHash, KeyRecord)>,
+    /// From `limits.plans_file`, else built in.
+    pub plans: aihub_plans::PlanCatalog,
+    pub pricing: aihub_usage::pricing::Pricing,
+}
+
+/// An upstream in use, its URLs and credential parsed.
+#[derive(Debug)]
+pub struct UpstreamSpec {
+    /// Each endpoint: the base URL as configured, and parsed.
+    pub endpoints: Vec<(String, BaseUrl)>,
+    /// The credential header and its value (marked sensitive), when `api_key_env` is set.
+    pub auth: Option<(http::HeaderName, http::HeaderValue)>,
+    /// The rest of the upstream's settings, as configured.
+    pub settings: UpstreamConfig,
+}
+
+/// The credential header of an upstream: `Bearer <value>` in `authorization`, the bare value in
+/// any other header.
+fn credential(
+    header: http::HeaderName,
+    var: &str,
+    value: std::ffi::OsString,
+) -> Result<(http::HeaderName, http::HeaderValue), String> {
+    let secret = value
+        .into_string()
+        .map_err(|_| format!("`{var}` is not set or not UTF-8"))?;
+    let value = if header == http::header::AUTHORIZATION {
+        format!("Bearer {secret}")
+    } else {
+        secret
+    };
+    let mut value = http::HeaderValue::from_str(&value)
+        .map_err(|_| format!("`{var}` holds characters not allowed in a header"))?;
+    value.set_sensitive(true);
+    Ok((header, value))
 }
 
 impl ControlPlaneConfig {

@@ -4,7 +4,7 @@ use super::*;
 fn parse(yaml: &str) -> Result<Config, ConfigError> {
     let file = Path::new("test.yaml");
     let c = Config::parse(yaml, file)?;
-    c.validate(file)?;
+    c.check(file)?;
     Ok(c)
 }
 
@@ -148,4 +148,37 @@ fn upstream_paths_and_urls_are_checked() {
     let e = parse("upstreams:\n  a:\n    endpoints: [\"https://user:s3cret@h/v1\"]\n").unwrap_err();
     assert_eq!(e.key, "upstreams.a.endpoints[0]");
     assert!(!e.to_string().contains("s3cret"), "{e}");
+}
+
+#[test]
+fn checking_keeps_what_it_parsed() {
+    let file = Path::new("test.yaml");
+    let h = format!("sha256:{}", "ab".repeat(32));
+    let yaml = format!(
+        "upstreams:\n  a:\n    endpoints: [\"https://h:8443/v1/\"]\n  \
+         gone:\n    endpoints: [\"http://x\"]\n    api_key_env: AIHUB_TEST_SURELY_UNSET\n    \
+         optional: true\n\
+         routes:\n  - {{model: m, upstream: a}}\n  - {{model: n, upstream: gone}}\n\
+         keys:\n  - {{id: k1, hash: \"{h}\", developer_id: d, models: [\"gpt-*\"]}}\n"
+    );
+    let c = Config::parse(&yaml, file).unwrap();
+    let checked = c.check(file).unwrap();
+    // An optional upstream whose credential is unset is left out once, here.
+    assert_eq!(checked.upstreams.keys().collect::<Vec<_>>(), ["a"]);
+    let (url, base) = &checked.upstreams["a"].endpoints[0];
+    assert_eq!(url, "https://h:8443/v1/");
+    assert_eq!(
+        (base.tls, base.port, base.path.as_str()),
+        (true, 8443, "/v1")
+    );
+    assert!(checked.upstreams["a"].auth.is_none());
+    let (hash, key) = &checked.keys[0];
+    assert_eq!(*hash, aihub_apikey::KeyHash::from_hex(&h).unwrap());
+    assert_eq!((&*key.key_id, &*key.developer_id), ("k1", "d"));
+    assert!(key.models.matches("gpt-4o") && !key.models.matches("claude"));
+    // The first invalid pattern of a list is named by its index.
+    let bad =
+        format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, endpoints: [\"*\", \"\"]}}\n");
+    let e = parse(&bad).unwrap_err();
+    assert_eq!(e.key, "keys[0].endpoints[1]");
 }

@@ -2,12 +2,38 @@
 //! becomes an OpenAI-shaped error body (`{"error":{"message","type","param","code"}}`).
 //!
 //! Messages never contain the caller's key, nor internal details (addresses, OS errors): those
-//! go to the logs through [`GatewayError::detail`].
+//! go to the logs through the error's `Display`. [`Reason`] (why a limit refused) lives here
+//! too, so that the limiter and this module do not import each other.
 
 use aihub_apikey::KeyFormatError;
-
-use crate::limits::Reason;
 use serde::Serialize;
+
+/// Why a request was refused (the `reason` label of `aihub_rate_limited_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The key's in-flight cap.
+    Concurrency,
+    /// A requests-per-minute limit (key or developer).
+    Requests,
+    /// A tokens-per-minute limit (key or developer).
+    Tokens,
+    /// The plan's monthly tokens are used up (hard-stop plans).
+    Quota,
+    /// The developer's monthly spend cap is reached (overage plans).
+    SpendCap,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Concurrency => "concurrency",
+            Reason::Requests => "requests",
+            Reason::Tokens => "tokens",
+            Reason::Quota => "quota",
+            Reason::SpendCap => "spend_cap",
+        }
+    }
+}
 
 /// Why authentication failed; also the `reason` label of `aihub_auth_failures_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +100,7 @@ pub enum GatewayError {
     UpstreamFailed { upstream: String, detail: String },
     #[error("refused by a limit: {}", .reason.as_str())]
     Limited {
-        reason: crate::limits::Reason,
+        reason: Reason,
         retry_after_secs: u64,
         /// The per-minute limit that refused (requests or tokens), when one did.
         limit: Option<u32>,

@@ -19,9 +19,10 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use crate::api::Api;
+use crate::client::{client_error, client_write};
+use crate::context::{RequestCtx, ResponseMeter, Shared};
 use crate::error::GatewayError;
 use crate::metering::{JsonMeter, SseMeter};
-use crate::proxy::{client_error, client_write, RequestCtx, ResponseMeter, Shared};
 use crate::routing::{Endpoint, Route, Upstream};
 
 /// How many times a request may meet a stale pooled connection before giving up on an endpoint.
@@ -71,7 +72,6 @@ pub async fn exchange(
     ctx: &mut RequestCtx,
     route: &Route,
     body: Bytes,
-    strip_usage: bool,
 ) -> Result<(), GatewayError> {
     let upstream = &*route.upstream;
     let mut last_connect_error = None;
@@ -82,16 +82,7 @@ pub async fn exchange(
             Ok((up, sent_at)) => {
                 upstream.record_success(i);
                 ctx.endpoint = Some(i);
-                return relay(
-                    shared,
-                    session,
-                    ctx,
-                    (upstream, endpoint),
-                    up,
-                    sent_at,
-                    strip_usage,
-                )
-                .await;
+                return relay(shared, session, ctx, (upstream, endpoint), up, sent_at).await;
             }
             Err(SendError::Connect(e)) => {
                 count_error(shared, upstream, endpoint, "connect");
@@ -169,7 +160,6 @@ async fn relay(
     (upstream, endpoint): (&Upstream, &Endpoint),
     mut up: HttpSession,
     sent_at: Instant,
-    strip_usage: bool,
 ) -> Result<(), GatewayError> {
     let upstream_wait = sent_at.elapsed();
     ctx.upstream_latency = Some(upstream_wait);
@@ -185,8 +175,8 @@ async fn relay(
     let mut resp = downstream_response(source, ctx, upstream.forward_account_headers);
     ctx.rate_headers.apply(&mut resp.headers);
     ctx.status = resp.status.as_u16();
-    let metering = shared.usage.is_some() || ctx.admission.is_some();
-    ctx.meter = response_meter(&resp, ctx.api, strip_usage, metering);
+    let strip_usage = ctx.metering.strip_stream_usage;
+    ctx.meter = response_meter(&resp, ctx.api, strip_usage, ctx.metering.read_usage);
     if matches!(ctx.meter, ResponseMeter::Sse(_)) && strip_usage {
         // Removing the usage event changes the length: let the body be chunked.
         if resp.headers.remove(header::CONTENT_LENGTH).is_some() {
@@ -250,9 +240,9 @@ fn response_meter(
     resp: &http::response::Parts,
     api: Api,
     strip_usage: bool,
-    metering: bool,
+    read_usage: bool,
 ) -> ResponseMeter {
-    if !metering || !resp.status.is_success() {
+    if !read_usage || !resp.status.is_success() {
         return ResponseMeter::None;
     }
     let content_type = resp

@@ -5,7 +5,8 @@
 //! Keys come from two sources: the YAML `keys:` list (replaced whole on reload) and the control
 //! plane's change feed ([`crate::keysync`]). Each fills its own map of the [`KeySet`], so a
 //! reload never drops a synced key and the sync never touches a declared one. A request never
-//! waits on anything but these maps.
+//! waits on anything but these maps. Declared records are built while the configuration is
+//! checked (`Config::check`), synced ones by the key sync; this module imports neither.
 //!
 //! The permission patterns live in `aihub-apikey` (shared with the admin API) and are
 //! re-exported here.
@@ -15,15 +16,29 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use aihub_apikey::KeyHash;
 use dashmap::DashMap;
 
 pub use aihub_apikey::pattern::{parse_ip_net, IpNet, Pattern, PatternError, Patterns};
 
-use crate::config::KeyConfig;
 use crate::error::AuthFailure;
+
+/// A key's limits as stored: its own, its developer's overrides, its developer's plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct KeyLimits {
+    /// The developer's plan; `None` (YAML keys without `plan`) = no plan limits.
+    pub plan: Option<Arc<str>>,
+    pub key_rpm: Option<u32>,
+    pub key_tpm: Option<u32>,
+    pub dev_rpm: Option<u32>,
+    pub dev_tpm: Option<u32>,
+    /// Monthly tokens instead of the plan's included tokens.
+    pub dev_quota_tokens: Option<u64>,
+    /// The developer's monthly overage spend cap, nano-USD.
+    pub spend_cap_nanos: Option<i64>,
+}
 
 /// Where a key record came from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,7 +73,7 @@ pub struct KeyRecord {
     /// The `last_used_ms` the control plane has already been told (written by the flusher).
     pub reported_used_ms: AtomicU64,
     /// The key's, its developer's and its plan's limits (resolved per request).
-    pub limits: crate::limits::KeyLimits,
+    pub limits: KeyLimits,
     /// Requests in flight on this node (the plan's concurrency cap); shared by the versions
     /// of a synced key, so a key update does not reset it.
     pub in_flight: Arc<AtomicU32>,
@@ -99,37 +114,6 @@ impl KeyRecord {
         {
             self.last_used_ms.store(now_ms, Ordering::Relaxed);
         }
-    }
-
-    /// Builds a record from its YAML entry, sharing identical developer ids and permission
-    /// lists with earlier records through `interner` (most keys share them).
-    pub fn from_config(
-        k: &KeyConfig,
-        interner: &mut Interner,
-    ) -> Result<(KeyHash, KeyRecord), String> {
-        let hash = KeyHash::from_hex(&k.hash).map_err(|e| e.to_string())?;
-        Ok((
-            hash,
-            KeyRecord {
-                key_id: k.id.as_str().into(),
-                developer_id: interner.string(&k.developer_id),
-                models: interner.patterns(&k.models).map_err(|e| e.to_string())?,
-                endpoints: interner.patterns(&k.endpoints).map_err(|e| e.to_string())?,
-                expires_at_ms: k.expires_at.map(unix_ms),
-                active: k.active,
-                ip_allowlist: interner
-                    .ip_allowlist(&k.ip_allowlist)
-                    .map_err(|e| e.to_string())?,
-                source: KeySource::Declared,
-                limits: crate::limits::KeyLimits {
-                    plan: k.plan.as_deref().map(|p| interner.string(p)),
-                    key_rpm: k.rate_limit_rpm,
-                    key_tpm: k.rate_limit_tpm,
-                    ..Default::default()
-                },
-                ..KeyRecord::default()
-            },
-        ))
     }
 }
 
@@ -375,19 +359,6 @@ pub fn authenticate(
     let record = store.get(&hash).ok_or(AuthFailure::NotFound)?;
     record.check_usable(now_ms)?;
     Ok(record)
-}
-
-/// Unix milliseconds of a system time (0 before the epoch).
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The current time in unix milliseconds.
-#[inline]
-pub fn now_ms() -> u64 {
-    unix_ms(SystemTime::now())
 }
 
 #[cfg(test)]

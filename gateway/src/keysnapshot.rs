@@ -44,7 +44,7 @@ pub struct SnapshotKey {
     active: bool,
     /// Absent in snapshots written before limits existed: no limits until the feed says.
     #[serde(default)]
-    limits: crate::limits::KeyLimits,
+    limits: crate::keys::KeyLimits,
 }
 
 /// Keys and the cursor they are consistent with, captured from memory.
@@ -101,7 +101,7 @@ pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
         cursor_seq: snapshot.cursor.seq,
         cursor_id: snapshot.cursor.id.clone(),
         keys: snapshot.keys.len(),
-        written_at_ms: crate::keys::now_ms(),
+        written_at_ms: crate::clock::now_ms(),
     };
     serde_json::to_writer(&mut out, &header)?;
     out.write_all(b"\n")?;
@@ -153,7 +153,7 @@ pub fn read(path: &Path) -> std::io::Result<(Cursor, Vec<(KeyHash, KeyRecord)>)>
             active: k.active,
             ip_allowlist,
             source: KeySource::ControlPlane,
-            limits: crate::limits::KeyLimits {
+            limits: crate::keys::KeyLimits {
                 plan: k.limits.plan.as_deref().map(|p| interner.string(p)),
                 ..k.limits
             },
@@ -199,7 +199,7 @@ mod tests {
                 active: true,
                 ip_allowlist: Some(Arc::from(vec!["10.0.0.0/8".parse().unwrap()])),
                 source: KeySource::ControlPlane,
-                limits: crate::limits::KeyLimits {
+                limits: crate::keys::KeyLimits {
                     plan: Some("pro".into()),
                     key_rpm: Some(60),
                     dev_tpm: Some(1000),
@@ -249,7 +249,7 @@ mod tests {
         assert!(ra.allows_ip(Some("10.1.2.3".parse().unwrap())));
         assert!(!ra.allows_ip(Some("192.0.2.1".parse().unwrap())));
         let rb = loaded.get(&b).unwrap();
-        assert_eq!(rb.limits, crate::limits::KeyLimits::default());
+        assert_eq!(rb.limits, crate::keys::KeyLimits::default());
         assert!(!rb.active && !rb.allows_ip(Some("10.1.2.3".parse().unwrap())));
         // A torn or foreign file is refused, not half-loaded.
         std::fs::write(

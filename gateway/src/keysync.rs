@@ -36,10 +36,10 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::Notify;
 
 use crate::config::ControlPlaneConfig;
+use crate::context::Shared;
+use crate::keys::KeyLimits;
 use crate::keys::{Interner, KeyRecord, KeySet, KeySource, KeyStore};
-use crate::limits::KeyLimits;
 use crate::metrics::KeySyncMetrics;
-use crate::proxy::Shared;
 
 /// Rows read per feed query.
 const PAGE: i64 = 5_000;
@@ -413,7 +413,7 @@ impl Follower {
         m.changes.inc_by(applied as u64);
         m.up.set(1);
         m.last_success.set(
-            (crate::keys::now_ms() / 1000)
+            (crate::clock::now_ms() / 1000)
                 .try_into()
                 .unwrap_or(i64::MAX),
         );

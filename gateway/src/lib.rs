@@ -6,27 +6,37 @@
 //! `x-request-id` and `x-aihub-overhead-ms` headers.
 //!
 //! # Layout
+//! Leaves first: a module imports only modules listed above it, so there are no import circles.
+//! - [`clock`]: the wall clock in unix milliseconds.
 //! - [`api`]: the model APIs known by path (Chat Completions, Completions, Embeddings,
 //!   Responses, Messages) and how each reports usage.
-//! - [`config`]: the YAML file's structs, defaults and `validate()`.
-//! - [`routing`]: the live routing table (models, upstreams, endpoints, passive health).
-//! - [`keys`]: key records, the [`keys::KeyStore`] trait and the in-memory store.
-//! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used.
-//! - [`keysnapshot`]: the on-disk snapshot of control-plane keys for starts without a database.
-//! - [`limits`]: request/token limits and plan quotas, local or shared through Redis.
 //! - [`path`]: the request path rule (used as sent, or refused: no dot segments, encoded
 //!   slashes or dots, doubled slashes, backslashes).
-//! - [`request`]: reading `model`/`stream` out of a body and splicing an alias in.
-//! - [`proxy`]: the pingora `ProxyHttp` implementation and per-request context.
-//! - [`forward`]: sending the request upstream with failover, streaming the response back.
-//! - [`metering`]: usage read from JSON bodies and SSE streams as they pass; estimates.
-//! - [`usage`]: the usage record of a finished request.
-//! - [`error`]: every failure and its OpenAI-shaped response.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`error`]: every failure and its OpenAI-shaped response; why a limit refused.
+//! - [`client`]: writes to the client, each bounded by `response_write_timeout`.
+//! - [`request`]: reading `model`/`stream` out of a body and splicing an alias in.
+//! - [`keys`]: key records and their limits, the [`keys::KeyStore`] trait and the in-memory
+//!   store.
+//! - [`config`]: the YAML file's structs and defaults; `Config::check` parses every value once
+//!   into the values the gateway runs on (routes, prices, plans, declared key records).
+//! - [`routing`]: the live routing table (models, upstreams, endpoints, passive health).
+//! - [`keysnapshot`]: the on-disk snapshot of control-plane keys for starts without a database.
+//! - [`limits`]: request/token limits and plan quotas, local or shared through Redis.
+//! - [`metering`]: usage read from JSON bodies and SSE streams as they pass; estimates.
+//! - [`context`]: the shared state and the per-request context (with its metering decision)
+//!   that the next three modules read and fill.
+//! - [`usage`]: the usage record of a finished request.
+//! - [`forward`]: sending the request upstream with failover, streaming the response back.
+//! - [`proxy`]: the pingora `ProxyHttp` implementation: the request flow and `logging`.
+//! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used.
 //! - [`server`]: assembling listeners, the ops endpoint and the reloader.
 
 pub mod api;
+pub mod client;
+pub mod clock;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod forward;
 pub mod keys;

@@ -1,110 +1,33 @@
-//! The pingora [`ProxyHttp`] implementation: one [`Gateway`] holding the shared state, one small
-//! [`RequestCtx`] per request.
+//! The pingora [`ProxyHttp`] implementation: one [`Gateway`] holding the shared state
+//! ([`crate::context::Shared`]), one small [`RequestCtx`] per request.
 //!
 //! Every request is handled in `request_filter`: authenticate from memory, read the bounded body,
 //! route by `model`, then [`crate::forward`] sends the buffered body upstream itself and streams
 //! the answer back (pingora's own forwarding cannot replay a pre-read body over 64 KiB; see
-//! ARCHITECTURE.md). Failures become responses in exactly one place, [`Gateway::respond_error`].
+//! ARCHITECTURE.md). Failures become responses in exactly one place, `Gateway::respond_error`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Method};
-use pingora_core::connectors::http::Connector;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use serde::Serialize;
 
-use crate::error::GatewayError;
-use crate::keys::{authenticate, now_ms, KeyRecord, KeyStore};
-use crate::limits::headers::RateHeaders;
-use crate::metrics::Metrics;
+use crate::client::client_write;
+use crate::clock::now_ms;
+use crate::context::{Metering, RequestCtx, Shared};
+use crate::error::{GatewayError, Reason};
+use crate::keys::{authenticate, KeyRecord};
 use crate::request;
-use crate::routing::{Route, Runtime};
-
-/// State shared by every request, behind one `Arc`.
-pub struct Shared {
-    /// Routes and request settings; swapped whole on reload.
-    pub runtime: ArcSwap<Runtime>,
-    pub keys: Arc<dyn KeyStore>,
-    pub metrics: Metrics,
-    /// Upstream connection pool.
-    pub connector: Connector,
-    /// False until serving, and again once shutdown starts (`/readyz`).
-    pub ready: AtomicBool,
-    /// False until the control-plane keys were loaded once (`/readyz`); true without a
-    /// control plane.
-    pub keys_ready: AtomicBool,
-    /// Where usage records go; `None` when metering is off.
-    pub usage: Option<aihub_usage::UsageSink>,
-    /// Rate limits and quotas; `None` without a `limits` section.
-    pub limits: Option<Arc<crate::limits::Limits>>,
-}
+use crate::routing::Runtime;
 
 /// The proxy.
 pub struct Gateway {
     pub shared: Arc<Shared>,
-}
-
-/// Facts derived while handling one request. No I/O happens in `new_ctx`.
-pub struct RequestCtx {
-    /// The request id (UUIDv7): in usage records, logs and the `x-request-id` header.
-    pub request_id: uuid::Uuid,
-    /// `request_id` rendered once as a header value (cheap to clone into both headers).
-    pub request_id_header: http::HeaderValue,
-    pub start: Instant,
-    pub key: Option<Arc<KeyRecord>>,
-    pub route: Option<Arc<Route>>,
-    /// The API of the request's path (how its usage is read).
-    pub api: crate::api::Api,
-    /// Index of the upstream endpoint that answered.
-    pub endpoint: Option<usize>,
-    pub stream: bool,
-    pub status: u16,
-    /// Error code when the request failed (`GatewayError::code`, or `aborted`).
-    pub error: Option<&'static str>,
-    /// Time spent waiting for the client's body and for the upstream: not gateway overhead.
-    pub waited: Duration,
-    pub overhead: Option<Duration>,
-    pub upstream_latency: Option<Duration>,
-    pub bytes_in: usize,
-    pub bytes_out: u64,
-    /// The response header has gone out: failures can no longer become error responses.
-    pub response_started: bool,
-    /// Wall-clock start, unix milliseconds (the usage record's timestamp).
-    pub started_at_ms: u64,
-    /// A usage record is written for this request (authenticated, proxied endpoint).
-    pub metered: bool,
-    /// The request body as received (kept, reference-counted, for usage estimates).
-    pub request_body: Option<Bytes>,
-    /// Reads usage from the response as it streams by.
-    pub meter: ResponseMeter,
-    /// The request's hold on its limits (settled in `logging`).
-    pub admission: Option<crate::limits::Admission>,
-    /// Rate-limit headers for the response (empty when no limit applies).
-    pub rate_headers: RateHeaders,
-    /// `Retry-After` seconds of a refusal.
-    pub retry_after: Option<u64>,
-    counted: bool,
-}
-
-/// How the response is metered.
-#[derive(Debug, Default)]
-pub enum ResponseMeter {
-    /// Not metered (no response yet, or an error status: zero tokens).
-    #[default]
-    None,
-    /// A successful body that is neither JSON nor SSE (audio, images): estimated.
-    Opaque,
-    /// A JSON body (kept aside when small, scanned for its usage when large).
-    Json(crate::metering::JsonMeter),
-    /// An SSE stream.
-    Sse(crate::metering::SseMeter),
 }
 
 #[async_trait]
@@ -112,38 +35,7 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        let request_id = uuid::Uuid::now_v7();
-        RequestCtx {
-            request_id,
-            request_id_header: http::HeaderValue::from_str(
-                request_id
-                    .hyphenated()
-                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
-            )
-            .expect("a UUID is a valid header value"),
-            start: Instant::now(),
-            key: None,
-            route: None,
-            api: crate::api::Api::Other,
-            endpoint: None,
-            stream: false,
-            status: 0,
-            error: None,
-            waited: Duration::ZERO,
-            overhead: None,
-            upstream_latency: None,
-            bytes_in: 0,
-            bytes_out: 0,
-            response_started: false,
-            started_at_ms: now_ms(),
-            metered: false,
-            request_body: None,
-            meter: ResponseMeter::None,
-            admission: None,
-            rate_headers: RateHeaders::default(),
-            retry_after: None,
-            counted: false,
-        }
+        RequestCtx::new()
     }
 
     async fn upstream_peer(
@@ -239,7 +131,7 @@ impl ProxyHttp for Gateway {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             error = ctx.error,
         );
-        let sink = self.shared.usage.as_ref().filter(|_| ctx.metered);
+        let sink = self.shared.usage.as_ref().filter(|_| ctx.metering.record);
         if sink.is_none() && ctx.admission.is_none() {
             return;
         }
@@ -309,7 +201,7 @@ impl Gateway {
         if method != Method::POST || endpoint.is_empty() {
             return Err(unknown_url(&method, path));
         }
-        ctx.metered = self.shared.usage.is_some();
+        ctx.metering = Metering::model_call(&self.shared);
         if !key.endpoints.matches(endpoint) {
             return Err(GatewayError::EndpointNotAllowed(endpoint.to_owned()));
         }
@@ -363,15 +255,19 @@ impl Gateway {
                 Err(refusal) => return Err(limited(ctx, refusal)),
             }
         }
-        // Chat and completion streams report usage only when asked: ask when the client did not
-        // (and strip it from the client's stream), when metering or token limits need it. Other
-        // APIs report it unasked and refuse `stream_options`.
-        let meter_stream = (self.shared.usage.is_some() || ctx.admission.is_some())
-            && route.upstream.inject_stream_usage
-            && ctx.api.takes_stream_options();
-        let (body, strip_usage) =
-            request::upstream_body(body, &probe, route.upstream_model.as_deref(), meter_stream);
-        crate::forward::exchange(&self.shared, session, ctx, route, body, strip_usage).await
+        // Chat and completion streams report usage only when asked: the gateway asks when the
+        // client did not (and strips it from the client's stream) if it reads the usage.
+        ctx.metering = ctx
+            .metering
+            .forwarding(ctx.admission.is_some(), &route.upstream, ctx.api);
+        let (body, strip) = request::upstream_body(
+            body,
+            &probe,
+            route.upstream_model.as_deref(),
+            ctx.metering.ask_stream_usage,
+        );
+        ctx.metering.strip_stream_usage = strip;
+        crate::forward::exchange(&self.shared, session, ctx, route, body).await
     }
 
     /// Reads the whole request body, bounded in size and time.
@@ -547,36 +443,12 @@ impl Gateway {
 /// its bytes arrive).
 const BODY_PREALLOC_MAX: usize = 64 * 1024;
 
-/// One write to the client, bounded by `limit` (`server.response_write_timeout`, as set on the
-/// session by `handle`): a client that stops reading becomes `ClientTimeout`, a closed
-/// connection `ClientGone`.
-pub(crate) async fn client_write<T>(
-    limit: Option<Duration>,
-    write: impl std::future::Future<Output = Result<T>>,
-) -> Result<T, GatewayError> {
-    let done = match limit {
-        Some(limit) => tokio::time::timeout(limit, write)
-            .await
-            .map_err(|_| GatewayError::ClientTimeout)?,
-        None => write.await,
-    };
-    done.map_err(|e| client_error(&e))
-}
-
-/// A failed write to the client: timed out (`server.response_write_timeout`) or gone.
-pub(crate) fn client_error(e: &Error) -> GatewayError {
-    match e.etype() {
-        ErrorType::WriteTimedout => GatewayError::ClientTimeout,
-        _ => GatewayError::ClientGone,
-    }
-}
-
 /// A limit's refusal as the error it becomes; its rate-limit headers go on the response.
 fn limited(ctx: &mut RequestCtx, refusal: crate::limits::Refusal) -> GatewayError {
     ctx.rate_headers = refusal.headers;
     ctx.retry_after = Some(refusal.retry_after_secs);
     let shown = match refusal.reason {
-        crate::limits::Reason::Tokens => refusal.headers.tokens,
+        Reason::Tokens => refusal.headers.tokens,
         _ => refusal.headers.requests,
     };
     GatewayError::Limited {
@@ -656,14 +528,4 @@ impl<'a> ModelObject<'a> {
                 .map_or("", |r| r.upstream.name.as_str()),
         }
     }
-}
-
-/// Whether `/readyz` answers ready: serving, and the initial key load (if any) done.
-pub fn is_ready(shared: &Shared) -> bool {
-    shared.ready.load(Ordering::Relaxed) && shared.keys_ready.load(Ordering::Relaxed)
-}
-
-/// Marks the gateway ready or not for `/readyz`.
-pub fn set_ready(shared: &Shared, ready: bool) {
-    shared.ready.store(ready, Ordering::Relaxed);
 }

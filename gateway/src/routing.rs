@@ -1,5 +1,5 @@
-//! The live routing table built from a validated [`Config`]: model → [`Route`] → [`Upstream`]
-//! with its endpoints, round-robin cursor and passive health.
+//! The live routing table built from a checked configuration ([`crate::config::Checked`]):
+//! model → [`Route`] → [`Upstream`] with its endpoints, round-robin cursor and passive health.
 //!
 //! A [`Runtime`] is immutable once built; a reload builds a new one and swaps it in, so a
 //! request keeps the snapshot it started with.
@@ -14,8 +14,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use pingora_core::upstreams::peer::HttpPeer;
 
-use crate::config::{BaseUrl, Config, ConfigError, UpstreamConfig};
-use crate::keys::now_ms;
+use crate::clock::now_ms;
+use crate::config::{Checked, Config, ConfigError, UpstreamSpec};
 
 /// Everything a request reads from configuration, swapped as a whole on reload.
 #[derive(Debug)]
@@ -79,22 +79,18 @@ pub struct Endpoint {
 }
 
 impl Runtime {
-    /// Builds the routing table; resolves upstream host names (the only I/O here).
-    pub fn build(config: &Config, file: &Path) -> Result<Runtime, ConfigError> {
+    /// Builds the routing table from a checked configuration; resolves upstream host names
+    /// (the only I/O here, and the only error left: everything else was checked and parsed
+    /// by [`Config::check`]).
+    pub fn build(config: &Config, checked: Checked, file: &Path) -> Result<Runtime, ConfigError> {
         let mut upstreams = HashMap::new();
-        for (name, up) in &config.upstreams {
-            if let Some(var) = &up.api_key_env {
-                if std::env::var_os(var).is_none() && up.optional {
-                    tracing::warn!(upstream = %name, env = %var, "credential variable unset; optional upstream and its routes left out");
-                    continue;
-                }
-            }
-            let upstream = Upstream::build(name, up).map_err(|(key, message)| ConfigError {
+        for (name, spec) in checked.upstreams {
+            let upstream = Upstream::build(&name, spec).map_err(|(key, message)| ConfigError {
                 file: file.to_owned(),
                 key: format!("upstreams.{name}{key}"),
                 message,
             })?;
-            upstreams.insert(name.as_str(), Arc::new(upstream));
+            upstreams.insert(name, Arc::new(upstream));
         }
         let mut routes = HashMap::new();
         for r in &config.routes {
@@ -122,17 +118,8 @@ impl Runtime {
             request_body_timeout: config.server.request_body_timeout,
             response_write_timeout: config.server.response_write_timeout,
             loaded_at_unix: now_ms() / 1000,
-            plans: Arc::new(match &config.limits {
-                Some(l) => l.plans(file)?,
-                None => aihub_plans::PlanCatalog::builtin(),
-            }),
-            pricing: aihub_usage::pricing::Pricing::from_config(&config.pricing).map_err(
-                |(key, message)| ConfigError {
-                    file: file.to_owned(),
-                    key,
-                    message,
-                },
-            )?,
+            plans: Arc::new(checked.plans),
+            pricing: checked.pricing,
         })
     }
 
@@ -152,11 +139,11 @@ impl Upstream {
         self.paths.iter().any(|p| p == path)
     }
 
-    fn build(name: &str, cfg: &UpstreamConfig) -> Result<Upstream, (String, String)> {
-        let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
-        for (i, url) in cfg.endpoints.iter().enumerate() {
+    fn build(name: &str, spec: UpstreamSpec) -> Result<Upstream, (String, String)> {
+        let cfg = spec.settings;
+        let mut endpoints = Vec::with_capacity(spec.endpoints.len());
+        for (i, (url, base)) in spec.endpoints.into_iter().enumerate() {
             let at = format!(".endpoints[{i}]");
-            let base = BaseUrl::parse(url).map_err(|m| (at.clone(), m))?;
             let addr: SocketAddr = (base.host.as_str(), base.port)
                 .to_socket_addrs()
                 .map_err(|e| (at.clone(), format!("cannot resolve `{}`: {e}", base.host)))?
@@ -180,7 +167,7 @@ impl Upstream {
                 format!("{}:{}", base.host, base.port)
             };
             endpoints.push(Endpoint {
-                url: url.clone(),
+                url,
                 peer,
                 host: HeaderValue::from_str(&host).map_err(|e| (at, e.to_string()))?,
                 base_path: base.path,
@@ -188,39 +175,13 @@ impl Upstream {
                 skip_until_ms: AtomicU64::new(0),
             });
         }
-        let auth = match &cfg.api_key_env {
-            None => None,
-            Some(var) => {
-                let secret = std::env::var(var).map_err(|_| {
-                    (
-                        ".api_key_env".to_owned(),
-                        format!("`{var}` is not set or not UTF-8"),
-                    )
-                })?;
-                let header = HeaderName::try_from(cfg.api_key_header.to_ascii_lowercase())
-                    .map_err(|e| (".api_key_header".to_owned(), e.to_string()))?;
-                let value = if header == http::header::AUTHORIZATION {
-                    format!("Bearer {secret}")
-                } else {
-                    secret
-                };
-                let mut value = HeaderValue::from_str(&value).map_err(|_| {
-                    (
-                        ".api_key_env".to_owned(),
-                        format!("`{var}` holds characters not allowed in a header"),
-                    )
-                })?;
-                value.set_sensitive(true);
-                Some((header, value))
-            }
-        };
         Ok(Upstream {
             name: name.to_owned(),
             endpoints,
-            auth,
+            auth: spec.auth,
             inject_stream_usage: cfg.inject_stream_usage,
             forward_account_headers: cfg.forward_account_headers,
-            paths: cfg.paths.clone(),
+            paths: cfg.paths,
             next: AtomicUsize::new(0),
             failures_to_trip: cfg.health.failures,
             cooldown_ms: cfg.health.cooldown.as_millis() as u64,
@@ -278,8 +239,8 @@ mod tests {
     fn runtime(yaml: &str) -> Runtime {
         let file = Path::new("t.yaml");
         let c = Config::parse(yaml, file).unwrap();
-        c.validate(file).unwrap();
-        Runtime::build(&c, file).unwrap()
+        let checked = c.check(file).unwrap();
+        Runtime::build(&c, checked, file).unwrap()
     }
 
     const TWO: &str = "upstreams:\n  u:\n    endpoints: [http://127.0.0.1:1/v1, http://127.0.0.1:2]\n    health: {failures: 2, cooldown: 1h}\nroutes:\n  - {model: a, upstream: u, upstream_model: real-a}\n  - {model: b, upstream: u, upstream_model: b}\n";

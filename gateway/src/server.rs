@@ -2,7 +2,7 @@
 //! listener (`/metrics`, `/healthz`, `/readyz`), the background reloader (SIGHUP), the usage
 //! pipeline and, with a `control_plane` section, the key sync ([`crate::keysync`]).
 //!
-//! Reload re-reads the file, validates it and builds a new routing table and declared key set;
+//! Reload re-reads the file, checks it and builds a new routing table and declared key set;
 //! if any step fails, the old configuration keeps serving and
 //! `aihub_config_reloads_total{result="error"}` rises. In-flight requests finish on the snapshot
 //! they started with. Reload replaces only the YAML-declared keys, never synced ones. Listener,
@@ -29,10 +29,11 @@ use aihub_usage::{PipelineMetrics, UsagePipeline};
 
 use crate::config::ControlPlaneConfig;
 use crate::config::{Config, ConfigError};
-use crate::keys::{Interner, KeyRecord, KeySet};
+use crate::context::{is_ready, set_ready, Shared};
+use crate::keys::KeySet;
 use crate::keysync::KeySync;
 use crate::metrics::{LimitMetrics, Metrics};
-use crate::proxy::{is_ready, set_ready, Gateway, Shared};
+use crate::proxy::Gateway;
 use crate::routing::Runtime;
 
 /// Loads the configuration and builds everything it describes, without serving yet.
@@ -41,23 +42,24 @@ pub struct GatewayServer {
     pub shared: Arc<Shared>,
 }
 
-/// Validates the configuration as `--check-config` does: parse, validate, build routes (which
+/// Checks the configuration as `--check-config` does: parse, check, build routes (which
 /// resolves upstream hosts). Returns the number of routes and keys.
 pub fn check_config(path: &Path) -> Result<(usize, usize), ConfigError> {
-    let config = Config::load(path)?;
-    let runtime = Runtime::build(&config, path)?;
+    let (config, checked) = Config::load_checked(path)?;
+    let runtime = Runtime::build(&config, checked, path)?;
     Ok((runtime.routes.len(), config.keys.len()))
 }
 
 impl GatewayServer {
     pub fn build(path: &Path) -> Result<GatewayServer, ConfigError> {
-        let config = Config::load(path)?;
-        let runtime = Runtime::build(&config, path)?;
+        let (config, mut checked) = Config::load_checked(path)?;
+        let declared = std::mem::take(&mut checked.keys);
+        let runtime = Runtime::build(&config, checked, path)?;
         let keys = Arc::new(KeySet::new(
             config.keys.len(),
             config.control_plane.is_some(),
         ));
-        keys.declared.replace_all(key_records(&config, path)?);
+        keys.declared.replace_all(declared);
 
         let threads = match config.server.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -197,25 +199,6 @@ impl GatewayServer {
     }
 }
 
-fn key_records(
-    config: &Config,
-    path: &Path,
-) -> Result<Vec<(aihub_apikey::KeyHash, KeyRecord)>, ConfigError> {
-    let mut interner = Interner::default();
-    config
-        .keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            KeyRecord::from_config(k, &mut interner).map_err(|message| ConfigError {
-                file: path.to_owned(),
-                key: format!("keys[{i}]"),
-                message,
-            })
-        })
-        .collect()
-}
-
 /// `/metrics`, `/healthz`, `/readyz` on the operations listener.
 struct OpsApp {
     shared: Arc<Shared>,
@@ -258,7 +241,7 @@ impl OpsApp {
         let m = &self.shared.metrics;
         m.keys_loaded.set(self.shared.keys.len() as i64);
         let runtime = self.shared.runtime.load();
-        let now = crate::keys::now_ms();
+        let now = crate::clock::now_ms();
         m.endpoint_healthy.reset();
         for (upstream, endpoint) in runtime.endpoints() {
             m.endpoint_healthy
@@ -319,9 +302,9 @@ struct Reloader {
 
 impl Reloader {
     fn reload(&self) -> Result<(), ConfigError> {
-        let config = Config::load(&self.path)?;
-        let runtime = Runtime::build(&config, &self.path)?;
-        let keys = key_records(&config, &self.path)?;
+        let (config, mut checked) = Config::load_checked(&self.path)?;
+        let keys = std::mem::take(&mut checked.keys);
+        let runtime = Runtime::build(&config, checked, &self.path)?;
         if config.server.listen != self.listen {
             tracing::warn!("server.listen changed: listeners change only on restart");
         }

@@ -8,8 +8,8 @@ use aihub_usage::UsageRecord;
 use http::header;
 use pingora_proxy::Session;
 
+use crate::context::{RequestCtx, ResponseMeter};
 use crate::metering::{self, Usage};
-use crate::proxy::{RequestCtx, ResponseMeter};
 
 /// Longest user agent kept in a record.
 const USER_AGENT_MAX: usize = 512;

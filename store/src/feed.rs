@@ -13,7 +13,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use crate::keys::json_list;
+use crate::json_list;
 use crate::{Result, Store};
 
 /// Redis pub/sub channel on which the admin API announces committed key changes; gateways

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use crate::{feed, now_ms, Result, Store, StoreError};
+use crate::{feed, json_list, now_ms, to_json, Result, Store};
 
 /// A key as the owner sees it (never the key itself, never its hash).
 #[derive(Debug, Clone, Serialize)]
@@ -35,15 +35,6 @@ pub struct ApiKey {
 const COLUMNS: &str = "id, developer_id, name, key_prefix, models, endpoints, ip_allowlist, \
     rate_limit_rpm, rate_limit_tpm, expires_at, disabled_at, deleted_at, rotated_to, last_used_at, \
     created_at, updated_at";
-
-pub(crate) fn json_list(r: &AnyRow, col: &str) -> Result<Vec<String>> {
-    let text: String = r.try_get(col)?;
-    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
-}
-
-pub(crate) fn to_json(list: &[String]) -> String {
-    serde_json::to_string(list).expect("a list of strings serializes")
-}
 
 fn from_row(r: &AnyRow) -> Result<ApiKey> {
     Ok(ApiKey {

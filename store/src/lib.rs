@@ -246,6 +246,18 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A list column (models, endpoints, IP allowlist), stored as a JSON array of strings.
+pub(crate) fn json_list(r: &sqlx::any::AnyRow, col: &str) -> Result<Vec<String>> {
+    use sqlx::Row;
+    let text: String = r.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+/// The stored form of a list column.
+pub(crate) fn to_json(list: &[String]) -> String {
+    serde_json::to_string(list).expect("a list of strings serializes")
+}
+
 /// A new id: `prefix` + a time-ordered UUID (v7) in 32 hex digits, e.g. `dev_0192…`.
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::now_v7().simple())

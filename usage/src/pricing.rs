@@ -83,9 +83,11 @@ pub fn seed_default() -> PriceConfig {
     per_1k("0.001")
 }
 
-/// The seed's table, USD per 1K tokens.
+/// The seed's table, USD per 1K tokens, and the embedding model per 1M tokens: the built-in
+/// prices when a configuration has no `pricing:` section. `config/gateway.yaml`'s section and
+/// `docs/guide/pricing.md`'s table say the same (`tests/prices.rs` checks all three agree).
 pub fn seed_models() -> BTreeMap<String, PriceConfig> {
-    [
+    let mut models: BTreeMap<String, PriceConfig> = [
         ("gpt-4o", "0.015"),
         ("gpt-4o-mini", "0.00015"),
         ("claude-3.5-sonnet", "0.003"),
@@ -94,7 +96,16 @@ pub fn seed_models() -> BTreeMap<String, PriceConfig> {
     ]
     .into_iter()
     .map(|(m, p)| (m.to_owned(), per_1k(p)))
-    .collect()
+    .collect();
+    models.insert(
+        "text-embedding-3-small".to_owned(),
+        PriceConfig {
+            input_per_1m: Some("0.02".parse().expect("a decimal")),
+            output_per_1m: Some(Decimal::ZERO),
+            ..PriceConfig::default()
+        },
+    );
+    models
 }
 
 /// Token counts of one request.

@@ -261,20 +261,14 @@ mod tests {
     }
 
     /// The folders and files the WAL creates are owner-only whatever the umask (0022 in
-    /// tests, as on most systems), through the pipeline's own entry point.
+    /// tests, as on most systems), from `recover`, which the pipeline's `open` starts with.
     #[test]
     fn files_are_owner_only() {
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data/wal");
-        let config = crate::pipeline::PipelineConfig {
-            wal_dir: dir.clone(),
-            ..serde_json::from_str("{}").unwrap()
-        };
-        let registry = prometheus::Registry::new();
-        let metrics = crate::pipeline::PipelineMetrics::new(&registry);
-        drop(crate::pipeline::open(config, metrics).unwrap());
+        assert!(recover(&dir).unwrap().is_empty());
         for d in [tmp.path().join("data"), dir.clone(), dir.join("dead")] {
             assert_eq!(mode(&d), 0o700, "{}", d.display());
         }

@@ -42,11 +42,11 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
 
 /// Parses YAML text into `T`; `file` only names errors.
 pub fn parse<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
-    let de = serde_yaml::Deserializer::from_str(text);
+    let de = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let mut message = e.into_inner().to_string();
-        // serde_yaml prefixes its own rendering of the path ("server: …"); ours is exact.
+        // serde_norway prefixes its own rendering of the path ("server: …"); ours is exact.
         if let Some((prefix, rest)) = message.split_once(": ") {
             if !prefix.contains(' ') {
                 message = rest.to_owned();

@@ -179,11 +179,13 @@ pub async fn generate(
         }
         None => None,
     };
-    let mut tx = s.store.begin_write().await?;
     let ip = meta.ip.map(|i| i.to_string());
     let period_text = period.to_string();
-    let entry = Audit {
-        actor_id: &op.id,
+    let by = Actor::Operator {
+        id: &op.id,
+        ip: ip.as_deref(),
+    };
+    let entry = Entry {
         action: "invoice.generate",
         target_type: "period",
         target_id: &period_text,
@@ -195,10 +197,8 @@ pub async fn generate(
             "refreshed": report.refreshed,
             "kept": report.kept,
         }),
-        ip: ip.as_deref(),
     };
-    audit::record(&mut tx, &entry).await?;
-    tx.commit().await?;
+    s.control.audit(&by, entry).await?;
     Ok(Json(GenerateView {
         period: period_text,
         developers: report.developers,
@@ -230,10 +230,12 @@ pub async fn finalize(
     let billing = s.billing()?;
     let inv = billing.finalize(&id).await.map_err(billing_error)?;
     if before.status == invoices::DRAFT {
-        let mut tx = s.store.begin_write().await?;
         let ip = meta.ip.map(|i| i.to_string());
-        let entry = Audit {
-            actor_id: &op.id,
+        let by = Actor::Operator {
+            id: &op.id,
+            ip: ip.as_deref(),
+        };
+        let entry = Entry {
             action: "invoice.finalize",
             target_type: "invoice",
             target_id: &id,
@@ -243,10 +245,8 @@ pub async fn finalize(
                 "status": inv.status,
                 "total": inv.total.to_string(),
             }),
-            ip: ip.as_deref(),
         };
-        audit::record(&mut tx, &entry).await?;
-        tx.commit().await?;
+        s.control.audit(&by, entry).await?;
     }
     Ok(Json(detail(&s, &inv, true).await?))
 }
@@ -276,35 +276,12 @@ pub async fn void(
     Path(id): Path<String>,
     Json(r): Json<VoidRequest>,
 ) -> Result<Json<InvoiceDetail>, AppError> {
-    let reason = r.reason.trim();
-    let n = reason.chars().count();
-    if n == 0 || n > 500 {
-        return Err(AppError::validation(
-            "reason",
-            "must be 1 to 500 characters",
-        ));
-    }
-    let mut tx = s.store.begin_write().await?;
-    let (inv, changed) = invoices::void(&mut tx, &id, reason)
-        .await
-        .map_err(conflict)?;
-    if changed {
-        let ip = meta.ip.map(|i| i.to_string());
-        let entry = Audit {
-            actor_id: &op.id,
-            action: "invoice.void",
-            target_type: "invoice",
-            target_id: &id,
-            details: serde_json::json!({
-                "developer_id": inv.developer_id,
-                "period": inv.period,
-                "reason": reason,
-            }),
-            ip: ip.as_deref(),
-        };
-        audit::record(&mut tx, &entry).await?;
-    }
-    tx.commit().await?;
+    let ip = meta.ip.map(|i| i.to_string());
+    let by = Actor::Operator {
+        id: &op.id,
+        ip: ip.as_deref(),
+    };
+    let inv = s.control.void_invoice(&by, &id, &r.reason).await?;
     Ok(Json(detail(&s, &inv, true).await?))
 }
 
@@ -528,11 +505,16 @@ pub struct RevenueView {
     responses((status = 200, body = RevenueView), (status = 403, body = crate::openapi::ErrorBody),
               (status = 422, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn revenue(
+pub(crate) async fn revenue(
     State(s): State<AppState>,
     _op: Operator,
     Query(q): Query<RevenueQuery>,
 ) -> Result<Json<RevenueView>, AppError> {
+    revenue_of(&s, q).await.map(Json)
+}
+
+/// What `revenue` answers, for the portal too (operators only: the handler or page checks).
+pub(crate) async fn revenue_of(s: &AppState, q: RevenueQuery) -> Result<RevenueView, AppError> {
     let period = match &q.period {
         Some(p) => {
             let mut errors = Vec::new();
@@ -543,7 +525,7 @@ pub async fn revenue(
         None => Period::of_unix_ms(now_ms()).prev(),
     };
     let r = invoices::revenue(&s.store, &period.to_string()).await?;
-    Ok(Json(RevenueView {
+    Ok(RevenueView {
         period: PeriodView::of(period),
         invoices: r.invoices,
         subtotal_usd: usd_string(r.subtotal),
@@ -564,7 +546,7 @@ pub async fn revenue(
             .by_plan
             .iter()
             .map(|p| PlanRevenueView {
-                display_name: plan_view(&s, &p.plan).display_name,
+                display_name: plan_view(s, &p.plan).display_name,
                 plan: p.plan.clone(),
                 base_fees_usd: usd_string(p.base_fees),
                 overage_usd: usd_string(p.overage),
@@ -582,7 +564,7 @@ pub async fn revenue(
                 requests: m.requests,
             })
             .collect(),
-    }))
+    })
 }
 
 #[cfg(test)]

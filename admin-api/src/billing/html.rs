@@ -2,7 +2,7 @@
 //! HTML and JSON for an invoice request.
 
 use super::*;
-use crate::portal::view::int as grouped;
+use crate::view::int as grouped;
 
 /// `format` wins; else the `Accept` header's preference between `text/html` and JSON (an
 /// explicit `text/html` with a higher quality than `application/json`, `application/*` or

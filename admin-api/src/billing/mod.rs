@@ -26,9 +26,10 @@ use utoipa::ToSchema;
 
 use aihub_billing::payments::{self as providers, PaymentRequest, ProviderError};
 use aihub_billing::{BillingError, CurrentBilling, GenerateReport};
+use aihub_control::journal::Entry;
+use aihub_control::Actor;
 use aihub_plans::Period;
-use aihub_store::audit::{self, Audit};
-use aihub_store::developers::{self, Developer, OperatorUpdate};
+use aihub_store::developers::{self, Developer};
 use aihub_store::invoices::{self, Invoice, InvoiceFilter, InvoiceLine, SaveMode};
 use aihub_store::outbox::rfc3339_ms;
 use aihub_store::payments::{self, Payment};
@@ -424,13 +425,18 @@ fn check_limit(limit: Option<i64>, default: i64, max: i64) -> Result<i64, AppErr
     responses((status = 200, body = BillingView), (status = 401, body = crate::openapi::ErrorBody),
               (status = 503, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn developer_billing(
+pub(crate) async fn developer_billing(
     State(s): State<AppState>,
     caller: Caller,
 ) -> Result<Json<BillingView>, AppError> {
+    billing_of(&s, &caller.developer).await.map(Json)
+}
+
+/// A developer's month so far and its projection (the API's answer, the portal's pages).
+pub(crate) async fn billing_of(s: &AppState, dev: &Developer) -> Result<BillingView, AppError> {
     let billing = s.billing()?;
-    let current = billing.current(&caller.developer.id, now_ms()).await?;
-    Ok(Json(billing_view(&s, &caller.developer, &current)))
+    let current = billing.current(&dev.id, now_ms()).await?;
+    Ok(billing_view(s, dev, &current))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -453,67 +459,36 @@ pub struct ChangePlan {
     responses((status = 200, body = BillingView), (status = 422, body = crate::openapi::ErrorBody),
               (status = 503, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn change_plan(
+pub(crate) async fn change_plan(
     State(s): State<AppState>,
     caller: Caller,
     meta: ClientMeta,
     Json(r): Json<ChangePlan>,
 ) -> Result<Json<BillingView>, AppError> {
-    let plan = r.plan.trim();
-    let priced: Vec<&str> = s
-        .plans
-        .plans
-        .iter()
-        .filter(|(_, p)| p.monthly_price_usd.is_some())
-        .map(|(n, _)| n.as_str())
-        .collect();
-    match s.plans.plans.get(plan) {
-        None => {
-            return Err(AppError::validation(
-                "plan",
-                format!("must be one of: {}", priced.join(", ")),
-            ))
-        }
-        Some(p) if p.monthly_price_usd.is_none() => {
-            return Err(AppError::validation(
-                "plan",
-                format!(
-                    "`{plan}` has custom pricing: ask an operator; plans you can choose: {}",
-                    priced.join(", ")
-                ),
-            ))
-        }
-        Some(_) => {}
-    }
+    switch_plan(&s, &caller.developer, &meta, &r.plan)
+        .await
+        .map(Json)
+}
+
+/// A plan change as the API and the portal run it: the service's rule check, the usage
+/// database required before any write, the service's change, the billing view after it.
+pub(crate) async fn switch_plan(
+    s: &AppState,
+    developer: &Developer,
+    meta: &ClientMeta,
+    plan: &str,
+) -> Result<BillingView, AppError> {
+    let plan = plan.trim();
+    s.control.check_plan_choice(plan)?;
     // Before any write: without the usage database the answer could not be given.
     let billing = s.billing()?;
-    let id = caller.developer.id.clone();
-    let mut dev = caller.developer;
-    if dev.plan != plan {
-        let mut tx = s.store.begin_write().await?;
-        // The developer's row first (lock order: developer, keys, feed counter).
-        developers::lock(&mut tx, &id).await?;
-        let ip = meta.ip.map(|i| i.to_string());
-        let entry = Audit {
-            actor_id: &id,
-            action: "billing.plan_change",
-            target_type: "developer",
-            target_id: &id,
-            details: serde_json::json!({ "from": dev.plan, "to": plan }),
-            ip: ip.as_deref(),
-        };
-        audit::record(&mut tx, &entry).await?;
-        let u = OperatorUpdate {
-            plan: Some(plan.to_owned()),
-            changed_by: Some(id.clone()),
-            ..Default::default()
-        };
-        dev = developers::operator_update(&mut tx, &id, &u).await?;
-        tx.commit().await?;
-        s.notifier.keys_changed();
-    }
-    let current = billing.current(&id, now_ms()).await?;
-    Ok(Json(billing_view(&s, &dev, &current)))
+    let ip = meta.ip.map(|i| i.to_string());
+    let dev = s
+        .control
+        .change_plan(developer, ip.as_deref(), plan)
+        .await?;
+    let current = billing.current(&dev.id, now_ms()).await?;
+    Ok(billing_view(s, &dev, &current))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -527,19 +502,30 @@ pub struct DeveloperInvoicesQuery {
 #[utoipa::path(get, path = "/developer/invoices", tag = "billing", params(DeveloperInvoicesQuery),
     responses((status = 200, body = InvoiceList), (status = 401, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn developer_invoices(
+pub(crate) async fn developer_invoices(
     State(s): State<AppState>,
     caller: Caller,
     Query(q): Query<DeveloperInvoicesQuery>,
 ) -> Result<Json<InvoiceList>, AppError> {
-    let limit = check_limit(q.limit, 24, 100)?;
-    let mut rows = invoices::issued_for(&s.store, &caller.developer.id, limit + 1).await?;
+    invoices_of(&s, &caller.developer.id, q.limit)
+        .await
+        .map(Json)
+}
+
+/// A developer's issued invoices, newest first (`limit` 1 to 100, default 24).
+pub(crate) async fn invoices_of(
+    s: &AppState,
+    developer_id: &str,
+    limit: Option<i64>,
+) -> Result<InvoiceList, AppError> {
+    let limit = check_limit(limit, 24, 100)?;
+    let mut rows = invoices::issued_for(&s.store, developer_id, limit + 1).await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    Ok(Json(InvoiceList {
+    Ok(InvoiceList {
         data: rows.iter().map(InvoiceView::from).collect(),
         has_more,
-    }))
+    })
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -559,7 +545,7 @@ pub struct FormatQuery {
                 content((InvoiceDetail = "application/json"), (String = "text/html"))),
               (status = 404, body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn developer_invoice(
+pub(crate) async fn developer_invoice(
     State(s): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -567,11 +553,22 @@ pub async fn developer_invoice(
     Query(q): Query<FormatQuery>,
 ) -> Result<Response, AppError> {
     let html = wants_html(q.format.as_deref(), &headers)?;
-    let inv = invoices::by_id(&s.store, &id).await?;
-    if inv.developer_id != caller.developer.id || inv.finalized_at.is_none() {
+    invoice_of(&s, &caller.developer, &id, html).await
+}
+
+/// One of `dev`'s issued invoices as JSON or the printable page (another developer's, or a
+/// draft, is a 404).
+pub(crate) async fn invoice_of(
+    s: &AppState,
+    dev: &Developer,
+    id: &str,
+    html: bool,
+) -> Result<Response, AppError> {
+    let inv = invoices::by_id(&s.store, id).await?;
+    if inv.developer_id != dev.id || inv.finalized_at.is_none() {
         return Err(AppError::NotFound);
     }
-    respond(&s, &inv, html, false, Some(&caller.developer)).await
+    respond(s, &inv, html, false, Some(dev)).await
 }
 
 async fn respond(

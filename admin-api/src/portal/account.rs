@@ -1,7 +1,9 @@
 //! Account pages: register, verify email (the mail's link opens a page whose button verifies,
 //! so a mail scanner following links cannot use the token up), resend the verification, log
-//! in and out, reset a forgotten password. Each form posts to the JSON API's own handler
-//! (`crate::accounts`), so rules, throttles and answers are the same in both.
+//! in and out, reset a forgotten password. Each form runs what the JSON API runs: a service
+//! call (`aihub_control::accounts`), or the same flow where throttles, password hashing and
+//! mail are involved (`crate::accounts::sign_in`, `sign_up`, …), so rules, throttles and
+//! answers are the same in both.
 
 use askama::Template;
 use axum::extract::State;
@@ -10,12 +12,9 @@ use axum::response::IntoResponse;
 use axum::Form;
 use serde::Deserialize;
 
-use crate::accounts::{
-    self, LoginRequest, RegisterRequest, ResendRequest, ResetConfirm, ResetRequest,
-    VerifyEmailRequest,
-};
+use crate::accounts::{self, LoginRequest, RegisterRequest, ResetConfirm};
 use crate::auth::ClientMeta;
-use crate::error::{AppError, Json, Query};
+use crate::error::{AppError, Query};
 use crate::state::AppState;
 
 use super::session::{local_next, see_other, set_cookie, Guest, Member, SESSION_COOKIE};
@@ -85,8 +84,8 @@ pub async fn login(
             },
         )
     };
-    match accounts::login(State(s.clone()), meta, Json(request)).await {
-        Ok(Json(token)) => {
+    match accounts::sign_in(&s, &meta, request).await {
+        Ok(token) => {
             let mut resp = see_other(&next);
             resp.headers_mut().append(
                 header::SET_COOKIE,
@@ -103,7 +102,7 @@ pub async fn login(
 }
 
 pub async fn logout(State(s): State<AppState>, member: Member) -> PageResult {
-    accounts::logout(State(s.clone()), member.caller).await?;
+    s.control.end_session(&member.caller.session_id).await?;
     let mut resp = see_other("/portal/login?done=logged_out");
     resp.headers_mut()
         .append(header::SET_COOKIE, set_cookie(&s, SESSION_COOKIE, "", 0));
@@ -158,7 +157,7 @@ pub async fn register(
         company_name: Some(f.company_name.trim().to_owned()).filter(|c| !c.is_empty()),
         developer_type: Some(f.developer_type.clone()).filter(|c| !c.is_empty()),
     };
-    match form_errors(accounts::register(State(s), meta, Json(request)).await)? {
+    match form_errors(accounts::sign_up(&s, &meta, request).await)? {
         Ok(_) => message_page(&guest, t.register_title, t.register_done, None),
         Err(errors) => render_status(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -228,10 +227,8 @@ pub async fn verify(
     Form(f): Form<TokenForm>,
 ) -> PageResult {
     let t = guest.visit.lang.texts();
-    let request = VerifyEmailRequest {
-        token: f.token.trim().to_owned(),
-    };
-    match form_errors(accounts::verify_email(State(s), Json(request)).await)? {
+    let verified = s.control.verify_email(f.token.trim()).await;
+    match form_errors(verified.map_err(AppError::from))? {
         Ok(_) if guest.caller.is_some() => Ok(see_other("/portal/keys?done=verified")),
         Ok(_) => Ok(see_other("/portal/login?done=verified")),
         Err(errors) => {
@@ -250,10 +247,7 @@ pub async fn verify(
 
 /// Sends the signed-in developer a new verification mail.
 pub async fn resend(State(s): State<AppState>, member: Member, meta: ClientMeta) -> PageResult {
-    let request = ResendRequest {
-        email: member.caller.developer.email.clone(),
-    };
-    accounts::resend_verification(State(s), meta, Json(request)).await?;
+    accounts::resend_mail(&s, &meta, member.caller.developer.email.clone())?;
     Ok(see_other("/portal/dashboard?done=resent"))
 }
 
@@ -283,7 +277,7 @@ pub async fn reset(
     Form(f): Form<EmailForm>,
 ) -> PageResult {
     let t = guest.visit.lang.texts();
-    accounts::request_reset(State(s), meta, Json(ResetRequest { email: f.email })).await?;
+    accounts::start_reset(&s, &meta, f.email)?;
     message_page(
         &guest,
         t.reset_title,
@@ -328,7 +322,7 @@ pub async fn reset_confirm(
         token: f.token.trim().to_owned(),
         new_password: f.new_password,
     };
-    match form_errors(accounts::confirm_reset(State(s.clone()), meta, Json(request)).await)? {
+    match form_errors(accounts::finish_reset(&s, &meta, request).await)? {
         Ok(_) => {
             // Every session ended with the reset, this browser's too.
             let mut resp = see_other("/portal/login?done=reset").into_response();
@@ -402,14 +396,17 @@ pub async fn update_profile(
     Form(f): Form<ProfileForm>,
 ) -> PageResult {
     let blank_is_none = |v: &str| Some(v.trim().to_owned()).filter(|v| !v.is_empty());
-    let update = crate::accounts::UpdateMe {
+    let update = aihub_control::accounts::UpdateProfile {
         full_name: Some(f.full_name.clone()),
         company_name: Some(blank_is_none(&f.company_name)),
         developer_type: None,
         monthly_spend_cap_usd: Some(blank_is_none(&f.monthly_spend_cap_usd)),
     };
-    let result = accounts::update_me(State(s.clone()), member.caller.clone(), Json(update)).await;
-    match form_errors(result)? {
+    let result = s
+        .control
+        .update_profile(&member.caller.developer.id, update)
+        .await;
+    match form_errors(result.map_err(AppError::from))? {
         Ok(_) => Ok(see_other("/portal/account?done=saved")),
         Err(errors) => render_status(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -437,8 +434,7 @@ pub async fn change_password(
         current_password: f.current_password,
         new_password: f.new_password,
     };
-    let result =
-        accounts::change_password(State(s.clone()), member.caller.clone(), Json(request)).await;
+    let result = accounts::set_own_password(&s, &member.caller.developer, request).await;
     let errors = match result {
         Ok(_) => {
             let mut resp = see_other("/portal/login?done=reset").into_response();

@@ -1,7 +1,8 @@
 //! The operators' area: platform analytics for the period (totals, top developers, models,
 //! last period's revenue), the developers (search, one account with its keys, and the update
-//! form: active, plan, role, quota and rate overrides), and the plans. Every read and write is
-//! the JSON API's operator handler (`crate::operators`, `crate::analytics`, `crate::billing`).
+//! form: active, plan, role, quota and rate overrides), and the plans. Every write is a service
+//! call (`aihub_control::operators`), every read the one the JSON API answers from
+//! (`analytics::platform_overview_of`, `billing::admin::revenue_of`, `plans::plan_list`).
 
 use askama::Template;
 use axum::extract::{Path, State};
@@ -11,11 +12,14 @@ use serde::Deserialize;
 
 use crate::accounts::DeveloperView;
 use crate::analytics::{self, PlatformQuery};
-use crate::auth::{ClientMeta, Operator};
+use crate::auth::ClientMeta;
 use crate::billing::admin::{self as billing_admin, RevenueQuery};
-use crate::error::{AppError, FieldError, Json, Query};
-use crate::keys::ListQuery;
-use crate::operators::{self, SearchQuery, UpdateDeveloper};
+use crate::error::{AppError, FieldError, Query};
+use aihub_control::keys::ListKeys;
+use aihub_control::operators::{AccountChange, Search};
+use aihub_control::Actor;
+
+use crate::keys::KeyList;
 use crate::plans::{self, PlanView};
 use crate::state::AppState;
 
@@ -43,19 +47,17 @@ struct OverviewPage {
 
 pub async fn overview(State(s): State<AppState>, staff: Staff) -> PageResult {
     let t = staff.visit.lang.texts();
-    let op = || Operator(staff.caller.developer.clone());
     let (platform, revenue) = tokio::join!(
-        analytics::platform_overview(
-            State(s.clone()),
-            op(),
-            Query(PlatformQuery {
+        analytics::platform_overview_of(
+            &s,
+            PlatformQuery {
                 period: None,
                 from: None,
                 to: None,
                 limit: Some(10),
-            })
+            }
         ),
-        billing_admin::revenue(State(s.clone()), op(), Query(RevenueQuery { period: None })),
+        billing_admin::revenue_of(&s, RevenueQuery { period: None }),
     );
     let mut p = OverviewPage {
         page: Chrome::new(
@@ -73,7 +75,7 @@ pub async fn overview(State(s): State<AppState>, staff: Staff) -> PageResult {
         unavailable: false,
     };
     match platform {
-        Ok(Json(o)) => {
+        Ok(o) => {
             p.period = o
                 .period
                 .clone()
@@ -131,7 +133,7 @@ pub async fn overview(State(s): State<AppState>, staff: Staff) -> PageResult {
         }
         Err(e) => return Err(e.into()),
     }
-    let Json(r) = revenue?;
+    let r = revenue?;
     p.revenue_period = r.period.name.clone();
     p.revenue = vec![
         (t.billing_invoices, view::int(r.invoices)),
@@ -163,13 +165,12 @@ pub async fn developers(
     Query(f): Query<SearchForm>,
 ) -> PageResult {
     let t = staff.visit.lang.texts();
-    let search = SearchQuery {
+    let search = Search {
         q: Some(f.q.trim().to_owned()).filter(|q| !q.is_empty()),
         limit: Some(100),
         offset: None,
     };
-    let op = Operator(staff.caller.developer.clone());
-    let Json(list) = operators::list_developers(State(s), op, Query(search)).await?;
+    let (rows, total) = s.control.search_developers(search).await?;
     render(&DevelopersPage {
         page: Chrome::new(
             &staff.visit,
@@ -178,8 +179,11 @@ pub async fn developers(
             t.admin_developers,
         ),
         q: f.q,
-        total: view::int(list.total),
-        rows: list.data,
+        total: view::int(total),
+        rows: rows
+            .iter()
+            .map(|d| DeveloperView::new(d, &s.plans))
+            .collect(),
     })
 }
 
@@ -201,15 +205,13 @@ async fn developer_page(
     notice: Option<&'static str>,
 ) -> Result<DeveloperPage, super::Failure> {
     let t = staff.visit.lang.texts();
-    let op = || Operator(staff.caller.developer.clone());
-    let Json(dev) = operators::get_developer(State(s.clone()), op(), Path(id.to_owned())).await?;
-    let q = ListQuery {
+    let dev = DeveloperView::new(&s.control.developer(id).await?, &s.plans);
+    let q = ListKeys {
         include_revoked: false,
         limit: Some(100),
         after: None,
     };
-    let Json(keys) =
-        operators::developer_keys(State(s.clone()), op(), Path(id.to_owned()), Query(q)).await?;
+    let keys = KeyList::from(s.control.list_keys(&dev.id, q).await?);
     let mut plans: Vec<String> = s.plans.plans.keys().cloned().collect();
     plans.sort();
     Ok(DeveloperPage {
@@ -281,7 +283,7 @@ pub async fn update_developer(
     Form(f): Form<DeveloperForm>,
 ) -> PageResult {
     let mut errors = Vec::new();
-    let update = UpdateDeveloper {
+    let update = AccountChange {
         active: Some(f.active.is_some()),
         plan: Some(f.plan),
         role: Some(f.role),
@@ -295,10 +297,16 @@ pub async fn update_developer(
     };
     let result = match AppError::check(errors) {
         Ok(()) => {
-            let op = Operator(staff.caller.developer.clone());
-            operators::update_developer(State(s.clone()), op, meta, Path(id.clone()), Json(update))
+            let ip = meta.ip.map(|i| i.to_string());
+            let by = Actor::Operator {
+                id: &staff.caller.developer.id,
+                ip: ip.as_deref(),
+            };
+            s.control
+                .update_account(&by, &id, update)
                 .await
                 .map(|_| ())
+                .map_err(AppError::from)
         }
         Err(e) => Err(e),
     };
@@ -323,7 +331,7 @@ struct PlansPage {
 
 pub async fn plans(State(s): State<AppState>, staff: Staff) -> PageResult {
     let t = staff.visit.lang.texts();
-    let Json(list) = plans::list(State(s)).await;
+    let list = plans::plan_list(&s.plans);
     render(&PlansPage {
         page: Chrome::new(
             &staff.visit,

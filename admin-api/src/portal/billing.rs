@@ -1,16 +1,16 @@
 //! The billing page: the plan, this period's invoice so far (lines, subtotal, total), the
-//! projection, the plan change (prorated; the JSON API's handler), the invoices, and each
-//! invoice's printable page (the JSON API's HTML rendering).
+//! projection, the plan change (prorated; `billing::switch_plan`, as the JSON API), the
+//! invoices, and each invoice's printable page (the JSON API's HTML rendering).
 
 use askama::Template;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Form;
 use serde::Deserialize;
 
 use crate::auth::ClientMeta;
-use crate::billing::{self, BillingView, ChangePlan, DeveloperInvoicesQuery, FormatQuery};
-use crate::error::{AppError, Json, Query};
+use crate::billing::{self, BillingView};
+use crate::error::{AppError, Query};
 use crate::state::AppState;
 
 use super::session::{see_other, Member};
@@ -104,22 +104,18 @@ async fn billing_page(
     let t = member.visit.lang.texts();
     let dev = &member.caller.developer;
     let (bill, invoices) = tokio::join!(
-        billing::developer_billing(State(s.clone()), member.caller.clone()),
-        billing::developer_invoices(
-            State(s.clone()),
-            member.caller.clone(),
-            Query(DeveloperInvoicesQuery { limit: Some(24) })
-        ),
+        billing::billing_of(s, dev),
+        billing::invoices_of(s, &dev.id, Some(24)),
     );
     let (current, unavailable) = match bill {
-        Ok(Json(b)) => (Some(current_of(&b, t)), false),
+        Ok(b) => (Some(current_of(&b, t)), false),
         Err(e @ AppError::UsageUnavailable(_)) => {
             e.describe();
             (None, true)
         }
         Err(e) => return Err(e.into()),
     };
-    let Json(invoices) = invoices?;
+    let invoices = invoices?;
     let mut plans: Vec<(&String, &aihub_plans::Plan)> = s
         .plans
         .plans
@@ -193,13 +189,7 @@ pub async fn change_plan(
     meta: ClientMeta,
     Form(f): Form<PlanForm>,
 ) -> PageResult {
-    let changed = billing::change_plan(
-        State(s.clone()),
-        member.caller.clone(),
-        meta,
-        Json(ChangePlan { plan: f.plan }),
-    )
-    .await;
+    let changed = billing::switch_plan(&s, &member.caller.developer, &meta, &f.plan).await;
     match form_errors(changed)? {
         Ok(_) => Ok(see_other("/portal/billing?done=plan")),
         Err(errors) => {
@@ -216,15 +206,5 @@ pub async fn invoice(
     member: Member,
     Path(id): Path<String>,
 ) -> PageResult {
-    let resp = billing::developer_invoice(
-        State(s),
-        member.caller,
-        HeaderMap::new(),
-        Path(id),
-        Query(FormatQuery {
-            format: Some("html".into()),
-        }),
-    )
-    .await?;
-    Ok(resp)
+    Ok(billing::invoice_of(&s, &member.caller.developer, &id, true).await?)
 }

@@ -13,7 +13,7 @@ use aihub_store::now_ms;
 
 use crate::analytics::{self, Overview, Trends, TrendsQuery};
 use crate::billing::{self, BillingView};
-use crate::error::{AppError, Json, Query};
+use crate::error::AppError;
 use crate::state::AppState;
 use crate::usage::range::{datetime_sql, MS_PER_DAY};
 use crate::usage::UsageQuery;
@@ -123,14 +123,14 @@ pub async fn page(State(s): State<AppState>, member: Member) -> PageResult {
         developer_id: None,
     };
     let (overview, bill, trends, errors) = tokio::join!(
-        analytics::overview(State(s.clone()), caller.clone(), Query(no_range())),
-        billing::developer_billing(State(s.clone()), caller.clone()),
-        analytics::trends(State(s.clone()), caller.clone(), Query(trends_query)),
+        analytics::overview_of(&s, &caller, no_range()),
+        billing::billing_of(&s, &dev),
+        analytics::trends_of(&s, &caller, trends_query),
         recent_errors(&s, &dev.id),
     );
-    let overview: Option<Overview> = optional(overview.map(|Json(o)| o))?;
-    let bill: Option<BillingView> = optional(bill.map(|Json(b)| b))?;
-    let trends: Option<Trends> = optional(trends.map(|Json(t)| t))?;
+    let overview: Option<Overview> = optional(overview)?;
+    let bill: Option<BillingView> = optional(bill)?;
+    let trends: Option<Trends> = optional(trends)?;
     let errors = optional(errors)?;
 
     let mut stats = Vec::new();

@@ -126,7 +126,6 @@ texts! {
     dash_tokens: "Tokens", "Token 数";
     dash_cost: "Cost so far", "本期费用";
     dash_latency: "Avg latency", "平均延迟";
-    dash_p95: "p95", "p95";
     dash_vs_prev: "vs previous period", "与上期相比";
     dash_quota: "Included tokens", "套餐内 Token";
     dash_unlimited: "Unlimited", "不限量";
@@ -211,7 +210,6 @@ texts! {
     billing_included: "included tokens", "套餐内 Token";
     billing_overage_on: "Usage beyond the included tokens is billed at list prices.", "超出套餐的用量按标价计费。";
     billing_overage_off: "Usage stops at the included tokens (no overage).", "用量达到套餐上限后停止（不计超额）。";
-    billing_current: "Current period", "本期";
     billing_lines: "Invoice so far", "本期账单明细";
     billing_line: "Item", "项目";
     billing_quantity: "Quantity", "数量";
@@ -225,7 +223,6 @@ texts! {
     billing_plan_changed: "Plan changed.", "套餐已更换。";
     billing_invoices: "Invoices", "发票";
     billing_no_invoices: "No invoices yet: the first is issued after this month closes.", "还没有发票：本月结束后开具第一张。";
-    invoice_number: "Number", "编号";
     invoice_status: "Status", "状态";
     invoice_due: "Due", "应付";
     invoice_view: "View / print", "查看 / 打印";

@@ -1,7 +1,7 @@
 //! The API keys page: the list (prefix, status, last use, expiry), creating a key with name,
 //! permissions, limits, expiry and IP allowlist (the key is on the answer page only, never
-//! again), rotating with a grace period, disabling/enabling, revoking. Every action runs the
-//! JSON API's handler (`crate::keys`).
+//! again), rotating with a grace period, disabling/enabling, revoking. Every action is a
+//! service-layer call (`aihub_control::keys`), the same the JSON API makes.
 
 use askama::Template;
 use axum::extract::{Path, State};
@@ -9,8 +9,11 @@ use axum::http::StatusCode;
 use axum::Form;
 use serde::Deserialize;
 
-use crate::error::{Json, Query};
-use crate::keys::{self, CreateKeyRequest, KeyView, ListQuery, Permissions, UpdateKeyRequest};
+use crate::error::Query;
+use aihub_control::keys::{self, ListKeys, UpdateKey};
+use aihub_control::Actor;
+
+use crate::keys::{CreateKeyRequest, CreatedKey, KeyList, KeyView, Permissions, RegeneratedKey};
 use crate::state::AppState;
 
 use super::i18n::Texts;
@@ -18,7 +21,7 @@ use super::session::{see_other, Member};
 use super::{form_errors, render, render_status, view, Chrome, FieldErrors, PageResult};
 
 /// A key as the list shows it.
-pub struct KeyRow {
+pub(crate) struct KeyRow {
     pub id: String,
     pub name: String,
     pub prefix: String,
@@ -189,12 +192,12 @@ async fn keys_page(
 ) -> Result<KeysPage, super::Failure> {
     let t = member.visit.lang.texts();
     let dev = &member.caller.developer;
-    let q = ListQuery {
+    let q = ListKeys {
         include_revoked: show_revoked,
         limit: Some(100),
         after: None,
     };
-    let Json(list) = keys::list_for(s, &dev.id, q).await?;
+    let list = KeyList::from(s.control.list_keys(&dev.id, q).await?);
     Ok(KeysPage {
         page: Chrome::new(&member.visit, Some(dev), "keys", t.keys_title).with_notice(notice),
         keys: list.data.iter().map(|k| KeyRow::new(k, t)).collect(),
@@ -250,15 +253,13 @@ pub async fn create(
 ) -> PageResult {
     let t = member.visit.lang.texts();
     let dev = &member.caller.developer;
-    if !dev.is_verified() {
-        return Err(crate::error::AppError::Forbidden(
-            "email_not_verified",
-            "Verify your email address before creating API keys.".into(),
-        )
-        .into());
-    }
+    keys::may_create_keys(dev)?;
     let created = match f.request() {
-        Ok(request) => form_errors(keys::create_key(&s, &dev.id, request, None).await)?,
+        Ok(request) => {
+            let by = Actor::developer(dev);
+            let created = s.control.create_key(&by, &dev.id, request.into()).await;
+            form_errors(created.map(CreatedKey::from).map_err(Into::into))?
+        }
         Err(errors) => Err(errors),
     };
     match created {
@@ -299,14 +300,11 @@ pub async fn rotate(
         "keys",
         t.keys_once_title,
     );
-    let body = serde_json::json!({ "grace_period_seconds": f.grace_period_seconds });
-    let (_, Json(rotated)) = keys::regenerate(
-        State(s.clone()),
-        member.caller,
-        Path(id),
-        axum::body::Bytes::from(body.to_string()),
-    )
-    .await?;
+    let rotated = s
+        .control
+        .regenerate_key(&member.caller.developer, &id, f.grace_period_seconds)
+        .await
+        .map(RegeneratedKey::from)?;
     render_status(
         StatusCode::CREATED,
         &KeyCreatedPage {
@@ -325,7 +323,10 @@ pub async fn revoke(
     member: Member,
     Path(id): Path<String>,
 ) -> PageResult {
-    keys::delete(State(s), member.caller, Path(id)).await?;
+    let dev = &member.caller.developer;
+    s.control
+        .revoke_key(&Actor::developer(dev), Some(&dev.id), &id)
+        .await?;
     Ok(see_other("/portal/keys?done=revoked"))
 }
 
@@ -340,15 +341,12 @@ pub async fn set_active(
     Path(id): Path<String>,
     Form(f): Form<ActiveForm>,
 ) -> PageResult {
-    let update = UpdateKeyRequest {
-        name: None,
-        permissions: None,
-        rate_limit_rpm: None,
-        rate_limit_tpm: None,
-        expires_at: None,
-        ip_allowlist: None,
+    let update = UpdateKey {
         active: Some(f.active),
+        ..Default::default()
     };
-    keys::update(State(s), member.caller, Path(id), Json(update)).await?;
+    s.control
+        .update_key(&member.caller.developer.id, &id, update)
+        .await?;
     Ok(see_other("/portal/keys?done=updated"))
 }

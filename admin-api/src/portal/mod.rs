@@ -1,13 +1,13 @@
 //! The web developer portal, served by the admin API under `/portal`: server-rendered pages
 //! (askama templates in `admin-api/templates/portal/`, compiled into the binary) over the same
-//! handlers the JSON API uses, one stylesheet and one small script (`assets/portal/`), charts
+//! service calls and reads the JSON API uses (never a handler), one stylesheet and one small script (`assets/portal/`), charts
 //! as inline SVG. Works without JavaScript; English and Chinese.
 //!
 //! # Layout
 //! - [`session`] — cookies, the CSRF check and security headers ([`session::guard`]), the
 //!   `Guest` / `Member` / `Staff` extractors.
 //! - [`i18n`] — the two languages and every text.
-//! - [`view`] — display formatting; [`charts`] — SVG charts.
+//! - [`crate::view`] (display formatting, shared with the printable invoice); [`charts`] — SVG charts.
 //! - [`account`] — register, verify email, login/logout, password reset; the account page
 //!   (profile, monthly spend cap, password change).
 //! - [`dashboard`] — this period at a glance.
@@ -31,7 +31,7 @@ pub mod i18n;
 pub mod keys;
 pub mod session;
 pub mod usage;
-pub mod view;
+pub(crate) use crate::view;
 
 use std::sync::{Arc, LazyLock};
 
@@ -131,6 +131,12 @@ impl Failure {
 impl From<AppError> for Failure {
     fn from(e: AppError) -> Failure {
         Failure(Arc::new(e))
+    }
+}
+
+impl From<aihub_control::Error> for Failure {
+    fn from(e: aihub_control::Error) -> Failure {
+        AppError::from(e).into()
     }
 }
 

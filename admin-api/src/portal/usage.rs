@@ -12,7 +12,7 @@ use serde::Deserialize;
 use aihub_plans::Period;
 use aihub_store::now_ms;
 
-use crate::error::{AppError, Json, Query};
+use crate::error::{AppError, Query};
 use crate::state::AppState;
 use crate::usage::export::ExportQuery;
 use crate::usage::range::{date_string, DayRange, MAX_RANGE_DAYS};
@@ -189,11 +189,11 @@ pub async fn page(
         }
     };
     let (report, series) = tokio::join!(
-        usage::usage(State(s.clone()), member.caller, Query(q)),
+        usage::usage_of(&s, &member.caller, q),
         day_by_model(&s, &dev.id, &range),
     );
     let report: UsageReport = match report {
-        Ok(Json(r)) => r,
+        Ok(r) => r,
         Err(AppError::UsageUnavailable(detail)) => {
             AppError::UsageUnavailable(detail).describe();
             p.unavailable = true;
@@ -259,5 +259,5 @@ pub async fn export(
         key_id: None,
         developer_id: None,
     };
-    Ok(usage::export::export(State(s), member.caller, Query(export)).await?)
+    Ok(usage::export::export_of(&s, &member.caller, export).await?)
 }

@@ -140,10 +140,19 @@ fn month_slices(r: &DayRange) -> Vec<(i64, i64)> {
               (status = 422, body = crate::openapi::ErrorBody),
               (status = 503, description = "`usage_unavailable`: no usage database", body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn export(
+pub(crate) async fn export(
     State(s): State<AppState>,
     caller: Caller,
     Query(q): Query<ExportQuery>,
+) -> Result<Response, AppError> {
+    export_of(&s, &caller, q).await
+}
+
+/// What `export` answers (the caller's, or the developer an operator names), for the portal too.
+pub(crate) async fn export_of(
+    s: &AppState,
+    caller: &Caller,
+    q: ExportQuery,
 ) -> Result<Response, AppError> {
     let db = s.usage_db()?;
     let r = RangeParams {
@@ -158,7 +167,7 @@ pub async fn export(
             store_keys::get(&s.store, None, k).await?.developer_id
         }
         (key, requested) => {
-            let developer_id = whose(&s, &caller, requested).await?;
+            let developer_id = whose(s, caller, requested).await?;
             if let Some(k) = key {
                 store_keys::get(&s.store, Some(&developer_id), k).await?;
             }

@@ -313,15 +313,24 @@ async fn report(
               (status = 422, body = crate::openapi::ErrorBody),
               (status = 503, description = "`usage_unavailable`: no usage database", body = crate::openapi::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn usage(
+pub(crate) async fn usage(
     State(s): State<AppState>,
     caller: Caller,
     Query(q): Query<UsageQuery>,
 ) -> Result<Json<UsageReport>, AppError> {
+    usage_of(&s, &caller, q).await.map(Json)
+}
+
+/// What `usage` answers (the caller's, or the developer an operator names), for the portal too.
+pub(crate) async fn usage_of(
+    s: &AppState,
+    caller: &Caller,
+    q: UsageQuery,
+) -> Result<UsageReport, AppError> {
     s.usage_db()?;
     let r = q.range(Some(MAX_RANGE_DAYS))?;
-    let developer_id = whose(&s, &caller, q.developer_id.as_deref()).await?;
-    Ok(Json(report(&s, developer_id, None, r).await?))
+    let developer_id = whose(s, caller, q.developer_id.as_deref()).await?;
+    report(s, developer_id, None, r).await
 }
 
 /// Usage of one API key over a period or range: totals, and by model and by day (`by_key`

@@ -40,7 +40,7 @@ use super::gcra::Rate;
 use super::headers::{RateHeaders, Shown};
 use super::local::{Rates, Refused};
 use super::quota::QuotaRule;
-use super::Reason;
+use crate::error::Reason;
 
 /// Nodes that refreshed their registry entry within this window are live.
 const NODE_TTL_MS: i64 = 5_000;
@@ -689,7 +689,7 @@ impl Distributed {
                 c
             }
         };
-        let now_ms = crate::keys::now_ms() as i64;
+        let now_ms = crate::clock::now_ms() as i64;
         let nodes_key = self.key("nodes", "live");
         let (_, _, count, _): ((), (), u32, ()) = self
             .timed(
@@ -757,6 +757,6 @@ impl Distributed {
 
 /// Quota hashes outlive their period by 35 days (invoices may still look at them).
 fn quota_ttl_secs(period_end_ms: i64) -> i64 {
-    let left = (period_end_ms - crate::keys::now_ms() as i64).max(0) / 1000;
+    let left = (period_end_ms - crate::clock::now_ms() as i64).max(0) / 1000;
     left + 35 * 86_400
 }

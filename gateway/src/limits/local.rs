@@ -17,7 +17,7 @@ use dashmap::DashMap;
 
 use super::gcra::{decide, give_back, peek, settle, Decision, Rate};
 use super::headers::{RateHeaders, Shown};
-use super::Reason;
+use crate::error::Reason;
 
 /// The buckets that apply to one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -37,40 +37,15 @@ use std::time::Instant;
 
 use aihub_plans::{Period, PlanCatalog};
 
-use crate::keys::{now_ms, KeyRecord};
+use crate::clock::now_ms;
+use crate::error::Reason;
+use crate::keys::{KeyLimits, KeyRecord};
 use crate::metrics::LimitMetrics;
 use distributed::{Distributed, QuotaArgs, ReserveArgs, SettleArgs, Track};
 use gcra::Rate;
 use headers::RateHeaders;
 use local::{LocalBuckets, Rates, Refused};
 use quota::{DevUsage, QuotaBook, QuotaRefusal, QuotaRule};
-
-/// Why a request was refused (the `reason` label of `aihub_rate_limited_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// The key's in-flight cap.
-    Concurrency,
-    /// A requests-per-minute limit (key or developer).
-    Requests,
-    /// A tokens-per-minute limit (key or developer).
-    Tokens,
-    /// The plan's monthly tokens are used up (hard-stop plans).
-    Quota,
-    /// The developer's monthly spend cap is reached (overage plans).
-    SpendCap,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Concurrency => "concurrency",
-            Reason::Requests => "requests",
-            Reason::Tokens => "tokens",
-            Reason::Quota => "quota",
-            Reason::SpendCap => "spend_cap",
-        }
-    }
-}
 
 /// A refused request: the 429 it becomes.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,22 +54,6 @@ pub struct Refusal {
     /// `Retry-After`, whole seconds (at least 1).
     pub retry_after_secs: u64,
     pub headers: RateHeaders,
-}
-
-/// A key's limits as stored: its own, its developer's overrides, its developer's plan.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct KeyLimits {
-    /// The developer's plan; `None` (YAML keys without `plan`) = no plan limits.
-    pub plan: Option<Arc<str>>,
-    pub key_rpm: Option<u32>,
-    pub key_tpm: Option<u32>,
-    pub dev_rpm: Option<u32>,
-    pub dev_tpm: Option<u32>,
-    /// Monthly tokens instead of the plan's included tokens.
-    pub dev_quota_tokens: Option<u64>,
-    /// The developer's monthly overage spend cap, nano-USD.
-    pub spend_cap_nanos: Option<i64>,
 }
 
 /// The limits that apply to one request.

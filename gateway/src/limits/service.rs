@@ -21,7 +21,7 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::mpsc::Receiver;
 
 use super::{Alert, Limits, Queues};
-use crate::keys::now_ms;
+use crate::clock::now_ms;
 
 const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
 const EVICT_INTERVAL: Duration = Duration::from_secs(30);

@@ -20,7 +20,7 @@
 
 use serde_json::Value;
 
-use super::Usage;
+use super::fields::Usage;
 
 /// Bytes of delivered text kept for tokenizing; longer texts are scaled from this sample.
 pub const SAMPLE_MAX: usize = 256 * 1024;

@@ -9,7 +9,8 @@
 
 use bytes::Bytes;
 
-use super::{estimate::Delivered, json_usage, Usage, UsageFields};
+use super::estimate::Delivered;
+use super::fields::{json_usage, Usage, UsageFields};
 use crate::api::Api;
 
 /// Bodies up to this size are kept whole until the end; larger ones are scanned as they pass.

@@ -21,7 +21,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::estimate::Delivered;
-use super::{scan, Usage, UsageFields};
+use super::fields::{Usage, UsageFields};
+use super::scan;
 use crate::api::Api;
 
 /// The metering state of one SSE response.

@@ -1,6 +1,6 @@
-//! Display formatting for the portal's pages: grouped integers, USD amounts, percentages,
-//! timestamps. Pages turn the JSON API's figures into these strings before rendering, so
-//! templates only place text.
+//! Display formatting for people: grouped integers, USD amounts, percentages, timestamps. The
+//! portal's pages turn the JSON API's figures into these strings before rendering, so templates
+//! only place text; the printable invoice groups its numbers the same way.
 
 use std::str::FromStr;
 

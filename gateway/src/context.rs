@@ -1,0 +1,198 @@
+//! What the proxy's modules share: the process-wide [`Shared`] state and the per-request
+//! [`RequestCtx`] (with its [`Metering`] decision and its [`ResponseMeter`]).
+//!
+//! `proxy` (the request flow), `forward` (the upstream exchange) and `usage` (the record of a
+//! finished request) all read and fill the context; it lives here, below all three, so none of
+//! them imports another's types.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use pingora_core::connectors::http::Connector;
+
+use crate::api::Api;
+use crate::clock::now_ms;
+use crate::keys::{KeyRecord, KeyStore};
+use crate::limits::headers::RateHeaders;
+use crate::limits::{Admission, Limits};
+use crate::metering::{JsonMeter, SseMeter};
+use crate::metrics::Metrics;
+use crate::routing::{Route, Runtime, Upstream};
+
+/// State shared by every request, behind one `Arc`.
+pub struct Shared {
+    /// Routes and request settings; swapped whole on reload.
+    pub runtime: ArcSwap<Runtime>,
+    pub keys: Arc<dyn KeyStore>,
+    pub metrics: Metrics,
+    /// Upstream connection pool.
+    pub connector: Connector,
+    /// False until serving, and again once shutdown starts (`/readyz`).
+    pub ready: AtomicBool,
+    /// False until the control-plane keys were loaded once (`/readyz`); true without a
+    /// control plane.
+    pub keys_ready: AtomicBool,
+    /// Where usage records go; `None` when metering is off.
+    pub usage: Option<aihub_usage::UsageSink>,
+    /// Rate limits and quotas; `None` without a `limits` section.
+    pub limits: Option<Arc<Limits>>,
+}
+
+/// Whether `/readyz` answers ready: serving, and the initial key load (if any) done.
+pub fn is_ready(shared: &Shared) -> bool {
+    shared.ready.load(Ordering::Relaxed) && shared.keys_ready.load(Ordering::Relaxed)
+}
+
+/// Marks the gateway ready or not for `/readyz`.
+pub fn set_ready(shared: &Shared, ready: bool) {
+    shared.ready.store(ready, Ordering::Relaxed);
+}
+
+/// Whether and how a request is metered. Decided by [`Metering::model_call`] once the request
+/// is known to be an authenticated model call, completed by [`Metering::forwarding`] once its
+/// route and admission are known; everything after only reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Metering {
+    /// A usage record is written for this request (metering is on and the request is a model
+    /// call: an authenticated `POST /v1/…`), refused or not.
+    pub record: bool,
+    /// The response's usage is read: for the usage record, or for the limits to settle.
+    pub read_usage: bool,
+    /// The gateway wants a stream's usage (`stream_options.include_usage`) from this upstream.
+    pub ask_stream_usage: bool,
+    /// The gateway asked for stream usage the client did not ask for: it is removed from the
+    /// client's stream.
+    pub strip_stream_usage: bool,
+}
+
+impl Metering {
+    /// A model call (an authenticated `POST /v1/…`): recorded when metering is on.
+    pub fn model_call(shared: &Shared) -> Metering {
+        let record = shared.usage.is_some();
+        Metering {
+            record,
+            read_usage: record,
+            ..Metering::default()
+        }
+    }
+
+    /// The decision for forwarding: the usage is read for the record or for a limit to settle
+    /// (`settles`: the request holds an admission); a stream's usage is asked for when the
+    /// usage is read, the upstream takes `stream_options` and the API reports it only when asked
+    /// (other APIs report it unasked and refuse `stream_options`).
+    pub fn forwarding(self, settles: bool, upstream: &Upstream, api: Api) -> Metering {
+        let read_usage = self.record || settles;
+        Metering {
+            record: self.record,
+            read_usage,
+            ask_stream_usage: read_usage
+                && upstream.inject_stream_usage
+                && api.takes_stream_options(),
+            strip_stream_usage: false,
+        }
+    }
+}
+
+/// Facts derived while handling one request. No I/O happens in [`RequestCtx::new`].
+pub struct RequestCtx {
+    /// The request id (UUIDv7): in usage records, logs and the `x-request-id` header.
+    pub request_id: uuid::Uuid,
+    /// `request_id` rendered once as a header value (cheap to clone into both headers).
+    pub request_id_header: http::HeaderValue,
+    pub start: Instant,
+    pub key: Option<Arc<KeyRecord>>,
+    pub route: Option<Arc<Route>>,
+    /// The API of the request's path (how its usage is read).
+    pub api: Api,
+    /// Index of the upstream endpoint that answered.
+    pub endpoint: Option<usize>,
+    pub stream: bool,
+    pub status: u16,
+    /// Error code when the request failed (`GatewayError::code`, or `aborted`).
+    pub error: Option<&'static str>,
+    /// Time spent waiting for the client's body and for the upstream: not gateway overhead.
+    pub waited: Duration,
+    pub overhead: Option<Duration>,
+    pub upstream_latency: Option<Duration>,
+    pub bytes_in: usize,
+    pub bytes_out: u64,
+    /// The response header has gone out: failures can no longer become error responses.
+    pub response_started: bool,
+    /// Wall-clock start, unix milliseconds (the usage record's timestamp).
+    pub started_at_ms: u64,
+    /// Whether and how the request is metered.
+    pub metering: Metering,
+    /// The request body as received (kept, reference-counted, for usage estimates).
+    pub request_body: Option<Bytes>,
+    /// Reads usage from the response as it streams by.
+    pub meter: ResponseMeter,
+    /// The request's hold on its limits (settled in `logging`).
+    pub admission: Option<Admission>,
+    /// Rate-limit headers for the response (empty when no limit applies).
+    pub rate_headers: RateHeaders,
+    /// `Retry-After` seconds of a refusal.
+    pub retry_after: Option<u64>,
+    /// The request is counted in the in-flight gauge (undone in `logging`).
+    pub counted: bool,
+}
+
+impl RequestCtx {
+    /// A fresh context: a new request id, the start instant, nothing known yet.
+    pub fn new() -> RequestCtx {
+        let request_id = uuid::Uuid::now_v7();
+        RequestCtx {
+            request_id,
+            request_id_header: http::HeaderValue::from_str(
+                request_id
+                    .hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
+            )
+            .expect("a UUID is a valid header value"),
+            start: Instant::now(),
+            key: None,
+            route: None,
+            api: Api::Other,
+            endpoint: None,
+            stream: false,
+            status: 0,
+            error: None,
+            waited: Duration::ZERO,
+            overhead: None,
+            upstream_latency: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            response_started: false,
+            started_at_ms: now_ms(),
+            metering: Metering::default(),
+            request_body: None,
+            meter: ResponseMeter::None,
+            admission: None,
+            rate_headers: RateHeaders::default(),
+            retry_after: None,
+            counted: false,
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx::new()
+    }
+}
+
+/// How the response is metered.
+#[derive(Debug, Default)]
+pub enum ResponseMeter {
+    /// Not metered (no response yet, or an error status: zero tokens).
+    #[default]
+    None,
+    /// A successful body that is neither JSON nor SSE (audio, images): estimated.
+    Opaque,
+    /// A JSON body (kept aside when small, scanned for its usage when large).
+    Json(JsonMeter),
+    /// An SSE stream.
+    Sse(SseMeter),
+}
