@@ -26,6 +26,7 @@ use utoipa::ToSchema;
 
 use aihub_billing::payments::{self as providers, PaymentRequest, ProviderError};
 use aihub_billing::{BillingError, CurrentBilling, GenerateReport};
+use aihub_control::billing::sentence;
 use aihub_control::journal::Entry;
 use aihub_control::Actor;
 use aihub_plans::Period;
@@ -312,19 +313,6 @@ fn billing_error(e: BillingError) -> AppError {
         BillingError::Store(e) => conflict(e),
         e => e.into(),
     }
-}
-
-/// `the invoice is void` → `The invoice is void.`
-fn sentence(m: &str) -> String {
-    let mut c = m.chars();
-    let mut out: String = match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => String::new(),
-    };
-    if !out.ends_with('.') {
-        out.push('.');
-    }
-    out
 }
 
 fn plan_view(s: &AppState, name: &str) -> BillingPlan {
