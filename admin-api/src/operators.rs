@@ -168,6 +168,7 @@ pub(crate) async fn update_developer(
         api_quota_limit: r.api_quota_limit,
         api_rate_limit: r.api_rate_limit,
         api_token_rate_limit: r.api_token_rate_limit,
+        ..Default::default()
     };
     let ip = meta.ip.map(|i| i.to_string());
     let by = Actor::Operator {

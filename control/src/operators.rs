@@ -28,16 +28,9 @@ pub struct NewAccount {
     pub plan: Option<String>,
 }
 
-/// An operator's change to an account; `None` fields stay, `Some(None)` clears an override.
-#[derive(Debug, Clone, Default)]
-pub struct AccountChange {
-    pub active: Option<bool>,
-    pub plan: Option<String>,
-    pub role: Option<String>,
-    pub api_quota_limit: Option<Option<i64>>,
-    pub api_rate_limit: Option<Option<i64>>,
-    pub api_token_rate_limit: Option<Option<i64>>,
-}
+/// An operator's change to an account ([`OperatorUpdate`]: `None` fields stay, `Some(None)`
+/// clears an override); its `changed_by` is set by [`Control::update_account`] from the actor.
+pub type AccountChange = OperatorUpdate;
 
 /// A page of a search.
 #[derive(Debug, Clone, Default)]
@@ -180,7 +173,7 @@ impl Control {
         &self,
         by: &Actor<'_>,
         id: &str,
-        r: AccountChange,
+        mut r: AccountChange,
     ) -> Result<Developer> {
         let mut errors = Vec::new();
         self.check_choices(None, r.role.as_deref(), r.plan.as_deref(), &mut errors);
@@ -204,15 +197,7 @@ impl Control {
             ));
         }
         Error::check(errors)?;
-        let u = OperatorUpdate {
-            active: r.active,
-            plan: r.plan.clone(),
-            role: r.role.clone(),
-            api_quota_limit: r.api_quota_limit,
-            api_rate_limit: r.api_rate_limit,
-            api_token_rate_limit: r.api_token_rate_limit,
-            changed_by: Some(by.id().to_owned()),
-        };
+        r.changed_by = Some(by.id().to_owned());
         let mut tx = self.store.begin_write().await?;
         // The developer's row first (lock order: developer, sessions, keys, feed counter), so
         // the update with its change-feed stamp can be the last write.
@@ -234,9 +219,9 @@ impl Control {
             }),
         };
         journal::record(&mut tx, by, None, Some(entry)).await?;
-        let dev = developers::operator_update(&mut tx, id, &u).await?;
+        let dev = developers::operator_update(&mut tx, id, &r).await?;
         tx.commit().await?;
-        if u.touches_keys() {
+        if r.touches_keys() {
             self.notifier.keys_changed();
         }
         Ok(dev)

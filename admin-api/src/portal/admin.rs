@@ -294,6 +294,7 @@ pub async fn update_developer(
             &f.api_token_rate_limit,
             &mut errors,
         ),
+        ..Default::default()
     };
     let result = match AppError::check(errors) {
         Ok(()) => {

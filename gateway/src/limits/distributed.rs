@@ -45,7 +45,7 @@ use crate::error::Reason;
 /// Nodes that refreshed their registry entry within this window are live.
 const NODE_TTL_MS: i64 = 5_000;
 
-/// What both scripts start with: Redis' clock (µs), the window, and bucket-key expiry.
+/// What every script starts with: Redis' clock (µs), the window, and bucket-key expiry.
 /// Numbers are integers (µs, units) held exactly in Lua's doubles.
 const PRELUDE_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -58,9 +58,10 @@ local function extend(key, until_us)
 end
 "#;
 
-/// The admission script (after [`PRELUDE_LUA`]): [`super::gcra::decide`] for up to four
-/// buckets plus the quota check.
-const ADMIT_LUA: &str = r#"
+/// Bucket functions of the admission and reservation scripts (after [`PRELUDE_LUA`]): `decide`
+/// is [`super::gcra::decide`], `peek` a bucket's remaining units and reset, `tat` a bucket
+/// field's theoretical arrival time.
+const BUCKETS_LUA: &str = r#"
 local function decide(tat, rate, burst, cost, lenient)
   local T = math.ceil(W / rate)
   if lenient then cost = math.min(cost, rate) end
@@ -88,6 +89,11 @@ local function tat(key, field)
   if v then return tonumber(v) end
   return 0
 end
+"#;
+
+/// The admission script (after [`BUCKETS_LUA`]): [`super::gcra::decide`] for up to four
+/// buckets plus the quota check.
+const ADMIT_LUA: &str = r#"
 local A = {}
 for i = 1, #ARGV do A[i] = tonumber(ARGV[i]) end
 -- A: 1 key req rate, 2 key req burst, 3 dev req rate, 4 dev req burst, 5 key tok rate,
@@ -160,16 +166,11 @@ table.insert(r, qt); table.insert(r, qc)
 return r
 "#;
 
-/// The reservation script (after [`PRELUDE_LUA`]): the second step of an admission, once the
+/// The reservation script (after [`BUCKETS_LUA`]): the second step of an admission, once the
 /// request's body is read. The token buckets decide again with the reservation as cost (as
 /// [`super::gcra::decide`], leniently) and a hard-stop quota must fit the tokens the request
 /// declares; refused, nothing is taken and the request the admission script took is given back.
 const RESERVE_LUA: &str = r#"
-local function tat(key, field)
-  local v = redis.call('HGET', key, field)
-  if v then return tonumber(v) end
-  return 0
-end
 local A = {}
 for i = 1, #ARGV do A[i] = tonumber(ARGV[i]) end
 -- A: 1 key req rate, 2 dev req rate (given back on a refusal; 0 = none), 3 key tok rate,
@@ -185,19 +186,11 @@ local specs = {{KEYS[1], A[3]}, {KEYS[2], A[4]}}
 local results, out = {}, {}
 for i, s in ipairs(specs) do
   if s[2] > 0 and status == 0 then
-    local T = math.ceil(W / s[2])
-    local t0 = tat(s[1], 't')
-    local base = math.max(t0, now)
-    local new = base + math.min(A[5], s[2]) * T
-    local over = base - now - (s[2] * T - T)
-    if over <= 0 then
-      local span, rem = s[2] * T - (new - now), 0
-      if span > 0 then rem = math.floor(span / T) end
-      results[i] = {true, new, rem, new - now}
-    else
-      results[i] = {false, t0, 0, over}
+    local d = decide(tat(s[1], 't'), s[2], s[2], A[5], true)
+    results[i] = d
+    if not d[1] then
       status = 2
-      retry = math.max(retry, over)
+      retry = math.max(retry, d[4])
     end
   end
 end
@@ -206,10 +199,7 @@ for i, s in ipairs(specs) do
   if s[2] <= 0 then
     table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
   elseif d == nil or (status ~= 0 and d[1]) then
-    local T = math.ceil(W / s[2])
-    local used = math.max(tat(s[1], 't') - now, 0)
-    local span, rem = s[2] * T - used, 0
-    if span > 0 then rem = math.floor(span / T) end
+    local rem, used = peek(tat(s[1], 't'), s[2], s[2])
     table.insert(out, 1); table.insert(out, rem); table.insert(out, used)
   else
     table.insert(out, 1); table.insert(out, d[3]); table.insert(out, d[4])
@@ -420,8 +410,8 @@ impl Distributed {
             up: AtomicBool::new(false),
             nodes: AtomicU32::new(1),
             node_id: uuid::Uuid::now_v7().simple().to_string(),
-            admit: Script::new(&format!("{PRELUDE_LUA}{ADMIT_LUA}")),
-            reserve: Script::new(&format!("{PRELUDE_LUA}{RESERVE_LUA}")),
+            admit: Script::new(&format!("{PRELUDE_LUA}{BUCKETS_LUA}{ADMIT_LUA}")),
+            reserve: Script::new(&format!("{PRELUDE_LUA}{BUCKETS_LUA}{RESERVE_LUA}")),
             settle: Script::new(&format!("{PRELUDE_LUA}{SETTLE_LUA}")),
             pending: Mutex::new(HashMap::new()),
         })

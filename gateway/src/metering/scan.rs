@@ -1,6 +1,6 @@
 //! Byte-level reading of JSON text, for editing and sampling events without building a tree:
-//! the spans of an object's top-level members ([`members`]), removing one member byte-exactly
-//! ([`remove_member`]), and decoding a JSON string's escapes ([`decode_into`]).
+//! walking an object's top-level members, the bytes to cut to remove one ([`member_cut`]),
+//! and decoding a JSON string's escapes ([`decode_into`]).
 //!
 //! Invalid JSON is reported as `None`; callers then leave the bytes as they are.
 
@@ -108,16 +108,6 @@ fn walk(json: &[u8], mut visit: impl FnMut(Member) -> bool) -> Option<bool> {
     }
 }
 
-/// The top-level members of the object `json` (surrounding whitespace allowed).
-pub fn members(json: &[u8]) -> Option<Vec<Member>> {
-    let mut out = Vec::with_capacity(8);
-    walk(json, |m| {
-        out.push(m);
-        false
-    })?;
-    Some(out)
-}
-
 /// The bytes to cut from the object `json` to remove its top-level member named `key` (given
 /// with its quotes, e.g. `"usage"`) and one separating comma, leaving valid JSON with every
 /// other byte unchanged; `None` when `json` is not an object or has no such member.
@@ -146,15 +136,6 @@ pub fn member_cut(json: &[u8], key: &[u8]) -> Option<Range<usize>> {
     })?;
     // The only member (`{"usage": …}` → `{}`).
     cut.or_else(|| first.map(|m| m.key.start..m.value.end))
-}
-
-/// `json` without its top-level member named `key` ([`member_cut`] applied).
-pub fn remove_member(json: &[u8], key: &[u8]) -> Option<Vec<u8>> {
-    let cut = member_cut(json, key)?;
-    let mut out = Vec::with_capacity(json.len() - cut.len());
-    out.extend_from_slice(&json[..cut.start]);
-    out.extend_from_slice(&json[cut.end..]);
-    Some(out)
 }
 
 /// Appends the text of a JSON string's contents (between the quotes, escapes undone) to `out`;
@@ -219,6 +200,25 @@ fn unicode_escape(raw: &[u8]) -> (char, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `json` without its top-level member named `key` ([`member_cut`] applied).
+    pub fn remove_member(json: &[u8], key: &[u8]) -> Option<Vec<u8>> {
+        let cut = member_cut(json, key)?;
+        let mut out = Vec::with_capacity(json.len() - cut.len());
+        out.extend_from_slice(&json[..cut.start]);
+        out.extend_from_slice(&json[cut.end..]);
+        Some(out)
+    }
+
+    /// The top-level members of the object `json` (surrounding whitespace allowed).
+    pub fn members(json: &[u8]) -> Option<Vec<Member>> {
+        let mut out = Vec::with_capacity(8);
+        walk(json, |m| {
+            out.push(m);
+            false
+        })?;
+        Some(out)
+    }
 
     #[test]
     fn members_and_removal_are_byte_exact() {
