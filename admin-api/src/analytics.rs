@@ -11,24 +11,22 @@
 use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::State;
-use clickhouse::Row;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use aihub_plans::Period;
 use aihub_store::{developers, now_ms};
+use aihub_usage::read::daily::{self, FigureRow};
+use aihub_usage::read::platform;
 
 use crate::auth::{Caller, Operator};
 use crate::error::{AppError, FieldError, Json, Query};
 use crate::state::AppState;
 use crate::usage::range::{
-    datetime_sql, rfc3339_s, DayRange, RangeParams, MAX_HOURLY_DAYS, MAX_RANGE_DAYS, MS_PER_DAY,
-    MS_PER_HOUR,
+    rfc3339_s, DayRange, RangeParams, MAX_HOURLY_DAYS, MAX_RANGE_DAYS, MS_PER_DAY, MS_PER_HOUR,
 };
-use crate::usage::{
-    daily_filter, key_names, mean_ms, percent, usd, whose, FigureRow, UsageQuery, FIGURES_SQL,
-};
+use crate::usage::{key_names, mean_ms, percent, usd, whose, UsageQuery};
 
 /// Change from `prev` to `cur` in percent (two decimals), `None` when `prev` is 0.
 fn change(cur: Decimal, prev: Decimal) -> Option<String> {
@@ -114,8 +112,8 @@ impl Window<'_> {
                 (r.n, r.tokens, r.nanos, r.errors, r.ok_n, r.ok_latency)
             });
         WindowFigures {
-            from: self.range.from_date(),
-            to: self.range.to_date(),
+            from: self.range.first_date(),
+            to: self.range.last_date(),
             requests: n,
             total_tokens: tokens,
             cost_usd: usd(nanos),
@@ -164,23 +162,7 @@ pub(crate) async fn overview_of(
     let cur = q.range(Some(MAX_RANGE_DAYS))?.until(now_ms());
     let developer_id = whose(s, caller, q.developer_id.as_deref()).await?;
     let prev = previous_window(&cur);
-    let sql = format!(
-        "SELECT if(day >= toDate('{cur_from}'), 'current', 'previous') AS dim, '' AS name, \
-         {FIGURES_SQL} FROM usage_daily \
-         WHERE developer_id = ? AND ((day >= toDate('{cur_from}') AND day <= toDate('{cur_to}')) \
-            OR (day >= toDate('{prev_from}') AND day <= toDate('{prev_to}'))) \
-         GROUP BY dim",
-        cur_from = cur.from_date(),
-        cur_to = cur.to_date(),
-        prev_from = prev.from_date(),
-        prev_to = prev.to_date(),
-    );
-    let rows: Vec<FigureRow> = db
-        .client
-        .query(&sql)
-        .bind(&developer_id)
-        .fetch_all()
-        .await?;
+    let rows = daily::compare(&db.client, &developer_id, cur.window(), prev.window()).await?;
     let window = |dim: &str, range| Window {
         range,
         row: rows.iter().find(|r| r.dim == dim),
@@ -259,15 +241,6 @@ pub struct Trends {
     pub data: Vec<Bucket>,
 }
 
-#[derive(Debug, Row, Deserialize)]
-struct BucketRow {
-    t: u32,
-    n: u64,
-    tokens: u64,
-    nanos: i64,
-    errs: u64,
-}
-
 /// A series of requests, tokens, cost and errors per hour or per day.
 #[utoipa::path(get, path = "/developer/analytics/trends", tag = "analytics", params(TrendsQuery),
     responses((status = 200, body = Trends),
@@ -309,37 +282,14 @@ pub(crate) async fn trends_of(
     }
     let developer_id = whose(s, caller, q.developer_id.as_deref()).await?;
     let now = now_ms();
-    let (step, sql) = if hourly {
-        (
-            MS_PER_HOUR,
-            format!(
-                "SELECT toUInt32(hour) AS t, sum(requests) AS n, sum(total_tokens) AS tokens, \
-                 sum(cost_nanos) AS nanos, sum(errors) AS errs FROM usage_hourly \
-                 WHERE developer_id = ? AND hour >= toDateTime('{}') AND hour < toDateTime('{}') \
-                 GROUP BY t",
-                datetime_sql(r.start_ms()),
-                datetime_sql(r.end_ms())
-            ),
-        )
+    let (step, rows) = if hourly {
+        let rows = daily::hourly_series(&db.client, &developer_id, r.start_ms(), r.end_ms());
+        (MS_PER_HOUR, rows.await?)
     } else {
-        (
-            MS_PER_DAY,
-            format!(
-                "SELECT toUInt32(toDateTime(day)) AS t, countMerge(requests) AS n, \
-                 sumMerge(total_tokens) AS tokens, sumMerge(cost_nanos) AS nanos, \
-                 countMergeIf(requests, status >= 400) AS errs FROM usage_daily \
-                 WHERE {} GROUP BY t",
-                daily_filter(&r)
-            ),
-        )
+        let rows = daily::daily_series(&db.client, &developer_id, r.window());
+        (MS_PER_DAY, rows.await?)
     };
-    let rows: Vec<BucketRow> = db
-        .client
-        .query(&sql)
-        .bind(&developer_id)
-        .fetch_all()
-        .await?;
-    let by_start: HashMap<i64, &BucketRow> =
+    let by_start: HashMap<i64, &daily::BucketRow> =
         rows.iter().map(|b| (i64::from(b.t) * 1000, b)).collect();
     // Up to the bucket holding now (a range in the future: its first bucket only).
     let last = r
@@ -363,8 +313,8 @@ pub(crate) async fn trends_of(
         developer_id,
         granularity: if hourly { "hour" } else { "day" }.into(),
         period: r.period.map(|p| p.to_string()),
-        from: r.from_date(),
-        to: r.to_date(),
+        from: r.first_date(),
+        to: r.last_date(),
         data,
     })
 }
@@ -427,15 +377,6 @@ pub struct Costs {
     pub projection: Option<Projection>,
 }
 
-#[derive(Debug, Row, Deserialize)]
-struct CostRow {
-    dim: String,
-    name: String,
-    n: u64,
-    tokens: u64,
-    nanos: i64,
-}
-
 /// `so_far × (period length / elapsed)`, rounded half to even to nano-USD.
 pub fn project(so_far: Decimal, elapsed_ms: i64, period_ms: i64) -> Decimal {
     if elapsed_ms <= 0 {
@@ -460,23 +401,12 @@ pub async fn costs(
     let db = s.usage_db()?;
     let r = q.range(Some(MAX_RANGE_DAYS))?;
     let developer_id = whose(&s, &caller, q.developer_id.as_deref()).await?;
-    let filter = daily_filter(&r);
-    let aggs = "countMerge(requests) AS n, sumMerge(total_tokens) AS tokens, sumMerge(cost_nanos) AS nanos";
-    let sql = format!(
-        "SELECT 'model' AS dim, model AS name, {aggs} FROM usage_daily WHERE {filter} GROUP BY model \
-         UNION ALL SELECT 'key', key_id, {aggs} FROM usage_daily WHERE {filter} GROUP BY key_id"
-    );
-    let query = db
-        .client
-        .query(&sql)
-        .bind(&developer_id)
-        .bind(&developer_id);
     let (rows, names) = tokio::try_join!(
-        async { Ok::<_, AppError>(query.fetch_all::<CostRow>().await?) },
+        async { Ok::<_, AppError>(daily::costs(&db.client, &developer_id, r.window()).await?) },
         key_names(&s, &developer_id)
     )?;
-    let mut models: Vec<&CostRow> = rows.iter().filter(|r| r.dim == "model").collect();
-    let mut keys: Vec<&CostRow> = rows.iter().filter(|r| r.dim == "key").collect();
+    let mut models: Vec<&daily::CostRow> = rows.iter().filter(|r| r.dim == "model").collect();
+    let mut keys: Vec<&daily::CostRow> = rows.iter().filter(|r| r.dim == "key").collect();
     for list in [&mut models, &mut keys] {
         list.sort_by(|a, b| b.nanos.cmp(&a.nanos).then(a.name.cmp(&b.name)));
     }
@@ -506,8 +436,8 @@ pub async fn costs(
     Ok(Json(Costs {
         developer_id,
         period: r.period.map(|p| p.to_string()),
-        from: r.from_date(),
-        to: r.to_date(),
+        from: r.first_date(),
+        to: r.last_date(),
         requests,
         total_cost_usd: crate::plans::usd_string(total_usd),
         by_model: models
@@ -602,22 +532,6 @@ pub struct Performance {
     pub by_status: Vec<StatusCount>,
 }
 
-#[derive(Debug, Row, Deserialize)]
-struct LatencyRow {
-    model: String,
-    ok_n: u64,
-    total: Vec<u32>,
-    upstream: Vec<u32>,
-    overhead: Vec<u32>,
-}
-
-#[derive(Debug, Row, Deserialize)]
-struct StatusRow {
-    model: String,
-    status: u16,
-    n: u64,
-}
-
 fn status_list(counts: &BTreeMap<u16, u64>, total: u64) -> Vec<StatusCount> {
     let mut list: Vec<StatusCount> = counts
         .iter()
@@ -647,27 +561,7 @@ pub async fn performance(
     let db = s.usage_db()?;
     let r = q.range(Some(MAX_RANGE_DAYS))?;
     let developer_id = whose(&s, &caller, q.developer_id.as_deref()).await?;
-    let filter = daily_filter(&r);
-    let latencies = db
-        .client
-        .query(&format!(
-            "SELECT model, countMergeIf(requests, status < 400) AS ok_n, \
-             quantilesTDigestMergeIf(0.5, 0.95, 0.99)(total_latency_q, status < 400) AS total, \
-             quantilesTDigestMergeIf(0.5, 0.95, 0.99)(upstream_latency_q, status < 400) AS upstream, \
-             quantilesTDigestMergeIf(0.5, 0.95, 0.99)(gateway_overhead_q, status < 400) AS overhead \
-             FROM usage_daily WHERE {filter} GROUP BY model"
-        ))
-        .bind(&developer_id)
-        .fetch_all::<LatencyRow>();
-    let statuses = db
-        .client
-        .query(&format!(
-            "SELECT model, status, countMerge(requests) AS n FROM usage_daily \
-             WHERE {filter} GROUP BY model, status"
-        ))
-        .bind(&developer_id)
-        .fetch_all::<StatusRow>();
-    let (latencies, statuses) = tokio::try_join!(latencies, statuses)?;
+    let (latencies, statuses) = daily::performance(&db.client, &developer_id, r.window()).await?;
     let mut all: BTreeMap<u16, u64> = BTreeMap::new();
     let mut per_model: HashMap<&str, BTreeMap<u16, u64>> = HashMap::new();
     for row in &statuses {
@@ -705,8 +599,8 @@ pub async fn performance(
     Ok(Json(Performance {
         developer_id,
         period: r.period.map(|p| p.to_string()),
-        from: r.from_date(),
-        to: r.to_date(),
+        from: r.first_date(),
+        to: r.last_date(),
         requests,
         errors,
         error_rate_pct: percent(errors.into(), requests.into()),
@@ -781,28 +675,6 @@ pub struct PlatformOverview {
     pub by_model: Vec<PlatformModel>,
 }
 
-/// The developers' side of the platform view, in one scan: totals over all developers and
-/// the top ones by cost (ties by id).
-#[derive(Debug, Row, Deserialize)]
-struct PlatformDevelopers {
-    active: u64,
-    requests: u64,
-    errors: u64,
-    tokens: u64,
-    nanos: i64,
-    /// `(developer_id, cost nano-USD, requests, tokens)`.
-    top: Vec<(String, i64, u64, u64)>,
-}
-
-#[derive(Debug, Row, Deserialize)]
-struct PlatformModelRow {
-    model: String,
-    n: u64,
-    errs: u64,
-    tokens: u64,
-    nanos: i64,
-}
-
 /// Platform totals over a period or range, the top developers by cost and the models (from
 /// the day × developer and day × model rollups `usage_developer_daily` and `usage_model_daily`:
 /// at most one row per active developer, or model, and day).
@@ -836,31 +708,7 @@ pub(crate) async fn platform_overview_of(
     if !(1..=100).contains(&limit) {
         return Err(AppError::validation("limit", "must be 1 to 100"));
     }
-    let range = format!(
-        "day >= toDate('{}') AND day <= toDate('{}')",
-        r.from_date(),
-        r.to_date()
-    );
-    let developers = db
-        .client
-        .query(&format!(
-            "SELECT count() AS active, sum(n) AS requests, sum(errs) AS errors, \
-             sum(tokens) AS total_tokens, sum(nanos) AS nanos_total, \
-             arraySlice(arraySort(x -> (-x.2, x.1), \
-                 groupArray((developer_id, nanos, n, tokens))), 1, {limit}) AS top \
-             FROM (SELECT developer_id, sum(requests) AS n, sum(errors) AS errs, \
-                 sum(total_tokens) AS tokens, sum(cost_nanos) AS nanos \
-                 FROM usage_developer_daily WHERE {range} GROUP BY developer_id)"
-        ))
-        .fetch_one::<PlatformDevelopers>();
-    let models = db
-        .client
-        .query(&format!(
-            "SELECT model, sum(requests) AS n, sum(errors) AS errs, sum(total_tokens) AS tokens, \
-             sum(cost_nanos) AS nanos FROM usage_model_daily WHERE {range} GROUP BY model"
-        ))
-        .fetch_all::<PlatformModelRow>();
-    let (d, mut models) = tokio::try_join!(developers, models)?;
+    let (d, mut models) = platform::overview(&db.client, r.window(), limit).await?;
     models.sort_by(|a, b| b.nanos.cmp(&a.nanos).then(a.model.cmp(&b.model)));
     let total = Decimal::from(d.nanos);
     let share = |n: i64| percent(Decimal::from(n), total);
@@ -883,8 +731,8 @@ pub(crate) async fn platform_overview_of(
     }
     Ok(PlatformOverview {
         period: r.period.map(|p| p.to_string()),
-        from: r.from_date(),
-        to: r.to_date(),
+        from: r.first_date(),
+        to: r.last_date(),
         totals: PlatformTotals {
             requests: d.requests,
             errors: d.errors,
@@ -940,12 +788,12 @@ mod tests {
         };
         let prev = previous_window(&cur);
         assert_eq!(
-            (prev.from_date(), prev.to_date()),
+            (prev.first_date(), prev.last_date()),
             ("2026-10-01".into(), "2026-10-25".into())
         );
         // A 31-day month against a 28-day one: cut at the end of February.
         let mar = DayRange::of_period(Period::parse("2026-03").unwrap());
-        assert_eq!(previous_window(&mar).to_date(), "2026-02-28");
+        assert_eq!(previous_window(&mar).last_date(), "2026-02-28");
         let range = DayRange {
             from: d("2026-11-10"),
             to: d("2026-11-19"),
@@ -953,7 +801,7 @@ mod tests {
         };
         let prev = previous_window(&range);
         assert_eq!(
-            (prev.from_date(), prev.to_date()),
+            (prev.first_date(), prev.last_date()),
             ("2026-10-31".into(), "2026-11-09".into())
         );
         assert_eq!(crate::usage::range::date_string(prev.from), "2026-10-31");

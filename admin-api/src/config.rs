@@ -18,7 +18,7 @@ pub use aihub_yamlconf::ConfigError;
 pub struct AdminConfig {
     /// Listen address. Default `127.0.0.1:8081`.
     #[serde(default = "default_listen")]
-    pub listen: String,
+    pub listen: SocketAddr,
     /// How long the listener waits for a client's request header and body (slow clients).
     #[serde(default)]
     pub server: ServerConfig,
@@ -42,6 +42,10 @@ pub struct AdminConfig {
     /// directory. Absent: the built-in plans (the shipped `config/plans.yaml`).
     #[serde(default)]
     pub plans_file: Option<PathBuf>,
+    /// The plans themselves: read from `plans_file` once, by [`AdminConfig::load`] (the
+    /// built-in plans otherwise).
+    #[serde(skip, default = "aihub_plans::PlanCatalog::builtin")]
+    pub plans: aihub_plans::PlanCatalog,
     /// The operator account created (or promoted) at start. Env `AIHUB_ADMIN_EMAIL` and
     /// `AIHUB_ADMIN_PASSWORD` override. Absent: no bootstrap.
     #[serde(default)]
@@ -276,7 +280,7 @@ pub struct KeysConfig {
     /// Lifetime of a new key when the request names none, e.g. `365d`, or `never`.
     /// Default `365d`.
     #[serde(default = "default_key_expiry")]
-    pub default_expiry: String,
+    pub default_expiry: KeyExpiry,
     /// Keys (not revoked) a developer may hold. Default 100.
     #[serde(default = "default_max_keys")]
     pub max_per_developer: i64,
@@ -309,21 +313,54 @@ impl KeysConfig {
     /// The rules the service layer enforces.
     pub fn rules(&self) -> aihub_control::KeyRules {
         aihub_control::KeyRules {
-            default_lifetime: self.default_lifetime(),
+            default_lifetime: self.default_expiry.lifetime(),
             max_per_developer: self.max_per_developer,
             max_rotation_grace: self.max_rotation_grace,
             max_lifetime: self.max_lifetime,
             allow_never_expires: self.allow_never_expires,
         }
     }
+}
 
-    /// The default key lifetime; `None` = never expires.
-    pub fn default_lifetime(&self) -> Option<Duration> {
-        if self.default_expiry == "never" {
-            None
-        } else {
-            humantime::parse_duration(&self.default_expiry).ok()
+/// A key lifetime as configured: `never`, or a duration such as `365d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyExpiry {
+    Never,
+    After(Duration),
+}
+
+impl KeyExpiry {
+    /// The lifetime; `None` = never expires.
+    pub fn lifetime(self) -> Option<Duration> {
+        match self {
+            KeyExpiry::Never => None,
+            KeyExpiry::After(d) => Some(d),
         }
+    }
+}
+
+impl std::fmt::Display for KeyExpiry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyExpiry::Never => f.write_str("never"),
+            KeyExpiry::After(d) => write!(f, "{}", humantime::format_duration(*d)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyExpiry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeyExpiry, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "never" {
+            return Ok(KeyExpiry::Never);
+        }
+        humantime::parse_duration(&text)
+            .map(KeyExpiry::After)
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{text}`: expected a duration such as 365d, or never"
+                ))
+            })
     }
 }
 
@@ -336,8 +373,8 @@ pub struct BootstrapAdmin {
     pub password_env: String,
 }
 
-fn default_listen() -> String {
-    "127.0.0.1:8081".into()
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
 }
 fn default_public_url() -> String {
     "http://127.0.0.1:8081".into()
@@ -378,8 +415,8 @@ fn default_smtp_port() -> u16 {
 fn default_smtp_security() -> String {
     "starttls".into()
 }
-fn default_key_expiry() -> String {
-    "365d".into()
+fn default_key_expiry() -> KeyExpiry {
+    KeyExpiry::After(Duration::from_secs(365 * 86_400))
 }
 fn default_max_keys() -> i64 {
     100
@@ -416,8 +453,8 @@ impl AdminConfig {
         }
     }
 
-    /// Reads, applies environment overrides, resolves `plans_file` against the file's
-    /// directory, validates (the plans file included).
+    /// Reads, applies environment overrides, reads the plans from `plans_file` (relative to
+    /// the file's directory), validates.
     pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
         let mut config = AdminConfig::parse(&aihub_yamlconf::read(path)?, path)?;
         if let Some(p) = &config.plans_file {
@@ -425,6 +462,9 @@ impl AdminConfig {
                 let dir = path.parent().unwrap_or(Path::new(""));
                 config.plans_file = Some(dir.join(p));
             }
+        }
+        if let Some(p) = &config.plans_file {
+            config.plans = aihub_plans::PlanCatalog::load(p)?;
         }
         config.apply_env();
         config.validate(path)?;
@@ -461,24 +501,12 @@ impl AdminConfig {
         }
     }
 
-    /// The plans: read from `plans_file` (as given: [`AdminConfig::load`] has made a relative
-    /// path relative to the configuration file) or built in. Errors name the plans file.
-    pub fn plans(&self) -> Result<aihub_plans::PlanCatalog, ConfigError> {
-        match &self.plans_file {
-            Some(p) => aihub_plans::PlanCatalog::load(p),
-            None => Ok(aihub_plans::PlanCatalog::builtin()),
-        }
-    }
-
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let err = |key: &str, message: String| ConfigError {
             file: file.to_owned(),
             key: key.to_owned(),
             message,
         };
-        self.listen
-            .parse::<SocketAddr>()
-            .map_err(|e| err("listen", format!("`{}`: {e}", self.listen)))?;
         if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
             return Err(err(
                 "public_url",
@@ -570,15 +598,6 @@ impl AdminConfig {
                 format!("`{}` is not a mailbox", self.email.from),
             ));
         }
-        if self.keys.default_expiry != "never" && self.keys.default_lifetime().is_none() {
-            return Err(err(
-                "keys.default_expiry",
-                format!(
-                    "`{}`: expected a duration such as 365d, or never",
-                    self.keys.default_expiry
-                ),
-            ));
-        }
         let max = self.keys.max_lifetime;
         if max < Duration::from_secs(86_400) || max > LONGEST_LIFETIME {
             return Err(err(
@@ -586,7 +605,7 @@ impl AdminConfig {
                 "must be at least 1d and at most 36500d".into(),
             ));
         }
-        match self.keys.default_lifetime() {
+        match self.keys.default_expiry.lifetime() {
             Some(d) if d > max => {
                 return Err(err(
                     "keys.default_expiry",
@@ -608,7 +627,6 @@ impl AdminConfig {
         if self.keys.max_per_developer < 1 {
             return Err(err("keys.max_per_developer", "must be at least 1".into()));
         }
-        self.plans()?;
         if let Some(b) = &self.bootstrap_admin {
             if !b.email.contains('@') {
                 return Err(err(
@@ -630,7 +648,7 @@ mod tests {
         let c = AdminConfig::default();
         c.validate(Path::new("x")).unwrap();
         assert_eq!(
-            c.keys.default_lifetime(),
+            c.keys.default_expiry.lifetime(),
             Some(Duration::from_secs(365 * 86_400))
         );
     }
@@ -640,9 +658,12 @@ mod tests {
         let e =
             AdminConfig::parse("database: {url: 1, bogus: 2}", Path::new("a.yaml")).unwrap_err();
         assert!(e.to_string().starts_with("a.yaml: database"), "{e}");
-        let c = AdminConfig::parse("keys: {default_expiry: soon}", Path::new("a.yaml")).unwrap();
-        let e = c.validate(Path::new("a.yaml")).unwrap_err();
+        let e =
+            AdminConfig::parse("keys: {default_expiry: soon}", Path::new("a.yaml")).unwrap_err();
         assert_eq!(e.key, "keys.default_expiry");
+        assert!(e.message.contains("`soon`: expected a duration"), "{e}");
+        let e = AdminConfig::parse("listen: nowhere", Path::new("a.yaml")).unwrap_err();
+        assert_eq!(e.key, "listen");
     }
 
     #[test]
@@ -701,9 +722,9 @@ mod tests {
         std::fs::write(conf.join("admin.yaml"), "plans_file: my-plans.yaml\n").unwrap();
         let c = AdminConfig::load(&conf.join("admin.yaml")).unwrap();
         assert_eq!(c.plans_file.as_deref(), Some(plans.as_path()));
-        assert_eq!(c.plans().unwrap().default_plan, "a");
+        assert_eq!(c.plans.default_plan, "a");
         // No file: the built-in plans.
-        assert_eq!(AdminConfig::default().plans().unwrap().default_plan, "free");
+        assert_eq!(AdminConfig::default().plans.default_plan, "free");
         // A broken plans file stops the start, naming that file and its key.
         std::fs::write(&plans, "default_plan: b\nplans: {a: {overage: true}}\n").unwrap();
         let e = AdminConfig::load(&conf.join("admin.yaml")).unwrap_err();

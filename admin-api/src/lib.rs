@@ -10,7 +10,8 @@
 //! caps, plan changes) are in the service layer, `aihub-control`, which the state holds as
 //! `control`; the modules here are the HTTP edge: wire types, extractors, throttles, password
 //! hashing, mail, tokens, and `AppError` (which maps `aihub_control::Error` in one place). Only
-//! [`config`], [`plans`] and [`usage`] are public modules (for the `aihub` binary and tests).
+//! [`config`] is a public module (for the `aihub` binary); [`app`], [`api`], [`serve`] and
+//! [`AppState`] are the rest of the surface.
 //!
 //! # Layout
 //! - [`config`] — `config/admin.yaml`, defaults, environment overrides, validation.
@@ -51,11 +52,11 @@ pub(crate) mod keys;
 pub(crate) mod metrics;
 pub(crate) mod openapi;
 pub(crate) mod operators;
-pub mod plans;
+pub(crate) mod plans;
 pub(crate) mod portal;
 pub(crate) mod server;
 pub(crate) mod state;
-pub mod usage;
+pub(crate) mod usage;
 pub(crate) mod view;
 
 use axum::routing::get;

@@ -4,7 +4,6 @@
 //! (decimal strings on the wire, integer nano-USD in the store).
 
 use axum::extract::State;
-use rust_decimal::Decimal;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -156,53 +155,4 @@ fn positive(v: Option<i64>) -> Option<i64> {
     v.filter(|&n| n > 0)
 }
 
-/// A USD amount as shown: at least two decimals (`"29.00"`, `"0.50"`, `"0.125"`).
-pub fn usd_string(d: Decimal) -> String {
-    let mut d = d.normalize();
-    if d.scale() < 2 {
-        d.rescale(2);
-    }
-    d.to_string()
-}
-
-/// Nano-USD as a USD decimal string.
-pub fn usd_from_nanos(nanos: i64) -> String {
-    usd_string(Decimal::new(nanos, 9))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use aihub_control::accounts::parse_usd_nanos;
-
-    #[test]
-    fn usd_amounts() {
-        assert_eq!(parse_usd_nanos("50.00"), Ok(50_000_000_000));
-        assert_eq!(parse_usd_nanos("0"), Ok(0));
-        assert_eq!(parse_usd_nanos("0.000001"), Ok(1_000));
-        assert_eq!(parse_usd_nanos("12.3400000"), Ok(12_340_000_000));
-        assert_eq!(
-            parse_usd_nanos("1000000000"),
-            Ok(1_000_000_000 * 1_000_000_000)
-        );
-        for bad in [
-            "", "abc", "1e3", "1.", ".5", " 5", "5 ", "+5", "1,5", "0x10",
-        ] {
-            assert!(
-                parse_usd_nanos(bad).unwrap_err().contains("decimal"),
-                "{bad}"
-            );
-        }
-        assert_eq!(parse_usd_nanos("-1").unwrap_err(), "must not be negative");
-        assert!(parse_usd_nanos("0.0000001")
-            .unwrap_err()
-            .contains("6 decimals"));
-        assert!(parse_usd_nanos("1000000000.01")
-            .unwrap_err()
-            .contains("at most"));
-        assert_eq!(usd_from_nanos(50_000_000_000), "50.00");
-        assert_eq!(usd_from_nanos(125_000_000), "0.125");
-        assert_eq!(usd_from_nanos(0), "0.00");
-        assert_eq!(usd_string(Decimal::from(29)), "29.00");
-    }
-}
+pub use aihub_plans::money::{usd_from_nanos, usd_string};

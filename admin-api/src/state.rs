@@ -100,9 +100,7 @@ impl AppState {
     /// Reads the plans, connects, migrates, loads or creates the JWT secret, and bootstraps
     /// the operator.
     pub async fn new(config: AdminConfig) -> Result<AppState, StartError> {
-        let plans = config
-            .plans()
-            .map_err(|e| StartError::Setup(e.to_string()))?;
+        let plans = config.plans.clone();
         let mut opts = StoreOptions::new(&config.database.url);
         opts.max_connections = config.database.max_connections;
         let store = Store::connect(&opts).await?;

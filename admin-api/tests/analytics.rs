@@ -273,7 +273,7 @@ async fn analytics_match_independent_sums() {
         assert_eq!(proj["cost_so_far_usd"], v["total_cost_usd"]);
         assert_eq!(
             proj["cost_so_far_usd"],
-            aihub_admin::plans::usd_string(so_far).as_str()
+            aihub_plans::money::usd_string(so_far).as_str()
         );
         let projected: Decimal = proj["projected_cost_usd"]
             .as_str()

@@ -701,7 +701,8 @@ async fn expiry_stays_within_the_platform_maximum() {
         // A platform with a 30-day maximum and no never-expiring keys.
         let api = TestApi::start_with(backend, |c| {
             c.keys.max_lifetime = std::time::Duration::from_secs(30 * 86_400);
-            c.keys.default_expiry = "7d".into();
+            c.keys.default_expiry =
+                aihub_admin::config::KeyExpiry::After(std::time::Duration::from_secs(7 * 86_400));
             c.keys.allow_never_expires = false;
         })
         .await;

@@ -114,7 +114,10 @@ async fn plans_come_from_the_plans_file() {
              \x20 gold: {display_name: Gold, monthly_price_usd: 10, overage: true}\n",
         )
         .unwrap();
-        let api = TestApi::start_with(backend, |c| c.plans_file = Some(file.clone())).await;
+        let api = TestApi::start_with(backend, |c| {
+            c.plans = aihub_plans::PlanCatalog::load(&file).unwrap()
+        })
+        .await;
         let (_, plans) = api.call("GET", "/plans", None, None).await;
         assert_eq!(plans["default_plan"], "starter");
         assert_eq!(plans["alert_thresholds"], json!([50, 90]));

@@ -17,12 +17,12 @@ use aihub_plans::{Period, PlanCatalog};
 use aihub_store::invoices::{self, Computed, Invoice, SaveMode, Saved};
 use aihub_store::subscriptions::{self, Subscription};
 use aihub_store::{Store, StoreError};
+use aihub_usage::read::billing as source;
 use aihub_usage::sink::ClickHouseConfig;
 use rust_decimal::Decimal;
 use tokio::sync::Mutex;
 
 use crate::ledger::{round_total, HourModel, Ledger, UsageRow};
-use crate::source;
 use crate::BillingConfig;
 
 /// Why billing failed.
@@ -206,11 +206,7 @@ impl Billing {
             if job.hours.last().is_none_or(|(h, _)| *h != hour) {
                 job.hours.push((hour, Vec::new()));
             }
-            job.hours
-                .last_mut()
-                .expect("pushed")
-                .1
-                .push(row.into_model());
+            job.hours.last_mut().expect("pushed").1.push(row.into());
         }
         if let Some((dev, Some(job))) = current.take() {
             finish(dev, job, &mut waiting);
@@ -229,7 +225,7 @@ impl Billing {
             for r in source::raw_hours(&self.0.client, &needed).await? {
                 let hour = r.ts_ms as i64 / crate::ledger::HOUR_MS * crate::ledger::HOUR_MS;
                 if let Some(rows) = raw.get_mut(&(r.developer_id.clone(), hour)) {
-                    rows.push(r.usage());
+                    rows.push(UsageRow::from(&r));
                 }
             }
             needed.clear();
@@ -278,9 +274,12 @@ impl Billing {
         Ok(report)
     }
 
-    /// Recomputes a draft from usage and finalizes it. An invoice past draft is returned as
-    /// it is; a void one is a conflict.
-    pub async fn finalize(&self, invoice_id: &str) -> Result<Invoice> {
+    /// Recomputes a draft from usage one last time, before it is finalized (by [`finalize`]
+    /// or by the control plane's operator command, which adds its audit entry to the same
+    /// transaction). An invoice past draft is left alone.
+    ///
+    /// [`finalize`]: Billing::finalize
+    pub async fn refresh_draft(&self, invoice_id: &str) -> Result<()> {
         let inv = invoices::by_id(&self.0.store, invoice_id).await?;
         if inv.status == invoices::DRAFT {
             let period = Period::parse(&inv.period)
@@ -288,10 +287,33 @@ impl Billing {
             let computed = self.compute(&inv.developer_id, period).await?;
             invoices::save_drafts(&self.0.store, &[computed], SaveMode::Automatic).await?;
         }
+        Ok(())
+    }
+
+    /// Recomputes a draft from usage and finalizes it. An invoice past draft is returned as
+    /// it is; a void one is a conflict.
+    pub async fn finalize(&self, invoice_id: &str) -> Result<Invoice> {
+        self.refresh_draft(invoice_id).await?;
         let mut tx = self.0.store.begin_write().await?;
         let inv = invoices::finalize(&mut tx, invoice_id).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(inv)
+    }
+
+    /// Finalizes every draft of `period` (or only `only`'s) as it stands, each in its own
+    /// transaction; the number finalized.
+    pub async fn finalize_drafts(&self, period: Period, only: Option<&str>) -> Result<usize> {
+        let mut n = 0;
+        for (id, dev) in invoices::drafts(&self.0.store, &period.to_string()).await? {
+            if only.is_some_and(|d| d != dev) {
+                continue;
+            }
+            let mut tx = self.0.store.begin_write().await?;
+            invoices::finalize(&mut tx, &id).await?;
+            tx.commit().await.map_err(StoreError::from)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The current period so far and a projection to its end: usage continues at the
@@ -366,12 +388,7 @@ impl Billing {
             }
             drop(refreshed);
             if !in_grace {
-                for (id, _) in invoices::drafts(&self.0.store, &period.to_string()).await? {
-                    let mut tx = self.0.store.begin_write().await?;
-                    invoices::finalize(&mut tx, &id).await?;
-                    tx.commit().await.map_err(StoreError::from)?;
-                    report.finalized += 1;
-                }
+                report.finalized += self.finalize_drafts(period, None).await?;
             }
         }
         Ok(report)

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use aihub_plans::{Period, PlanCatalog};
 use aihub_store::invoices::{Computed, InvoiceLine};
 use aihub_store::subscriptions::Subscription;
+use aihub_usage::read::billing::{HourRow, RawRow};
 use rust_decimal::{Decimal, RoundingStrategy};
 
 pub const HOUR_MS: i64 = 3_600_000;
@@ -51,6 +52,28 @@ pub struct HourModel {
     pub requests: u64,
     pub tokens: u64,
     pub cost_nanos: i64,
+}
+
+impl From<HourRow> for HourModel {
+    fn from(r: HourRow) -> HourModel {
+        HourModel {
+            model: r.model,
+            requests: r.requests,
+            tokens: r.tokens,
+            cost_nanos: r.cost_nanos,
+        }
+    }
+}
+
+impl From<&RawRow> for UsageRow {
+    fn from(r: &RawRow) -> UsageRow {
+        UsageRow {
+            ts_ms: r.ts_ms as i64,
+            model: r.model.clone(),
+            tokens: u64::from(r.total_tokens),
+            cost_nanos: r.cost_nanos,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]

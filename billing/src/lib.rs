@@ -4,17 +4,18 @@
 //! # Layout
 //! - [`config`]: the `billing:` section (grace window, background schedule).
 //! - [`ledger`]: the pure arithmetic from plans and usage to invoice lines (the billing rules).
-//! - [`source`]: usage as billing reads it from ClickHouse (hourly rollups, raw rows).
 //! - [`engine`]: [`Billing`]: computing, generating and finalizing invoices; the background pass.
 //! - [`payments`]: the payment-provider trait and the manual provider (an operator records money
 //!   received); the booking rules are the store's (`aihub_store::payments`).
 //! - [`reconcile`]: re-computes every invoice of a period from the raw rows and reports a diff.
+//!
+//! Usage is read through `aihub_usage::read` (hourly groups, raw rows of split hours, every
+//! raw row of a period).
 pub mod config;
 pub mod engine;
 pub mod ledger;
 pub mod payments;
 pub mod reconcile;
-pub mod source;
 
 pub use engine::{Billing, BillingError, CurrentBilling, GenerateReport, RunReport};
 

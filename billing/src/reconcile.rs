@@ -24,9 +24,11 @@ use aihub_store::invoices::{self, Computed, Invoice, InvoiceLine};
 use aihub_store::subscriptions::{self, Subscription};
 use rust_decimal::Decimal;
 
+use aihub_usage::read::billing as source;
+use aihub_usage::read::totals::{self, Totals};
+
 use crate::engine::{Billing, BillingError, GenerateReport};
-use crate::ledger::Ledger;
-use crate::source::{self, Totals};
+use crate::ledger::{Ledger, UsageRow};
 
 /// At most this many checks of an open period, a second apart, while its usage changes during
 /// the check or its differences have not shown twice.
@@ -190,14 +192,7 @@ pub async fn reconcile_at(
 
 /// The period's raw rows, counted with the bounds [`source::all_rows`] reads.
 async fn count_rows(client: &clickhouse::Client, from: i64, to: i64) -> Result<u64, BillingError> {
-    Ok(client
-        .query(&format!(
-            "SELECT count() FROM usage_events WHERE ts >= toDateTime({}) AND ts < toDateTime({})",
-            from / 1000,
-            to / 1000
-        ))
-        .fetch_one::<u64>()
-        .await?)
+    Ok(totals::raw_count(client, from, to).await?)
 }
 
 /// One pass over the raw rows: every developer's invoice recomputed and compared with
@@ -294,7 +289,7 @@ async fn check(
         t.tokens += row.total_tokens as u64;
         t.cost_nanos += row.cost_nanos;
         if let Some((_, Some(ledger))) = current.as_mut() {
-            ledger.add_row(&row.usage());
+            ledger.add_row(&UsageRow::from(&row));
         }
     }
     if let Some((_, Some(ledger))) = current.take() {
@@ -340,7 +335,7 @@ async fn check(
             (d, n)
         })
         .collect();
-    let mut rollup: BTreeMap<String, Totals> = source::rollup_totals(client, from, to, None)
+    let mut rollup: BTreeMap<String, Totals> = totals::hourly_rollup(client, from, to, None)
         .await?
         .into_iter()
         .map(|t| (t.developer_id.clone(), t))

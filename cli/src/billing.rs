@@ -14,7 +14,7 @@ use std::time::Instant;
 use aihub_admin::AdminConfig;
 use aihub_billing::Billing;
 use aihub_plans::Period;
-use aihub_store::invoices::{self, SaveMode};
+use aihub_store::invoices::SaveMode;
 use anyhow::{bail, Context};
 
 #[derive(clap::Subcommand)]
@@ -44,13 +44,13 @@ pub enum BillingCommand {
     },
 }
 
-fn billing(config: &AdminConfig) -> anyhow::Result<(Billing, aihub_store::Store)> {
+fn billing(config: &AdminConfig) -> anyhow::Result<Billing> {
     let Some(ch) = &config.clickhouse else {
         bail!(
             "the admin configuration has no `clickhouse` section: billing needs the usage database"
         );
     };
-    let plans = config.plans()?;
+    let plans = config.plans.clone();
     let handle = tokio::runtime::Handle::current();
     let store = handle.block_on(async {
         let mut opts = aihub_store::StoreOptions::new(&config.database.url);
@@ -59,11 +59,7 @@ fn billing(config: &AdminConfig) -> anyhow::Result<(Billing, aihub_store::Store)
         aihub_store::migrations::migrate(&store).await?;
         anyhow::Ok(store)
     });
-    let store = store?;
-    Ok((
-        Billing::new(store.clone(), ch, plans, config.billing.clone()),
-        store,
-    ))
+    Ok(Billing::new(store?, ch, plans, config.billing.clone()))
 }
 
 fn period(text: &str) -> anyhow::Result<Period> {
@@ -82,7 +78,7 @@ pub fn run(command: BillingCommand) -> anyhow::Result<()> {
         } => {
             let period = period(&p)?;
             let config = AdminConfig::load(&admin_config)?;
-            let (billing, _) = billing(&config)?;
+            let billing = billing(&config)?;
             let started = Instant::now();
             let report = rt.block_on(aihub_billing::reconcile::reconcile(&billing, period))?;
             print!("{report}");
@@ -119,7 +115,7 @@ pub fn run(command: BillingCommand) -> anyhow::Result<()> {
         } => {
             let period = period(&p)?;
             let config = AdminConfig::load(&admin_config)?;
-            let (billing, store) = billing(&config)?;
+            let billing = billing(&config)?;
             let started = Instant::now();
             let r =
                 rt.block_on(billing.generate(period, developer.as_deref(), SaveMode::Automatic))?;
@@ -135,20 +131,7 @@ pub fn run(command: BillingCommand) -> anyhow::Result<()> {
             );
             if finalize {
                 let started = Instant::now();
-                let drafts = rt.block_on(invoices::drafts(&store, &period.to_string()))?;
-                let mut n = 0;
-                for (id, dev) in drafts {
-                    if developer.as_deref().is_some_and(|d| d != dev) {
-                        continue;
-                    }
-                    rt.block_on(async {
-                        let mut tx = store.begin_write().await?;
-                        invoices::finalize(&mut tx, &id).await?;
-                        tx.commit().await.map_err(aihub_store::StoreError::from)?;
-                        anyhow::Ok(())
-                    })?;
-                    n += 1;
-                }
+                let n = rt.block_on(billing.finalize_drafts(period, developer.as_deref()))?;
                 println!(
                     "finalized {n} invoices in {:.1} s",
                     started.elapsed().as_secs_f64()

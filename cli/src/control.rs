@@ -32,7 +32,7 @@ async fn shutdown_signal() {
 /// Builds the state and serves until SIGTERM/SIGINT. Prints `listening on http://ADDR` (tests
 /// and scripts read the port from it).
 async fn run_admin(config: AdminConfig) -> anyhow::Result<()> {
-    let listen = config.listen.clone();
+    let listen = config.listen;
     let state = AppState::new(config).await.context("admin API start-up")?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -140,8 +140,7 @@ async fn open_control(config: &AdminConfig) -> anyhow::Result<Control> {
         Some(r) => Notifier::redis(&r.url).map_err(anyhow::Error::msg)?,
         None => Notifier::disabled(),
     };
-    let plans = config.plans()?;
-    Ok(Control::new(store, config.control(&plans)).with_notifier(notifier))
+    Ok(Control::new(store, config.control(&config.plans)).with_notifier(notifier))
 }
 
 /// A key row as the commands print it: never the key, never its hash.

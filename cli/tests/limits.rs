@@ -758,12 +758,8 @@ mod control_plane_limits {
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         let alerts = loop {
-            let events: Vec<_> = aihub_store::outbox::for_developer(&store, &dev)
-                .await
-                .unwrap()
-                .into_iter()
-                .filter(|e| e.event_type == "api.usage_alert")
-                .collect();
+            // Metrics first: a metric counts an alert only after its commit, so events read
+            // afterwards hold every alert the metrics counted.
             let recorded = a.metric("aihub_usage_alerts_total{result=\"recorded\"}")
                 + b.metric("aihub_usage_alerts_total{result=\"recorded\"}");
             let duplicates = a.metric("aihub_usage_alerts_total{result=\"duplicate\"}")
@@ -771,7 +767,12 @@ mod control_plane_limits {
             if recorded + duplicates >= 4.0 || Instant::now() > deadline {
                 assert_eq!(recorded, 2.0);
                 assert_eq!(duplicates, 2.0);
-                break events;
+                break aihub_store::outbox::for_developer(&store, &dev)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .filter(|e| e.event_type == "api.usage_alert")
+                    .collect::<Vec<_>>();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };

@@ -406,3 +406,35 @@ impl Control {
         Ok(dev)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usd_amounts_parse_exactly() {
+        assert_eq!(parse_usd_nanos("50.00"), Ok(50_000_000_000));
+        assert_eq!(parse_usd_nanos("0"), Ok(0));
+        assert_eq!(parse_usd_nanos("0.000001"), Ok(1_000));
+        assert_eq!(parse_usd_nanos("12.3400000"), Ok(12_340_000_000));
+        assert_eq!(
+            parse_usd_nanos("1000000000"),
+            Ok(1_000_000_000 * 1_000_000_000)
+        );
+        for bad in [
+            "", "abc", "1e3", "1.", ".5", " 5", "5 ", "+5", "1,5", "0x10",
+        ] {
+            assert!(
+                parse_usd_nanos(bad).unwrap_err().contains("decimal"),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_usd_nanos("-1").unwrap_err(), "must not be negative");
+        assert!(parse_usd_nanos("0.0000001")
+            .unwrap_err()
+            .contains("6 decimals"));
+        assert!(parse_usd_nanos("1000000000.01")
+            .unwrap_err()
+            .contains("at most"));
+    }
+}

@@ -122,6 +122,34 @@ impl Control {
         Ok(inv)
     }
 
+    /// Finalizes an invoice now (an operator, without waiting for the grace window): `open`,
+    /// or `paid` when nothing is due, its `invoice.finalized` event and, when this call
+    /// finalized it, the audit entry, in one transaction. The caller refreshed the draft from
+    /// usage first (`aihub_billing::Billing::refresh_draft`). An invoice past draft is
+    /// returned unchanged; a void one, or one whose period has not ended, is a conflict.
+    pub async fn finalize_invoice(&self, by: &Actor<'_>, id: &str) -> Result<Invoice> {
+        let mut tx = self.store.begin_write().await?;
+        let (inv, changed) = invoices::finalize_changed(&mut tx, id)
+            .await
+            .map_err(conflict)?;
+        if changed {
+            let entry = Entry {
+                action: "invoice.finalize",
+                target_type: "invoice",
+                target_id: id,
+                details: serde_json::json!({
+                    "developer_id": inv.developer_id,
+                    "period": inv.period,
+                    "status": inv.status,
+                    "total": inv.total.to_string(),
+                }),
+            };
+            journal::record(&mut tx, by, None, Some(entry)).await?;
+        }
+        tx.commit().await?;
+        Ok(inv)
+    }
+
     /// Records the audit entry of an action done outside a service transaction (an operator's
     /// billing run: `invoice.generate`, `invoice.finalize`), in its own transaction.
     pub async fn audit(&self, by: &Actor<'_>, entry: Entry<'_>) -> Result<()> {

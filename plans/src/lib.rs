@@ -7,6 +7,7 @@
 //!   shipped `config/plans.yaml`, used when no file is configured.
 //! - [`Plan`]: one plan's price, included tokens, overage policy and rate limits.
 //! - [`period`]: billing periods (calendar months, UTC).
+//! - [`money`]: USD amounts as shown (exact decimal strings).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,6 +16,7 @@ use aihub_yamlconf::ConfigError;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+pub mod money;
 pub mod period;
 
 pub use period::Period;

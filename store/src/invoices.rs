@@ -309,6 +309,11 @@ async fn insert_lines(conn: &mut AnyConnection, id: &str, lines: &[InvoiceLine])
 /// (finalizing twice is harmless); a voided one, or one whose period has not ended yet (its
 /// usage is not complete), is a [`StoreError::Conflict`].
 pub async fn finalize(conn: &mut AnyConnection, id: &str) -> Result<Invoice> {
+    Ok(finalize_changed(conn, id).await?.0)
+}
+
+/// [`finalize`], and whether this call finalized the draft (`false`: it was final already).
+pub async fn finalize_changed(conn: &mut AnyConnection, id: &str) -> Result<(Invoice, bool)> {
     let now = now_ms();
     // Locked: a refresh of the draft racing this finalize either commits first (and this
     // reads its total) or waits and then keeps the final invoice.
@@ -316,7 +321,7 @@ pub async fn finalize(conn: &mut AnyConnection, id: &str) -> Result<Invoice> {
     match inv.status.as_str() {
         DRAFT => {}
         VOID => return Err(StoreError::Conflict("the invoice is void".into())),
-        _ => return Ok(inv),
+        _ => return Ok((inv, false)),
     }
     let period_end = aihub_plans::Period::parse(&inv.period)
         .ok_or_else(|| StoreError::Corrupt(format!("invoice period `{}`", inv.period)))?
@@ -351,7 +356,7 @@ pub async fn finalize(conn: &mut AnyConnection, id: &str) -> Result<Invoice> {
         }),
     )
     .await?;
-    Ok(inv)
+    Ok((inv, true))
 }
 
 pub async fn by_id(store: &Store, id: &str) -> Result<Invoice> {

@@ -8,6 +8,8 @@
 //! - [`record`]: [`UsageRecord`], one row per metered request.
 //! - [`pricing`]: YAML prices → [`pricing::Pricing`]; exact `Decimal` cost, rounded once to nano-USD.
 //! - [`schema`]: numbered ClickHouse migrations and [`schema::migrate`].
+//! - [`read`]: every query against the usage tables (reports, analytics, export, billing
+//!   sources, the quota seed), one function per question.
 //! - [`wal`]: write-ahead log segment files.
 //! - [`sink`]: ClickHouse connection settings, batch insert, replay dedup, error classes.
 //! - [`pipeline`]: channel → writer (WAL) → sender (ClickHouse), with its metrics and policy.
@@ -15,6 +17,7 @@
 
 pub mod pipeline;
 pub mod pricing;
+pub mod read;
 pub mod record;
 pub mod schema;
 pub mod sink;

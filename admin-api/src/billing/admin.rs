@@ -226,28 +226,16 @@ pub async fn finalize(
     meta: ClientMeta,
     Path(id): Path<String>,
 ) -> Result<Json<InvoiceDetail>, AppError> {
-    let before = invoices::by_id(&s.store, &id).await?;
-    let billing = s.billing()?;
-    let inv = billing.finalize(&id).await.map_err(billing_error)?;
-    if before.status == invoices::DRAFT {
-        let ip = meta.ip.map(|i| i.to_string());
-        let by = Actor::Operator {
-            id: &op.id,
-            ip: ip.as_deref(),
-        };
-        let entry = Entry {
-            action: "invoice.finalize",
-            target_type: "invoice",
-            target_id: &id,
-            details: serde_json::json!({
-                "developer_id": inv.developer_id,
-                "period": inv.period,
-                "status": inv.status,
-                "total": inv.total.to_string(),
-            }),
-        };
-        s.control.audit(&by, entry).await?;
-    }
+    s.billing()?
+        .refresh_draft(&id)
+        .await
+        .map_err(billing_error)?;
+    let ip = meta.ip.map(|i| i.to_string());
+    let by = Actor::Operator {
+        id: &op.id,
+        ip: ip.as_deref(),
+    };
+    let inv = s.control.finalize_invoice(&by, &id).await?;
     Ok(Json(detail(&s, &inv, true).await?))
 }
 

@@ -6,16 +6,15 @@
 
 use askama::Template;
 use axum::extract::State;
-use clickhouse::Row;
-use serde::Deserialize;
 
 use aihub_store::now_ms;
+use aihub_usage::read::events;
 
 use crate::analytics::{self, Overview, Trends, TrendsQuery};
 use crate::billing::{self, BillingView};
 use crate::error::AppError;
 use crate::state::AppState;
-use crate::usage::range::{datetime_sql, MS_PER_DAY};
+use crate::usage::range::MS_PER_DAY;
 use crate::usage::UsageQuery;
 
 use super::session::Member;
@@ -23,7 +22,7 @@ use super::{charts, render, view, Chrome, PageResult};
 
 /// How far back "recent errors" looks, and how many it shows.
 const RECENT_ERRORS_DAYS: i64 = 7;
-const RECENT_ERRORS: u64 = 5;
+const RECENT_ERRORS: u32 = 5;
 
 pub struct Stat {
     pub label: &'static str,
@@ -62,24 +61,10 @@ struct DashboardPage {
     has_usage: bool,
 }
 
-#[derive(Row, Deserialize)]
-struct RecentError {
-    ts_ms: u64,
-    model: String,
-    endpoint: String,
-    status: u16,
-    error_type: String,
-}
-
 async fn recent_errors(s: &AppState, developer_id: &str) -> Result<Vec<ErrorRow>, AppError> {
     let db = s.usage_db()?;
-    let since = datetime_sql(now_ms() - RECENT_ERRORS_DAYS * MS_PER_DAY);
-    let sql = format!(
-        "SELECT ts_ms, model, endpoint, status, error_type FROM usage_events \
-         WHERE developer_id = ? AND ts >= toDateTime('{since}') AND status >= 400 \
-         ORDER BY ts DESC, ts_ms DESC LIMIT {RECENT_ERRORS}"
-    );
-    let rows: Vec<RecentError> = db.client.query(&sql).bind(developer_id).fetch_all().await?;
+    let since = now_ms() - RECENT_ERRORS_DAYS * MS_PER_DAY;
+    let rows = events::recent_errors(&db.client, developer_id, since, RECENT_ERRORS).await?;
     Ok(rows
         .into_iter()
         .map(|r| ErrorRow {

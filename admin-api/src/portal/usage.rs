@@ -6,17 +6,17 @@ use askama::Template;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use clickhouse::Row;
 use serde::Deserialize;
 
 use aihub_plans::Period;
 use aihub_store::now_ms;
+use aihub_usage::read::daily;
 
 use crate::error::{AppError, Query};
 use crate::state::AppState;
 use crate::usage::export::ExportQuery;
 use crate::usage::range::{date_string, DayRange, MAX_RANGE_DAYS};
-use crate::usage::{self, daily_filter, Usage, UsageQuery, UsageReport};
+use crate::usage::{self, Usage, UsageQuery, UsageReport};
 
 use super::session::{encode, Member};
 use super::{charts, form_errors, render_status, view, Chrome, FieldErrors, PageResult};
@@ -100,13 +100,6 @@ struct UsagePage {
     unavailable: bool,
 }
 
-#[derive(Row, Deserialize)]
-struct DayModel {
-    date: String,
-    model: String,
-    tokens: u64,
-}
-
 /// Tokens per day and model over `r` (from `usage_daily`): day labels, model names by total,
 /// and the values.
 async fn day_by_model(
@@ -115,12 +108,7 @@ async fn day_by_model(
     r: &DayRange,
 ) -> Result<(Vec<String>, Vec<String>, Vec<Vec<u64>>), AppError> {
     let db = s.usage_db()?;
-    let sql = format!(
-        "SELECT toString(day) AS date, model, sumMerge(total_tokens) AS tokens FROM usage_daily \
-         WHERE {} GROUP BY day, model ORDER BY day",
-        daily_filter(r)
-    );
-    let rows: Vec<DayModel> = db.client.query(&sql).bind(developer_id).fetch_all().await?;
+    let rows = daily::tokens_by_day_and_model(&db.client, developer_id, r.window()).await?;
     let r = r.until(now_ms());
     let labels: Vec<String> = (r.from..=r.to).map(date_string).collect();
     let mut models: Vec<(String, u64)> = Vec::new();

@@ -15,15 +15,16 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use clickhouse::query::RowCursor;
-use clickhouse::{Client, Row};
+use clickhouse::Client;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use aihub_plans::period::civil_from_days;
 use aihub_plans::Period;
 use aihub_store::keys as store_keys;
+use aihub_usage::read::events::{self, ExportRow};
 
-use super::range::{datetime_sql, DayRange, RangeParams};
+use super::range::{DayRange, RangeParams};
 use super::whose;
 use crate::auth::Caller;
 use crate::error::{AppError, Query};
@@ -53,30 +54,6 @@ pub struct ExportQuery {
     pub developer_id: Option<String>,
 }
 
-/// One exported row, borrowed from the cursor's buffer (no allocation per row).
-#[derive(Debug, Row, Deserialize)]
-struct ExportRow<'a> {
-    rid: &'a str,
-    ts_ms: u64,
-    key_id: &'a str,
-    endpoint: &'a str,
-    model: &'a str,
-    status: u16,
-    error_type: &'a str,
-    streamed: u8,
-    usage_estimated: u8,
-    prompt_tokens: u32,
-    cached_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-    cost_nanos: i64,
-    total_latency_ms: u32,
-    upstream_latency_ms: u32,
-    gateway_overhead_us: u32,
-    client_ip: &'a str,
-    user_agent: &'a str,
-}
-
 type Cursor = RowCursor<ExportRow<'static>>;
 
 /// What one export reads: whose rows, which key, and the month-sized time slices.
@@ -94,27 +71,14 @@ impl Export {
         let Some((start, end)) = self.slices.next() else {
             return Ok(None);
         };
-        let key_filter = if self.key_id.is_some() {
-            " AND key_id = ?"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "SELECT toString(request_id) AS rid, ts_ms, key_id, endpoint, model, status, \
-             error_type, streamed, usage_estimated, prompt_tokens, cached_tokens, \
-             completion_tokens, total_tokens, cost_nanos, total_latency_ms, \
-             upstream_latency_ms, gateway_overhead_us, client_ip, user_agent \
-             FROM usage_events \
-             WHERE developer_id = ? AND ts >= toDateTime('{}') AND ts < toDateTime('{}'){key_filter} \
-             ORDER BY ts_ms, rid",
-            datetime_sql(start),
-            datetime_sql(end)
-        );
-        let mut q = self.client.query(&sql).bind(&self.developer_id);
-        if let Some(k) = &self.key_id {
-            q = q.bind(k);
-        }
-        q.fetch::<ExportRow<'static>>().map(Some)
+        events::export(
+            &self.client,
+            &self.developer_id,
+            self.key_id.as_deref(),
+            start,
+            end,
+        )
+        .map(Some)
     }
 }
 
@@ -178,8 +142,8 @@ pub(crate) async fn export_of(
         Some(p) => format!("usage-{developer_id}-{p}.csv"),
         None => format!(
             "usage-{developer_id}-{}-to-{}.csv",
-            r.from_date(),
-            r.to_date()
+            r.first_date(),
+            r.last_date()
         ),
     };
     let mut export = Export {
@@ -439,7 +403,12 @@ mod tests {
         };
         let s: Vec<(String, String)> = month_slices(&r)
             .into_iter()
-            .map(|(a, b)| (datetime_sql(a), datetime_sql(b)))
+            .map(|(a, b)| {
+                (
+                    aihub_usage::read::datetime_sql(a),
+                    aihub_usage::read::datetime_sql(b),
+                )
+            })
             .collect();
         assert_eq!(
             s,

@@ -12,12 +12,12 @@ pub mod range;
 use std::collections::HashMap;
 
 use axum::extract::{Path, State};
-use clickhouse::Row;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use aihub_store::{developers, keys as store_keys, now_ms};
+use aihub_usage::read::daily::{self, FigureRow};
 
 use crate::auth::Caller;
 use crate::error::{AppError, Json, Query};
@@ -102,49 +102,19 @@ pub struct Usage {
     pub p95_latency_ms: Option<u32>,
 }
 
-/// The aggregate columns every figures query reads from `usage_daily` (aliases differ from
-/// the column names, which ClickHouse would otherwise substitute).
-pub const FIGURES_SQL: &str = "countMerge(requests) AS n, \
-    countMergeIf(requests, status >= 400) AS errors, \
-    sumMerge(prompt_tokens) AS prompt, \
-    sumMerge(cached_tokens) AS cached, \
-    sumMerge(completion_tokens) AS completion, \
-    sumMerge(total_tokens) AS tokens, \
-    sumMerge(cost_nanos) AS nanos, \
-    countMergeIf(requests, status < 400) AS ok_n, \
-    sumMergeIf(total_latency_sum_ms, status < 400) AS ok_latency, \
-    quantilesTDigestMergeIf(0.95)(total_latency_q, status < 400) AS p95";
-
-/// One row of a figures query: a dimension (`dim`, e.g. `model`), its value, the figures.
-#[derive(Debug, Row, Deserialize)]
-pub struct FigureRow {
-    pub dim: String,
-    pub name: String,
-    pub n: u64,
-    pub errors: u64,
-    pub prompt: u64,
-    pub cached: u64,
-    pub completion: u64,
-    pub tokens: u64,
-    pub nanos: i64,
-    pub ok_n: u64,
-    pub ok_latency: u64,
-    pub p95: Vec<u32>,
-}
-
-impl FigureRow {
-    pub fn usage(&self) -> Usage {
-        let ok = self.ok_n > 0;
+impl From<&FigureRow> for Usage {
+    fn from(r: &FigureRow) -> Usage {
+        let ok = r.ok_n > 0;
         Usage {
-            requests: self.n,
-            errors: self.errors,
-            prompt_tokens: self.prompt,
-            cached_tokens: self.cached,
-            completion_tokens: self.completion,
-            total_tokens: self.tokens,
-            cost_usd: usd(self.nanos),
-            avg_latency_ms: ok.then(|| mean_ms(self.ok_latency, self.ok_n)),
-            p95_latency_ms: self.p95.first().copied().filter(|_| ok),
+            requests: r.n,
+            errors: r.errors,
+            prompt_tokens: r.prompt,
+            cached_tokens: r.cached,
+            completion_tokens: r.completion,
+            total_tokens: r.tokens,
+            cost_usd: usd(r.nanos),
+            avg_latency_ms: ok.then(|| mean_ms(r.ok_latency, r.ok_n)),
+            p95_latency_ms: r.p95.first().copied().filter(|_| ok),
         }
     }
 }
@@ -152,16 +122,6 @@ impl FigureRow {
 /// `sum / n`, rounded to 0.1 ms.
 pub fn mean_ms(sum: u64, n: u64) -> f64 {
     (sum as f64 / n as f64 * 10.0).round() / 10.0
-}
-
-/// The `WHERE` clause of a developer's `usage_daily` rows in a range (the developer id is
-/// bound as the next `?`; the dates are ours).
-pub fn daily_filter(r: &DayRange) -> String {
-    format!(
-        "developer_id = ? AND day >= toDate('{}') AND day <= toDate('{}')",
-        r.from_date(),
-        r.to_date()
-    )
 }
 
 /// A usage report: totals and breakdowns over a range.
@@ -242,31 +202,18 @@ async fn report(
     r: DayRange,
 ) -> Result<UsageReport, AppError> {
     let db = s.usage_db()?;
-    let mut filter = daily_filter(&r);
-    if key_id.is_some() {
-        filter.push_str(" AND key_id = ?");
-    }
-    let sql = format!(
-        "SELECT 'total' AS dim, '' AS name, {FIGURES_SQL} FROM usage_daily WHERE {filter} \
-         UNION ALL SELECT 'model', model, {FIGURES_SQL} FROM usage_daily WHERE {filter} GROUP BY model \
-         UNION ALL SELECT 'key', key_id, {FIGURES_SQL} FROM usage_daily WHERE {filter} GROUP BY key_id \
-         UNION ALL SELECT 'day', toString(day), {FIGURES_SQL} FROM usage_daily WHERE {filter} GROUP BY day"
-    );
-    let mut q = db.client.query(&sql);
-    for _ in 0..4 {
-        q = q.bind(&developer_id);
-        if let Some(k) = &key_id {
-            q = q.bind(k);
-        }
-    }
     let (rows, names) = tokio::try_join!(
-        async { Ok::<_, AppError>(q.fetch_all::<FigureRow>().await?) },
+        async {
+            Ok::<_, AppError>(
+                daily::report(&db.client, &developer_id, key_id.as_deref(), r.window()).await?,
+            )
+        },
         key_names(s, &developer_id)
     )?;
     let dim = |d: &str| rows.iter().filter(|r| r.dim == d).collect::<Vec<_>>();
     let totals = dim("total")
         .first()
-        .map(|r| r.usage())
+        .map(|r| Usage::from(*r))
         .ok_or_else(|| AppError::Internal("usage query without a total".into()))?;
     let mut models = dim("model");
     by_cost(&mut models);
@@ -278,14 +225,14 @@ async fn report(
         developer_id,
         key_id,
         period: r.period.map(|p| p.to_string()),
-        from: r.from_date(),
-        to: r.to_date(),
+        from: r.first_date(),
+        to: r.last_date(),
         totals,
         by_model: models
             .into_iter()
             .map(|m| ModelUsage {
                 model: m.name.clone(),
-                usage: m.usage(),
+                usage: Usage::from(m),
             })
             .collect(),
         by_key: keys
@@ -293,14 +240,14 @@ async fn report(
             .map(|k| KeyUsage {
                 key_id: k.name.clone(),
                 key_name: names.get(&k.name).cloned(),
-                usage: k.usage(),
+                usage: Usage::from(k),
             })
             .collect(),
         by_day: days
             .into_iter()
             .map(|d| DayUsage {
                 date: d.name.clone(),
-                usage: d.usage(),
+                usage: Usage::from(d),
             })
             .collect(),
     })

@@ -2,13 +2,10 @@
 //! current one by default) or whole UTC days (`from=YYYY-MM-DD&to=YYYY-MM-DD`, both inclusive),
 //! validated into a [`DayRange`]. Also the small calendar helpers the queries need.
 
-use aihub_plans::period::civil_from_days;
 use aihub_plans::Period;
+pub use aihub_usage::read::{date_string, datetime_sql, Days, MS_PER_DAY, MS_PER_HOUR};
 
 use crate::error::{AppError, FieldError};
-
-pub const MS_PER_DAY: i64 = 86_400_000;
-pub const MS_PER_HOUR: i64 = 3_600_000;
 
 /// Longest `from`/`to` range of the JSON endpoints, in days.
 pub const MAX_RANGE_DAYS: i64 = 400;
@@ -37,6 +34,14 @@ impl DayRange {
         self.to - self.from + 1
     }
 
+    /// The days, as the usage queries take them.
+    pub fn window(&self) -> Days {
+        Days {
+            first: self.from,
+            last: self.to,
+        }
+    }
+
     /// First instant, unix ms.
     pub fn start_ms(&self) -> i64 {
         self.from * MS_PER_DAY
@@ -48,11 +53,11 @@ impl DayRange {
     }
 
     /// `YYYY-MM-DD` of the first and last day.
-    pub fn from_date(&self) -> String {
+    pub fn first_date(&self) -> String {
         date_string(self.from)
     }
 
-    pub fn to_date(&self) -> String {
+    pub fn last_date(&self) -> String {
         date_string(self.to)
     }
 
@@ -172,26 +177,6 @@ pub fn parse_date(s: &str) -> Option<i64> {
     (1..=len).contains(&day).then_some(first + day - 1)
 }
 
-/// Days since 1970-01-01 → `YYYY-MM-DD`.
-pub fn date_string(days: i64) -> String {
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// Unix ms (a whole hour or day) → `YYYY-MM-DD HH:MM:SS`, ClickHouse `DateTime` text (the
-/// server runs in UTC).
-pub fn datetime_sql(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let rem = secs.rem_euclid(86_400);
-    format!(
-        "{} {:02}:{:02}:{:02}",
-        date_string(secs.div_euclid(86_400)),
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// Unix ms → RFC 3339 UTC with seconds (`2026-11-25T09:00:00Z`), for bucket starts.
 pub fn rfc3339_s(ms: i64) -> String {
     datetime_sql(ms).replace(' ', "T") + "Z"
@@ -247,12 +232,12 @@ mod tests {
     #[test]
     fn ranges() {
         let current = resolve(None, None, None).unwrap();
-        assert_eq!(current.from_date(), "2026-11-01");
-        assert_eq!(current.to_date(), "2026-11-30");
+        assert_eq!(current.first_date(), "2026-11-01");
+        assert_eq!(current.last_date(), "2026-11-30");
         assert_eq!(current.period.unwrap().to_string(), "2026-11");
-        assert_eq!(current.until(NOW).to_date(), "2026-11-25");
+        assert_eq!(current.until(NOW).last_date(), "2026-11-25");
         let feb = resolve(Some("2024-02"), None, None).unwrap();
-        assert_eq!((feb.days(), feb.to_date().as_str()), (29, "2024-02-29"));
+        assert_eq!((feb.days(), feb.last_date().as_str()), (29, "2024-02-29"));
         let r = resolve(None, Some("2026-01-01"), Some("2026-01-01")).unwrap();
         assert_eq!((r.days(), r.period), (1, None));
         assert!(resolve(None, Some("2025-01-01"), Some("2026-02-04")).is_ok()); // 400 days

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use aihub_admin::plans::usd_string;
+use aihub_plans::money::usd_string;
 use aihub_store::now_ms;
 use aihub_store::testing::Backend;
 use serde_json::json;

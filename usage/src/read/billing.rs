@@ -1,15 +1,16 @@
-//! Usage as billing reads it from ClickHouse: hourly rollups (`usage_hourly`) for whole
-//! periods, raw rows (`usage_events`) for the hours the ledger must split, and every raw row of
-//! a period for reconciliation. Rows come ordered the way the ledger consumes them: developer,
-//! then time (`ts_ms`, then request id).
+//! Usage as billing reads it: hourly groups (`usage_hourly`) for whole periods, raw rows
+//! (`usage_events`) for the hours the ledger must split, and every raw row of a period for
+//! reconciliation. Rows come ordered the way the ledger consumes them: developer, then time
+//! (`ts_ms`, then request id).
 //!
-//! All queries stream (the clickhouse crate's row cursor), so memory does not grow with the
-//! number of rows. Developer ids are quoted as ClickHouse string literals ([`quote`]).
+//! The period-long queries stream (the clickhouse crate's row cursor), so memory does not grow
+//! with the number of rows.
 
+use clickhouse::query::RowCursor;
 use clickhouse::{Client, Row};
 use serde::Deserialize;
 
-use crate::ledger::{HourModel, UsageRow, HOUR_MS};
+use super::{developer_filter, quote, MS_PER_HOUR};
 
 /// One `usage_hourly` group: a developer's usage of one model in one hour.
 #[derive(Debug, Clone, Row, Deserialize)]
@@ -27,18 +28,9 @@ impl HourRow {
     pub fn hour_ms(&self) -> i64 {
         self.hour as i64 * 1000
     }
-
-    pub fn into_model(self) -> HourModel {
-        HourModel {
-            model: self.model,
-            requests: self.requests,
-            tokens: self.tokens,
-            cost_nanos: self.cost_nanos,
-        }
-    }
 }
 
-/// One raw usage row.
+/// One raw usage row, as the ledger needs it.
 #[derive(Debug, Clone, Row, Deserialize)]
 pub struct RawRow {
     pub developer_id: String,
@@ -48,55 +40,13 @@ pub struct RawRow {
     pub cost_nanos: i64,
 }
 
-impl RawRow {
-    pub fn usage(&self) -> UsageRow {
-        UsageRow {
-            ts_ms: self.ts_ms as i64,
-            model: self.model.clone(),
-            tokens: self.total_tokens as u64,
-            cost_nanos: self.cost_nanos,
-        }
-    }
-}
-
-/// A developer's (or every developer's) totals.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Row, Deserialize)]
-pub struct Totals {
-    pub developer_id: String,
-    pub requests: u64,
-    pub tokens: u64,
-    pub cost_nanos: i64,
-}
-
-/// A ClickHouse string literal, inside a query template of the clickhouse crate (which reads
-/// `?` as a bind placeholder, `??` as a literal `?`).
-pub fn quote(s: &str) -> String {
-    let mut q = String::with_capacity(s.len() + 2);
-    q.push('\'');
-    for c in s.chars() {
-        match c {
-            '\'' | '\\' => q.push('\\'),
-            '?' => q.push('?'),
-            _ => {}
-        }
-        q.push(c);
-    }
-    q.push('\'');
-    q
-}
-
-fn developer_filter(only: Option<&str>) -> String {
-    only.map(|d| format!("AND developer_id = {}", quote(d)))
-        .unwrap_or_default()
-}
-
 /// The hourly rollup of `[from, to)` (hour-aligned unix ms), by developer, hour and model.
 pub fn hours(
     client: &Client,
     from: i64,
     to: i64,
     only: Option<&str>,
-) -> clickhouse::error::Result<clickhouse::query::RowCursor<HourRow>> {
+) -> clickhouse::error::Result<RowCursor<HourRow>> {
     client
         .query(&format!(
             "SELECT developer_id, toUInt32(hour) AS hour, model, sum(requests) AS requests, \
@@ -121,7 +71,7 @@ pub async fn raw_hours(
         devs.sort_unstable();
         devs.dedup();
         let first = chunk.iter().map(|p| p.1).min().unwrap_or(0);
-        let last = chunk.iter().map(|p| p.1).max().unwrap_or(0) + HOUR_MS;
+        let last = chunk.iter().map(|p| p.1).max().unwrap_or(0) + MS_PER_HOUR;
         let tuples: Vec<String> = chunk
             .iter()
             .map(|(d, h)| format!("({}, {})", quote(d), h / 1000))
@@ -147,7 +97,7 @@ pub fn all_rows(
     from: i64,
     to: i64,
     only: Option<&str>,
-) -> clickhouse::error::Result<clickhouse::query::RowCursor<RawRow>> {
+) -> clickhouse::error::Result<RowCursor<RawRow>> {
     client
         .query(&format!(
             "SELECT developer_id, ts_ms, model, total_tokens, cost_nanos FROM usage_events \
@@ -158,35 +108,4 @@ pub fn all_rows(
             developer_filter(only)
         ))
         .fetch::<RawRow>()
-}
-
-/// Per-developer totals of `[from, to)` from the hourly rollup.
-pub async fn rollup_totals(
-    client: &Client,
-    from: i64,
-    to: i64,
-    only: Option<&str>,
-) -> clickhouse::error::Result<Vec<Totals>> {
-    client
-        .query(&format!(
-            "SELECT developer_id, sum(requests) AS requests, sum(total_tokens) AS tokens, \
-             sum(cost_nanos) AS cost_nanos FROM usage_hourly \
-             WHERE hour >= toDateTime({}) AND hour < toDateTime({}) {} \
-             GROUP BY developer_id ORDER BY developer_id",
-            from / 1000,
-            to / 1000,
-            developer_filter(only)
-        ))
-        .fetch_all::<Totals>()
-        .await
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn quoting_escapes_quotes_and_backslashes() {
-        assert_eq!(super::quote("dev_a"), "'dev_a'");
-        assert_eq!(super::quote(r"a'b\c"), r"'a\'b\\c'");
-        assert_eq!(super::quote("dev?x"), "'dev??x'");
-    }
 }
