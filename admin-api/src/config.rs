@@ -61,6 +61,9 @@ pub struct AdminConfig {
     /// The web developer portal under `/portal`.
     #[serde(default)]
     pub portal: PortalConfig,
+    /// Webhook delivery (`docs/webhooks.md`).
+    #[serde(default)]
+    pub webhooks: aihub_webhooks::WebhooksConfig,
 }
 
 /// Deadlines for slow clients on the admin listener: a connection that has not sent a whole
@@ -450,6 +453,13 @@ impl AdminConfig {
                 reset_token_ttl: self.auth.reset_token_ttl,
             },
             plans: plans.clone(),
+            webhooks: aihub_control::webhooks::WebhookRules {
+                allow_http: self.webhooks.allow_http,
+                policy: self.webhooks.policy(),
+                max_endpoints: self.webhooks.max_endpoints_per_developer,
+                secret_grace: self.webhooks.secret_grace,
+                max_retries: self.webhooks.max_retries(),
+            },
         }
     }
 
@@ -564,6 +574,9 @@ impl AdminConfig {
             }
         }
         self.billing
+            .validate()
+            .map_err(|(key, message)| err(key, message))?;
+        self.webhooks
             .validate()
             .map_err(|(key, message)| err(key, message))?;
         if let Some(r) = &self.redis {

@@ -44,6 +44,10 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     let path = req.uri().path().to_owned();
     let span = tracing::info_span!("request", id = id.to_str().unwrap_or(""));
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    if !method.is_safe() {
+        // The request may have written events: deliver them now, not at the next poll.
+        state.wake_webhooks();
+    }
     let elapsed = start.elapsed();
     let status = resp.status();
     resp.headers_mut().insert("x-request-id", id.clone());

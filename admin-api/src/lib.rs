@@ -33,6 +33,8 @@
 //! - [`email`] — SMTP or `.eml` files.
 //! - [`http`] — request ids, access log, health, 404, the request-body deadline.
 //! - [`metrics`] — the Prometheus registry and its bounded labels.
+//! - [`notices`] — mail for what the webhook engine reports (usage alerts, disabled endpoints).
+//! - [`webhooks`] — `/developer/webhooks…`, `/developer/deliveries…`, `/developer/events…`.
 //! - [`view`] — display formatting (grouped numbers, USD, times) for the portal and invoices.
 //! - [`server`] — the accept loop: HTTP/1.1 with a header read deadline, graceful shutdown.
 //! - [`openapi`] — the document and the `/docs` page.
@@ -50,6 +52,7 @@ pub(crate) mod error;
 pub(crate) mod http;
 pub(crate) mod keys;
 pub(crate) mod metrics;
+pub(crate) mod notices;
 pub(crate) mod openapi;
 pub(crate) mod operators;
 pub(crate) mod plans;
@@ -58,6 +61,7 @@ pub(crate) mod server;
 pub(crate) mod state;
 pub(crate) mod usage;
 pub(crate) mod view;
+pub(crate) mod webhooks;
 
 use axum::routing::get;
 use axum::Router;
@@ -83,6 +87,15 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::get, keys::update, keys::delete))
         .routes(routes!(keys::regenerate))
+        .routes(routes!(webhooks::list, webhooks::create))
+        .routes(routes!(webhooks::event_types))
+        .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
+        .routes(routes!(webhooks::rotate_secret))
+        .routes(routes!(webhooks::test))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::redeliver))
+        .routes(routes!(webhooks::events))
+        .routes(routes!(webhooks::event))
         .routes(routes!(
             operators::list_developers,
             operators::create_developer

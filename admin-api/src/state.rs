@@ -50,6 +50,9 @@ pub struct Inner {
     pub usage: Option<UsageDb>,
     /// Billing, when the usage database is configured.
     pub billing: Option<Billing>,
+    /// Wakes this node's webhook engine (when it runs one) after a request that may have
+    /// written events.
+    pub webhooks: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The ClickHouse usage database: its settings and a client (a pooled HTTP client, cheap to
@@ -67,6 +70,13 @@ impl Deref for AppState {
 }
 
 impl Inner {
+    /// Tells the webhook engine events may be waiting (cheap: it then reads the backlog).
+    pub fn wake_webhooks(&self) {
+        if let Some(w) = &self.webhooks {
+            w.notify_one();
+        }
+    }
+
     /// Billing, or 503 `usage_unavailable` when no usage database is configured.
     pub fn billing(&self) -> Result<&Billing, AppError> {
         self.billing.as_ref().ok_or_else(|| {
@@ -160,6 +170,20 @@ impl AppState {
             .as_ref()
             .map(|ch| Billing::new(store.clone(), ch, plans.clone(), config.billing.clone()));
         let metrics = Metrics::new();
+        let engine = if config.webhooks.deliver {
+            let sender =
+                aihub_webhooks::Sender::new(config.webhooks.policy(), config.webhooks.timeout)
+                    .map_err(StartError::Setup)?;
+            let m = aihub_webhooks::Metrics::new(&metrics.registry);
+            Some(aihub_webhooks::Engine::new(
+                store.clone(),
+                config.webhooks.clone(),
+                sender,
+                m,
+            ))
+        } else {
+            None
+        };
         let counter = metrics.events.clone();
         let control = Control::new(store.clone(), config.control(&plans))
             .with_notifier(notifier)
@@ -178,6 +202,7 @@ impl AppState {
             throttle,
             metrics,
             config,
+            webhooks: engine.as_ref().map(|(e, _)| e.waker()),
         }));
         state.bootstrap_admin().await?;
         let weak = Arc::downgrade(&state.0);
@@ -193,6 +218,10 @@ impl AppState {
         });
         if let (Some(b), true) = (&state.billing, state.config.billing.enabled) {
             tokio::spawn(billing_job(b.clone()));
+        }
+        if let Some((engine, notices)) = engine {
+            tokio::spawn(engine.run(std::future::pending()));
+            tokio::spawn(crate::notices::run(Arc::downgrade(&state.0), notices));
         }
         if matches!(
             state.config.email.transport,

@@ -24,6 +24,8 @@
 //! - [`notify`] — Redis pub/sub nudges to gateways after committed key changes.
 //! - [`operators`] — operators' account commands (search, create, update: state, plan, role,
 //!   overrides) and the audit log.
+//! - [`webhooks`] — webhook endpoints (secret shown once, rotation with a grace period, test
+//!   events), the delivery log with redelivery, the event history.
 
 pub mod accounts;
 pub mod billing;
@@ -32,6 +34,7 @@ pub mod journal;
 pub mod keys;
 pub mod notify;
 pub mod operators;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -49,6 +52,7 @@ pub struct Config {
     pub accounts: accounts::AccountRules,
     /// The plans (`plans_file`, or built in).
     pub plans: aihub_plans::PlanCatalog,
+    pub webhooks: webhooks::WebhookRules,
 }
 
 impl Default for Config {
@@ -57,6 +61,7 @@ impl Default for Config {
             keys: KeyRules::default(),
             accounts: accounts::AccountRules::default(),
             plans: aihub_plans::PlanCatalog::builtin(),
+            webhooks: webhooks::WebhookRules::default(),
         }
     }
 }

@@ -23,6 +23,9 @@ pub const OPEN: &str = "open";
 pub const PAID: &str = "paid";
 pub const VOID: &str = "void";
 
+/// Outbox event written when a period's draft invoice is created (its amounts may change
+/// until it is finalized).
+pub const INVOICE_CREATED: &str = "invoice.created";
 /// Outbox event written when an invoice is finalized.
 pub const INVOICE_FINALIZED: &str = "invoice.finalized";
 
@@ -262,6 +265,19 @@ async fn save_one(conn: &mut AnyConnection, c: &Computed, mode: SaveMode) -> Res
         .execute(&mut *conn)
         .await?;
     insert_lines(conn, &id, &c.lines).await?;
+    outbox::enqueue(
+        conn,
+        INVOICE_CREATED,
+        Some(&c.developer_id),
+        serde_json::json!({
+            "invoice_id": id,
+            "period": c.period,
+            "status": DRAFT,
+            "total": c.total.to_string(),
+            "currency": "USD",
+        }),
+    )
+    .await?;
     Ok(Saved::Created(id))
 }
 

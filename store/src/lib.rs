@@ -16,7 +16,11 @@
 //! - [`feed`] — the key change feed gateways follow, and last-used timestamps they report.
 //! - [`auth`] — login sessions and single-use email tokens.
 //! - [`audit`] — operator actions.
-//! - [`outbox`] — events written in the same transaction as the change they describe.
+//! - [`outbox`] — events written in the same transaction as the change they describe; the
+//!   developer's event history.
+//! - [`webhooks`] — webhook endpoints (URL, event types, retries, signing secrets, state).
+//! - [`deliveries`] — webhook deliveries and attempts: fan-out from the outbox, leases,
+//!   results, redelivery, the delivery log.
 //! - [`settings`] — small named values shared by every admin node (e.g. the JWT secret).
 //! - [`usage_alerts`] — monthly quota alerts raised by gateways, once per threshold.
 //! - [`subscriptions`] — the plans each developer held over time (billing prorates on them).
@@ -27,6 +31,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod deliveries;
 pub mod developers;
 pub mod feed;
 pub mod invoices;
@@ -39,6 +44,7 @@ pub mod subscriptions;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod usage_alerts;
+pub mod webhooks;
 
 use std::str::FromStr;
 use std::sync::Once;

@@ -21,7 +21,7 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[V1, V2, V3];
+pub const MIGRATIONS: &[Migration] = &[V1, V2, V3, V4];
 
 const V1: Migration = Migration {
     version: 1,
@@ -280,6 +280,81 @@ const V3: Migration = Migration {
             UNIQUE (provider, reference)
         )",
         "CREATE INDEX IF NOT EXISTS payments_invoice ON payments (invoice_id)",
+    ],
+};
+
+const V4: Migration = Migration {
+    version: 4,
+    name: "webhooks",
+    statements: &[
+        // V1's `webhook_configs` was a placeholder nothing wrote.
+        "DROP TABLE IF EXISTS webhook_configs",
+        // A developer's webhook endpoints. `event_types` is a JSON list of exact names and
+        // wildcards (`task.*`, `*`). `secret` signs every request (it must be readable to
+        // sign); after a rotation `previous_secret` signs too until `previous_secret_until`.
+        // `failing_since`: the first failed attempt of the current unbroken run of failures.
+        "CREATE TABLE IF NOT EXISTS webhook_endpoints (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            url TEXT NOT NULL,
+            description TEXT NOT NULL,
+            event_types TEXT NOT NULL,
+            max_retries BIGINT NOT NULL,
+            secret TEXT NOT NULL,
+            previous_secret TEXT,
+            previous_secret_until BIGINT,
+            disabled_at BIGINT,
+            disabled_reason TEXT,
+            failing_since BIGINT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            deleted_at BIGINT
+        )",
+        "CREATE INDEX IF NOT EXISTS webhook_endpoints_developer \
+         ON webhook_endpoints (developer_id, created_at)",
+        // One row per (endpoint, event): the event's body as sent, the attempts made, when
+        // the next is due (`NULL`: finished) and which worker holds it until when (a lease:
+        // a worker that dies leaves rows others take over once it expires).
+        "CREATE TABLE IF NOT EXISTS webhook_deliveries (
+            id TEXT PRIMARY KEY,
+            endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints (id),
+            developer_id TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts BIGINT NOT NULL,
+            max_attempts BIGINT NOT NULL,
+            next_attempt_at BIGINT,
+            lease_until BIGINT,
+            lease_owner TEXT,
+            last_status_code BIGINT,
+            last_error TEXT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            completed_at BIGINT
+        )",
+        "CREATE UNIQUE INDEX IF NOT EXISTS webhook_deliveries_once \
+         ON webhook_deliveries (endpoint_id, event_id)",
+        "CREATE INDEX IF NOT EXISTS webhook_deliveries_due \
+         ON webhook_deliveries (next_attempt_at) WHERE next_attempt_at IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS webhook_deliveries_endpoint \
+         ON webhook_deliveries (endpoint_id, created_at)",
+        // Every attempt: when, the answer's status, latency and first 1 KiB, or the error.
+        "CREATE TABLE IF NOT EXISTS webhook_attempts (
+            id {serial},
+            delivery_id TEXT NOT NULL,
+            attempt BIGINT NOT NULL,
+            started_at BIGINT NOT NULL,
+            status_code BIGINT,
+            latency_ms BIGINT NOT NULL,
+            response_body TEXT NOT NULL,
+            error TEXT
+        )",
+        "CREATE INDEX IF NOT EXISTS webhook_attempts_delivery \
+         ON webhook_attempts (delivery_id, attempt)",
+        // Event history by developer and type.
+        "CREATE INDEX IF NOT EXISTS outbox_developer ON outbox (developer_id, id)",
     ],
 };
 

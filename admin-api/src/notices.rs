@@ -1,0 +1,62 @@
+//! What the webhook engine reports, turned into email: a usage alert (80 % / 100 % of the
+//! monthly quota) mails the developer, as does an endpoint the engine disabled. Mail is sent
+//! in the background and never blocks the engine; the events themselves are delivered to
+//! webhooks and kept in the event history whatever happens to the mail.
+
+use std::sync::Weak;
+
+use aihub_store::developers;
+use aihub_store::outbox::API_USAGE_ALERT;
+use aihub_webhooks::Notice;
+use tokio::sync::mpsc::Receiver;
+
+use crate::state::Inner;
+
+/// Runs until the engine stops (its sender dropped) or the state is gone.
+pub async fn run(state: Weak<Inner>, mut notices: Receiver<Notice>) {
+    while let Some(n) = notices.recv().await {
+        let Some(s) = state.upgrade() else { return };
+        match n {
+            Notice::Events(events) => {
+                for e in events.iter().filter(|e| e.event_type == API_USAGE_ALERT) {
+                    let Some(dev) = &e.developer_id else { continue };
+                    let d = &e.payload["data"];
+                    let (pct, used, quota, period) = (
+                        d["threshold_percent"].as_i64().unwrap_or(0),
+                        d["used_tokens"].as_i64().unwrap_or(0),
+                        d["quota_tokens"].as_i64().unwrap_or(0),
+                        d["period"].as_str().unwrap_or(""),
+                    );
+                    let subject = format!("AI Hub: {pct}% of your monthly quota used");
+                    let body = format!(
+                        "Your usage for {period} has reached {pct}% of your monthly quota: \
+                         {used} of {quota} tokens.\n\n\
+                         See your usage: {}/portal\n",
+                        s.config.public_url.trim_end_matches('/')
+                    );
+                    mail(&s, dev, &subject, body).await;
+                }
+            }
+            Notice::Disabled(d) => {
+                let subject = "AI Hub: a webhook endpoint was disabled".to_owned();
+                let body = format!(
+                    "Your webhook endpoint {} ({}) was disabled: {}.\n\n\
+                     Fix the receiver, then enable it again and redeliver what it missed: {}/portal/webhooks\n",
+                    d.endpoint.url,
+                    d.endpoint.id,
+                    d.reason,
+                    s.config.public_url.trim_end_matches('/')
+                );
+                mail(&s, &d.endpoint.developer_id, &subject, body).await;
+            }
+        }
+    }
+}
+
+async fn mail(s: &Inner, developer_id: &str, subject: &str, body: String) {
+    match developers::by_id(&s.store, developer_id).await {
+        Ok(dev) if dev.disabled_at.is_none() => s.mailer.send(&dev.email, subject, body),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(developer_id, error = %e, "cannot mail a notice"),
+    }
+}

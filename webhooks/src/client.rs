@@ -1,0 +1,226 @@
+//! Sending one webhook request: resolve the host, check every address against the
+//! [`AddressPolicy`], connect to a checked address (so the address checked is the address
+//! connected), TLS for `https` (certificate and name verified), one HTTP/1.1 `POST`, the
+//! status, `Retry-After` and the first 1 KiB of the answer; no redirect is followed. The whole
+//! exchange has one deadline.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::guard::AddressPolicy;
+
+/// How much of an answer's body is kept for the delivery log.
+pub const BODY_KEPT: usize = 1024;
+
+/// What came back (or why nothing did).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: Option<u16>,
+    /// The first [`BODY_KEPT`] bytes of the body (lossy UTF-8).
+    pub body: String,
+    /// `Retry-After`, in seconds, when the answer carried one.
+    pub retry_after: Option<Duration>,
+    pub latency: Duration,
+    /// Why there is no usable answer: connect or TLS failure, timeout, refused address.
+    pub error: Option<String>,
+    /// The address was refused by the guard (an SSRF attempt, logged).
+    pub refused: bool,
+}
+
+/// The HTTP client of the delivery engine.
+#[derive(Clone)]
+pub struct Sender {
+    policy: AddressPolicy,
+    timeout: Duration,
+    tls: tokio_native_tls::TlsConnector,
+}
+
+impl Sender {
+    pub fn new(policy: AddressPolicy, timeout: Duration) -> Result<Sender, String> {
+        let tls = tokio_native_tls::native_tls::TlsConnector::new()
+            .map_err(|e| format!("TLS setup: {e}"))?;
+        Ok(Sender {
+            policy,
+            timeout,
+            tls: tls.into(),
+        })
+    }
+
+    pub fn policy(&self) -> &AddressPolicy {
+        &self.policy
+    }
+
+    /// Posts `body` to `url` with `headers`.
+    pub async fn post(
+        &self,
+        url: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+    ) -> Answer {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.exchange(url, headers, body)).await;
+        let latency = started.elapsed();
+        match result {
+            Ok(Ok((status, body, retry_after))) => Answer {
+                status: Some(status),
+                body,
+                retry_after,
+                latency,
+                error: None,
+                refused: false,
+            },
+            Ok(Err(e)) => Answer {
+                status: None,
+                body: String::new(),
+                retry_after: None,
+                latency,
+                refused: matches!(e, SendError::Refused(_)),
+                error: Some(e.to_string()),
+            },
+            Err(_) => Answer {
+                status: None,
+                body: String::new(),
+                retry_after: None,
+                latency,
+                error: Some(format!("no answer within {} s", self.timeout.as_secs_f64())),
+                refused: false,
+            },
+        }
+    }
+
+    async fn exchange(
+        &self,
+        url: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+    ) -> Result<(u16, String, Option<Duration>), SendError> {
+        let uri: http::Uri = url.parse().map_err(|_| SendError::Url)?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(SendError::Url),
+        };
+        let host = uri.host().ok_or(SendError::Url)?;
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((bare, port))
+                .await
+                .map_err(|e| SendError::Resolve(e.to_string()))?
+                .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(SendError::Resolve("no address".into()));
+        }
+        // Every address must be allowed: a name that resolves to a public and a private
+        // address is refused whole.
+        if let Some(bad) = addrs.iter().find(|a| !self.policy.allows(a.ip())) {
+            tracing::warn!(host = %bare, address = %bad.ip(), "webhook refused: the host resolves to a private, loopback or reserved address");
+            return Err(SendError::Refused(bad.ip()));
+        }
+        let mut last = None;
+        let mut tcp = None;
+        for a in &addrs {
+            match TcpStream::connect(a).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let tcp =
+            tcp.ok_or_else(|| SendError::Connect(last.map(|e| e.to_string()).unwrap_or_default()))?;
+        let _ = tcp.set_nodelay(true);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = uri.authority().map_or(host, |a| a.as_str());
+        let mut req = http::Request::post(path)
+            .header(http::header::HOST, authority)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::USER_AGENT, "AIHub-Webhooks/1.0")
+            .header(http::header::CONNECTION, "close");
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let req = req.body(Full::new(body)).map_err(|_| SendError::Url)?;
+        if https {
+            let tls = self
+                .tls
+                .connect(bare, tcp)
+                .await
+                .map_err(|e| SendError::Tls(e.to_string()))?;
+            exchange_on(tls, req).await
+        } else {
+            exchange_on(tcp, req).await
+        }
+    }
+}
+
+async fn exchange_on<S>(
+    stream: S,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(u16, String, Option<Duration>), SendError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| SendError::Http(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| SendError::Http(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let mut body = resp.into_body();
+    let mut kept = Vec::with_capacity(256);
+    while kept.len() < BODY_KEPT {
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    let take = d.len().min(BODY_KEPT - kept.len());
+                    kept.extend_from_slice(&d[..take]);
+                }
+            }
+            // A body cut short still leaves the status: the answer counts.
+            Some(Err(_)) | None => break,
+        }
+    }
+    drop(body);
+    driver.abort();
+    Ok((
+        status,
+        String::from_utf8_lossy(&kept).into_owned(),
+        retry_after,
+    ))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("invalid URL")]
+    Url,
+    #[error("cannot resolve the host: {0}")]
+    Resolve(String),
+    #[error("refused: the host resolves to a private, loopback or reserved address ({0})")]
+    Refused(IpAddr),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("HTTP: {0}")]
+    Http(String),
+}
