@@ -3,19 +3,24 @@
 //! in the background and never blocks the engine; the events themselves are delivered to
 //! webhooks and kept in the event history whatever happens to the mail.
 
-use std::sync::Weak;
-
-use aihub_store::developers;
 use aihub_store::outbox::API_USAGE_ALERT;
+use aihub_store::{developers, Store};
 use aihub_webhooks::Notice;
 use tokio::sync::mpsc::Receiver;
 
-use crate::state::Inner;
+use crate::email::Mailer;
 
-/// Runs until the engine stops (its sender dropped) or the state is gone.
-pub async fn run(state: Weak<Inner>, mut notices: Receiver<Notice>) {
+/// Where notices go: the store (the developers' addresses), the mailer, the portal's URL.
+pub struct Mail {
+    pub store: Store,
+    pub mailer: Mailer,
+    pub public_url: String,
+}
+
+/// Runs until the engine stops (its sender dropped).
+pub async fn run(s: Mail, mut notices: Receiver<Notice>) {
+    let portal = s.public_url.trim_end_matches('/').to_owned();
     while let Some(n) = notices.recv().await {
-        let Some(s) = state.upgrade() else { return };
         match n {
             Notice::Events(events) => {
                 for e in events.iter().filter(|e| e.event_type == API_USAGE_ALERT) {
@@ -31,8 +36,7 @@ pub async fn run(state: Weak<Inner>, mut notices: Receiver<Notice>) {
                     let body = format!(
                         "Your usage for {period} has reached {pct}% of your monthly quota: \
                          {used} of {quota} tokens.\n\n\
-                         See your usage: {}/portal\n",
-                        s.config.public_url.trim_end_matches('/')
+                         See your usage: {portal}/portal\n"
                     );
                     mail(&s, dev, &subject, body).await;
                 }
@@ -41,11 +45,10 @@ pub async fn run(state: Weak<Inner>, mut notices: Receiver<Notice>) {
                 let subject = "AI Hub: a webhook endpoint was disabled".to_owned();
                 let body = format!(
                     "Your webhook endpoint {} ({}) was disabled: {}.\n\n\
-                     Fix the receiver, then enable it again and redeliver what it missed: {}/portal/webhooks\n",
+                     Fix the receiver, then enable it again and redeliver what it missed: {portal}/portal/webhooks\n",
                     d.endpoint.url,
                     d.endpoint.id,
                     d.reason,
-                    s.config.public_url.trim_end_matches('/')
                 );
                 mail(&s, &d.endpoint.developer_id, &subject, body).await;
             }
@@ -53,7 +56,7 @@ pub async fn run(state: Weak<Inner>, mut notices: Receiver<Notice>) {
     }
 }
 
-async fn mail(s: &Inner, developer_id: &str, subject: &str, body: String) {
+async fn mail(s: &Mail, developer_id: &str, subject: &str, body: String) {
     match developers::by_id(&s.store, developer_id).await {
         Ok(dev) if dev.disabled_at.is_none() => s.mailer.send(&dev.email, subject, body),
         Ok(_) => {}

@@ -221,7 +221,12 @@ impl AppState {
         }
         if let Some((engine, notices)) = engine {
             tokio::spawn(engine.run(std::future::pending()));
-            tokio::spawn(crate::notices::run(Arc::downgrade(&state.0), notices));
+            let mail = crate::notices::Mail {
+                store: state.store.clone(),
+                mailer: state.mailer.clone(),
+                public_url: state.config.public_url.clone(),
+            };
+            tokio::spawn(crate::notices::run(mail, notices));
         }
         if matches!(
             state.config.email.transport,

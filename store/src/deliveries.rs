@@ -409,7 +409,7 @@ pub async fn finish(
         .await?;
         let Some(row) = row else { continue };
         let endpoint = webhooks::from_row(&row)?;
-        end_pending(&mut tx, id, "the endpoint was disabled").await?;
+        webhooks::end_pending(&mut tx, id, "the endpoint was disabled").await?;
         outbox::enqueue(
             &mut tx,
             outbox::WEBHOOK_DISABLED,
@@ -426,22 +426,6 @@ pub async fn finish(
     }
     tx.commit().await?;
     Ok(disabled)
-}
-
-/// Ends an endpoint's pending deliveries (`failed`, with `why`).
-pub async fn end_pending(conn: &mut AnyConnection, endpoint_id: &str, why: &str) -> Result<u64> {
-    let now = now_ms();
-    Ok(sqlx::query(
-        "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, \
-         lease_until = NULL, lease_owner = NULL, last_error = $2, updated_at = $3, \
-         completed_at = $3 WHERE endpoint_id = $1 AND status = 'pending'",
-    )
-    .bind(endpoint_id)
-    .bind(why)
-    .bind(now)
-    .execute(conn)
-    .await?
-    .rows_affected())
 }
 
 /// Sends a delivery again now, one more attempt, whatever its state (the developer's

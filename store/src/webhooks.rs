@@ -227,7 +227,7 @@ pub async fn update(
     .await?;
     let e = from_row(&row)?;
     if !e.active() {
-        crate::deliveries::end_pending(conn, id, "the endpoint is disabled").await?;
+        end_pending(conn, id, "the endpoint is disabled").await?;
     }
     Ok(e)
 }
@@ -241,7 +241,7 @@ pub async fn delete(conn: &mut AnyConnection, developer_id: &str, id: &str) -> R
         .bind(now)
         .execute(&mut *conn)
         .await?;
-    crate::deliveries::end_pending(conn, id, "the endpoint was deleted").await?;
+    end_pending(conn, id, "the endpoint was deleted").await?;
     Ok(e)
 }
 
@@ -266,6 +266,22 @@ pub async fn rotate_secret(
     .fetch_one(conn)
     .await?;
     from_row(&row)
+}
+
+/// Ends an endpoint's pending deliveries (`failed`, with `why`).
+pub async fn end_pending(conn: &mut AnyConnection, endpoint_id: &str, why: &str) -> Result<u64> {
+    let now = now_ms();
+    Ok(sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, \
+         lease_until = NULL, lease_owner = NULL, last_error = $2, updated_at = $3, \
+         completed_at = $3 WHERE endpoint_id = $1 AND status = 'pending'",
+    )
+    .bind(endpoint_id)
+    .bind(why)
+    .bind(now)
+    .execute(conn)
+    .await?
+    .rows_affected())
 }
 
 #[cfg(test)]
