@@ -10,6 +10,8 @@
 //  3. a chat completion through the gateway with the copied key (Node fetch)
 //  4. its request, tokens and cost on the dashboard and the usage page (metering → ClickHouse)
 //  5. revoke (confirm dialog) → the gateway refuses the key with an OpenAI-shaped 401
+//  5b. webhooks: add an endpoint (a receiver in this script), secret shown once; a test event
+//     arrives signed, and the open events page shows it live (server-sent events, no reload)
 //  6. CSRF: POSTs without, with a wrong, or cross-site with the right token are refused (403)
 //  7. the 中文 / English switch
 //  8. phone width (375×812): dashboard, keys, usage, billing, quick-start — full-page
@@ -18,6 +20,7 @@
 // Exits non-zero on the first failure, with a screenshot of the page (failed-step-N.png).
 
 import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
 import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
@@ -292,6 +295,53 @@ try {
     assert.equal(typeof body.error.type, 'string');
     assert.equal(body.error.code, 'invalid_api_key');
     console.log(`    refused after ${Date.now() - t0} ms: ${JSON.stringify(body)}`);
+  });
+
+  await step('webhooks: add an endpoint, a test event arrives and shows live on the events page', async () => {
+    const received = [];
+    const server = createServer((req, res) => {
+      let body = '';
+      req.on('data', (c) => { body += c; });
+      req.on('end', () => { received.push({ headers: req.headers, body }); res.end('ok'); });
+    });
+    await new Promise((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const url = `http://127.0.0.1:${server.address().port}/hook`;
+      await open(page, '/portal/webhooks');
+      await page.fill('#create-hook #url', url);
+      await page.fill('#create-hook #event_types', 'webhook.test, api_key.*');
+      const created = await submit(page, '#create-hook #create');
+      assert.equal(created.status(), 201);
+      const secret = (await text(page, '#new-secret'));
+      assert.match(secret, /^whsec_/);
+      await page.screenshot({ path: path.join(SHOTS, 'desktop-webhook-secret.png'), fullPage: true });
+      await submit(page, 'a.button[href^="/portal/webhooks/whk_"]');
+      const detail = page.url();
+      assert.ok(!(await page.content()).includes(secret), 'the secret is shown again');
+
+      // The events page stays open; the test is sent from a second tab.
+      const events = await page.context().newPage();
+      watch(events, 'events');
+      await open(events, '/portal/events');
+      const rows = await events.locator('#events tbody tr').count();
+      await page.goto(detail);
+      await submit(page, '#send-test');
+      assert.match(await text(page, '.notice'), /Test event queued/);
+      await events.waitForSelector('#events tbody tr.new', { timeout: 10000 });
+      assert.match(await events.locator('#events tbody tr').first().innerText(), /webhook\.test/);
+      assert.equal(await events.locator('#events tbody tr').count(), rows + 1);
+      await events.screenshot({ path: path.join(SHOTS, 'desktop-events-live.png'), fullPage: true });
+      await events.close();
+      const t0 = Date.now();
+      while (!received.some((r) => r.body.includes('webhook.test')) && Date.now() - t0 < 10000) await sleep(50);
+      const got = received.find((r) => r.body.includes('webhook.test'));
+      assert.ok(got, 'the receiver got the test event');
+      assert.match(got.headers['webhook-signature'], /^v1,/);
+      assert.match(got.headers['x-aihub-signature'], /^sha256=[0-9a-f]{64}$/);
+      console.log(`    test event received, ${received.length} request(s); live row on the events page`);
+    } finally {
+      server.close();
+    }
   });
 
   await step('CSRF: state changes without the right token are refused', async () => {

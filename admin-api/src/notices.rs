@@ -15,6 +15,8 @@ pub struct Mail {
     pub store: Store,
     pub mailer: Mailer,
     pub public_url: String,
+    /// Told when events were fanned out (the portal's event streams).
+    pub ticks: tokio::sync::broadcast::Sender<()>,
 }
 
 /// Runs until the engine stops (its sender dropped).
@@ -23,6 +25,7 @@ pub async fn run(s: Mail, mut notices: Receiver<Notice>) {
     while let Some(n) = notices.recv().await {
         match n {
             Notice::Events(events) => {
+                let _ = s.ticks.send(());
                 for e in events.iter().filter(|e| e.event_type == API_USAGE_ALERT) {
                     let Some(dev) = &e.developer_id else { continue };
                     let d = &e.payload["data"];

@@ -53,6 +53,8 @@ pub struct Inner {
     /// Wakes this node's webhook engine (when it runs one) after a request that may have
     /// written events.
     pub webhooks: Option<Arc<tokio::sync::Notify>>,
+    /// Ticks when events may have been written (the portal's event streams re-read then).
+    pub event_ticks: tokio::sync::broadcast::Sender<()>,
 }
 
 /// The ClickHouse usage database: its settings and a client (a pooled HTTP client, cheap to
@@ -75,6 +77,7 @@ impl Inner {
         if let Some(w) = &self.webhooks {
             w.notify_one();
         }
+        let _ = self.event_ticks.send(());
     }
 
     /// Billing, or 503 `usage_unavailable` when no usage database is configured.
@@ -203,6 +206,7 @@ impl AppState {
             metrics,
             config,
             webhooks: engine.as_ref().map(|(e, _)| e.waker()),
+            event_ticks: tokio::sync::broadcast::channel(16).0,
         }));
         state.bootstrap_admin().await?;
         let weak = Arc::downgrade(&state.0);
@@ -225,6 +229,7 @@ impl AppState {
                 store: state.store.clone(),
                 mailer: state.mailer.clone(),
                 public_url: state.config.public_url.clone(),
+                ticks: state.event_ticks.clone(),
             };
             tokio::spawn(crate::notices::run(mail, notices));
         }

@@ -374,3 +374,126 @@ async fn the_account_page_sets_the_spend_cap_and_changes_the_password() {
     assert_eq!(b.get("/portal/account").await.status, 303);
     b.log_in("acct@example.com", "a brand new passphrase").await;
 }
+
+#[tokio::test]
+async fn webhooks_pages_the_secret_once_the_log_and_live_events() {
+    let api = TestApi::start_with(Backend::Sqlite, |c| {
+        c.webhooks.allow_http = true;
+        c.webhooks.allow_networks = vec!["127.0.0.0/8".parse().unwrap()];
+        c.webhooks.poll_interval = std::time::Duration::from_millis(20);
+    })
+    .await;
+    let rx = aihub_webhooks::testing::Receiver::start().await;
+    let token = api.signed_up("hooks@example.com").await;
+    let mut b = Browser::new(&api);
+    b.log_in("hooks@example.com", PASSWORD).await;
+    let page = b.get("/portal/webhooks").await;
+    assert_eq!(page.status, 200);
+    let csrf = page.csrf();
+    let bad = b
+        .post(
+            "/portal/webhooks",
+            &[("csrf", &csrf), ("url", "ftp://x"), ("event_types", "nope")],
+        )
+        .await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.body.contains("is not an event type"), "{}", bad.body);
+    let url = rx.url("/portal-hook");
+    let p = b
+        .post(
+            "/portal/webhooks",
+            &[
+                ("csrf", &csrf),
+                ("url", &url),
+                ("event_types", "webhook.test, api_key.*"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 201, "{}", p.body);
+    let at = p.body.find(r#"id="new-secret">"#).unwrap() + r#"id="new-secret">"#.len();
+    let secret = &p.body[at..at + p.body[at..].find('<').unwrap()];
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let list = b.get("/portal/webhooks").await;
+    assert!(!list.body.contains(secret), "the secret is rendered again");
+    let (_, hooks) = api
+        .call("GET", "/developer/webhooks", Some(&token), None)
+        .await;
+    let id = hooks["data"][0]["id"].as_str().unwrap().to_owned();
+
+    // The events page streams new events: open the stream, then cause one.
+    let events = b.get("/portal/events").await;
+    assert_eq!(events.status, 200);
+    assert!(events.body.contains("data-stream="), "{}", events.body);
+    let cookie: Vec<String> = b.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut stream = reqwest::Client::new()
+        .get(api.url("/portal/events/stream?since=0"))
+        .header(COOKIE, cookie.join("; "))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let test = b
+        .post(&format!("/portal/webhooks/{id}/test"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(test.status, 303);
+    let mut got = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !got.contains("webhook.test") {
+        let chunk = tokio::time::timeout_at(deadline.into(), stream.chunk())
+            .await
+            .expect("an event within 5 s")
+            .unwrap()
+            .unwrap();
+        got.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(got.contains("event: aihub"), "{got}");
+    drop(stream);
+
+    // The delivery log shows the attempt; redelivery sends it again.
+    rx.wait_for(1, std::time::Duration::from_secs(5)).await;
+    let mut detail = b.get(&format!("/portal/webhooks/{id}")).await;
+    for _ in 0..50 {
+        if detail.body.contains(r#"data-status="succeeded""#) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        detail = b.get(&format!("/portal/webhooks/{id}")).await;
+    }
+    assert!(
+        detail.body.contains(r#"data-status="succeeded""#),
+        "{}",
+        detail.body
+    );
+    let at = detail.body.find(r#"data-delivery-id=""#).unwrap() + r#"data-delivery-id=""#.len();
+    let did = &detail.body[at..at + detail.body[at..].find('"').unwrap()];
+    let r = b
+        .post(
+            &format!("/portal/deliveries/{did}/redeliver"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(r.status, 303);
+    rx.wait_for(2, std::time::Duration::from_secs(5)).await;
+
+    // Rotate shows the new secret once; delete removes the endpoint.
+    let r = b
+        .post(&format!("/portal/webhooks/{id}/rotate"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains(r#"id="previous-until""#));
+    let d = b
+        .post(&format!("/portal/webhooks/{id}/delete"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(
+        (d.status, d.location()),
+        (303, "/portal/webhooks?done=deleted")
+    );
+    let (_, hooks) = api
+        .call("GET", "/developer/webhooks", Some(&token), None)
+        .await;
+    assert_eq!(hooks["data"], serde_json::json!([]));
+}

@@ -133,6 +133,28 @@ fn parse(file: &str, text: &str, samples: &mut Vec<Sample>, errors: &mut Vec<Str
     }
 }
 
+/// A webhook request signed now, as the webhook guide's verification samples read it
+/// (`AIHUB_WEBHOOK_*`).
+fn signed_webhook() -> Vec<(&'static str, String)> {
+    use aihub_webhooks::{catalogue, signature};
+    let secret = signature::new_secret();
+    let body = catalogue::find("api.usage_alert")
+        .expect("in the catalogue")
+        .example()
+        .to_string();
+    let id = "evt_0193a1b2c3d4e5f60718293a4b5c6d7e";
+    let now = aihub_store::now_ms() / 1000;
+    let s = signature::sign(&[&secret], id, now, body.as_bytes());
+    vec![
+        ("AIHUB_WEBHOOK_SECRET", secret),
+        ("AIHUB_WEBHOOK_BODY", body),
+        ("AIHUB_WEBHOOK_ID", id.to_owned()),
+        ("AIHUB_WEBHOOK_TIMESTAMP", s.timestamp),
+        ("AIHUB_WEBHOOK_SIGNATURE", s.standard),
+        ("AIHUB_WEBHOOK_AIHUB_SIGNATURE", s.aihub),
+    ]
+}
+
 /// Fails at once, naming test-tools.sh, when an interpreter or its `openai` SDK is missing.
 fn check_tools(langs: &BTreeSet<Lang>) {
     for &lang in langs {
@@ -191,6 +213,7 @@ fn run(s: &Sample, index: usize, base_url: &str, key: &str) -> Result<(), String
         .env_remove("OPENAI_BASE_URL")
         .env("AIHUB_BASE_URL", base_url)
         .env("AIHUB_API_KEY", key)
+        .envs(signed_webhook())
         .env("NO_PROXY", "127.0.0.1,localhost")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).unwrap())

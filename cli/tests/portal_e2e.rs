@@ -85,7 +85,8 @@ async fn portal_in_headless_chromium() {
         &cp.url,
         &format!(
             "clickhouse: {{url: \"{}\", database: {}}}\n\
-             portal: {{secure_cookie: false, gateway_url: \"{gateway_url}\", example_model: gpt-4o-mini}}\n",
+             portal: {{secure_cookie: false, gateway_url: \"{gateway_url}\", example_model: gpt-4o-mini}}\n\
+             webhooks: {{allow_http: true, allow_networks: [\"127.0.0.0/8\"], poll_interval: 50ms}}\n",
             usage.url, usage.name
         ),
     );

@@ -5,7 +5,8 @@
 #   - Debian's chromium (headless browser for the portal's end-to-end test) → AIHUB_TEST_CHROMIUM
 #   - Node.js + npm and the packages in e2e/ (playwright-core, the official `openai` Node SDK),
 #     installed with `npm ci` from e2e/package-lock.json → AIHUB_TEST_NODE
-#   - a Python virtualenv with the official `openai` SDK (pinned below)   → AIHUB_TEST_PYTHON
+#   - a Python virtualenv with the official `openai` SDK and the `standardwebhooks` verifier
+#     (pinned below)                                                     → AIHUB_TEST_PYTHON
 #
 # Tools live outside the clone (AIHUB_TEST_TOOLS, default /var/tmp/aihub-test-tools) so CI runs
 # in fresh clones reuse them.
@@ -38,5 +39,11 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import openai" 2>/dev
     mkdir -p "$tools"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "openai==$AIHUB_OPENAI_PY_VERSION" >&2
+fi
+# The official Standard Webhooks verifier, for the webhook guide's samples.
+AIHUB_STANDARDWEBHOOKS_PY_VERSION=${AIHUB_STANDARDWEBHOOKS_PY_VERSION:-1.3.0}
+if ! "$venv/bin/python" -c "import standardwebhooks" 2>/dev/null; then
+    echo "==> standardwebhooks==$AIHUB_STANDARDWEBHOOKS_PY_VERSION into the venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "standardwebhooks==$AIHUB_STANDARDWEBHOOKS_PY_VERSION" >&2
 fi
 export AIHUB_TEST_PYTHON="$venv/bin/python"

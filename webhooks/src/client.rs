@@ -3,8 +3,15 @@
 //! connected), TLS for `https` (certificate and name verified), one HTTP/1.1 `POST`, the
 //! status, `Retry-After` and the first 1 KiB of the answer; no redirect is followed. The whole
 //! exchange has one deadline.
+//!
+//! Connections are kept alive and reused for the same scheme, host and port (a pool of idle
+//! connections, each made to a checked address, dropped after [`IDLE`]): a busy receiver is
+//! not sent a new TCP (and TLS) handshake per event, and the node does not run out of ports.
+//! An answer whose body is longer than [`DRAIN`] ends its connection.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +25,47 @@ use crate::guard::AddressPolicy;
 
 /// How much of an answer's body is kept for the delivery log.
 pub const BODY_KEPT: usize = 1024;
+/// How much of a body is read (and dropped) to keep its connection for the next request.
+pub const DRAIN: usize = 64 * 1024;
+/// How long an idle connection is kept.
+pub const IDLE: Duration = Duration::from_secs(30);
+/// Idle connections kept per host.
+const IDLE_PER_HOST: usize = 32;
+
+type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Where a connection goes: `(https, host, port)`.
+type Origin = (bool, String, u16);
+
+/// Idle connections by origin, each with the time it became idle.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<HashMap<Origin, Vec<(Conn, Instant)>>>,
+}
+
+impl Pool {
+    fn take(&self, key: &Origin) -> Option<Conn> {
+        let mut idle = self.idle.lock().expect("pool");
+        let list = idle.get_mut(key)?;
+        while let Some((c, at)) = list.pop() {
+            if at.elapsed() < IDLE && !c.is_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn give(&self, key: Origin, c: Conn) {
+        let mut idle = self.idle.lock().expect("pool");
+        if idle.len() > 10_000 {
+            idle.retain(|_, l| l.iter().any(|(_, at)| at.elapsed() < IDLE));
+        }
+        let list = idle.entry(key).or_default();
+        if list.len() < IDLE_PER_HOST {
+            list.push((c, Instant::now()));
+        }
+    }
+}
 
 /// What came back (or why nothing did).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +88,7 @@ pub struct Sender {
     policy: AddressPolicy,
     timeout: Duration,
     tls: tokio_native_tls::TlsConnector,
+    pool: Arc<Pool>,
 }
 
 impl Sender {
@@ -50,6 +99,7 @@ impl Sender {
             policy,
             timeout,
             tls: tls.into(),
+            pool: Arc::default(),
         })
     }
 
@@ -110,6 +160,43 @@ impl Sender {
         let host = uri.host().ok_or(SendError::Url)?;
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = uri.authority().map_or(host, |a| a.as_str());
+        let request = || {
+            let mut req = http::Request::post(path)
+                .header(http::header::HOST, authority)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::USER_AGENT, "AIHub-Webhooks/1.0");
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            req.body(Full::new(body.clone()))
+                .map_err(|_| SendError::Url)
+        };
+        let key = (https, bare.to_owned(), port);
+        let (answer, reusable) = match self.pool.take(&key) {
+            // A kept connection the receiver closed meanwhile fails before any answer: the
+            // request goes again on a new connection.
+            Some(c) => match exchange_on(c, request()?).await {
+                Err(SendError::Http(_)) => {
+                    let c = self.connect(https, bare, port).await?;
+                    exchange_on(c, request()?).await?
+                }
+                other => other?,
+            },
+            None => {
+                let c = self.connect(https, bare, port).await?;
+                exchange_on(c, request()?).await?
+            }
+        };
+        if let Some(c) = reusable {
+            self.pool.give(key, c);
+        }
+        Ok(answer)
+    }
+
+    /// A new connection to a checked address of `bare` (the host without brackets).
+    async fn connect(&self, https: bool, bare: &str, port: u16) -> Result<Conn, SendError> {
         let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => tokio::net::lookup_host((bare, port))
@@ -140,41 +227,43 @@ impl Sender {
         let tcp =
             tcp.ok_or_else(|| SendError::Connect(last.map(|e| e.to_string()).unwrap_or_default()))?;
         let _ = tcp.set_nodelay(true);
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let authority = uri.authority().map_or(host, |a| a.as_str());
-        let mut req = http::Request::post(path)
-            .header(http::header::HOST, authority)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::USER_AGENT, "AIHub-Webhooks/1.0")
-            .header(http::header::CONNECTION, "close");
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        let req = req.body(Full::new(body)).map_err(|_| SendError::Url)?;
         if https {
             let tls = self
                 .tls
                 .connect(bare, tcp)
                 .await
                 .map_err(|e| SendError::Tls(e.to_string()))?;
-            exchange_on(tls, req).await
+            handshake(tls).await
         } else {
-            exchange_on(tcp, req).await
+            handshake(tcp).await
         }
     }
 }
 
-async fn exchange_on<S>(
-    stream: S,
-    req: http::Request<Full<Bytes>>,
-) -> Result<(u16, String, Option<Duration>), SendError>
+/// An HTTP/1.1 client connection over `stream`; its driver runs until the connection ends.
+async fn handshake<S>(stream: S) -> Result<Conn, SendError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| SendError::Http(e.to_string()))?;
-    let driver = tokio::spawn(conn);
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+type Exchanged = ((u16, String, Option<Duration>), Option<Conn>);
+
+/// Sends `req` and reads the answer; returns the connection when it can be used again.
+async fn exchange_on(
+    mut send: Conn,
+    req: http::Request<Full<Bytes>>,
+) -> Result<Exchanged, SendError> {
+    send.ready()
+        .await
+        .map_err(|e| SendError::Http(e.to_string()))?;
     let resp = send
         .send_request(req)
         .await
@@ -188,25 +277,31 @@ where
         .map(Duration::from_secs);
     let mut body = resp.into_body();
     let mut kept = Vec::with_capacity(256);
-    while kept.len() < BODY_KEPT {
+    let mut read = 0usize;
+    let mut complete = false;
+    while read <= DRAIN {
         match body.frame().await {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
+                    read += d.len();
                     let take = d.len().min(BODY_KEPT - kept.len());
                     kept.extend_from_slice(&d[..take]);
                 }
             }
+            None => {
+                complete = true;
+                break;
+            }
             // A body cut short still leaves the status: the answer counts.
-            Some(Err(_)) | None => break,
+            Some(Err(_)) => break,
         }
     }
-    drop(body);
-    driver.abort();
-    Ok((
+    let answer = (
         status,
         String::from_utf8_lossy(&kept).into_owned(),
         retry_after,
-    ))
+    );
+    Ok((answer, complete.then_some(send)))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -31,3 +31,46 @@ document.addEventListener("submit", function (ev) {
   var q = f.getAttribute("data-confirm");
   if (q && !window.confirm(q)) ev.preventDefault();
 });
+// The event history (#events[data-stream]) shows new events as they happen: server-sent
+// events from /portal/events/stream, each inserted at the top of the table.
+(function () {
+  var table = document.getElementById("events");
+  if (!table || !window.EventSource) return;
+  var url = table.getAttribute("data-stream");
+  if (!url) return;
+  var body = table.querySelector("tbody");
+  var source = new EventSource(url);
+  source.addEventListener("aihub", function (m) {
+    var e = JSON.parse(m.data);
+    if (document.querySelector('[data-event-id="' + e.id + '"]')) return;
+    var tr = document.createElement("tr");
+    tr.setAttribute("data-event-id", e.id);
+    tr.className = "new";
+    var cells = [e.type, e.created_at.replace("T", " ").replace(/:\d\d\.\d+Z$/, " UTC"), e.id];
+    cells.forEach(function (text, i) {
+      var td = document.createElement("td");
+      if (i === 2) {
+        var c = document.createElement("code");
+        c.textContent = text;
+        td.appendChild(c);
+      } else {
+        td.textContent = text;
+      }
+      tr.appendChild(td);
+    });
+    var td = document.createElement("td");
+    var d = document.createElement("details");
+    var s = document.createElement("summary");
+    s.textContent = "data";
+    var pre = document.createElement("pre");
+    pre.textContent = JSON.stringify(e.data, null, 2);
+    d.appendChild(s);
+    d.appendChild(pre);
+    td.appendChild(d);
+    tr.appendChild(td);
+    body.insertBefore(tr, body.firstChild);
+    var none = document.getElementById("no-events");
+    if (none) none.remove();
+    table.hidden = false;
+  });
+})();

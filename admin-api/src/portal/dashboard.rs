@@ -59,6 +59,8 @@ struct DashboardPage {
     gateway_url: String,
     example_model: String,
     has_usage: bool,
+    /// This period's highest usage alert (80 %, 100 % of the quota), as a banner.
+    alert: Option<String>,
 }
 
 async fn recent_errors(s: &AppState, developer_id: &str) -> Result<Vec<ErrorRow>, AppError> {
@@ -188,6 +190,22 @@ pub async fn page(State(s): State<AppState>, member: Member) -> PageResult {
         .map(|b| b.period.name.clone())
         .or_else(|| overview.as_ref().and_then(|o| o.period.clone()))
         .unwrap_or_default();
+    let this_period = aihub_plans::Period::of_unix_ms(now_ms()).to_string();
+    let alert = aihub_store::usage_alerts::for_developer(&s.store, &dev.id)
+        .await
+        .map_err(AppError::from)?
+        .into_iter()
+        .filter(|a| a.period == this_period)
+        .max_by_key(|a| a.threshold_pct)
+        .map(|a| {
+            format!(
+                "{} % {} ({} / {})",
+                a.threshold_pct,
+                t.alert_used,
+                view::int(a.used_tokens),
+                view::int(a.quota_tokens)
+            )
+        });
     let notice = match member.visit.here.contains("done=resent") {
         true => Some(t.resend_done),
         false => None,
@@ -202,6 +220,7 @@ pub async fn page(State(s): State<AppState>, member: Member) -> PageResult {
         projected,
         chart,
         errors,
+        alert,
         gateway_url: s.config.portal.gateway_url.clone(),
         example_model: s.config.portal.example_model.clone(),
         has_usage,

@@ -56,6 +56,11 @@ const GUIDES: &[Guide] = &[
         zh: None,
     },
     Guide {
+        slug: "webhooks",
+        en: include_str!("../../../docs/guide/webhooks.md"),
+        zh: None,
+    },
+    Guide {
         slug: "best-practices",
         en: include_str!("../../../docs/guide/best-practices.md"),
         zh: None,

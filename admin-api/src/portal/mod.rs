@@ -12,6 +12,8 @@
 //!   (profile, monthly spend cap, password change).
 //! - [`dashboard`] — this period at a glance.
 //! - [`keys`] — create (shown once), rotate, disable, revoke.
+//! - [`webhooks`] — endpoints (secret shown once), delivery log and redelivery, the event
+//!   history with live updates (server-sent events).
 //! - [`usage`] — charts by day and model, per-key table, CSV export.
 //! - [`billing`] — plan, current period, projection, plan change, invoices.
 //! - [`docs`] — the guides in `docs/guide/` and the API references.
@@ -31,6 +33,7 @@ pub mod i18n;
 pub mod keys;
 pub mod session;
 pub mod usage;
+pub mod webhooks;
 pub(crate) use crate::view;
 
 use std::sync::{Arc, LazyLock};
@@ -89,6 +92,24 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/portal/keys/{id}/rotate", post(keys::rotate))
         .route("/portal/keys/{id}/revoke", post(keys::revoke))
         .route("/portal/keys/{id}/active", post(keys::set_active))
+        .route(
+            "/portal/webhooks",
+            get(webhooks::page).post(webhooks::create),
+        )
+        .route(
+            "/portal/webhooks/{id}",
+            get(webhooks::detail).post(webhooks::update),
+        )
+        .route("/portal/webhooks/{id}/active", post(webhooks::set_active))
+        .route("/portal/webhooks/{id}/test", post(webhooks::test))
+        .route("/portal/webhooks/{id}/rotate", post(webhooks::rotate))
+        .route("/portal/webhooks/{id}/delete", post(webhooks::delete))
+        .route(
+            "/portal/deliveries/{id}/redeliver",
+            post(webhooks::redeliver),
+        )
+        .route("/portal/events", get(webhooks::events))
+        .route("/portal/events/stream", get(webhooks::stream))
         .route("/portal/usage", get(usage::page))
         .route("/portal/usage/export", get(usage::export))
         .route("/portal/billing", get(billing::page))
