@@ -701,6 +701,7 @@ async fn invoices_end_to_end(backend: Backend) {
     }
     // Nothing Bob tried changed anything.
     assert_eq!(events(&api, &ada_id, "billing.payment").await.len(), 2);
+    assert!(api.assert_events_conform().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -908,6 +909,7 @@ async fn void_and_reissue(backend: Backend) {
     let mut actions: Vec<&str> = trail.iter().map(|a| a.action.as_str()).collect();
     actions.sort();
     assert_eq!(actions, ["invoice.finalize", "invoice.void"]);
+    assert!(api.assert_events_conform().await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

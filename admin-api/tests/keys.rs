@@ -190,6 +190,7 @@ async fn key_lifecycle() {
         let p = &events[0].payload;
         assert!(p["id"].as_str().unwrap().starts_with("evt_") && p["created_at"].is_string());
         assert_eq!(p["data"]["key_id"], id.as_str());
+        assert!(api.assert_events_conform().await >= 4);
     }
 }
 

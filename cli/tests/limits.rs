@@ -782,6 +782,9 @@ mod control_plane_limits {
             .collect();
         thresholds.sort_unstable();
         assert_eq!(thresholds, vec![80, 100], "{alerts:?}");
+        for a in &alerts {
+            aihub_webhooks::catalogue::conforms(&a.payload).unwrap();
+        }
         let data = &alerts[0].payload["data"];
         assert_eq!(data["developer_id"], dev.as_str());
         assert_eq!(data["quota_tokens"], 100);

@@ -569,12 +569,13 @@ pub async fn work(store: &Store) -> Result<(bool, Option<i64>)> {
         sqlx::query_scalar("SELECT id FROM outbox WHERE dispatched_at IS NULL LIMIT 1")
             .fetch_optional(store.pool())
             .await?;
+    // The earliest scheduled attempt, from the index (one row whatever the backlog). It may be
+    // leased elsewhere: a claim then finds nothing and the engine waits for its next poll.
     let due: Option<i64> = sqlx::query_scalar(
-        "SELECT MIN(CASE WHEN lease_until IS NULL OR lease_until < next_attempt_at \
-         THEN next_attempt_at ELSE lease_until END) \
-         FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL",
+        "SELECT next_attempt_at FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL \
+         ORDER BY next_attempt_at LIMIT 1",
     )
-    .fetch_one(store.pool())
+    .fetch_optional(store.pool())
     .await?;
     Ok((events.is_some(), due))
 }

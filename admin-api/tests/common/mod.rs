@@ -100,6 +100,21 @@ impl TestApi {
         }
     }
 
+    /// Every event in the outbox has its catalogue entry's shape (`GET
+    /// /developer/webhooks/event-types`): the envelope and every `data` field with its type.
+    /// Returns how many events were checked.
+    pub async fn assert_events_conform(&self) -> usize {
+        let bodies: Vec<String> = sqlx::query_scalar("SELECT payload FROM outbox ORDER BY id")
+            .fetch_all(self.state.store.pool())
+            .await
+            .unwrap();
+        for b in &bodies {
+            let v: Value = serde_json::from_str(b).unwrap();
+            aihub_webhooks::catalogue::conforms(&v).unwrap_or_else(|e| panic!("{e}: {v}"));
+        }
+        bodies.len()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
