@@ -496,4 +496,29 @@ async fn webhooks_pages_the_secret_once_the_log_and_live_events() {
         .call("GET", "/developer/webhooks", Some(&token), None)
         .await;
     assert_eq!(hooks["data"], serde_json::json!([]));
+
+    // A usage alert of this month shows as a banner on the dashboard.
+    let dash = b.get("/portal/dashboard").await;
+    assert!(!dash.body.contains(r#"id="usage-alert""#));
+    let store = api.state.store.clone();
+    let dev = aihub_store::developers::by_email(&store, "hooks@example.com")
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    aihub_store::usage_alerts::record(
+        &store,
+        &aihub_store::usage_alerts::UsageAlert {
+            developer_id: dev,
+            period: aihub_plans::Period::of_unix_ms(aihub_store::now_ms()).to_string(),
+            threshold_pct: 100,
+            used_tokens: 1_000_200,
+            quota_tokens: 1_000_000,
+        },
+    )
+    .await
+    .unwrap();
+    let dash = b.get("/portal/dashboard").await;
+    assert!(dash.body.contains(r#"id="usage-alert""#), "{}", dash.body);
+    assert!(dash.body.contains("100 % of this month"), "{}", dash.body);
 }

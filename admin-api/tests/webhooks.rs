@@ -656,3 +656,105 @@ async fn a_hanging_receiver_does_not_delay_others() {
         slow.count()
     );
 }
+
+#[tokio::test]
+async fn two_admin_nodes_share_the_backlog_on_postgres() {
+    let a = api(Backend::Postgres, |_| {}).await;
+    let url = a.db.url.clone();
+    let b = api(Backend::Postgres, move |c| c.database.url = url).await;
+    let rx = Receiver::start().await;
+    rx.then(Reply::status(200).delay(Duration::from_millis(5)));
+    let ada = a.signed_up("ada@example.com").await;
+    create_hook(
+        &a,
+        &ada,
+        json!({"url": rx.url("/h"), "event_types": ["api.usage_alert"]}),
+    )
+    .await;
+    let store = a.state.store.clone();
+    let dev = aihub_store::developers::by_email(&store, "ada@example.com")
+        .await
+        .unwrap()
+        .expect("signed up")
+        .id;
+    const N: usize = 400;
+    let mut tx = store.begin_write().await.unwrap();
+    for i in 0..N {
+        aihub_store::outbox::enqueue(&mut tx, "api.usage_alert", Some(&dev), json!({"n": i}))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let got = rx.wait_for(N, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids: std::collections::HashSet<String> = rx
+        .received()
+        .iter()
+        .map(|r| r.header("webhook-id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), N);
+    assert_eq!(
+        rx.count(),
+        N,
+        "an event was delivered twice by the two nodes"
+    );
+    // Both nodes did part of the work.
+    let owners: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT lease_owner FROM webhook_deliveries WHERE lease_owner IS NOT NULL",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let attempts = |api: &TestApi| {
+        let text = api.state.metrics.registry.gather();
+        text.iter()
+            .find(|f| f.name() == "aihub_webhook_attempts_total")
+            .map(|f| {
+                f.get_metric()
+                    .iter()
+                    .map(|m| m.get_counter().get_value())
+                    .sum::<f64>()
+            })
+            .unwrap_or(0.0)
+    };
+    let (na, nb) = (attempts(&a), attempts(&b));
+    assert_eq!(na + nb, N as f64, "{owners:?}");
+    assert!(na > 0.0 && nb > 0.0, "one node did everything: {na} / {nb}");
+    drop(got);
+}
+
+#[tokio::test]
+async fn usage_alerts_are_mailed_and_shown_on_the_dashboard() {
+    let api = api(Backend::Sqlite, |_| {}).await;
+    let _ada = api.signed_up("ada@example.com").await;
+    let store = api.state.store.clone();
+    let dev = aihub_store::developers::by_email(&store, "ada@example.com")
+        .await
+        .unwrap()
+        .expect("signed up")
+        .id;
+    // As a gateway records it (another process: the engine finds it by polling).
+    let period = aihub_plans::Period::of_unix_ms(aihub_store::now_ms()).to_string();
+    aihub_store::usage_alerts::record(
+        &store,
+        &aihub_store::usage_alerts::UsageAlert {
+            developer_id: dev.clone(),
+            period,
+            threshold_pct: 80,
+            used_tokens: 80_500,
+            quota_tokens: 100_000,
+        },
+    )
+    .await
+    .unwrap();
+    let mut mail = None;
+    for _ in 0..100 {
+        mail = api.find_mail("ada@example.com", "80% of your monthly quota");
+        if mail.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mail = mail.expect("the usage alert was mailed");
+    assert!(mail.contains("80500 of 1000"), "{mail}");
+}

@@ -289,3 +289,30 @@ mod tests {
         assert!(!pattern_known("task*"));
     }
 }
+
+#[cfg(test)]
+mod docs {
+    /// The guide's table lists every event type with its description and every `data` field.
+    #[test]
+    fn the_guide_lists_the_catalogue() {
+        let guide = include_str!("../../docs/guide/webhooks.md");
+        for e in super::CATALOGUE {
+            let row = guide
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", e.name)))
+                .unwrap_or_else(|| panic!("docs/guide/webhooks.md lacks `{}`", e.name));
+            assert!(
+                row.contains(e.description),
+                "{}: description differs",
+                e.name
+            );
+            for f in e.fields() {
+                assert!(
+                    row.contains(&format!("`{f}`")),
+                    "{}: field {f} missing",
+                    e.name
+                );
+            }
+        }
+    }
+}
