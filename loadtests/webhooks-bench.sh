@@ -55,7 +55,7 @@ c1=$(cpu)
 {
     echo "# Webhook delivery benchmark — $(date -u +%FT%TZ), $(nproc) cores, $BACKEND"
     echo
-    echo "Release \`aihub admin\` (webhooks engine defaults: 256 in flight, 16 per endpoint, poll 100 ms) on $BACKEND; $DEVELOPERS developers with one endpoint each on one loopback receiver (keep-alive, answers 200 at once); driver: benches/src/bin/webhooks-bench.rs on the same machine."
+    echo "Release \`aihub admin\` (webhooks engine defaults: 256 in flight, 16 per endpoint, poll 50 ms, its own thread) on $BACKEND; $DEVELOPERS developers with one endpoint each on one loopback receiver (keep-alive, answers 200 at once); driver: benches/src/bin/webhooks-bench.rs on the same machine."
     echo
     echo "$r"
     echo "- admin API CPU over the whole run: $(( (c1 - c0) * 10 )) ms ($(getconf CLK_TCK) ticks/s)"

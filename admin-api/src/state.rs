@@ -224,7 +224,7 @@ impl AppState {
             tokio::spawn(billing_job(b.clone()));
         }
         if let Some((engine, notices)) = engine {
-            tokio::spawn(engine.run(std::future::pending()));
+            aihub_webhooks::engine::spawn(engine).map_err(StartError::Setup)?;
             let mail = crate::notices::Mail {
                 store: state.store.clone(),
                 mailer: state.mailer.clone(),

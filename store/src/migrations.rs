@@ -353,8 +353,10 @@ const V4: Migration = Migration {
         )",
         "CREATE INDEX IF NOT EXISTS webhook_attempts_delivery \
          ON webhook_attempts (delivery_id, attempt)",
-        // Event history by developer and type.
+        // Event history by developer and type; the events waiting for fan-out (a handful, so
+        // the engine's idle check is one index probe however long the history grows).
         "CREATE INDEX IF NOT EXISTS outbox_developer ON outbox (developer_id, id)",
+        "CREATE INDEX IF NOT EXISTS outbox_undispatched ON outbox (id) WHERE dispatched_at IS NULL",
     ],
 };
 

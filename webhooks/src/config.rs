@@ -40,7 +40,8 @@ pub struct WebhooksConfig {
     /// 60s (longer than `timeout`).
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
-    /// How often the engine looks for work when nothing woke it. Default 100ms.
+    /// How often the engine looks for work when nothing woke it (events written by other
+    /// processes, such as gateways' usage alerts). Default 50ms.
     #[serde(default = "default_poll", with = "humantime_serde")]
     pub poll_interval: Duration,
     /// How long a rotated-out secret keeps signing. Default 24h.
@@ -75,7 +76,7 @@ fn default_lease() -> Duration {
     Duration::from_secs(60)
 }
 fn default_poll() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(50)
 }
 fn default_grace() -> Duration {
     Duration::from_secs(86_400)

@@ -81,6 +81,35 @@ impl Metrics {
     }
 }
 
+/// Runs `engine` on its own runtime (two worker threads named `webhooks`) at a lower CPU
+/// priority than the rest of the process: a draining backlog uses what the API leaves, and
+/// never occupies the API's workers. Returns once the runtime is up.
+pub fn spawn(engine: Arc<Engine>) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("webhooks")
+        .on_thread_start(lower_priority)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("webhook engine runtime: {e}"))?;
+    std::thread::Builder::new()
+        .name("webhooks".into())
+        .spawn(move || {
+            lower_priority();
+            rt.block_on(engine.run(std::future::pending()));
+        })
+        .map_err(|e| format!("webhook engine thread: {e}"))?;
+    Ok(())
+}
+
+/// Nice 10 for the calling thread (on Linux `setpriority` of "this process", `who = 0`, is
+/// per thread).
+fn lower_priority() {
+    if let Err(e) = rustix::process::setpriority_process(None, 10) {
+        tracing::debug!(error = %e, "webhooks: cannot lower the engine threads' priority");
+    }
+}
+
 /// The engine of one node.
 pub struct Engine {
     store: Store,
