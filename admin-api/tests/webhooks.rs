@@ -73,6 +73,27 @@ async fn deliveries_until(
     panic!("deliveries of {hook} did not settle");
 }
 
+/// Reads the endpoint until it is disabled (5 s at most); returns its last view.
+async fn until_disabled(api: &TestApi, token: &str, id: &str) -> Value {
+    let mut hook = Value::Null;
+    for _ in 0..100 {
+        hook = api
+            .call(
+                "GET",
+                &format!("/developer/webhooks/{id}"),
+                Some(token),
+                None,
+            )
+            .await
+            .1;
+        if hook["active"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hook
+}
+
 #[tokio::test]
 async fn events_are_delivered_signed_both_ways_and_logged() {
     for backend in BACKENDS {
@@ -475,22 +496,7 @@ async fn retries_retry_after_410_and_redelivery() {
         )
         .await;
         rx.wait_for(5, Duration::from_secs(5)).await;
-        let mut hook = Value::Null;
-        for _ in 0..100 {
-            hook = api
-                .call(
-                    "GET",
-                    &format!("/developer/webhooks/{id}"),
-                    Some(&ada),
-                    None,
-                )
-                .await
-                .1;
-            if hook["active"] == false {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let hook = until_disabled(&api, &ada, &id).await;
         assert_eq!(hook["active"], false, "{hook}");
         assert!(hook["disabled_reason"].as_str().unwrap().contains("410"));
         let (_, ev) = api
@@ -571,22 +577,7 @@ async fn an_endpoint_failing_past_the_window_is_disabled() {
         None,
     )
     .await;
-    let mut hook = Value::Null;
-    for _ in 0..100 {
-        hook = api
-            .call(
-                "GET",
-                &format!("/developer/webhooks/{id}"),
-                Some(&ada),
-                None,
-            )
-            .await
-            .1;
-        if hook["active"] == false {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let hook = until_disabled(&api, &ada, id).await;
     assert_eq!(hook["active"], false, "{hook}");
     assert!(
         hook["disabled_reason"].as_str().unwrap().contains("failed"),

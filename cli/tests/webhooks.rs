@@ -99,3 +99,105 @@ async fn kill_9_mid_backlog_loses_no_event() {
         assert!(duplicates <= 16, "{duplicates} duplicates");
     }
 }
+
+/// A receiver written as a developer would, in Python with the official `standardwebhooks`
+/// package (`e2e/webhook_receiver.py`), verifies every request the real admin process sends;
+/// a request signed with another secret is rejected by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_verifier_accepts_our_signatures() {
+    use std::io::{BufRead, BufReader};
+    let python = common::test_tool("AIHUB_TEST_PYTHON", "python3");
+    let db = TestDatabase::new(Backend::Sqlite).await;
+    let admin = Admin::start(&db.url, EXTRA);
+    let token = admin.sign_up("py@example.com").await;
+    let port = common::free_port();
+    let (s, hook) = admin
+        .call(
+            "POST",
+            "/developer/webhooks",
+            Some(&token),
+            Some(json!({"url": format!("http://127.0.0.1:{port}/hook"), "event_types": ["*"]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{hook}");
+    let secret = hook["secret"].as_str().unwrap();
+    let mut child = std::process::Command::new(&python)
+        .arg(common::repo_root().join("e2e/webhook_receiver.py"))
+        .arg(port.to_string())
+        .env("AIHUB_WEBHOOK_SECRET", secret)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{python}: {e} (source deploy/local/test-tools.sh)"));
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let out = child.stdout.take().unwrap();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    // Wait until it listens.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the Python receiver exited ({status}): {python} needs the standardwebhooks \
+                 package ({})",
+                common::TEST_TOOLS_HINT
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Python receiver did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = hook["id"].as_str().unwrap();
+    admin.create_key(&token, json!({"name": "k"})).await;
+    admin
+        .call(
+            "POST",
+            &format!("/developer/webhooks/{id}/test"),
+            Some(&token),
+            None,
+        )
+        .await;
+    // A forged request: signed with another secret.
+    let forged = aihub_webhooks::signature::sign(
+        &[&aihub_webhooks::signature::new_secret()],
+        "evt_forged",
+        aihub_store::now_ms() / 1000,
+        b"{\"type\":\"webhook.test\"}",
+    );
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/hook"))
+        .header("webhook-id", "evt_forged")
+        .header("webhook-timestamp", forged.timestamp)
+        .header("webhook-signature", forged.standard)
+        .body("{\"type\":\"webhook.test\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = lines.lock().unwrap().clone();
+        let verified = |t: &str| {
+            got.iter()
+                .any(|l| l.starts_with(&format!("verified {t} evt_")))
+        };
+        if verified("api_key.created") && verified("webhook.test") {
+            assert!(got.iter().any(|l| l.starts_with("rejected")), "{got:?}");
+            assert!(
+                got.iter()
+                    .all(|l| l.starts_with("verified") || l.contains("rejected")),
+                "{got:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "Python receiver output: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

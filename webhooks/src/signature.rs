@@ -94,35 +94,32 @@ pub fn verify_standard(
     if (now_s - ts).abs() > tolerance_s {
         return Err(VerifyError::Stale);
     }
-    let k = key(secret);
-    for part in header.split(' ') {
-        let Some(sig) = part.strip_prefix("v1,") else {
-            continue;
-        };
-        let Ok(sig) = B64.decode(sig) else { continue };
-        let mut m = HmacSha256::new_from_slice(&k).expect("any key length");
-        for p in [id.as_bytes(), b".", timestamp.as_bytes(), b".", body] {
-            m.update(p);
-        }
-        if m.verify_slice(&sig).is_ok() {
-            return Ok(());
-        }
-    }
-    Err(VerifyError::Mismatch)
+    let decode = |s: &str| B64.decode(s).ok();
+    let parts: [&[u8]; 5] = [id.as_bytes(), b".", timestamp.as_bytes(), b".", body];
+    any_matches(secret, header, "v1,", decode, &parts)
 }
 
 /// Verifies an `X-AIHub-Signature` header (constant-time compare).
 pub fn verify_aihub(secret: &str, header: &str, body: &[u8]) -> Result<(), VerifyError> {
+    any_matches(secret, header, "sha256=", |s| hex::decode(s).ok(), &[body])
+}
+
+/// Whether any space-separated `prefix<encoded signature>` of `header` is the HMAC of
+/// `parts` under `secret` (constant-time compare).
+fn any_matches(
+    secret: &str,
+    header: &str,
+    prefix: &str,
+    decode: impl Fn(&str) -> Option<Vec<u8>>,
+    parts: &[&[u8]],
+) -> Result<(), VerifyError> {
     let k = key(secret);
-    for part in header.split(' ') {
-        let Some(hex_sig) = part.strip_prefix("sha256=") else {
-            continue;
-        };
-        let Ok(sig) = hex::decode(hex_sig) else {
-            continue;
-        };
+    for sig in header.split(' ').filter_map(|p| p.strip_prefix(prefix)) {
+        let Some(sig) = decode(sig) else { continue };
         let mut m = HmacSha256::new_from_slice(&k).expect("any key length");
-        m.update(body);
+        for p in parts {
+            m.update(p);
+        }
         if m.verify_slice(&sig).is_ok() {
             return Ok(());
         }
