@@ -598,8 +598,24 @@ async fn upgrade_from_v1(backend: Backend) {
         .await
         .unwrap();
 
-    assert_eq!(migrations::migrate(&store).await.unwrap(), vec![2, 3]);
+    assert_eq!(migrations::migrate(&store).await.unwrap(), vec![2, 3, 4]);
     assert!(migrations::migrate(&store).await.unwrap().is_empty());
+    // v4: the webhook tables replace V1's placeholder.
+    for table in [
+        "webhook_endpoints",
+        "webhook_deliveries",
+        "webhook_attempts",
+    ] {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{table}");
+    }
+    assert!(sqlx::query("SELECT 1 FROM webhook_configs")
+        .fetch_optional(store.pool())
+        .await
+        .is_err());
     // v3: the existing account has held its plan since it was created.
     let subs = aihub_store::subscriptions::overlapping(&store, "dev_old", 0, i64::MAX)
         .await
