@@ -73,6 +73,18 @@ async fn deliveries_until(
     panic!("deliveries of {hook} did not settle");
 }
 
+/// Asks for a `webhook.test` event to endpoint `id`; returns the status.
+async fn send_test(api: &TestApi, token: &str, id: &str) -> u16 {
+    api.call(
+        "POST",
+        &format!("/developer/webhooks/{id}/test"),
+        Some(token),
+        None,
+    )
+    .await
+    .0
+}
+
 /// Reads the endpoint until it is disabled (5 s at most); returns its last view.
 async fn until_disabled(api: &TestApi, token: &str, id: &str) -> Value {
     let mut hook = Value::Null;
@@ -403,13 +415,7 @@ async fn redirects_are_not_followed() {
     )
     .await;
     let id = hook["id"].as_str().unwrap();
-    api.call(
-        "POST",
-        &format!("/developer/webhooks/{id}/test"),
-        Some(&ada),
-        None,
-    )
-    .await;
+    send_test(&api, &ada, id).await;
     let log = deliveries_until(&api, &ada, id, |l| {
         l.first().is_some_and(|d| d["status"] == "failed")
     })
@@ -441,13 +447,7 @@ async fn retries_retry_after_410_and_redelivery() {
         )
         .await;
         let id = hook["id"].as_str().unwrap().to_owned();
-        api.call(
-            "POST",
-            &format!("/developer/webhooks/{id}/test"),
-            Some(&ada),
-            None,
-        )
-        .await;
+        send_test(&api, &ada, &id).await;
         let got = rx.wait_for(3, Duration::from_secs(10)).await;
         // Same event every time.
         assert!(got
@@ -488,13 +488,7 @@ async fn retries_retry_after_410_and_redelivery() {
 
         // 410 Gone: the endpoint is disabled at once, with an event and a mail.
         rx.script([Reply::status(410)]);
-        api.call(
-            "POST",
-            &format!("/developer/webhooks/{id}/test"),
-            Some(&ada),
-            None,
-        )
-        .await;
+        send_test(&api, &ada, &id).await;
         rx.wait_for(5, Duration::from_secs(5)).await;
         let hook = until_disabled(&api, &ada, &id).await;
         assert_eq!(hook["active"], false, "{hook}");
@@ -570,13 +564,7 @@ async fn an_endpoint_failing_past_the_window_is_disabled() {
     )
     .await;
     let id = hook["id"].as_str().unwrap();
-    api.call(
-        "POST",
-        &format!("/developer/webhooks/{id}/test"),
-        Some(&ada),
-        None,
-    )
-    .await;
+    send_test(&api, &ada, id).await;
     let hook = until_disabled(&api, &ada, id).await;
     assert_eq!(hook["active"], false, "{hook}");
     assert!(

@@ -546,6 +546,8 @@ pub async fn stream(
                 }
                 Err(e) => tracing::warn!(error = %e, "event stream: cannot read events"),
             }
+            // At most five reads a second per open page, however busy the node is.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             tokio::select! {
                 _ = ticks.recv() => {}
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
