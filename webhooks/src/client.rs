@@ -273,8 +273,7 @@ async fn exchange_on(
         .headers()
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .and_then(|v| retry_after(v, aihub_store::now_ms() / 1000));
     let mut body = resp.into_body();
     let mut kept = Vec::with_capacity(256);
     let mut read = 0usize;
@@ -304,6 +303,59 @@ async fn exchange_on(
     Ok((answer, complete.then_some(send)))
 }
 
+/// `Retry-After` as seconds (`120`) or an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`, taken
+/// relative to `now_s`); a date in the past is no wait.
+pub fn retry_after(value: &str, now_s: i64) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // IMF-fixdate: `Day, DD Mon YYYY HH:MM:SS GMT`.
+    let mut parts = v.split_whitespace().skip(1);
+    let day: u32 = parts.next()?.parse().ok()?;
+    let month = match parts.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: i32 = parts.next()?.parse().ok()?;
+    let mut hms = parts.next()?.split(':').map(|x| x.parse::<i64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if parts.next()? != "GMT" || !(1..=31).contains(&day) {
+        return None;
+    }
+    let period = days_to_month(year, month)?;
+    let at = (period + i64::from(day) - 1) * 86_400 + h * 3600 + m * 60 + sec;
+    Some(Duration::from_secs((at - now_s).max(0) as u64))
+}
+
+/// Days from 1970-01-01 to the first of `month` of `year` (proleptic Gregorian).
+fn days_to_month(year: i32, month: u32) -> Option<i64> {
+    if !(1970..=9999).contains(&year) {
+        return None;
+    }
+    let (y, m) = if month <= 2 {
+        (i64::from(year) - 1, i64::from(month) + 9)
+    } else {
+        (i64::from(year), i64::from(month) - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SendError {
     #[error("invalid URL")]
@@ -318,4 +370,30 @@ enum SendError {
     Tls(String),
     #[error("HTTP: {0}")]
     Http(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(retry_after("120", 0), Some(Duration::from_secs(120)));
+        // 2026-10-21T07:28:00Z = 1792567680.
+        let at = 1_792_567_680;
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2026 07:28:00 GMT", at - 90),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2026 07:28:00 GMT", at + 5),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after("Sun, 01 Mar 2026 00:00:00 GMT", 1_772_323_200),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", 0), None);
+        assert_eq!(retry_after("Wed, 21 Foo 2026 07:28:00 GMT", 0), None);
+    }
 }
