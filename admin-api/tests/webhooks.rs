@@ -737,3 +737,42 @@ async fn usage_alerts_are_mailed_and_shown_on_the_dashboard() {
     let mail = mail.expect("the usage alert was mailed");
     assert!(mail.contains("80500 of 1000"), "{mail}");
 }
+
+#[tokio::test]
+async fn disabling_an_endpoint_mid_attempt_schedules_nothing_more() {
+    let api = api(Backend::Sqlite, |c| {
+        c.webhooks.timeout = Duration::from_secs(2);
+        c.webhooks.lease = Duration::from_secs(4);
+    })
+    .await;
+    let rx = Receiver::start().await;
+    // The first attempt hangs, then fails; the endpoint is disabled meanwhile.
+    rx.then(Reply::status(500).delay(Duration::from_millis(800)));
+    let ada = api.signed_up("ada@example.com").await;
+    let hook = create_hook(
+        &api,
+        &ada,
+        json!({"url": rx.url("/h"), "event_types": ["webhook.test"], "max_retries": 3}),
+    )
+    .await;
+    let id = hook["id"].as_str().unwrap().to_owned();
+    assert_eq!(send_test(&api, &ada, &id).await, 202);
+    rx.wait_for(1, Duration::from_secs(5)).await;
+    let (s, _) = api
+        .call(
+            "PUT",
+            &format!("/developer/webhooks/{id}"),
+            Some(&ada),
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let log = deliveries_until(&api, &ada, &id, |l| {
+        l.first()
+            .is_some_and(|d| d["attempts"] == 1 && d["status"] == "failed")
+    })
+    .await;
+    assert_eq!(log[0]["next_attempt_at"], Value::Null);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(rx.count(), 1, "a disabled endpoint was sent a retry");
+}

@@ -329,8 +329,25 @@ pub async fn finish(
 ) -> Result<Vec<Disabled>> {
     let now = now_ms();
     let mut tx = store.begin_write().await?;
+    // Endpoints disabled or deleted while these attempts ran: nothing more is scheduled.
+    let mut ids: Vec<&str> = batch.iter().map(|f| f.endpoint_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let sql = format!(
+        "SELECT id FROM webhook_endpoints WHERE id IN ({}) \
+         AND (disabled_at IS NOT NULL OR deleted_at IS NOT NULL)",
+        placeholders(1, ids.len())
+    );
+    let mut q = sqlx::query_scalar::<_, String>(&sql);
+    for id in &ids {
+        q = q.bind(*id);
+    }
+    let inactive: Vec<String> = q.fetch_all(&mut *tx).await?;
     let mut disable: Vec<(&str, String)> = Vec::new();
     for f in batch {
+        let next_attempt_at = f
+            .next_attempt_at
+            .filter(|_| !inactive.contains(&f.endpoint_id));
         sqlx::query(
             "INSERT INTO webhook_attempts (delivery_id, attempt, started_at, status_code, \
              latency_ms, response_body, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -344,7 +361,7 @@ pub async fn finish(
         .bind(&f.error)
         .execute(&mut *tx)
         .await?;
-        let status = match (f.succeeded, f.next_attempt_at) {
+        let status = match (f.succeeded, next_attempt_at) {
             (true, _) => SUCCEEDED,
             (false, Some(_)) => PENDING,
             (false, None) => FAILED,
@@ -357,7 +374,7 @@ pub async fn finish(
         .bind(&f.delivery_id)
         .bind(f.attempt)
         .bind(status)
-        .bind(f.next_attempt_at)
+        .bind(next_attempt_at)
         .bind(f.status_code)
         .bind(&f.error)
         .bind(now)
@@ -428,13 +445,14 @@ pub async fn finish(
     Ok(disabled)
 }
 
-/// Sends a delivery again now, one more attempt, whatever its state (the developer's
-/// redelivery). The endpoint must be active.
+/// Sends a delivery again now, whatever its state, with at least one more attempt allowed
+/// (the developer's redelivery). The endpoint must be active.
 pub async fn redeliver(conn: &mut AnyConnection, developer_id: &str, id: &str) -> Result<Delivery> {
     let now = now_ms();
     let row = sqlx::query(&format!(
         "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $3, \
-         max_attempts = attempts + 1, lease_until = NULL, lease_owner = NULL, updated_at = $3, \
+         max_attempts = CASE WHEN max_attempts > attempts THEN max_attempts ELSE attempts + 1 END, \
+         lease_until = NULL, lease_owner = NULL, updated_at = $3, \
          completed_at = NULL WHERE id = $1 AND developer_id = $2 AND endpoint_id IN \
          (SELECT id FROM webhook_endpoints WHERE deleted_at IS NULL AND disabled_at IS NULL) \
          RETURNING {COLUMNS}"
