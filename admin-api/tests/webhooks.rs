@@ -361,15 +361,7 @@ async fn validation_and_the_ssrf_guard() {
     )
     .await;
     let id = hook["id"].as_str().unwrap();
-    let (s, _) = api
-        .call(
-            "POST",
-            &format!("/developer/webhooks/{id}/test"),
-            Some(&ada),
-            None,
-        )
-        .await;
-    assert_eq!(s, 202);
+    assert_eq!(send_test(&api, &ada, id).await, 202);
     let log = deliveries_until(&api, &ada, id, |l| {
         l.first().is_some_and(|d| d["status"] == "failed")
     })
@@ -515,15 +507,7 @@ async fn retries_retry_after_410_and_redelivery() {
         }
         assert!(mailed, "no mail about the disabled endpoint");
         // A disabled endpoint takes no tests nor redeliveries until enabled again.
-        let (s, _) = api
-            .call(
-                "POST",
-                &format!("/developer/webhooks/{id}/test"),
-                Some(&ada),
-                None,
-            )
-            .await;
-        assert_eq!(s, 409);
+        assert_eq!(send_test(&api, &ada, &id).await, 409);
         let (s, _) = api
             .call(
                 "POST",

@@ -163,7 +163,7 @@ pub async fn reconcile_at(
     let mut before: Option<Vec<Problem>> = None;
     loop {
         attempt += 1;
-        let rows_before = count_rows(client, from, to).await?;
+        let rows_before = totals::raw_count(client, from, to).await?;
         let subs = subscriptions::all_overlapping(store, from, to).await?;
         let live: HashMap<String, Computed> = billing
             .compute_all(period, None, &mut GenerateReport::default())
@@ -173,7 +173,7 @@ pub async fn reconcile_at(
             .collect();
         let mut report = check(billing, period, Reference::Live(live), subs.clone()).await?;
         let settled = report.rows == rows_before
-            && count_rows(client, from, to).await? == rows_before
+            && totals::raw_count(client, from, to).await? == rows_before
             && subscriptions::all_overlapping(store, from, to).await? == subs;
         // With the rows held still, a clean result is final, and so are differences found twice.
         let confirmed = report.is_clean() || before.as_ref() == Some(&report.problems);
@@ -188,11 +188,6 @@ pub async fn reconcile_at(
         before = settled.then(|| report.problems.clone());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// The period's raw rows, counted with the bounds [`source::all_rows`] reads.
-async fn count_rows(client: &clickhouse::Client, from: i64, to: i64) -> Result<u64, BillingError> {
-    Ok(totals::raw_count(client, from, to).await?)
 }
 
 /// One pass over the raw rows: every developer's invoice recomputed and compared with

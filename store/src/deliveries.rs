@@ -549,19 +549,6 @@ pub async fn attempts(store: &Store, delivery_ids: &[&str]) -> Result<Vec<(Strin
         .collect()
 }
 
-/// Deliveries waiting (due or scheduled) and events not yet fanned out, for metrics.
-pub async fn backlog(store: &Store) -> Result<(i64, i64)> {
-    let pending: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL",
-    )
-    .fetch_one(store.pool())
-    .await?;
-    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE dispatched_at IS NULL")
-        .fetch_one(store.pool())
-        .await?;
-    Ok((pending, events))
-}
-
 /// Gives back leased deliveries without attempting them (their endpoint is at its
 /// concurrency cap): due again at once, for any worker.
 pub async fn release(store: &Store, ids: &[&str]) -> Result<()> {

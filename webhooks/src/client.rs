@@ -103,10 +103,6 @@ impl Sender {
         })
     }
 
-    pub fn policy(&self) -> &AddressPolicy {
-        &self.policy
-    }
-
     /// Posts `body` to `url` with `headers`.
     pub async fn post(
         &self,
