@@ -14,7 +14,10 @@
 //! - This file: [`generate`], [`parse`], [`KeyHash`], [`display_prefix`].
 //! - [`pattern`]: a key's permission rules (model/endpoint patterns, IP allowlist entries),
 //!   enforced by the gateway and validated by the admin API with the same code.
+//! - [`internal`]: credentials between the gateway and the admin API (forwarded identities of
+//!   Files/Batches calls, batch items' tokens), signed with the shared internal secret.
 
+pub mod internal;
 pub mod pattern;
 
 use std::fmt;

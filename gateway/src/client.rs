@@ -1,10 +1,11 @@
 //! Writes to the client, each bounded by `server.response_write_timeout` (set on the session by
 //! the proxy): a client that stops reading becomes [`GatewayError::ClientTimeout`], a closed
-//! connection [`GatewayError::ClientGone`].
+//! connection [`GatewayError::ClientGone`]; whether the client waits for `100 Continue`.
 
 use std::time::Duration;
 
 use pingora_error::{Error, ErrorType, Result};
+use pingora_proxy::Session;
 
 use crate::error::GatewayError;
 
@@ -29,4 +30,12 @@ pub fn client_error(e: &Error) -> GatewayError {
         ErrorType::WriteTimedout => GatewayError::ClientTimeout,
         _ => GatewayError::ClientGone,
     }
+}
+
+/// Whether the client waits for `100 Continue` before sending its body (HTTP/1.1 `Expect`).
+pub fn expects_continue(session: &Session) -> bool {
+    !session.is_http2()
+        && session
+            .get_header(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }

@@ -4,6 +4,8 @@
 //! its errors name the file and the key path (`upstreams.openai.endpoints[1]`).
 //!
 //! `config/gateway.yaml` is the commented reference; every default below is repeated there.
+//! Two sections live in files of their own: `control_plane:` ([`ControlPlaneConfig`], in
+//! `config/control_plane.rs`) and `batches:` ([`BatchesConfig`], in `config/batches.rs`).
 //! Loading never touches the network: turning the config into live routes (DNS, peers) is
 //! [`crate::routing`]'s job.
 //!
@@ -28,6 +30,12 @@ use crate::keys::{Interner, KeyLimits, KeyRecord, KeySource};
 pub const DATABASE_URL_ENV: &str = "AIHUB_DATABASE_URL";
 
 pub use aihub_yamlconf::ConfigError;
+
+mod batches;
+mod control_plane;
+
+pub use batches::BatchesConfig;
+pub use control_plane::ControlPlaneConfig;
 
 /// The whole gateway configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +65,9 @@ pub struct Config {
     /// Rate limits, token limits and plan quotas. Absent: nothing is limited.
     #[serde(default)]
     pub limits: Option<LimitsConfig>,
+    /// Pricing of batch items. Default: `discount: 0.5`.
+    #[serde(default)]
+    pub batches: BatchesConfig,
 }
 
 /// How requests are limited (`limits:`). Changes need a restart, except the plans file, which
@@ -113,54 +124,6 @@ impl LimitsConfig {
                     .map_or_else(|| p.clone(), |dir| dir.join(p));
                 aihub_plans::PlanCatalog::load(&path)
             }
-        }
-    }
-}
-
-/// Where the control-plane keys come from and how closely they are followed.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlPlaneConfig {
-    /// `sqlite://PATH` or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (required). Holds a
-    /// credential: never logged. The admin API owns the schema; the gateway never migrates it.
-    pub database_url: String,
-    /// `redis://HOST[:PORT][/DB]`: change notices pushed on the `aihub:keys:changed` channel
-    /// trigger an immediate poll. Default: none (poll only).
-    #[serde(default)]
-    pub redis_url: Option<String>,
-    /// How often the change feed is read while no Redis subscription is live. Default 250ms.
-    #[serde(default = "default_poll_interval", with = "humantime_serde")]
-    pub poll_interval: Duration,
-    /// How often the feed is read while the Redis subscription is live: a safety net for lost
-    /// notices (pub/sub delivers at most once), so the 1 s propagation bound holds even then.
-    /// Default 1s.
-    #[serde(default = "default_push_poll_interval", with = "humantime_serde")]
-    pub push_poll_interval: Duration,
-    /// Database connections held by the gateway. Default 2.
-    #[serde(default = "default_cp_connections")]
-    pub max_connections: u32,
-    /// How often last-used times of control-plane keys are written back. Default 10s.
-    #[serde(default = "default_flush_interval", with = "humantime_serde")]
-    pub last_used_flush_interval: Duration,
-    /// File keeping a snapshot of the control-plane keys (hashes only), rewritten at most every
-    /// 10 s after changes. A gateway that starts while the database is unreachable serves the
-    /// snapshot's keys and follows the feed from its position once the database answers.
-    /// Default: none (such a gateway stays not-ready until the database answers).
-    #[serde(default)]
-    pub snapshot_path: Option<PathBuf>,
-}
-
-impl ControlPlaneConfig {
-    /// The section with its defaults around `database_url`.
-    pub fn with_url(database_url: String) -> Self {
-        ControlPlaneConfig {
-            database_url,
-            redis_url: None,
-            poll_interval: default_poll_interval(),
-            push_poll_interval: default_push_poll_interval(),
-            max_connections: default_cp_connections(),
-            last_used_flush_interval: default_flush_interval(),
-            snapshot_path: None,
         }
     }
 }
@@ -371,18 +334,6 @@ fn default_failures() -> u32 {
     3
 }
 fn default_cooldown() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_poll_interval() -> Duration {
-    Duration::from_millis(250)
-}
-fn default_push_poll_interval() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_cp_connections() -> u32 {
-    2
-}
-fn default_flush_interval() -> Duration {
     Duration::from_secs(10)
 }
 fn default_max_tokens() -> u32 {
@@ -731,14 +682,19 @@ impl Config {
                 "plans apply only with a `limits:` section".into(),
             ));
         }
-        if let Some(cp) = &self.control_plane {
-            cp.validate().map_err(|(key, message)| err(key, message))?;
-        }
+        let admin_url = match &self.control_plane {
+            Some(cp) => cp.validate().map_err(|(key, message)| err(key, message))?,
+            None => None,
+        };
+        self.batches
+            .validate()
+            .map_err(|(key, message)| err(key, message))?;
         Ok(Checked {
             upstreams,
             keys,
             plans: plans.unwrap_or_else(aihub_plans::PlanCatalog::builtin),
             pricing,
+            admin_url,
         })
     }
 }
@@ -755,6 +711,8 @@ pub struct Checked {
     /// From `limits.plans_file`, else built in.
     pub plans: aihub_plans::PlanCatalog,
     pub pricing: aihub_usage::pricing::Pricing,
+    /// `control_plane.admin_url`, parsed.
+    pub admin_url: Option<BaseUrl>,
 }
 
 /// An upstream in use, its URLs and credential parsed.
@@ -787,47 +745,6 @@ fn credential(
         .map_err(|_| format!("`{var}` holds characters not allowed in a header"))?;
     value.set_sensitive(true);
     Ok((header, value))
-}
-
-impl ControlPlaneConfig {
-    /// Checks the section; errors carry the key path. URLs are never echoed (they may hold a
-    /// password).
-    fn validate(&self) -> Result<(), (String, String)> {
-        let at = |k: &str| format!("control_plane.{k}");
-        let url = self.database_url.as_str();
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("postgres://")
-            || url.starts_with("postgresql://"))
-        {
-            return Err((
-                at("database_url"),
-                "expected `sqlite://PATH` or `postgres://USER@HOST/DB`".into(),
-            ));
-        }
-        if let Some(redis) = &self.redis_url {
-            if !(redis.starts_with("redis://") || redis.starts_with("rediss://"))
-                || redis::Client::open(redis.as_str()).is_err()
-            {
-                return Err((
-                    at("redis_url"),
-                    "expected `redis://HOST[:PORT][/DB]` (or `rediss://`)".into(),
-                ));
-            }
-        }
-        for (key, d) in [
-            ("poll_interval", self.poll_interval),
-            ("push_poll_interval", self.push_poll_interval),
-            ("last_used_flush_interval", self.last_used_flush_interval),
-        ] {
-            if d.is_zero() {
-                return Err((at(key), "must be positive".into()));
-            }
-        }
-        if self.max_connections == 0 {
-            return Err((at("max_connections"), "must be positive".into()));
-        }
-        Ok(())
-    }
 }
 
 /// A parsed upstream base URL.

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use aihub_apikey::internal::InternalSecret;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
 
@@ -39,6 +40,10 @@ pub struct Shared {
     pub usage: Option<aihub_usage::UsageSink>,
     /// Rate limits and quotas; `None` without a `limits` section.
     pub limits: Option<Arc<Limits>>,
+    /// The secret shared with the admin API (`settings.internal_secret`), read by the key sync
+    /// once the admin API has created it: it signs forwarded identities and verifies batch
+    /// tokens. `None` without a control plane, and until it is read.
+    pub internal_secret: ArcSwapOption<InternalSecret>,
 }
 
 /// Whether `/readyz` answers ready: serving, and the initial key load (if any) done.
@@ -96,9 +101,19 @@ impl Metering {
     }
 }
 
+/// The batch item a request is (it came with a verified batch token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchItem {
+    /// The batch or task id (`batch_…`, `task_…`): the usage record's `batch_id`.
+    pub task_id: Arc<str>,
+    /// The item's line in the batch's input.
+    pub line: u64,
+}
+
 /// Facts derived while handling one request. No I/O happens in [`RequestCtx::new`].
 pub struct RequestCtx {
-    /// The request id (UUIDv7): in usage records, logs and the `x-request-id` header.
+    /// The request id (UUIDv7; a batch item's is fixed by the item, see
+    /// [`RequestCtx::set_batch_item`]): in usage records, logs and the `x-request-id` header.
     pub request_id: uuid::Uuid,
     /// `request_id` rendered once as a header value (cheap to clone into both headers).
     pub request_id_header: http::HeaderValue,
@@ -137,6 +152,9 @@ pub struct RequestCtx {
     pub retry_after: Option<u64>,
     /// The request is counted in the in-flight gauge (undone in `logging`).
     pub counted: bool,
+    /// Set when the request is a batch item: priced with the batch discount, recorded with
+    /// its batch id.
+    pub batch: Option<BatchItem>,
 }
 
 impl RequestCtx {
@@ -145,12 +163,7 @@ impl RequestCtx {
         let request_id = uuid::Uuid::now_v7();
         RequestCtx {
             request_id,
-            request_id_header: http::HeaderValue::from_str(
-                request_id
-                    .hyphenated()
-                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
-            )
-            .expect("a UUID is a valid header value"),
+            request_id_header: id_header(request_id),
             start: Instant::now(),
             key: None,
             route: None,
@@ -173,8 +186,23 @@ impl RequestCtx {
             rate_headers: RateHeaders::default(),
             retry_after: None,
             counted: false,
+            batch: None,
         }
     }
+
+    /// Marks the request as batch item `item`, whose request id is `request_id` (the same on
+    /// every attempt of the item, so its usage is recorded once).
+    pub fn set_batch_item(&mut self, item: BatchItem, request_id: uuid::Uuid) {
+        self.request_id = request_id;
+        self.request_id_header = id_header(request_id);
+        self.batch = Some(item);
+    }
+}
+
+/// A request id as a header value.
+fn id_header(id: uuid::Uuid) -> http::HeaderValue {
+    http::HeaderValue::from_str(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()))
+        .expect("a UUID is a valid header value")
 }
 
 impl Default for RequestCtx {

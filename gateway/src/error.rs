@@ -43,6 +43,11 @@ pub enum AuthFailure {
     NotFound,
     Disabled,
     Expired,
+    /// A batch item's token that does not verify: malformed, tampered, signed with another
+    /// secret, expired, or the gateway has no internal secret yet.
+    BatchToken,
+    /// A valid-looking batch token on a call other than a model call (`POST /v1/…`).
+    BatchTokenNotAccepted,
 }
 
 impl AuthFailure {
@@ -53,8 +58,25 @@ impl AuthFailure {
             AuthFailure::NotFound => "not_found",
             AuthFailure::Disabled => "disabled",
             AuthFailure::Expired => "expired",
+            AuthFailure::BatchToken => "batch_token",
+            AuthFailure::BatchTokenNotAccepted => "batch_token_not_accepted",
         }
     }
+}
+
+/// Why a Files or Batches call could not be forwarded to the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminFailure {
+    /// No `control_plane.admin_url`: the APIs are off on this gateway (404).
+    NotConfigured,
+    /// The internal secret has not been read from the control plane yet (503).
+    SecretMissing,
+    /// No connection to the admin API (502).
+    Unreachable,
+    /// The admin API did not answer in time (504).
+    Timeout,
+    /// The exchange with the admin API failed after the call was sent (502).
+    Failed,
 }
 
 /// A failure that ends a request with an error response.
@@ -107,6 +129,9 @@ pub enum GatewayError {
     },
     #[error("usage metering is unavailable (WAL over its disk cap)")]
     MeteringUnavailable,
+    /// A Files or Batches call the admin API did not take (see [`AdminFailure`]).
+    #[error("admin API call failed ({kind:?}): {detail}")]
+    Admin { kind: AdminFailure, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -143,6 +168,12 @@ impl GatewayError {
             UpstreamTimeout { .. } => 504,
             MeteringUnavailable => 503,
             Internal(_) => 500,
+            Admin { kind, .. } => match kind {
+                AdminFailure::NotConfigured => 404,
+                AdminFailure::SecretMissing => 503,
+                AdminFailure::Unreachable | AdminFailure::Failed => 502,
+                AdminFailure::Timeout => 504,
+            },
         }
     }
 
@@ -174,6 +205,13 @@ impl GatewayError {
             UpstreamFailed { .. } => "upstream_error",
             MeteringUnavailable => "metering_unavailable",
             Internal(_) => "internal_error",
+            Admin { kind, .. } => match kind {
+                AdminFailure::NotConfigured => "unsupported_endpoint",
+                AdminFailure::SecretMissing => "service_unavailable",
+                AdminFailure::Unreachable => "admin_unreachable",
+                AdminFailure::Timeout => "admin_timeout",
+                AdminFailure::Failed => "admin_error",
+            },
         }
     }
 
@@ -210,6 +248,8 @@ impl GatewayError {
             Auth(AuthFailure::NotFound) => "Incorrect API key provided.".into(),
             Auth(AuthFailure::Disabled) => "This API key has been disabled.".into(),
             Auth(AuthFailure::Expired) => "This API key has expired.".into(),
+            Auth(AuthFailure::BatchToken) => "Incorrect batch item token provided.".into(),
+            Auth(AuthFailure::BatchTokenNotAccepted) => "A batch item token is accepted only on model calls (`POST /v1/…`).".into(),
             EndpointNotAllowed(e) => format!("This API key may not call `/v1/{e}`."),
             ModelNotAllowed(m) => format!("This API key may not use the model `{m}`."),
             IpNotAllowed => "This API key may not be used from your IP address.".into(),
@@ -238,6 +278,13 @@ impl GatewayError {
             UpstreamFailed { .. } => "The upstream model provider returned an invalid response. Please retry.".into(),
             MeteringUnavailable => "The service is temporarily unavailable. Please retry later.".into(),
             Internal(_) => "The gateway had an internal error. Please retry.".into(),
+            Admin { kind, .. } => match kind {
+                AdminFailure::NotConfigured => "The Files and Batches APIs are not enabled on this gateway: they need `control_plane.admin_url` in its configuration.".into(),
+                AdminFailure::SecretMissing => "The Files and Batches APIs are not available yet (the gateway is waiting for the control plane). Please retry later.".into(),
+                AdminFailure::Unreachable => "The Files and Batches service could not be reached. Please retry.".into(),
+                AdminFailure::Timeout => "The Files and Batches service did not answer in time. Please retry.".into(),
+                AdminFailure::Failed => "The Files and Batches service returned an invalid response. Please retry.".into(),
+            },
         }
     }
 
@@ -316,6 +363,33 @@ mod tests {
         assert_eq!(e.status(), 403);
         assert_eq!(v["error"]["code"], "ip_not_allowed");
         assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn files_and_batches_failures_in_openai_shapes() {
+        let e = |kind| GatewayError::Admin {
+            kind,
+            detail: "127.0.0.1:9 connection refused".into(),
+        };
+        for (kind, status, code) in [
+            (AdminFailure::NotConfigured, 404, "unsupported_endpoint"),
+            (AdminFailure::SecretMissing, 503, "service_unavailable"),
+            (AdminFailure::Unreachable, 502, "admin_unreachable"),
+            (AdminFailure::Timeout, 504, "admin_timeout"),
+            (AdminFailure::Failed, 502, "admin_error"),
+        ] {
+            let err = e(kind);
+            let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+            assert_eq!((err.status(), err.code()), (status, code));
+            assert_eq!(v["error"]["code"], code);
+            assert!(!v.to_string().contains("127.0.0.1"));
+        }
+        let body = String::from_utf8(e(AdminFailure::NotConfigured).body()).unwrap();
+        assert!(body.contains("control_plane.admin_url"), "{body}");
+        for why in [AuthFailure::BatchToken, AuthFailure::BatchTokenNotAccepted] {
+            let err = GatewayError::Auth(why);
+            assert_eq!((err.status(), err.code()), (401, "invalid_api_key"));
+        }
     }
 
     #[test]

@@ -26,8 +26,13 @@ pub struct Metrics {
     /// Time from upstream request sent to upstream response header, by upstream.
     pub upstream_latency: HistogramVec,
     /// Authentication failures by reason (missing, malformed, not_found, disabled, expired,
-    /// forbidden_ip).
+    /// forbidden_ip, batch_token, batch_token_not_accepted).
     pub auth_failures: IntCounterVec,
+    /// Batch items (requests with a verified batch token) by final status.
+    pub batch_items: IntCounterVec,
+    /// Files and Batches calls the admin API did not take, by kind (connect, timeout,
+    /// exchange).
+    pub admin_errors: IntCounterVec,
     /// Upstream connect/exchange failures by upstream, endpoint and kind.
     pub upstream_errors: IntCounterVec,
     /// 1 when an endpoint is taking traffic, 0 while it is skipped after failures.
@@ -113,6 +118,16 @@ impl Metrics {
                 "auth_failures_total",
                 "Authentication failures by reason",
                 &["reason"],
+            ),
+            batch_items: counter(
+                "batch_item_requests_total",
+                "Batch items (requests with a verified batch token) by final status",
+                &["status"],
+            ),
+            admin_errors: counter(
+                "admin_forward_errors_total",
+                "Files and Batches calls the admin API did not take, by kind",
+                &["kind"],
             ),
             upstream_errors: counter(
                 "upstream_errors_total",

@@ -1,10 +1,12 @@
 //! The pingora [`ProxyHttp`] implementation: one [`Gateway`] holding the shared state
 //! ([`crate::context::Shared`]), one small [`RequestCtx`] per request.
 //!
-//! Every request is handled in `request_filter`: authenticate from memory, read the bounded body,
-//! route by `model`, then [`crate::forward`] sends the buffered body upstream itself and streams
-//! the answer back (pingora's own forwarding cannot replay a pre-read body over 64 KiB; see
-//! ARCHITECTURE.md). Failures become responses in exactly one place, `Gateway::respond_error`.
+//! Every request is handled in `request_filter`: authenticate from memory (a developer's key,
+//! or a batch item's token from an admin API worker), read the bounded body, route by `model`,
+//! then [`crate::forward`] sends the buffered body upstream itself and streams the answer back
+//! (pingora's own forwarding cannot replay a pre-read body over 64 KiB; see ARCHITECTURE.md).
+//! Files and Batches calls go to the admin API instead ([`crate::internal`]). Failures become
+//! responses in exactly one place, `Gateway::respond_error`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,8 +21,10 @@ use serde::Serialize;
 
 use crate::client::client_write;
 use crate::clock::now_ms;
-use crate::context::{Metering, RequestCtx, Shared};
-use crate::error::{GatewayError, Reason};
+use aihub_apikey::internal::is_batch_token;
+
+use crate::context::{BatchItem, Metering, RequestCtx, Shared};
+use crate::error::{AuthFailure, GatewayError, Reason};
 use crate::keys::{authenticate, KeyRecord};
 use crate::request;
 use crate::routing::Runtime;
@@ -104,6 +108,9 @@ impl ProxyHttp for Gateway {
         m.requests
             .with_label_values(&[model, status.as_str()])
             .inc();
+        if ctx.batch.is_some() {
+            m.batch_items.with_label_values(&[status.as_str()]).inc();
+        }
         m.request_duration
             .with_label_values(&[model])
             .observe(elapsed.as_secs_f64());
@@ -120,6 +127,8 @@ impl ProxyHttp for Gateway {
             status = ctx.status,
             model,
             key_id = ctx.key.as_deref().map(|k| &*k.key_id),
+            batch_id = ctx.batch.as_ref().map(|b| &*b.task_id),
+            batch_line = ctx.batch.as_ref().map(|b| b.line),
             developer_id = ctx.key.as_deref().map(|k| &*k.developer_id),
             upstream = upstream.map(|u| u.name.as_str()),
             endpoint,
@@ -137,7 +146,7 @@ impl ProxyHttp for Gateway {
         }
         let runtime = self.shared.runtime.load();
         let tokens = crate::usage::tokens(crate::usage::metered(ctx)).await;
-        let priced = crate::usage::priced(ctx, tokens, &runtime.pricing);
+        let priced = crate::usage::priced(ctx, tokens, &runtime.pricing, runtime.batch_discount);
         if let (Some(admission), Some(limits)) = (ctx.admission.take(), &self.shared.limits) {
             limits.settle(
                 admission,
@@ -181,14 +190,31 @@ impl Gateway {
             return Err(unknown_url(&method, path));
         };
         let now = now_ms();
-        let key = authenticate(&*self.shared.keys, presented_key(session), now)
-            .map_err(GatewayError::Auth)?;
-        ctx.key = Some(Arc::clone(&key));
-        if key.ip_allowlist.is_some() && !key.allows_ip(client_ip(session)) {
-            return Err(GatewayError::IpNotAllowed);
-        }
+        let presented = presented_key(session);
+        let files_or_batches = crate::internal::is_files_or_batches(endpoint);
+        let key = match presented.filter(|p| is_batch_token(p)) {
+            // Batch tokens are taken on model calls only.
+            Some(_) if method != Method::POST || endpoint.is_empty() || files_or_batches => {
+                return Err(GatewayError::Auth(AuthFailure::BatchTokenNotAccepted));
+            }
+            Some(token) => self.batch_item(ctx, token, now)?,
+            None => {
+                let key = authenticate(&*self.shared.keys, presented, now)
+                    .map_err(GatewayError::Auth)?;
+                ctx.key = Some(Arc::clone(&key));
+                if key.ip_allowlist.is_some() && !key.allows_ip(client_ip(session)) {
+                    return Err(GatewayError::IpNotAllowed);
+                }
+                key
+            }
+        };
         key.mark_used(now);
 
+        if files_or_batches {
+            return self
+                .files_or_batches(session, ctx, &rt, &key, endpoint)
+                .await;
+        }
         if method == Method::GET {
             return match endpoint {
                 "models" => self.list_models(session, ctx, &rt, &key).await,
@@ -270,6 +296,65 @@ impl Gateway {
         crate::forward::exchange(&self.shared, session, ctx, route, body).await
     }
 
+    /// The key of a batch item's token (`aihub-batch.…`, sent by an admin API worker): the
+    /// token verified with the internal secret, the key looked up by its hash and checked as a
+    /// live request's key is (revoked: unknown; disabled; expired), but not against the key's
+    /// IP allowlist: the worker runs on an admin node, and the allowlist was checked when the
+    /// batch was created. From here the request is the item: its request id is the item's.
+    fn batch_item(
+        &self,
+        ctx: &mut RequestCtx,
+        token: &str,
+        now: u64,
+    ) -> Result<Arc<KeyRecord>, GatewayError> {
+        let invalid = || GatewayError::Auth(AuthFailure::BatchToken);
+        let secret = self.shared.internal_secret.load();
+        let item = secret
+            .as_deref()
+            .ok_or_else(invalid)?
+            .verify_batch_token(token, now as i64)
+            .map_err(|_| invalid())?;
+        let request_id = item.request_id();
+        let batch = BatchItem {
+            task_id: item.task_id.as_str().into(),
+            line: item.line,
+        };
+        ctx.set_batch_item(batch, request_id);
+        let key = self
+            .shared
+            .keys
+            .get(&item.key_hash)
+            .ok_or(GatewayError::Auth(AuthFailure::NotFound))?;
+        key.check_usable(now).map_err(GatewayError::Auth)?;
+        ctx.key = Some(Arc::clone(&key));
+        Ok(key)
+    }
+
+    /// A Files or Batches call: the key's endpoint permission and request limits, then the
+    /// admin API answers it ([`crate::internal`]). Not a model call: no usage record.
+    async fn files_or_batches(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        rt: &Runtime,
+        key: &Arc<KeyRecord>,
+        endpoint: &str,
+    ) -> Result<(), GatewayError> {
+        if !key.endpoints.matches(endpoint) {
+            return Err(GatewayError::EndpointNotAllowed(endpoint.to_owned()));
+        }
+        if let Some(limits) = &self.shared.limits {
+            match limits.admit_request(key, &rt.plans).await {
+                Ok(admission) => {
+                    ctx.rate_headers = admission.headers;
+                    ctx.admission = Some(admission).filter(|a| !a.is_inert());
+                }
+                Err(refusal) => return Err(limited(ctx, refusal)),
+            }
+        }
+        crate::internal::forward(&self.shared, session, ctx, rt, key).await
+    }
+
     /// Reads the whole request body, bounded in size and time.
     async fn read_body(
         &self,
@@ -284,7 +369,7 @@ impl Gateway {
         }
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + rt.request_body_timeout);
-        if is_expect_continue(session) {
+        if crate::client::expects_continue(session) {
             let limit = session.downstream_session.get_write_timeout();
             client_write(limit, session.downstream_session.write_continue_response()).await?;
         }
@@ -488,13 +573,6 @@ fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
-}
-
-fn is_expect_continue(session: &Session) -> bool {
-    !session.is_http2()
-        && session
-            .get_header(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 fn unknown_url(method: &Method, path: &str) -> GatewayError {

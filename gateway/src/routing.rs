@@ -1,5 +1,6 @@
 //! The live routing table built from a checked configuration ([`crate::config::Checked`]):
-//! model → [`Route`] → [`Upstream`] with its endpoints, round-robin cursor and passive health.
+//! model → [`Route`] → [`Upstream`] with its endpoints, round-robin cursor and passive health;
+//! and the admin API's address for the Files and Batches calls ([`AdminPeer`]).
 //!
 //! A [`Runtime`] is immutable once built; a reload builds a new one and swaps it in, so a
 //! request keeps the snapshot it started with.
@@ -15,7 +16,7 @@ use http::{HeaderName, HeaderValue};
 use pingora_core::upstreams::peer::HttpPeer;
 
 use crate::clock::now_ms;
-use crate::config::{Checked, Config, ConfigError, UpstreamSpec};
+use crate::config::{BaseUrl, Checked, Config, ConfigError, UpstreamSpec};
 
 /// Everything a request reads from configuration, swapped as a whole on reload.
 #[derive(Debug)]
@@ -34,6 +35,74 @@ pub struct Runtime {
     pub plans: Arc<aihub_plans::PlanCatalog>,
     /// Every path (after `/v1/`) some upstream serves: others are refused before the body.
     pub paths: std::collections::HashSet<String>,
+    /// Where Files and Batches calls go (`control_plane.admin_url`); `None`: they get 404.
+    pub admin: Option<AdminPeer>,
+    /// Largest body forwarded to the admin API (`control_plane.max_upload_bytes`).
+    pub max_upload_bytes: u64,
+    /// Fraction off the price of batch items (`batches.discount`).
+    pub batch_discount: rust_decimal::Decimal,
+}
+
+/// The admin API as the gateway forwards Files and Batches calls to it.
+#[derive(Debug)]
+pub struct AdminPeer {
+    /// `control_plane.admin_url` as configured (for logs).
+    pub url: String,
+    pub peer: HttpPeer,
+    /// `Host` header value.
+    pub host: HeaderValue,
+    /// Path prefix of the base URL (no trailing slash; usually empty).
+    pub base_path: String,
+}
+
+/// Connect timeout of admin API connections.
+const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest silence while writing to or reading from the admin API (a large upload or download
+/// streams without pauses this long).
+const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(300);
+/// Idle admin connections are kept this long for reuse.
+const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl AdminPeer {
+    /// Resolves the admin API's host (the only I/O); errors say why, without the URL.
+    pub fn build(url: &str, base: &BaseUrl) -> Result<AdminPeer, String> {
+        let addr = resolve(base)?;
+        let mut peer = HttpPeer::new(addr, base.tls, base.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(ADMIN_CONNECT_TIMEOUT);
+        o.total_connection_timeout = Some(ADMIN_CONNECT_TIMEOUT);
+        o.read_timeout = Some(ADMIN_IO_TIMEOUT);
+        o.write_timeout = Some(ADMIN_IO_TIMEOUT);
+        o.idle_timeout = Some(ADMIN_IDLE_TIMEOUT);
+        Ok(AdminPeer {
+            url: url.to_owned(),
+            peer,
+            host: host_header(base)?,
+            base_path: base.path.clone(),
+        })
+    }
+}
+
+/// The first address of a base URL's host.
+fn resolve(base: &BaseUrl) -> Result<SocketAddr, String> {
+    (base.host.as_str(), base.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{}`: {e}", base.host))?
+        .next()
+        .ok_or_else(|| format!("`{}` has no address", base.host))
+}
+
+/// The `Host` header for a base URL: the port only when it is not the scheme's default.
+fn host_header(base: &BaseUrl) -> Result<HeaderValue, String> {
+    let default_port = if base.tls { 443 } else { 80 };
+    let host = if base.port == default_port {
+        base.host.clone()
+    } else if base.host.contains(':') {
+        format!("[{}]:{}", base.host, base.port)
+    } else {
+        format!("{}:{}", base.host, base.port)
+    };
+    HeaderValue::from_str(&host).map_err(|e| e.to_string())
 }
 
 /// A model clients may name.
@@ -110,7 +179,21 @@ impl Runtime {
             .values()
             .flat_map(|r| r.upstream.paths.iter().cloned())
             .collect();
+        let cp = config.control_plane.as_ref();
+        let admin = match (cp.and_then(|c| c.admin_url.as_deref()), &checked.admin_url) {
+            (Some(url), Some(base)) => {
+                Some(AdminPeer::build(url, base).map_err(|message| ConfigError {
+                    file: file.to_owned(),
+                    key: "control_plane.admin_url".into(),
+                    message,
+                })?)
+            }
+            _ => None,
+        };
         Ok(Runtime {
+            admin,
+            max_upload_bytes: cp.map_or(0, |c| c.max_upload_bytes),
+            batch_discount: config.batches.discount,
             routes,
             models,
             paths,
@@ -144,11 +227,7 @@ impl Upstream {
         let mut endpoints = Vec::with_capacity(spec.endpoints.len());
         for (i, (url, base)) in spec.endpoints.into_iter().enumerate() {
             let at = format!(".endpoints[{i}]");
-            let addr: SocketAddr = (base.host.as_str(), base.port)
-                .to_socket_addrs()
-                .map_err(|e| (at.clone(), format!("cannot resolve `{}`: {e}", base.host)))?
-                .next()
-                .ok_or_else(|| (at.clone(), format!("`{}` has no address", base.host)))?;
+            let addr = resolve(&base).map_err(|m| (at.clone(), m))?;
             let mut peer = HttpPeer::new(addr, base.tls, base.host.clone());
             let o = &mut peer.options;
             o.connection_timeout = Some(cfg.connect_timeout);
@@ -158,18 +237,10 @@ impl Upstream {
             o.idle_timeout = Some(cfg.idle_timeout);
             o.verify_cert = cfg.verify_tls;
             o.verify_hostname = cfg.verify_tls;
-            let default_port = if base.tls { 443 } else { 80 };
-            let host = if base.port == default_port {
-                base.host.clone()
-            } else if base.host.contains(':') {
-                format!("[{}]:{}", base.host, base.port)
-            } else {
-                format!("{}:{}", base.host, base.port)
-            };
             endpoints.push(Endpoint {
                 url,
                 peer,
-                host: HeaderValue::from_str(&host).map_err(|e| (at, e.to_string()))?,
+                host: host_header(&base).map_err(|m| (at, m))?,
                 base_path: base.path,
                 consecutive_failures: AtomicU32::new(0),
                 skip_until_ms: AtomicU64::new(0),

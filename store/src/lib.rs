@@ -21,6 +21,10 @@
 //! - [`webhooks`] — webhook endpoints (URL, event types, retries, signing secrets, state).
 //! - [`deliveries`] — webhook deliveries and attempts: fan-out from the outbox, leases,
 //!   results, redelivery, the delivery log.
+//! - [`files`] — uploaded and generated files (the bytes live in the file store).
+//! - [`tasks`] — async tasks and OpenAI batches: lifecycle, counts, task-level leases, the
+//!   `task.*` events.
+//! - [`queue`] — the durable item queue: fair claims with leases and heartbeats, results.
 //! - [`settings`] — small named values shared by every admin node (e.g. the JWT secret).
 //! - [`usage_alerts`] — monthly quota alerts raised by gateways, once per threshold.
 //! - [`subscriptions`] — the plans each developer held over time (billing prorates on them).
@@ -34,13 +38,16 @@ pub mod auth;
 pub mod deliveries;
 pub mod developers;
 pub mod feed;
+pub mod files;
 pub mod invoices;
 pub mod keys;
 pub mod migrations;
 pub mod outbox;
 pub mod payments;
+pub mod queue;
 pub mod settings;
 pub mod subscriptions;
+pub mod tasks;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod usage_alerts;

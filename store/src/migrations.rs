@@ -21,7 +21,7 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[V1, V2, V3, V4];
+pub const MIGRATIONS: &[Migration] = &[V1, V2, V3, V4, V5];
 
 const V1: Migration = Migration {
     version: 1,
@@ -357,6 +357,93 @@ const V4: Migration = Migration {
         // the engine's idle check is one index probe however long the history grows).
         "CREATE INDEX IF NOT EXISTS outbox_developer ON outbox (developer_id, id)",
         "CREATE INDEX IF NOT EXISTS outbox_undispatched ON outbox (id) WHERE dispatched_at IS NULL",
+    ],
+};
+
+const V5: Migration = Migration {
+    version: 5,
+    name: "tasks_batches_files",
+    statements: &[
+        // V1's `async_tasks` was a placeholder nothing wrote.
+        "DROP TABLE IF EXISTS async_tasks",
+        // Uploaded and generated files. `location` is the object's key in the file store
+        // (`DEVELOPER/FILE_ID`); the bytes never live in the database.
+        "CREATE TABLE IF NOT EXISTS files (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            purpose TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            bytes BIGINT NOT NULL,
+            sha256 TEXT NOT NULL,
+            location TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            expires_at BIGINT,
+            deleted_at BIGINT
+        )",
+        "CREATE INDEX IF NOT EXISTS files_developer ON files (developer_id, created_at)",
+        "CREATE INDEX IF NOT EXISTS files_expiring ON files (expires_at) \
+         WHERE deleted_at IS NULL AND expires_at IS NOT NULL",
+        // Async tasks and OpenAI batches: one lifecycle (OpenAI's statuses), the seed's task
+        // statuses derived from it. `key_id` is the key a batch's items run as (never the key
+        // itself). `stage_due_at` set = the task needs task-level work (validating its input,
+        // running an export, finalizing), leased like items; `NULL` = nothing to do at task
+        // level. Counts are kept current by the workers as items end.
+        "CREATE TABLE IF NOT EXISTS tasks (
+            id TEXT PRIMARY KEY,
+            developer_id TEXT NOT NULL REFERENCES developers (id),
+            key_id TEXT,
+            kind TEXT NOT NULL,
+            endpoint TEXT,
+            status TEXT NOT NULL,
+            input TEXT NOT NULL,
+            metadata TEXT,
+            input_file_id TEXT,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            total BIGINT NOT NULL,
+            completed BIGINT NOT NULL,
+            failed BIGINT NOT NULL,
+            errors TEXT,
+            error TEXT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            in_progress_at BIGINT,
+            finalizing_at BIGINT,
+            finished_at BIGINT,
+            expires_at BIGINT NOT NULL,
+            cancel_requested_at BIGINT,
+            stage_due_at BIGINT,
+            lease_owner TEXT,
+            lease_until BIGINT
+        )",
+        "CREATE INDEX IF NOT EXISTS tasks_developer ON tasks (developer_id, created_at)",
+        "CREATE INDEX IF NOT EXISTS tasks_stage_due ON tasks (stage_due_at) \
+         WHERE stage_due_at IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (expires_at) \
+         WHERE finished_at IS NULL",
+        // One row per request of a task: the request body, its state and its result line
+        // (written once; `error` is a `{code, message}` JSON for an item that never got an
+        // answer: key revoked, quota exhausted, batch expired). `next_at` set = runnable from then on (queued, or running under a
+        // lease that a worker renews by heartbeats; an expired lease is taken over);
+        // `NULL` = ended.
+        "CREATE TABLE IF NOT EXISTS task_items (
+            task_id TEXT NOT NULL,
+            line BIGINT NOT NULL,
+            developer_id TEXT NOT NULL,
+            custom_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts BIGINT NOT NULL,
+            next_at BIGINT,
+            lease_owner TEXT,
+            lease_until BIGINT,
+            result TEXT,
+            error TEXT,
+            finished_at BIGINT,
+            PRIMARY KEY (task_id, line)
+        )",
+        "CREATE INDEX IF NOT EXISTS task_items_runnable ON task_items (developer_id, next_at) \
+         WHERE next_at IS NOT NULL",
     ],
 };
 

@@ -18,3 +18,14 @@ pub async fn get_or_init(store: &Store, name: &str, proposed: &str) -> Result<St
             .await?,
     )
 }
+
+/// Returns the stored value of `name`, if any (the gateway reads the internal secret this way;
+/// it never writes settings).
+pub async fn get(store: &Store, name: &str) -> Result<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_optional(store.pool())
+            .await?,
+    )
+}

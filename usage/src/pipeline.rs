@@ -6,6 +6,7 @@
 //!                                                   │ batch_max_rows / batch_max_age: close (.ready)
 //!                                                   ▼
 //!                                   sender task: read segment → (dedup if maybe inserted)
+//!                                   → (drop batch items answered already)
 //!                                   → INSERT … FORMAT RowBinary → delete segment
 //!                                   data error → dead/ ; other error → retry with backoff
 //! ```
@@ -126,6 +127,8 @@ pub struct PipelineMetrics {
     pub insert_failures: IntCounterVec,
     pub dead_lettered_rows: IntCounter,
     pub replay_duplicates_skipped: IntCounter,
+    /// Batch items' answers not inserted because their item was answered already.
+    pub batch_duplicates_skipped: IntCounter,
     pub torn_lines: IntCounter,
 }
 
@@ -176,6 +179,10 @@ impl PipelineMetrics {
             replay_duplicates_skipped: counter(
                 "usage_replay_duplicates_skipped_total",
                 "Rows of retried or replayed batches already present in ClickHouse",
+            ),
+            batch_duplicates_skipped: counter(
+                "usage_batch_duplicates_skipped_total",
+                "Answers of batch items already answered (sent again), not inserted",
             ),
             torn_lines: counter(
                 "usage_wal_torn_lines_total",
@@ -490,15 +497,19 @@ async fn deliver(
         state.metrics.torn_lines.inc_by(torn as u64);
     }
     if segment.maybe_inserted {
-        let present = sink::existing_ids(client, &rows).await?;
-        if !present.is_empty() {
-            rows.retain(|r| !present.contains(&r.request_id.to_string()));
-            state
-                .metrics
-                .replay_duplicates_skipped
-                .inc_by(present.len() as u64);
-        }
+        let dropped = sink::drop_present(client, &mut rows).await?;
+        state
+            .metrics
+            .replay_duplicates_skipped
+            .inc_by(dropped as u64);
     }
+    // Every insert: a batch item answered already (sent again after a worker takeover) is not
+    // inserted twice. No query when the batch holds no batch item.
+    let dropped = sink::drop_batch_duplicates(client, &mut rows).await?;
+    state
+        .metrics
+        .batch_duplicates_skipped
+        .inc_by(dropped as u64);
     let started = Instant::now();
     sink::insert(client, timeout, &rows).await?;
     state

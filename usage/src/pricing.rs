@@ -26,10 +26,15 @@ pub struct PriceConfig {
     pub output_per_1m: Option<Decimal>,
 }
 
-/// A price written as a YAML number or string. Numbers arrive as `f64`; they are read back from
-/// their shortest decimal rendering, which is exactly what was written (`0.00015` stays
-/// `0.00015`, never `0.000149999…`).
+/// An optional price ([`exact_decimal`]).
 fn decimal<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+    exact_decimal(d).map(Some)
+}
+
+/// A decimal written as a YAML number or string (`deserialize_with` for prices, discounts).
+/// Numbers arrive as `f64`; they are read back from their shortest decimal rendering, which is
+/// exactly what was written (`0.00015` stays `0.00015`, never `0.000149999…`).
+pub fn exact_decimal<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
     struct V;
     impl serde::de::Visitor<'_> for V {
         type Value = Decimal;
@@ -49,7 +54,7 @@ fn decimal<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D:
             Ok(Decimal::from(u))
         }
     }
-    d.deserialize_any(V).map(Some)
+    d.deserialize_any(V)
 }
 
 /// The `pricing:` section: prices by model name (the name clients send) and a default.

@@ -1,5 +1,7 @@
 //! The usage record: one row per metered request, as written to the WAL (JSON lines) and to
-//! ClickHouse (`usage_events`, RowBinary). Field order is the column order of the insert.
+//! ClickHouse (`usage_events`, RowBinary). Field order is the column order of the insert; a
+//! field added later goes last, with `#[serde(default)]` so WAL lines of older binaries still
+//! read.
 
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
@@ -8,7 +10,10 @@ use uuid::Uuid;
 /// One metered request. Money is integer nano-USD (`cost_nanos`); durations are integers.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
 pub struct UsageRecord {
-    /// The gateway's request id (UUIDv7, also the `x-request-id` header). Unique per request.
+    /// The gateway's request id (UUIDv7, also the `x-request-id` header). Unique per request,
+    /// except for a batch item: its id is fixed by the item (UUIDv5 of task and line, the same
+    /// on every attempt), and only one answered attempt (status < 400) is kept
+    /// ([`crate::sink::drop_batch_duplicates`]).
     #[serde(with = "clickhouse::serde::uuid")]
     pub request_id: Uuid,
     /// Request start, unix seconds (`DateTime`, the partition and sort key).
@@ -45,4 +50,8 @@ pub struct UsageRecord {
     pub usage_estimated: u8,
     pub client_ip: String,
     pub user_agent: String,
+    /// The OpenAI batch id (`batch_…`) or the task id (`task_…`) the request ran for; empty
+    /// for live requests. (Migration 5; absent from WAL lines of older binaries.)
+    #[serde(default)]
+    pub batch_id: String,
 }

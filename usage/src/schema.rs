@@ -2,12 +2,16 @@
 //! at gateway start and by `aihub migrate`.
 //!
 //! Every statement works on Debian's ClickHouse 18.16 and on current releases: plain `String`
-//! (no `LowCardinality`), `DateTime` plus a `ts_ms` column (no `DateTime64`), no TTL. The server
-//! version is read first and logged; features of newer servers are not needed yet.
+//! (no `LowCardinality`), `DateTime` plus a `ts_ms` column (no `DateTime64`), no TTL, and no
+//! `ADD COLUMN IF NOT EXISTS` (18.16 refuses the syntax): a column is added by [`add_column`],
+//! which looks in `system.columns` first. The server version is read first and logged; features
+//! of newer servers are not needed yet.
 //!
 //! Tables (documented column by column in `docs/clickhouse.md`):
 //! - `usage_events`: one row per metered request, `MergeTree`, partitioned by month, ordered by
-//!   developer, time, request id.
+//!   developer, time, request id. `batch_id` (migration 5) is the OpenAI batch id (`batch_…`)
+//!   or the task id (`task_…`) the request ran for; '' for live requests. The rollups below
+//!   do not carry it: batch usage is summed with the rest, and filtered in the raw table.
 //! - `usage_hourly`: per developer × model × hour sums, `SummingMergeTree`, filled by the
 //!   materialized view `usage_hourly_mv` at insert time.
 //! - `usage_daily`: per developer × UTC day × key × model × status aggregate states (counts,
@@ -132,7 +136,61 @@ GROUP BY developer_id, model, hour",
             })
         }),
     },
+    Migration {
+        version: 5,
+        name: "usage_events_batch_id",
+        sql: "",
+        then: Some(|db, _| {
+            Box::pin(add_column(
+                db,
+                "usage_events",
+                "batch_id",
+                "String DEFAULT ''",
+            ))
+        }),
+    },
 ];
+
+/// Adds `column` to `table` unless it is there: the `ADD COLUMN IF NOT EXISTS` that 18.16 lacks.
+/// Safe on several nodes at once: an `ALTER` that fails because another node added the column
+/// meanwhile counts as done.
+pub async fn add_column(
+    db: &Client,
+    table: &str,
+    column: &str,
+    definition: &str,
+) -> Result<(), clickhouse::error::Error> {
+    if column_exists(db, table, column).await? {
+        return Ok(());
+    }
+    let added = db
+        .query(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+        ))
+        .execute()
+        .await;
+    match added {
+        Err(_) if column_exists(db, table, column).await? => Ok(()),
+        other => other,
+    }
+}
+
+async fn column_exists(
+    db: &Client,
+    table: &str,
+    column: &str,
+) -> Result<bool, clickhouse::error::Error> {
+    let n: u64 = db
+        .query(
+            "SELECT count() FROM system.columns \
+             WHERE database = currentDatabase() AND table = ? AND name = ?",
+        )
+        .bind(table)
+        .bind(column)
+        .fetch_one()
+        .await?;
+    Ok(n > 0)
+}
 
 /// The rollup of `usage_events` rows into `usage_daily` states, shared by the view and the
 /// backfill (which adds a time filter).

@@ -1,11 +1,12 @@
 //! ClickHouse access for the pipeline: connection settings, batch inserts (RowBinary, schema
-//! validation off so Debian's 18.16 works), the dedup query for replays, and error
-//! classification (data errors are never retried).
+//! validation off so Debian's 18.16 works), the dedup queries (rows of a replayed batch already
+//! inserted; batch items answered already), and error classification (data errors are never
+//! retried).
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use clickhouse::Client;
+use clickhouse::{Client, Row};
 use serde::Deserialize;
 
 use crate::record::UsageRecord;
@@ -164,12 +165,21 @@ pub async fn insert(
     }
 }
 
-/// Request ids among `rows` that ClickHouse already holds (a previous attempt of the same batch
-/// may have landed, wholly or partly).
-pub async fn existing_ids(
+/// A row already in ClickHouse, as the dedup queries read it.
+#[derive(Debug, Row, Deserialize)]
+struct Present {
+    id: String,
+    ts_ms: u64,
+}
+
+/// Removes from `rows` those ClickHouse already holds (a previous attempt of the same batch may
+/// have landed, wholly or partly): the same request id started at the same millisecond. (A
+/// batch item's attempts share their request id; its earlier attempts are other rows.) Returns
+/// how many were removed.
+pub async fn drop_present(
     client: &Client,
-    rows: &[UsageRecord],
-) -> Result<HashSet<String>, InsertError> {
+    rows: &mut Vec<UsageRecord>,
+) -> Result<usize, InsertError> {
     let mut found = HashSet::new();
     // Bounded query text (ClickHouse's max_query_size is 256 KiB by default).
     for chunk in rows.chunks(2_000) {
@@ -177,18 +187,82 @@ pub async fn existing_ids(
             .iter()
             .fold((u32::MAX, 0), |(lo, hi), r| (lo.min(r.ts), hi.max(r.ts)));
         let ids: Vec<String> = chunk.iter().map(|r| r.request_id.to_string()).collect();
-        let present: Vec<String> = client
+        let present: Vec<Present> = client
             .query(
-                "SELECT toString(request_id) FROM usage_events \
+                "SELECT toString(request_id) AS id, ts_ms FROM usage_events \
                  WHERE ts >= toDateTime(?) AND ts <= toDateTime(?) AND has(?, toString(request_id))",
             )
             .bind(lo)
             .bind(hi)
             .bind(ids)
-            .fetch_all::<String>()
+            .fetch_all()
             .await
             .map_err(classify)?;
-        found.extend(present);
+        found.extend(present.into_iter().map(|p| (p.id, p.ts_ms)));
     }
-    Ok(found)
+    let before = rows.len();
+    if !found.is_empty() {
+        rows.retain(|r| !found.contains(&(r.request_id.to_string(), r.ts_ms)));
+    }
+    Ok(before - rows.len())
+}
+
+/// Whether a row is a batch item's answered attempt (status below 400): the row that stands
+/// for the item in usage. Refused or failed attempts (a 429, an upstream error: zero tokens)
+/// are rows of their own and never hide a later answer.
+fn is_batch_answer(r: &UsageRecord) -> bool {
+    !r.batch_id.is_empty() && (100..400).contains(&r.status)
+}
+
+/// Exactly one answered row per batch item: removes from `rows` every batch item's answer
+/// (non-empty `batch_id`, status below 400) whose request id is already answered in ClickHouse
+/// or earlier in `rows` (an item sent again after a worker takeover carries the same request
+/// id). Rows of live requests cost nothing here: without batch answers no query is made; with
+/// them, one query per 2,000 of them, by developer (the table's first sort key) and request id.
+/// Returns how many were removed.
+pub async fn drop_batch_duplicates(
+    client: &Client,
+    rows: &mut Vec<UsageRecord>,
+) -> Result<usize, InsertError> {
+    let mut seen = HashSet::new();
+    let mut candidates: Vec<&UsageRecord> = Vec::new();
+    let mut repeated = false;
+    for r in rows.iter().filter(|r| is_batch_answer(r)) {
+        if seen.insert(r.request_id) {
+            candidates.push(r);
+        } else {
+            repeated = true;
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    let mut answered = HashSet::new();
+    for chunk in candidates.chunks(2_000) {
+        let developers: std::collections::BTreeSet<&str> =
+            chunk.iter().map(|r| r.developer_id.as_str()).collect();
+        let placeholders = vec!["?"; developers.len()].join(", ");
+        let sql = format!(
+            "SELECT toString(request_id) AS id, ts_ms FROM usage_events \
+             WHERE developer_id IN ({placeholders}) AND status >= 100 AND status < 400 \
+             AND has(?, toString(request_id))"
+        );
+        let mut query = client.query(&sql);
+        for d in developers {
+            query = query.bind(d);
+        }
+        let ids: Vec<String> = chunk.iter().map(|r| r.request_id.to_string()).collect();
+        let present: Vec<Present> = query.bind(ids).fetch_all().await.map_err(classify)?;
+        answered.extend(present.into_iter().map(|p| p.id));
+    }
+    if answered.is_empty() && !repeated {
+        return Ok(0);
+    }
+    let before = rows.len();
+    let mut kept = HashSet::new();
+    rows.retain(|r| {
+        !is_batch_answer(r)
+            || (!answered.contains(&r.request_id.to_string()) && kept.insert(r.request_id))
+    });
+    Ok(before - rows.len())
 }

@@ -112,5 +112,6 @@ pub fn usage_row(
         usage_estimated: 0,
         client_ip: "127.0.0.1".into(),
         user_agent: "test".into(),
+        batch_id: String::new(),
     }
 }

@@ -222,6 +222,7 @@ mod tests {
             usage_estimated: 0,
             client_ip: "127.0.0.1".into(),
             user_agent: "t \"quoted\"\n".into(),
+            batch_id: String::new(),
         }
     }
 
@@ -281,6 +282,27 @@ mod tests {
         let dead = dead_letter(&closed, "Code: 53").unwrap();
         assert_eq!(mode(&dead), 0o600);
         assert_eq!(mode(&dead.with_extension("error")), 0o600);
+    }
+
+    /// A line written before `batch_id` existed reads as a live request's record.
+    #[test]
+    fn lines_of_older_binaries_read_without_batch_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = OpenSegment::create(dir.path(), 1).unwrap();
+        let mut tagged = record(1);
+        tagged.batch_id = "batch_abc".into();
+        seg.append(tagged.clone()).unwrap();
+        drop(seg);
+        let path = dir.path().join(format!("{:020}.open", 1));
+        let line = fs::read_to_string(&path).unwrap();
+        let old = line.replace(",\"batch_id\":\"batch_abc\"", "");
+        assert_ne!(old, line);
+        fs::write(&path, format!("{old}{line}")).unwrap();
+        let found = recover(dir.path()).unwrap();
+        let (rows, torn) = read(&found[0]).unwrap();
+        assert_eq!(torn, 0);
+        assert_eq!(rows[0].batch_id, "");
+        assert_eq!(rows[1], tagged);
     }
 
     #[test]

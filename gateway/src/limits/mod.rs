@@ -268,7 +268,35 @@ impl Limits {
         key: &Arc<KeyRecord>,
         plans: &PlanCatalog,
     ) -> Result<Admission, Refusal> {
+        self.admit_with(key, effective(&key.limits, plans)).await
+    }
+
+    /// The admission of a call that is not a model call (Files and Batches): one request from
+    /// the key's and the developer's request buckets, nothing else (no concurrency slot, no
+    /// quota, no tokens): a developer whose quota is used up can still fetch a batch's results.
+    pub async fn admit_request(
+        &self,
+        key: &Arc<KeyRecord>,
+        plans: &PlanCatalog,
+    ) -> Result<Admission, Refusal> {
         let eff = effective(&key.limits, plans);
+        let requests_only = Effective {
+            rates: Rates {
+                key_requests: eff.rates.key_requests,
+                dev_requests: eff.rates.dev_requests,
+                ..Rates::default()
+            },
+            concurrency: None,
+            quota: None,
+        };
+        self.admit_with(key, requests_only).await
+    }
+
+    async fn admit_with(
+        &self,
+        key: &Arc<KeyRecord>,
+        eff: Effective,
+    ) -> Result<Admission, Refusal> {
         let mut adm = Admission {
             headers: RateHeaders::default(),
             key: Arc::clone(key),
