@@ -64,6 +64,9 @@ pub struct AdminConfig {
     /// Webhook delivery (`docs/webhooks.md`).
     #[serde(default)]
     pub webhooks: aihub_webhooks::WebhooksConfig,
+    /// Files, OpenAI batches and async tasks (`docs/batches.md`).
+    #[serde(default)]
+    pub tasks: aihub_tasks::TasksConfig,
 }
 
 /// Deadlines for slow clients on the admin listener: a connection that has not sent a whole
@@ -460,6 +463,7 @@ impl AdminConfig {
                 secret_grace: self.webhooks.secret_grace,
                 max_retries: self.webhooks.max_retries(),
             },
+            tasks: self.tasks.clone(),
         }
     }
 
@@ -579,6 +583,9 @@ impl AdminConfig {
         self.webhooks
             .validate()
             .map_err(|(key, message)| err(key, message))?;
+        self.tasks
+            .validate()
+            .map_err(|(key, message)| err(&format!("tasks.{key}"), message))?;
         if let Some(r) = &self.redis {
             if !r.url.starts_with("redis://") && !r.url.starts_with("rediss://") {
                 return Err(err("redis.url", "expected redis://HOST:PORT".into()));

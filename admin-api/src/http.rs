@@ -86,7 +86,9 @@ enum BodyFailure {
 pub async fn read_body(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
     use axum::body::HttpBody;
     let (parts, body) = req.into_parts();
-    if body.is_end_stream() {
+    // File uploads stream into the file store under their own size limit and deadline.
+    let upload = parts.method == axum::http::Method::POST && parts.uri.path() == crate::batches::UPLOAD_PATH;
+    if body.is_end_stream() || upload {
         return next.run(Request::from_parts(parts, body)).await;
     }
     let declared = parts

@@ -34,6 +34,9 @@
 //! - [`http`] — request ids, access log, health, 404, the request-body deadline.
 //! - [`metrics`] — the Prometheus registry and its bounded labels.
 //! - [`notices`] — mail for what the webhook engine reports (usage alerts, disabled endpoints).
+//! - [`batches`] — the OpenAI Files and Batches APIs under `/internal/v1/…`, called by the
+//!   gateway with a signed identity (clients call `/v1/files…`, `/v1/batches…` there).
+//! - [`tasks`] — `/developer/tasks…` (the seed's task API) and the usage-export writer.
 //! - [`webhooks`] — `/developer/webhooks…`, `/developer/deliveries…`, `/developer/events…`.
 //! - [`view`] — display formatting (grouped numbers, USD, times) for the portal and invoices.
 //! - [`server`] — the accept loop: HTTP/1.1 with a header read deadline, graceful shutdown.
@@ -44,6 +47,7 @@
 pub(crate) mod accounts;
 pub(crate) mod analytics;
 pub(crate) mod auth;
+pub(crate) mod batches;
 pub(crate) mod billing;
 pub mod config;
 pub(crate) mod credentials;
@@ -59,6 +63,7 @@ pub(crate) mod plans;
 pub(crate) mod portal;
 pub(crate) mod server;
 pub(crate) mod state;
+pub(crate) mod tasks;
 pub(crate) mod usage;
 pub(crate) mod view;
 pub(crate) mod webhooks;
@@ -87,6 +92,10 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::get, keys::update, keys::delete))
         .routes(routes!(keys::regenerate))
+        .routes(routes!(tasks::list, tasks::create))
+        .routes(routes!(tasks::get))
+        .routes(routes!(tasks::cancel))
+        .routes(routes!(tasks::result))
         .routes(routes!(webhooks::list, webhooks::create))
         .routes(routes!(webhooks::event_types))
         .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
@@ -142,7 +151,7 @@ pub fn app(state: AppState) -> Router {
     let doc_json = doc
         .to_pretty_json()
         .expect("the OpenAPI document serializes");
-    api.route(
+    api.merge(batches::router()).route(
         "/openapi.json",
         get(move || async move { ([("content-type", "application/json")], doc_json) }),
     )

@@ -58,6 +58,7 @@ impl Modify for BearerAuth {
     tags(
         (name = "accounts", description = "Registration, email verification, login, passwords, profile"),
         (name = "keys", description = "API keys of the signed-in developer"),
+        (name = "tasks", description = "Async tasks (batch generation, usage export) and OpenAI batches, with progress and result downloads (docs/batches.md)"),
         (name = "webhooks", description = "Webhook endpoints, deliveries and the event history (docs/webhooks.md)"),
         (name = "operators", description = "Operator tools (role admin)"),
         (name = "plans", description = "Plans, their prices and limits (public)"),

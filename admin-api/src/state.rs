@@ -55,6 +55,10 @@ pub struct Inner {
     pub webhooks: Option<Arc<tokio::sync::Notify>>,
     /// Ticks when events may have been written (the portal's event streams re-read then).
     pub event_ticks: tokio::sync::broadcast::Sender<()>,
+    /// Signs and checks what the gateway forwards (`settings.internal_secret`).
+    pub internal: aihub_apikey::internal::InternalSecret,
+    /// This node's task engine, while it runs one.
+    pub task_engine: Option<aihub_tasks::Engine>,
 }
 
 /// The ClickHouse usage database: its settings and a client (a pooled HTTP client, cheap to
@@ -188,11 +192,43 @@ impl AppState {
             None
         };
         let counter = metrics.events.clone();
+        let internal_text = settings::get_or_init(
+            &store,
+            aihub_apikey::internal::SETTING,
+            &aihub_apikey::internal::InternalSecret::generate_text(),
+        )
+        .await?;
+        let internal = aihub_apikey::internal::InternalSecret::new(&internal_text)
+            .ok_or_else(|| StartError::Setup("stored internal_secret is too short".into()))?;
+        let files: Arc<dyn aihub_tasks::FileStore> = Arc::new(
+            aihub_tasks::LocalDir::new(&config.tasks.files_dir).map_err(|e| {
+                StartError::Setup(format!(
+                    "tasks.files_dir {}: {e}",
+                    config.tasks.files_dir.display()
+                ))
+            })?,
+        );
+        let task_waker = aihub_tasks::Waker::default();
         let control = Control::new(store.clone(), config.control(&plans))
             .with_notifier(notifier)
             .with_events(Arc::new(move |kind| {
                 counter.with_label_values(&[kind]).inc()
-            }));
+            }))
+            .with_files(Arc::clone(&files))
+            .with_task_waker(task_waker.clone());
+        let task_engine = config.tasks.work.then(|| {
+            aihub_tasks::Engine::start(
+                store.clone(),
+                files,
+                config.tasks.clone(),
+                internal.clone(),
+                Arc::new(crate::tasks::UsageExporter {
+                    client: usage.as_ref().map(|u| u.client.clone()),
+                }),
+                aihub_tasks::Metrics::new(&metrics.registry),
+                task_waker,
+            )
+        });
         let state = AppState(Arc::new(Inner {
             control,
             usage,
@@ -207,6 +243,8 @@ impl AppState {
             config,
             webhooks: engine.as_ref().map(|(e, _)| e.waker()),
             event_ticks: tokio::sync::broadcast::channel(16).0,
+            internal,
+            task_engine,
         }));
         state.bootstrap_admin().await?;
         let weak = Arc::downgrade(&state.0);

@@ -13,7 +13,7 @@ use aihub_control::{Actor, Control, Notifier};
 use aihub_store::developers;
 use aihub_store::outbox::rfc3339_ms;
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
@@ -130,7 +130,7 @@ pub enum DbKeysCommand {
 /// The service layer over the configured database, without the admin server's start-up: no
 /// migrations (the schema must be current: `aihub migrate`), no operator bootstrap, no
 /// background jobs. Gateways are nudged through Redis when configured.
-async fn open_control(config: &AdminConfig) -> anyhow::Result<Control> {
+pub(crate) async fn open_control(config: &AdminConfig) -> anyhow::Result<Control> {
     let mut opts = aihub_store::StoreOptions::new(&config.database.url);
     opts.max_connections = config.database.max_connections;
     let store = aihub_store::Store::connect(&opts)

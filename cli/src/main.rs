@@ -9,6 +9,7 @@
 //! - `aihub keys generate …` prints a new API key and the YAML entry holding its hash.
 //! - `aihub keys hash` reads a key on stdin and prints its hash (format checked first).
 //! - `aihub keys list|create|revoke …` manage keys in the control-plane database (operators).
+//! - `aihub tasks list|show|cancel …` operators' view of async tasks and OpenAI batches.
 //! - `aihub mock-upstream …` runs the mock OpenAI-compatible upstream used by tests and load tests.
 
 use std::io::{BufRead, Write};
@@ -19,6 +20,7 @@ use std::time::{Duration, SystemTime};
 mod billing;
 mod control;
 mod logwriter;
+mod tasks;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -81,6 +83,11 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Async tasks and OpenAI batches (operators): list, show, cancel.
+    Tasks {
+        #[command(subcommand)]
+        command: tasks::TasksCommand,
     },
     /// Run the mock OpenAI-compatible upstream.
     MockUpstream(MockArgs),
@@ -189,6 +196,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Billing { command } => billing::run(command),
         Command::Keys { command } => keys(command),
+        Command::Tasks { command } => tasks::run(command),
         Command::MockUpstream(args) => mock_upstream(args),
     }
 }

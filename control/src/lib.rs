@@ -24,6 +24,8 @@
 //! - [`notify`] — Redis pub/sub nudges to gateways after committed key changes.
 //! - [`operators`] — operators' account commands (search, create, update: state, plan, role,
 //!   overrides) and the audit log.
+//! - [`tasks`] — files (streamed uploads under size and storage limits), OpenAI batches and
+//!   the seed's async tasks: create, read, list, cancel, results.
 //! - [`webhooks`] — webhook endpoints (secret shown once, rotation with a grace period, test
 //!   events), the delivery log with redelivery, the event history.
 
@@ -34,6 +36,7 @@ pub mod journal;
 pub mod keys;
 pub mod notify;
 pub mod operators;
+pub mod tasks;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -53,6 +56,8 @@ pub struct Config {
     /// The plans (`plans_file`, or built in).
     pub plans: aihub_plans::PlanCatalog,
     pub webhooks: webhooks::WebhookRules,
+    /// Files, batches and tasks (the admin configuration's `tasks:` section).
+    pub tasks: aihub_tasks::TasksConfig,
 }
 
 impl Default for Config {
@@ -62,6 +67,7 @@ impl Default for Config {
             accounts: accounts::AccountRules::default(),
             plans: aihub_plans::PlanCatalog::builtin(),
             webhooks: webhooks::WebhookRules::default(),
+            tasks: aihub_tasks::TasksConfig::default(),
         }
     }
 }
@@ -77,6 +83,10 @@ pub struct Control {
     config: Arc<Config>,
     notifier: Notifier,
     events: Option<EventSink>,
+    /// Where file bytes live; `None`: files, batches and tasks are refused.
+    files: Option<Arc<dyn aihub_tasks::FileStore>>,
+    /// Nudges this node's task engine after a task was created or cancelled.
+    task_waker: Option<aihub_tasks::Waker>,
 }
 
 impl Control {
@@ -88,6 +98,31 @@ impl Control {
             config: Arc::new(config),
             notifier: Notifier::disabled(),
             events: None,
+            files: None,
+            task_waker: None,
+        }
+    }
+
+    /// Keeps file bytes in `files` (files, batches and tasks work from then on).
+    pub fn with_files(mut self, files: Arc<dyn aihub_tasks::FileStore>) -> Control {
+        self.files = Some(files);
+        self
+    }
+
+    /// Nudges `waker` (this node's task engine) when tasks are created or cancelled.
+    pub fn with_task_waker(mut self, waker: aihub_tasks::Waker) -> Control {
+        self.task_waker = Some(waker);
+        self
+    }
+
+    /// The file store, when files are enabled.
+    pub fn file_store(&self) -> Option<&Arc<dyn aihub_tasks::FileStore>> {
+        self.files.as_ref()
+    }
+
+    fn wake_tasks(&self) {
+        if let Some(w) = &self.task_waker {
+            w.wake();
         }
     }
 

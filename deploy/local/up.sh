@@ -69,6 +69,8 @@ limits:
 control_plane:
   database_url: "sqlite://$DATA/aihub.db"
   snapshot_path: "$DATA/keys-snapshot.jsonl"
+  # /v1/files and /v1/batches are served by the admin API.
+  admin_url: "http://127.0.0.1:$ADMIN_PORT"
 # The demo key is on the Developer plan (its limits and headers show; overage allowed).
 keys:
 YAML
@@ -103,6 +105,9 @@ portal:
   secure_cookie: false
   gateway_url: "http://127.0.0.1:$GATEWAY_PORT/v1"
   example_model: demo
+tasks:
+  gateway_url: "http://127.0.0.1:$GATEWAY_PORT"
+  files_dir: "$DATA/files"
 YAML
 deploy/local/merge-config.sh config/admin.yaml "$DATA/admin.overrides.yaml" > "$DATA/admin.yaml"
 export AIHUB_ADMIN_PASSWORD

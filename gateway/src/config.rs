@@ -144,7 +144,8 @@ pub struct ServerConfig {
     /// Largest request body accepted; 413 past it. Default 10 MiB.
     #[serde(default = "default_max_body")]
     pub max_request_body_bytes: usize,
-    /// Time allowed to receive the whole request body; 408 past it. Default 60s.
+    /// Time allowed to receive the whole request body; 408 past it. For uploads forwarded to
+    /// the admin API (Files), the longest silence between two reads instead. Default 60s.
     #[serde(default = "default_body_timeout", with = "humantime_serde")]
     pub request_body_timeout: Duration,
     /// On SIGTERM, how long in-flight requests may take to finish. Default 30s.

@@ -201,8 +201,11 @@ impl RequestCtx {
 
 /// A request id as a header value.
 fn id_header(id: uuid::Uuid) -> http::HeaderValue {
-    http::HeaderValue::from_str(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()))
-        .expect("a UUID is a valid header value")
+    http::HeaderValue::from_str(
+        id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    )
+    .expect("a UUID is a valid header value")
 }
 
 impl Default for RequestCtx {

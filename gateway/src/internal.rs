@@ -16,6 +16,7 @@
 //! apart from hop-by-hop headers, `x-request-id` and the rate-limit headers. These calls are
 //! not model calls: no token reservation, no usage record.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use aihub_apikey::internal::{
@@ -43,7 +44,8 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Client headers the admin API gets (besides framing): what it needs to read the body and
 /// shape its answer.
-const FORWARDED_HEADERS: [HeaderName; 3] = [header::CONTENT_TYPE, header::ACCEPT, header::USER_AGENT];
+const FORWARDED_HEADERS: [HeaderName; 3] =
+    [header::CONTENT_TYPE, header::ACCEPT, header::USER_AGENT];
 
 /// Whether `endpoint` (the path after `/v1/`) is a Files or Batches call.
 pub fn is_files_or_batches(endpoint: &str) -> bool {
@@ -124,8 +126,8 @@ pub fn admin_request(
 ) -> Result<RequestHeader, GatewayError> {
     let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
     let path = admin_path(&admin.base_path, client.uri.path(), client.uri.query());
-    let mut h = RequestHeader::build(client.method.clone(), path.as_bytes(), Some(12))
-        .map_err(internal)?;
+    let mut h =
+        RequestHeader::build(client.method.clone(), path.as_bytes(), Some(12)).map_err(internal)?;
     for name in &FORWARDED_HEADERS {
         if let Some(v) = client.headers.get(name) {
             h.insert_header(name.clone(), v.clone()).map_err(internal)?;
@@ -133,7 +135,9 @@ pub fn admin_request(
     }
     match framing {
         Framing::Empty => {}
-        Framing::Length(n) => h.insert_header(header::CONTENT_LENGTH, n).map_err(internal)?,
+        Framing::Length(n) => h
+            .insert_header(header::CONTENT_LENGTH, n)
+            .map_err(internal)?,
         Framing::Chunked => h
             .insert_header(header::TRANSFER_ENCODING, "chunked")
             .map_err(internal)?,
@@ -142,12 +146,8 @@ pub fn admin_request(
         .map_err(internal)?;
     h.insert_header(X_REQUEST_ID, request_id.clone())
         .map_err(internal)?;
-    let signature = secret.sign_identity(
-        identity,
-        client.method.as_str(),
-        client.uri.path(),
-        ts_ms,
-    );
+    let signature =
+        secret.sign_identity(identity, client.method.as_str(), client.uri.path(), ts_ms);
     let value = |s: &str| {
         HeaderValue::from_str(s).map_err(|_| GatewayError::Internal("identity header".into()))
     };
@@ -162,25 +162,38 @@ pub fn admin_request(
     Ok(h)
 }
 
-/// Forwards a Files or Batches call of `key` to the admin API and streams its answer back.
+/// Where a Files or Batches call goes and what signs it; refused when the gateway has no
+/// `admin_url` (404) or has not read the internal secret yet (503). Checked before the call's
+/// limits, so such a refusal takes nothing from its buckets.
+pub fn target(shared: &Shared, rt: &Runtime) -> Result<Arc<InternalSecret>, GatewayError> {
+    if rt.admin.is_none() {
+        return Err(GatewayError::Admin {
+            kind: AdminFailure::NotConfigured,
+            detail: "no control_plane.admin_url".into(),
+        });
+    }
+    shared
+        .internal_secret
+        .load_full()
+        .ok_or_else(|| GatewayError::Admin {
+            kind: AdminFailure::SecretMissing,
+            detail: "the internal secret has not been read from the control plane yet".into(),
+        })
+}
+
+/// Forwards a Files or Batches call of `key` to the admin API and streams its answer back
+/// (after [`target`]).
 pub async fn forward(
     shared: &Shared,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    rt: &Runtime,
+    (rt, secret): (&Runtime, &InternalSecret),
     key: &KeyRecord,
 ) -> Result<(), GatewayError> {
     let admin = rt.admin.as_ref().ok_or_else(|| GatewayError::Admin {
         kind: AdminFailure::NotConfigured,
         detail: "no control_plane.admin_url".into(),
     })?;
-    let secret = shared
-        .internal_secret
-        .load_full()
-        .ok_or_else(|| GatewayError::Admin {
-            kind: AdminFailure::SecretMissing,
-            detail: "the internal secret has not been read from the control plane yet".into(),
-        })?;
     let limit = rt.max_upload_bytes;
     let framing = Framing::of(session.req_header())?;
     if matches!(framing, Framing::Length(n) if n > limit) {
@@ -190,7 +203,7 @@ pub async fn forward(
         key_id: key.key_id.to_string(),
         developer_id: key.developer_id.to_string(),
     };
-    let signed = (&identity, &*secret, now_ms() as i64);
+    let signed = (&identity, secret, now_ms() as i64);
     let header = admin_request(
         session.req_header(),
         admin,
@@ -317,7 +330,14 @@ async fn relay(
         .response_header()
         .ok_or_else(|| GatewayError::Internal("no admin response header".into()))?;
     let mut resp = source.as_owned_parts();
-    for name in ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
         resp.headers.remove(name);
     }
     resp.headers
@@ -379,11 +399,7 @@ fn exchange_error(shared: &Shared, e: &Error) -> GatewayError {
 }
 
 fn count_error(shared: &Shared, kind: &str) {
-    shared
-        .metrics
-        .admin_errors
-        .with_label_values(&[kind])
-        .inc();
+    shared.metrics.admin_errors.with_label_values(&[kind]).inc();
 }
 
 #[cfg(test)]
@@ -410,7 +426,14 @@ mod tests {
         ] {
             assert!(is_files_or_batches(p), "{p}");
         }
-        for p in ["filesystem", "batch", "batchesx/1", "chat/completions", "models", ""] {
+        for p in [
+            "filesystem",
+            "batch",
+            "batchesx/1",
+            "chat/completions",
+            "models",
+            "",
+        ] {
             assert!(!is_files_or_batches(p), "{p}");
         }
         assert_eq!(
@@ -473,7 +496,13 @@ mod tests {
         );
         assert_eq!(get("accept").as_deref(), Some("application/json"));
         assert_eq!(get("x-request-id"), Some(rid.to_str().unwrap().to_owned()));
-        for gone in ["authorization", "x-api-key", "cookie", "expect", "transfer-encoding"] {
+        for gone in [
+            "authorization",
+            "x-api-key",
+            "cookie",
+            "expect",
+            "transfer-encoding",
+        ] {
             assert_eq!(get(gone), None, "{gone}");
         }
         assert_eq!(get(KEY_ID_HEADER).as_deref(), Some("key_1"));
@@ -495,7 +524,7 @@ mod tests {
     #[test]
     fn framing_is_kept() {
         let s = secret();
-        let peer = admin("http://admin.invalid.localhost:80/base/");
+        let peer = admin("http://localhost:80/base/");
         let id = Identity {
             key_id: "k".into(),
             developer_id: "d".into(),
@@ -512,7 +541,7 @@ mod tests {
         assert_eq!(h.headers["transfer-encoding"], "chunked");
         assert!(h.headers.get("content-length").is_none());
         assert_eq!(h.uri.path(), "/base/internal/v1/files");
-        assert_eq!(h.headers["host"], "admin.invalid.localhost");
+        assert_eq!(h.headers["host"], "localhost");
 
         let get = client("GET", "/v1/files/file-abc/content", &[]);
         let framing = Framing::of(&get).unwrap();

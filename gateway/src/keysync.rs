@@ -14,6 +14,10 @@
 //! - **Outages**: a failed read (database down, tables missing, timeout) changes nothing: the
 //!   gateway keeps its last known keys, retries with backoff, logs once when the database
 //!   becomes unreachable and once when it is back, and sets `aihub_key_sync_up` to 0.
+//! - **Internal secret**: the secret the admin API shares with gateways
+//!   (`settings.internal_secret`; it signs forwarded Files/Batches identities and batch
+//!   tokens) is read with the initial load and, while the admin API has not created it yet,
+//!   after every feed read; once loaded it is never read again (it does not change).
 //! - **Last used**: requests note the time in the record (`KeyRecord::mark_used`); every
 //!   `last_used_flush_interval` the keys used since the last write are sent in one batch. A
 //!   failed write is retried at the next flush; requests never wait for it.
@@ -27,8 +31,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aihub_apikey::internal::{self, InternalSecret};
 use aihub_apikey::KeyHash;
 use aihub_store::feed::{self, Cursor, KeyState};
+use aihub_store::settings;
 use aihub_store::{Store, StoreError, StoreOptions};
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
@@ -132,6 +138,7 @@ impl BackgroundService for KeySync {
             cursor: Cursor::default(),
             health: Health::Unknown,
             check_head: false,
+            bad_secret_logged: false,
         };
 
         // Initial load, retried until it completes once; the first failure falls back to the
@@ -148,6 +155,7 @@ impl BackgroundService for KeySync {
                         .metrics
                         .initial_load_seconds
                         .set(took.as_secs_f64());
+                    follower.load_secret(&self.shared).await;
                     self.shared.keys_ready.store(true, Ordering::Relaxed);
                     tracing::info!(
                         keys = n,
@@ -200,6 +208,7 @@ impl BackgroundService for KeySync {
                     if applied > 0 {
                         snapshots.dirty = true;
                     }
+                    follower.load_secret(&self.shared).await;
                     failing = false;
                     backoff = cfg.poll_interval;
                 }
@@ -282,6 +291,8 @@ struct Follower {
     /// feed has not gone back behind the snapshot (a restored or replaced database), and
     /// reloads everything if it has.
     check_head: bool,
+    /// A stored internal secret too short to use was reported (reported once).
+    bad_secret_logged: bool,
 }
 
 impl Follower {
@@ -378,6 +389,35 @@ impl Follower {
         }
         self.succeeded(applied);
         Ok(applied)
+    }
+
+    /// Reads the secret the admin API shares with the gateways (`settings.internal_secret`,
+    /// created by the first admin node to start; it never changes afterwards) into `shared`,
+    /// until it is there: one query per feed read while it is missing, none after.
+    async fn load_secret(&mut self, shared: &Shared) {
+        if shared.internal_secret.load().is_some() {
+            return;
+        }
+        match timed(DB_TIMEOUT, settings::get(&self.store, internal::SETTING)).await {
+            Ok(Some(text)) => match InternalSecret::new(&text) {
+                Some(secret) => {
+                    shared.internal_secret.store(Some(Arc::new(secret)));
+                    tracing::info!(
+                        "internal secret loaded: Files, Batches and batch items enabled"
+                    );
+                }
+                None if !self.bad_secret_logged => {
+                    self.bad_secret_logged = true;
+                    tracing::warn!("the stored internal secret is shorter than 32 bytes; ignored (Files, Batches and batch items stay off)");
+                }
+                None => {}
+            },
+            // The admin API has not started yet.
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the internal secret; retrying at the next feed read")
+            }
+        }
     }
 
     /// Applies one feed row as the key's whole state.

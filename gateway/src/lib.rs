@@ -3,7 +3,9 @@
 //! A request with `Authorization: Bearer ahub_dev_…` is authenticated from memory, its JSON body
 //! read (bounded), routed by its `model` to an upstream from the YAML configuration (optionally
 //! renaming the model), and the upstream's answer is streamed back untouched apart from the
-//! `x-request-id` and `x-aihub-overhead-ms` headers.
+//! `x-request-id` and `x-aihub-overhead-ms` headers. Batch items come the same way with a
+//! batch token (`Bearer aihub-batch.…`) in place of the key; Files and Batches calls are
+//! forwarded to the admin API.
 //!
 //! # Layout
 //! Leaves first: a module imports only modules listed above it, so there are no import circles.
@@ -20,7 +22,8 @@
 //!   store.
 //! - [`config`]: the YAML file's structs and defaults; `Config::check` parses every value once
 //!   into the values the gateway runs on (routes, prices, plans, declared key records).
-//! - [`routing`]: the live routing table (models, upstreams, endpoints, passive health).
+//! - [`routing`]: the live routing table (models, upstreams, endpoints, passive health) and
+//!   the admin API's address.
 //! - [`keysnapshot`]: the on-disk snapshot of control-plane keys for starts without a database.
 //! - [`limits`]: request/token limits and plan quotas, local or shared through Redis.
 //! - [`metering`]: usage read from JSON bodies and SSE streams as they pass; estimates.
@@ -28,8 +31,11 @@
 //!   that the next three modules read and fill.
 //! - [`usage`]: the usage record of a finished request.
 //! - [`forward`]: sending the request upstream with failover, streaming the response back.
+//! - [`internal`]: Files and Batches calls forwarded to the admin API (signed identity,
+//!   streamed bodies).
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: the request flow and `logging`.
-//! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used.
+//! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used;
+//!   the internal secret shared with the admin API.
 //! - [`server`]: assembling listeners, the ops endpoint and the reloader.
 
 pub mod api;
@@ -39,6 +45,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod forward;
+pub mod internal;
 pub mod keys;
 pub mod keysnapshot;
 pub mod keysync;

@@ -199,8 +199,8 @@ impl Gateway {
             }
             Some(token) => self.batch_item(ctx, token, now)?,
             None => {
-                let key = authenticate(&*self.shared.keys, presented, now)
-                    .map_err(GatewayError::Auth)?;
+                let key =
+                    authenticate(&*self.shared.keys, presented, now).map_err(GatewayError::Auth)?;
                 ctx.key = Some(Arc::clone(&key));
                 if key.ip_allowlist.is_some() && !key.allows_ip(client_ip(session)) {
                     return Err(GatewayError::IpNotAllowed);
@@ -343,6 +343,7 @@ impl Gateway {
         if !key.endpoints.matches(endpoint) {
             return Err(GatewayError::EndpointNotAllowed(endpoint.to_owned()));
         }
+        let secret = crate::internal::target(&self.shared, rt)?;
         if let Some(limits) = &self.shared.limits {
             match limits.admit_request(key, &rt.plans).await {
                 Ok(admission) => {
@@ -352,7 +353,7 @@ impl Gateway {
                 Err(refusal) => return Err(limited(ctx, refusal)),
             }
         }
-        crate::internal::forward(&self.shared, session, ctx, rt, key).await
+        crate::internal::forward(&self.shared, session, ctx, (rt, &secret), key).await
     }
 
     /// Reads the whole request body, bounded in size and time.

@@ -6,13 +6,14 @@
 //! if any step fails, the old configuration keeps serving and
 //! `aihub_config_reloads_total{result="error"}` rises. In-flight requests finish on the snapshot
 //! they started with. Reload replaces only the YAML-declared keys, never synced ones. Listener,
-//! thread and `control_plane` changes need a restart.
+//! thread and `control_plane` changes need a restart (except its `admin_url` and
+//! `max_upload_bytes`, which are part of the routing table).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::{HttpServer, ServeHttp};
@@ -148,6 +149,7 @@ impl GatewayServer {
             keys_ready: config.control_plane.is_none().into(),
             usage,
             limits,
+            internal_secret: ArcSwapOption::empty(),
         });
 
         let mut proxy = pingora_proxy::http_proxy_service_with_name(
@@ -308,8 +310,15 @@ impl Reloader {
         if config.server.listen != self.listen {
             tracing::warn!("server.listen changed: listeners change only on restart");
         }
-        if config.control_plane != self.control_plane {
-            tracing::warn!("control_plane changed: it changes only on restart");
+        let restart = match (&config.control_plane, &self.control_plane) {
+            (Some(new), Some(old)) => new.needs_restart_for(old),
+            (new, old) => new.is_some() != old.is_some(),
+        };
+        if restart {
+            tracing::warn!(
+                "control_plane changed: it changes only on restart (except admin_url and \
+                 max_upload_bytes)"
+            );
         }
         self.shared.runtime.store(Arc::new(runtime));
         // Only the declared layer: keys synced from the control plane stay.

@@ -1,5 +1,5 @@
-//! Turns a finished request into its usage record: tokens (reported or estimated), cost, timings,
-//! outcome. Called once per metered request, from `logging`.
+//! Turns a finished request into its usage record: tokens (reported or estimated), cost (a batch
+//! item's discounted), timings, outcome, batch. Called once per metered request, from `logging`.
 
 use std::time::Duration;
 
@@ -7,6 +7,7 @@ use aihub_usage::pricing::{to_nanos, Pricing, Tokens};
 use aihub_usage::UsageRecord;
 use http::header;
 use pingora_proxy::Session;
+use rust_decimal::Decimal;
 
 use crate::context::{RequestCtx, ResponseMeter};
 use crate::metering::{self, Usage};
@@ -75,8 +76,14 @@ pub struct Priced {
     pub cost_nanos: i64,
 }
 
-/// The cost of a finished request's tokens (for its usage record and its limits).
-pub fn priced(ctx: &RequestCtx, (usage, estimated): (Usage, bool), pricing: &Pricing) -> Priced {
+/// The cost of a finished request's tokens (for its usage record and its limits): a batch
+/// item's with `batch_discount` taken off, exactly, before the one rounding to nano-USD.
+pub fn priced(
+    ctx: &RequestCtx,
+    (usage, estimated): (Usage, bool),
+    pricing: &Pricing,
+    batch_discount: Decimal,
+) -> Priced {
     let route = ctx.route.as_deref();
     let model = route.map_or("", |r| r.model.as_str());
     let upstream_model = route.map_or("", |r| r.upstream_model.as_deref().unwrap_or(&r.model));
@@ -85,10 +92,14 @@ pub fn priced(ctx: &RequestCtx, (usage, estimated): (Usage, bool), pricing: &Pri
         cached: usage.cached,
         completion: usage.completion,
     };
+    let mut cost = pricing.price(model, upstream_model).cost(tokens);
+    if ctx.batch.is_some() {
+        cost *= Decimal::ONE - batch_discount;
+    }
     Priced {
         usage,
         estimated,
-        cost_nanos: to_nanos(pricing.price(model, upstream_model).cost(tokens)),
+        cost_nanos: to_nanos(cost),
     }
 }
 
@@ -158,6 +169,10 @@ pub fn record(
             .get_header(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .map_or_else(String::new, |ua| truncate(ua, USER_AGENT_MAX).to_owned()),
+        batch_id: ctx
+            .batch
+            .as_ref()
+            .map_or_else(String::new, |b| b.task_id.to_string()),
     }
 }
 

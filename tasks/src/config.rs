@@ -22,6 +22,9 @@ pub struct TasksConfig {
     /// Largest upload. Default 200 MiB (OpenAI's batch input limit).
     #[serde(default = "default_max_file_bytes")]
     pub max_file_bytes: u64,
+    /// Deadline of one upload, from its first byte to its last. Default 10m.
+    #[serde(default = "default_upload_timeout", with = "humantime_serde")]
+    pub upload_timeout: Duration,
     /// Bytes of live files one developer may hold. Default 10 GiB.
     #[serde(default = "default_storage")]
     pub max_storage_bytes_per_developer: u64,
@@ -68,6 +71,9 @@ fn default_files_dir() -> PathBuf {
 }
 fn default_max_file_bytes() -> u64 {
     200 * 1024 * 1024
+}
+fn default_upload_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_storage() -> u64 {
     10 * 1024 * 1024 * 1024

@@ -80,14 +80,15 @@ async fn an_item_answered_twice_is_one_row() {
 
     let id = answer.request_id;
     assert_eq!(
-        count(&ch, &format!("request_id = toUUID('{id}') AND status = 200")).await,
+        count(
+            &ch,
+            &format!("request_id = toUUID('{id}') AND status = 200")
+        )
+        .await,
         1
     );
     // The refusals stay (zero tokens): they were real requests.
-    assert_eq!(
-        count(&ch, "batch_id = 'batch_1' AND status = 429").await,
-        2
-    );
+    assert_eq!(count(&ch, "batch_id = 'batch_1' AND status = 429").await, 2);
     assert_eq!(count(&ch, "batch_id = 'batch_1' AND status = 200").await, 2);
     assert_eq!(count(&ch, "batch_id = ''").await, 2);
     let cost: i64 = ch
@@ -152,7 +153,10 @@ async fn batch_id_is_empty_for_rows_of_older_binaries_and_migration_5_repeats() 
          VALUES (toUUID('00000000-0000-4000-8000-000000000001'), toDateTime(1772445600), 1772445600000, 'dev_old', 200)",
     )
     .await;
-    assert_eq!(count(&ch, "developer_id = 'dev_old' AND batch_id = ''").await, 1);
+    assert_eq!(
+        count(&ch, "developer_id = 'dev_old' AND batch_id = ''").await,
+        1
+    );
     // Adding the column again (another node, an interrupted migration) is a no-op.
     let db = ch.client();
     aihub_usage::schema::add_column(&db, "usage_events", "batch_id", "String DEFAULT ''")
@@ -189,7 +193,8 @@ async fn the_pipeline_writes_one_row_per_answered_item() {
     // Two answers of the same item in one segment, a third in a later segment.
     sink.record(item("batch_p", 7, T0, 200)).await;
     sink.record(item("batch_p", 7, T0 + 10, 200)).await;
-    sink.record(usage_row("dev_a", T0 + 20, "gpt-4o", 5, 5)).await;
+    sink.record(usage_row("dev_a", T0 + 20, "gpt-4o", 5, 5))
+        .await;
     wait_for(&ch, "batch_id = 'batch_p'", 1).await;
     sink.record(item("batch_p", 7, T0 + 30_000, 200)).await;
     sink.record(item("batch_p", 8, T0 + 30_001, 200)).await;

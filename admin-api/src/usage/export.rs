@@ -193,6 +193,39 @@ pub(crate) async fn export_of(
     Ok(resp)
 }
 
+/// Writes the CSV of `developer_id`'s rows in `range` (optionally one key's) into a task's
+/// result file: the same columns and encoding as the download. Returns the rows written.
+pub(crate) async fn write_csv(
+    client: &Client,
+    developer_id: &str,
+    key_id: Option<&str>,
+    range: &DayRange,
+    out: &mut aihub_tasks::files::Writer,
+) -> Result<u64, String> {
+    let mut export = Export {
+        client: client.clone(),
+        developer_id: developer_id.to_owned(),
+        key_id: key_id.map(str::to_owned),
+        slices: month_slices(range).into_iter(),
+    };
+    let failed = |e: &dyn std::fmt::Display| format!("the usage export failed: {e}");
+    let mut buf = Vec::with_capacity(CHUNK_BYTES + 4096);
+    buf.extend_from_slice(HEADER.as_bytes());
+    let mut rows = 0u64;
+    while let Some(mut cursor) = export.next_cursor().map_err(|e| failed(&e))? {
+        while let Some(row) = cursor.next().await.map_err(|e| failed(&e))? {
+            write_row(&mut buf, &row);
+            rows += 1;
+            if buf.len() >= CHUNK_BYTES {
+                out.write(&buf).await.map_err(|e| failed(&e))?;
+                buf.clear();
+            }
+        }
+    }
+    out.write(&buf).await.map_err(|e| failed(&e))?;
+    Ok(rows)
+}
+
 enum StreamEnd {
     ClientGone,
     Failed(clickhouse::error::Error),

@@ -27,13 +27,19 @@ pub struct Admin {
 
 impl Admin {
     pub fn start(database_url: &str, extra: &str) -> Admin {
+        Self::start_at("127.0.0.1:0", database_url, extra)
+    }
+
+    /// Like [`Admin::start`], listening on `listen` (a port chosen before, e.g. for a gateway
+    /// that must know it).
+    pub fn start_at(listen: &str, database_url: &str, extra: &str) -> Admin {
         let dir = tempfile::tempdir().unwrap();
         let mail = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin.yaml");
         std::fs::write(
             &path,
             format!(
-                "listen: 127.0.0.1:0\ndatabase: {{url: \"{database_url}\"}}\n\
+                "listen: {listen}\ndatabase: {{url: \"{database_url}\"}}\n\
                  email: {{transport: {{kind: file, dir: \"{}\"}}}}\n\
                  auth: {{argon2_memory_kib: 8192, argon2_iterations: 1}}\n\
                  bootstrap_admin: {{email: ops@aihub.test, password_env: AIHUB_TEST_OPS_PASSWORD}}\n{extra}",

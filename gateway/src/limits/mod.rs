@@ -292,11 +292,7 @@ impl Limits {
         self.admit_with(key, requests_only).await
     }
 
-    async fn admit_with(
-        &self,
-        key: &Arc<KeyRecord>,
-        eff: Effective,
-    ) -> Result<Admission, Refusal> {
+    async fn admit_with(&self, key: &Arc<KeyRecord>, eff: Effective) -> Result<Admission, Refusal> {
         let mut adm = Admission {
             headers: RateHeaders::default(),
             key: Arc::clone(key),
