@@ -72,7 +72,14 @@ impl FromRequestParts<AppState> for Forwarded {
         };
         let path = parts.uri.path().strip_prefix("/internal").unwrap_or("");
         s.internal
-            .verify_identity(&id, parts.method.as_str(), path, &ts, &sig, aihub_store::now_ms())
+            .verify_identity(
+                &id,
+                parts.method.as_str(),
+                path,
+                &ts,
+                &sig,
+                aihub_store::now_ms(),
+            )
             .map_err(|e| {
                 tracing::warn!(error = %e, "forwarded identity refused");
                 REFUSED
@@ -107,17 +114,28 @@ async fn upload(
     let deadline = tokio::time::Instant::now() + s.config.tasks.upload_timeout;
     let mut purpose: Option<String> = None;
     let mut upload = None;
-    let bad = |e: axum::extract::multipart::MultipartError| AppError::BadRequest(format!("The multipart body could not be read: {}", e.body_text()));
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        AppError::BadRequest(format!(
+            "The multipart body could not be read: {}",
+            e.body_text()
+        ))
+    };
     loop {
         let field = match tokio::time::timeout_at(deadline, form.next_field()).await {
-            Err(_) => return Err(AppError::BadRequest("The upload did not finish in time.".into())),
+            Err(_) => {
+                return Err(AppError::BadRequest(
+                    "The upload did not finish in time.".into(),
+                ))
+            }
             Ok(r) => r.map_err(bad)?,
         };
         let Some(mut field) = field else { break };
         match field.name() {
             Some("purpose") => {
                 let text = field.text().await.map_err(bad)?;
-                if upload.is_some() && !aihub_control::tasks::UPLOAD_PURPOSES.contains(&text.as_str()) {
+                if upload.is_some()
+                    && !aihub_control::tasks::UPLOAD_PURPOSES.contains(&text.as_str())
+                {
                     return Err(AppError::validation("purpose", "must be `batch`"));
                 }
                 purpose = Some(text);
@@ -126,11 +144,19 @@ async fn upload(
                 let filename = field.file_name().unwrap_or("upload.jsonl").to_owned();
                 let mut u = s
                     .control
-                    .begin_upload(&id.developer_id, purpose.as_deref().unwrap_or("batch"), &filename)
+                    .begin_upload(
+                        &id.developer_id,
+                        purpose.as_deref().unwrap_or("batch"),
+                        &filename,
+                    )
                     .await?;
                 loop {
                     let chunk = match tokio::time::timeout_at(deadline, field.chunk()).await {
-                        Err(_) => return Err(AppError::BadRequest("The upload did not finish in time.".into())),
+                        Err(_) => {
+                            return Err(AppError::BadRequest(
+                                "The upload did not finish in time.".into(),
+                            ))
+                        }
                         Ok(r) => r.map_err(bad)?,
                     };
                     let Some(chunk) = chunk else { break };
@@ -158,11 +184,19 @@ async fn list_files(
     let limit = q.limit.unwrap_or(10_000).clamp(1, 10_000);
     let mut files = s
         .control
-        .files_of(&id.developer_id, q.purpose.as_deref(), q.after.as_deref(), limit + 1)
+        .files_of(
+            &id.developer_id,
+            q.purpose.as_deref(),
+            q.after.as_deref(),
+            limit + 1,
+        )
         .await?;
     let has_more = files.len() as i64 > limit;
     files.truncate(limit as usize);
-    Ok(Json(page(files.iter().map(openai::file_object).collect(), has_more)))
+    Ok(Json(page(
+        files.iter().map(openai::file_object).collect(),
+        has_more,
+    )))
 }
 
 async fn get_file(
@@ -184,7 +218,11 @@ async fn delete_file(
 }
 
 /// A stored file's bytes as a streamed response.
-pub(crate) fn download(file: &aihub_store::files::FileRecord, reader: aihub_tasks::files::Reader, content_type: &'static str) -> Result<Response, AppError> {
+pub(crate) fn download(
+    file: &aihub_store::files::FileRecord,
+    reader: aihub_tasks::files::Reader,
+    content_type: &'static str,
+) -> Result<Response, AppError> {
     let stream = futures_util::stream::unfold(reader, |mut r| async move {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; 64 * 1024];
@@ -204,11 +242,18 @@ pub(crate) fn download(file: &aihub_store::files::FileRecord, reader: aihub_task
     let name: String = file
         .filename
         .chars()
-        .map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     h.insert(
         header::CONTENT_DISPOSITION,
-        HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")).map_err(AppError::internal)?,
+        HeaderValue::from_str(&format!("attachment; filename=\"{name}\""))
+            .map_err(AppError::internal)?,
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
@@ -260,7 +305,11 @@ async fn create_batch(
 }
 
 /// A developer's batch (`NotFound` for their tasks of other kinds).
-async fn batch_of(s: &AppState, developer_id: &str, id: &str) -> Result<store_tasks::Task, AppError> {
+async fn batch_of(
+    s: &AppState,
+    developer_id: &str,
+    id: &str,
+) -> Result<store_tasks::Task, AppError> {
     let t = s.control.task(Some(developer_id), id).await?;
     if t.kind != store_tasks::OPENAI_BATCH {
         return Err(AppError::NotFound);
@@ -273,7 +322,9 @@ async fn get_batch(
     Forwarded(id): Forwarded,
     Path(batch_id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    Ok(Json(openai::batch_object(&batch_of(&s, &id.developer_id, &batch_id).await?)))
+    Ok(Json(openai::batch_object(
+        &batch_of(&s, &id.developer_id, &batch_id).await?,
+    )))
 }
 
 async fn list_batches(
@@ -294,7 +345,10 @@ async fn list_batches(
         .await?;
     let has_more = list.len() as i64 > limit;
     list.truncate(limit as usize);
-    Ok(Json(page(list.iter().map(openai::batch_object).collect(), has_more)))
+    Ok(Json(page(
+        list.iter().map(openai::batch_object).collect(),
+        has_more,
+    )))
 }
 
 async fn cancel_batch(
@@ -305,6 +359,9 @@ async fn cancel_batch(
     batch_of(&s, &id.developer_id, &batch_id).await?;
     let dev = aihub_store::developers::by_id(&s.store, &id.developer_id).await?;
     let by = aihub_control::Actor::developer(&dev);
-    let task = s.control.cancel_task(&by, Some(&id.developer_id), &batch_id).await?;
+    let task = s
+        .control
+        .cancel_task(&by, Some(&id.developer_id), &batch_id)
+        .await?;
     Ok(Json(openai::batch_object(&task)))
 }

@@ -87,7 +87,8 @@ pub async fn read_body(State(limits): State<BodyLimits>, req: Request, next: Nex
     use axum::body::HttpBody;
     let (parts, body) = req.into_parts();
     // File uploads stream into the file store under their own size limit and deadline.
-    let upload = parts.method == axum::http::Method::POST && parts.uri.path() == crate::batches::UPLOAD_PATH;
+    let upload =
+        parts.method == axum::http::Method::POST && parts.uri.path() == crate::batches::UPLOAD_PATH;
     if body.is_end_stream() || upload {
         return next.run(Request::from_parts(parts, body)).await;
     }

@@ -162,7 +162,10 @@ pub(crate) async fn create(
     caller: Caller,
     BodyJson(r): BodyJson<CreateTaskRequest>,
 ) -> Result<(StatusCode, Json<TaskView>), AppError> {
-    let task = s.control.create_task(&caller.developer, command(r)?).await?;
+    let task = s
+        .control
+        .create_task(&caller.developer, command(r)?)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(TaskView::from(&task))))
 }
 
@@ -201,7 +204,9 @@ pub(crate) async fn list(
     let kinds: Vec<&str> = match q.task_type.as_deref() {
         None => Vec::new(),
         Some(
-            k @ (store_tasks::BATCH_GENERATE | store_tasks::USAGE_EXPORT | store_tasks::OPENAI_BATCH),
+            k @ (store_tasks::BATCH_GENERATE
+            | store_tasks::USAGE_EXPORT
+            | store_tasks::OPENAI_BATCH),
         ) => vec![k],
         Some(_) => {
             return Err(AppError::validation(

@@ -803,7 +803,7 @@ async fn daily_rollup_backfills_existing_rows_once() {
     let old = records("dev_a", &keys, 900, now - 70 * DAY, now - 1_000, 11);
     let ch = version_2_database(&old).await;
     let report = aihub_usage::schema::migrate(&ch.config).await.unwrap();
-    assert_eq!(report.applied, [3, 4]);
+    assert_eq!(report.applied, [3, 4, 5]);
     assert!(daily_mismatches(&ch).await.is_empty());
     assert_eq!(platform_mismatches(&ch).await, Vec::<String>::new());
     assert_eq!(
@@ -938,5 +938,5 @@ async fn daily_backfill_survives_interruption_and_concurrency() {
         .fetch_all()
         .await
         .unwrap();
-    assert_eq!(versions, [1, 2, 3, 4]);
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
 }

@@ -125,7 +125,10 @@ impl InternalSecret {
         let line = t.line.to_string();
         let expiry = t.expires_at_ms.to_string();
         let sig = self.mac(&["batch", &hash, &t.task_id, &line, &expiry]);
-        format!("{BATCH_TOKEN_PREFIX}{hash}.{}.{line}.{expiry}.{sig}", t.task_id)
+        format!(
+            "{BATCH_TOKEN_PREFIX}{hash}.{}.{line}.{expiry}.{sig}",
+            t.task_id
+        )
     }
 
     /// Reads and checks a batch item's bearer token (the whole `aihub-batch.…` string).

@@ -54,7 +54,11 @@ const STATUSES: &[&str] = &[
     tasks::CANCELLING,
     tasks::CANCELLED,
 ];
-const KINDS: &[&str] = &[tasks::OPENAI_BATCH, tasks::BATCH_GENERATE, tasks::USAGE_EXPORT];
+const KINDS: &[&str] = &[
+    tasks::OPENAI_BATCH,
+    tasks::BATCH_GENERATE,
+    tasks::USAGE_EXPORT,
+];
 
 fn task_json(t: &Task) -> serde_json::Value {
     serde_json::json!({
@@ -76,7 +80,11 @@ fn task_json(t: &Task) -> serde_json::Value {
 }
 
 /// Checks values against a known list (clap's `value_parser` cannot borrow the constants).
-fn known<'a>(what: &str, given: &'a [String], allowed: &[&'static str]) -> anyhow::Result<Vec<&'static str>> {
+fn known(
+    what: &str,
+    given: &[String],
+    allowed: &[&'static str],
+) -> anyhow::Result<Vec<&'static str>> {
     given
         .iter()
         .map(|g| {
@@ -139,7 +147,12 @@ pub fn run(command: TasksCommand) -> anyhow::Result<()> {
             },
             TasksCommand::Cancel { id, .. } => {
                 match control.cancel_task(&Actor::Cli, None, &id).await {
-                    Ok(t) => println!("cancelling {} ({} of {} items ended)", t.id, t.completed + t.failed, t.total),
+                    Ok(t) => println!(
+                        "cancelling {} ({} of {} items ended)",
+                        t.id,
+                        t.completed + t.failed,
+                        t.total
+                    ),
                     Err(aihub_control::Error::NotFound) => bail!("no task or batch `{id}`"),
                     Err(aihub_control::Error::Conflict(m)) => bail!("{m}"),
                     Err(e) => return Err(e.into()),

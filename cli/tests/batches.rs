@@ -32,7 +32,12 @@ struct Stack {
 
 impl Stack {
     /// `tasks` is extra YAML inside the admin's `tasks:` section (indented by the caller).
-    async fn start(backend: Backend, mock_args: &[&str], tasks: &str, plans: Option<&str>) -> Stack {
+    async fn start(
+        backend: Backend,
+        mock_args: &[&str],
+        tasks: &str,
+        plans: Option<&str>,
+    ) -> Stack {
         let store_db = TestDatabase::new(backend).await;
         // The admin node migrates too; the gateway starts first and needs the schema.
         store_db.store().await;
@@ -53,11 +58,18 @@ impl Stack {
         let gw = Gateway::start(
             &format!(
                 "{}{}{}{}",
-                config(&[upstream("m", &[mock.base_url()], &[])], &[("demo", "m", None)], &[]),
+                config(
+                    &[upstream("m", &[mock.base_url()], &[])],
+                    &[("demo", "m", None)],
+                    &[]
+                ),
                 ch.metering_yaml(wal.path(), &[]),
                 common::control_plane(
                     &store_db.url,
-                    &["poll_interval: 50ms", &format!("admin_url: \"http://127.0.0.1:{admin_port}\"")]
+                    &[
+                        "poll_interval: 50ms",
+                        &format!("admin_url: \"http://127.0.0.1:{admin_port}\"")
+                    ]
                 ),
                 limits
             ),
@@ -107,14 +119,21 @@ impl Stack {
     /// A verified developer with a key; waits until the gateway knows the key and the secret.
     async fn developer(&self, email: &str) -> (String, String, String) {
         let session = self.admin().sign_up(email).await;
-        let (key, key_id) = self.admin().create_key(&session, json!({"name": "batch"})).await;
+        let (key, key_id) = self
+            .admin()
+            .create_key(&session, json!({"name": "batch"}))
+            .await;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let r = self.gw.get(&key, "/v1/batches").await;
             if r.status() == 200 {
                 break;
             }
-            assert!(Instant::now() < deadline, "gateway never served /v1/batches: {}", r.status());
+            assert!(
+                Instant::now() < deadline,
+                "gateway never served /v1/batches: {}",
+                r.status()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         (session, key, key_id)
@@ -130,7 +149,10 @@ impl Stack {
         let r = client()
             .post(self.gw.url("/v1/files"))
             .bearer_auth(key)
-            .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
             .body(body)
             .send()
             .await
@@ -212,7 +234,8 @@ impl Stack {
     /// `(rows, distinct request ids, rows with status 200)` of a batch in ClickHouse, once the
     /// count has been stable for a second.
     async fn usage_of(&self, batch_id: &str) -> (u64, u64, u64) {
-        let q = |what: &str| format!("SELECT {what} FROM usage_events WHERE batch_id = '{batch_id}'");
+        let q =
+            |what: &str| format!("SELECT {what} FROM usage_events WHERE batch_id = '{batch_id}'");
         let mut last = u64::MAX;
         for _ in 0..40 {
             let n = self.ch.number(&q("count()")).await as u64;
@@ -271,18 +294,28 @@ async fn sdk_round_trip(backend: Backend) {
     );
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen["status"], "completed", "{seen}");
-    assert_eq!(seen["counts"], json!({"total": 7, "completed": 6, "failed": 1}));
+    assert_eq!(
+        seen["counts"],
+        json!({"total": 7, "completed": 6, "failed": 1})
+    );
     assert_eq!(seen["metadata"], json!({"purpose": "sdk test"}));
     assert!(seen["completed_at"].as_i64().unwrap() > 1_700_000_000);
     let ids: Vec<String> = (0..6).map(|i| format!("req-{i}")).collect();
-    assert_eq!(seen["output_custom_ids"], json!(ids), "output in input order");
+    assert_eq!(
+        seen["output_custom_ids"],
+        json!(ids),
+        "output in input order"
+    );
     assert_eq!(seen["output_statuses"], json!([200]));
     assert_eq!(seen["output_first_body"]["object"], "chat.completion");
     let errors = seen["error_lines"].as_array().unwrap();
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0]["custom_id"], "req-bad");
     assert_eq!(errors[0]["response"]["status_code"], 404);
-    assert_eq!(errors[0]["response"]["body"]["error"]["code"], "model_not_found");
+    assert_eq!(
+        errors[0]["response"]["body"]["error"]["code"],
+        "model_not_found"
+    );
     for flag in ["listed", "file_listed", "deleted"] {
         assert_eq!(seen[flag], true, "{flag}: {seen}");
     }
@@ -307,7 +340,10 @@ async fn sdk_round_trip(backend: Backend) {
     for path in [
         format!("/v1/batches/{batch_id}"),
         format!("/v1/files/{}", b["output_file_id"].as_str().unwrap()),
-        format!("/v1/files/{}/content", b["output_file_id"].as_str().unwrap()),
+        format!(
+            "/v1/files/{}/content",
+            b["output_file_id"].as_str().unwrap()
+        ),
     ] {
         expect_error(stack.gw.get(&other, &path).await, 404, "not_found").await;
     }
@@ -318,9 +354,21 @@ async fn sdk_round_trip(backend: Backend) {
         .await
         .unwrap();
     expect_error(r, 404, "not_found").await;
-    let list: Value = stack.gw.get(&other, "/v1/batches").await.json().await.unwrap();
+    let list: Value = stack
+        .gw
+        .get(&other, "/v1/batches")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["data"], json!([]));
-    let files: Value = stack.gw.get(&other, "/v1/files").await.json().await.unwrap();
+    let files: Value = stack
+        .gw
+        .get(&other, "/v1/files")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(files["data"], json!([]));
 }
 
@@ -368,9 +416,10 @@ async fn takeover(backend: Backend) {
         stack.finished(&key, &id, Duration::from_secs(120)).await
     } else {
         let deadline = Instant::now() + Duration::from_secs(120);
-        let store = aihub_store::Store::connect(&aihub_store::StoreOptions::new(&stack.database_url))
-            .await
-            .unwrap();
+        let store =
+            aihub_store::Store::connect(&aihub_store::StoreOptions::new(&stack.database_url))
+                .await
+                .unwrap();
         loop {
             let t = aihub_store::tasks::get(&store, None, &id).await.unwrap();
             if t.finished_at.is_some() {
@@ -384,13 +433,27 @@ async fn takeover(backend: Backend) {
         stack.finished(&key, &id, Duration::from_secs(20)).await
     };
     assert_eq!(b["status"], "completed", "{b}");
-    assert_eq!(b["request_counts"], json!({"total": 300, "completed": 300, "failed": 0}));
-    assert!(killed_at.elapsed() > Duration::from_secs(2), "the dead leases were waited out");
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 300, "completed": 300, "failed": 0})
+    );
+    assert!(
+        killed_at.elapsed() > Duration::from_secs(2),
+        "the dead leases were waited out"
+    );
     let out = stack.lines(&key, &b["output_file_id"]).await;
     let expected: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
-    assert_eq!(custom_ids(&out), expected, "every item exactly once, in order");
+    assert_eq!(
+        custom_ids(&out),
+        expected,
+        "every item exactly once, in order"
+    );
     assert!(b["error_file_id"].is_null());
-    assert_eq!(stack.usage_of(&id).await, (300, 300, 300), "one usage row per item");
+    assert_eq!(
+        stack.usage_of(&id).await,
+        (300, 300, 300),
+        "one usage row per item"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,21 +501,34 @@ async fn cancelling_stops_new_items_within_a_second() {
     let done = b["request_counts"]["completed"].as_i64().unwrap();
     assert!((12..60).contains(&done), "{b}");
     assert_eq!(b["request_counts"]["total"], 400);
-    assert_eq!(stack.lines(&key, &b["output_file_id"]).await.len() as i64, done);
+    assert_eq!(
+        stack.lines(&key, &b["output_file_id"]).await.len() as i64,
+        done
+    );
     assert_eq!(later as i64, done, "rows = items that ran");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_quota_fails_the_remaining_items() {
-    let plans = "default_plan: free\nplans:\n  free:\n    included_tokens: 120\n    overage: false\n";
-    let stack = Stack::start(Backend::Sqlite, &[], "  per_developer_concurrency: 1\n", Some(plans)).await;
+    let plans =
+        "default_plan: free\nplans:\n  free:\n    included_tokens: 120\n    overage: false\n";
+    let stack = Stack::start(
+        Backend::Sqlite,
+        &[],
+        "  per_developer_concurrency: 1\n",
+        Some(plans),
+    )
+    .await;
     let (_, key, _) = stack.developer("quota@example.com").await;
     let file = stack.upload(&key, &jsonl(30, "demo")).await;
     let id = stack.create_batch(&key, &file).await;
     let b = stack.finished(&key, &id, Duration::from_secs(60)).await;
     assert_eq!(b["status"], "completed", "{b}");
     let c = &b["request_counts"];
-    let (ok, failed) = (c["completed"].as_i64().unwrap(), c["failed"].as_i64().unwrap());
+    let (ok, failed) = (
+        c["completed"].as_i64().unwrap(),
+        c["failed"].as_i64().unwrap(),
+    );
     assert!(ok >= 1 && failed >= 1 && ok + failed == 30, "{b}");
     let errors = stack.lines(&key, &b["error_file_id"]).await;
     assert_eq!(errors.len() as i64, failed);
@@ -490,7 +566,12 @@ async fn a_revoked_key_stops_its_batch() {
     stack.ended_at_least(&key, &id, 8).await;
     let (s, _) = stack
         .admin()
-        .call("DELETE", &format!("/developer/keys/{key_id}"), Some(&session), None)
+        .call(
+            "DELETE",
+            &format!("/developer/keys/{key_id}"),
+            Some(&session),
+            None,
+        )
         .await;
     assert!(s == 200 || s == 204, "{s}");
     let b = stack.finished(&reader, &id, Duration::from_secs(60)).await;
@@ -530,7 +611,14 @@ async fn seed_tasks_generate_and_export() {
     assert!(id.starts_with("task_"));
     let deadline = Instant::now() + Duration::from_secs(30);
     let t = loop {
-        let (_, t) = a.call("GET", &format!("/developer/tasks/{id}"), Some(&session), None).await;
+        let (_, t) = a
+            .call(
+                "GET",
+                &format!("/developer/tasks/{id}"),
+                Some(&session),
+                None,
+            )
+            .await;
         if t["status"] == "completed" {
             break t;
         }
@@ -538,7 +626,10 @@ async fn seed_tasks_generate_and_export() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(t["progress"], 100);
-    assert_eq!(t["counts"], json!({"total": 3, "completed": 3, "failed": 0}));
+    assert_eq!(
+        t["counts"],
+        json!({"total": 3, "completed": 3, "failed": 0})
+    );
     let result = client()
         .get(format!("{}{}", a.base, t["result_url"].as_str().unwrap()))
         .bearer_auth(&session)
@@ -547,20 +638,39 @@ async fn seed_tasks_generate_and_export() {
         .unwrap();
     assert_eq!(result.status(), 200);
     let text = result.text().await.unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(custom_ids(&lines), ["item-1", "item-2", "item-3"]);
     assert_eq!(lines[0]["response"]["status_code"], 200);
-    assert_eq!(stack.usage_of(&id).await, (3, 3, 3), "metered with the task's id");
+    assert_eq!(
+        stack.usage_of(&id).await,
+        (3, 3, 3),
+        "metered with the task's id"
+    );
 
     // A usage export of this month, as CSV.
     let (s, t) = a
-        .call("POST", "/developer/tasks", Some(&session), Some(json!({"type": "usage_export"})))
+        .call(
+            "POST",
+            "/developer/tasks",
+            Some(&session),
+            Some(json!({"type": "usage_export"})),
+        )
         .await;
     assert_eq!(s, 202, "{t}");
     let export = t["id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
     let t = loop {
-        let (_, t) = a.call("GET", &format!("/developer/tasks/{export}"), Some(&session), None).await;
+        let (_, t) = a
+            .call(
+                "GET",
+                &format!("/developer/tasks/{export}"),
+                Some(&session),
+                None,
+            )
+            .await;
         if t["status"] == "completed" {
             break t;
         }
@@ -573,35 +683,92 @@ async fn seed_tasks_generate_and_export() {
         .send()
         .await
         .unwrap();
-    assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    assert!(csv.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
     let csv = csv.text().await.unwrap();
     assert!(csv.starts_with("request_id,timestamp,key_id,"), "{csv}");
-    assert_eq!(csv.lines().count(), 4, "header and the three generated requests: {csv}");
+    assert_eq!(
+        csv.lines().count(),
+        4,
+        "header and the three generated requests: {csv}"
+    );
 
     // Listing, filters, a finished task's cancel, bad input, the events.
-    let (_, list) = a.call("GET", "/developer/tasks?status=completed", Some(&session), None).await;
+    let (_, list) = a
+        .call(
+            "GET",
+            "/developer/tasks?status=completed",
+            Some(&session),
+            None,
+        )
+        .await;
     assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
-    let (_, list) = a.call("GET", "/developer/tasks?type=usage_export", Some(&session), None).await;
+    let (_, list) = a
+        .call(
+            "GET",
+            "/developer/tasks?type=usage_export",
+            Some(&session),
+            None,
+        )
+        .await;
     assert_eq!(list["data"][0]["id"], export.as_str());
-    let (s, e) = a.call("POST", &format!("/developer/tasks/{id}/cancel"), Some(&session), None).await;
+    let (s, e) = a
+        .call(
+            "POST",
+            &format!("/developer/tasks/{id}/cancel"),
+            Some(&session),
+            None,
+        )
+        .await;
     assert_eq!((s, e["error"]["code"].as_str()), (409, Some("conflict")));
     let (s, e) = a
-        .call("POST", "/developer/tasks", Some(&session), Some(json!({"type": "batch_generate", "model": "demo"})))
+        .call(
+            "POST",
+            "/developer/tasks",
+            Some(&session),
+            Some(json!({"type": "batch_generate", "model": "demo"})),
+        )
         .await;
-    assert_eq!((s, e["error"]["code"].as_str()), (422, Some("validation_failed")), "{e}");
-    let (s, _) = a.call("GET", "/developer/tasks?status=nope", Some(&session), None).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (422, Some("validation_failed")),
+        "{e}"
+    );
+    let (s, _) = a
+        .call("GET", "/developer/tasks?status=nope", Some(&session), None)
+        .await;
     assert_eq!(s, 422);
-    let (_, events) = a.call("GET", "/developer/events?type=task.completed", Some(&session), None).await;
+    let (_, events) = a
+        .call(
+            "GET",
+            "/developer/events?type=task.completed",
+            Some(&session),
+            None,
+        )
+        .await;
     let tasks: Vec<&str> = events["data"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| e["data"]["task_id"].as_str().unwrap())
         .collect();
-    assert!(tasks.contains(&id.as_str()) && tasks.contains(&export.as_str()), "{events}");
+    assert!(
+        tasks.contains(&id.as_str()) && tasks.contains(&export.as_str()),
+        "{events}"
+    );
+    let (_, events) = a
+        .call("GET", "/developer/events?limit=100", Some(&session), None)
+        .await;
+    for e in events["data"].as_array().unwrap() {
+        aihub_webhooks::catalogue::conforms(e).unwrap_or_else(|m| panic!("{m}: {e}"));
+    }
     // Another developer's task is not there.
     let other = a.sign_up("tasks-other@example.com").await;
-    let (s, _) = a.call("GET", &format!("/developer/tasks/{id}"), Some(&other), None).await;
+    let (s, _) = a
+        .call("GET", &format!("/developer/tasks/{id}"), Some(&other), None)
+        .await;
     assert_eq!(s, 404);
     let _ = key;
 }
@@ -622,9 +789,15 @@ async fn ten_thousand_items() {
     let b = stack.finished(&key, &id, Duration::from_secs(600)).await;
     let took = started.elapsed();
     assert_eq!(b["status"], "completed", "{b}");
-    assert_eq!(b["request_counts"], json!({"total": 10000, "completed": 10000, "failed": 0}));
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 10000, "completed": 10000, "failed": 0})
+    );
     let out = stack.lines(&key, &b["output_file_id"]).await;
     assert_eq!(out.len(), 10_000);
     assert_eq!(stack.usage_of(&id).await, (10_000, 10_000, 10_000));
-    eprintln!("10,000 items in {took:?} ({:.0} items/s, debug build)", 10_000.0 / took.as_secs_f64());
+    eprintln!(
+        "10,000 items in {took:?} ({:.0} items/s, debug build)",
+        10_000.0 / took.as_secs_f64()
+    );
 }

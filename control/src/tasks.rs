@@ -105,7 +105,10 @@ fn check_metadata(m: &Value, errors: &mut Vec<FieldError>) {
 impl Control {
     fn files(&self) -> Result<&dyn aihub_tasks::FileStore> {
         self.files.as_deref().ok_or_else(|| {
-            Error::Forbidden("files_unavailable", "Files are not enabled on this server.".into())
+            Error::Forbidden(
+                "files_unavailable",
+                "Files are not enabled on this server.".into(),
+            )
         })
     }
 
@@ -121,7 +124,10 @@ impl Control {
             errors.push(FieldError::new("purpose", "must be `batch`"));
         }
         let filename = filename.trim();
-        if filename.is_empty() || filename.chars().count() > 255 || filename.contains(['/', '\\', '\0']) {
+        if filename.is_empty()
+            || filename.chars().count() > 255
+            || filename.contains(['/', '\\', '\0'])
+        {
             errors.push(FieldError::new(
                 "file",
                 "a file name of 1 to 255 characters without slashes is required",
@@ -188,7 +194,14 @@ impl Control {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<FileRecord>> {
-        Ok(store_files::list(&self.store, developer_id, purpose, after, limit.clamp(1, 10_000)).await?)
+        Ok(store_files::list(
+            &self.store,
+            developer_id,
+            purpose,
+            after,
+            limit.clamp(1, 10_000),
+        )
+        .await?)
     }
 
     /// A file and a reader of its bytes.
@@ -209,7 +222,11 @@ impl Control {
         Ok(f)
     }
 
-    async fn check_open_tasks(&self, conn: &mut sqlx::AnyConnection, developer_id: &str) -> Result<()> {
+    async fn check_open_tasks(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        developer_id: &str,
+    ) -> Result<()> {
         let open = tasks::count_open(conn, developer_id).await?;
         if open >= self.config.tasks.max_open_per_developer {
             return Err(Error::Forbidden(
@@ -223,7 +240,12 @@ impl Control {
     }
 
     /// Creates an OpenAI batch run as `key_id`; its input is read by a worker.
-    pub async fn create_batch(&self, developer_id: &str, key_id: &str, r: CreateBatch) -> Result<Task> {
+    pub async fn create_batch(
+        &self,
+        developer_id: &str,
+        key_id: &str,
+        r: CreateBatch,
+    ) -> Result<Task> {
         let mut errors = Vec::new();
         if !BATCH_ENDPOINTS.contains(&r.endpoint.as_str()) {
             errors.push(FieldError::new(
@@ -286,12 +308,17 @@ impl Control {
     async fn task_key(&self, dev: &Developer, key_id: Option<&str>) -> Result<String> {
         let now = now_ms();
         let usable = |k: &store_keys::ApiKey| {
-            k.deleted_at.is_none() && k.disabled_at.is_none() && k.expires_at.is_none_or(|e| e > now)
+            k.deleted_at.is_none()
+                && k.disabled_at.is_none()
+                && k.expires_at.is_none_or(|e| e > now)
         };
         if let Some(id) = key_id {
             return match store_keys::get(&self.store, Some(&dev.id), id).await {
                 Ok(k) if usable(&k) => Ok(k.id),
-                Ok(_) => Err(Error::invalid("key_id", "the key is revoked, disabled or expired")),
+                Ok(_) => Err(Error::invalid(
+                    "key_id",
+                    "the key is revoked, disabled or expired",
+                )),
                 Err(StoreError::NotFound) => Err(Error::invalid("key_id", "no such key")),
                 Err(e) => Err(e.into()),
             };
@@ -302,7 +329,10 @@ impl Control {
             .max_by_key(|k| k.created_at)
             .map(|k| k.id)
             .ok_or_else(|| {
-                Error::invalid("key_id", "create an API key first: the task's requests run as one")
+                Error::invalid(
+                    "key_id",
+                    "create an API key first: the task's requests run as one",
+                )
             })
     }
 
@@ -324,12 +354,18 @@ impl Control {
                     (Some(p), None) => p.len(),
                     (None, Some(m)) => {
                         if m.iter().any(|c| !c.is_array()) {
-                            errors.push(FieldError::new("messages", "must be a list of message lists"));
+                            errors.push(FieldError::new(
+                                "messages",
+                                "must be a list of message lists",
+                            ));
                         }
                         m.len()
                     }
                     _ => {
-                        errors.push(FieldError::new("prompts", "give either `prompts` or `messages`"));
+                        errors.push(FieldError::new(
+                            "prompts",
+                            "give either `prompts` or `messages`",
+                        ));
                         0
                     }
                 };
@@ -343,14 +379,22 @@ impl Control {
                 if let Some(o) = &options {
                     for reserved in ["model", "messages", "stream"] {
                         if o.contains_key(reserved) {
-                            errors.push(FieldError::new("options", format!("may not set `{reserved}`")));
+                            errors.push(FieldError::new(
+                                "options",
+                                format!("may not set `{reserved}`"),
+                            ));
                         }
                     }
                 }
                 Error::check(errors)?;
                 let key = self.task_key(dev, key_id.as_deref()).await?;
                 let input = json!({"model": model, "prompts": prompts, "messages": messages, "options": options});
-                (tasks::BATCH_GENERATE, Some(key), input, Some("/v1/chat/completions"))
+                (
+                    tasks::BATCH_GENERATE,
+                    Some(key),
+                    input,
+                    Some("/v1/chat/completions"),
+                )
             }
             CreateTask::UsageExport {
                 period,
@@ -400,13 +444,22 @@ impl Control {
 
     /// Cancels a task or batch: queued items end now, running ones finish. An operator's or
     /// the CLI's cancel is audited. `Conflict` when it already finished.
-    pub async fn cancel_task(&self, by: &Actor<'_>, developer_id: Option<&str>, id: &str) -> Result<Task> {
+    pub async fn cancel_task(
+        &self,
+        by: &Actor<'_>,
+        developer_id: Option<&str>,
+        id: &str,
+    ) -> Result<Task> {
         let mut tx = self.store.begin_write().await?;
         let (task, outcome) = tasks::request_cancel(&mut tx, developer_id, id).await?;
         if outcome == CancelOutcome::Finished {
             return Err(Error::Conflict(format!(
                 "Cannot cancel a {} with status {}.",
-                if task.kind == tasks::OPENAI_BATCH { "batch" } else { "task" },
+                if task.kind == tasks::OPENAI_BATCH {
+                    "batch"
+                } else {
+                    "task"
+                },
                 task.status
             )));
         }
@@ -430,7 +483,11 @@ impl Control {
         errors: bool,
     ) -> Result<(FileRecord, Reader)> {
         let task = self.task(Some(developer_id), id).await?;
-        let file = if errors { &task.error_file_id } else { &task.output_file_id };
+        let file = if errors {
+            &task.error_file_id
+        } else {
+            &task.output_file_id
+        };
         match file {
             Some(f) => self.file_content(developer_id, f).await,
             None if task.finished_at.is_none() => Err(Error::Conflict(

@@ -46,7 +46,11 @@ pub async fn insert(
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("($1, $2, $3, ${b}, ${}, ${}, 'queued', 0)", b + 1, b + 2));
+            sql.push_str(&format!(
+                "($1, $2, $3, ${b}, ${}, ${}, 'queued', 0)",
+                b + 1,
+                b + 2
+            ));
         }
         let mut q = sqlx::query(&sql).bind(task_id).bind(developer_id).bind(now);
         for it in chunk {
@@ -399,7 +403,12 @@ pub struct Ended {
 }
 
 /// A task's ended items after `after_line`, in line order, up to `limit` (the finalizer pages).
-pub async fn ended(store: &Store, task_id: &str, after_line: i64, limit: i64) -> Result<Vec<Ended>> {
+pub async fn ended(
+    store: &Store,
+    task_id: &str,
+    after_line: i64,
+    limit: i64,
+) -> Result<Vec<Ended>> {
     let rows = sqlx::query(
         "SELECT line, custom_id, status, result, error FROM task_items \
          WHERE task_id = $1 AND line > $2 ORDER BY line LIMIT $3",

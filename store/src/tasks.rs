@@ -184,7 +184,11 @@ pub async fn get(store: &Store, developer_id: Option<&str>, id: &str) -> Result<
     get_on(&mut conn, developer_id, id).await
 }
 
-pub async fn get_on(conn: &mut AnyConnection, developer_id: Option<&str>, id: &str) -> Result<Task> {
+pub async fn get_on(
+    conn: &mut AnyConnection,
+    developer_id: Option<&str>,
+    id: &str,
+) -> Result<Task> {
     let row = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM tasks WHERE id = $1 AND ($2 IS NULL OR developer_id = $2)"
     ))
@@ -275,11 +279,12 @@ pub async fn request_cancel(
     .bind(now)
     .execute(&mut *conn)
     .await?;
-    let running: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM task_items WHERE task_id = $1 AND next_at IS NOT NULL")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await?;
+    let running: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM task_items WHERE task_id = $1 AND next_at IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
     // A task still validating is finalized by its stage worker, which sees the request.
     let stage_due = (running == 0).then_some(now);
     sqlx::query(
@@ -344,7 +349,12 @@ pub async fn check_lease(conn: &mut AnyConnection, id: &str, owner: &str) -> Res
 
 /// The input was expanded into `total` items (already inserted in this transaction): the task
 /// runs. A task cancelled meanwhile goes straight to finalizing.
-pub async fn start_running(conn: &mut AnyConnection, id: &str, owner: &str, total: i64) -> Result<()> {
+pub async fn start_running(
+    conn: &mut AnyConnection,
+    id: &str,
+    owner: &str,
+    total: i64,
+) -> Result<()> {
     check_lease(conn, id, owner).await?;
     let now = now_ms();
     sqlx::query(
@@ -433,7 +443,12 @@ pub struct Ending<'a> {
 
 /// Ends a task (final status, files, counts recomputed from its items) and writes its
 /// `task.*` event, in the caller's transaction. `owner` must hold the stage lease.
-pub async fn finish(conn: &mut AnyConnection, id: &str, owner: &str, e: &Ending<'_>) -> Result<Task> {
+pub async fn finish(
+    conn: &mut AnyConnection,
+    id: &str,
+    owner: &str,
+    e: &Ending<'_>,
+) -> Result<Task> {
     check_lease(conn, id, owner).await?;
     let now = now_ms();
     sqlx::query(
@@ -482,10 +497,12 @@ pub async fn finish(conn: &mut AnyConnection, id: &str, owner: &str, e: &Ending<
 
 /// Extends the stage leases `owner` holds (its heartbeat).
 pub async fn heartbeat(store: &Store, owner: &str, lease_until: i64) -> Result<u64> {
-    Ok(sqlx::query("UPDATE tasks SET lease_until = $1 WHERE lease_owner = $2")
-        .bind(lease_until)
-        .bind(owner)
-        .execute(store.pool())
-        .await?
-        .rows_affected())
+    Ok(
+        sqlx::query("UPDATE tasks SET lease_until = $1 WHERE lease_owner = $2")
+            .bind(lease_until)
+            .bind(owner)
+            .execute(store.pool())
+            .await?
+            .rows_affected(),
+    )
 }

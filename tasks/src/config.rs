@@ -137,10 +137,7 @@ impl TasksConfig {
             return Err(("max_attempts", "must be at least 1".into()));
         }
         if self.max_items_per_batch == 0 || self.max_file_bytes == 0 {
-            return Err((
-                "max_items_per_batch",
-                "limits must be at least 1".into(),
-            ));
+            return Err(("max_items_per_batch", "limits must be at least 1".into()));
         }
         Ok(())
     }

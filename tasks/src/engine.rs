@@ -45,21 +45,33 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(registry: &Registry) -> Metrics {
         let items = IntCounterVec::new(
-            Opts::new("aihub_task_items_total", "Task and batch items run, by result"),
+            Opts::new(
+                "aihub_task_items_total",
+                "Task and batch items run, by result",
+            ),
             &["result"],
         )
         .expect("metric");
         let stages = IntCounterVec::new(
-            Opts::new("aihub_task_stages_total", "Task-level stages run, by result"),
+            Opts::new(
+                "aihub_task_stages_total",
+                "Task-level stages run, by result",
+            ),
             &["result"],
         )
         .expect("metric");
-        let in_flight =
-            IntGauge::new("aihub_task_items_in_flight", "Items in flight on this node").expect("metric");
-        let queued = IntGauge::new("aihub_task_items_queued", "Runnable items waiting (all nodes)")
+        let in_flight = IntGauge::new("aihub_task_items_in_flight", "Items in flight on this node")
             .expect("metric");
-        let running = IntGauge::new("aihub_task_items_running", "Items leased by a worker (all nodes)")
-            .expect("metric");
+        let queued = IntGauge::new(
+            "aihub_task_items_queued",
+            "Runnable items waiting (all nodes)",
+        )
+        .expect("metric");
+        let running = IntGauge::new(
+            "aihub_task_items_running",
+            "Items leased by a worker (all nodes)",
+        )
+        .expect("metric");
         for c in [
             Box::new(items.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(stages.clone()),
@@ -392,7 +404,7 @@ async fn sweeps(inner: Arc<Inner>) {
             inner.metrics.queued.set(queued);
             inner.metrics.running.set(running);
         }
-        if tick % 12 == 0 {
+        if tick.is_multiple_of(12) {
             if let Err(e) = stage::sweep_files(&inner.store, &*inner.stage.files, 500).await {
                 tracing::warn!(error = %e, "file retention sweep failed");
             }

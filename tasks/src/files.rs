@@ -205,7 +205,10 @@ mod tests {
         let mut w = store.create("dev_1/file-a", 100).await.unwrap();
         w.write(b"hello ").await.unwrap();
         w.write(b"world").await.unwrap();
-        assert!(store.open("dev_1/file-a").await.is_err(), "invisible until committed");
+        assert!(
+            store.open("dev_1/file-a").await.is_err(),
+            "invisible until committed"
+        );
         let written = w.commit().await.unwrap();
         assert_eq!(written.bytes, 11);
         assert_eq!(written.sha256.len(), 64);
@@ -238,9 +241,15 @@ mod tests {
             Err(FileError::TooLarge(4))
         ));
         drop(w);
-        assert_eq!(std::fs::read_dir(tmp.path().join("dev_1")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("dev_1")).unwrap().count(),
+            0
+        );
         for bad in ["../x", "a/../b", "a", "a/b/c", "a/.b", "/a/b"] {
-            assert!(matches!(store.open(bad).await, Err(FileError::Name)), "{bad}");
+            assert!(
+                matches!(store.open(bad).await, Err(FileError::Name)),
+                "{bad}"
+            );
         }
     }
 }

@@ -102,7 +102,12 @@ pub async fn read_input<R: AsyncRead + Unpin>(
             continue; // blank lines (a trailing newline) are not requests
         }
         if text.len() > MAX_LINE_BYTES {
-            errors.push(LineError::at(n, "invalid_json_line", None, format!("This line is longer than {MAX_LINE_BYTES} bytes.")));
+            errors.push(LineError::at(
+                n,
+                "invalid_json_line",
+                None,
+                format!("This line is longer than {MAX_LINE_BYTES} bytes."),
+            ));
             continue;
         }
         match check_line(n, text, endpoint, &known_model, &mut seen) {

@@ -51,10 +51,19 @@ pub async fn run(
     item: &Claimed,
 ) -> Ran {
     let now = now_ms();
-    let Some(hash) = item.key_hash.as_deref().and_then(|h| KeyHash::from_hex(h).ok()) else {
+    let Some(hash) = item
+        .key_hash
+        .as_deref()
+        .and_then(|h| KeyHash::from_hex(h).ok())
+    else {
         let error = json!({"code": "invalid_api_key", "message": "The API key this batch runs as was deleted."});
         return Ran {
-            outcome: Outcome::Failed(openai::error_line(&item.task_id, item.line, &item.custom_id, error)),
+            outcome: Outcome::Failed(openai::error_line(
+                &item.task_id,
+                item.line,
+                &item.custom_id,
+                error,
+            )),
             stop: Some(Stop {
                 task_id: item.task_id.clone(),
                 code: "invalid_api_key".into(),
@@ -67,7 +76,12 @@ pub async fn run(
     if item.task_expires_at < now {
         let error = json!({"code": "batch_expired", "message": "This request could not be executed before the completion window expired."});
         return Ran {
-            outcome: Outcome::Failed(openai::error_line(&item.task_id, item.line, &item.custom_id, error)),
+            outcome: Outcome::Failed(openai::error_line(
+                &item.task_id,
+                item.line,
+                &item.custom_id,
+                error,
+            )),
             stop: None,
             label: "failed",
         };
@@ -100,7 +114,12 @@ pub async fn run(
         } else {
             let error = json!({"code": "gateway_unreachable", "message": why});
             Ran {
-                outcome: Outcome::Failed(openai::error_line(&item.task_id, item.line, &item.custom_id, error)),
+                outcome: Outcome::Failed(openai::error_line(
+                    &item.task_id,
+                    item.line,
+                    &item.custom_id,
+                    error,
+                )),
                 stop: None,
                 label: "failed",
             }
@@ -164,7 +183,9 @@ pub async fn run(
             outcome: Outcome::Failed(line()),
             stop: Some(Stop {
                 task_id: item.task_id.clone(),
-                reason: Some(format!("the API key this batch runs as is no longer valid ({code})")),
+                reason: Some(format!(
+                    "the API key this batch runs as is no longer valid ({code})"
+                )),
                 code,
                 message,
             }),

@@ -19,8 +19,12 @@ use crate::openai::{self, InputLine};
 #[async_trait]
 pub trait Exporter: Send + Sync + 'static {
     /// Writes the CSV of `input`'s range of `developer_id`'s usage into `out`.
-    async fn export(&self, developer_id: &str, input: &Value, out: &mut Writer)
-        -> Result<(), String>;
+    async fn export(
+        &self,
+        developer_id: &str,
+        input: &Value,
+        out: &mut Writer,
+    ) -> Result<(), String>;
 }
 
 /// Why a stage did not finish.
@@ -49,9 +53,7 @@ pub async fn run(cx: &StageCtx, task: &Task) -> Result<(), StageError> {
             tasks::OPENAI_BATCH => validate_batch(cx, task).await,
             tasks::BATCH_GENERATE => expand_generate(cx, task).await,
             tasks::USAGE_EXPORT => export(cx, task).await,
-            other => {
-                fail(cx, task, &format!("unknown task kind `{other}`"), None).await
-            }
+            other => fail(cx, task, &format!("unknown task kind `{other}`"), None).await,
         },
         _ => finalize(cx, task).await,
     }
@@ -123,14 +125,15 @@ async fn validate_batch(cx: &StageCtx, task: &Task) -> Result<(), StageError> {
 pub fn generate_lines(input: &Value) -> Vec<InputLine> {
     let model = input["model"].clone();
     let options = input["options"].as_object().cloned().unwrap_or_default();
-    let conversations: Vec<Value> = match (input["prompts"].as_array(), input["messages"].as_array()) {
-        (Some(prompts), _) => prompts
-            .iter()
-            .map(|p| json!([{"role": "user", "content": p}]))
-            .collect(),
-        (None, Some(lists)) => lists.clone(),
-        (None, None) => Vec::new(),
-    };
+    let conversations: Vec<Value> =
+        match (input["prompts"].as_array(), input["messages"].as_array()) {
+            (Some(prompts), _) => prompts
+                .iter()
+                .map(|p| json!([{"role": "user", "content": p}]))
+                .collect(),
+            (None, Some(lists)) => lists.clone(),
+            (None, None) => Vec::new(),
+        };
     conversations
         .into_iter()
         .enumerate()
@@ -183,7 +186,11 @@ async fn new_file(
 async fn export(cx: &StageCtx, task: &Task) -> Result<(), StageError> {
     let (mut record, mut writer) =
         new_file(cx, task, "task_result", format!("{}.csv", task.id)).await?;
-    if let Err(e) = cx.exporter.export(&task.developer_id, &task.input, &mut writer).await {
+    if let Err(e) = cx
+        .exporter
+        .export(&task.developer_id, &task.input, &mut writer)
+        .await
+    {
         drop(writer);
         return fail(cx, task, &e, None).await;
     }
@@ -330,7 +337,11 @@ pub async fn expire(store: &Store, limit: i64) -> Result<usize, StageError> {
 }
 
 /// Removes the bytes of files past retention or deleted; returns how many.
-pub async fn sweep_files(store: &Store, files: &dyn FileStore, limit: i64) -> Result<usize, StageError> {
+pub async fn sweep_files(
+    store: &Store,
+    files: &dyn FileStore,
+    limit: i64,
+) -> Result<usize, StageError> {
     let due = store_files::due_for_removal(store, now_ms(), limit).await?;
     for f in &due {
         if !f.location.is_empty() {
@@ -356,13 +367,17 @@ mod tests {
 
     #[test]
     fn generate_lines_from_prompts_or_messages() {
-        let lines = generate_lines(&json!({"model": "m", "prompts": ["a", "b"], "options": {"temperature": 0.5}}));
+        let lines = generate_lines(
+            &json!({"model": "m", "prompts": ["a", "b"], "options": {"temperature": 0.5}}),
+        );
         assert_eq!(lines.len(), 2);
         let body: Value = serde_json::from_str(&lines[1].body).unwrap();
         assert_eq!(body["messages"][0]["content"], "b");
         assert_eq!(body["temperature"], 0.5);
         assert_eq!(lines[1].custom_id, "item-2");
-        let lines = generate_lines(&json!({"model": "m", "messages": [[{"role": "system", "content": "x"}]]}));
+        let lines = generate_lines(
+            &json!({"model": "m", "messages": [[{"role": "system", "content": "x"}]]}),
+        );
         assert_eq!(lines.len(), 1);
         assert!(generate_lines(&json!({"model": "m"})).is_empty());
     }

@@ -46,7 +46,12 @@ const TASK_FIELDS: &[Field] = &[
         false,
         "`batch_generate`, `usage_export` or `openai_batch`.",
     ),
-    ("status", "string", false, "The final status."),
+    (
+        "status",
+        "string",
+        false,
+        "The final status (a batch's OpenAI status, a task's seed status).",
+    ),
     ("error", "string", true, "Why it failed, or null."),
 ];
 
@@ -139,6 +144,20 @@ pub const CATALOGUE: &[EventType] = &[
             ("reason", "string", false, "Why."),
         ],
         example: || json!({"invoice_id": "inv_01", "period": "2026-11", "status": "void", "reason": "billed twice"}),
+    },
+    EventType {
+        name: "task.progress",
+        description: "An async task or batch crossed another tenth of its items (10 %, 20 %, … 90 %).",
+        fields: &[
+            ("task_id", "string", false, "The task's or batch's id."),
+            ("task_type", "string", false, "`batch_generate`, `usage_export` or `openai_batch`."),
+            ("status", "string", false, "Its status now (a batch's OpenAI status, a task's seed status)."),
+            ("progress", "integer", false, "Percent of items ended."),
+            ("total", "integer", false, "Items in all."),
+            ("completed", "integer", false, "Items that succeeded."),
+            ("failed", "integer", false, "Items that failed."),
+        ],
+        example: || json!({"task_id": "batch_01", "task_type": "openai_batch", "status": "in_progress", "progress": 40, "total": 1000, "completed": 398, "failed": 2}),
     },
     EventType {
         name: "task.completed",

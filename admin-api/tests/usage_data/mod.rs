@@ -86,6 +86,7 @@ pub fn records(
                 usage_estimated: u8::from(error_type == "aborted"),
                 client_ip: "10.0.0.7".into(),
                 user_agent: "OpenAI/Python 1.54.0".into(),
+                batch_id: String::new(),
             }
         })
         .collect()

@@ -221,6 +221,7 @@ impl Generator {
             usage_estimated: 0,
             client_ip: format!("10.{}.{}.{}", self.rng.random::<u8>(), 0, 1),
             user_agent: "OpenAI/Python 1.54.0".into(),
+            batch_id: String::new(),
         }
     }
 }
