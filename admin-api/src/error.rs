@@ -53,6 +53,9 @@ pub enum AppError {
     /// 405 for a method a path does not serve.
     #[error("method not allowed")]
     MethodNotAllowed(String),
+    /// 413 `file_too_large`: an upload passed the file size or storage limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// 409: the resource exists already.
     #[error("conflict: {0}")]
     Conflict(String),
@@ -108,6 +111,7 @@ impl From<aihub_control::Error> for AppError {
                     })
                     .collect(),
             ),
+            Error::Forbidden("file_too_large", message) => AppError::TooLarge(message),
             Error::Forbidden(code, message) => AppError::Forbidden(code, message),
             Error::NotFound => AppError::NotFound,
             Error::Conflict(message) => AppError::Conflict(message),
@@ -227,6 +231,14 @@ impl AppError {
                 "invalid_request_error",
                 "method_not_allowed",
                 format!("Method not allowed: {what}."),
+                None,
+                None,
+            ),
+            AppError::TooLarge(m) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "file_too_large",
+                m.clone(),
                 None,
                 None,
             ),

@@ -801,3 +801,94 @@ async fn ten_thousand_items() {
         10_000.0 / took.as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_big_batch_does_not_starve_another_developer() {
+    let stack = Stack::start(
+        Backend::Sqlite,
+        &["--latency", "100ms"],
+        "  concurrency: 16\n  per_developer_concurrency: 8\n",
+        None,
+    )
+    .await;
+    let (_, big, _) = stack.developer("big-batch@example.com").await;
+    let (_, small, _) = stack.developer("small-batch@example.com").await;
+    let file = stack.upload(&big, &jsonl(1000, "demo")).await;
+    let big_id = stack.create_batch(&big, &file).await;
+    stack.ended_at_least(&big, &big_id, 16).await;
+    let file = stack.upload(&small, &jsonl(16, "demo")).await;
+    let started = Instant::now();
+    let small_id = stack.create_batch(&small, &file).await;
+    let b = stack.finished(&small, &small_id, Duration::from_secs(30)).await;
+    let took = started.elapsed();
+    assert_eq!(b["status"], "completed");
+    // 16 items at 8 in flight and 100 ms each: about 0.2 s of work; waiting behind the big
+    // batch's 1,000 items would take more than 6 s.
+    assert!(took < Duration::from_secs(4), "the small batch waited {took:?}");
+    let big_now = stack.batch(&big, &big_id).await;
+    assert_eq!(big_now["status"], "in_progress", "{big_now}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_checked_as_openai_does() {
+    let stack = Stack::start(Backend::Sqlite, &[], "  max_file_bytes: 2000\n", None).await;
+    let (_, key, _) = stack.developer("checks@example.com").await;
+    let file = stack.upload(&key, &jsonl(3, "demo")).await;
+    let create = |body: Value| {
+        let (gw, key) = (&stack.gw, &key);
+        async move { gw.post(key, "/v1/batches").json(&body).send().await.unwrap() }
+    };
+    for (body, param) in [
+        (json!({"input_file_id": file, "endpoint": "/v1/images/generations", "completion_window": "24h"}), "endpoint"),
+        (json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "1h"}), "completion_window"),
+        (json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"}), "input_file_id"),
+        (json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"k": 1}}), "metadata"),
+    ] {
+        let e = expect_error(create(body).await, 422, "validation_failed").await;
+        assert_eq!(e["param"], param, "{e}");
+    }
+    // Uploads: the size limit (413), the purpose, an empty file.
+    let r = client()
+        .post(stack.gw.url("/v1/files"))
+        .bearer_auth(&key)
+        .header("content-type", "multipart/form-data; boundary=b")
+        .body(format!(
+            "--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\n\
+             Content-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n\r\n{}\r\n--b--\r\n",
+            jsonl(40, "demo")
+        ))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 413, "file_too_large").await;
+    let r = client()
+        .post(stack.gw.url("/v1/files"))
+        .bearer_auth(&key)
+        .header("content-type", "multipart/form-data; boundary=b")
+        .body("--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n{}\r\n--b--\r\n")
+        .send()
+        .await
+        .unwrap();
+    let e = expect_error(r, 422, "validation_failed").await;
+    assert_eq!(e["param"], "purpose");
+    // The admin's internal routes refuse anyone but the gateway.
+    let r = client()
+        .get(format!("{}/internal/v1/files", stack.admin().base))
+        .header("x-aihub-key-id", "key_x")
+        .header("x-aihub-developer-id", "dev_x")
+        .header("x-aihub-identity-ts", aihub_store::now_ms().to_string())
+        .header("x-aihub-identity-sig", "00".repeat(32))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 401, "invalid_internal_identity").await;
+    // A file that fails validation: the batch fails with line numbers, as OpenAI reports.
+    let bad = format!("{}\n{{broken\n", jsonl(1, "demo"));
+    let file = stack.upload(&key, &bad).await;
+    let id = stack.create_batch(&key, &file).await;
+    let b = stack.finished(&key, &id, Duration::from_secs(20)).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    assert_eq!(b["errors"]["data"][0]["line"], 2);
+    assert_eq!(b["errors"]["data"][0]["code"], "invalid_json_line");
+    assert_eq!(b["request_counts"]["total"], 0);
+}
