@@ -151,29 +151,30 @@ pub fn app(state: AppState) -> Router {
     let doc_json = doc
         .to_pretty_json()
         .expect("the OpenAPI document serializes");
-    api.merge(batches::router()).route(
-        "/openapi.json",
-        get(move || async move { ([("content-type", "application/json")], doc_json) }),
-    )
-    .route("/docs", get(openapi::docs_page))
-    .route("/docs/app.js", get(openapi::docs_script))
-    .route("/healthz", get(http::healthz))
-    .route("/readyz", get(http::readyz))
-    .route("/metrics", get(http::metrics))
-    .fallback(http::fallback)
-    .method_not_allowed_fallback(http::method_not_allowed)
-    .layer(axum::middleware::from_fn_with_state(
-        http::BodyLimits {
-            timeout: state.config.server.body_read_timeout,
-            max_bytes: state.config.server.max_body_bytes,
-        },
-        http::read_body,
-    ))
-    .layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        http::observe,
-    ))
-    .with_state(state)
+    api.merge(batches::router())
+        .route(
+            "/openapi.json",
+            get(move || async move { ([("content-type", "application/json")], doc_json) }),
+        )
+        .route("/docs", get(openapi::docs_page))
+        .route("/docs/app.js", get(openapi::docs_script))
+        .route("/healthz", get(http::healthz))
+        .route("/readyz", get(http::readyz))
+        .route("/metrics", get(http::metrics))
+        .fallback(http::fallback)
+        .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            http::BodyLimits {
+                timeout: state.config.server.body_read_timeout,
+                max_bytes: state.config.server.max_body_bytes,
+            },
+            http::read_body,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http::observe,
+        ))
+        .with_state(state)
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves (in-flight requests finish),

@@ -200,14 +200,16 @@ impl AppState {
         .await?;
         let internal = aihub_apikey::internal::InternalSecret::new(&internal_text)
             .ok_or_else(|| StartError::Setup("stored internal_secret is too short".into()))?;
-        let files: Arc<dyn aihub_tasks::FileStore> = Arc::new(
-            aihub_tasks::LocalDir::new(&config.tasks.files_dir).map_err(|e| {
-                StartError::Setup(format!(
-                    "tasks.files_dir {}: {e}",
-                    config.tasks.files_dir.display()
-                ))
-            })?,
-        );
+        let files_dir = &config.tasks.files_dir;
+        let files: Arc<dyn aihub_tasks::FileStore> = match &config.tasks.s3 {
+            Some(s3) => Arc::new(
+                aihub_tasks::S3Files::new(s3, files_dir.join("spool"))
+                    .map_err(|e| StartError::Setup(format!("tasks.s3: {e}")))?,
+            ),
+            None => Arc::new(aihub_tasks::LocalDir::new(files_dir).map_err(|e| {
+                StartError::Setup(format!("tasks.files_dir {}: {e}", files_dir.display()))
+            })?),
+        };
         let task_waker = aihub_tasks::Waker::default();
         let control = Control::new(store.clone(), config.control(&plans))
             .with_notifier(notifier)

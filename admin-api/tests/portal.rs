@@ -2,7 +2,9 @@
 //! cookie attributes, the CSRF guard (missing, wrong, cross-site, bound to the session), the
 //! sign-in redirect and its open-redirect guard, keys shown once, the verification link that
 //! does not consume its token on GET, validation errors re-rendered in the form, the language
-//! switch, the operators' area, logout. The browser flow end to end is `cli/tests/portal_e2e.rs`.
+//! switch, the operators' area, logout; the tasks page (list, status filter, the create forms
+//! and their errors, cancel, session downloads kept private, live progress over server-sent
+//! events). The browser flow end to end is `cli/tests/portal_e2e.rs`.
 
 mod common;
 
@@ -521,4 +523,609 @@ async fn webhooks_pages_the_secret_once_the_log_and_live_events() {
     let dash = b.get("/portal/dashboard").await;
     assert!(dash.body.contains(r#"id="usage-alert""#), "{}", dash.body);
     assert!(dash.body.contains("100 % of this month"), "{}", dash.body);
+}
+
+/// An API whose task engine keeps files in a temporary directory and sends items to a port
+/// nothing listens on (items of a batch generation retry; nothing reaches a model).
+async fn tasks_api(files: &tempfile::TempDir, usage: bool) -> TestApi {
+    let dir = files.path().to_owned();
+    let tweak = move |c: &mut aihub_admin::AdminConfig| {
+        c.tasks.files_dir = dir;
+        c.tasks.gateway_url = "http://127.0.0.1:9".into();
+    };
+    if usage {
+        TestApi::start_with_usage(Backend::Sqlite, tweak).await
+    } else {
+        TestApi::start_with(Backend::Sqlite, tweak).await
+    }
+}
+
+/// Waits until the JSON API shows task `id` with a status `done` accepts; returns it.
+async fn task_until(
+    api: &TestApi,
+    token: &str,
+    id: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..200 {
+        let (s, t) = api
+            .call("GET", &format!("/developer/tasks/{id}"), Some(token), None)
+            .await;
+        assert_eq!(s, 200, "{t}");
+        if done(&t) {
+            return t;
+        }
+        last = t;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("task {id} did not get there: {last}");
+}
+
+/// The ids of the tasks table's rows, in page order.
+fn task_ids(body: &str) -> Vec<String> {
+    body.match_indices(r#"data-task-id=""#)
+        .map(|(at, m)| {
+            let rest = &body[at + m.len()..];
+            rest[..rest.find('"').unwrap()].to_owned()
+        })
+        .collect()
+}
+
+/// The HTML of task `id`'s row.
+fn task_row<'b>(body: &'b str, id: &str) -> &'b str {
+    let at = body
+        .find(&format!(r#"data-task-id="{id}""#))
+        .unwrap_or_else(|| panic!("no row for {id}"));
+    let rest = &body[at..];
+    &rest[..rest.find("</tr>").unwrap()]
+}
+
+#[tokio::test]
+async fn the_tasks_page_lists_queues_and_cancels_tasks() {
+    let files = tempfile::tempdir().unwrap();
+    let api = tasks_api(&files, false).await;
+    let token = api.signed_up("tasks@example.com").await;
+    let mut b = Browser::new(&api);
+    b.log_in("tasks@example.com", PASSWORD).await;
+    let empty = b.get("/portal/tasks").await;
+    assert_eq!(empty.status, 200, "{}", empty.body);
+    assert!(empty.body.contains(r#"class="on" href="/portal/tasks""#));
+    assert!(empty.body.contains(r#"id="no-tasks""#));
+    // The forms come with the portal's example model and this month.
+    let month = aihub_plans::Period::of_unix_ms(aihub_store::now_ms()).to_string();
+    assert!(empty
+        .body
+        .contains(r#"name="model" required maxlength="200" value="gpt-4o-mini""#));
+    assert!(empty.body.contains(&format!(r#"value="{month}""#)));
+    assert!(!empty.body.contains("<script>") && !empty.body.contains("style="));
+    let csrf = empty.csrf();
+
+    // A task created through the JSON API is listed.
+    let (s, t) = api
+        .call(
+            "POST",
+            "/developer/tasks",
+            Some(&token),
+            Some(serde_json::json!({"type": "usage_export", "period": month})),
+        )
+        .await;
+    assert_eq!(s, 202, "{t}");
+    let from_api = t["id"].as_str().unwrap().to_owned();
+    let list = b.get("/portal/tasks").await;
+    assert_eq!(task_ids(&list.body), vec![from_api.clone()]);
+    assert!(task_row(&list.body, &from_api).contains("Usage export"));
+
+    // The export form queues a usage_export task; with no usage database it fails, and the
+    // page says why.
+    let p = b
+        .post(
+            "/portal/tasks",
+            &[
+                ("csrf", &csrf),
+                ("type", "usage_export"),
+                ("period", &month),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (p.status, p.location()),
+        (303, "/portal/tasks?done=created")
+    );
+    let done = b.get("/portal/tasks?done=created").await;
+    assert!(done.body.contains(r#"class="notice""#));
+    let ids = task_ids(&done.body);
+    assert_eq!(ids.len(), 2);
+    let export = ids[0].clone();
+    assert_ne!(export, from_api, "newest first");
+    let (_, t) = api
+        .call(
+            "GET",
+            &format!("/developer/tasks/{export}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(t["type"], "usage_export");
+    let failed = task_until(&api, &token, &export, |t| t["status"] == "failed").await;
+    assert!(failed["error"]
+        .as_str()
+        .unwrap()
+        .contains("no usage database"));
+    task_until(&api, &token, &from_api, |t| t["status"] == "failed").await;
+    let page = b.get("/portal/tasks").await;
+    let row = task_row(&page.body, &export);
+    assert!(row.contains(r#"data-status="failed""#), "{row}");
+    assert!(row.contains("no usage database is configured"), "{row}");
+    assert!(row.contains(r#"value="100""#), "{row}");
+    assert!(
+        !row.contains("/cancel"),
+        "a finished task has no cancel button: {row}"
+    );
+    // Nothing is unfinished: the page opens no stream.
+    assert!(!page.body.contains("data-stream="));
+
+    // Form errors are shown in the form that was sent, the other keeps its defaults.
+    let bad = b
+        .post(
+            "/portal/tasks",
+            &[
+                ("csrf", &csrf),
+                ("type", "batch_generate"),
+                ("model", "gpt-4o-mini"),
+                ("prompts", "\n  \n"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 422, "{}", bad.body);
+    assert!(
+        bad.body.contains(r#"id="prompts-error">at least one item"#),
+        "{}",
+        bad.body
+    );
+    assert!(bad.body.contains(&format!(r#"value="{month}""#)));
+    let bad = b
+        .post(
+            "/portal/tasks",
+            &[
+                ("csrf", &csrf),
+                ("type", "batch_generate"),
+                ("model", "gpt-4o-mini"),
+                ("prompts", "hello"),
+                ("max_tokens", "lots"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.body.contains(r#"id="max-tokens-error""#));
+    assert!(
+        bad.body.contains(">hello</textarea>"),
+        "the prompts are kept"
+    );
+    let bad = b
+        .post(
+            "/portal/tasks",
+            &[
+                ("csrf", &csrf),
+                ("type", "usage_export"),
+                ("period", "2026-13"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 422);
+    assert!(bad.body.contains(r#"id="period-error""#), "{}", bad.body);
+    // A batch generation runs as one of the developer's keys: none yet.
+    let no_key = b
+        .post(
+            "/portal/tasks",
+            &[
+                ("csrf", &csrf),
+                ("type", "batch_generate"),
+                ("model", "gpt-4o-mini"),
+                ("prompts", "one\ntwo"),
+            ],
+        )
+        .await;
+    assert_eq!(no_key.status, 422);
+    assert!(no_key
+        .body
+        .contains(r#"id="key-error">create an API key first"#));
+    // No CSRF token, no task.
+    let forged = b
+        .post(
+            "/portal/tasks",
+            &[("type", "usage_export"), ("period", &month)],
+        )
+        .await;
+    assert_eq!(forged.status, 403);
+
+    // With a key, the generation is queued with its options; it cannot reach a gateway, so it
+    // stays unfinished and the page offers cancel and the live stream.
+    let (s, _) = api
+        .call(
+            "POST",
+            "/developer/keys",
+            Some(&token),
+            Some(serde_json::json!({"name": "tasks"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let p = b
+        .post(
+            "/portal/tasks",
+            &[
+                ("csrf", &csrf),
+                ("type", "batch_generate"),
+                ("model", "gpt-4o-mini"),
+                ("prompts", "one\r\ntwo\r\n\r\nthree"),
+                ("max_tokens", "16"),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    let page = b.get("/portal/tasks").await;
+    let generate = task_ids(&page.body)[0].clone();
+    let t = task_until(&api, &token, &generate, |t| t["counts"]["total"] == 3).await;
+    assert_eq!(t["type"], "batch_generate");
+    let stored = aihub_store::tasks::get(&api.state.store, None, &generate)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.input["prompts"],
+        serde_json::json!(["one", "two", "three"])
+    );
+    assert_eq!(stored.input["options"]["max_tokens"], 16);
+    let page = b.get("/portal/tasks").await;
+    let row = task_row(&page.body, &generate);
+    assert!(row.contains("Batch generation"), "{row}");
+    assert!(
+        row.contains(&format!("/portal/tasks/{generate}/cancel")),
+        "{row}"
+    );
+    assert!(page.body.contains(&format!(
+        r#"data-stream="/portal/tasks/stream?ids={generate}""#
+    )));
+
+    // The status filter is the JSON API's.
+    let running = b.get("/portal/tasks?status=running").await;
+    assert_eq!(task_ids(&running.body), vec![generate.clone()]);
+    assert!(running
+        .body
+        .contains(r#"<option value="running" selected>"#));
+    let failed = b.get("/portal/tasks?status=failed").await;
+    assert_eq!(
+        task_ids(&failed.body),
+        vec![export.clone(), from_api.clone()]
+    );
+    assert_eq!(b.get("/portal/tasks?status=nope").await.status, 422);
+
+    // Cancel: queued items end now, the task ends cancelled.
+    let c = b
+        .post(
+            &format!("/portal/tasks/{generate}/cancel"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(
+        (c.status, c.location()),
+        (303, "/portal/tasks?done=cancelled")
+    );
+    let t = task_until(&api, &token, &generate, |t| t["status"] == "cancelled").await;
+    assert!(t["finished_at"].is_string());
+    let page = b.get("/portal/tasks?done=cancelled").await;
+    assert!(task_row(&page.body, &generate).contains(r#"data-status="cancelled""#));
+    // A finished task cannot be cancelled: the JSON API's 409, as a page.
+    let again = b
+        .post(
+            &format!("/portal/tasks/{generate}/cancel"),
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(again.status, 409);
+    // A failed export has no result: 404; an unknown task too.
+    assert_eq!(
+        b.get(&format!("/portal/tasks/{export}/result"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(b.get("/portal/tasks/task_nope/result").await.status, 404);
+    assert_eq!(
+        b.get(&format!("/portal/tasks/{export}/result?file=bogus"))
+            .await
+            .status,
+        422
+    );
+
+    // Signed out, the page and the downloads send to the login page.
+    let mut anonymous = Browser::new(&api);
+    assert_eq!(anonymous.get("/portal/tasks").await.status, 303);
+    assert_eq!(
+        anonymous
+            .get(&format!("/portal/tasks/{export}/result"))
+            .await
+            .status,
+        303
+    );
+    assert_eq!(anonymous.get("/portal/tasks/stream").await.status, 303);
+
+    // Fifty a page, then older ones.
+    for _ in 0..50 {
+        let (s, t) = api
+            .call(
+                "POST",
+                "/developer/tasks",
+                Some(&token),
+                Some(serde_json::json!({"type": "usage_export"})),
+            )
+            .await;
+        assert_eq!(s, 202, "{t}");
+    }
+    let first = b.get("/portal/tasks").await;
+    let newest = task_ids(&first.body);
+    assert_eq!(newest.len(), 50);
+    let at = first
+        .body
+        .find(r#"id="older" href=""#)
+        .expect("an older page")
+        + r#"id="older" href=""#.len();
+    let older = first.body[at..at + first.body[at..].find('"').unwrap()].replace("&amp;", "&");
+    let second = b.get(&older).await;
+    assert_eq!(
+        task_ids(&second.body),
+        vec![generate.clone(), export.clone(), from_api.clone()]
+    );
+    assert!(!second.body.contains(r#"id="older""#));
+    assert!(second
+        .body
+        .contains(r#"<a href="/portal/tasks?status=">Newest tasks</a>"#));
+
+    // In Chinese.
+    b.get("/portal/lang?to=zh&next=/portal/tasks").await;
+    let zh = b.get("/portal/tasks").await;
+    assert!(zh.body.contains("任务与批处理") && zh.body.contains("已取消"));
+}
+
+#[tokio::test]
+async fn task_results_download_with_the_session_and_stay_private() {
+    let files = tempfile::tempdir().unwrap();
+    let api = tasks_api(&files, true).await;
+    let token = api.signed_up("results@example.com").await;
+    api.signed_up("other@example.com").await;
+    let mut b = Browser::new(&api);
+    b.log_in("results@example.com", PASSWORD).await;
+    let csrf = b.get("/portal/tasks").await.csrf();
+    let month = aihub_plans::Period::of_unix_ms(aihub_store::now_ms()).to_string();
+    let p = b
+        .post(
+            "/portal/tasks",
+            &[
+                ("csrf", &csrf),
+                ("type", "usage_export"),
+                ("period", &month),
+            ],
+        )
+        .await;
+    assert_eq!(p.status, 303, "{}", p.body);
+    let id = task_ids(&b.get("/portal/tasks").await.body)[0].clone();
+    let t = task_until(&api, &token, &id, |t| {
+        t["status"] != "pending" && t["status"] != "running"
+    })
+    .await;
+    assert_eq!(t["status"], "completed", "{t}");
+
+    let page = b.get("/portal/tasks").await;
+    let row = task_row(&page.body, &id);
+    assert!(
+        row.contains(&format!(r#"href="/portal/tasks/{id}/result""#)),
+        "{row}"
+    );
+    assert!(!row.contains("file=errors"), "{row}");
+    let csv = b.get(&format!("/portal/tasks/{id}/result")).await;
+    assert_eq!(csv.status, 200, "{}", csv.body);
+    assert!(csv.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    assert!(csv.headers["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+    assert!(
+        csv.body.starts_with("request_id,timestamp,"),
+        "{}",
+        csv.body
+    );
+    // An export has no error file.
+    assert_eq!(
+        b.get(&format!("/portal/tasks/{id}/result?file=errors"))
+            .await
+            .status,
+        404
+    );
+
+    // Another developer gets 404 for this task: its result, cancel, and its stream.
+    let mut other = Browser::new(&api);
+    other.log_in("other@example.com", PASSWORD).await;
+    let other_page = other.get("/portal/tasks").await;
+    assert!(task_ids(&other_page.body).is_empty());
+    let other_csrf = other_page.csrf();
+    assert_eq!(
+        other
+            .get(&format!("/portal/tasks/{id}/result"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        other
+            .post(
+                &format!("/portal/tasks/{id}/cancel"),
+                &[("csrf", &other_csrf)]
+            )
+            .await
+            .status,
+        404
+    );
+    // Their stream, asked to follow it, says nothing about it.
+    let cookie: Vec<String> = other
+        .cookies
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let mut stream = reqwest::Client::new()
+        .get(api.url(&format!("/portal/tasks/stream?ids={id}")))
+        .header(COOKIE, cookie.join("; "))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(2500), async {
+        let mut got = String::new();
+        while let Some(chunk) = stream.chunk().await.unwrap() {
+            got.push_str(&String::from_utf8_lossy(&chunk));
+            if got.contains(&id) {
+                return got;
+            }
+        }
+        got
+    })
+    .await;
+    assert!(
+        quiet.is_err(),
+        "another developer's task was streamed: {quiet:?}"
+    );
+}
+
+/// Reads server-sent events from `stream` until one's data contains every string of `want`;
+/// returns that event's data as JSON.
+async fn task_event(
+    stream: &mut reqwest::Response,
+    buf: &mut String,
+    want: &[&str],
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            if !event.contains("event: task") {
+                continue;
+            }
+            let data = event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .expect("an event with data");
+            if want.iter().all(|w| data.contains(w)) {
+                return serde_json::from_str(data).unwrap();
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline.into(), stream.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no event with {want:?} within 10 s; left: {buf}"))
+            .unwrap()
+            .expect("the stream stays open");
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn task_progress_streams_over_server_sent_events() {
+    let files = tempfile::tempdir().unwrap();
+    let api = tasks_api(&files, false).await;
+    let token = api.signed_up("live@example.com").await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/developer/keys",
+            Some(&token),
+            Some(serde_json::json!({"name": "live"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let mut b = Browser::new(&api);
+    b.log_in("live@example.com", PASSWORD).await;
+    let cookie: Vec<String> = b.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let cookie = cookie.join("; ");
+    let open = |path: String| {
+        reqwest::Client::new()
+            .get(api.url(&path))
+            .header(COOKIE, cookie.clone())
+            .send()
+    };
+
+    // A stream opened before the task exists reports it once it does (unfinished tasks are
+    // read once a second), then each change: here the cancel.
+    let mut stream = open("/portal/tasks/stream".into()).await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert_eq!(stream.headers()["cache-control"], "no-cache");
+    let (s, t) = api
+        .call(
+            "POST",
+            "/developer/tasks",
+            Some(&token),
+            Some(
+                serde_json::json!({"type": "batch_generate", "model": "m", "prompts": ["a", "b"]}),
+            ),
+        )
+        .await;
+    assert_eq!(s, 202, "{t}");
+    let id = t["id"].as_str().unwrap().to_owned();
+    let mut buf = String::new();
+    let first = task_event(&mut stream, &mut buf, &[&id, r#""total":"2""#]).await;
+    assert_eq!(first["kind"], "batch_generate");
+    assert_eq!(first["status"], "running");
+    assert_eq!(first["status_text"], "running");
+    assert_eq!(first["done"], false);
+    assert_eq!(first["cancellable"], true);
+    assert!(first["progress"].as_i64().unwrap() < 100);
+    let (s, _) = api
+        .call(
+            "POST",
+            &format!("/developer/tasks/{id}/cancel"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let last = task_event(&mut stream, &mut buf, &[&id, r#""done":true"#]).await;
+    assert_eq!(last["status"], "cancelled");
+    assert_eq!(last["progress"], 100);
+    assert_eq!(last["cancellable"], false);
+    assert!(last["finished"].as_str().unwrap().ends_with(" UTC"));
+    assert!(last["result_url"].is_null());
+    drop(stream);
+
+    // A task the page showed unfinished is reported when it ends, even if it ended before
+    // the stream's first read; in the visitor's language.
+    let (s, t) = api
+        .call(
+            "POST",
+            "/developer/tasks",
+            Some(&token),
+            Some(serde_json::json!({"type": "usage_export"})),
+        )
+        .await;
+    assert_eq!(s, 202, "{t}");
+    let export = t["id"].as_str().unwrap().to_owned();
+    task_until(&api, &token, &export, |t| t["status"] == "failed").await;
+    let mut stream = reqwest::Client::new()
+        .get(api.url(&format!("/portal/tasks/stream?ids={export},bogus'id")))
+        .header(COOKIE, format!("{cookie}; aihub_lang=zh"))
+        .send()
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    let ended = task_event(&mut stream, &mut buf, &[&export]).await;
+    assert_eq!(ended["status"], "failed");
+    assert_eq!(ended["status_text"], "失败");
+    assert_eq!(ended["kind_text"], "用量导出");
+    assert_eq!(ended["done"], true);
+    assert!(ended["error"]
+        .as_str()
+        .unwrap()
+        .contains("no usage database"));
 }

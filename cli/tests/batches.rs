@@ -819,12 +819,17 @@ async fn one_big_batch_does_not_starve_another_developer() {
     let file = stack.upload(&small, &jsonl(16, "demo")).await;
     let started = Instant::now();
     let small_id = stack.create_batch(&small, &file).await;
-    let b = stack.finished(&small, &small_id, Duration::from_secs(30)).await;
+    let b = stack
+        .finished(&small, &small_id, Duration::from_secs(30))
+        .await;
     let took = started.elapsed();
     assert_eq!(b["status"], "completed");
     // 16 items at 8 in flight and 100 ms each: about 0.2 s of work; waiting behind the big
     // batch's 1,000 items would take more than 6 s.
-    assert!(took < Duration::from_secs(4), "the small batch waited {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the small batch waited {took:?}"
+    );
     let big_now = stack.batch(&big, &big_id).await;
     assert_eq!(big_now["status"], "in_progress", "{big_now}");
 }
@@ -836,13 +841,31 @@ async fn requests_are_checked_as_openai_does() {
     let file = stack.upload(&key, &jsonl(3, "demo")).await;
     let create = |body: Value| {
         let (gw, key) = (&stack.gw, &key);
-        async move { gw.post(key, "/v1/batches").json(&body).send().await.unwrap() }
+        async move {
+            gw.post(key, "/v1/batches")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
     };
     for (body, param) in [
-        (json!({"input_file_id": file, "endpoint": "/v1/images/generations", "completion_window": "24h"}), "endpoint"),
-        (json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "1h"}), "completion_window"),
-        (json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"}), "input_file_id"),
-        (json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"k": 1}}), "metadata"),
+        (
+            json!({"input_file_id": file, "endpoint": "/v1/images/generations", "completion_window": "24h"}),
+            "endpoint",
+        ),
+        (
+            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "1h"}),
+            "completion_window",
+        ),
+        (
+            json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+            "input_file_id",
+        ),
+        (
+            json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"k": 1}}),
+            "metadata",
+        ),
     ] {
         let e = expect_error(create(body).await, 422, "validation_failed").await;
         assert_eq!(e["param"], param, "{e}");
@@ -891,4 +914,74 @@ async fn requests_are_checked_as_openai_does() {
     assert_eq!(b["errors"]["data"][0]["line"], 2);
     assert_eq!(b["errors"]["data"][0]["code"], "invalid_json_line");
     assert_eq!(b["request_counts"]["total"], 0);
+}
+
+/// The same journey with files in an S3-compatible bucket (moto's S3 server on loopback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_runs_a_batch_with_files_in_s3() {
+    let moto = test_tool("AIHUB_TEST_MOTO", "moto_server");
+    let port = free_port();
+    let mut child = std::process::Command::new(&moto)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{moto}: {e} (source deploy/local/test-tools.sh)"));
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client()
+        .put(format!("{url}/batch-files"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "moto did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The admin process inherits these (the credentials never go into YAML).
+    std::env::set_var("AIHUB_S3_ACCESS_KEY_ID", "test-key");
+    std::env::set_var("AIHUB_S3_SECRET_ACCESS_KEY", "test-secret");
+    let s3 = format!(
+        "  s3: {{bucket: batch-files, endpoint: \"{url}\", allow_http: true, prefix: aihub}}\n"
+    );
+    let stack = Stack::start(Backend::Sqlite, &[], &s3, None).await;
+    let (_, key, _) = stack.developer("s3@example.com").await;
+    let file = stack.upload(&key, &jsonl(5, "demo")).await;
+    let id = stack.create_batch(&key, &file).await;
+    let b = stack.finished(&key, &id, Duration::from_secs(60)).await;
+    assert_eq!(b["status"], "completed", "{b}");
+    let out = stack.lines(&key, &b["output_file_id"]).await;
+    assert_eq!(custom_ids(&out), ["c0", "c1", "c2", "c3", "c4"]);
+    // The bytes are in the bucket, under the prefix and the developer.
+    let listing = client()
+        .get(format!("{url}/batch-files?list-type=2"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let output = b["output_file_id"].as_str().unwrap();
+    assert!(listing.contains(&format!("/{file}</Key>")), "{listing}");
+    assert!(listing.contains(&format!("/{output}</Key>")), "{listing}");
+    assert!(listing.contains("<Key>aihub/dev_"), "{listing}");
+    // Deleting a file removes its object.
+    let r = client()
+        .delete(stack.gw.url(&format!("/v1/files/{file}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let listing = client()
+        .get(format!("{url}/batch-files?list-type=2"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!listing.contains(&format!("/{file}</Key>")), "{listing}");
+    let _ = child.kill();
+    let _ = child.wait();
 }

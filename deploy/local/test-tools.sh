@@ -46,4 +46,11 @@ if ! "$venv/bin/python" -c "import standardwebhooks" 2>/dev/null; then
     echo "==> standardwebhooks==$AIHUB_STANDARDWEBHOOKS_PY_VERSION into the venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check "standardwebhooks==$AIHUB_STANDARDWEBHOOKS_PY_VERSION" >&2
 fi
+# moto's S3-compatible server, for the S3 file store's tests (a real HTTP S3 API on loopback).
+AIHUB_MOTO_VERSION=${AIHUB_MOTO_VERSION:-5.2.6}
+if [ ! -x "$venv/bin/moto_server" ]; then
+    echo "==> moto[server]==$AIHUB_MOTO_VERSION into the venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$AIHUB_MOTO_VERSION" >&2
+fi
 export AIHUB_TEST_PYTHON="$venv/bin/python"
+export AIHUB_TEST_MOTO="$venv/bin/moto_server"

@@ -108,6 +108,9 @@ pub struct BatchItem {
     pub task_id: Arc<str>,
     /// The item's line in the batch's input.
     pub line: u64,
+    /// The attempt was refused or failed (status 400 and above) and carries a request id of
+    /// its own instead of the item's.
+    pub own_id: bool,
 }
 
 /// Facts derived while handling one request. No I/O happens in [`RequestCtx::new`].
@@ -196,6 +199,18 @@ impl RequestCtx {
         self.request_id = request_id;
         self.request_id_header = id_header(request_id);
         self.batch = Some(item);
+    }
+
+    /// Called with the status a batch item's attempt ends with, before its response header
+    /// goes out: only an answered attempt (status below 400) keeps the item's request id. A
+    /// refused or failed one gets an id of its own, so `usage_events` holds at most one row per
+    /// request id, and exactly one answered row per item however often it is sent.
+    pub fn settle_batch_request_id(&mut self, status: u16) {
+        if let Some(b) = self.batch.as_mut().filter(|b| status >= 400 && !b.own_id) {
+            b.own_id = true;
+            self.request_id = uuid::Uuid::now_v7();
+            self.request_id_header = id_header(self.request_id);
+        }
     }
 }
 

@@ -172,6 +172,7 @@ async fn relay(
     let source = up
         .response_header()
         .ok_or_else(|| GatewayError::Internal("no upstream response header".into()))?;
+    ctx.settle_batch_request_id(source.status.as_u16());
     let mut resp = downstream_response(source, ctx, upstream.forward_account_headers);
     ctx.rate_headers.apply(&mut resp.headers);
     ctx.status = resp.status.as_u16();

@@ -318,6 +318,7 @@ impl Gateway {
         let batch = BatchItem {
             task_id: item.task_id.as_str().into(),
             line: item.line,
+            own_id: false,
         };
         ctx.set_batch_item(batch, request_id);
         let key = self
@@ -463,6 +464,7 @@ impl Gateway {
         match e {
             GatewayError::ClientGone | GatewayError::ClientTimeout => {
                 ctx.status = e.status();
+                ctx.settle_batch_request_id(ctx.status);
                 session.set_keepalive(None);
                 return;
             }
@@ -489,6 +491,7 @@ impl Gateway {
         body: Vec<u8>,
     ) -> Result<(), GatewayError> {
         ctx.status = status;
+        ctx.settle_batch_request_id(status);
         let (mut resp, ()) = http::Response::builder()
             .status(status)
             .body(())

@@ -16,9 +16,13 @@ pub struct TasksConfig {
     /// task. Default `http://127.0.0.1:8080`.
     #[serde(default = "default_gateway_url")]
     pub gateway_url: String,
-    /// Where file bytes are kept (a local directory). Default `data/files`.
+    /// Where file bytes are kept (a local directory; with `s3`, only where uploads are spooled
+    /// before they are sent). Default `data/files`.
     #[serde(default = "default_files_dir")]
     pub files_dir: PathBuf,
+    /// Keep file bytes in an S3-compatible bucket instead of `files_dir`. Default: none.
+    #[serde(default)]
+    pub s3: Option<S3Config>,
     /// Largest upload. Default 200 MiB (OpenAI's batch input limit).
     #[serde(default = "default_max_file_bytes")]
     pub max_file_bytes: u64,
@@ -58,6 +62,46 @@ pub struct TasksConfig {
     /// limits (429) are waited out and never count. Default 5.
     #[serde(default = "default_attempts")]
     pub max_attempts: i64,
+}
+
+/// An S3-compatible bucket (`tasks.s3`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// The endpoint of an S3-compatible server, e.g. `http://127.0.0.1:9000`. Default: AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Default `us-east-1`.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Objects go under this prefix. Default none.
+    #[serde(default)]
+    pub prefix: String,
+    /// Environment variable holding the access key id. Default `AIHUB_S3_ACCESS_KEY_ID`.
+    #[serde(default = "default_key_env")]
+    pub access_key_id_env: String,
+    /// Environment variable holding the secret key. Default `AIHUB_S3_SECRET_ACCESS_KEY`.
+    #[serde(default = "default_secret_env")]
+    pub secret_access_key_env: String,
+    /// Allow an `http://` endpoint (a server on a private network). Default false.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// `https://BUCKET.host/…` requests instead of `https://host/BUCKET/…`. Default false
+    /// (path style, what most S3-compatible servers expect).
+    #[serde(default)]
+    pub virtual_hosted_style: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_key_env() -> String {
+    "AIHUB_S3_ACCESS_KEY_ID".into()
+}
+fn default_secret_env() -> String {
+    "AIHUB_S3_SECRET_ACCESS_KEY".into()
 }
 
 fn yes() -> bool {
@@ -135,6 +179,20 @@ impl TasksConfig {
         }
         if self.max_attempts < 1 {
             return Err(("max_attempts", "must be at least 1".into()));
+        }
+        if let Some(s3) = &self.s3 {
+            if s3.bucket.is_empty() {
+                return Err(("s3.bucket", "is required".into()));
+            }
+            if let Some(e) = &s3.endpoint {
+                let http = e.starts_with("http://");
+                if !(http || e.starts_with("https://")) || reqwest::Url::parse(e).is_err() {
+                    return Err(("s3.endpoint", "must be an http(s) URL".into()));
+                }
+                if http && !s3.allow_http {
+                    return Err(("s3.endpoint", "is http://: set s3.allow_http".into()));
+                }
+            }
         }
         if self.max_items_per_batch == 0 || self.max_file_bytes == 0 {
             return Err(("max_items_per_batch", "limits must be at least 1".into()));

@@ -1,5 +1,5 @@
-//! Where file bytes live: the [`FileStore`] trait and its local-directory implementation
-//! ([`LocalDir`], the default: `data/files`).
+//! Where file bytes live: the [`FileStore`] trait, its local-directory implementation
+//! ([`LocalDir`], the default: `data/files`) and the S3-compatible one ([`crate::s3::S3Files`]).
 //!
 //! Objects are named `DEVELOPER_ID/FILE_ID` (per-developer folders; the database row is what
 //! grants access, the layout only keeps developers apart on disk). A write goes to a temporary
@@ -27,19 +27,30 @@ pub enum FileError {
     TooLarge(u64),
     #[error("invalid object name")]
     Name,
+    #[error("object store: {0}")]
+    Remote(String),
     #[error("file store: {0}")]
     Io(#[from] io::Error),
 }
 
-/// An object being written: bytes go in with [`Writer::write`], [`Writer::commit`] makes the
-/// object visible under its name; dropping it uncommitted leaves nothing behind.
+/// An object being written: bytes go in with [`Writer::write`] (to a local temporary file,
+/// hashed and counted as they come), [`Writer::commit`] makes the object visible under its
+/// name; dropping it uncommitted leaves nothing behind.
 pub struct Writer {
     file: Option<tokio::fs::File>,
     tmp: PathBuf,
-    target: PathBuf,
+    target: Target,
     hasher: Sha256,
     bytes: u64,
     limit: u64,
+}
+
+/// Where a committed object goes.
+pub(crate) enum Target {
+    /// Renamed into place.
+    Local(PathBuf),
+    /// Uploaded (`crate::s3`), then the temporary file removed.
+    Object(crate::s3::Destination),
 }
 
 /// A committed object's size and sha256 (hex).
@@ -71,13 +82,24 @@ impl Writer {
         self.bytes == 0
     }
 
-    /// Syncs the bytes and renames the object into place.
+    /// Makes the object visible under its name: synced and renamed into place (local), or
+    /// uploaded (S3).
     pub async fn commit(mut self) -> Result<Written, FileError> {
         let mut file = self.file.take().ok_or(FileError::Name)?;
         file.flush().await?;
-        file.sync_all().await?;
-        drop(file);
-        tokio::fs::rename(&self.tmp, &self.target).await?;
+        match &self.target {
+            Target::Local(target) => {
+                file.sync_all().await?;
+                drop(file);
+                tokio::fs::rename(&self.tmp, target).await?;
+            }
+            Target::Object(dest) => {
+                drop(file);
+                let sent = dest.upload(&self.tmp, self.bytes).await;
+                let _ = tokio::fs::remove_file(&self.tmp).await;
+                sent?;
+            }
+        }
         Ok(Written {
             bytes: self.bytes,
             sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
@@ -90,6 +112,36 @@ impl Drop for Writer {
         if self.file.take().is_some() {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+impl Writer {
+    /// A writer spooling into a new temporary file in `dir` (created owner-only when missing).
+    pub(crate) async fn spool(
+        dir: &Path,
+        tmp_name: &str,
+        target: Target,
+        limit: u64,
+    ) -> Result<Writer, FileError> {
+        let owned = dir.to_owned();
+        tokio::task::spawn_blocking(move || create_dir(&owned))
+            .await
+            .map_err(|e| FileError::Io(io::Error::other(e)))??;
+        let tmp = dir.join(format!("{tmp_name}.tmp-{}", uuid::Uuid::now_v7().simple()));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .await?;
+        Ok(Writer {
+            file: Some(file),
+            tmp,
+            target,
+            hasher: Sha256::new(),
+            bytes: 0,
+            limit,
+        })
     }
 }
 
@@ -118,25 +170,31 @@ impl LocalDir {
         Ok(LocalDir { root })
     }
 
-    /// The path of object `name`: exactly two plain segments (`DEVELOPER/FILE`).
+    /// The path of object `name`.
     fn path(&self, name: &str) -> Result<PathBuf, FileError> {
-        let mut parts = name.split('/');
-        let (Some(dir), Some(file), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(FileError::Name);
-        };
-        for p in [dir, file] {
-            let plain = !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if !plain {
-                return Err(FileError::Name);
-            }
-        }
+        let (dir, file) = check_name(name)?;
         Ok(self.root.join(dir).join(file))
     }
 }
 
-fn create_dir(path: &Path) -> Result<(), FileError> {
+/// An object name's two plain segments (`DEVELOPER/FILE`: ASCII letters, digits, `_`, `-`).
+pub(crate) fn check_name(name: &str) -> Result<(&str, &str), FileError> {
+    let mut parts = name.split('/');
+    let (Some(dir), Some(file), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(FileError::Name);
+    };
+    for p in [dir, file] {
+        let plain = !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !plain {
+            return Err(FileError::Name);
+        }
+    }
+    Ok((dir, file))
+}
+
+pub(crate) fn create_dir(path: &Path) -> Result<(), FileError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -150,24 +208,13 @@ impl FileStore for LocalDir {
     async fn create(&self, name: &str, limit: u64) -> Result<Writer, FileError> {
         let target = self.path(name)?;
         let dir = target.parent().ok_or(FileError::Name)?.to_owned();
-        tokio::task::spawn_blocking(move || create_dir(&dir))
-            .await
-            .map_err(|e| FileError::Io(io::Error::other(e)))??;
-        let tmp = target.with_extension(format!("tmp-{}", uuid::Uuid::now_v7().simple()));
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .await?;
-        Ok(Writer {
-            file: Some(file),
-            tmp,
-            target,
-            hasher: Sha256::new(),
-            bytes: 0,
-            limit,
-        })
+        let file_name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or(FileError::Name)?
+            .to_owned();
+        // Beside the target: the rename stays on one file system.
+        Writer::spool(&dir, &file_name, Target::Local(target), limit).await
     }
 
     async fn open(&self, name: &str) -> Result<Reader, FileError> {

@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`config`] — the `tasks:` section of the admin configuration.
 //! - [`files`] — [`files::FileStore`] and its local-directory implementation.
+//! - [`s3`] — the S3-compatible implementation (`tasks.s3`).
 //! - [`openai`] — batch input validation (errors with line numbers), output and error lines,
 //!   the `batch` and `file` objects.
 //! - [`run`] — one item through the gateway and what its answer means.
@@ -20,8 +21,10 @@ pub mod engine;
 pub mod files;
 pub mod openai;
 pub mod run;
+pub mod s3;
 pub mod stage;
 
 pub use config::TasksConfig;
 pub use engine::{Engine, Metrics, Waker};
 pub use files::{FileStore, LocalDir};
+pub use s3::S3Files;

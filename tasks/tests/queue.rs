@@ -87,12 +87,14 @@ async fn running_task(store: &Store, dev: &str, id: &str, n: i64) {
         })
         .collect();
     queue::insert(&mut tx, id, dev, &items).await.unwrap();
-    sqlx::query("UPDATE tasks SET status = 'in_progress', total = $2, stage_due_at = NULL WHERE id = $1")
-        .bind(id)
-        .bind(n)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE tasks SET status = 'in_progress', total = $2, stage_due_at = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .bind(n)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
 }
 
@@ -114,37 +116,74 @@ async fn claims_are_fair_capped_and_taken_over_after_a_dead_lease() {
         running_task(&e.store, "dev_small", "task_small", 3).await;
 
         // Both developers get items; neither passes the cap of 4 in flight.
-        let first = queue::claim(&e.store, "w1", now_ms() + 30_000, 4, 50).await.unwrap();
-        let per = |list: &[queue::Claimed], dev: &str| list.iter().filter(|c| c.developer_id == dev).count();
-        assert_eq!((per(&first, "dev_big"), per(&first, "dev_small")), (4, 3), "{backend:?}");
+        let first = queue::claim(&e.store, "w1", now_ms() + 30_000, 4, 50)
+            .await
+            .unwrap();
+        let per = |list: &[queue::Claimed], dev: &str| {
+            list.iter().filter(|c| c.developer_id == dev).count()
+        };
+        assert_eq!(
+            (per(&first, "dev_big"), per(&first, "dev_small")),
+            (4, 3),
+            "{backend:?}"
+        );
         assert!(first.iter().all(|c| c.endpoint == "chat/completions"));
         // At the cap: nothing more for either until something ends.
-        let more = queue::claim(&e.store, "w2", now_ms() + 30_000, 4, 50).await.unwrap();
-        assert_eq!(per(&more, "dev_big"), 0, "{backend:?}: the cap holds across workers");
+        let more = queue::claim(&e.store, "w2", now_ms() + 30_000, 4, 50)
+            .await
+            .unwrap();
+        assert_eq!(
+            per(&more, "dev_big"),
+            0,
+            "{backend:?}: the cap holds across workers"
+        );
         assert_eq!(per(&more, "dev_small"), 0);
 
         // A worker that died: its leases expire and another worker takes the items over.
-        let dead = queue::claim(&e.store, "dead", now_ms() - 1, 4, 50).await.unwrap();
-        assert!(dead.is_empty(), "the cap counts only live leases, and w1's are live");
+        let dead = queue::claim(&e.store, "dead", now_ms() - 1, 4, 50)
+            .await
+            .unwrap();
+        assert!(
+            dead.is_empty(),
+            "the cap counts only live leases, and w1's are live"
+        );
         sqlx::query("UPDATE task_items SET lease_until = $1 WHERE lease_owner = 'w1'")
             .bind(now_ms() - 1)
             .execute(e.store.pool())
             .await
             .unwrap();
-        let taken = queue::claim(&e.store, "w2", now_ms() + 30_000, 4, 50).await.unwrap();
-        assert_eq!(taken.len(), 7, "{backend:?}: every expired lease taken over");
+        let taken = queue::claim(&e.store, "w2", now_ms() + 30_000, 4, 50)
+            .await
+            .unwrap();
+        assert_eq!(
+            taken.len(),
+            7,
+            "{backend:?}: every expired lease taken over"
+        );
         // The dead worker's late result is dropped; the new holder's is recorded once.
-        let late = queue::finish(&e.store, "w1", &[ok("task_small", 1)]).await.unwrap();
+        let late = queue::finish(&e.store, "w1", &[ok("task_small", 1)])
+            .await
+            .unwrap();
         assert_eq!(late, 0);
         let results: Vec<ItemResult> = (1..=3).map(|l| ok("task_small", l)).collect();
         assert_eq!(queue::finish(&e.store, "w2", &results).await.unwrap(), 3);
-        assert_eq!(queue::finish(&e.store, "w2", &results).await.unwrap(), 0, "once");
+        assert_eq!(
+            queue::finish(&e.store, "w2", &results).await.unwrap(),
+            0,
+            "once"
+        );
         let t = tasks::get(&e.store, None, "task_small").await.unwrap();
-        assert_eq!((t.completed, t.status.as_str()), (3, tasks::FINALIZING), "{backend:?}");
+        assert_eq!(
+            (t.completed, t.status.as_str()),
+            (3, tasks::FINALIZING),
+            "{backend:?}"
+        );
 
         // A cancel ends every queued item at once; leased ones finish.
         let mut tx = e.store.begin_write().await.unwrap();
-        let (t, _) = tasks::request_cancel(&mut tx, Some("dev_big"), "task_big").await.unwrap();
+        let (t, _) = tasks::request_cancel(&mut tx, Some("dev_big"), "task_big")
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         assert_eq!(t.status, tasks::CANCELLING);
         let left: i64 = sqlx::query_scalar(
@@ -159,9 +198,15 @@ async fn claims_are_fair_capped_and_taken_over_after_a_dead_lease() {
             .unwrap()
             .is_empty());
         let mut tx = e.store.begin_write().await.unwrap();
-        let (_, again) = tasks::request_cancel(&mut tx, None, "task_small").await.unwrap();
+        let (_, again) = tasks::request_cancel(&mut tx, None, "task_small")
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
-        assert_eq!(again, tasks::CancelOutcome::Finished, "finalizing is past cancelling");
+        assert_eq!(
+            again,
+            tasks::CancelOutcome::Finished,
+            "finalizing is past cancelling"
+        );
     }
 }
 
@@ -171,7 +216,9 @@ async fn the_completion_window_expires_a_batch() {
         let e = env(backend).await;
         imported(&e.store, "dev_x", "free", 0).await;
         running_task(&e.store, "dev_x", "batch_x", 5).await;
-        let claimed = queue::claim(&e.store, "w", now_ms() + 30_000, 2, 2).await.unwrap();
+        let claimed = queue::claim(&e.store, "w", now_ms() + 30_000, 2, 2)
+            .await
+            .unwrap();
         let done: Vec<ItemResult> = claimed.iter().map(|c| ok(&c.task_id, c.line)).collect();
         queue::finish(&e.store, "w", &done).await.unwrap();
         sqlx::query("UPDATE tasks SET expires_at = 0 WHERE id = 'batch_x'")
@@ -179,15 +226,18 @@ async fn the_completion_window_expires_a_batch() {
             .await
             .unwrap();
         assert_eq!(stage::expire(&e.store, 10).await.unwrap(), 1);
-        let due = tasks::claim_stage(&e.store, "w", now_ms() + 30_000, 4).await.unwrap();
+        let due = tasks::claim_stage(&e.store, "w", now_ms() + 30_000, 4)
+            .await
+            .unwrap();
         assert_eq!(due.len(), 1, "{backend:?}");
         stage::run(&ctx(&e, "w"), &due[0]).await.unwrap();
         let t = tasks::get(&e.store, None, "batch_x").await.unwrap();
         assert_eq!(t.status, tasks::EXPIRED, "{backend:?}");
         assert_eq!((t.completed, t.failed, t.total), (2, 3, 5));
-        let errors = aihub_store::files::get(&e.store, "dev_x", t.error_file_id.as_deref().unwrap())
-            .await
-            .unwrap();
+        let errors =
+            aihub_store::files::get(&e.store, "dev_x", t.error_file_id.as_deref().unwrap())
+                .await
+                .unwrap();
         let mut text = String::new();
         tokio::io::AsyncReadExt::read_to_string(
             &mut e.files.open(&errors.location).await.unwrap(),
@@ -195,14 +245,27 @@ async fn the_completion_window_expires_a_batch() {
         )
         .await
         .unwrap();
-        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 3);
-        assert!(lines.iter().all(|l| l["error"]["code"] == "batch_expired" && l["response"].is_null()));
+        assert!(lines
+            .iter()
+            .all(|l| l["error"]["code"] == "batch_expired" && l["response"].is_null()));
         assert_eq!(lines[0]["custom_id"], "c2", "line order");
         // Its `task.failed` event is in the outbox with the batch's status.
-        let events = aihub_store::outbox::for_developer(&e.store, "dev_x").await.unwrap();
-        let end = events.iter().find(|ev| ev.event_type == "task.failed").unwrap();
-        assert_eq!(end.payload["data"]["status"], "failed", "a seed task shows the seed status");
+        let events = aihub_store::outbox::for_developer(&e.store, "dev_x")
+            .await
+            .unwrap();
+        let end = events
+            .iter()
+            .find(|ev| ev.event_type == "task.failed")
+            .unwrap();
+        assert_eq!(
+            end.payload["data"]["status"], "failed",
+            "a seed task shows the seed status"
+        );
     }
 }
 
@@ -216,7 +279,11 @@ async fn invalid_input_fails_the_batch_with_line_numbers() {
             "{good}\nnot json\n{}\n",
             json!({"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m"}})
         );
-        let mut w = e.files.create(&object_name("dev_v", "file-in"), 1 << 20).await.unwrap();
+        let mut w = e
+            .files
+            .create(&object_name("dev_v", "file-in"), 1 << 20)
+            .await
+            .unwrap();
         w.write(text.as_bytes()).await.unwrap();
         let written = w.commit().await.unwrap();
         let mut tx = e.store.begin_write().await.unwrap();
@@ -253,7 +320,9 @@ async fn invalid_input_fails_the_batch_with_line_numbers() {
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        let due = tasks::claim_stage(&e.store, "w", now_ms() + 30_000, 4).await.unwrap();
+        let due = tasks::claim_stage(&e.store, "w", now_ms() + 30_000, 4)
+            .await
+            .unwrap();
         stage::run(&ctx(&e, "w"), &due[0]).await.unwrap();
         let t = tasks::get(&e.store, None, "batch_v").await.unwrap();
         assert_eq!(t.status, tasks::FAILED, "{backend:?}");
@@ -263,10 +332,23 @@ async fn invalid_input_fails_the_batch_with_line_numbers() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e["code"].as_str().unwrap().to_owned(), e["line"].as_i64().unwrap()))
+            .map(|e| {
+                (
+                    e["code"].as_str().unwrap().to_owned(),
+                    e["line"].as_i64().unwrap(),
+                )
+            })
             .collect();
-        assert_eq!(got, [("invalid_json_line".to_owned(), 2), ("invalid_url".to_owned(), 3)]);
-        let batch = aihub_tasks::openai::batch_object(&tasks::get(&e.store, None, "batch_v").await.unwrap());
+        assert_eq!(
+            got,
+            [
+                ("invalid_json_line".to_owned(), 2),
+                ("invalid_url".to_owned(), 3)
+            ]
+        );
+        let batch = aihub_tasks::openai::batch_object(
+            &tasks::get(&e.store, None, "batch_v").await.unwrap(),
+        );
         assert_eq!(batch["errors"]["object"], "list");
         assert_eq!(batch["errors"]["data"][0]["line"], 2);
         assert!(batch["failed_at"].as_i64().is_some());

@@ -174,8 +174,8 @@ struct Present {
 
 /// Removes from `rows` those ClickHouse already holds (a previous attempt of the same batch may
 /// have landed, wholly or partly): the same request id started at the same millisecond. (A
-/// batch item's attempts share their request id; its earlier attempts are other rows.) Returns
-/// how many were removed.
+/// batch item's answered attempts share their request id; a later attempt is another row until
+/// [`drop_batch_duplicates`] drops it.) Returns how many were removed.
 pub async fn drop_present(
     client: &Client,
     rows: &mut Vec<UsageRecord>,
@@ -208,8 +208,9 @@ pub async fn drop_present(
 }
 
 /// Whether a row is a batch item's answered attempt (status below 400): the row that stands
-/// for the item in usage. Refused or failed attempts (a 429, an upstream error: zero tokens)
-/// are rows of their own and never hide a later answer.
+/// for the item in usage. Refused or failed attempts (a 429, an upstream error) carry request
+/// ids of their own (the gateway gives them one), so they are rows of their own and never hide
+/// a later answer.
 fn is_batch_answer(r: &UsageRecord) -> bool {
     !r.batch_id.is_empty() && (100..400).contains(&r.status)
 }

@@ -74,3 +74,50 @@ document.addEventListener("submit", function (ev) {
     table.hidden = false;
   });
 })();
+// The tasks page (#tasks[data-stream]) shows the progress of its unfinished tasks as they
+// run: server-sent events from /portal/tasks/stream, each a task's row in place (status,
+// progress, counts, finish time, result links, the cancel button). The stream is closed once
+// every row shown has finished.
+(function () {
+  var table = document.getElementById("tasks");
+  if (!table || !window.EventSource) return;
+  var url = table.getAttribute("data-stream");
+  if (!url) return;
+  var source = new EventSource(url);
+  source.addEventListener("task", function (m) {
+    var t = JSON.parse(m.data);
+    var tr = null;
+    table.querySelectorAll("tr[data-task-id]").forEach(function (row) {
+      if (row.getAttribute("data-task-id") === t.id) tr = row;
+    });
+    if (!tr) return;
+    var badge = tr.querySelector(".task-badge");
+    badge.className = "badge task-badge " + t.status;
+    badge.setAttribute("data-status", t.status);
+    badge.title = t.lifecycle;
+    badge.textContent = t.status_text;
+    tr.querySelector(".task-error").textContent = t.error;
+    var bar = tr.querySelector("progress");
+    bar.value = t.progress;
+    bar.textContent = t.progress + " %";
+    tr.querySelector(".task-pct").textContent = t.progress + " %";
+    tr.querySelector(".task-counts").textContent = t.completed + " / " + t.failed + " / " + t.total;
+    tr.querySelector(".task-finished").textContent = t.finished;
+    var files = tr.querySelector(".task-files");
+    files.textContent = "";
+    [[t.result_url, "data-result"], [t.errors_url, "data-errors"]].forEach(function (f) {
+      if (!f[0]) return;
+      if (files.firstChild) files.appendChild(document.createTextNode(" \u00b7 "));
+      var a = document.createElement("a");
+      a.href = f[0];
+      a.textContent = table.getAttribute(f[1]);
+      files.appendChild(a);
+    });
+    if (!t.cancellable) {
+      var cancel = tr.querySelector(".task-cancel");
+      if (cancel) cancel.remove();
+    }
+    tr.setAttribute("data-done", t.done ? "true" : "false");
+    if (!table.querySelector('tr[data-done="false"]')) source.close();
+  });
+})();

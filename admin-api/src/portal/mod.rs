@@ -15,6 +15,8 @@
 //! - [`webhooks`] — endpoints (secret shown once), delivery log and redelivery, the event
 //!   history with live updates (server-sent events).
 //! - [`usage`] — charts by day and model, per-key table, CSV export.
+//! - [`tasks`] — async tasks and OpenAI batches: list, queue a batch generation or a usage
+//!   export, cancel, download results; live progress (server-sent events).
 //! - [`billing`] — plan, current period, projection, plan change, invoices.
 //! - [`docs`] — the guides in `docs/guide/` and the API references.
 //! - [`admin`] — operators: developers, plans, platform analytics.
@@ -32,6 +34,7 @@ pub mod docs;
 pub mod i18n;
 pub mod keys;
 pub mod session;
+pub mod tasks;
 pub mod usage;
 pub mod webhooks;
 pub(crate) use crate::view;
@@ -112,6 +115,10 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/portal/events/stream", get(webhooks::stream))
         .route("/portal/usage", get(usage::page))
         .route("/portal/usage/export", get(usage::export))
+        .route("/portal/tasks", get(tasks::page).post(tasks::create))
+        .route("/portal/tasks/stream", get(tasks::stream))
+        .route("/portal/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/portal/tasks/{id}/result", get(tasks::result))
         .route("/portal/billing", get(billing::page))
         .route("/portal/billing/plan", post(billing::change_plan))
         .route("/portal/invoices/{id}", get(billing::invoice))
