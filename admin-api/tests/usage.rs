@@ -620,7 +620,7 @@ async fn export_of_a_million_rows_keeps_memory_flat() {
              'gpt-4o-mini', 'mock', 'http://127.0.0.1:1/v1', toUInt32(number % 1000), 0, \
              toUInt32(number % 300), toUInt32(number % 1000 + number % 300), \
              toInt64(number % 7919 * 1013 + 1), 120, 340, 345, 200, '', 0, 0, '10.1.2.3', \
-             'OpenAI/Python 1.54.0 (a, b)' FROM system.numbers LIMIT {ROWS}"
+             'OpenAI/Python 1.54.0 (a, b)', '' FROM system.numbers LIMIT {ROWS}"
         ))
         .await;
     let expected_nanos: i128 = (0..ROWS).map(|n| i128::from(n % 7919 * 1013 + 1)).sum();

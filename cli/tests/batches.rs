@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 /// A whole platform for one test.
 struct Stack {
     ch: TestDb,
+    /// A key declared in the gateway's YAML (no account in the control plane).
+    yaml_key: TestKey,
     _store_db: TestDatabase,
     database_url: String,
     _mock: Mock,
@@ -47,6 +49,7 @@ impl Stack {
         let wal = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let admin_port = free_port();
+        let yaml_key = key("yaml", &[]);
         let mut limits = String::new();
         let mut plans_line = String::new();
         if let Some(p) = plans {
@@ -61,7 +64,7 @@ impl Stack {
                 config(
                     &[upstream("m", &[mock.base_url()], &[])],
                     &[("demo", "m", None)],
-                    &[]
+                    &[&yaml_key]
                 ),
                 ch.metering_yaml(wal.path(), &[]),
                 common::control_plane(
@@ -85,6 +88,7 @@ impl Stack {
         );
         let mut stack = Stack {
             ch,
+            yaml_key,
             database_url: store_db.url.clone(),
             _store_db: store_db,
             _mock: mock,
@@ -894,6 +898,13 @@ async fn requests_are_checked_as_openai_does() {
         .unwrap();
     let e = expect_error(r, 422, "validation_failed").await;
     assert_eq!(e["param"], "purpose");
+    // A key declared in the gateway's YAML has no account to own files.
+    let r = stack.gw.get(&stack.yaml_key.key, "/v1/files").await;
+    let e = expect_error(r, 403, "permission_denied").await;
+    assert!(
+        e["message"].as_str().unwrap().contains("developer portal"),
+        "{e}"
+    );
     // The admin's internal routes refuse anyone but the gateway.
     let r = client()
         .get(format!("{}/internal/v1/files", stack.admin().base))
@@ -984,4 +995,83 @@ async fn the_openai_sdk_runs_a_batch_with_files_in_s3() {
     assert!(!listing.contains(&format!("/{file}</Key>")), "{listing}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_show_and_cancel_with_the_cli() {
+    let stack = Stack::start(
+        Backend::Sqlite,
+        &["--latency", "200ms"],
+        "  per_developer_concurrency: 1\n",
+        None,
+    )
+    .await;
+    let (_, key, _) = stack.developer("cli-ops@example.com").await;
+    let file = stack.upload(&key, &jsonl(50, "demo")).await;
+    let id = stack.create_batch(&key, &file).await;
+    stack.ended_at_least(&key, &id, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("admin.yaml");
+    std::fs::write(
+        &config,
+        format!("database: {{url: \"{}\"}}\n", stack.database_url),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let aihub = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .args(["--admin-config", &config])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = aihub(&[
+        "tasks",
+        "list",
+        "--developer",
+        "cli-ops@example.com",
+        "--type",
+        "openai_batch",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["status"], "in_progress");
+    let (code, _, err) = aihub(&["tasks", "list", "--status", "nope"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown status `nope`"), "{err}");
+    let (code, out, err) = aihub(&["tasks", "cancel", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("cancelling {id}")), "{out}");
+    let b = stack.finished(&key, &id, Duration::from_secs(20)).await;
+    assert_eq!(b["status"], "cancelled");
+    let (code, out, _) = aihub(&["tasks", "show", &id]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["status"],
+        "cancelled"
+    );
+    let (code, _, err) = aihub(&["tasks", "cancel", &id]);
+    assert_ne!(code, 0, "a finished batch cannot be cancelled");
+    assert!(
+        err.contains("Cannot cancel a batch with status cancelled"),
+        "{err}"
+    );
+    // The operator's cancel is in the audit log, as the CLI.
+    let store = aihub_store::Store::connect(&aihub_store::StoreOptions::new(&stack.database_url))
+        .await
+        .unwrap();
+    let audit = aihub_store::audit::list(&store, Some(&id), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].actor_id.as_str(), audit[0].action.as_str()),
+        ("cli", "task.cancel")
+    );
 }

@@ -11,8 +11,10 @@
 # 2. Uses only what up.sh printed: the gateway URL and the demo key (its "Try it" curl line, then
 #    the same request streamed, model `demo`); the sign-up curl lines (register, the token from
 #    the newest mail in the printed mail folder — whose text says the link "expires in 1 day" —,
-#    verify, login, create a key) and a call with the new key; the printed ClickHouse URL and
-#    database, where `usage_events` must get both keys' rows (waiting for the flush).
+#    verify, login, create a key) and a call with the new key; an OpenAI batch with the new key
+#    (upload, create, poll to `completed`, download the output: Files and Batches forwarded to the
+#    admin API, items sent back through the gateway); the printed ClickHouse URL and database,
+#    where `usage_events` must get both keys' rows (waiting for the flush).
 # 3. `aihub billing reconcile` for the current, open month exits 0 (the live computation
 #    matches the raw rows).
 # 4. Stops everything with deploy/local/down.sh, starts again over the same data directory:
@@ -192,8 +194,33 @@ for i in $(seq 1 50); do
     sleep 0.1
 done
 
+step "an OpenAI batch with the new key (Files and Batches through the gateway, items back through it)"
+printf '%s\n' \
+    '{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"demo","messages":[{"role":"user","content":"One"}]}}' \
+    '{"custom_id":"b","method":"POST","url":"/v1/chat/completions","body":{"model":"demo","messages":[{"role":"user","content":"Two"}]}}' \
+    > "$WORK/batch.jsonl"
+status=$(curl -sS -o "$WORK/body" -w '%{http_code}' "$GATEWAY/files" -H "Authorization: Bearer $NEW_KEY" \
+    -F purpose=batch -F "file=@$WORK/batch.jsonl") || true
+[ "$status" = 200 ] || fail "POST /v1/files: HTTP $status $(cat "$WORK/body")"
+FILE_ID=$(json_field id)
+status=$(curl -sS -o "$WORK/body" -w '%{http_code}' "$GATEWAY/batches" -H "Authorization: Bearer $NEW_KEY" \
+    -H "Content-Type: application/json" \
+    -d "{\"input_file_id\":\"$FILE_ID\",\"endpoint\":\"/v1/chat/completions\",\"completion_window\":\"24h\"}") || true
+[ "$status" = 200 ] || fail "POST /v1/batches: HTTP $status $(cat "$WORK/body")"
+BATCH_ID=$(json_field id)
+for i in $(seq 1 100); do
+    curl -fsS -o "$WORK/body" "$GATEWAY/batches/$BATCH_ID" -H "Authorization: Bearer $NEW_KEY" || true
+    grep -q '"status":"completed"' "$WORK/body" && break
+    [ "$i" = 100 ] && fail "the batch did not complete: $(cat "$WORK/body")"
+    sleep 0.2
+done
+OUTPUT_ID=$(json_field output_file_id)
+curl -fsS "$GATEWAY/files/$OUTPUT_ID/content" -H "Authorization: Bearer $NEW_KEY" > "$WORK/output.jsonl" \
+    || fail "GET /v1/files/$OUTPUT_ID/content"
+[ "$(grep -c '"status_code":200' "$WORK/output.jsonl")" = 2 ] || fail "batch output: $(cat "$WORK/output.jsonl")"
+
 step "usage rows in ClickHouse ($CH_URL, database $CH_DB)"
-rows_arrive "$NEW_ID" 1 2
+rows_arrive "$NEW_ID" 3 2
 
 step "aihub billing reconcile for the open month"
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/aihub
@@ -224,7 +251,7 @@ step "the same account and keys after a restart"
 run_printed 200 "$(printed_line '/developer/login')"
 chat_json "$KEY"
 chat_json "$NEW_KEY"
-rows_arrive "$NEW_ID" 2 3
+rows_arrive "$NEW_ID" 4 3
 down
 
 FAILED=0

@@ -69,6 +69,9 @@ impl AuthFailure {
 pub enum AdminFailure {
     /// No `control_plane.admin_url`: the APIs are off on this gateway (404).
     NotConfigured,
+    /// The key is declared in the gateway's YAML: only control-plane keys (issued by the admin
+    /// API, whose developer has an account) own files and batches (403).
+    DeclaredKey,
     /// The internal secret has not been read from the control plane yet (503).
     SecretMissing,
     /// No connection to the admin API (502).
@@ -170,6 +173,7 @@ impl GatewayError {
             Internal(_) => 500,
             Admin { kind, .. } => match kind {
                 AdminFailure::NotConfigured => 404,
+                AdminFailure::DeclaredKey => 403,
                 AdminFailure::SecretMissing => 503,
                 AdminFailure::Unreachable | AdminFailure::Failed => 502,
                 AdminFailure::Timeout => 504,
@@ -207,6 +211,7 @@ impl GatewayError {
             Internal(_) => "internal_error",
             Admin { kind, .. } => match kind {
                 AdminFailure::NotConfigured => "unsupported_endpoint",
+                AdminFailure::DeclaredKey => "permission_denied",
                 AdminFailure::SecretMissing => "service_unavailable",
                 AdminFailure::Unreachable => "admin_unreachable",
                 AdminFailure::Timeout => "admin_timeout",
@@ -280,6 +285,7 @@ impl GatewayError {
             Internal(_) => "The gateway had an internal error. Please retry.".into(),
             Admin { kind, .. } => match kind {
                 AdminFailure::NotConfigured => "The Files and Batches APIs are not enabled on this gateway: they need `control_plane.admin_url` in its configuration.".into(),
+                AdminFailure::DeclaredKey => "The Files and Batches APIs need a key issued by the developer portal or the admin API; this key is declared in the gateway's configuration.".into(),
                 AdminFailure::SecretMissing => "The Files and Batches APIs are not available yet (the gateway is waiting for the control plane). Please retry later.".into(),
                 AdminFailure::Unreachable => "The Files and Batches service could not be reached. Please retry.".into(),
                 AdminFailure::Timeout => "The Files and Batches service did not answer in time. Please retry.".into(),
@@ -373,6 +379,7 @@ mod tests {
         };
         for (kind, status, code) in [
             (AdminFailure::NotConfigured, 404, "unsupported_endpoint"),
+            (AdminFailure::DeclaredKey, 403, "permission_denied"),
             (AdminFailure::SecretMissing, 503, "service_unavailable"),
             (AdminFailure::Unreachable, 502, "admin_unreachable"),
             (AdminFailure::Timeout, 504, "admin_timeout"),

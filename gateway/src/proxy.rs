@@ -345,6 +345,12 @@ impl Gateway {
             return Err(GatewayError::EndpointNotAllowed(endpoint.to_owned()));
         }
         let secret = crate::internal::target(&self.shared, rt)?;
+        if key.source == crate::keys::KeySource::Declared {
+            return Err(GatewayError::Admin {
+                kind: crate::error::AdminFailure::DeclaredKey,
+                detail: String::new(),
+            });
+        }
         if let Some(limits) = &self.shared.limits {
             match limits.admit_request(key, &rt.plans).await {
                 Ok(admission) => {

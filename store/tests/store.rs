@@ -598,8 +598,20 @@ async fn upgrade_from_v1(backend: Backend) {
         .await
         .unwrap();
 
-    assert_eq!(migrations::migrate(&store).await.unwrap(), vec![2, 3, 4]);
+    assert_eq!(migrations::migrate(&store).await.unwrap(), vec![2, 3, 4, 5]);
     assert!(migrations::migrate(&store).await.unwrap().is_empty());
+    // v5: the task queue and files replace V1's placeholder.
+    for table in ["tasks", "task_items", "files"] {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{table}");
+    }
+    assert!(sqlx::query("SELECT 1 FROM async_tasks")
+        .fetch_optional(store.pool())
+        .await
+        .is_err());
     // v4: the webhook tables replace V1's placeholder.
     for table in [
         "webhook_endpoints",

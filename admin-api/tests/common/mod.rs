@@ -67,6 +67,9 @@ impl TestApi {
         config.auth.argon2_memory_kib = 8192;
         config.auth.argon2_iterations = 1;
         config.public_url = "http://portal.test".into();
+        // Task files in the test's own folder; no gateway for task items (port 9: discard).
+        config.tasks.files_dir = mail.path().join("files");
+        config.tasks.gateway_url = "http://127.0.0.1:9".into();
         std::env::set_var("AIHUB_TEST_ADMIN_PASSWORD", PASSWORD);
         config.bootstrap_admin = Some(aihub_admin::config::BootstrapAdmin {
             email: ADMIN_EMAIL.into(),

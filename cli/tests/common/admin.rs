@@ -36,13 +36,22 @@ impl Admin {
         let dir = tempfile::tempdir().unwrap();
         let mail = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin.yaml");
+        // Task files in the test's own folder unless the test configures tasks itself.
+        let tasks = if extra.contains("tasks:") {
+            String::new()
+        } else {
+            format!(
+                "tasks: {{files_dir: \"{}\"}}\n",
+                dir.path().join("files").display()
+            )
+        };
         std::fs::write(
             &path,
             format!(
                 "listen: {listen}\ndatabase: {{url: \"{database_url}\"}}\n\
                  email: {{transport: {{kind: file, dir: \"{}\"}}}}\n\
                  auth: {{argon2_memory_kib: 8192, argon2_iterations: 1}}\n\
-                 bootstrap_admin: {{email: ops@aihub.test, password_env: AIHUB_TEST_OPS_PASSWORD}}\n{extra}",
+                 bootstrap_admin: {{email: ops@aihub.test, password_env: AIHUB_TEST_OPS_PASSWORD}}\n{tasks}{extra}",
                 mail.path().display()
             ),
         )
