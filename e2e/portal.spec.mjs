@@ -9,6 +9,8 @@
 //  2. create a key with a limit; shown once; copy button → clipboard; never in the list's HTML
 //  3. a chat completion through the gateway with the copied key (Node fetch)
 //  4. its request, tokens and cost on the dashboard and the usage page (metering → ClickHouse)
+//  4b. tasks: queue a batch generation from the Tasks page; its row runs and completes live
+//     (server-sent events, no reload); the result downloads as JSONL
 //  5. revoke (confirm dialog) → the gateway refuses the key with an OpenAI-shaped 401
 //  5b. webhooks: add an endpoint (a receiver in this script), secret shown once; a test event
 //     arrives signed, and the open events page shows it live (server-sent events, no reload)
@@ -37,6 +39,8 @@ const CHROMIUM = env('CHROMIUM');
 const SHOTS = env('SCREENSHOT_DIR');
 
 const MODEL = 'gpt-4o-mini';
+// A model whose upstream answers after a few seconds: a task on it is seen running, then done.
+const SLOW_MODEL = process.env.SLOW_MODEL || 'slow-model';
 const EMAIL = `browser-${Date.now()}@example.com`;
 const PASSWORD = 'a long enough e2e password';
 const KEY_NAME = 'e2e browser key';
@@ -258,6 +262,28 @@ try {
     assert.match(await page.locator('table').first().innerText(), new RegExp(MODEL));
     console.log(`    dashboard ${JSON.stringify({ ...dash, labels: undefined })}; usage ${JSON.stringify(use)}`);
     await page.screenshot({ path: path.join(SHOTS, 'desktop-usage.png'), fullPage: true });
+  });
+
+  await step('tasks: a batch generation runs and completes live on the Tasks page', async () => {
+    await open(page, '/portal/tasks');
+    await page.fill('#create-generate #model', SLOW_MODEL);
+    await page.fill('#create-generate #prompts', 'Hello\nBonjour');
+    const created = await submit(page, '#create-generate #generate');
+    assert.ok(created.status() < 400, `create: ${created.status()}`);
+    const row = page.locator('#tasks tbody tr').first();
+    assert.equal(await row.getAttribute('data-done'), 'false', 'the task is still running');
+    await page.evaluate(() => { window.__noReload = true; });
+    await page.waitForSelector('#tasks tbody tr:first-child [data-status="completed"]', { timeout: 30000 });
+    assert.equal(await page.evaluate(() => window.__noReload), true, 'updated in place, not reloaded');
+    assert.match(await row.innerText(), /100\s*%/);
+    const href = await row.locator('a[href*="/result"]').first().getAttribute('href');
+    const resp = await page.request.get(PORTAL + href);
+    assert.equal(resp.status(), 200);
+    const lines = (await resp.text()).trim().split('\n').map((l) => JSON.parse(l));
+    assert.deepEqual(lines.map((l) => l.custom_id), ['item-1', 'item-2']);
+    assert.equal(lines[0].response.status_code, 200);
+    await page.screenshot({ path: path.join(SHOTS, 'desktop-tasks.png'), fullPage: true });
+    console.log(`    task ${await row.getAttribute('data-task-id')} completed live; ${lines.length} result lines`);
   });
 
   await step('revoke the key (after a dismissed confirm); the gateway refuses it', async () => {

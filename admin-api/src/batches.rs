@@ -31,7 +31,14 @@ pub const UPLOAD_PATH: &str = "/internal/v1/files";
 /// The routes, mounted by `app`.
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(UPLOAD_PATH, post(upload).get(list_files))
+        // Uploads are bounded by `tasks.max_file_bytes` as they stream, not by axum's default
+        // 2 MB extractor limit.
+        .route(
+            UPLOAD_PATH,
+            post(upload)
+                .layer(axum::extract::DefaultBodyLimit::disable())
+                .get(list_files),
+        )
         .route("/internal/v1/files/{id}", get(get_file).delete(delete_file))
         .route("/internal/v1/files/{id}/content", get(file_content))
         .route("/internal/v1/batches", post(create_batch).get(list_batches))

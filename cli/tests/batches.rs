@@ -150,17 +150,24 @@ impl Stack {
              --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
              Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
         );
-        let r = client()
-            .post(self.gw.url("/v1/files"))
-            .bearer_auth(key)
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        // A rate-limited developer (one test) waits its limit out.
+        let r = loop {
+            let r = client()
+                .post(self.gw.url("/v1/files"))
+                .bearer_auth(key)
+                .header(
+                    "content-type",
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            if r.status() != 429 {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
         let status = r.status();
         let v: Value = r.json().await.unwrap();
         assert_eq!(status, 200, "{v}");
@@ -168,13 +175,19 @@ impl Stack {
     }
 
     async fn create_batch(&self, key: &str, file_id: &str) -> String {
-        let r = self
-            .gw
-            .post(key, "/v1/batches")
-            .json(&json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
-            .send()
-            .await
-            .unwrap();
+        let r = loop {
+            let r = self
+                .gw
+                .post(key, "/v1/batches")
+                .json(&json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+                .send()
+                .await
+                .unwrap();
+            if r.status() != 429 {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
         let status = r.status();
         let v: Value = r.json().await.unwrap();
         assert_eq!(status, 200, "{v}");
@@ -787,7 +800,18 @@ async fn ten_thousand_items() {
     )
     .await;
     let (_, key, _) = stack.developer("big@example.com").await;
-    let file = stack.upload(&key, &jsonl(10_000, "demo")).await;
+    // About 3.5 MB: past axum's default 2 MB body limit, which uploads do not have.
+    let padding = "x".repeat(200);
+    let input: String = (0..10_000)
+        .map(|i| {
+            json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "demo", "messages": [{"role": "user", "content": format!("item {i} {padding}")}]}})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(input.len() > 3_000_000);
+    let file = stack.upload(&key, &input).await;
     let started = Instant::now();
     let id = stack.create_batch(&key, &file).await;
     let b = stack.finished(&key, &id, Duration::from_secs(600)).await;
@@ -1074,4 +1098,60 @@ async fn operators_list_show_and_cancel_with_the_cli() {
         (audit[0].actor_id.as_str(), audit[0].action.as_str()),
         ("cli", "task.cancel")
     );
+}
+
+/// A batch on a rate-limited plan waits the limit out (`Retry-After`) instead of failing, and
+/// its developer is paused meanwhile instead of hammering the gateway with refused attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_batch_waits_instead_of_failing() {
+    let plans = "default_plan: free\nplans:\n  free:\n    overage: true\n    requests_per_minute: 60\n    request_burst: 2\n";
+    let stack = Stack::start(
+        Backend::Sqlite,
+        &[],
+        "  per_developer_concurrency: 8\n",
+        Some(plans),
+    )
+    .await;
+    let (_, key, _) = stack.developer("limited@example.com").await;
+    let file = stack.upload(&key, &jsonl(6, "demo")).await;
+    let id = stack.create_batch(&key, &file).await;
+    // Polled in the database: polling through the gateway would spend the developer's limit.
+    let store = aihub_store::Store::connect(&aihub_store::StoreOptions::new(&stack.database_url))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let t = loop {
+        let t = aihub_store::tasks::get(&store, None, &id).await.unwrap();
+        if t.finished_at.is_some() {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "{t:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(t.status, "completed", "{t:?}");
+    assert_eq!((t.total, t.completed, t.failed), (6, 6, 0));
+    let q = format!(
+        "SELECT countIf(status = 200), countIf(status = 429) FROM usage_events WHERE batch_id = '{id}'"
+    );
+    let mut counts = String::new();
+    for _ in 0..40 {
+        counts = stack.ch.query(&q).await;
+        if counts.starts_with("6\t") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let refused: u64 = counts.trim().split('\t').nth(1).unwrap().parse().unwrap();
+    assert!(counts.starts_with("6\t"), "{counts}");
+    // The setup's calls spent the burst, so the first claim of all six meets the limit; from
+    // then on the answers' rate-limit headers pace the items (one per second) and nothing more
+    // is refused. Without the pacing, every retry round refused all but one (21 refusals).
+    let rows = stack
+        .ch
+        .query(&format!(
+            "SELECT ts_ms, status, error_type FROM usage_events WHERE batch_id = '{id}' ORDER BY ts_ms"
+        ))
+        .await;
+    eprintln!("{refused} refused attempts:\n{rows}");
+    assert!(refused <= 6, "{refused} refused attempts:\n{rows}");
 }

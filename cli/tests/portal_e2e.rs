@@ -72,22 +72,32 @@ async fn portal_in_headless_chromium() {
     let usage = TestDb::new();
     let wal = tempfile::tempdir().unwrap();
     let mock = Mock::start(&[]);
+    // The Tasks step's model: answers after 3 s, so its task is seen running, then done.
+    let slow = Mock::start(&["--latency", "3s"]);
     let body = config(
-        &[upstream("mock", &[mock.base_url()], &[])],
-        &[("gpt-4o-mini", "mock", None)],
+        &[
+            upstream("mock", &[mock.base_url()], &[]),
+            upstream("slow", &[slow.base_url()], &[]),
+        ],
+        &[("gpt-4o-mini", "mock", None), ("slow-model", "slow", None)],
         &[],
     ) + PRICING
         + &control_plane(&cp.url, &["poll_interval: 100ms"])
         + &usage.metering_yaml(wal.path(), &[]);
     let gw = Gateway::start(&body, &[]);
     let gateway_url = gw.url("/v1");
+    let task_files = tempfile::tempdir().unwrap();
     let admin = Admin::start(
         &cp.url,
         &format!(
             "clickhouse: {{url: \"{}\", database: {}}}\n\
              portal: {{secure_cookie: false, gateway_url: \"{gateway_url}\", example_model: gpt-4o-mini}}\n\
-             webhooks: {{allow_http: true, allow_networks: [\"127.0.0.0/8\"], poll_interval: 50ms}}\n",
-            usage.url, usage.name
+             webhooks: {{allow_http: true, allow_networks: [\"127.0.0.0/8\"], poll_interval: 50ms}}\n\
+             tasks: {{gateway_url: \"{}\", files_dir: \"{}\", poll_interval: 50ms}}\n",
+            usage.url,
+            usage.name,
+            gw.url("").trim_end_matches('/'),
+            task_files.path().display()
         ),
     );
 
@@ -100,6 +110,7 @@ async fn portal_in_headless_chromium() {
         .env("GATEWAY_URL", &gateway_url)
         .env("MAIL_DIR", admin.mail.path())
         .env("CHROMIUM", &chromium)
+        .env("SLOW_MODEL", "slow-model")
         .env("SCREENSHOT_DIR", &shots)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())

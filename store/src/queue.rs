@@ -80,13 +80,15 @@ pub struct Claimed {
 
 /// Leases up to `limit` runnable items to `owner` until `lease_until`: developers take turns
 /// (the one with the fewest items in flight first), each capped at `per_developer` items in
-/// flight across all workers.
+/// flight across all workers, or at the cap `caps` names for them (0: skipped, e.g. while
+/// rate limited; 1: probing whether the limit has passed).
 pub async fn claim(
     store: &Store,
     owner: &str,
     lease_until: i64,
     per_developer: i64,
     limit: i64,
+    caps: &[(&str, i64)],
 ) -> Result<Vec<Claimed>> {
     let now = now_ms();
     let lock = match store.dialect() {
@@ -109,20 +111,25 @@ pub async fn claim(
     for r in &rows {
         let running: i64 = r.try_get::<Option<i64>, _>("running")?.unwrap_or(0);
         let due: i64 = r.try_get::<Option<i64>, _>("due")?.unwrap_or(0);
-        let room = (per_developer - running).min(due);
-        if room > 0 {
-            devs.push((r.try_get("developer_id")?, running));
+        let developer: String = r.try_get("developer_id")?;
+        let cap = caps
+            .iter()
+            .find(|(d, _)| *d == developer)
+            .map_or(per_developer, |(_, c)| *c);
+        if (cap - running).min(due) > 0 {
+            devs.push((developer, cap - running));
         }
     }
-    devs.sort_by_key(|(_, running)| *running);
+    // The developers with the most room first (the fewest of their items in flight).
+    devs.sort_by_key(|(_, room)| -*room);
     let mut budget = limit;
     let mut keys: Vec<(String, i64)> = Vec::new();
-    for (dev, running) in &devs {
+    for (dev, room) in &devs {
         if budget <= 0 {
             break;
         }
         // Up to the developer's room under the cap, within what is left of this claim.
-        let take = (per_developer - running).min(budget).max(0);
+        let take = (*room).min(budget).max(0);
         if take == 0 {
             continue;
         }

@@ -7,6 +7,10 @@
 //! - **Stages**: claims tasks whose task-level work is due ([`crate::stage`]).
 //! - **Heartbeats** renew this node's leases every third of a lease; a node that dies stops
 //!   renewing and its items and stages are taken over once their leases expire.
+//! - **Rate limits**: an item refused by its key's rate limit goes back to the queue until the
+//!   `Retry-After`. Every answer's `x-ratelimit-remaining-*` / `-reset-*` headers pace the
+//!   developer's claims on this node: nothing remaining → none until the reset, little
+//!   remaining → at most that many in flight; so a limited key is paced, not hammered.
 //! - **Cancellation**: a cancel ends queued items at once (in its own transaction); items this
 //!   node claimed but has not sent yet are dropped when the cancel is seen (polled every
 //!   250 ms), so no new item starts later than that.
@@ -16,8 +20,8 @@
 //! sent again after a takeover is metered once; its result line is written once (a worker's
 //! result is recorded only while it holds the item's lease).
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use aihub_apikey::internal::InternalSecret;
@@ -112,6 +116,10 @@ struct Inner {
     wake_stage: Waker,
     wake_items: Arc<Notify>,
     cancelling: RwLock<HashSet<String>>,
+    /// Developers whose keys' rate limits leave little room, as their last answers' headers
+    /// (or a 429) said: no item is claimed for them until `until` (unix ms), then at most
+    /// `cap` in flight, so a limited key is paced rather than hammered by its own batch.
+    limited: Mutex<HashMap<String, (i64, i64)>>,
     slots: Arc<Semaphore>,
 }
 
@@ -154,6 +162,7 @@ impl Engine {
             wake_stage: waker,
             wake_items: Arc::new(Notify::new()),
             cancelling: RwLock::new(HashSet::new()),
+            limited: Mutex::new(HashMap::new()),
         });
         tracing::info!(owner = %inner.stage.owner, "task engine started");
         let (tx, rx) = mpsc::channel(4096);
@@ -193,12 +202,15 @@ async fn items_loop(inner: Arc<Inner>, results: mpsc::Sender<(Claimed, Ran)>) {
         let free = inner.slots.available_permits();
         let mut claimed = Vec::new();
         if free > 0 {
+            let caps = inner.limited_caps();
+            let caps: Vec<(&str, i64)> = caps.iter().map(|(d, c)| (d.as_str(), *c)).collect();
             match queue::claim(
                 &inner.store,
                 &inner.stage.owner,
                 lease_until(cfg),
                 cfg.per_developer_concurrency,
                 free.min(256) as i64,
+                &caps,
             )
             .await
             {
@@ -221,6 +233,7 @@ async fn items_loop(inner: Arc<Inner>, results: mpsc::Sender<(Claimed, Ran)>) {
                         outcome: Outcome::Cancelled,
                         stop: None,
                         label: "cancelled",
+                        room: None,
                     }
                 } else {
                     run::run(
@@ -235,6 +248,7 @@ async fn items_loop(inner: Arc<Inner>, results: mpsc::Sender<(Claimed, Ran)>) {
                 };
                 inner.metrics.items.with_label_values(&[ran.label]).inc();
                 inner.metrics.in_flight.dec();
+                inner.pace(&item.developer_id, &ran);
                 let _ = results.send((item, ran)).await;
                 drop(permit);
                 inner.wake_items.notify_one();
@@ -248,6 +262,45 @@ async fn items_loop(inner: Arc<Inner>, results: mpsc::Sender<(Claimed, Ran)>) {
 }
 
 impl Inner {
+    /// The claim caps of developers with little room: 0 until their limit admits again, then
+    /// the room their last answer showed (at least 1: a probe).
+    fn limited_caps(&self) -> Vec<(String, i64)> {
+        let now = now_ms();
+        let Ok(limited) = self.limited.lock() else {
+            return Vec::new();
+        };
+        limited
+            .iter()
+            .map(|(d, (until, cap))| (d.clone(), if *until > now { 0 } else { *cap }))
+            .collect()
+    }
+
+    /// Learns a developer's room from an item's answer: a 429 or nothing remaining pauses
+    /// them until the limit admits again; little remaining caps them at that; plenty (or no
+    /// limit headers) lifts the cap.
+    fn pace(&self, developer_id: &str, ran: &Ran) {
+        let Ok(mut limited) = self.limited.lock() else {
+            return;
+        };
+        let room = match (&ran.outcome, ran.room) {
+            (Outcome::Retry { at, counts: false }, _) => Some((*at, 1)),
+            (Outcome::Cancelled, _) => return,
+            (_, Some(r)) if r.remaining == 0 => Some((r.until, 1)),
+            (_, Some(r)) if (r.remaining as i64) < self.config.per_developer_concurrency => {
+                Some((r.until, r.remaining as i64))
+            }
+            _ => None,
+        };
+        match room {
+            Some(room) => {
+                limited.insert(developer_id.to_owned(), room);
+            }
+            None => {
+                limited.remove(developer_id);
+            }
+        }
+    }
+
     fn is_cancelling(&self, task_id: &str) -> bool {
         self.cancelling
             .read()

@@ -29,6 +29,49 @@ pub struct Ran {
     pub stop: Option<Stop>,
     /// A label for metrics: `succeeded`, `failed`, `retried`, `rate_limited`, `cancelled`.
     pub label: &'static str,
+    /// What the answer's rate-limit headers say of the key's room, when it sent them.
+    pub room: Option<Room>,
+}
+
+/// The room a key's rate limits leave (`x-ratelimit-remaining-*`, `x-ratelimit-reset-*`):
+/// the fewer remaining of requests and tokens, and when the limit admits again if none remain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub remaining: u64,
+    /// Unix ms from which the limit admits again (now when something remains).
+    pub until: i64,
+}
+
+/// A Go-style duration as the gateway writes it (`20ms`, `1.5s`, `6m30.5s`, `1h2m3s`), in ms.
+pub fn go_duration_ms(s: &str) -> Option<i64> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse::<f64>().ok().map(|v| v.ceil() as i64);
+    }
+    let mut total = 0.0;
+    let mut rest = s;
+    for (unit, factor) in [('h', 3_600_000.0), ('m', 60_000.0), ('s', 1000.0)] {
+        if let Some((n, tail)) = rest.split_once(unit) {
+            total += n.parse::<f64>().ok()? * factor;
+            rest = tail;
+        }
+    }
+    rest.is_empty().then_some(total.ceil() as i64)
+}
+
+fn room(resp: &reqwest::Response, now: i64) -> Option<Room> {
+    ["requests", "tokens"]
+        .iter()
+        .filter_map(|unit| {
+            let remaining = header(resp, &format!("x-ratelimit-remaining-{unit}"))?
+                .parse::<u64>()
+                .ok()?;
+            let reset = header(resp, &format!("x-ratelimit-reset-{unit}"))
+                .and_then(|v| go_duration_ms(&v))
+                .unwrap_or(0);
+            let until = if remaining == 0 { now + reset } else { now };
+            Some(Room { remaining, until })
+        })
+        .min_by_key(|r| (r.remaining, -r.until))
 }
 
 /// Statuses worth another attempt (the model provider or the gateway had a moment).
@@ -71,6 +114,7 @@ pub async fn run(
                 reason: Some("the API key this batch runs as was deleted".into()),
             }),
             label: "failed",
+            room: None,
         };
     };
     if item.task_expires_at < now {
@@ -84,6 +128,7 @@ pub async fn run(
             )),
             stop: None,
             label: "failed",
+            room: None,
         };
     }
     let token = secret.batch_token(&BatchToken {
@@ -110,6 +155,7 @@ pub async fn run(
                 },
                 stop: None,
                 label: "retried",
+                room: None,
             }
         } else {
             let error = json!({"code": "gateway_unreachable", "message": why});
@@ -122,6 +168,7 @@ pub async fn run(
                 )),
                 stop: None,
                 label: "failed",
+                room: None,
             }
         }
     };
@@ -135,6 +182,7 @@ pub async fn run(
         }
     };
     let status = resp.status().as_u16();
+    let room = room(&resp, now_ms());
     let request_id = header(&resp, "x-request-id").unwrap_or_default();
     let retry_after = header(&resp, "retry-after").and_then(|v| v.parse::<i64>().ok());
     let bytes = match resp.bytes().await {
@@ -160,6 +208,7 @@ pub async fn run(
             outcome: Outcome::Succeeded(line()),
             stop: None,
             label: "succeeded",
+            room,
         },
         429 if code == "insufficient_quota" => Ran {
             outcome: Outcome::Failed(line()),
@@ -170,6 +219,7 @@ pub async fn run(
                 reason: None,
             }),
             label: "failed",
+            room,
         },
         429 => Ran {
             outcome: Outcome::Retry {
@@ -178,6 +228,7 @@ pub async fn run(
             },
             stop: None,
             label: "rate_limited",
+            room,
         },
         401 => Ran {
             outcome: Outcome::Failed(line()),
@@ -190,6 +241,7 @@ pub async fn run(
                 message,
             }),
             label: "failed",
+            room,
         },
         s if transient(s) && item.attempts + 1 < max_attempts => Ran {
             outcome: Outcome::Retry {
@@ -198,11 +250,13 @@ pub async fn run(
             },
             stop: None,
             label: "retried",
+            room,
         },
         _ => Ran {
             outcome: Outcome::Failed(line()),
             stop: None,
             label: "failed",
+            room,
         },
     }
 }
@@ -217,6 +271,16 @@ fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_as_the_gateway_writes_them() {
+        assert_eq!(go_duration_ms("0s"), Some(0));
+        assert_eq!(go_duration_ms("20ms"), Some(20));
+        assert_eq!(go_duration_ms("1.5s"), Some(1500));
+        assert_eq!(go_duration_ms("6m30.5s"), Some(390_500));
+        assert_eq!(go_duration_ms("1h2m3s"), Some(3_723_000));
+        assert_eq!(go_duration_ms("soon"), None);
+    }
 
     #[test]
     fn backoff_doubles_to_a_minute() {

@@ -115,8 +115,30 @@ async fn claims_are_fair_capped_and_taken_over_after_a_dead_lease() {
         running_task(&e.store, "dev_big", "task_big", 100).await;
         running_task(&e.store, "dev_small", "task_small", 3).await;
 
+        // A developer paused by a rate limit is skipped; a probing one gets one item.
+        let probe = queue::claim(
+            &e.store,
+            "w0",
+            now_ms() + 30_000,
+            4,
+            50,
+            &[("dev_big", 1), ("dev_small", 0)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(probe.len(), 1, "{backend:?}");
+        assert_eq!(probe[0].developer_id, "dev_big");
+        let back = ItemResult {
+            task_id: probe[0].task_id.clone(),
+            line: probe[0].line,
+            outcome: Outcome::Retry {
+                at: now_ms(),
+                counts: false,
+            },
+        };
+        queue::finish(&e.store, "w0", &[back]).await.unwrap();
         // Both developers get items; neither passes the cap of 4 in flight.
-        let first = queue::claim(&e.store, "w1", now_ms() + 30_000, 4, 50)
+        let first = queue::claim(&e.store, "w1", now_ms() + 30_000, 4, 50, &[])
             .await
             .unwrap();
         let per = |list: &[queue::Claimed], dev: &str| {
@@ -129,7 +151,7 @@ async fn claims_are_fair_capped_and_taken_over_after_a_dead_lease() {
         );
         assert!(first.iter().all(|c| c.endpoint == "chat/completions"));
         // At the cap: nothing more for either until something ends.
-        let more = queue::claim(&e.store, "w2", now_ms() + 30_000, 4, 50)
+        let more = queue::claim(&e.store, "w2", now_ms() + 30_000, 4, 50, &[])
             .await
             .unwrap();
         assert_eq!(
@@ -140,7 +162,7 @@ async fn claims_are_fair_capped_and_taken_over_after_a_dead_lease() {
         assert_eq!(per(&more, "dev_small"), 0);
 
         // A worker that died: its leases expire and another worker takes the items over.
-        let dead = queue::claim(&e.store, "dead", now_ms() - 1, 4, 50)
+        let dead = queue::claim(&e.store, "dead", now_ms() - 1, 4, 50, &[])
             .await
             .unwrap();
         assert!(
@@ -152,7 +174,7 @@ async fn claims_are_fair_capped_and_taken_over_after_a_dead_lease() {
             .execute(e.store.pool())
             .await
             .unwrap();
-        let taken = queue::claim(&e.store, "w2", now_ms() + 30_000, 4, 50)
+        let taken = queue::claim(&e.store, "w2", now_ms() + 30_000, 4, 50, &[])
             .await
             .unwrap();
         assert_eq!(
@@ -193,7 +215,7 @@ async fn claims_are_fair_capped_and_taken_over_after_a_dead_lease() {
         .await
         .unwrap();
         assert_eq!(left, 4, "{backend:?}: only w2's four leased items remain");
-        assert!(queue::claim(&e.store, "w3", now_ms() + 30_000, 4, 50)
+        assert!(queue::claim(&e.store, "w3", now_ms() + 30_000, 4, 50, &[])
             .await
             .unwrap()
             .is_empty());
@@ -216,7 +238,7 @@ async fn the_completion_window_expires_a_batch() {
         let e = env(backend).await;
         imported(&e.store, "dev_x", "free", 0).await;
         running_task(&e.store, "dev_x", "batch_x", 5).await;
-        let claimed = queue::claim(&e.store, "w", now_ms() + 30_000, 2, 2)
+        let claimed = queue::claim(&e.store, "w", now_ms() + 30_000, 2, 2, &[])
             .await
             .unwrap();
         let done: Vec<ItemResult> = claimed.iter().map(|c| ok(&c.task_id, c.line)).collect();

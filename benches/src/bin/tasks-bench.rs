@@ -104,7 +104,7 @@ async fn upload(
     body: &str,
 ) -> anyhow::Result<String> {
     let b = "benchboundary";
-    let r: Value = http
+    let resp = http
         .post(format!("{gateway}/v1/files"))
         .bearer_auth(key)
         .header("content-type", format!("multipart/form-data; boundary={b}"))
@@ -113,10 +113,10 @@ async fn upload(
              Content-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n{body}\r\n--{b}--\r\n"
         ))
         .send()
-        .await?
-        .error_for_status()?
-        .json()
         .await?;
+    let status = resp.status();
+    let r: Value = resp.json().await?;
+    anyhow::ensure!(status == 200, "upload: {status} {r}");
     Ok(r["id"].as_str().unwrap_or_default().to_owned())
 }
 
