@@ -148,31 +148,47 @@ pub async fn claim(
         }
         budget -= picked.len() as i64;
     }
+    // One statement per task (a claim is mostly one batch's items).
     let mut out = Vec::with_capacity(keys.len());
+    let mut by_task: Vec<(&str, Vec<i64>)> = Vec::new();
     for (task_id, line) in &keys {
-        let r = sqlx::query(
-            "UPDATE task_items SET lease_owner = $1, lease_until = $2, status = 'running' \
-             WHERE task_id = $3 AND line = $4 \
-             RETURNING task_id, line, developer_id, custom_id, body, attempts",
-        )
-        .bind(owner)
-        .bind(lease_until)
-        .bind(task_id)
-        .bind(line)
-        .fetch_one(&mut *tx)
-        .await?;
-        out.push(Claimed {
-            task_id: r.try_get("task_id")?,
-            line: r.try_get("line")?,
-            developer_id: r.try_get("developer_id")?,
-            custom_id: r.try_get("custom_id")?,
-            body: r.try_get("body")?,
-            attempts: r.try_get("attempts")?,
-            endpoint: String::new(),
-            key_hash: None,
-            task_expires_at: 0,
-        });
+        match by_task.iter_mut().find(|(t, _)| *t == task_id.as_str()) {
+            Some((_, lines)) => lines.push(*line),
+            None => by_task.push((task_id.as_str(), vec![*line])),
+        }
     }
+    for (task_id, lines) in &by_task {
+        let sql = format!(
+            "UPDATE task_items SET lease_owner = $1, lease_until = $2, status = 'running' \
+             WHERE task_id = $3 AND line IN ({}) \
+             RETURNING task_id, line, developer_id, custom_id, body, attempts",
+            (4..4 + lines.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(*task_id);
+        for line in lines {
+            q = q.bind(*line);
+        }
+        for r in q.fetch_all(&mut *tx).await? {
+            out.push(Claimed {
+                task_id: r.try_get("task_id")?,
+                line: r.try_get("line")?,
+                developer_id: r.try_get("developer_id")?,
+                custom_id: r.try_get("custom_id")?,
+                body: r.try_get("body")?,
+                attempts: r.try_get("attempts")?,
+                endpoint: String::new(),
+                key_hash: None,
+                task_expires_at: 0,
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.task_id, a.line).cmp(&(&b.task_id, b.line)));
     // What the items' tasks say: endpoint, key, window.
     let mut task_ids: Vec<&str> = out.iter().map(|c| c.task_id.as_str()).collect();
     task_ids.sort_unstable();

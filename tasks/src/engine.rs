@@ -370,36 +370,28 @@ async fn stop_task(store: &Store, stop: &Stop) -> aihub_store::Result<()> {
     Ok(())
 }
 
+/// Task-level work runs this many tasks at a time: their file writes and syncs overlap (the
+/// database serializes only its own part).
+const STAGES_AT_ONCE: usize = 8;
+
 async fn stages_loop(inner: Arc<Inner>) {
     loop {
         let claimed = tasks::claim_stage(
             &inner.store,
             &inner.stage.owner,
             lease_until(&inner.config),
-            4,
+            STAGES_AT_ONCE as i64,
         )
         .await;
         let found = match claimed {
             Ok(list) => {
                 let found = !list.is_empty();
+                let mut runs = tokio::task::JoinSet::new();
                 for task in list {
-                    let result = stage::run(&inner.stage, &task).await;
-                    let label = match &result {
-                        Ok(()) => "ok",
-                        Err(e) => {
-                            tracing::warn!(task_id = %task.id, error = %e, "task stage failed; retried in 5s");
-                            let _ = tasks::retry_stage(
-                                &inner.store,
-                                &task.id,
-                                &inner.stage.owner,
-                                now_ms() + 5_000,
-                            )
-                            .await;
-                            "error"
-                        }
-                    };
-                    inner.metrics.stages.with_label_values(&[label]).inc();
+                    let inner = Arc::clone(&inner);
+                    runs.spawn(async move { run_stage(&inner, &task).await });
                 }
+                while runs.join_next().await.is_some() {}
                 inner.wake_items.notify_one();
                 found
             }
@@ -413,6 +405,20 @@ async fn stages_loop(inner: Arc<Inner>) {
                 .await;
         }
     }
+}
+
+async fn run_stage(inner: &Inner, task: &tasks::Task) {
+    let label = match stage::run(&inner.stage, task).await {
+        Ok(()) => "ok",
+        Err(e) => {
+            tracing::warn!(task_id = %task.id, error = %e, "task stage failed; retried in 5s");
+            let _ =
+                tasks::retry_stage(&inner.store, &task.id, &inner.stage.owner, now_ms() + 5_000)
+                    .await;
+            "error"
+        }
+    };
+    inner.metrics.stages.with_label_values(&[label]).inc();
 }
 
 async fn heartbeats(inner: Arc<Inner>) {
