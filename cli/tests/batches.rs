@@ -150,9 +150,8 @@ impl Stack {
              --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
              Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
         );
-        // A rate-limited developer (one test) waits its limit out.
-        let r = loop {
-            let r = client()
+        let v = admitted(|| {
+            client()
                 .post(self.gw.url("/v1/files"))
                 .bearer_auth(key)
                 .header(
@@ -160,37 +159,14 @@ impl Stack {
                     format!("multipart/form-data; boundary={boundary}"),
                 )
                 .body(body.clone())
-                .send()
-                .await
-                .unwrap();
-            if r.status() != 429 {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(status, 200, "{v}");
+        })
+        .await;
         v["id"].as_str().unwrap().to_owned()
     }
 
     async fn create_batch(&self, key: &str, file_id: &str) -> String {
-        let r = loop {
-            let r = self
-                .gw
-                .post(key, "/v1/batches")
-                .json(&json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
-                .send()
-                .await
-                .unwrap();
-            if r.status() != 429 {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(status, 200, "{v}");
+        let body = json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+        let v = admitted(|| self.gw.post(key, "/v1/batches").json(&body)).await;
         v["id"].as_str().unwrap().to_owned()
     }
 
@@ -267,6 +243,22 @@ impl Stack {
             self.ch.number(&q("uniqExact(request_id)")).await as u64,
             self.ch.number(&q("countIf(status = 200)")).await as u64,
         )
+    }
+}
+
+/// Sends the request until the gateway admits it (a rate-limited developer, in one test, waits
+/// its limit out); asserts a 200 and returns the body.
+async fn admitted(request: impl Fn() -> reqwest::RequestBuilder) -> Value {
+    loop {
+        let r = request().send().await.unwrap();
+        if r.status() == 429 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let status = r.status();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(status, 200, "{v}");
+        return v;
     }
 }
 

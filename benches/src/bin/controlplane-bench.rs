@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use aihub_store::{migrations, Store, StoreOptions};
 use serde_json::{json, Value};
 
-const PASSWORD: &str = "bench password 0000";
+use aihub_benches::{login, PASSWORD};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -123,18 +123,6 @@ async fn seed(url: &str, developers: usize, keys_per: usize) -> anyhow::Result<(
         start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-async fn login(http: &reqwest::Client, admin: &str, i: usize) -> anyhow::Result<String> {
-    let r: Value = http
-        .post(format!("{admin}/developer/login"))
-        .json(&json!({"email": format!("bench-{i}@aihub.test"), "password": PASSWORD}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    Ok(r["access_token"].as_str().unwrap_or_default().to_owned())
 }
 
 async fn api(

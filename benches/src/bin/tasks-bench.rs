@@ -19,22 +19,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const PASSWORD: &str = "bench password 0000";
+use aihub_benches::login;
 
 fn arg(i: usize) -> String {
     std::env::args().nth(i + 1).unwrap_or_default()
-}
-
-async fn login(http: &reqwest::Client, admin: &str, i: usize) -> anyhow::Result<String> {
-    let r: Value = http
-        .post(format!("{admin}/developer/login"))
-        .json(&json!({"email": format!("bench-{i}@aihub.test"), "password": PASSWORD}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    Ok(r["access_token"].as_str().unwrap_or_default().to_owned())
 }
 
 /// A session and a fresh API key for seeded developer `i`; waits until the gateway knows it.

@@ -25,7 +25,7 @@ use aihub_store::webhooks::{self, NewEndpoint};
 use aihub_store::{outbox, Store, StoreOptions};
 use serde_json::{json, Value};
 
-const PASSWORD: &str = "bench password 0000";
+use aihub_benches::PASSWORD;
 
 #[derive(Default)]
 struct Seen {
