@@ -22,10 +22,10 @@ use aihub_usage::read::platform;
 
 use crate::auth::{Caller, Operator};
 use crate::error::{AppError, FieldError, Json, Query};
-use crate::state::AppState;
-use crate::usage::range::{
+use crate::range::{
     rfc3339_s, DayRange, RangeParams, MAX_HOURLY_DAYS, MAX_RANGE_DAYS, MS_PER_DAY, MS_PER_HOUR,
 };
+use crate::state::AppState;
 use crate::usage::{key_names, mean_ms, percent, usd, whose, UsageQuery};
 
 /// Change from `prev` to `cur` in percent (two decimals), `None` when `prev` is 0.
@@ -780,7 +780,7 @@ mod tests {
 
     #[test]
     fn previous_windows() {
-        let d = |s: &str| crate::usage::range::parse_date(s).unwrap();
+        let d = |s: &str| crate::range::parse_date(s).unwrap();
         let nov = DayRange::of_period(Period::parse("2026-11").unwrap());
         let cur = DayRange {
             to: d("2026-11-25"),
@@ -804,6 +804,6 @@ mod tests {
             (prev.first_date(), prev.last_date()),
             ("2026-10-31".into(), "2026-11-09".into())
         );
-        assert_eq!(crate::usage::range::date_string(prev.from), "2026-10-31");
+        assert_eq!(crate::range::date_string(prev.from), "2026-10-31");
     }
 }

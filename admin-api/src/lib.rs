@@ -24,6 +24,9 @@
 //! - [`keys`] — `/developer/keys…`.
 //! - [`operators`] — `/admin/…`.
 //! - [`plans`] — `GET /plans`, effective limits, USD amounts.
+//! - [`range`] — the time range of usage and analytics requests (period or days), validated.
+//! - [`csv`] — usage rows as CSV (the download and the `usage_export` task) and the task
+//!   engine's `UsageExporter`.
 //! - [`usage`] — `/developer/usage`, `/developer/keys/{id}/usage`, `/developer/usage/export`
 //!   (CSV, streamed), from the ClickHouse rollups.
 //! - [`analytics`] — `/developer/analytics/{overview,trends,costs,performance}` and
@@ -51,6 +54,7 @@ pub(crate) mod batches;
 pub(crate) mod billing;
 pub mod config;
 pub(crate) mod credentials;
+pub(crate) mod csv;
 pub(crate) mod email;
 pub(crate) mod error;
 pub(crate) mod http;
@@ -61,6 +65,7 @@ pub(crate) mod openapi;
 pub(crate) mod operators;
 pub(crate) mod plans;
 pub(crate) mod portal;
+pub(crate) mod range;
 pub(crate) mod server;
 pub(crate) mod state;
 pub(crate) mod tasks;

@@ -224,7 +224,7 @@ impl AppState {
                 files,
                 config.tasks.clone(),
                 internal.clone(),
-                Arc::new(crate::tasks::UsageExporter {
+                Arc::new(crate::csv::UsageExporter {
                     client: usage.as_ref().map(|u| u.client.clone()),
                 }),
                 aihub_tasks::Metrics::new(&metrics.registry),

@@ -1,6 +1,5 @@
 //! `/developer/tasks…`: the seed's async task API (`batch_generate`, `usage_export`) over the
-//! same queue as the OpenAI batches, which it lists too; and [`UsageExporter`], which writes a
-//! `usage_export` task's CSV for the engine.
+//! same queue as the OpenAI batches, which it lists too.
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -16,8 +15,8 @@ use aihub_store::tasks::{self as store_tasks, Filter, Task};
 
 use crate::auth::Caller;
 use crate::error::{AppError, Json as BodyJson};
+use crate::range::RangeParams;
 use crate::state::AppState;
-use crate::usage::range::RangeParams;
 
 /// Create a task.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -301,35 +300,4 @@ pub(crate) async fn result(
         "application/x-ndjson"
     };
     crate::batches::download(&file, reader, content_type)
-}
-
-/// Writes `usage_export` tasks' CSVs from ClickHouse.
-pub struct UsageExporter {
-    pub client: Option<clickhouse::Client>,
-}
-
-#[async_trait::async_trait]
-impl aihub_tasks::stage::Exporter for UsageExporter {
-    async fn export(
-        &self,
-        developer_id: &str,
-        input: &Value,
-        out: &mut aihub_tasks::files::Writer,
-    ) -> Result<(), String> {
-        let client = self
-            .client
-            .as_ref()
-            .ok_or("no usage database is configured (`clickhouse` section)")?;
-        let range = RangeParams {
-            period: input["period"].as_str(),
-            from: input["from"].as_str(),
-            to: input["to"].as_str(),
-        }
-        .resolve(None, aihub_store::now_ms())
-        .map_err(|e| e.describe().message)?;
-        let key = input["key_id"].as_str();
-        let rows = crate::usage::export::write_csv(client, developer_id, key, &range, out).await?;
-        tracing::info!(developer_id, rows, "usage export task written");
-        Ok(())
-    }
 }

@@ -49,8 +49,15 @@ pub struct Writer {
 pub(crate) enum Target {
     /// Renamed into place.
     Local(PathBuf),
-    /// Uploaded (`crate::s3`), then the temporary file removed.
-    Object(crate::s3::Destination),
+    /// Uploaded (e.g. to S3), then the temporary file removed.
+    Remote(Box<dyn Upload>),
+}
+
+/// Sends a spooled object to a remote store on commit.
+#[async_trait]
+pub(crate) trait Upload: Send + Sync {
+    /// Sends the spooled file `tmp` of `bytes` bytes.
+    async fn upload(&self, tmp: &Path, bytes: u64) -> Result<(), FileError>;
 }
 
 /// A committed object's size and sha256 (hex).
@@ -93,7 +100,7 @@ impl Writer {
                 drop(file);
                 tokio::fs::rename(&self.tmp, target).await?;
             }
-            Target::Object(dest) => {
+            Target::Remote(dest) => {
                 drop(file);
                 let sent = dest.upload(&self.tmp, self.bytes).await;
                 let _ = tokio::fs::remove_file(&self.tmp).await;

@@ -19,7 +19,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use tokio::io::AsyncReadExt;
 
 use crate::config::S3Config;
-use crate::files::{check_name, FileError, FileStore, Reader, Target, Writer};
+use crate::files::{check_name, FileError, FileStore, Reader, Target, Upload, Writer};
 
 /// Parts of a multipart upload, and the size up to which one `PUT` is used instead.
 const PART_BYTES: usize = 8 * 1024 * 1024;
@@ -78,15 +78,15 @@ impl S3Files {
 }
 
 /// Where a spooled object goes on commit.
-pub(crate) struct Destination {
+struct Destination {
     store: Arc<dyn ObjectStore>,
     path: ObjectPath,
 }
 
-impl Destination {
-    /// Sends the spooled file `tmp` of `bytes` bytes. Every failure is `Remote` (a missing
-    /// bucket is not a missing file).
-    pub(crate) async fn upload(&self, tmp: &Path, bytes: u64) -> Result<(), FileError> {
+#[async_trait]
+impl Upload for Destination {
+    /// Every failure is `Remote` (a missing bucket is not a missing file).
+    async fn upload(&self, tmp: &Path, bytes: u64) -> Result<(), FileError> {
         let remote = |e: object_store::Error| FileError::Remote(e.to_string());
         let mut file = tokio::fs::File::open(tmp).await?;
         if bytes as usize <= PART_BYTES {
@@ -123,7 +123,7 @@ impl FileStore for S3Files {
             path,
         };
         let (_, file) = check_name(name)?;
-        Writer::spool(&self.spool, file, Target::Object(dest), limit).await
+        Writer::spool(&self.spool, file, Target::Remote(Box::new(dest)), limit).await
     }
 
     async fn open(&self, name: &str) -> Result<Reader, FileError> {

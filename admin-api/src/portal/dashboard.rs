@@ -13,8 +13,8 @@ use aihub_usage::read::events;
 use crate::analytics::{self, Overview, Trends, TrendsQuery};
 use crate::billing::{self, BillingView};
 use crate::error::AppError;
+use crate::range::MS_PER_DAY;
 use crate::state::AppState;
-use crate::usage::range::MS_PER_DAY;
 use crate::usage::UsageQuery;
 
 use super::session::Member;

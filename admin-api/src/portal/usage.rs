@@ -13,9 +13,9 @@ use aihub_store::now_ms;
 use aihub_usage::read::daily;
 
 use crate::error::{AppError, Query};
+use crate::range::{date_string, DayRange, MAX_RANGE_DAYS};
 use crate::state::AppState;
 use crate::usage::export::ExportQuery;
-use crate::usage::range::{date_string, DayRange, MAX_RANGE_DAYS};
 use crate::usage::{self, Usage, UsageQuery, UsageReport};
 
 use super::session::{encode, Member};

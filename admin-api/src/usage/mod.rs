@@ -7,7 +7,6 @@
 //! strings. Time ranges are whole UTC days ([`range`]).
 
 pub mod export;
-pub mod range;
 
 use std::collections::HashMap;
 
@@ -21,8 +20,8 @@ use aihub_usage::read::daily::{self, FigureRow};
 
 use crate::auth::Caller;
 use crate::error::{AppError, Json, Query};
+use crate::range::{DayRange, RangeParams, MAX_RANGE_DAYS};
 use crate::state::AppState;
-use range::{DayRange, RangeParams, MAX_RANGE_DAYS};
 
 /// The developer whose data a request reads: the caller's own, or — for operators — the one
 /// named by `developer_id` (which must exist). A developer naming anyone else gets 404, as for
