@@ -620,7 +620,7 @@ async fn export_of_a_million_rows_keeps_memory_flat() {
              'gpt-4o-mini', 'mock', 'http://127.0.0.1:1/v1', toUInt32(number % 1000), 0, \
              toUInt32(number % 300), toUInt32(number % 1000 + number % 300), \
              toInt64(number % 7919 * 1013 + 1), 120, 340, 345, 200, '', 0, 0, '10.1.2.3', \
-             'OpenAI/Python 1.54.0 (a, b)', '' FROM system.numbers LIMIT {ROWS}"
+             'OpenAI/Python 1.54.0 (a, b)', '', 1 FROM system.numbers LIMIT {ROWS}"
         ))
         .await;
     let expected_nanos: i128 = (0..ROWS).map(|n| i128::from(n % 7919 * 1013 + 1)).sum();
@@ -803,7 +803,7 @@ async fn daily_rollup_backfills_existing_rows_once() {
     let old = records("dev_a", &keys, 900, now - 70 * DAY, now - 1_000, 11);
     let ch = version_2_database(&old).await;
     let report = aihub_usage::schema::migrate(&ch.config).await.unwrap();
-    assert_eq!(report.applied, [3, 4, 5]);
+    assert_eq!(report.applied, [3, 4, 5, 6]);
     assert!(daily_mismatches(&ch).await.is_empty());
     assert_eq!(platform_mismatches(&ch).await, Vec::<String>::new());
     assert_eq!(
@@ -938,5 +938,5 @@ async fn daily_backfill_survives_interruption_and_concurrency() {
         .fetch_all()
         .await
         .unwrap();
-    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
 }

@@ -148,6 +148,12 @@ struct MockArgs {
     error_every: u64,
     #[arg(long, default_value_t = 500)]
     error_status: u16,
+    /// The first N requests fail with `error_status` (0 = none).
+    #[arg(long, default_value_t = 0)]
+    fail_first: u64,
+    /// `Retry-After` seconds on injected errors.
+    #[arg(long)]
+    retry_after: Option<u64>,
     /// Where a chat or completion stream puts the usage it was asked for: `choices-empty`
     /// (OpenAI), `empty-delta` or `on-finish` (other OpenAI-compatible servers).
     #[arg(long, default_value = "choices-empty", value_parser = parse_usage_shape)]
@@ -352,6 +358,8 @@ fn mock_upstream(args: MockArgs) -> anyhow::Result<()> {
             chunk_interval: args.chunk_interval.into(),
             error_every: args.error_every,
             error_status: args.error_status,
+            fail_first: args.fail_first,
+            retry_after: args.retry_after,
             usage_shape: args.usage_shape,
         };
         tokio::select! {

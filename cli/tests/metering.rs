@@ -441,7 +441,7 @@ fn migrations_run_twice_cleanly() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    assert!(run().contains("applied [1, 2, 3, 4, 5]"));
+    assert!(run().contains("applied [1, 2, 3, 4, 5, 6]"));
     assert!(run().contains("applied []"));
 }
 

@@ -4,8 +4,9 @@
 //! its errors name the file and the key path (`upstreams.openai.endpoints[1]`).
 //!
 //! `config/gateway.yaml` is the commented reference; every default below is repeated there.
-//! Two sections live in files of their own: `control_plane:` ([`ControlPlaneConfig`], in
-//! `config/control_plane.rs`) and `batches:` ([`BatchesConfig`], in `config/batches.rs`).
+//! Three sections live in files of their own: `control_plane:` ([`ControlPlaneConfig`], in
+//! `config/control_plane.rs`), `batches:` ([`BatchesConfig`], in `config/batches.rs`) and each
+//! upstream's `retry:` ([`RetryConfig`], in `config/retry.rs`).
 //! Loading never touches the network: turning the config into live routes (DNS, peers) is
 //! [`crate::routing`]'s job.
 //!
@@ -33,9 +34,11 @@ pub use aihub_yamlconf::ConfigError;
 
 mod batches;
 mod control_plane;
+mod retry;
 
 pub use batches::BatchesConfig;
 pub use control_plane::ControlPlaneConfig;
+pub use retry::RetryConfig;
 
 /// The whole gateway configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +228,8 @@ pub struct UpstreamConfig {
     pub paths: Vec<String>,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
 }
 
 /// Passive health: an endpoint failing `failures` connects in a row is skipped for `cooldown`.
@@ -512,6 +517,9 @@ impl Config {
                     return Err(err(format!("{at}.paths[{i}]"), format!("`{path}`: {m}")));
                 }
             }
+            up.retry
+                .validate()
+                .map_err(|(k, m)| err(format!("{at}.retry.{k}"), m))?;
             let auth = match secret {
                 None => {
                     let var = up.api_key_env.as_deref().unwrap_or_default();

@@ -127,6 +127,8 @@ pub struct RequestCtx {
     pub api: Api,
     /// Index of the upstream endpoint that answered.
     pub endpoint: Option<usize>,
+    /// Times the request was sent upstream (retries included; connect failures not).
+    pub attempts: u8,
     pub stream: bool,
     pub status: u16,
     /// Error code when the request failed (`GatewayError::code`, or `aborted`).
@@ -172,6 +174,7 @@ impl RequestCtx {
             route: None,
             api: Api::Other,
             endpoint: None,
+            attempts: 0,
             stream: false,
             status: 0,
             error: None,

@@ -2,9 +2,10 @@
 //!
 //! Endpoints are tried in [`Upstream::attempt_order`]; a connect failure moves on to the next
 //! endpoint (the request has not left the gateway, so this is always safe). A stale pooled
-//! connection that fails before any response byte is retried on the same endpoint. Once the
-//! request may have reached the model, nothing is retried: a timeout is a 504, anything else a
-//! 502. The response body is written to the client chunk by chunk as it arrives; pingora flushes
+//! connection that fails before any response byte is retried on the same endpoint. An answer
+//! with a retry status, or no answer in time, is sent again to the next endpoint within the
+//! upstream's `retry:` budget ([`exchange`]); otherwise a timeout is a 504, any other failure
+//! a 502. The response body is written to the client chunk by chunk as it arrives; pingora flushes
 //! every chunk of a chunked (SSE) body immediately.
 
 use std::future::Future;
@@ -66,6 +67,14 @@ const ACCOUNT_RESPONSE_HEADERS: [&str; 3] = [
 ];
 
 /// Proxies `body` to `route`'s upstream and streams the response to `session`.
+///
+/// Endpoints are tried in [`Upstream::attempt_order`], wrapping around. A connect failure moves
+/// on at once (nothing was sent) until every endpoint failed to connect in a row. A request the
+/// upstream answered with a status of `retry.on_status`, or did not answer within
+/// `read_timeout` (`retry.on_timeout`), is sent again to the next endpoint, after the wait the
+/// answer names or a backoff, while `retry.attempts` and `retry.deadline` allow and its path is
+/// in `retry.paths` ([`crate::retry`]); otherwise the answer goes to the client as it came.
+/// Nothing is retried once a byte went to the client.
 pub async fn exchange(
     shared: &Shared,
     session: &mut Session,
@@ -74,13 +83,49 @@ pub async fn exchange(
     body: Bytes,
 ) -> Result<(), GatewayError> {
     let upstream = &*route.upstream;
+    let policy = &upstream.retry;
+    let path = session.req_header().uri.path();
+    let retries = policy.retries_path(path.strip_prefix("/v1/").unwrap_or(path));
+    let deadline = Instant::now() + policy.deadline;
+    let order: Vec<usize> = upstream.attempt_order().collect();
     let mut last_connect_error = None;
-    for i in upstream.attempt_order() {
+    let mut connect_failures = 0;
+    let mut sent = 0u32;
+    for i in order.iter().copied().cycle() {
+        let attempt_started = Instant::now();
         let endpoint = &upstream.endpoints[i];
         let header = upstream_request(session.req_header(), endpoint, upstream, &body, ctx)?;
+        let may_retry = retries && sent + 1 < policy.attempts && attempt_started < deadline;
         match send(shared, endpoint, header, &body).await {
             Ok((up, sent_at)) => {
-                upstream.record_success(i);
+                sent += 1;
+                ctx.attempts = sent.min(u32::from(u8::MAX)) as u8;
+                connect_failures = 0;
+                let answer = up
+                    .response_header()
+                    .map(|h| (h.status.as_u16(), &h.headers));
+                if let Some((status, headers)) =
+                    answer.filter(|(s, _)| may_retry && policy.on_status.contains(s))
+                {
+                    let wait = crate::retry::wait(headers, sent, policy.backoff);
+                    if Instant::now() + wait < deadline {
+                        count_attempt(shared, upstream, endpoint, "retried_status");
+                        if status >= 500 && upstream.record_failure(i) {
+                            tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.url, status, "endpoint skipped after repeated failures");
+                        }
+                        // The answer's connection is dropped, not pooled: its body is unread.
+                        drop(up);
+                        tokio::time::sleep(wait).await;
+                        ctx.waited += attempt_started.elapsed();
+                        continue;
+                    }
+                }
+                if answer.is_some_and(|(s, _)| s >= 500) {
+                    upstream.record_failure(i);
+                } else {
+                    upstream.record_success(i);
+                }
+                count_attempt(shared, upstream, endpoint, "answered");
                 ctx.endpoint = Some(i);
                 return relay(shared, session, ctx, (upstream, endpoint), up, sent_at).await;
             }
@@ -90,8 +135,24 @@ pub async fn exchange(
                     tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.url, "endpoint skipped after repeated connect failures");
                 }
                 last_connect_error = Some(e);
+                connect_failures += 1;
+                ctx.waited += attempt_started.elapsed();
+                if connect_failures >= order.len() || Instant::now() >= deadline {
+                    break;
+                }
             }
             Err(SendError::Exchange(e, sent_at)) => {
+                sent += 1;
+                ctx.attempts = sent.min(u32::from(u8::MAX)) as u8;
+                connect_failures = 0;
+                let timed_out = matches!(e.etype(), ErrorType::ReadTimedout);
+                if timed_out && policy.on_timeout && may_retry {
+                    count_error(shared, upstream, endpoint, "timeout");
+                    count_attempt(shared, upstream, endpoint, "retried_timeout");
+                    upstream.record_failure(i);
+                    ctx.waited += attempt_started.elapsed();
+                    continue;
+                }
                 ctx.endpoint = Some(i);
                 ctx.upstream_latency = Some(sent_at.elapsed());
                 return Err(exchange_error(shared, upstream, endpoint, &e));
@@ -408,6 +469,16 @@ fn exchange_error(
             detail,
         }
     }
+}
+
+/// Counts an attempt sent to an endpoint: `answered` (its answer went to the client),
+/// `retried_status`, `retried_timeout`.
+fn count_attempt(shared: &Shared, upstream: &Upstream, endpoint: &Endpoint, result: &str) {
+    shared
+        .metrics
+        .upstream_attempts
+        .with_label_values(&[upstream.name.as_str(), endpoint.url.as_str(), result])
+        .inc();
 }
 
 fn count_error(shared: &Shared, upstream: &Upstream, endpoint: &Endpoint, kind: &str) {

@@ -22,6 +22,7 @@
 //!   store.
 //! - [`config`]: the YAML file's structs and defaults; `Config::check` parses every value once
 //!   into the values the gateway runs on (routes, prices, plans, declared key records).
+//! - [`retry`]: when a request is sent again before its first byte, and how long to wait.
 //! - [`routing`]: the live routing table (models, upstreams, endpoints, passive health) and
 //!   the admin API's address.
 //! - [`keysnapshot`]: the on-disk snapshot of control-plane keys for starts without a database.
@@ -30,7 +31,8 @@
 //! - [`context`]: the shared state and the per-request context (with its metering decision)
 //!   that the next three modules read and fill.
 //! - [`usage`]: the usage record of a finished request.
-//! - [`forward`]: sending the request upstream with failover, streaming the response back.
+//! - [`forward`]: sending the request upstream with failover and retries, streaming the
+//!   response back.
 //! - [`internal`]: Files and Batches calls forwarded to the admin API (signed identity,
 //!   streamed bodies).
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: the request flow and `logging`.
@@ -55,6 +57,7 @@ pub mod metrics;
 pub mod path;
 pub mod proxy;
 pub mod request;
+pub mod retry;
 pub mod routing;
 pub mod server;
 pub mod usage;

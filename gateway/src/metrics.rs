@@ -35,6 +35,9 @@ pub struct Metrics {
     pub admin_errors: IntCounterVec,
     /// Upstream connect/exchange failures by upstream, endpoint and kind.
     pub upstream_errors: IntCounterVec,
+    /// Requests sent to an endpoint, by outcome: `answered`, `retried_status`,
+    /// `retried_timeout`.
+    pub upstream_attempts: IntCounterVec,
     /// 1 when an endpoint is taking traffic, 0 while it is skipped after failures.
     pub endpoint_healthy: IntGaugeVec,
     pub in_flight: IntGauge,
@@ -133,6 +136,11 @@ impl Metrics {
                 "upstream_errors_total",
                 "Upstream failures by upstream, endpoint and kind",
                 &["upstream", "endpoint", "kind"],
+            ),
+            upstream_attempts: counter(
+                "upstream_attempts_total",
+                "Requests sent upstream by upstream, endpoint and outcome (answered, retried_status, retried_timeout)",
+                &["upstream", "endpoint", "result"],
             ),
             endpoint_healthy,
             in_flight: gauge("in_flight_requests", "Requests being processed"),

@@ -132,6 +132,7 @@ impl ProxyHttp for Gateway {
             developer_id = ctx.key.as_deref().map(|k| &*k.developer_id),
             upstream = upstream.map(|u| u.name.as_str()),
             endpoint,
+            attempts = ctx.attempts,
             stream = ctx.stream,
             bytes_in = ctx.bytes_in,
             bytes_out = ctx.bytes_out,

@@ -128,6 +128,8 @@ pub struct Upstream {
     pub forward_account_headers: bool,
     /// Paths after `/v1/` this upstream serves (`POST`).
     pub paths: Vec<String>,
+    /// When a request is sent again (`retry:`).
+    pub retry: crate::config::RetryConfig,
     next: AtomicUsize,
     failures_to_trip: u32,
     cooldown_ms: u64,
@@ -253,6 +255,7 @@ impl Upstream {
             inject_stream_usage: cfg.inject_stream_usage,
             forward_account_headers: cfg.forward_account_headers,
             paths: cfg.paths,
+            retry: cfg.retry,
             next: AtomicUsize::new(0),
             failures_to_trip: cfg.health.failures,
             cooldown_ms: cfg.health.cooldown.as_millis() as u64,

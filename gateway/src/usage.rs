@@ -173,6 +173,7 @@ pub fn record(
             .batch
             .as_ref()
             .map_or_else(String::new, |b| b.task_id.to_string()),
+        attempts: ctx.attempts,
     }
 }
 

@@ -210,6 +210,21 @@ pub async fn run(
             label: "succeeded",
             room,
         },
+        // A quota refusal may come from the reservations of the developer's other requests in
+        // flight (released when they end): the item is tried once more, alone (the engine
+        // pauses the developer, then sends one item), before the quota counts as used up.
+        429 if code == "insufficient_quota" && item.attempts == 0 => {
+            let at = now_ms() + 1000;
+            Ran {
+                outcome: Outcome::Retry { at, counts: true },
+                stop: None,
+                label: "retried",
+                room: Some(Room {
+                    remaining: 0,
+                    until: at,
+                }),
+            }
+        }
         429 if code == "insufficient_quota" => Ran {
             outcome: Outcome::Failed(line()),
             stop: Some(Stop {

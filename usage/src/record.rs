@@ -54,4 +54,13 @@ pub struct UsageRecord {
     /// for live requests. (Migration 5; absent from WAL lines of older binaries.)
     #[serde(default)]
     pub batch_id: String,
+    /// Times the request was sent upstream: 0 when refused before any upstream, 1 normally,
+    /// more when the gateway retried it (`retry:`), the last attempt's endpoint being
+    /// `upstream_endpoint`. (Migration 6; WAL lines of older binaries read 1.)
+    #[serde(default = "one")]
+    pub attempts: u8,
+}
+
+fn one() -> u8 {
+    1
 }

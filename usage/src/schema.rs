@@ -149,6 +149,19 @@ GROUP BY developer_id, model, hour",
             ))
         }),
     },
+    Migration {
+        version: 6,
+        name: "usage_events_attempts",
+        sql: "",
+        then: Some(|db, _| {
+            Box::pin(add_column(
+                db,
+                "usage_events",
+                "attempts",
+                "UInt8 DEFAULT 1",
+            ))
+        }),
+    },
 ];
 
 /// Adds `column` to `table` unless it is there: the `ADD COLUMN IF NOT EXISTS` that 18.16 lacks.

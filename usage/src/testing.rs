@@ -113,5 +113,6 @@ pub fn usage_row(
         client_ip: "127.0.0.1".into(),
         user_agent: "test".into(),
         batch_id: String::new(),
+        attempts: 1,
     }
 }

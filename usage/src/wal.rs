@@ -223,6 +223,7 @@ mod tests {
             client_ip: "127.0.0.1".into(),
             user_agent: "t \"quoted\"\n".into(),
             batch_id: String::new(),
+            attempts: 1,
         }
     }
 

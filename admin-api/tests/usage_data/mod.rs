@@ -87,6 +87,7 @@ pub fn records(
                 client_ip: "10.0.0.7".into(),
                 user_agent: "OpenAI/Python 1.54.0".into(),
                 batch_id: String::new(),
+                attempts: 1,
             }
         })
         .collect()

@@ -53,6 +53,7 @@ fn record(i: u64) -> UsageRecord {
         client_ip: "203.0.113.7".into(),
         user_agent: "OpenAI/Python 1.54.0".into(),
         batch_id: String::new(),
+        attempts: 1,
     }
 }
 

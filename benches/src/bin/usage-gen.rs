@@ -222,6 +222,7 @@ impl Generator {
             client_ip: format!("10.{}.{}.{}", self.rng.random::<u8>(), 0, 1),
             user_agent: "OpenAI/Python 1.54.0".into(),
             batch_id: String::new(),
+            attempts: 1,
         }
     }
 }

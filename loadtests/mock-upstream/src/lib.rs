@@ -10,7 +10,9 @@
 //! the real ones do.
 //!
 //! Behaviour is set per server ([`MockConfig`]) and may be overridden per request by headers
-//! (which the gateway forwards): `x-mock-status` (answer with that error), `x-mock-latency-ms`
+//! (which the gateway forwards): `x-mock-status` (answer with that error), `x-mock-fail-first`
+//! (the first N requests the server receives fail, with `x-mock-fail-status` or the server's
+//! error status), `x-mock-retry-after` (`Retry-After` seconds on injected errors), `x-mock-latency-ms`
 //! (delay before the header), `x-mock-chunks`, `x-mock-chunk-interval-ms`, `x-mock-hang` (never
 //! answer), `x-mock-usage-shape` (`choices-empty`, `empty-delta`, `on-finish`: where a stream's
 //! usage goes), `x-mock-usage-null` (`0`/`1`: `"usage": null` on the other chunks),
@@ -64,6 +66,10 @@ pub struct MockConfig {
     /// Every Nth request fails with `error_status` (0 = never).
     pub error_every: u64,
     pub error_status: u16,
+    /// The first N requests the server receives fail with `error_status` (0 = none).
+    pub fail_first: u64,
+    /// Seconds put in `Retry-After` on injected errors (none when unset).
+    pub retry_after: Option<u64>,
     /// Where a chat or completion stream puts the usage it was asked for.
     pub usage_shape: wire::UsageShape,
 }
@@ -78,6 +84,8 @@ impl Default for MockConfig {
             chunk_interval: Duration::ZERO,
             error_every: 0,
             error_status: 500,
+            fail_first: 0,
+            retry_after: None,
             usage_shape: wire::UsageShape::default(),
         }
     }
@@ -131,6 +139,8 @@ type MockBody = http_body_util::Either<Full<Bytes>, ChannelBody>;
 /// Per-request behaviour: the server's, overridden by `x-mock-*` headers.
 struct Behaviour {
     status: Option<u16>,
+    /// `Retry-After` seconds on an injected error.
+    retry_after: Option<u64>,
     latency: Duration,
     chunks: usize,
     interval: Duration,
@@ -143,10 +153,14 @@ struct Behaviour {
 impl Behaviour {
     fn of(config: &MockConfig, headers: &HeaderMap, n: u64) -> Behaviour {
         let num = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.parse().ok() };
-        let injected = (config.error_every > 0 && n.is_multiple_of(config.error_every))
-            .then_some(config.error_status);
+        let error_status = num("x-mock-fail-status").map_or(config.error_status, |s| s as u16);
+        let fail_first = num("x-mock-fail-first").unwrap_or(config.fail_first);
+        let injected = ((config.error_every > 0 && n.is_multiple_of(config.error_every))
+            || n <= fail_first)
+            .then_some(error_status);
         Behaviour {
             status: num("x-mock-status").map(|s| s as u16).or(injected),
+            retry_after: num("x-mock-retry-after").or(config.retry_after),
             latency: num("x-mock-latency-ms").map_or(config.latency, Duration::from_millis),
             chunks: num("x-mock-chunks").map_or(config.chunks, |c| c as usize),
             interval: num("x-mock-chunk-interval-ms")
@@ -243,7 +257,12 @@ async fn route(
         tokio::time::sleep(b.latency).await;
     }
     if let Some(status) = b.status {
-        return injected_error(status);
+        let mut resp = injected_error(status);
+        if let Some(secs) = b.retry_after {
+            resp.headers_mut()
+                .insert("retry-after", hv(&secs.to_string()));
+        }
+        return resp;
     }
     if method == Method::GET && path == "/v1/models" {
         return json(200, &wire::models());
