@@ -154,6 +154,9 @@ struct MockArgs {
     /// `Retry-After` seconds on injected errors.
     #[arg(long)]
     retry_after: Option<u64>,
+    /// `error.code` of injected errors (e.g. `context_length_exceeded`).
+    #[arg(long)]
+    error_code: Option<String>,
     /// Where a chat or completion stream puts the usage it was asked for: `choices-empty`
     /// (OpenAI), `empty-delta` or `on-finish` (other OpenAI-compatible servers).
     #[arg(long, default_value = "choices-empty", value_parser = parse_usage_shape)]
@@ -360,6 +363,7 @@ fn mock_upstream(args: MockArgs) -> anyhow::Result<()> {
             error_status: args.error_status,
             fail_first: args.fail_first,
             retry_after: args.retry_after,
+            error_code: args.error_code,
             usage_shape: args.usage_shape,
         };
         tokio::select! {

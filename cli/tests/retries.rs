@@ -1,10 +1,12 @@
-//! Retries before the first byte, black-box: the real gateway in front of mock upstreams with
-//! fault switches. A 503 endpoint is hidden by its healthy sibling; statuses outside
-//! `retry.on_status` and paths outside `retry.paths` go to the client as they came; when every
-//! attempt fails the client sees the provider's own error; `Retry-After` is waited out, or ends
-//! the retries when it would pass the deadline; a first byte that does not come within
-//! `read_timeout` moves on to the next endpoint; every attempt is counted and the usage record
-//! says how many were made.
+//! Retries before the first byte and fallback routes, black-box: the real gateway in front of
+//! mock upstreams with fault switches. A 503 endpoint is hidden by its healthy sibling;
+//! statuses outside `retry.on_status` and paths outside `retry.paths` go to the client as they
+//! came; when every attempt fails the client sees the provider's own error; `Retry-After` is
+//! waited out, or ends the retries when it would pass the deadline; a first byte that does not
+//! come within `read_timeout` moves on to the next endpoint; every attempt is counted and the
+//! usage record says how many were made. A failing route falls back to the next model of its
+//! chain (also on configured error codes such as `context_length_exceeded`), priced as the
+//! serving model, recorded with both models.
 
 mod common;
 
@@ -266,4 +268,132 @@ async fn a_first_byte_that_does_not_come_moves_on_to_the_next_endpoint() {
         "upstream_timeout",
     )
     .await;
+}
+
+/// Routes with fallbacks: `gpt-4o` (on `bad`) falls back to `claude` (on `good`).
+fn fallback_gateway(bad: &Mock, good: &Mock, k: &TestKey, extra: &str, metering: &str) -> Gateway {
+    Gateway::start(
+        &format!(
+            "upstreams:\n{}{}routes:\n  - model: gpt-4o\n    upstream: bad\n    fallbacks: [claude]\n{extra}\
+             \n  - model: claude\n    upstream: good\n\
+             pricing:\n  default: {{per_1k: 0.001}}\n  models:\n    gpt-4o: {{per_1k: 0.015}}\n    claude: {{per_1k: 0.003}}\n\
+             keys:\n{}{metering}",
+            upstream("bad", &[bad.base_url()], &["retry: {attempts: 1}"]),
+            upstream("good", &[good.base_url()], &[]),
+            k.yaml
+        ),
+        &[],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_route_falls_back_and_the_record_keeps_both_models() {
+    let bad = Mock::start(&[
+        "--name",
+        "bad",
+        "--error-every",
+        "1",
+        "--error-status",
+        "503",
+    ]);
+    let good = Mock::start(&["--name", "good"]);
+    let k = key("fb", &[]);
+    let db = TestDb::new();
+    let wal = tempfile::tempdir().unwrap();
+    let gw = fallback_gateway(&bad, &good, &k, "", &db.metering_yaml(wal.path(), &[]));
+    let r = gw.chat(&k.key, &chat("gpt-4o")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(server(&r), "good");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["model"], "claude",
+        "the fallback's model was sent upstream"
+    );
+    let tokens = body["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(
+        gw.metric_eventually(
+            "aihub_fallbacks_total{from=\"gpt-4o\",to=\"claude\",why=\"status\"}",
+            1.0
+        ),
+        1.0
+    );
+    assert_eq!(
+        db.wait_for("SELECT count() FROM usage_events", 1, WAIT)
+            .await,
+        1
+    );
+    let row = db
+        .query("SELECT model, upstream_model, upstream, cost_nanos FROM usage_events")
+        .await;
+    // Priced as the serving model: 0.003 USD per 1k tokens = 3,000 nano-USD per token.
+    assert_eq!(
+        row.trim(),
+        format!("gpt-4o\tclaude\tgood\t{}", tokens * 3_000)
+    );
+
+    // The last route of the chain relays whatever it gets.
+    let dead = Mock::start(&[
+        "--name",
+        "dead",
+        "--error-every",
+        "1",
+        "--error-status",
+        "502",
+    ]);
+    let k2 = key("fb2", &[]);
+    let gw2 = fallback_gateway(&bad, &dead, &k2, "", "");
+    let r = gw2.chat(&k2.key, &chat("gpt-4o")).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(server(&r), "dead");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_window_errors_fall_back_only_when_configured() {
+    let small = Mock::start(&[
+        "--name",
+        "small",
+        "--error-every",
+        "1",
+        "--error-status",
+        "400",
+        "--error-code",
+        "context_length_exceeded",
+    ]);
+    let large = Mock::start(&["--name", "large"]);
+    let k = key("ctx", &[]);
+    let gw = fallback_gateway(
+        &small,
+        &large,
+        &k,
+        "    fallback_on: [context_length_exceeded]",
+        "",
+    );
+    let r = gw.chat(&k.key, &chat("gpt-4o")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(server(&r), "large");
+    assert_eq!(
+        gw.metric_eventually(
+            "aihub_fallbacks_total{from=\"gpt-4o\",to=\"claude\",why=\"code\"}",
+            1.0
+        ),
+        1.0
+    );
+    // Not configured: the 400 (read to check its code, then relayed whole) reaches the client.
+    let k2 = key("ctx2", &[]);
+    let gw2 = fallback_gateway(&small, &large, &k2, "", "");
+    let r = gw2.chat(&k2.key, &chat("gpt-4o")).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    // A key that may not use the fallback's model gets no fallback.
+    let k3 = key("ctx3", &["models: [\"gpt-4o\"]"]);
+    let gw3 = fallback_gateway(
+        &small,
+        &large,
+        &k3,
+        "    fallback_on: [context_length_exceeded]",
+        "",
+    );
+    let r = gw3.chat(&k3.key, &chat("gpt-4o")).await;
+    assert_eq!(r.status(), 400);
 }

@@ -264,6 +264,16 @@ pub struct RouteConfig {
     /// Model name sent upstream instead (alias rewrite). Default: unchanged.
     #[serde(default)]
     pub upstream_model: Option<String>,
+    /// Other routes' models tried in order when this route's upstream fails before the first
+    /// byte: its last answer (after its retries) has a retry status or a 5xx, or it cannot be
+    /// reached or does not answer in time. The key must be allowed the fallback's model.
+    /// Default none.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Error codes of a 4xx answer that also move on to the next fallback, e.g.
+    /// `context_length_exceeded`, `content_policy_violation`. Default none.
+    #[serde(default)]
+    pub fallback_on: Vec<String>,
 }
 
 /// A declarative API key: its hash and what it may do.
@@ -560,6 +570,17 @@ impl Config {
             }
             if r.upstream_model.as_deref() == Some("") {
                 return Err(err(format!("routes[{i}].upstream_model"), "empty".into()));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let mut seen = HashSet::new();
+            for (j, f) in r.fallbacks.iter().enumerate() {
+                if f == &r.model || !models.contains(f.as_str()) || !seen.insert(f) {
+                    return Err(err(
+                        format!("routes[{i}].fallbacks[{j}]"),
+                        format!("`{f}`: name another routed model, once"),
+                    ));
+                }
             }
         }
         if let Some(m) = &self.metering {

@@ -123,6 +123,9 @@ pub struct RequestCtx {
     pub start: Instant,
     pub key: Option<Arc<KeyRecord>>,
     pub route: Option<Arc<Route>>,
+    /// The route the client asked for, when a fallback serves the request (`route` is then
+    /// the serving one: its upstream, its price).
+    pub requested: Option<Arc<Route>>,
     /// The API of the request's path (how its usage is read).
     pub api: Api,
     /// Index of the upstream endpoint that answered.
@@ -172,6 +175,7 @@ impl RequestCtx {
             start: Instant::now(),
             key: None,
             route: None,
+            requested: None,
             api: Api::Other,
             endpoint: None,
             attempts: 0,

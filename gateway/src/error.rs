@@ -181,6 +181,17 @@ impl GatewayError {
         }
     }
 
+    /// Whether the route's upstream failed (unreachable, no answer in time, a broken
+    /// exchange): a route with fallbacks moves on to the next.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::UpstreamUnreachable { .. }
+                | GatewayError::UpstreamTimeout { .. }
+                | GatewayError::UpstreamFailed { .. }
+        )
+    }
+
     /// Short machine-readable kind, used as the `error` label in metrics and access logs.
     pub fn code(&self) -> &'static str {
         use GatewayError::*;

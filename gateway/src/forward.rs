@@ -75,13 +75,18 @@ const ACCOUNT_RESPONSE_HEADERS: [&str; 3] = [
 /// answer names or a backoff, while `retry.attempts` and `retry.deadline` allow and its path is
 /// in `retry.paths` ([`crate::retry`]); otherwise the answer goes to the client as it came.
 /// Nothing is retried once a byte went to the client.
+///
+/// With `fallback` (the codes of the route's `fallback_on`; `None` for the last route of a
+/// chain), a last answer that is a failure (a retry status or a 5xx) or a 4xx whose error code
+/// is listed is not relayed: the caller moves on to the next route ([`Exchanged::FellBack`]).
 pub async fn exchange(
     shared: &Shared,
     session: &mut Session,
     ctx: &mut RequestCtx,
     route: &Route,
     body: Bytes,
-) -> Result<(), GatewayError> {
+    fallback: Option<&[String]>,
+) -> Result<Exchanged, GatewayError> {
     let upstream = &*route.upstream;
     let policy = &upstream.retry;
     let path = session.req_header().uri.path();
@@ -120,14 +125,44 @@ pub async fn exchange(
                         continue;
                     }
                 }
-                if answer.is_some_and(|(s, _)| s >= 500) {
+                let status = answer.map_or(0, |(s, _)| s);
+                if status >= 500 {
                     upstream.record_failure(i);
                 } else {
                     upstream.record_success(i);
                 }
+                let mut up = up;
+                let mut prefix = None;
+                if let Some(codes) = fallback {
+                    if status >= 500 || policy.on_status.contains(&status) {
+                        count_attempt(shared, upstream, endpoint, "fell_back");
+                        ctx.waited += attempt_started.elapsed();
+                        return Ok(Exchanged::FellBack("status"));
+                    }
+                    if (400..500).contains(&status) && !codes.is_empty() {
+                        let head = read_head(&mut up)
+                            .await
+                            .map_err(|e| exchange_error(shared, upstream, endpoint, &e))?;
+                        if error_code(&head).is_some_and(|c| codes.iter().any(|x| x == c)) {
+                            count_attempt(shared, upstream, endpoint, "fell_back");
+                            ctx.waited += attempt_started.elapsed();
+                            return Ok(Exchanged::FellBack("code"));
+                        }
+                        prefix = Some(head);
+                    }
+                }
                 count_attempt(shared, upstream, endpoint, "answered");
                 ctx.endpoint = Some(i);
-                return relay(shared, session, ctx, (upstream, endpoint), up, sent_at).await;
+                relay(
+                    shared,
+                    session,
+                    ctx,
+                    (upstream, endpoint),
+                    (up, prefix),
+                    sent_at,
+                )
+                .await?;
+                return Ok(Exchanged::Relayed);
             }
             Err(SendError::Connect(e)) => {
                 count_error(shared, upstream, endpoint, "connect");
@@ -163,6 +198,50 @@ pub async fn exchange(
         upstream: upstream.name.clone(),
         detail: last_connect_error.map_or_else(|| "no endpoint".into(), |e| e.to_string()),
     })
+}
+
+/// What [`exchange`] did with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exchanged {
+    /// The upstream's answer went to the client.
+    Relayed,
+    /// Nothing went to the client: the route failed (`status`) or answered a `fallback_on`
+    /// code (`code`), and the next route of the chain is to be tried.
+    FellBack(&'static str),
+}
+
+/// The most of an error answer read to find its code before deciding to fall back.
+const ERROR_HEAD_BYTES: usize = 64 * 1024;
+
+/// Reads the start of an answer's body (all of a small error body), at most
+/// [`ERROR_HEAD_BYTES`] and whatever arrived past it in the last read.
+async fn read_head(up: &mut HttpSession) -> Result<Bytes, Box<Error>> {
+    let mut head = BytesMut::new();
+    while head.len() < ERROR_HEAD_BYTES && !up.response_done() {
+        match up.read_response_body().await? {
+            Some(chunk) => head.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    Ok(head.freeze())
+}
+
+/// The `error.code` (else `error.type`) of an OpenAI-shaped error body.
+fn error_code(body: &[u8]) -> Option<&str> {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        error: Detail<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail<'a> {
+        #[serde(borrow, default)]
+        code: Option<&'a str>,
+        #[serde(borrow, default, rename = "type")]
+        kind: Option<&'a str>,
+    }
+    let b: Body<'_> = serde_json::from_slice(body).ok()?;
+    b.error.code.or(b.error.kind)
 }
 
 enum SendError {
@@ -219,7 +298,7 @@ async fn relay(
     session: &mut Session,
     ctx: &mut RequestCtx,
     (upstream, endpoint): (&Upstream, &Endpoint),
-    mut up: HttpSession,
+    (mut up, mut pending): (HttpSession, Option<Bytes>),
     sent_at: Instant,
 ) -> Result<(), GatewayError> {
     let upstream_wait = sent_at.elapsed();
@@ -262,16 +341,23 @@ async fn relay(
     let header = Box::new(ResponseHeader::from(resp));
     client_write(limit, session.write_response_header(header, false)).await?;
     loop {
-        let chunk = match up.read_response_body().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
-            Err(e) => return Err(exchange_error(shared, upstream, endpoint, &e)),
-        };
-        // Chunks that already sit in the read buffer go out in the same write: one syscall for
-        // a burst of SSE events instead of one per event. Nothing waits for data to arrive.
-        let chunk = match take_buffered(&mut up, chunk) {
-            Ok(chunk) => chunk,
-            Err(e) => return Err(exchange_error(shared, upstream, endpoint, &e)),
+        // The start of the body when it was read already (an error checked for a fallback).
+        let chunk = match pending.take() {
+            Some(head) => head,
+            None => {
+                let chunk = match up.read_response_body().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(e) => return Err(exchange_error(shared, upstream, endpoint, &e)),
+                };
+                // Chunks that already sit in the read buffer go out in the same write: one
+                // syscall for a burst of SSE events instead of one per event. Nothing waits
+                // for data to arrive.
+                match take_buffered(&mut up, chunk) {
+                    Ok(chunk) => chunk,
+                    Err(e) => return Err(exchange_error(shared, upstream, endpoint, &e)),
+                }
+            }
         };
         let chunk = meter(&mut ctx.meter, chunk);
         ctx.bytes_out += chunk.len() as u64;

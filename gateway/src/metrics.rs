@@ -38,6 +38,8 @@ pub struct Metrics {
     /// Requests sent to an endpoint, by outcome: `answered`, `retried_status`,
     /// `retried_timeout`.
     pub upstream_attempts: IntCounterVec,
+    /// Requests moved from a route to its fallback, by route, fallback and why.
+    pub fallbacks: IntCounterVec,
     /// 1 when an endpoint is taking traffic, 0 while it is skipped after failures.
     pub endpoint_healthy: IntGaugeVec,
     pub in_flight: IntGauge,
@@ -141,6 +143,11 @@ impl Metrics {
                 "upstream_attempts_total",
                 "Requests sent upstream by upstream, endpoint and outcome (answered, retried_status, retried_timeout)",
                 &["upstream", "endpoint", "result"],
+            ),
+            fallbacks: counter(
+                "fallbacks_total",
+                "Requests moved from a route to its next fallback, by route model, fallback model and why",
+                &["from", "to", "why"],
             ),
             endpoint_healthy,
             in_flight: gauge("in_flight_requests", "Requests being processed"),

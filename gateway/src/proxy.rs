@@ -25,9 +25,10 @@ use aihub_apikey::internal::is_batch_token;
 
 use crate::context::{BatchItem, Metering, RequestCtx, Shared};
 use crate::error::{AuthFailure, GatewayError, Reason};
+use crate::forward::{self, Exchanged};
 use crate::keys::{authenticate, KeyRecord};
 use crate::request;
-use crate::routing::Runtime;
+use crate::routing::{Route, Runtime};
 
 /// The proxy.
 pub struct Gateway {
@@ -282,19 +283,59 @@ impl Gateway {
                 Err(refusal) => return Err(limited(ctx, refusal)),
             }
         }
-        // Chat and completion streams report usage only when asked: the gateway asks when the
-        // client did not (and strips it from the client's stream) if it reads the usage.
-        ctx.metering = ctx
-            .metering
-            .forwarding(ctx.admission.is_some(), &route.upstream, ctx.api);
-        let (body, strip) = request::upstream_body(
-            body,
-            &probe,
-            route.upstream_model.as_deref(),
-            ctx.metering.ask_stream_usage,
-        );
-        ctx.metering.strip_stream_usage = strip;
-        crate::forward::exchange(&self.shared, session, ctx, route, body).await
+        // The route, then its fallbacks the key may use and whose upstream serves the path.
+        let chain: Vec<Arc<Route>> = std::iter::once(Arc::clone(route))
+            .chain(
+                route
+                    .fallbacks
+                    .iter()
+                    .filter_map(|m| rt.routes.get(m))
+                    .filter(|r| key.models.matches(&r.model) && r.upstream.serves(endpoint))
+                    .cloned(),
+            )
+            .collect();
+        let metering = ctx.metering;
+        for (n, serving) in chain.iter().enumerate() {
+            let last = n + 1 == chain.len();
+            if n > 0 {
+                ctx.requested = Some(Arc::clone(route));
+                ctx.route = Some(Arc::clone(serving));
+            }
+            // Chat and completion streams report usage only when asked: the gateway asks when
+            // the client did not (and strips it from the client's stream) if it reads it.
+            ctx.metering = metering.forwarding(ctx.admission.is_some(), &serving.upstream, ctx.api);
+            // A fallback always names its own model upstream.
+            let rename = (n > 0 || serving.upstream_model.is_some()).then(|| serving.sent_model());
+            let (upstream_body, strip) =
+                request::upstream_body(body.clone(), &probe, rename, ctx.metering.ask_stream_usage);
+            ctx.metering.strip_stream_usage = strip;
+            let fallback = (!last).then_some(route.fallback_on.as_slice());
+            let why = match forward::exchange(
+                &self.shared,
+                session,
+                ctx,
+                serving,
+                upstream_body,
+                fallback,
+            )
+            .await
+            {
+                Ok(Exchanged::Relayed) => return Ok(()),
+                Ok(Exchanged::FellBack(why)) => why,
+                Err(e) if !last && !ctx.response_started && e.is_upstream_failure() => e.code(),
+                Err(e) => return Err(e),
+            };
+            let to = &chain[n + 1].model;
+            tracing::info!(request_id = %ctx.request_id, model = %route.model, from = %serving.model, to = %to, why, "falling back");
+            self.shared
+                .metrics
+                .fallbacks
+                .with_label_values(&[serving.model.as_str(), to.as_str(), why])
+                .inc();
+        }
+        Err(GatewayError::Internal(
+            "the fallback chain ended without an answer".into(),
+        ))
     }
 
     /// The key of a batch item's token (`aihub-batch.…`, sent by an admin API worker): the

@@ -112,6 +112,17 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// Model name to send upstream, when it differs (alias rewrite).
     pub upstream_model: Option<String>,
+    /// Routes' models tried in order when this route's upstream fails (`fallbacks`).
+    pub fallbacks: Vec<String>,
+    /// 4xx error codes that also move on to the next fallback (`fallback_on`).
+    pub fallback_on: Vec<String>,
+}
+
+impl Route {
+    /// The model name this route sends upstream.
+    pub fn sent_model(&self) -> &str {
+        self.upstream_model.as_deref().unwrap_or(&self.model)
+    }
 }
 
 /// An upstream provider: equivalent endpoints tried round-robin, failing over on connect errors.
@@ -171,6 +182,8 @@ impl Runtime {
                     model: r.model.clone(),
                     upstream: Arc::clone(upstream),
                     upstream_model: r.upstream_model.clone().filter(|m| *m != r.model),
+                    fallbacks: r.fallbacks.clone(),
+                    fallback_on: r.fallback_on.clone(),
                 };
                 routes.insert(r.model.clone(), Arc::new(route));
             }

@@ -117,8 +117,13 @@ pub fn record(
         cost_nanos: cost,
     } = *priced;
     let route = ctx.route.as_deref();
-    let model = route.map_or("", |r| r.model.as_str());
-    let upstream_model = route.map_or("", |r| r.upstream_model.as_deref().unwrap_or(&r.model));
+    // The model the client asked for; the upstream model is the serving route's (a fallback's).
+    let model = ctx
+        .requested
+        .as_deref()
+        .or(route)
+        .map_or("", |r| r.model.as_str());
+    let upstream_model = route.map_or("", |r| r.sent_model());
     let error_type = match ctx.error {
         Some(code) => code.to_owned(),
         None if ctx.status >= 400 => "upstream_error".to_owned(),

@@ -70,6 +70,9 @@ pub struct MockConfig {
     pub fail_first: u64,
     /// Seconds put in `Retry-After` on injected errors (none when unset).
     pub retry_after: Option<u64>,
+    /// The `error.code` of injected errors instead of the status's usual one (e.g.
+    /// `context_length_exceeded` with status 400).
+    pub error_code: Option<String>,
     /// Where a chat or completion stream puts the usage it was asked for.
     pub usage_shape: wire::UsageShape,
 }
@@ -86,6 +89,7 @@ impl Default for MockConfig {
             error_status: 500,
             fail_first: 0,
             retry_after: None,
+            error_code: None,
             usage_shape: wire::UsageShape::default(),
         }
     }
@@ -257,7 +261,15 @@ async fn route(
         tokio::time::sleep(b.latency).await;
     }
     if let Some(status) = b.status {
-        let mut resp = injected_error(status);
+        let mut resp = match &state.config.error_code {
+            Some(code) => error(
+                status,
+                "invalid_request_error",
+                Some(code),
+                "Injected error.",
+            ),
+            None => injected_error(status),
+        };
         if let Some(secs) = b.retry_after {
             resp.headers_mut()
                 .insert("retry-after", hv(&secs.to_string()));
