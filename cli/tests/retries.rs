@@ -397,3 +397,52 @@ async fn context_window_errors_fall_back_only_when_configured() {
     let r = gw3.chat(&k3.key, &chat("gpt-4o")).await;
     assert_eq!(r.status(), 400);
 }
+
+/// Azure OpenAI and Anthropic-style upstreams: a base URL with a query string (`api-version`)
+/// sent before the client's, the credential in another header, fixed extra headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_url_queries_and_fixed_headers_reach_the_upstream() {
+    let m = Mock::start(&["--name", "azure", "--api-key", "azure-secret"]);
+    let k = key("azure", &[]);
+    let base = format!("{}?api-version=2024-06-01", m.base_url());
+    let gw = Gateway::start_with_env(
+        &config(
+            &[upstream(
+                "m",
+                &[base],
+                &[
+                    "api_key_env: AIHUB_TEST_AZURE_KEY",
+                    "api_key_header: authorization",
+                    "headers: {anthropic-version: \"2023-06-01\", x-extra: one}",
+                ],
+            )],
+            &[("gpt-4o", "m", None)],
+            &[&k],
+        ),
+        &[],
+        &[("AIHUB_TEST_AZURE_KEY", "azure-secret")],
+    );
+    let r = gw
+        .post(&k.key, "/v1/chat/completions?trace=1")
+        .header("x-extra", "from-the-client")
+        .header("x-mock-echo", "anthropic-version, x-extra")
+        .json(&chat("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the credential reached the mock");
+    let seen_query = r.headers()["x-mock-request-query"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(seen_query, "api-version=2024-06-01&trace=1");
+    assert_eq!(
+        r.headers()["x-mock-request-anthropic-version"],
+        "2023-06-01"
+    );
+    assert_eq!(
+        r.headers()["x-mock-request-x-extra"],
+        "one",
+        "fixed headers replace the client's"
+    );
+}

@@ -230,6 +230,11 @@ pub struct UpstreamConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Headers sent with every request to this upstream, replacing the client's of the same
+    /// name, e.g. `anthropic-version: "2023-06-01"`. Never a credential (use `api_key_env`).
+    /// Default none.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 /// Passive health: an endpoint failing `failures` connects in a row is skipped for `cooldown`.
@@ -530,6 +535,25 @@ impl Config {
             up.retry
                 .validate()
                 .map_err(|(k, m)| err(format!("{at}.retry.{k}"), m))?;
+            for (name, value) in &up.headers {
+                let valid = http::HeaderName::try_from(name.to_ascii_lowercase()).is_ok()
+                    && http::HeaderValue::try_from(value.as_str()).is_ok();
+                let credential = matches!(
+                    name.to_ascii_lowercase().as_str(),
+                    "authorization"
+                        | "x-api-key"
+                        | "api-key"
+                        | "host"
+                        | "content-length"
+                        | "transfer-encoding"
+                );
+                if !valid || credential {
+                    return Err(err(
+                        format!("{at}.headers.{name}"),
+                        "not a header the gateway may set (credentials go in api_key_env)".into(),
+                    ));
+                }
+            }
             let auth = match secret {
                 None => {
                     let var = up.api_key_env.as_deref().unwrap_or_default();
@@ -785,6 +809,9 @@ pub struct BaseUrl {
     pub port: u16,
     /// Path prefix without a trailing slash, e.g. `/v1`; may be empty.
     pub path: String,
+    /// Query string sent with every request, before the client's (Azure OpenAI's
+    /// `api-version=…`); may be empty.
+    pub query: String,
 }
 
 /// Whether a URL carries `user[:password]@` before its host.
@@ -806,9 +833,7 @@ impl BaseUrl {
             _ => return Err("the scheme must be http or https".into()),
         };
         let host = uri.host().filter(|h| !h.is_empty()).ok_or("no host")?;
-        if uri.query().is_some() {
-            return Err("a base URL has no query string".into());
-        }
+        let query = uri.query().unwrap_or("").to_owned();
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -820,6 +845,7 @@ impl BaseUrl {
             host,
             port,
             path,
+            query,
         })
     }
 }

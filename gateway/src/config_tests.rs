@@ -116,7 +116,30 @@ fn base_urls() {
     assert_eq!((b.tls, b.port, b.path.as_str()), (true, 443, "/v1"));
     let b = BaseUrl::parse("http://127.0.0.1:9000").unwrap();
     assert_eq!((b.tls, b.port, b.path.as_str()), (false, 9000, ""));
-    assert!(BaseUrl::parse("http://h/v1?x=1").is_err());
+    // A query string (Azure's `api-version`) is kept, sent before the client's.
+    let b =
+        BaseUrl::parse("https://x.openai.azure.com/openai/deployments/d?api-version=2024-06-01")
+            .unwrap();
+    assert_eq!(b.path, "/openai/deployments/d");
+    assert_eq!(b.query, "api-version=2024-06-01");
+    assert!(BaseUrl::parse("ftp://h/v1").is_err());
+}
+
+#[test]
+fn fixed_headers_are_checked_and_never_credentials() {
+    let ok = "upstreams:\n  a:\n    endpoints: [\"http://127.0.0.1:1/v1\"]\n    headers: {anthropic-version: \"2023-06-01\"}\n";
+    assert!(parse(ok).is_ok());
+    for bad in ["x-api-key: k", "authorization: k", "\"bad header\": v"] {
+        let yaml = format!(
+            "upstreams:\n  a:\n    endpoints: [\"http://127.0.0.1:1/v1\"]\n    headers: {{{bad}}}\n"
+        );
+        let e = parse(&yaml).unwrap_err();
+        assert!(
+            e.key.starts_with("upstreams.a.headers."),
+            "{bad}: {}",
+            e.key
+        );
+    }
 }
 
 #[test]

@@ -455,11 +455,20 @@ fn upstream_request(
 ) -> Result<RequestHeader, GatewayError> {
     let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
     let tail = client.uri.path().strip_prefix("/v1").unwrap_or("");
-    let mut path = String::with_capacity(endpoint.base_path.len() + tail.len() + 32);
+    let mut path = String::with_capacity(
+        endpoint.base_path.len() + tail.len() + endpoint.base_query.len() + 32,
+    );
     path.push_str(&endpoint.base_path);
     path.push_str(tail);
-    if let Some(q) = client.uri.query() {
-        path.push('?');
+    // The base URL's query (Azure's `api-version`), then the client's.
+    let queries = [Some(endpoint.base_query.as_str()), client.uri.query()];
+    for (n, q) in queries
+        .into_iter()
+        .flatten()
+        .filter(|q| !q.is_empty())
+        .enumerate()
+    {
+        path.push(if n == 0 { '?' } else { '&' });
         path.push_str(q);
     }
     let mut h = RequestHeader::build(
@@ -481,6 +490,10 @@ fn upstream_request(
         .map_err(internal)?;
     h.insert_header(X_REQUEST_ID, ctx.request_id_header.clone())
         .map_err(internal)?;
+    for (name, value) in &upstream.headers {
+        h.insert_header(name.clone(), value.clone())
+            .map_err(internal)?;
+    }
     if let Some((name, value)) = &upstream.auth {
         h.insert_header(name.clone(), value.clone())
             .map_err(internal)?;

@@ -141,6 +141,8 @@ pub struct Upstream {
     pub paths: Vec<String>,
     /// When a request is sent again (`retry:`).
     pub retry: crate::config::RetryConfig,
+    /// Headers set on every request (`headers:`), checked at load.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     next: AtomicUsize,
     failures_to_trip: u32,
     cooldown_ms: u64,
@@ -156,6 +158,8 @@ pub struct Endpoint {
     pub host: HeaderValue,
     /// Path prefix replacing the client's `/v1`.
     pub base_path: String,
+    /// Query string of the base URL, sent before the client's (may be empty).
+    pub base_query: String,
     consecutive_failures: AtomicU32,
     skip_until_ms: AtomicU64,
 }
@@ -257,6 +261,7 @@ impl Upstream {
                 peer,
                 host: host_header(&base).map_err(|m| (at, m))?,
                 base_path: base.path,
+                base_query: base.query,
                 consecutive_failures: AtomicU32::new(0),
                 skip_until_ms: AtomicU64::new(0),
             });
@@ -268,6 +273,16 @@ impl Upstream {
             inject_stream_usage: cfg.inject_stream_usage,
             forward_account_headers: cfg.forward_account_headers,
             paths: cfg.paths,
+            headers: cfg
+                .headers
+                .iter()
+                .filter_map(|(n, v)| {
+                    Some((
+                        HeaderName::try_from(n.to_ascii_lowercase()).ok()?,
+                        HeaderValue::try_from(v.as_str()).ok()?,
+                    ))
+                })
+                .collect(),
             retry: cfg.retry,
             next: AtomicUsize::new(0),
             failures_to_trip: cfg.health.failures,

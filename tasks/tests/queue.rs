@@ -376,3 +376,71 @@ async fn invalid_input_fails_the_batch_with_line_numbers() {
         assert!(batch["failed_at"].as_i64().is_some());
     }
 }
+
+#[tokio::test]
+async fn retention_removes_the_bytes_of_expired_and_deleted_files() {
+    for backend in BACKENDS {
+        let e = env(backend).await;
+        imported(&e.store, "dev_r", "free", 0).await;
+        let now = now_ms();
+        for (id, expires) in [
+            ("file-old", Some(now - 1)),
+            ("file-new", Some(now + 60_000)),
+            ("file-gone", None),
+        ] {
+            let location = object_name("dev_r", id);
+            let mut w = e.files.create(&location, 1 << 10).await.unwrap();
+            w.write(b"{}\n").await.unwrap();
+            let written = w.commit().await.unwrap();
+            let mut tx = e.store.begin_write().await.unwrap();
+            aihub_store::files::insert(
+                &mut tx,
+                &aihub_store::files::FileRecord {
+                    id: id.into(),
+                    developer_id: "dev_r".into(),
+                    purpose: "batch".into(),
+                    filename: format!("{id}.jsonl"),
+                    bytes: written.bytes as i64,
+                    sha256: written.sha256,
+                    location,
+                    created_at: now,
+                    expires_at: expires,
+                },
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+        // Deleted by its owner: the record goes at once, the bytes with the sweep.
+        aihub_store::files::mark_deleted(&e.store, "dev_r", "file-gone")
+            .await
+            .unwrap();
+        assert_eq!(
+            stage::sweep_files(&e.store, &*e.files, 100).await.unwrap(),
+            2,
+            "{backend:?}"
+        );
+        for id in ["file-old", "file-gone"] {
+            assert!(
+                e.files.open(&object_name("dev_r", id)).await.is_err(),
+                "{id}'s bytes"
+            );
+            assert!(
+                aihub_store::files::get(&e.store, "dev_r", id)
+                    .await
+                    .is_err(),
+                "{id} is gone"
+            );
+        }
+        assert!(e
+            .files
+            .open(&object_name("dev_r", "file-new"))
+            .await
+            .is_ok());
+        assert_eq!(
+            stage::sweep_files(&e.store, &*e.files, 100).await.unwrap(),
+            0,
+            "nothing twice"
+        );
+    }
+}

@@ -143,12 +143,19 @@ impl ControlPlaneConfig {
                         .into(),
                 ));
             }
-            Some(url) => Some(BaseUrl::parse(url).map_err(|m| {
-                (
-                    at("admin_url"),
-                    format!("expected `http://HOST:PORT` (the admin API's base URL): {m}"),
-                )
-            })?),
+            Some(url) => {
+                let expected = |m: &str| {
+                    (
+                        at("admin_url"),
+                        format!("expected `http://HOST:PORT` (the admin API's base URL): {m}"),
+                    )
+                };
+                let base = BaseUrl::parse(url).map_err(|m| expected(&m))?;
+                if !base.query.is_empty() {
+                    return Err(expected("no query string"));
+                }
+                Some(base)
+            }
         };
         Ok(admin)
     }

@@ -19,7 +19,9 @@
 //! `x-mock-cached-tokens` and `x-mock-cache-write-tokens` (prompt tokens reported as cached). Every response carries `x-mock-request-sha256`/`x-mock-request-bytes` (what arrived),
 //! `x-mock-body-sha256` (what is being sent) and `x-mock-server` (the server's name), so tests
 //! can prove bodies crossed the gateway byte for byte; `openai-organization`/`openai-project`
-//! (as OpenAI names the account), and `x-mock-request-openai-organization`/`-project` echoing
+//! (as OpenAI names the account), `x-mock-request-query` (the query string received) and
+//! `x-mock-request-<name>` for each header `x-mock-echo` names, and
+//! `x-mock-request-openai-organization`/`-project` echoing
 //! those request headers when they arrived.
 //!
 //! # Layout
@@ -226,6 +228,23 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<MockBody> {
         if let Some(v) = parts.headers.get(name) {
             h.insert(echo, v.clone());
         }
+    }
+    // The query string received, and the headers `x-mock-echo` names (comma-separated).
+    if let Some(q) = parts.uri.query() {
+        h.insert("x-mock-request-query", hv(q));
+    }
+    let echo = parts
+        .headers
+        .get("x-mock-echo")
+        .and_then(|v| v.to_str().ok());
+    for name in echo.into_iter().flat_map(|v| v.split(',')).map(str::trim) {
+        let (Some(v), Ok(echo)) = (
+            parts.headers.get(name),
+            http::HeaderName::try_from(format!("x-mock-request-{name}")),
+        ) else {
+            continue;
+        };
+        h.insert(echo, v.clone());
     }
     resp
 }
