@@ -230,6 +230,15 @@ pub struct UpstreamConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub retry: RetryConfig,
+    /// How requests spread over `endpoints`: `round_robin` (in proportion to `weights`),
+    /// `least_in_flight`, `latency` (two random endpoints, the lower moving average of the time
+    /// to the response header times the requests in flight). Default round_robin.
+    #[serde(default)]
+    pub balance: crate::balance::Strategy,
+    /// Relative share of each endpoint for `round_robin` (same order and length as
+    /// `endpoints`, 1 to 1000 each). Default all equal.
+    #[serde(default)]
+    pub weights: Vec<u32>,
     /// Headers sent with every request to this upstream, replacing the client's of the same
     /// name, e.g. `anthropic-version: "2023-06-01"`. Never a credential (use `api_key_env`).
     /// Default none.
@@ -535,6 +544,15 @@ impl Config {
             up.retry
                 .validate()
                 .map_err(|(k, m)| err(format!("{at}.retry.{k}"), m))?;
+            if !up.weights.is_empty()
+                && (up.weights.len() != up.endpoints.len()
+                    || up.weights.iter().any(|w| !(1..=1000).contains(w)))
+            {
+                return Err(err(
+                    format!("{at}.weights"),
+                    "one weight per endpoint, each 1 to 1000".into(),
+                ));
+            }
             for (name, value) in &up.headers {
                 let valid = http::HeaderName::try_from(name.to_ascii_lowercase()).is_ok()
                     && http::HeaderValue::try_from(value.as_str()).is_ok();

@@ -92,17 +92,20 @@ pub async fn exchange(
     let path = session.req_header().uri.path();
     let retries = policy.retries_path(path.strip_prefix("/v1/").unwrap_or(path));
     let deadline = Instant::now() + policy.deadline;
-    let order: Vec<usize> = upstream.attempt_order().collect();
+    let order = upstream.attempt_order();
     let mut last_connect_error = None;
     let mut connect_failures = 0;
     let mut sent = 0u32;
     for i in order.iter().copied().cycle() {
         let attempt_started = Instant::now();
         let endpoint = &upstream.endpoints[i];
+        // In flight until this attempt ends (a relayed answer: until its last byte).
+        let _in_flight = endpoint.load.enter();
         let header = upstream_request(session.req_header(), endpoint, upstream, &body, ctx)?;
         let may_retry = retries && sent + 1 < policy.attempts && attempt_started < deadline;
         match send(shared, endpoint, header, &body).await {
             Ok((up, sent_at)) => {
+                endpoint.load.observe(sent_at.elapsed());
                 sent += 1;
                 ctx.attempts = sent.min(u32::from(u8::MAX)) as u8;
                 connect_failures = 0;

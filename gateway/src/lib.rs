@@ -15,6 +15,8 @@
 //! - [`path`]: the request path rule (used as sent, or refused: no dot segments, encoded
 //!   slashes or dots, doubled slashes, backslashes).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`balance`]: which endpoint of an upstream a request goes to first (weighted round
+//!   robin, fewest in flight, latency with two random choices).
 //! - [`error`]: every failure and its OpenAI-shaped response; why a limit refused.
 //! - [`client`]: writes to the client, each bounded by `response_write_timeout`.
 //! - [`request`]: reading `model`/`stream` out of a body and splicing an alias in.
@@ -41,6 +43,7 @@
 //! - [`server`]: assembling listeners, the ops endpoint and the reloader.
 
 pub mod api;
+pub mod balance;
 pub mod client;
 pub mod clock;
 pub mod config;

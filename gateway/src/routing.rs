@@ -143,6 +143,10 @@ pub struct Upstream {
     pub retry: crate::config::RetryConfig,
     /// Headers set on every request (`headers:`), checked at load.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// How the first endpoint of a request is chosen (`balance:`).
+    pub strategy: crate::balance::Strategy,
+    /// The weighted round-robin order of endpoints (`weights:`).
+    sequence: Vec<usize>,
     next: AtomicUsize,
     failures_to_trip: u32,
     cooldown_ms: u64,
@@ -160,6 +164,8 @@ pub struct Endpoint {
     pub base_path: String,
     /// Query string of the base URL, sent before the client's (may be empty).
     pub base_query: String,
+    /// Requests in flight and the moving average of the time to the response header.
+    pub load: crate::balance::Load,
     consecutive_failures: AtomicU32,
     skip_until_ms: AtomicU64,
 }
@@ -243,7 +249,8 @@ impl Upstream {
 
     fn build(name: &str, spec: UpstreamSpec) -> Result<Upstream, (String, String)> {
         let cfg = spec.settings;
-        let mut endpoints = Vec::with_capacity(spec.endpoints.len());
+        let n_endpoints = spec.endpoints.len();
+        let mut endpoints = Vec::with_capacity(n_endpoints);
         for (i, (url, base)) in spec.endpoints.into_iter().enumerate() {
             let at = format!(".endpoints[{i}]");
             let addr = resolve(&base).map_err(|m| (at.clone(), m))?;
@@ -262,6 +269,7 @@ impl Upstream {
                 host: host_header(&base).map_err(|m| (at, m))?,
                 base_path: base.path,
                 base_query: base.query,
+                load: crate::balance::Load::default(),
                 consecutive_failures: AtomicU32::new(0),
                 skip_until_ms: AtomicU64::new(0),
             });
@@ -283,6 +291,12 @@ impl Upstream {
                     ))
                 })
                 .collect(),
+            strategy: cfg.balance,
+            sequence: crate::balance::sequence(&if cfg.weights.is_empty() {
+                vec![1; n_endpoints]
+            } else {
+                cfg.weights.clone()
+            }),
             retry: cfg.retry,
             next: AtomicUsize::new(0),
             failures_to_trip: cfg.health.failures,
@@ -290,18 +304,23 @@ impl Upstream {
         })
     }
 
-    /// Endpoint indices in the order this request should try them: round-robin start, healthy
-    /// endpoints first, endpoints in cooldown last (still tried: failing closed helps nobody).
-    pub fn attempt_order(&self) -> impl Iterator<Item = usize> + '_ {
+    /// Endpoint indices in the order this request should try them: the one the `balance:`
+    /// strategy chooses first, then the others in turn, healthy endpoints before those in
+    /// cooldown (still tried: failing closed helps nobody).
+    pub fn attempt_order(&self) -> Vec<usize> {
         let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let tick = self.next.fetch_add(1, Ordering::Relaxed) as u64;
         let now = now_ms();
-        let rotated = (0..n).map(move |i| (start + i) % n);
-        let healthy = rotated
+        let available: Vec<bool> = self.endpoints.iter().map(|e| e.is_available(now)).collect();
+        let loads: Vec<&crate::balance::Load> = self.endpoints.iter().map(|e| &e.load).collect();
+        let start = crate::balance::first(self.strategy, &self.sequence, tick, &loads, &available);
+        let rotated = (0..n).map(|i| (start + i) % n);
+        let mut order: Vec<usize> = rotated
             .clone()
-            .filter(move |&i| self.endpoints[i].is_available(now));
-        let cooling = rotated.filter(move |&i| !self.endpoints[i].is_available(now));
-        healthy.chain(cooling)
+            .filter(|&i| available[i] || i == start)
+            .collect();
+        order.extend(rotated.filter(|&i| !available[i] && i != start));
+        order
     }
 
     /// Records a failed connect to endpoint `i`; returns true when it just entered cooldown.
@@ -364,8 +383,8 @@ mod tests {
     fn round_robin_then_cooldown() {
         let rt = runtime(TWO);
         let u = &rt.routes["a"].upstream;
-        let first: Vec<usize> = u.attempt_order().collect();
-        let second: Vec<usize> = u.attempt_order().collect();
+        let first: Vec<usize> = u.attempt_order();
+        let second: Vec<usize> = u.attempt_order();
         assert_eq!(first, vec![0, 1]);
         assert_eq!(second, vec![1, 0]);
         assert!(!u.record_failure(0));
@@ -373,7 +392,7 @@ mod tests {
         assert!(!u.endpoints[0].is_available(now_ms()));
         // Endpoint 0 now comes last whatever the round-robin start.
         for _ in 0..3 {
-            assert_eq!(u.attempt_order().collect::<Vec<_>>(), vec![1, 0]);
+            assert_eq!(u.attempt_order(), vec![1, 0]);
         }
         u.record_success(0);
         assert!(u.endpoints[0].is_available(now_ms()));
