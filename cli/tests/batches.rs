@@ -262,6 +262,26 @@ async fn admitted(request: impl Fn() -> reqwest::RequestBuilder) -> Value {
     }
 }
 
+/// Polls `GET /developer/tasks/{id}` until the task completed (30 s at most).
+async fn task_completed(a: &Admin, session: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, t) = a
+            .call(
+                "GET",
+                &format!("/developer/tasks/{id}"),
+                Some(session),
+                None,
+            )
+            .await;
+        if t["status"] == "completed" {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn jsonl(n: usize, model: &str) -> String {
     (0..n)
         .map(|i| {
@@ -618,22 +638,7 @@ async fn seed_tasks_generate_and_export() {
     assert_eq!(t["status"], "pending");
     let id = t["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("task_"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let t = loop {
-        let (_, t) = a
-            .call(
-                "GET",
-                &format!("/developer/tasks/{id}"),
-                Some(&session),
-                None,
-            )
-            .await;
-        if t["status"] == "completed" {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "{t}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let t = task_completed(a, &session, &id).await;
     assert_eq!(t["progress"], 100);
     assert_eq!(
         t["counts"],
@@ -670,22 +675,7 @@ async fn seed_tasks_generate_and_export() {
         .await;
     assert_eq!(s, 202, "{t}");
     let export = t["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let t = loop {
-        let (_, t) = a
-            .call(
-                "GET",
-                &format!("/developer/tasks/{export}"),
-                Some(&session),
-                None,
-            )
-            .await;
-        if t["status"] == "completed" {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "{t}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let t = task_completed(a, &session, &export).await;
     let csv = client()
         .get(format!("{}{}", a.base, t["result_url"].as_str().unwrap()))
         .bearer_auth(&session)

@@ -27,20 +27,25 @@ fn gateway(upstreams: &[String], keys: &[&TestKey], metering: &str) -> Gateway {
     )
 }
 
+/// A mock upstream answering every request with `status`.
+fn failing(name: &str, status: &str) -> Mock {
+    Mock::start(&[
+        "--name",
+        name,
+        "--error-every",
+        "1",
+        "--error-status",
+        status,
+    ])
+}
+
 fn server(r: &reqwest::Response) -> String {
     r.headers()["x-mock-server"].to_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_endpoint_is_hidden_by_its_sibling_and_every_attempt_is_recorded() {
-    let bad = Mock::start(&[
-        "--name",
-        "bad",
-        "--error-every",
-        "1",
-        "--error-status",
-        "503",
-    ]);
+    let bad = failing("bad", "503");
     let good = Mock::start(&["--name", "good"]);
     let k = key("retry", &[]);
     let db = TestDb::new();
@@ -98,13 +103,13 @@ async fn a_503_endpoint_is_hidden_by_its_sibling_and_every_attempt_is_recorded()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_is_not_retried_goes_to_the_client_as_it_came() {
-    let failing = Mock::start(&["--name", "a", "--error-every", "1", "--error-status", "503"]);
-    let other = Mock::start(&["--name", "b", "--error-every", "1", "--error-status", "503"]);
+    let first = failing("a", "503");
+    let other = failing("b", "503");
     let k = key("noretry", &[]);
     let gw = gateway(
         &[upstream(
             "m",
-            &[failing.base_url(), other.base_url()],
+            &[first.base_url(), other.base_url()],
             &["retry: {attempts: 2, paths: [embeddings]}"],
         )],
         &[&k],
@@ -139,8 +144,8 @@ async fn what_is_not_retried_goes_to_the_client_as_it_came() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_attempt_fails_the_client_sees_the_providers_error() {
-    let a = Mock::start(&["--name", "a", "--error-every", "1", "--error-status", "529"]);
-    let b = Mock::start(&["--name", "b", "--error-every", "1", "--error-status", "529"]);
+    let a = failing("a", "529");
+    let b = failing("b", "529");
     let k = key("allfail", &[]);
     let gw = gateway(
         &[upstream(
@@ -288,14 +293,7 @@ fn fallback_gateway(bad: &Mock, good: &Mock, k: &TestKey, extra: &str, metering:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_route_falls_back_and_the_record_keeps_both_models() {
-    let bad = Mock::start(&[
-        "--name",
-        "bad",
-        "--error-every",
-        "1",
-        "--error-status",
-        "503",
-    ]);
+    let bad = failing("bad", "503");
     let good = Mock::start(&["--name", "good"]);
     let k = key("fb", &[]);
     let db = TestDb::new();
@@ -332,14 +330,7 @@ async fn a_failing_route_falls_back_and_the_record_keeps_both_models() {
     );
 
     // The last route of the chain relays whatever it gets.
-    let dead = Mock::start(&[
-        "--name",
-        "dead",
-        "--error-every",
-        "1",
-        "--error-status",
-        "502",
-    ]);
+    let dead = failing("dead", "502");
     let k2 = key("fb2", &[]);
     let gw2 = fallback_gateway(&bad, &dead, &k2, "", "");
     let r = gw2.chat(&k2.key, &chat("gpt-4o")).await;
