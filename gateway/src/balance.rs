@@ -100,50 +100,50 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// The endpoint to try first: `tick` is this request's turn (a shared counter), `loads` the
-/// endpoints' figures, `available` which are outside their cooldown.
-pub fn first(
+/// The endpoint to try first among `n`: `tick` is this request's turn (a shared counter),
+/// `load(i)` an endpoint's figures, `available(i)` whether it is outside its cooldown (when
+/// none is, all count as available). Allocates nothing: it runs on every request.
+pub fn first<'a>(
     strategy: Strategy,
     sequence: &[usize],
     tick: u64,
-    loads: &[&Load],
-    available: &[bool],
+    n: usize,
+    load: impl Fn(usize) -> &'a Load,
+    available: impl Fn(usize) -> bool,
 ) -> usize {
-    let n = loads.len();
-    let candidates: Vec<usize> = (0..n).filter(|&i| available[i]).collect();
-    let pool: Vec<usize> = if candidates.is_empty() {
-        (0..n).collect()
-    } else {
-        candidates
+    let any = (0..n).any(&available);
+    let ok = |i: usize| !any || available(i);
+    // The first usable endpoint from `from` on, in turn.
+    let next_ok = |from: usize| {
+        (0..n)
+            .map(|k| (from + k) % n)
+            .find(|&i| ok(i))
+            .unwrap_or(from)
     };
     match strategy {
         Strategy::RoundRobin => {
-            // The sequence's next entry that is available (all of them when none is).
+            // The sequence's next entry that is usable.
             let len = sequence.len() as u64;
             (0..len)
                 .map(|k| sequence[((tick + k) % len) as usize])
-                .find(|i| pool.contains(i))
-                .unwrap_or(pool[0])
+                .find(|&i| ok(i))
+                .unwrap_or(sequence[(tick % len) as usize])
         }
         Strategy::LeastInFlight => {
             // Ties go round robin from this request's turn.
-            let start = (tick % pool.len() as u64) as usize;
-            (0..pool.len())
-                .map(|k| pool[(start + k) % pool.len()])
-                .min_by_key(|&i| loads[i].in_flight())
-                .expect("a pool is never empty")
+            let start = (tick % n as u64) as usize;
+            (0..n)
+                .map(|k| (start + k) % n)
+                .filter(|&i| ok(i))
+                .min_by_key(|&i| load(i).in_flight())
+                .unwrap_or(start)
         }
         Strategy::Latency => {
-            if pool.len() == 1 {
-                return pool[0];
-            }
             let r = mix(tick);
-            let a = pool[(r % pool.len() as u64) as usize];
-            let mut b = pool[((r >> 32) % pool.len() as u64) as usize];
-            if b == a {
-                b = pool[(pool.iter().position(|&i| i == a).unwrap_or(0) + 1) % pool.len()];
-            }
-            if loads[b].score() < loads[a].score() {
+            let a = next_ok((r % n as u64) as usize);
+            let b = next_ok(((r >> 32) % n as u64) as usize);
+            let b = if b == a { next_ok((a + 1) % n) } else { b };
+            if load(b).score() < load(a).score() {
                 b
             } else {
                 a
@@ -170,25 +170,60 @@ mod tests {
         let loads = [&a, &b];
         let seq = sequence(&[1, 1]);
         assert_eq!(
-            first(Strategy::RoundRobin, &seq, 0, &loads, &[true, true]),
+            first(
+                Strategy::RoundRobin,
+                &seq,
+                0,
+                2,
+                |i| loads[i],
+                |i| [true, true][i]
+            ),
             0
         );
         assert_eq!(
-            first(Strategy::RoundRobin, &seq, 1, &loads, &[true, true]),
+            first(
+                Strategy::RoundRobin,
+                &seq,
+                1,
+                2,
+                |i| loads[i],
+                |i| [true, true][i]
+            ),
             1
         );
         assert_eq!(
-            first(Strategy::RoundRobin, &seq, 0, &loads, &[false, true]),
+            first(
+                Strategy::RoundRobin,
+                &seq,
+                0,
+                2,
+                |i| loads[i],
+                |i| [false, true][i]
+            ),
             1
         );
         assert_eq!(
-            first(Strategy::RoundRobin, &seq, 0, &loads, &[false, false]),
+            first(
+                Strategy::RoundRobin,
+                &seq,
+                0,
+                2,
+                |i| loads[i],
+                |i| [false, false][i]
+            ),
             0
         );
         let _busy = [a.enter(), a.enter()];
         for tick in 0..4 {
             assert_eq!(
-                first(Strategy::LeastInFlight, &seq, tick, &loads, &[true, true]),
+                first(
+                    Strategy::LeastInFlight,
+                    &seq,
+                    tick,
+                    2,
+                    |i| loads[i],
+                    |i| [true, true][i]
+                ),
                 1
             );
         }
@@ -196,7 +231,14 @@ mod tests {
         b.observe(Duration::from_millis(5));
         for tick in 0..8 {
             assert_eq!(
-                first(Strategy::Latency, &seq, tick, &loads, &[true, true]),
+                first(
+                    Strategy::Latency,
+                    &seq,
+                    tick,
+                    2,
+                    |i| loads[i],
+                    |i| [true, true][i]
+                ),
                 1
             );
         }

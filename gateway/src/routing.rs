@@ -311,15 +311,23 @@ impl Upstream {
         let n = self.endpoints.len();
         let tick = self.next.fetch_add(1, Ordering::Relaxed) as u64;
         let now = now_ms();
-        let available: Vec<bool> = self.endpoints.iter().map(|e| e.is_available(now)).collect();
-        let loads: Vec<&crate::balance::Load> = self.endpoints.iter().map(|e| &e.load).collect();
-        let start = crate::balance::first(self.strategy, &self.sequence, tick, &loads, &available);
+        let e = &self.endpoints;
+        let start = crate::balance::first(
+            self.strategy,
+            &self.sequence,
+            tick,
+            n,
+            |i| &e[i].load,
+            |i| e[i].is_available(now),
+        );
         let rotated = (0..n).map(|i| (start + i) % n);
-        let mut order: Vec<usize> = rotated
-            .clone()
-            .filter(|&i| available[i] || i == start)
-            .collect();
-        order.extend(rotated.filter(|&i| !available[i] && i != start));
+        let mut order = Vec::with_capacity(n);
+        order.extend(
+            rotated
+                .clone()
+                .filter(|&i| i == start || e[i].is_available(now)),
+        );
+        order.extend(rotated.filter(|&i| i != start && !e[i].is_available(now)));
         order
     }
 

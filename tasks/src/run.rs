@@ -74,6 +74,22 @@ fn room(resp: &reqwest::Response, now: i64) -> Option<Room> {
         .min_by_key(|r| (r.remaining, -r.until))
 }
 
+/// An item that ends without an answer: its error line (`{code, message}`), maybe a stop.
+fn unanswered(item: &Claimed, code: &str, message: &str, stop: Option<Stop>) -> Ran {
+    let error = json!({"code": code, "message": message});
+    Ran {
+        outcome: Outcome::Failed(openai::error_line(
+            &item.task_id,
+            item.line,
+            &item.custom_id,
+            error,
+        )),
+        stop,
+        label: "failed",
+        room: None,
+    }
+}
+
 /// Statuses worth another attempt (the model provider or the gateway had a moment).
 fn transient(status: u16) -> bool {
     matches!(status, 500 | 502 | 503 | 504 | 529)
@@ -99,37 +115,18 @@ pub async fn run(
         .as_deref()
         .and_then(|h| KeyHash::from_hex(h).ok())
     else {
-        let error = json!({"code": "invalid_api_key", "message": "The API key this batch runs as was deleted."});
-        return Ran {
-            outcome: Outcome::Failed(openai::error_line(
-                &item.task_id,
-                item.line,
-                &item.custom_id,
-                error,
-            )),
-            stop: Some(Stop {
-                task_id: item.task_id.clone(),
-                code: "invalid_api_key".into(),
-                message: "The API key this batch runs as was deleted.".into(),
-                reason: Some("the API key this batch runs as was deleted".into()),
-            }),
-            label: "failed",
-            room: None,
+        const DELETED: &str = "The API key this batch runs as was deleted.";
+        let stop = Stop {
+            task_id: item.task_id.clone(),
+            code: "invalid_api_key".into(),
+            message: DELETED.into(),
+            reason: Some("the API key this batch runs as was deleted".into()),
         };
+        return unanswered(item, "invalid_api_key", DELETED, Some(stop));
     };
     if item.task_expires_at < now {
-        let error = json!({"code": "batch_expired", "message": "This request could not be executed before the completion window expired."});
-        return Ran {
-            outcome: Outcome::Failed(openai::error_line(
-                &item.task_id,
-                item.line,
-                &item.custom_id,
-                error,
-            )),
-            stop: None,
-            label: "failed",
-            room: None,
-        };
+        let why = "This request could not be executed before the completion window expired.";
+        return unanswered(item, "batch_expired", why, None);
     }
     let token = secret.batch_token(&BatchToken {
         key_hash: hash,
@@ -158,18 +155,7 @@ pub async fn run(
                 room: None,
             }
         } else {
-            let error = json!({"code": "gateway_unreachable", "message": why});
-            Ran {
-                outcome: Outcome::Failed(openai::error_line(
-                    &item.task_id,
-                    item.line,
-                    &item.custom_id,
-                    error,
-                )),
-                stop: None,
-                label: "failed",
-                room: None,
-            }
+            unanswered(item, "gateway_unreachable", &why, None)
         }
     };
     let resp = match sent {
