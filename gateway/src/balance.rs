@@ -65,6 +65,11 @@ impl Load {
         self.ewma_us.store(new, Ordering::Relaxed);
     }
 
+    /// The moving average of the time to the response header (zero: not measured yet).
+    pub fn ewma(&self) -> Duration {
+        Duration::from_micros(self.ewma_us.load(Ordering::Relaxed))
+    }
+
     /// The latency strategy's score (lower is better).
     fn score(&self) -> u64 {
         self.ewma_us
@@ -98,6 +103,12 @@ fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
+}
+
+/// A number in 0..1000 drawn from a request's turn (independent of the latency strategy's
+/// picks): the slow start's coin.
+pub fn draw_permille(tick: u64) -> u32 {
+    (mix(tick ^ 0x5157_A7E5_0000_0001) % 1000) as u32
 }
 
 /// The endpoint to try first among `n`: `tick` is this request's turn (a shared counter),

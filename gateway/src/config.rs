@@ -5,8 +5,9 @@
 //!
 //! `config/gateway.yaml` is the commented reference; every default below is repeated there.
 //! Three sections live in files of their own: `control_plane:` ([`ControlPlaneConfig`], in
-//! `config/control_plane.rs`), `batches:` ([`BatchesConfig`], in `config/batches.rs`) and each
-//! upstream's `retry:` ([`RetryConfig`], in `config/retry.rs`).
+//! `config/control_plane.rs`), `batches:` ([`BatchesConfig`], in `config/batches.rs`), each
+//! upstream ([`UpstreamConfig`], in `config/upstream.rs`, with routes' `timeouts:`) and its
+//! `retry:` ([`RetryConfig`], in `config/retry.rs`).
 //! Loading never touches the network: turning the config into live routes (DNS, peers) is
 //! [`crate::routing`]'s job.
 //!
@@ -35,10 +36,15 @@ pub use aihub_yamlconf::ConfigError;
 mod batches;
 mod control_plane;
 mod retry;
+mod upstream;
 
 pub use batches::BatchesConfig;
 pub use control_plane::ControlPlaneConfig;
 pub use retry::RetryConfig;
+pub use upstream::{
+    BaseUrl, DnsConfig, HealthCheckConfig, HealthConfig, TimeoutsConfig, TlsFiles, TlsMaterial,
+    UpstreamConfig, UpstreamSpec,
+};
 
 /// The whole gateway configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -176,97 +182,6 @@ impl Default for ServerConfig {
     }
 }
 
-/// One upstream provider: one or more equivalent endpoints.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Base URLs, e.g. `https://api.openai.com/v1`. The client's path after `/v1` is appended.
-    pub endpoints: Vec<String>,
-    /// Environment variable holding the provider credential (never the credential itself).
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-    /// Header carrying the credential. Default `authorization` (sent as `Bearer <value>`);
-    /// any other header gets the bare value (e.g. Azure's `api-key`).
-    #[serde(default = "default_auth_header")]
-    pub api_key_header: String,
-    /// When `api_key_env` is unset: `true` leaves this upstream and its routes out (with a
-    /// warning), `false` (default) is a configuration error.
-    #[serde(default)]
-    pub optional: bool,
-    /// TCP (and TLS) connect timeout per attempt. Default 5s.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Longest silence while waiting for the response header or between body reads; 504 before
-    /// the header. Default 300s (long generations stream slowly).
-    #[serde(default = "default_read_timeout", with = "humantime_serde")]
-    pub read_timeout: Duration,
-    /// Idle upstream connections are kept this long for reuse. Default 60s.
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// Verify upstream TLS certificates. Default true.
-    #[serde(default = "default_true")]
-    pub verify_tls: bool,
-    /// For streams whose client did not ask for usage, add `stream_options.include_usage` so
-    /// the upstream reports exact tokens (the extra chunk is hidden from the client). Turn off
-    /// for OpenAI-compatible upstreams that reject `stream_options`; their streams are then
-    /// metered by estimate unless the client asks for usage. Default true.
-    #[serde(default = "default_true")]
-    pub inject_stream_usage: bool,
-    /// Pass account-identifying headers through: the client's `OpenAI-Organization` and
-    /// `OpenAI-Project` upstream (with the platform's credential they would choose which of the
-    /// platform's organizations and projects pays), and the upstream's `openai-organization`,
-    /// `openai-project` and `anthropic-organization-id` back to the client (they name the
-    /// platform's provider account). Default false: stripped both ways.
-    #[serde(default)]
-    pub forward_account_headers: bool,
-    /// Paths after `/v1/` this upstream serves with `POST` (exact, e.g. `chat/completions`).
-    /// Default: the paths whose usage the gateway reads exactly: `chat/completions`,
-    /// `completions`, `embeddings`, `responses`, `messages`. Any other path listed here is
-    /// forwarded and metered by estimate (`usage_estimated = 1`); a path no upstream lists gets
-    /// 404 `unsupported_endpoint`.
-    #[serde(default = "default_paths")]
-    pub paths: Vec<String>,
-    #[serde(default)]
-    pub health: HealthConfig,
-    #[serde(default)]
-    pub retry: RetryConfig,
-    /// How requests spread over `endpoints`: `round_robin` (in proportion to `weights`),
-    /// `least_in_flight`, `latency` (two random endpoints, the lower moving average of the time
-    /// to the response header times the requests in flight). Default round_robin.
-    #[serde(default)]
-    pub balance: crate::balance::Strategy,
-    /// Relative share of each endpoint for `round_robin` (same order and length as
-    /// `endpoints`, 1 to 1000 each). Default all equal.
-    #[serde(default)]
-    pub weights: Vec<u32>,
-    /// Headers sent with every request to this upstream, replacing the client's of the same
-    /// name, e.g. `anthropic-version: "2023-06-01"`. Never a credential (use `api_key_env`).
-    /// Default none.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-}
-
-/// Passive health: an endpoint failing `failures` connects in a row is skipped for `cooldown`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// Consecutive connect failures before the endpoint is skipped. Default 3.
-    #[serde(default = "default_failures")]
-    pub failures: u32,
-    /// How long a failing endpoint is skipped. Default 10s.
-    #[serde(default = "default_cooldown", with = "humantime_serde")]
-    pub cooldown: Duration,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        HealthConfig {
-            failures: default_failures(),
-            cooldown: default_cooldown(),
-        }
-    }
-}
-
 /// A model clients may name, and where it goes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -288,6 +203,10 @@ pub struct RouteConfig {
     /// `context_length_exceeded`, `content_policy_violation`. Default none.
     #[serde(default)]
     pub fallback_on: Vec<String>,
+    /// Timeouts toward the upstream for this route's requests (connect, first byte, idle
+    /// between stream events, total); each defaults to the upstream's.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
 }
 
 /// A declarative API key: its hash and what it may do.
@@ -348,24 +267,6 @@ fn default_grace() -> Duration {
 fn default_write_timeout() -> Duration {
     Duration::from_secs(60)
 }
-fn default_auth_header() -> String {
-    "authorization".into()
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_read_timeout() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_idle_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_failures() -> u32 {
-    3
-}
-fn default_cooldown() -> Duration {
-    Duration::from_secs(10)
-}
 fn default_max_tokens() -> u32 {
     1024
 }
@@ -374,12 +275,6 @@ fn default_redis_timeout() -> Duration {
 }
 fn default_redis_prefix() -> String {
     "aihub".into()
-}
-fn default_paths() -> Vec<String> {
-    crate::api::Api::METERED_PATHS
-        .iter()
-        .map(|p| (*p).to_owned())
-        .collect()
 }
 fn default_true() -> bool {
     true
@@ -484,114 +379,18 @@ impl Config {
         }
         let mut upstreams = BTreeMap::new();
         for (name, up) in &self.upstreams {
-            let at = format!("upstreams.{name}");
-            if up.endpoints.is_empty() {
-                return Err(err(
-                    format!("{at}.endpoints"),
-                    "at least one endpoint".into(),
-                ));
-            }
-            let mut endpoints = Vec::with_capacity(up.endpoints.len());
-            for (i, url) in up.endpoints.iter().enumerate() {
-                if has_userinfo(url) {
-                    // Not echoed: the URL holds a credential.
-                    return Err(err(
-                        format!("{at}.endpoints[{i}]"),
-                        "credentials do not belong in a URL (they would show in metrics and \
-                         logs): use api_key_env"
-                            .into(),
-                    ));
+            let spec = up
+                .check(file)
+                .map_err(|(key, message)| err(format!("upstreams.{name}.{key}"), message))?;
+            match spec {
+                Some(spec) => {
+                    upstreams.insert(name.clone(), spec);
                 }
-                let base = BaseUrl::parse(url)
-                    .map_err(|m| err(format!("{at}.endpoints[{i}]"), format!("`{url}`: {m}")))?;
-                endpoints.push((url.clone(), base));
-            }
-            // `None`: an optional upstream whose credential is unset, left out.
-            let secret = match &up.api_key_env {
-                None => Some(None),
-                Some(var) if var.is_empty() => {
-                    return Err(err(format!("{at}.api_key_env"), "empty".into()));
-                }
-                Some(var) => match std::env::var_os(var) {
-                    Some(value) => Some(Some((var, value))),
-                    None if up.optional => None,
-                    None => {
-                        return Err(err(
-                            format!("{at}.api_key_env"),
-                            format!("environment variable `{var}` is not set (set `optional: true` to skip this upstream when it is absent)"),
-                        ));
-                    }
-                },
-            };
-            let header = http::HeaderName::try_from(up.api_key_header.to_ascii_lowercase())
-                .map_err(|_| {
-                    err(
-                        format!("{at}.api_key_header"),
-                        "not a valid header name".into(),
-                    )
-                })?;
-            if up.health.failures == 0 {
-                return Err(err(
-                    format!("{at}.health.failures"),
-                    "must be positive".into(),
-                ));
-            }
-            for (i, path) in up.paths.iter().enumerate() {
-                if let Err(m) = check_api_path(path) {
-                    return Err(err(format!("{at}.paths[{i}]"), format!("`{path}`: {m}")));
-                }
-            }
-            up.retry
-                .validate()
-                .map_err(|(k, m)| err(format!("{at}.retry.{k}"), m))?;
-            if !up.weights.is_empty()
-                && (up.weights.len() != up.endpoints.len()
-                    || up.weights.iter().any(|w| !(1..=1000).contains(w)))
-            {
-                return Err(err(
-                    format!("{at}.weights"),
-                    "one weight per endpoint, each 1 to 1000".into(),
-                ));
-            }
-            for (name, value) in &up.headers {
-                let valid = http::HeaderName::try_from(name.to_ascii_lowercase()).is_ok()
-                    && http::HeaderValue::try_from(value.as_str()).is_ok();
-                let credential = matches!(
-                    name.to_ascii_lowercase().as_str(),
-                    "authorization"
-                        | "x-api-key"
-                        | "api-key"
-                        | "host"
-                        | "content-length"
-                        | "transfer-encoding"
-                );
-                if !valid || credential {
-                    return Err(err(
-                        format!("{at}.headers.{name}"),
-                        "not a header the gateway may set (credentials go in api_key_env)".into(),
-                    ));
-                }
-            }
-            let auth = match secret {
                 None => {
                     let var = up.api_key_env.as_deref().unwrap_or_default();
                     tracing::warn!(upstream = %name, env = %var, "credential variable unset; optional upstream and its routes left out");
-                    continue;
                 }
-                Some(None) => None,
-                Some(Some((var, value))) => Some(
-                    credential(header, var, value)
-                        .map_err(|m| err(format!("{at}.api_key_env"), m))?,
-                ),
-            };
-            upstreams.insert(
-                name.clone(),
-                UpstreamSpec {
-                    endpoints,
-                    auth,
-                    settings: up.clone(),
-                },
-            );
+            }
         }
         let mut models = HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -613,6 +412,9 @@ impl Config {
             if r.upstream_model.as_deref() == Some("") {
                 return Err(err(format!("routes[{i}].upstream_model"), "empty".into()));
             }
+            r.timeouts
+                .validate()
+                .map_err(|(k, m)| err(format!("routes[{i}].timeouts.{k}"), m))?;
         }
         for (i, r) in self.routes.iter().enumerate() {
             let mut seen = HashSet::new();
@@ -785,87 +587,6 @@ pub struct Checked {
     pub pricing: aihub_usage::pricing::Pricing,
     /// `control_plane.admin_url`, parsed.
     pub admin_url: Option<BaseUrl>,
-}
-
-/// An upstream in use, its URLs and credential parsed.
-#[derive(Debug)]
-pub struct UpstreamSpec {
-    /// Each endpoint: the base URL as configured, and parsed.
-    pub endpoints: Vec<(String, BaseUrl)>,
-    /// The credential header and its value (marked sensitive), when `api_key_env` is set.
-    pub auth: Option<(http::HeaderName, http::HeaderValue)>,
-    /// The rest of the upstream's settings, as configured.
-    pub settings: UpstreamConfig,
-}
-
-/// The credential header of an upstream: `Bearer <value>` in `authorization`, the bare value in
-/// any other header.
-fn credential(
-    header: http::HeaderName,
-    var: &str,
-    value: std::ffi::OsString,
-) -> Result<(http::HeaderName, http::HeaderValue), String> {
-    let secret = value
-        .into_string()
-        .map_err(|_| format!("`{var}` is not set or not UTF-8"))?;
-    let value = if header == http::header::AUTHORIZATION {
-        format!("Bearer {secret}")
-    } else {
-        secret
-    };
-    let mut value = http::HeaderValue::from_str(&value)
-        .map_err(|_| format!("`{var}` holds characters not allowed in a header"))?;
-    value.set_sensitive(true);
-    Ok((header, value))
-}
-
-/// A parsed upstream base URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Path prefix without a trailing slash, e.g. `/v1`; may be empty.
-    pub path: String,
-    /// Query string sent with every request, before the client's (Azure OpenAI's
-    /// `api-version=…`); may be empty.
-    pub query: String,
-}
-
-/// Whether a URL carries `user[:password]@` before its host.
-fn has_userinfo(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    authority.contains('@')
-}
-
-impl BaseUrl {
-    pub fn parse(url: &str) -> Result<BaseUrl, String> {
-        if has_userinfo(url) {
-            return Err("credentials do not belong in a URL: use api_key_env".into());
-        }
-        let uri: http::Uri = url.parse().map_err(|e| format!("not a URL ({e})"))?;
-        let tls = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => return Err("the scheme must be http or https".into()),
-        };
-        let host = uri.host().filter(|h| !h.is_empty()).ok_or("no host")?;
-        let query = uri.query().unwrap_or("").to_owned();
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let path = uri.path().trim_end_matches('/').to_owned();
-        Ok(BaseUrl {
-            tls,
-            host,
-            port,
-            path,
-            query,
-        })
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Sends a buffered request to an upstream and streams the answer back to the client.
 //!
-//! Endpoints are tried in [`Upstream::attempt_order`]; a connect failure moves on to the next
-//! endpoint (the request has not left the gateway, so this is always safe). A stale pooled
+//! Endpoints are tried in [`Upstream::attempt_order`], each at the next of its resolved
+//! addresses; a connect failure moves on to the next endpoint or address (the request has not
+//! left the gateway, so this is always safe). The route's timeouts bound each step: connect,
+//! first byte, idle between body reads, and the whole exchange (`timeouts.total`). A stale pooled
 //! connection that fails before any response byte is retried on the same endpoint. An answer
 //! with a retry status, or no answer in time, is sent again to the next endpoint within the
 //! upstream's `retry:` budget ([`exchange`]); otherwise a timeout is a 504, any other failure
@@ -10,11 +12,12 @@
 
 use std::future::Future;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
@@ -22,9 +25,10 @@ use pingora_proxy::Session;
 use crate::api::Api;
 use crate::client::{client_error, client_write};
 use crate::context::{RequestCtx, ResponseMeter, Shared};
+use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
 use crate::metering::{JsonMeter, SseMeter};
-use crate::routing::{Endpoint, Route, Upstream};
+use crate::routing::{Route, Timeouts, Upstream};
 
 /// How many times a request may meet a stale pooled connection before giving up on an endpoint.
 const STALE_RETRIES: usize = 2;
@@ -91,7 +95,15 @@ pub async fn exchange(
     let policy = &upstream.retry;
     let path = session.req_header().uri.path();
     let retries = policy.retries_path(path.strip_prefix("/v1/").unwrap_or(path));
-    let deadline = Instant::now() + policy.deadline;
+    let started = Instant::now();
+    let total = route.timeouts.total.map(|t| started + t);
+    let deadline = total.map_or(started + policy.deadline, |t| {
+        t.min(started + policy.deadline)
+    });
+    let limits = Limits {
+        timeouts: route.timeouts,
+        total,
+    };
     let order = upstream.attempt_order();
     let mut last_connect_error = None;
     let mut connect_failures = 0;
@@ -99,11 +111,12 @@ pub async fn exchange(
     for i in order.iter().copied().cycle() {
         let attempt_started = Instant::now();
         let endpoint = &upstream.endpoints[i];
+        let address = endpoint.pick(crate::clock::now_ms());
         // In flight until this attempt ends (a relayed answer: until its last byte).
         let _in_flight = endpoint.load.enter();
         let header = upstream_request(session.req_header(), endpoint, upstream, &body, ctx)?;
         let may_retry = retries && sent + 1 < policy.attempts && attempt_started < deadline;
-        match send(shared, endpoint, header, &body).await {
+        match send(shared, address.peer(), header, &body, &limits).await {
             Ok((up, sent_at)) => {
                 endpoint.load.observe(sent_at.elapsed());
                 sent += 1;
@@ -118,8 +131,8 @@ pub async fn exchange(
                     let wait = crate::retry::wait(headers, sent, policy.backoff);
                     if Instant::now() + wait < deadline {
                         count_attempt(shared, upstream, endpoint, "retried_status");
-                        if status >= 500 && upstream.record_failure(i) {
-                            tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.url, status, "endpoint skipped after repeated failures");
+                        if status >= 500 {
+                            failed(shared, upstream, i);
                         }
                         // The answer's connection is dropped, not pooled: its body is unread.
                         drop(up);
@@ -130,7 +143,7 @@ pub async fn exchange(
                 }
                 let status = answer.map_or(0, |(s, _)| s);
                 if status >= 500 {
-                    upstream.record_failure(i);
+                    failed(shared, upstream, i);
                 } else {
                     upstream.record_success(i);
                 }
@@ -156,26 +169,24 @@ pub async fn exchange(
                 }
                 count_attempt(shared, upstream, endpoint, "answered");
                 ctx.endpoint = Some(i);
-                relay(
-                    shared,
-                    session,
-                    ctx,
-                    (upstream, endpoint),
-                    (up, prefix),
+                let answer = Answer {
+                    up,
+                    prefix,
                     sent_at,
-                )
-                .await?;
+                    peer: address.peer(),
+                };
+                relay(shared, session, ctx, (upstream, endpoint), answer, &limits).await?;
                 return Ok(Exchanged::Relayed);
             }
             Err(SendError::Connect(e)) => {
                 count_error(shared, upstream, endpoint, "connect");
-                if upstream.record_failure(i) {
-                    tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.url, "endpoint skipped after repeated connect failures");
+                if upstream.record_connect_failure(i, &address) {
+                    ejected(shared, upstream, endpoint);
                 }
                 last_connect_error = Some(e);
                 connect_failures += 1;
                 ctx.waited += attempt_started.elapsed();
-                if connect_failures >= order.len() || Instant::now() >= deadline {
+                if connect_failures >= upstream.connect_budget() || Instant::now() >= deadline {
                     break;
                 }
             }
@@ -184,10 +195,12 @@ pub async fn exchange(
                 ctx.attempts = sent.min(u32::from(u8::MAX)) as u8;
                 connect_failures = 0;
                 let timed_out = matches!(e.etype(), ErrorType::ReadTimedout);
-                if timed_out && policy.on_timeout && may_retry {
+                if timed_out {
+                    failed(shared, upstream, i);
+                }
+                if timed_out && policy.on_timeout && may_retry && Instant::now() < deadline {
                     count_error(shared, upstream, endpoint, "timeout");
                     count_attempt(shared, upstream, endpoint, "retried_timeout");
-                    upstream.record_failure(i);
                     ctx.waited += attempt_started.elapsed();
                     continue;
                 }
@@ -201,6 +214,51 @@ pub async fn exchange(
         upstream: upstream.name.clone(),
         detail: last_connect_error.map_or_else(|| "no endpoint".into(), |e| e.to_string()),
     })
+}
+
+/// A request's time limits toward the upstream: its route's timeouts and the end of its
+/// total budget.
+struct Limits {
+    timeouts: Timeouts,
+    total: Option<Instant>,
+}
+
+impl Limits {
+    /// The read timeout for the next wait: `each`, cut to what is left of the total.
+    fn read_timeout(&self, each: Duration) -> Duration {
+        match self.total {
+            Some(end) => each.min(end.saturating_duration_since(Instant::now())),
+            None => each,
+        }
+    }
+}
+
+/// An upstream answer being relayed: its session, the body start already read (an error
+/// checked for a fallback), when the request was sent, and the address it came from (where its
+/// connection returns to the pool).
+struct Answer<'a> {
+    up: HttpSession,
+    prefix: Option<Bytes>,
+    sent_at: Instant,
+    peer: &'a HttpPeer,
+}
+
+/// Records a failed request to endpoint `i` for passive health (5xx, timeout).
+fn failed(shared: &Shared, upstream: &Upstream, i: usize) {
+    if upstream.record_failure(i) {
+        ejected(shared, upstream, &upstream.endpoints[i]);
+    }
+}
+
+/// An endpoint just left the rotation after failures of real requests.
+fn ejected(shared: &Shared, upstream: &Upstream, endpoint: &Endpoint) {
+    shared
+        .metrics
+        .endpoints
+        .ejections
+        .with_label_values(&[upstream.name.as_str(), endpoint.url.as_str(), "passive"])
+        .inc();
+    tracing::warn!(upstream = %upstream.name, endpoint = %endpoint.url, "endpoint skipped after repeated failures");
 }
 
 /// What [`exchange`] did with the request.
@@ -254,24 +312,34 @@ enum SendError {
     Exchange(Box<Error>, Instant),
 }
 
-/// Connects (or reuses a pooled connection), writes the request and reads the response header.
+/// Connects (or reuses a pooled connection) to `peer`, writes the request and reads the
+/// response header, within the route's connect and first-byte timeouts.
 async fn send(
     shared: &Shared,
-    endpoint: &Endpoint,
+    peer: &HttpPeer,
     header: RequestHeader,
     body: &Bytes,
+    limits: &Limits,
 ) -> Result<(HttpSession, Instant), SendError> {
     let mut stale = 0;
     loop {
         let sent_at = Instant::now();
-        let (mut up, reused) = shared
-            .connector
-            .get_http_session(&endpoint.peer)
-            .await
-            .map_err(SendError::Connect)?;
+        let connect = shared.connector.get_http_session(peer);
+        let connected = match limits.timeouts.connect {
+            Some(limit) => tokio::time::timeout(limit, connect)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::explain(
+                        ErrorType::ConnectTimedout,
+                        "connect timed out (route timeouts.connect)",
+                    ))
+                }),
+            None => connect.await,
+        };
+        let (mut up, reused) = connected.map_err(SendError::Connect)?;
         // The connector does not apply the peer's I/O timeouts to the session; we must.
-        up.set_read_timeout(endpoint.peer.options.read_timeout);
-        up.set_write_timeout(endpoint.peer.options.write_timeout);
+        up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.first_byte)));
+        up.set_write_timeout(peer.options.write_timeout);
         let result = async {
             up.write_request_header(Box::new(header.clone())).await?;
             up.write_request_body(body.clone(), true).await?;
@@ -301,9 +369,15 @@ async fn relay(
     session: &mut Session,
     ctx: &mut RequestCtx,
     (upstream, endpoint): (&Upstream, &Endpoint),
-    (mut up, mut pending): (HttpSession, Option<Bytes>),
-    sent_at: Instant,
+    answer: Answer<'_>,
+    limits: &Limits,
 ) -> Result<(), GatewayError> {
+    let Answer {
+        mut up,
+        prefix: mut pending,
+        sent_at,
+        peer,
+    } = answer;
     let upstream_wait = sent_at.elapsed();
     ctx.upstream_latency = Some(upstream_wait);
     ctx.waited += upstream_wait;
@@ -343,11 +417,17 @@ async fn relay(
     let limit = session.downstream_session.get_write_timeout();
     let header = Box::new(ResponseHeader::from(resp));
     client_write(limit, session.write_response_header(header, false)).await?;
+    // From here on, the longest silence between two body reads is the route's idle timeout
+    // (cut to what is left of its total).
+    up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.idle)));
     loop {
         // The start of the body when it was read already (an error checked for a fallback).
         let chunk = match pending.take() {
             Some(head) => head,
             None => {
+                if limits.total.is_some() {
+                    up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.idle)));
+                }
                 let chunk = match up.read_response_body().await {
                     Ok(Some(chunk)) => chunk,
                     Ok(None) => break,
@@ -380,7 +460,7 @@ async fn relay(
     client_write(limit, session.write_response_body(None, true)).await?;
     shared
         .connector
-        .release_http_session(up, &endpoint.peer, endpoint.peer.options.idle_timeout)
+        .release_http_session(up, peer, peer.options.idle_timeout)
         .await;
     Ok(())
 }

@@ -25,13 +25,17 @@
 //! - [`config`]: the YAML file's structs and defaults; `Config::check` parses every value once
 //!   into the values the gateway runs on (routes, prices, plans, declared key records).
 //! - [`retry`]: when a request is sent again before its first byte, and how long to wait.
-//! - [`routing`]: the live routing table (models, upstreams, endpoints, passive health) and
-//!   the admin API's address.
+//! - [`endpoint`]: one base URL of an upstream: its resolved addresses (as peers with the
+//!   upstream's timeouts and TLS files) and its health (passive, active, slow start).
+//! - [`routing`]: the live routing table (models with their timeouts, upstreams, their
+//!   endpoints and health policy) and the admin API's address.
 //! - [`keysnapshot`]: the on-disk snapshot of control-plane keys for starts without a database.
 //! - [`limits`]: request/token limits and plan quotas, local or shared through Redis.
 //! - [`metering`]: usage read from JSON bodies and SSE streams as they pass; estimates.
 //! - [`context`]: the shared state and the per-request context (with its metering decision)
-//!   that the next three modules read and fill.
+//!   that the next modules read and fill.
+//! - [`upkeep`]: background upkeep of the endpoints: active health checks and DNS
+//!   re-resolution.
 //! - [`usage`]: the usage record of a finished request.
 //! - [`forward`]: sending the request upstream with failover and retries, streaming the
 //!   response back.
@@ -48,6 +52,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod endpoint;
 pub mod error;
 pub mod forward;
 pub mod internal;
@@ -63,6 +68,7 @@ pub mod request;
 pub mod retry;
 pub mod routing;
 pub mod server;
+pub mod upkeep;
 pub mod usage;
 
 pub use config::{Config, ConfigError};

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub fallbacks: IntCounterVec,
     /// 1 when an endpoint is taking traffic, 0 while it is skipped after failures.
     pub endpoint_healthy: IntGaugeVec,
+    /// Per-endpoint gauges, health checks, ejections and DNS: see [`EndpointMetrics`].
+    pub endpoints: EndpointMetrics,
     pub in_flight: IntGauge,
     /// Keys held in memory, both sources.
     pub keys_loaded: IntGauge,
@@ -90,7 +92,9 @@ impl Metrics {
             .register(Box::new(endpoint_healthy.clone()))
             .expect("unique metric");
         let key_sync = KeySyncMetrics::new(&registry);
+        let endpoints = EndpointMetrics::new(&registry);
         Metrics {
+            endpoints,
             key_sync,
             requests: counter(
                 "requests_total",
@@ -179,6 +183,84 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding cannot fail");
         out
+    }
+}
+
+/// Per-endpoint metrics (labels `upstream`, `endpoint`): live gauges set at scrape time, and
+/// what [`crate::upkeep`] and passive health did.
+#[derive(Clone)]
+pub struct EndpointMetrics {
+    /// Requests in flight to the endpoint from this node.
+    pub in_flight: IntGaugeVec,
+    /// Moving average of the time to the response header, seconds.
+    pub latency: prometheus::GaugeVec,
+    /// Addresses the endpoint's host resolves to.
+    pub addresses: IntGaugeVec,
+    /// Active health checks by result (`pass`, `fail`).
+    pub checks: IntCounterVec,
+    /// Times the endpoint was taken out of rotation, by reason (`passive`: failures of real
+    /// requests; `active`: failed checks).
+    pub ejections: IntCounterVec,
+    /// Host-name resolutions by result (`changed`, `unchanged`, `failed`).
+    pub resolutions: IntCounterVec,
+}
+
+impl EndpointMetrics {
+    fn new(registry: &Registry) -> EndpointMetrics {
+        const LABELS: &[&str] = &["upstream", "endpoint"];
+        fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        }
+        let int_gauge = |name: &str, help: &str| {
+            register(
+                registry,
+                IntGaugeVec::new(Opts::new(name, help), LABELS).expect("valid metric"),
+            )
+        };
+        let counter = |name: &str, help: &str, extra: &str| {
+            register(
+                registry,
+                IntCounterVec::new(Opts::new(name, help), &["upstream", "endpoint", extra])
+                    .expect("valid metric"),
+            )
+        };
+        EndpointMetrics {
+            in_flight: int_gauge(
+                "upstream_endpoint_in_flight",
+                "Requests in flight to the endpoint from this node",
+            ),
+            latency: register(
+                registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "upstream_endpoint_latency_seconds",
+                        "Moving average of the time to the response header",
+                    ),
+                    LABELS,
+                )
+                .expect("valid metric"),
+            ),
+            addresses: int_gauge(
+                "upstream_endpoint_addresses",
+                "Addresses the endpoint's host name resolves to",
+            ),
+            checks: counter(
+                "upstream_health_checks_total",
+                "Active health checks by result (pass, fail)",
+                "result",
+            ),
+            ejections: counter(
+                "upstream_ejections_total",
+                "Endpoints taken out of rotation, by reason (passive, active)",
+                "reason",
+            ),
+            resolutions: counter(
+                "upstream_dns_resolutions_total",
+                "Host-name resolutions by result (changed, unchanged, failed)",
+                "result",
+            ),
+        }
     }
 }
 

@@ -1,14 +1,14 @@
 //! The live routing table built from a checked configuration ([`crate::config::Checked`]):
-//! model → [`Route`] → [`Upstream`] with its endpoints, round-robin cursor and passive health;
+//! model → [`Route`] (with its timeouts) → [`Upstream`] with its endpoints
+//! ([`crate::endpoint`]), balancing cursor and health policy;
 //! and the admin API's address for the Files and Batches calls ([`AdminPeer`]).
 //!
 //! A [`Runtime`] is immutable once built; a reload builds a new one and swaps it in, so a
 //! request keeps the snapshot it started with.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 
 use crate::clock::now_ms;
 use crate::config::{BaseUrl, Checked, Config, ConfigError, UpstreamSpec};
+use crate::endpoint::{Endpoint, PeerRef};
 
 /// Everything a request reads from configuration, swapped as a whole on reload.
 #[derive(Debug)]
@@ -66,7 +67,7 @@ const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 impl AdminPeer {
     /// Resolves the admin API's host (the only I/O); errors say why, without the URL.
     pub fn build(url: &str, base: &BaseUrl) -> Result<AdminPeer, String> {
-        let addr = resolve(base)?;
+        let addr = crate::endpoint::resolve(&base.host, base.port)?[0];
         let mut peer = HttpPeer::new(addr, base.tls, base.host.clone());
         let o = &mut peer.options;
         o.connection_timeout = Some(ADMIN_CONNECT_TIMEOUT);
@@ -77,32 +78,10 @@ impl AdminPeer {
         Ok(AdminPeer {
             url: url.to_owned(),
             peer,
-            host: host_header(base)?,
+            host: crate::endpoint::host_header(base)?,
             base_path: base.path.clone(),
         })
     }
-}
-
-/// The first address of a base URL's host.
-fn resolve(base: &BaseUrl) -> Result<SocketAddr, String> {
-    (base.host.as_str(), base.port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve `{}`: {e}", base.host))?
-        .next()
-        .ok_or_else(|| format!("`{}` has no address", base.host))
-}
-
-/// The `Host` header for a base URL: the port only when it is not the scheme's default.
-fn host_header(base: &BaseUrl) -> Result<HeaderValue, String> {
-    let default_port = if base.tls { 443 } else { 80 };
-    let host = if base.port == default_port {
-        base.host.clone()
-    } else if base.host.contains(':') {
-        format!("[{}]:{}", base.host, base.port)
-    } else {
-        format!("{}:{}", base.host, base.port)
-    };
-    HeaderValue::from_str(&host).map_err(|e| e.to_string())
 }
 
 /// A model clients may name.
@@ -116,6 +95,22 @@ pub struct Route {
     pub fallbacks: Vec<String>,
     /// 4xx error codes that also move on to the next fallback (`fallback_on`).
     pub fallback_on: Vec<String>,
+    /// Timeouts toward the upstream (`timeouts:`, else the upstream's).
+    pub timeouts: Timeouts,
+}
+
+/// A route's timeouts, resolved against its upstream's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connect limit applied by the request when it differs from the peers' own (the
+    /// upstream's `connect_timeout`, raised to the longest of its routes').
+    pub connect: Option<Duration>,
+    /// Request sent → response header.
+    pub first_byte: Duration,
+    /// Between two body reads.
+    pub idle: Duration,
+    /// The whole exchange, retries and body included.
+    pub total: Option<Duration>,
 }
 
 impl Route {
@@ -125,7 +120,7 @@ impl Route {
     }
 }
 
-/// An upstream provider: equivalent endpoints tried round-robin, failing over on connect errors.
+/// An upstream provider: equivalent endpoints, chosen by `balance:`, retried in turn.
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
@@ -145,29 +140,21 @@ pub struct Upstream {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// How the first endpoint of a request is chosen (`balance:`).
     pub strategy: crate::balance::Strategy,
+    /// Active health checks (`health.check`), run by [`crate::upkeep`].
+    pub check: Option<crate::config::HealthCheckConfig>,
+    /// Time between two resolutions of the endpoints' host names (zero: never again).
+    pub dns_refresh: Duration,
+    /// The upstream's connect and read timeouts (a route's default).
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    /// The connect timeout of the endpoints' peers.
+    peer_connect_timeout: Duration,
     /// The weighted round-robin order of endpoints (`weights:`).
     sequence: Vec<usize>,
     next: AtomicUsize,
     failures_to_trip: u32,
     cooldown_ms: u64,
-}
-
-/// One base URL of an upstream, resolved, with its passive health.
-#[derive(Debug)]
-pub struct Endpoint {
-    /// The base URL as configured (a metrics label; holds no secret).
-    pub url: String,
-    pub peer: HttpPeer,
-    /// `Host` header value for requests to this endpoint.
-    pub host: HeaderValue,
-    /// Path prefix replacing the client's `/v1`.
-    pub base_path: String,
-    /// Query string of the base URL, sent before the client's (may be empty).
-    pub base_query: String,
-    /// Requests in flight and the moving average of the time to the response header.
-    pub load: crate::balance::Load,
-    consecutive_failures: AtomicU32,
-    skip_until_ms: AtomicU64,
+    slow_start_ms: u64,
 }
 
 impl Runtime {
@@ -177,23 +164,40 @@ impl Runtime {
     pub fn build(config: &Config, checked: Checked, file: &Path) -> Result<Runtime, ConfigError> {
         let mut upstreams = HashMap::new();
         for (name, spec) in checked.upstreams {
-            let upstream = Upstream::build(&name, spec).map_err(|(key, message)| ConfigError {
-                file: file.to_owned(),
-                key: format!("upstreams.{name}{key}"),
-                message,
-            })?;
+            // Peers connect within the longest connect timeout of the upstream and its routes;
+            // shorter ones are applied per request.
+            let connect = config
+                .routes
+                .iter()
+                .filter(|r| r.upstream == name)
+                .filter_map(|r| r.timeouts.connect)
+                .fold(spec.settings.connect_timeout, Duration::max);
+            let upstream =
+                Upstream::build(&name, spec, connect).map_err(|(key, message)| ConfigError {
+                    file: file.to_owned(),
+                    key: format!("upstreams.{name}{key}"),
+                    message,
+                })?;
             upstreams.insert(name, Arc::new(upstream));
         }
         let mut routes = HashMap::new();
         for r in &config.routes {
             // Routes to a left-out optional upstream are left out too.
             if let Some(upstream) = upstreams.get(r.upstream.as_str()) {
+                let t = &r.timeouts;
+                let connect = t.connect.unwrap_or(upstream.connect_timeout);
                 let route = Route {
                     model: r.model.clone(),
                     upstream: Arc::clone(upstream),
                     upstream_model: r.upstream_model.clone().filter(|m| *m != r.model),
                     fallbacks: r.fallbacks.clone(),
                     fallback_on: r.fallback_on.clone(),
+                    timeouts: Timeouts {
+                        connect: (connect != upstream.peer_connect_timeout).then_some(connect),
+                        first_byte: t.first_byte.unwrap_or(upstream.read_timeout),
+                        idle: t.idle.unwrap_or(upstream.read_timeout),
+                        total: t.total,
+                    },
                 };
                 routes.insert(r.model.clone(), Arc::new(route));
             }
@@ -231,13 +235,34 @@ impl Runtime {
         })
     }
 
-    /// Every endpoint of every upstream, once (for health gauges).
-    pub fn endpoints(&self) -> impl Iterator<Item = (&Upstream, &Endpoint)> {
+    /// Every upstream in use, once.
+    pub fn upstreams(&self) -> impl Iterator<Item = &Upstream> {
         let mut seen = std::collections::HashSet::new();
         self.routes
             .values()
             .filter(move |r| seen.insert(Arc::as_ptr(&r.upstream)))
-            .flat_map(|r| r.upstream.endpoints.iter().map(move |e| (&*r.upstream, e)))
+            .map(|r| &*r.upstream)
+    }
+
+    /// Every endpoint of every upstream, once (for health gauges).
+    pub fn endpoints(&self) -> impl Iterator<Item = (&Upstream, &Endpoint)> {
+        self.upstreams()
+            .flat_map(|u| u.endpoints.iter().map(move |e| (u, e)))
+    }
+
+    /// Takes over the live state of the table this one replaces (a reload): each endpoint of
+    /// the same upstream and URL keeps its health and resolved addresses.
+    pub fn carry_over(&self, old: &Runtime) {
+        for upstream in self.upstreams() {
+            let Some(previous) = old.upstreams().find(|u| u.name == upstream.name) else {
+                continue;
+            };
+            for e in &upstream.endpoints {
+                if let Some(p) = previous.endpoints.iter().find(|p| p.url == e.url) {
+                    e.carry_over(p);
+                }
+            }
+        }
     }
 }
 
@@ -247,32 +272,31 @@ impl Upstream {
         self.paths.iter().any(|p| p == path)
     }
 
-    fn build(name: &str, spec: UpstreamSpec) -> Result<Upstream, (String, String)> {
+    fn build(
+        name: &str,
+        spec: UpstreamSpec,
+        connect_timeout: Duration,
+    ) -> Result<Upstream, (String, String)> {
         let cfg = spec.settings;
         let n_endpoints = spec.endpoints.len();
         let mut endpoints = Vec::with_capacity(n_endpoints);
         for (i, (url, base)) in spec.endpoints.into_iter().enumerate() {
-            let at = format!(".endpoints[{i}]");
-            let addr = resolve(&base).map_err(|m| (at.clone(), m))?;
-            let mut peer = HttpPeer::new(addr, base.tls, base.host.clone());
+            let mut peer = Endpoint::template(&base);
             let o = &mut peer.options;
-            o.connection_timeout = Some(cfg.connect_timeout);
-            o.total_connection_timeout = Some(cfg.connect_timeout);
+            o.connection_timeout = Some(connect_timeout);
+            o.total_connection_timeout = Some(connect_timeout);
             o.read_timeout = Some(cfg.read_timeout);
             o.write_timeout = Some(cfg.read_timeout);
             o.idle_timeout = Some(cfg.idle_timeout);
             o.verify_cert = cfg.verify_tls;
             o.verify_hostname = cfg.verify_tls;
-            endpoints.push(Endpoint {
-                url,
-                peer,
-                host: host_header(&base).map_err(|m| (at, m))?,
-                base_path: base.path,
-                base_query: base.query,
-                load: crate::balance::Load::default(),
-                consecutive_failures: AtomicU32::new(0),
-                skip_until_ms: AtomicU64::new(0),
-            });
+            o.ca = spec.tls.ca.clone();
+            peer.client_cert_key = spec.tls.client.clone();
+            // Connections made with other TLS files are not reused for these.
+            peer.group_key = spec.tls.digest;
+            let endpoint =
+                Endpoint::build(url, base, peer).map_err(|m| (format!(".endpoints[{i}]"), m))?;
+            endpoints.push(endpoint);
         }
         Ok(Upstream {
             name: name.to_owned(),
@@ -298,66 +322,78 @@ impl Upstream {
                 cfg.weights.clone()
             }),
             retry: cfg.retry,
+            check: cfg.health.check,
+            dns_refresh: cfg.dns.refresh,
+            connect_timeout: cfg.connect_timeout,
+            read_timeout: cfg.read_timeout,
+            peer_connect_timeout: connect_timeout,
             next: AtomicUsize::new(0),
             failures_to_trip: cfg.health.failures,
             cooldown_ms: cfg.health.cooldown.as_millis() as u64,
+            slow_start_ms: cfg.health.slow_start.as_millis() as u64,
         })
     }
 
     /// Endpoint indices in the order this request should try them: the one the `balance:`
-    /// strategy chooses first, then the others in turn, healthy endpoints before those in
-    /// cooldown (still tried: failing closed helps nobody).
+    /// strategy chooses first (an endpoint in its slow start only for its share of the
+    /// requests), then the others in turn, available endpoints before those skipped or ejected
+    /// (still tried: failing closed helps nobody).
     pub fn attempt_order(&self) -> Vec<usize> {
         let n = self.endpoints.len();
         let tick = self.next.fetch_add(1, Ordering::Relaxed) as u64;
         let now = now_ms();
         let e = &self.endpoints;
-        let start = crate::balance::first(
+        let available = |i: usize| e[i].health.is_available(now);
+        let mut start = crate::balance::first(
             self.strategy,
             &self.sequence,
             tick,
             n,
             |i| &e[i].load,
-            |i| e[i].is_available(now),
+            available,
         );
+        let share = e[start].health.share_permille(now, self.slow_start_ms);
+        if share < 1000 && crate::balance::draw_permille(tick) >= share {
+            // Not this one's turn while it comes back: the next available one at full share.
+            if let Some(other) = (1..n).map(|k| (start + k) % n).find(|&i| {
+                available(i) && e[i].health.share_permille(now, self.slow_start_ms) == 1000
+            }) {
+                start = other;
+            }
+        }
         let rotated = (0..n).map(|i| (start + i) % n);
         let mut order = Vec::with_capacity(n);
-        order.extend(
-            rotated
-                .clone()
-                .filter(|&i| i == start || e[i].is_available(now)),
-        );
-        order.extend(rotated.filter(|&i| i != start && !e[i].is_available(now)));
+        order.extend(rotated.clone().filter(|&i| i == start || available(i)));
+        order.extend(rotated.filter(|&i| i != start && !available(i)));
         order
     }
 
-    /// Records a failed connect to endpoint `i`; returns true when it just entered cooldown.
+    /// Records a failed request to endpoint `i` (connect error, timeout, 5xx); returns true
+    /// when it just started being skipped.
     pub fn record_failure(&self, i: usize) -> bool {
-        let e = &self.endpoints[i];
-        let failures = e.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= self.failures_to_trip {
-            let was_down = e.skip_until_ms.load(Ordering::Relaxed) > now_ms();
-            e.skip_until_ms
-                .store(now_ms() + self.cooldown_ms, Ordering::Relaxed);
-            return !was_down;
-        }
-        false
+        self.endpoints[i]
+            .health
+            .record_failure(now_ms(), self.failures_to_trip, self.cooldown_ms)
+    }
+
+    /// Records a failed connect to one address of endpoint `i`: that address is skipped for
+    /// the cooldown, and the endpoint counts a failure.
+    pub fn record_connect_failure(&self, i: usize, peer: &PeerRef) -> bool {
+        let now = now_ms();
+        self.endpoints[i].address_failed(peer, now, self.cooldown_ms);
+        self.endpoints[i]
+            .health
+            .record_failure(now, self.failures_to_trip, self.cooldown_ms)
     }
 
     /// Records a successful exchange with endpoint `i`.
     pub fn record_success(&self, i: usize) {
-        let e = &self.endpoints[i];
-        if e.consecutive_failures.load(Ordering::Relaxed) != 0 {
-            e.consecutive_failures.store(0, Ordering::Relaxed);
-            e.skip_until_ms.store(0, Ordering::Relaxed);
-        }
+        self.endpoints[i].health.record_success(now_ms());
     }
-}
 
-impl Endpoint {
-    /// Whether the endpoint is outside its cooldown at `now_ms`.
-    pub fn is_available(&self, now_ms: u64) -> bool {
-        self.skip_until_ms.load(Ordering::Relaxed) <= now_ms
+    /// How many connect failures in a row end a request: one per address of every endpoint.
+    pub fn connect_budget(&self) -> usize {
+        self.endpoints.iter().map(|e| e.addresses().len()).sum()
     }
 }
 
@@ -397,13 +433,13 @@ mod tests {
         assert_eq!(second, vec![1, 0]);
         assert!(!u.record_failure(0));
         assert!(u.record_failure(0)); // second failure trips the cooldown
-        assert!(!u.endpoints[0].is_available(now_ms()));
+        assert!(!u.endpoints[0].health.is_available(now_ms()));
         // Endpoint 0 now comes last whatever the round-robin start.
         for _ in 0..3 {
             assert_eq!(u.attempt_order(), vec![1, 0]);
         }
         u.record_success(0);
-        assert!(u.endpoints[0].is_available(now_ms()));
+        assert!(u.endpoints[0].health.is_available(now_ms()));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Assembles the pingora server: the proxy service on the configured listeners, the operations
-//! listener (`/metrics`, `/healthz`, `/readyz`), the background reloader (SIGHUP), the usage
-//! pipeline and, with a `control_plane` section, the key sync ([`crate::keysync`]).
+//! listener (`/metrics`, `/healthz`, `/readyz`), the background reloader (SIGHUP), the
+//! endpoints' upkeep ([`crate::upkeep`]), the usage pipeline and, with a `control_plane`
+//! section, the key sync ([`crate::keysync`]).
 //!
 //! Reload re-reads the file, checks it and builds a new routing table and declared key set;
 //! if any step fails, the old configuration keeps serving and
 //! `aihub_config_reloads_total{result="error"}` rises. In-flight requests finish on the snapshot
-//! they started with. Reload replaces only the YAML-declared keys, never synced ones. Listener,
+//! they started with; endpoints present before and after keep their health and addresses.
+//! Reload replaces only the YAML-declared keys, never synced ones. Listener,
 //! thread and `control_plane` changes need a restart (except its `admin_url` and
 //! `max_upload_bytes`, which are part of the routing table).
 
@@ -184,6 +186,10 @@ impl GatewayServer {
         server.add_service(proxy);
         server.add_service(ops);
         server.add_service(reloader);
+        server.add_service(background_service(
+            "aihub upkeep",
+            crate::upkeep::Upkeep::new(Arc::clone(&shared)),
+        ));
         if let Some(cp) = &config.control_plane {
             let sync = KeySync::new(cp.clone(), Arc::clone(&shared), keys);
             server.add_service(background_service("aihub key sync", sync));
@@ -219,13 +225,7 @@ impl ServeHttp for OpsApp {
                 )
             }
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
-            "/readyz" if is_ready(&self.shared) => (200, "text/plain", b"ready\n".to_vec()),
-            "/readyz" if !self.shared.keys_ready.load(Ordering::Relaxed) => (
-                503,
-                "text/plain",
-                b"not ready: control-plane keys not loaded yet\n".to_vec(),
-            ),
-            "/readyz" => (503, "text/plain", b"not ready\n".to_vec()),
+            "/readyz" => self.readiness(),
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };
         Response::builder()
@@ -244,12 +244,78 @@ impl OpsApp {
         m.keys_loaded.set(self.shared.keys.len() as i64);
         let runtime = self.shared.runtime.load();
         let now = crate::clock::now_ms();
+        let e = &m.endpoints;
         m.endpoint_healthy.reset();
+        e.in_flight.reset();
+        e.latency.reset();
+        e.addresses.reset();
         for (upstream, endpoint) in runtime.endpoints() {
+            let labels = [upstream.name.as_str(), endpoint.url.as_str()];
             m.endpoint_healthy
-                .with_label_values(&[upstream.name.as_str(), endpoint.url.as_str()])
-                .set(endpoint.is_available(now) as i64);
+                .with_label_values(&labels)
+                .set(endpoint.health.is_available(now) as i64);
+            e.in_flight
+                .with_label_values(&labels)
+                .set(i64::from(endpoint.load.in_flight()));
+            e.latency
+                .with_label_values(&labels)
+                .set(endpoint.load.ewma().as_secs_f64());
+            e.addresses
+                .with_label_values(&labels)
+                .set(endpoint.addresses().len() as i64);
         }
+    }
+
+    /// `/readyz`: 200 once serving (and, with a control plane, once its keys were loaded),
+    /// 503 otherwise; the body reports every upstream endpoint's state. Upstream health does
+    /// not decide readiness: a provider's outage must not take every gateway node out of its
+    /// load balancer (clients of other models would lose service too).
+    fn readiness(&self) -> (u16, &'static str, Vec<u8>) {
+        let reason = if is_ready(&self.shared) {
+            None
+        } else if !self.shared.keys_ready.load(Ordering::Relaxed) {
+            Some("control-plane keys not loaded yet")
+        } else {
+            Some("not serving (starting or shutting down)")
+        };
+        let runtime = self.shared.runtime.load();
+        let now = crate::clock::now_ms();
+        let mut upstreams: Vec<serde_json::Value> = runtime
+            .upstreams()
+            .map(|u| {
+                let endpoints: Vec<serde_json::Value> = u
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let state = if e.health.is_ejected() {
+                            "ejected"
+                        } else if !e.health.is_available(now) {
+                            "cooling_down"
+                        } else {
+                            "healthy"
+                        };
+                        serde_json::json!({
+                            "url": e.url,
+                            "state": state,
+                            "addresses": e.addresses().list().collect::<Vec<_>>(),
+                            "in_flight": e.load.in_flight(),
+                            "latency_ms": e.load.ewma().as_secs_f64() * 1e3,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({"name": u.name, "endpoints": endpoints})
+            })
+            .collect();
+        upstreams.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let body = serde_json::json!({
+            "ready": reason.is_none(),
+            "reason": reason,
+            "upstreams": upstreams,
+        });
+        let mut bytes = serde_json::to_vec_pretty(&body).expect("json serializes");
+        bytes.push(b'\n');
+        let status = if reason.is_none() { 200 } else { 503 };
+        (status, "application/json", bytes)
     }
 }
 
@@ -320,6 +386,8 @@ impl Reloader {
                  max_upload_bytes)"
             );
         }
+        // Endpoints kept across the reload keep their health and resolved addresses.
+        runtime.carry_over(&self.shared.runtime.load());
         self.shared.runtime.store(Arc::new(runtime));
         // Only the declared layer: keys synced from the control plane stay.
         self.keys.declared.replace_all(keys);

@@ -135,7 +135,7 @@ impl ControlPlaneConfig {
         }
         let admin = match &self.admin_url {
             None => None,
-            Some(url) if super::has_userinfo(url) => {
+            Some(url) if super::upstream::has_userinfo(url) => {
                 return Err((
                     at("admin_url"),
                     "credentials do not belong in this URL (the internal secret authenticates \
