@@ -161,6 +161,23 @@ struct MockArgs {
     /// (OpenAI), `empty-delta` or `on-finish` (other OpenAI-compatible servers).
     #[arg(long, default_value = "choices-empty", value_parser = parse_usage_shape)]
     usage_shape: aihub_mock_upstream::wire::UsageShape,
+    /// Serve HTTPS only, with this certificate (PEM, then any intermediates).
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require a client certificate signed by this CA (PEM): mutual TLS.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// Answer 200 with the usual header, then abort the connection before any body byte
+    /// (`x-mock-reset-after-headers: 0` turns it off per request).
+    #[arg(long)]
+    reset_after_headers: bool,
+    /// Abort SSE streams after N events (no `[DONE]`, no terminating chunk); JSON answers abort
+    /// right after the header.
+    #[arg(long, value_name = "N", conflicts_with = "reset_after_headers")]
+    close_after_events: Option<usize>,
     /// Worker threads (0 = one per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -345,13 +362,27 @@ fn mock_upstream(args: MockArgs) -> anyhow::Result<()> {
         rt.worker_threads(args.threads);
     }
     let rt = rt.enable_all().build()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            aihub_mock_upstream::tls::acceptor(cert, key, args.tls_client_ca.as_deref())
+                .context("cannot set up TLS")?,
+        ),
+        _ => None,
+    };
+    let fault = if args.reset_after_headers {
+        Some(aihub_mock_upstream::Fault::ResetAfterHeaders)
+    } else {
+        args.close_after_events
+            .map(aihub_mock_upstream::Fault::CloseAfterEvents)
+    };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        // Tests and scripts read this line to learn the port.
-        println!("listening on http://{addr}");
+        // Tests and scripts read this line to learn the scheme and port.
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("listening on {scheme}://{addr}");
         std::io::stdout().flush()?;
         let config = aihub_mock_upstream::MockConfig {
             name: args.name,
@@ -365,6 +396,8 @@ fn mock_upstream(args: MockArgs) -> anyhow::Result<()> {
             retry_after: args.retry_after,
             error_code: args.error_code,
             usage_shape: args.usage_shape,
+            tls,
+            fault,
         };
         tokio::select! {
             r = aihub_mock_upstream::serve(listener, config) => r.map_err(Into::into),

@@ -420,11 +420,16 @@ async fn relay(
     // From here on, the longest silence between two body reads is the route's idle timeout
     // (cut to what is left of its total).
     up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.idle)));
+    // A read error met while taking buffered chunks: raised once those chunks went out.
+    let mut broken: Option<Box<Error>> = None;
     loop {
         // The start of the body when it was read already (an error checked for a fallback).
         let chunk = match pending.take() {
             Some(head) => head,
             None => {
+                if let Some(e) = broken.take() {
+                    return Err(exchange_error(shared, upstream, endpoint, &e));
+                }
                 if limits.total.is_some() {
                     up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.idle)));
                 }
@@ -435,17 +440,16 @@ async fn relay(
                 };
                 // Chunks that already sit in the read buffer go out in the same write: one
                 // syscall for a burst of SSE events instead of one per event. Nothing waits
-                // for data to arrive.
-                match take_buffered(&mut up, chunk) {
-                    Ok(chunk) => chunk,
-                    Err(e) => return Err(exchange_error(shared, upstream, endpoint, &e)),
-                }
+                // for data to arrive. Bytes that came before a break still reach the client.
+                let (chunk, error) = take_buffered(&mut up, chunk);
+                broken = error;
+                chunk
             }
         };
         let chunk = meter(&mut ctx.meter, chunk);
         ctx.bytes_out += chunk.len() as u64;
         client_write(limit, session.write_response_body(Some(chunk), false)).await?;
-        if up.response_done() {
+        if broken.is_none() && up.response_done() {
             break;
         }
     }
@@ -502,18 +506,24 @@ fn meter(m: &mut ResponseMeter, chunk: Bytes) -> Bytes {
     }
 }
 
-/// Appends to `first` every body chunk the upstream session can hand over without waiting.
+/// Appends to `first` every body chunk the upstream session can hand over without waiting;
+/// a read error ends the batch and comes back beside it (the bytes before it are the client's).
 ///
 /// pingora's body reads are cancel-safe (its reader commits its state before awaiting), so a
 /// read that is not ready at once is simply dropped and retried by the caller's next read.
-fn take_buffered(up: &mut HttpSession, first: Bytes) -> Result<Bytes, Box<Error>> {
+fn take_buffered(up: &mut HttpSession, first: Bytes) -> (Bytes, Option<Box<Error>>) {
     let mut batch: Option<BytesMut> = None;
     let mut cx = Context::from_waker(Waker::noop());
+    let mut error = None;
     while !up.response_done() {
         let next = {
             let read = std::pin::pin!(up.read_response_body());
             match read.poll(&mut cx) {
-                Poll::Ready(result) => result?,
+                Poll::Ready(Ok(next)) => next,
+                Poll::Ready(Err(e)) => {
+                    error = Some(e);
+                    break;
+                }
                 Poll::Pending => break,
             }
         };
@@ -522,7 +532,7 @@ fn take_buffered(up: &mut HttpSession, first: Bytes) -> Result<Bytes, Box<Error>
             .get_or_insert_with(|| BytesMut::from(&first[..]))
             .extend_from_slice(&more);
     }
-    Ok(batch.map_or(first, BytesMut::freeze))
+    (batch.map_or(first, BytesMut::freeze), error)
 }
 
 /// The request header sent to `endpoint`: the client's path under the endpoint's base path, the

@@ -74,18 +74,28 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub struct Mock {
     child: Child,
     pub addr: SocketAddr,
+    /// `https` when started with `--tls-cert`/`--tls-key`, else `http`.
+    scheme: &'static str,
 }
 
 impl Mock {
-    /// Starts `aihub mock-upstream --listen 127.0.0.1:0 <args>` and reads its address.
+    /// Starts `aihub mock-upstream --listen 127.0.0.1:0 <args>` (`<args>` may name their own
+    /// `--listen`) and reads its scheme and address (`listening on http://…` or, with
+    /// `--tls-cert`, `listening on https://…`).
     pub fn start(args: &[&str]) -> Mock {
         let threads: &[&str] = if args.contains(&"--threads") {
             &[]
         } else {
             &["--threads", "1"]
         };
+        let listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(BIN)
-            .args(["mock-upstream", "--listen", "127.0.0.1:0"])
+            .arg("mock-upstream")
+            .args(listen)
             .args(threads)
             .args(args)
             .stdout(Stdio::piped())
@@ -96,17 +106,34 @@ impl Mock {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected mock output: {line:?}"))
-            .parse()
-            .unwrap();
-        Mock { child, addr }
+        let rest = line.trim().strip_prefix("listening on ");
+        let (scheme, addr) = rest
+            .and_then(|r| {
+                (r.strip_prefix("https://").map(|a| ("https", a)))
+                    .or_else(|| r.strip_prefix("http://").map(|a| ("http", a)))
+            })
+            .unwrap_or_else(|| panic!("unexpected mock output: {line:?}"));
+        let addr = addr.parse().unwrap();
+        Mock {
+            child,
+            addr,
+            scheme,
+        }
     }
 
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        self.scheme
+    }
+
+    /// `<scheme>://127.0.0.1:PORT/v1`.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}://{}/v1", self.scheme, self.addr)
+    }
+
+    /// `<scheme>://127.0.0.1:PORT` (the control endpoints live under `/__mock/`).
+    pub fn origin(&self) -> String {
+        format!("{}://{}", self.scheme, self.addr)
     }
 }
 

@@ -12,45 +12,66 @@
 //! Behaviour is set per server ([`MockConfig`]) and may be overridden per request by headers
 //! (which the gateway forwards): `x-mock-status` (answer with that error), `x-mock-fail-first`
 //! (the first N requests the server receives fail, with `x-mock-fail-status` or the server's
-//! error status), `x-mock-retry-after` (`Retry-After` seconds on injected errors), `x-mock-latency-ms`
-//! (delay before the header), `x-mock-chunks`, `x-mock-chunk-interval-ms`, `x-mock-hang` (never
-//! answer), `x-mock-usage-shape` (`choices-empty`, `empty-delta`, `on-finish`: where a stream's
-//! usage goes), `x-mock-usage-null` (`0`/`1`: `"usage": null` on the other chunks),
-//! `x-mock-cached-tokens` and `x-mock-cache-write-tokens` (prompt tokens reported as cached). Every response carries `x-mock-request-sha256`/`x-mock-request-bytes` (what arrived),
+//! error status), `x-mock-retry-after` (`Retry-After` seconds on injected errors),
+//! `x-mock-latency-ms` (slow first byte: delay before the header), `x-mock-chunks`,
+//! `x-mock-chunk-interval-ms`, `x-mock-hang` (hang: never answer),
+//! `x-mock-reset-after-headers: 1` (a 200 header, then the connection aborted before any body
+//! byte), `x-mock-close-after-events: N` (the first N SSE events, then the abort: no `[DONE]`,
+//! no terminating chunk; a JSON answer aborts right after its header; see [`faults`]),
+//! `x-mock-abort-pause-ms` (pause before such an abort, default 20; 1 sends the last bytes and
+//! the break together),
+//! `x-mock-usage-shape` (`choices-empty`, `empty-delta`, `on-finish`: where a stream's usage
+//! goes), `x-mock-usage-null` (`0`/`1`: `"usage": null` on the other chunks),
+//! `x-mock-cached-tokens` and `x-mock-cache-write-tokens` (prompt tokens reported as cached).
+//! Every response carries `x-mock-request-sha256`/`x-mock-request-bytes` (what arrived),
 //! `x-mock-body-sha256` (what is being sent) and `x-mock-server` (the server's name), so tests
 //! can prove bodies crossed the gateway byte for byte; `openai-organization`/`openai-project`
 //! (as OpenAI names the account), `x-mock-request-query` (the query string received) and
 //! `x-mock-request-<name>` for each header `x-mock-echo` names, and
-//! `x-mock-request-openai-organization`/`-project` echoing
-//! those request headers when they arrived.
+//! `x-mock-request-openai-organization`/`-project` echoing those request headers when they
+//! arrived.
+//!
+//! With [`MockConfig::tls`] (`--tls-cert`/`--tls-key`, optionally `--tls-client-ca` to require
+//! a client certificate) it serves HTTPS only. Control endpoints outside `/v1` change or report
+//! the server at run time: `POST /__mock/fail` `{"status": 503}` (every request fails until
+//! `{"status": null}` or `DELETE /__mock/fail`) and `GET /__mock/stats` (requests received, by
+//! method and path); see [`control`].
 //!
 //! # Layout
 //! - this file: the server loop, routing and error bodies;
+//! - [`tls`]: the HTTPS acceptor and handshake;
+//! - [`faults`]: SSE streaming, and the faults that break an answer (reset after headers,
+//!   close after N events);
+//! - [`control`]: the `/__mock/` endpoints (forced failure, request counters);
 //! - [`wire`]: the OpenAI response bodies (chat, completion, embeddings, SSE events);
 //! - [`responses`]: the Responses API's object and events;
 //! - [`messages`]: the Messages API's message, events and errors.
 
+pub mod control;
+pub mod faults;
 pub mod messages;
 pub mod responses;
+pub mod tls;
 pub mod wire;
+
+pub use faults::{ChannelBody, Fault};
+pub use tls::{acceptor, TlsAcceptor};
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 /// Server-wide behaviour.
 #[derive(Debug, Clone)]
@@ -77,6 +98,10 @@ pub struct MockConfig {
     pub error_code: Option<String>,
     /// Where a chat or completion stream puts the usage it was asked for.
     pub usage_shape: wire::UsageShape,
+    /// Serve HTTPS only, with this acceptor ([`tls::acceptor`]).
+    pub tls: Option<TlsAcceptor>,
+    /// Break every successful answer this way (requests may override it by header).
+    pub fault: Option<Fault>,
 }
 
 impl Default for MockConfig {
@@ -93,6 +118,8 @@ impl Default for MockConfig {
             retry_after: None,
             error_code: None,
             usage_shape: wire::UsageShape::default(),
+            tls: None,
+            fault: None,
         }
     }
 }
@@ -100,16 +127,20 @@ impl Default for MockConfig {
 struct State {
     config: MockConfig,
     requests: AtomicU64,
+    control: control::Control,
 }
 
-/// Serves on `listener` until the task is dropped.
+/// Serves on `listener` until the task is dropped (HTTPS only when `config.tls` is set; a failed
+/// handshake costs only its connection).
 pub async fn serve(listener: TcpListener, config: MockConfig) -> std::io::Result<()> {
+    let tls = config.tls.clone();
     let state = Arc::new(State {
         config,
         requests: AtomicU64::new(0),
+        control: control::Control::default(),
     });
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -119,17 +150,35 @@ pub async fn serve(listener: TcpListener, config: MockConfig) -> std::io::Result
         };
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        match &tls {
+            None => {
+                tokio::spawn(connection(stream, state));
+            }
+            Some(tls) => {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    if let Some(stream) = tls.accept(stream, peer).await {
+                        connection(stream, state).await;
+                    }
+                });
+            }
+        }
     }
+}
+
+/// Serves HTTP/1.1 on one connection until it closes.
+async fn connection<I>(io: I, state: Arc<State>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 /// Binds `addr` and serves in the background; returns the bound address.
@@ -154,10 +203,14 @@ struct Behaviour {
     usage: wire::StreamUsage,
     cached: u64,
     cache_write: u64,
+    fault: Option<Fault>,
+    /// Pause between a broken answer's last byte and the abort (`x-mock-abort-pause-ms`).
+    abort_pause: Duration,
 }
 
 impl Behaviour {
-    fn of(config: &MockConfig, headers: &HeaderMap, n: u64) -> Behaviour {
+    /// `forced`: the status set by `POST /__mock/fail`.
+    fn of(config: &MockConfig, headers: &HeaderMap, n: u64, forced: Option<u16>) -> Behaviour {
         let num = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.parse().ok() };
         let error_status = num("x-mock-fail-status").map_or(config.error_status, |s| s as u16);
         let fail_first = num("x-mock-fail-first").unwrap_or(config.fail_first);
@@ -165,7 +218,9 @@ impl Behaviour {
             || n <= fail_first)
             .then_some(error_status);
         Behaviour {
-            status: num("x-mock-status").map(|s| s as u16).or(injected),
+            status: num("x-mock-status")
+                .map(|s| s as u16)
+                .or(forced.or(injected)),
             retry_after: num("x-mock-retry-after").or(config.retry_after),
             latency: num("x-mock-latency-ms").map_or(config.latency, Duration::from_millis),
             chunks: num("x-mock-chunks").map_or(config.chunks, |c| c as usize),
@@ -181,11 +236,18 @@ impl Behaviour {
             },
             cached: num("x-mock-cached-tokens").unwrap_or(0),
             cache_write: num("x-mock-cache-write-tokens").unwrap_or(0),
+            fault: Fault::of(config.fault, headers),
+            abort_pause: num("x-mock-abort-pause-ms")
+                .map_or(faults::ABORT_PAUSE, Duration::from_millis),
         }
     }
 }
 
 async fn handle(state: &State, req: Request<Incoming>) -> Response<MockBody> {
+    if req.uri().path().starts_with(control::PREFIX) {
+        return state.control.handle(req).await;
+    }
+    state.control.record(req.method(), req.uri().path());
     let n = state.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -199,7 +261,8 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<MockBody> {
             )
         }
     };
-    let behaviour = Behaviour::of(&state.config, &parts.headers, n);
+    let forced = state.control.fail_status();
+    let behaviour = Behaviour::of(&state.config, &parts.headers, n, forced);
     let mut resp = route(
         state,
         &parts.method,
@@ -210,6 +273,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<MockBody> {
         n,
     )
     .await;
+    if let Some(fault) = behaviour.fault {
+        resp = faults::apply(resp, fault, behaviour.abort_pause);
+    }
     let h = resp.headers_mut();
     h.insert(
         "x-mock-request-sha256",
@@ -341,7 +407,7 @@ async fn route(
                     .pointer("/stream_options/include_usage")
                     .and_then(|v| v.as_bool())
                     == Some(true);
-                sse(c.events_with(include_usage.then_some(b.usage)), b.interval)
+                faults::sse(c.events_with(include_usage.then_some(b.usage)), b.interval)
             } else {
                 json(200, &c.body())
             }
@@ -360,7 +426,7 @@ async fn route(
             }
             let r = responses::Response::new(&request, &model, &id, b.chunks, b.cached);
             if stream {
-                sse(r.events(), b.interval)
+                faults::sse(r.events(), b.interval)
             } else {
                 json(200, &r.object(true))
             }
@@ -380,7 +446,7 @@ async fn route(
             let m =
                 messages::Message::new(&request, &model, &id, b.chunks, b.cached, b.cache_write);
             if stream {
-                sse(m.events(), b.interval)
+                faults::sse(m.events(), b.interval)
             } else {
                 json(200, &m.body())
             }
@@ -466,49 +532,4 @@ pub fn error(status: u16, kind: &str, code: Option<&str>, message: &str) -> Resp
         status,
         &serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
     )
-}
-
-/// Streams pre-rendered SSE events, `interval` apart; `x-mock-body-sha256` covers them all.
-fn sse(events: Vec<Bytes>, interval: Duration) -> Response<MockBody> {
-    let mut hasher = Sha256::new();
-    for e in &events {
-        hasher.update(e);
-    }
-    let (tx, rx) = mpsc::channel(8);
-    tokio::spawn(async move {
-        for (i, e) in events.into_iter().enumerate() {
-            if i > 0 && !interval.is_zero() {
-                tokio::time::sleep(interval).await;
-            }
-            if tx.send(e).await.is_err() {
-                return; // client went away
-            }
-        }
-    });
-    let mut r = Response::new(MockBody::Right(ChannelBody { rx }));
-    let h = r.headers_mut();
-    h.insert(
-        "content-type",
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    h.insert("cache-control", HeaderValue::from_static("no-cache"));
-    h.insert("x-mock-body-sha256", hv(&hex::encode(hasher.finalize())));
-    r
-}
-
-/// A response body fed by a channel, one frame per message.
-pub struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
 }
