@@ -194,3 +194,18 @@ async fn readyz_reports_every_endpoint_and_is_not_decided_by_upstream_health() {
     let r = gw.chat(&k.key, &chat("gpt-4o")).await;
     assert_eq!(r.status(), 500, "the provider's answer, as it came");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_what_is_known_about_each_endpoint() {
+    let a = Mock::start(&["--name", "a"]);
+    let b = Mock::start(&["--name", "b"]);
+    let k = key("reload-health", &[]);
+    let gw = gateway(&[a.base_url(), b.base_url()], &k);
+    control(&b, Some(503)).await;
+    wait_state(&gw, &b.base_url(), "ejected");
+    gw.reload();
+    gw.metric_eventually("aihub_config_reloads_total{result=\"ok\"}", 1.0);
+    // The new routing table starts from the old one's health, not from "all healthy".
+    assert_eq!(state(&gw, &b.base_url()), "ejected");
+    assert_eq!(count(&gw, &k.key, 10).await, (10, 0));
+}

@@ -269,3 +269,61 @@ fn batch_discount() {
     let e = parse("batches:\n  discout: 0.5\n").unwrap_err();
     assert_eq!(e.key, "batches.discout");
 }
+
+#[test]
+fn health_checks_dns_tls_and_route_timeouts_are_checked() {
+    let up = |extra: &str| {
+        format!("upstreams:\n  a:\n    endpoints: [\"http://127.0.0.1:1/v1\"]\n    {extra}\nroutes:\n  - {{model: m, upstream: a}}\n")
+    };
+    let c = parse(&up(
+        "health: {check: {interval: 2s, expect_status: [200, 204]}, slow_start: 0s}",
+    ))
+    .unwrap();
+    let check = c.upstreams["a"].health.check.as_ref().unwrap();
+    assert_eq!(check.path, "/models");
+    assert_eq!((check.unhealthy, check.healthy), (2, 2));
+    assert!(check.passes(204) && !check.passes(201));
+    assert!(c.upstreams["a"].health.check.is_some());
+    assert_eq!(c.upstreams["a"].dns.refresh, Duration::from_secs(30));
+    for (extra, key) in [
+        (
+            "health: {check: {path: models}}",
+            "upstreams.a.health.check.path",
+        ),
+        (
+            "health: {check: {method: PUT}}",
+            "upstreams.a.health.check.method",
+        ),
+        (
+            "health: {check: {body: \"{}\"}}",
+            "upstreams.a.health.check.body",
+        ),
+        (
+            "health: {check: {interval: 1ms}}",
+            "upstreams.a.health.check.interval",
+        ),
+        (
+            "health: {check: {healthy: 0}}",
+            "upstreams.a.health.check.healthy",
+        ),
+        (
+            "health: {check: {expect_status: [42]}}",
+            "upstreams.a.health.check.expect_status",
+        ),
+        (
+            "tls: {client_key_file: k.pem}",
+            "upstreams.a.tls.client_cert_file",
+        ),
+        (
+            "tls: {ca_file: /surely/missing.pem}",
+            "upstreams.a.tls.ca_file",
+        ),
+    ] {
+        let e = parse(&up(extra)).unwrap_err();
+        assert_eq!(e.key, key, "{extra}: {e}");
+    }
+    let e = parse("upstreams:\n  a:\n    endpoints: [\"http://127.0.0.1:1/v1\"]\nroutes:\n  - {model: m, upstream: a, timeouts: {idle: 0s}}\n").unwrap_err();
+    assert_eq!(e.key, "routes[0].timeouts.idle");
+    let c = parse("upstreams:\n  a:\n    endpoints: [\"http://127.0.0.1:1/v1\"]\nroutes:\n  - {model: m, upstream: a, timeouts: {first_byte: 20s, total: 10m}}\n").unwrap();
+    assert_eq!(c.routes[0].timeouts.total, Some(Duration::from_secs(600)));
+}

@@ -443,6 +443,39 @@ mod tests {
     }
 
     #[test]
+    fn route_timeouts_default_to_the_upstream_and_peers_connect_within_the_longest() {
+        let rt = runtime("upstreams:\n  u:\n    endpoints: [http://127.0.0.1:1]\n    connect_timeout: 2s\n    read_timeout: 30s\nroutes:\n  - {model: a, upstream: u}\n  - {model: b, upstream: u, timeouts: {connect: 7s, first_byte: 5s, total: 1m}}\n  - {model: c, upstream: u, timeouts: {idle: 1s}}\n");
+        let (a, b, c) = (&rt.routes["a"], &rt.routes["b"], &rt.routes["c"]);
+        let s = Duration::from_secs;
+        let peer = rt.routes["a"].upstream.endpoints[0].pick(0);
+        assert_eq!(peer.peer().options.connection_timeout, Some(s(7)));
+        assert_eq!(
+            a.timeouts.connect,
+            Some(s(2)),
+            "shorter: applied per request"
+        );
+        assert_eq!(b.timeouts.connect, None, "the peers' own");
+        assert_eq!((a.timeouts.first_byte, a.timeouts.idle), (s(30), s(30)));
+        assert_eq!(
+            (b.timeouts.first_byte, b.timeouts.total),
+            (s(5), Some(s(60)))
+        );
+        assert_eq!((c.timeouts.first_byte, c.timeouts.idle), (s(30), s(1)));
+    }
+
+    #[test]
+    fn an_endpoint_in_its_slow_start_takes_a_share_of_its_turns() {
+        let rt = runtime("upstreams:\n  u:\n    endpoints: [http://127.0.0.1:1, http://127.0.0.1:2]\n    health: {failures: 1, cooldown: 1ms, slow_start: 1h}\nroutes:\n  - {model: a, upstream: u}\n");
+        let u = &rt.routes["a"].upstream;
+        u.record_failure(1);
+        std::thread::sleep(Duration::from_millis(5));
+        // Back, at a tenth of its share: about 5 % of first attempts instead of 50 %.
+        let firsts = (0..2000).filter(|_| u.attempt_order()[0] == 1).count();
+        assert!((40..=180).contains(&firsts), "{firsts}");
+        assert_eq!(u.attempt_order().len(), 2, "still tried after the other");
+    }
+
+    #[test]
     fn optional_upstream_without_credential_is_left_out() {
         let rt = runtime("upstreams:\n  o:\n    endpoints: [https://127.0.0.1]\n    api_key_env: AIHUB_TEST_SURELY_UNSET\n    optional: true\nroutes:\n  - {model: gpt-4o, upstream: o}\n");
         assert!(rt.routes.is_empty());
