@@ -327,3 +327,18 @@ fn health_checks_dns_tls_and_route_timeouts_are_checked() {
     let c = parse("upstreams:\n  a:\n    endpoints: [\"http://127.0.0.1:1/v1\"]\nroutes:\n  - {model: m, upstream: a, timeouts: {first_byte: 20s, total: 10m}}\n").unwrap();
     assert_eq!(c.routes[0].timeouts.total, Some(Duration::from_secs(600)));
 }
+
+#[test]
+fn the_routing_guide_example_parses() {
+    let doc = include_str!("../../docs/routing.md");
+    let yaml = doc
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("docs/routing.md has a yaml example");
+    // Parsing catches unknown keys and bad values; checking would need the credentials and
+    // certificate files it names.
+    let c = Config::parse(yaml, Path::new("docs/routing.md")).unwrap();
+    assert_eq!(c.routes.len(), 4);
+    assert_eq!(c.upstreams["azure"].weights, vec![2, 1]);
+}
