@@ -65,28 +65,6 @@ async fn count(gw: &Gateway, key: &str, n: usize) -> (usize, usize) {
     (a, b)
 }
 
-async fn control(mock: &Mock, status: Option<u16>) {
-    let r = client()
-        .post(format!("{}/__mock/fail", mock.origin()))
-        .json(&serde_json::json!({ "status": status }))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-}
-
-async fn stats(mock: &Mock, what: &str) -> u64 {
-    let v: Value = client()
-        .get(format!("{}/__mock/stats", mock.origin()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["by_path"][what].as_u64().unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_its_checks_is_ejected_then_returned_with_a_slow_start() {
     let a = Mock::start(&["--name", "a"]);
@@ -96,16 +74,16 @@ async fn an_endpoint_failing_its_checks_is_ejected_then_returned_with_a_slow_sta
     assert_eq!(state(&gw, &b.base_url()), "healthy");
 
     // b answers 503 to everything: two failed checks (100 ms apart) eject it.
-    control(&b, Some(503)).await;
+    b.fail(Some(503)).await;
     let took = wait_state(&gw, &b.base_url(), "ejected");
     assert!(took < Duration::from_secs(2), "ejected after {took:?}");
-    let sent_to_b = stats(&b, "POST /v1/chat/completions").await;
+    let sent_to_b = b.received("POST /v1/chat/completions").await;
     assert_eq!(
         count(&gw, &k.key, 30).await,
         (30, 0),
         "no request goes to b"
     );
-    assert_eq!(stats(&b, "POST /v1/chat/completions").await, sent_to_b);
+    assert_eq!(b.received("POST /v1/chat/completions").await, sent_to_b);
     let ejections = format!(
         "aihub_upstream_ejections_total{{endpoint=\"{}\",reason=\"active\",upstream=\"m\"}}",
         b.base_url()
@@ -124,7 +102,7 @@ async fn an_endpoint_failing_its_checks_is_ejected_then_returned_with_a_slow_sta
     );
 
     // b recovers: two passing checks return it, first with a tenth of its share, growing.
-    control(&b, None).await;
+    b.fail(None).await;
     wait_state(&gw, &b.base_url(), "healthy");
     let (_, early) = count(&gw, &k.key, 40).await;
     assert!(
@@ -139,8 +117,8 @@ async fn an_endpoint_failing_its_checks_is_ejected_then_returned_with_a_slow_sta
     );
     assert_eq!(gw.metric(&healthy), 1.0);
     // The checks were the configured request, on both endpoints.
-    assert!(stats(&a, "GET /v1/models").await >= 2);
-    assert!(stats(&b, "GET /v1/models").await >= 4);
+    assert!(a.received("GET /v1/models").await >= 2);
+    assert!(b.received("GET /v1/models").await >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +165,7 @@ async fn readyz_reports_every_endpoint_and_is_not_decided_by_upstream_health() {
     let e = &v["upstreams"][0]["endpoints"][0];
     assert_eq!(e["url"], a.base_url());
     assert_eq!(e["addresses"][0], a.addr.to_string());
-    control(&a, Some(500)).await;
+    a.fail(Some(500)).await;
     wait_state(&gw, &a.base_url(), "ejected");
     // Its only endpoint is ejected: still tried (failing closed helps nobody), still ready.
     assert_eq!(http_get(gw.ops, "/readyz").0, 200);
@@ -201,7 +179,7 @@ async fn a_reload_keeps_what_is_known_about_each_endpoint() {
     let b = Mock::start(&["--name", "b"]);
     let k = key("reload-health", &[]);
     let gw = gateway(&[a.base_url(), b.base_url()], &k);
-    control(&b, Some(503)).await;
+    b.fail(Some(503)).await;
     wait_state(&gw, &b.base_url(), "ejected");
     gw.reload();
     gw.metric_eventually("aihub_config_reloads_total{result=\"ok\"}", 1.0);

@@ -136,22 +136,6 @@ async fn an_answer_is_never_sent_again_once_its_first_byte_reached_the_client() 
         "{}",
         &k,
     );
-    let chats = |m: &Mock| {
-        let origin = m.origin();
-        async move {
-            let v: serde_json::Value = client()
-                .get(format!("{origin}/__mock/stats"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["by_path"]["POST /v1/chat/completions"]
-                .as_u64()
-                .unwrap_or(0)
-        }
-    };
     // A stream broken after three events: the client has them, and nothing is retried; also
     // when the events and the break arrive together.
     for pause in ["20", "1", "0"] {
@@ -179,7 +163,12 @@ async fn an_answer_is_never_sent_again_once_its_first_byte_reached_the_client() 
     .await;
     assert_eq!(status, 200);
     assert!(!clean);
-    assert_eq!(chats(&a).await + chats(&b).await, 4, "one attempt each");
+    let chats = "POST /v1/chat/completions";
+    assert_eq!(
+        a.received(chats).await + b.received(chats).await,
+        4,
+        "one attempt each"
+    );
     for m in [&a, &b] {
         let retried = format!(
             "aihub_upstream_attempts_total{{endpoint=\"{}\",result=\"retried_status\",upstream=\"m\"}}",

@@ -135,6 +135,31 @@ impl Mock {
     pub fn origin(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
     }
+
+    /// How many requests `what` (`"POST /v1/chat/completions"`) the mock received
+    /// (`GET /__mock/stats`).
+    pub async fn received(&self, what: &str) -> u64 {
+        let v: serde_json::Value = client()
+            .get(format!("{}/__mock/stats", self.origin()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["by_path"][what].as_u64().unwrap_or(0)
+    }
+
+    /// Makes every later request answer `status` (`None`: back to normal; `POST /__mock/fail`).
+    pub async fn fail(&self, status: Option<u16>) {
+        let r = client()
+            .post(format!("{}/__mock/fail", self.origin()))
+            .json(&serde_json::json!({ "status": status }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
 }
 
 impl Drop for Mock {
