@@ -196,23 +196,10 @@ impl Endpoint {
         true
     }
 
-    /// Takes over the live state of the same endpoint in the table being replaced (a reload):
-    /// health, and the addresses when the host is the same (resolved more recently).
+    /// Takes over the health of the same endpoint in the table being replaced (a reload). Its
+    /// addresses are not taken: the new table resolved them just now.
     pub fn carry_over(&self, old: &Endpoint) {
         self.health.carry_over(&old.health);
-        if self.name.is_some() && self.name == old.name {
-            let addrs: Vec<SocketAddr> = old
-                .addresses
-                .load()
-                .peers
-                .iter()
-                .filter_map(|p| match &p._address {
-                    pingora_core::protocols::l4::socket::SocketAddr::Inet(a) => Some(*a),
-                    _ => None,
-                })
-                .collect();
-            self.set_addresses(&addrs);
-        }
     }
 }
 

@@ -251,7 +251,7 @@ impl Runtime {
     }
 
     /// Takes over the live state of the table this one replaces (a reload): each endpoint of
-    /// the same upstream and URL keeps its health and resolved addresses.
+    /// the same upstream and URL keeps its health.
     pub fn carry_over(&self, old: &Runtime) {
         for upstream in self.upstreams() {
             let Some(previous) = old.upstreams().find(|u| u.name == upstream.name) else {

@@ -6,7 +6,7 @@
 //! Reload re-reads the file, checks it and builds a new routing table and declared key set;
 //! if any step fails, the old configuration keeps serving and
 //! `aihub_config_reloads_total{result="error"}` rises. In-flight requests finish on the snapshot
-//! they started with; endpoints present before and after keep their health and addresses.
+//! they started with; endpoints present before and after keep their health.
 //! Reload replaces only the YAML-declared keys, never synced ones. Listener,
 //! thread and `control_plane` changes need a restart (except its `admin_url` and
 //! `max_upload_bytes`, which are part of the routing table).
@@ -386,7 +386,7 @@ impl Reloader {
                  max_upload_bytes)"
             );
         }
-        // Endpoints kept across the reload keep their health and resolved addresses.
+        // Endpoints kept across the reload keep their health.
         runtime.carry_over(&self.shared.runtime.load());
         self.shared.runtime.store(Arc::new(runtime));
         // Only the declared layer: keys synced from the control plane stay.
