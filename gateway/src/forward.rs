@@ -108,7 +108,7 @@ pub async fn exchange(
     let mut last_connect_error = None;
     let mut connect_failures = 0;
     let mut sent = 0u32;
-    for i in order.iter().copied().cycle() {
+    for (k, i) in order.iter().copied().cycle().enumerate() {
         let attempt_started = Instant::now();
         let endpoint = &upstream.endpoints[i];
         let address = endpoint.pick(crate::clock::now_ms());
@@ -128,7 +128,13 @@ pub async fn exchange(
                 if let Some((status, headers)) =
                     answer.filter(|(s, _)| may_retry && policy.on_status.contains(s))
                 {
-                    let wait = crate::retry::wait(headers, sent, policy.backoff);
+                    // The next endpoint not tried yet is tried at once (this answer speaks for
+                    // its own endpoint); coming back to one already tried waits first.
+                    let round = ((k + 1) / order.len()) as u32;
+                    let wait = match round {
+                        0 => Duration::ZERO,
+                        r => crate::retry::wait(headers, r, policy.backoff),
+                    };
                     if Instant::now() + wait < deadline {
                         count_attempt(shared, upstream, endpoint, "retried_status");
                         if status >= 500 {

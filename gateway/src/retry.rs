@@ -1,5 +1,6 @@
 //! Sending a request again before its first byte reached the client: which answers qualify
-//! (an upstream's `retry:` section, [`crate::config::RetryConfig`]) and how long to wait first:
+//! (an upstream's `retry:` section, [`crate::config::RetryConfig`]) and, when the retry goes
+//! back to an endpoint already tried, how long to wait first:
 //! what the upstream asked for (`retry-after-ms`, `Retry-After` in seconds,
 //! `x-ratelimit-reset-requests` / `-tokens` when nothing remains), else exponential backoff.
 //! Pure functions over headers; the attempts themselves are in [`crate::forward`].
@@ -11,10 +12,13 @@ use http::HeaderMap;
 /// The longest backoff between two attempts when the upstream names no wait.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// How long to wait before attempt `attempt + 1` (1-based `attempt` just failed).
-pub fn wait(headers: &HeaderMap, attempt: u32, backoff: Duration) -> Duration {
+/// How long to wait before going back to an endpoint already tried, on the `round`-th pass
+/// over the endpoints (1 = the first return): what the last answer asked for, else `backoff`
+/// doubled for each further round, at most 2 s. (Moving on to an endpoint not tried yet does
+/// not wait: an answer speaks for its own endpoint.)
+pub fn wait(headers: &HeaderMap, round: u32, backoff: Duration) -> Duration {
     asked(headers).unwrap_or_else(|| {
-        let doubled = backoff.saturating_mul(1 << (attempt.saturating_sub(1)).min(16));
+        let doubled = backoff.saturating_mul(1 << (round.saturating_sub(1)).min(16));
         doubled.min(MAX_BACKOFF)
     })
 }

@@ -28,8 +28,9 @@ pub struct RetryConfig {
     /// the retries (the client gets the upstream's answer). Default 30s.
     #[serde(default = "default_deadline", with = "humantime_serde")]
     pub deadline: Duration,
-    /// Wait before the second attempt when the upstream names none, doubled for each further
-    /// attempt, at most 2 s. Default 50ms.
+    /// Wait before going back to an endpoint already tried when the upstream names none,
+    /// doubled for each further round over the endpoints, at most 2 s. Moving on to an
+    /// endpoint not tried yet in this request does not wait. Default 50ms.
     #[serde(default = "default_backoff", with = "humantime_serde")]
     pub backoff: Duration,
     /// Paths (after `/v1/`) whose requests may be sent again; any other path is sent once.
