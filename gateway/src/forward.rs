@@ -140,8 +140,9 @@ pub async fn exchange(
                         if status >= 500 {
                             failed(shared, upstream, i);
                         }
-                        // The answer's connection is dropped, not pooled: its body is unread.
-                        drop(up);
+                        // The connection goes back to the pool when the error body already
+                        // arrived whole (it usually comes with the header); else it is dropped.
+                        recycle(shared, up, address.peer()).await;
                         tokio::time::sleep(wait).await;
                         ctx.waited += attempt_started.elapsed();
                         continue;
@@ -158,6 +159,7 @@ pub async fn exchange(
                 if let Some(codes) = fallback {
                     if status >= 500 || policy.on_status.contains(&status) {
                         count_attempt(shared, upstream, endpoint, "fell_back");
+                        recycle(shared, up, address.peer()).await;
                         ctx.waited += attempt_started.elapsed();
                         return Ok(Exchanged::FellBack("status"));
                     }
@@ -167,6 +169,7 @@ pub async fn exchange(
                             .map_err(|e| exchange_error(shared, upstream, endpoint, &e))?;
                         if error_code(&head).is_some_and(|c| codes.iter().any(|x| x == c)) {
                             count_attempt(shared, upstream, endpoint, "fell_back");
+                            recycle(shared, up, address.peer()).await;
                             ctx.waited += attempt_started.elapsed();
                             return Ok(Exchanged::FellBack("code"));
                         }
@@ -247,6 +250,19 @@ struct Answer<'a> {
     prefix: Option<Bytes>,
     sent_at: Instant,
     peer: &'a HttpPeer,
+}
+
+/// Returns the connection of an answer that is not relayed to the pool when its body already
+/// sits whole in the read buffer (error bodies come with their header), without waiting for
+/// more; otherwise drops it. Saves a new connection per retried or fallen-back answer.
+async fn recycle(shared: &Shared, mut up: HttpSession, peer: &HttpPeer) {
+    let (_, error) = take_buffered(&mut up, Bytes::new());
+    if error.is_none() && up.response_done() {
+        shared
+            .connector
+            .release_http_session(up, peer, peer.options.idle_timeout)
+            .await;
+    }
 }
 
 /// Records a failed request to endpoint `i` for passive health (5xx, timeout).
