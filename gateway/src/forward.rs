@@ -143,7 +143,10 @@ pub async fn exchange(
                         // The connection goes back to the pool when the error body already
                         // arrived whole (it usually comes with the header); else it is dropped.
                         recycle(shared, up, address.peer()).await;
-                        tokio::time::sleep(wait).await;
+                        if !wait.is_zero() {
+                            // A zero sleep would still wait for the timer's next tick (1 ms).
+                            tokio::time::sleep(wait).await;
+                        }
                         ctx.waited += attempt_started.elapsed();
                         continue;
                     }
