@@ -180,80 +180,27 @@ mod tests {
         let (a, b) = (Load::default(), Load::default());
         let loads = [&a, &b];
         let seq = sequence(&[1, 1]);
+        let pick =
+            |strategy, tick, up: [bool; 2]| first(strategy, &seq, tick, 2, |i| loads[i], |i| up[i]);
+        let both = [true, true];
+        assert_eq!(pick(Strategy::RoundRobin, 0, both), 0);
+        assert_eq!(pick(Strategy::RoundRobin, 1, both), 1);
+        assert_eq!(pick(Strategy::RoundRobin, 0, [false, true]), 1);
         assert_eq!(
-            first(
-                Strategy::RoundRobin,
-                &seq,
-                0,
-                2,
-                |i| loads[i],
-                |i| [true, true][i]
-            ),
-            0
-        );
-        assert_eq!(
-            first(
-                Strategy::RoundRobin,
-                &seq,
-                1,
-                2,
-                |i| loads[i],
-                |i| [true, true][i]
-            ),
-            1
-        );
-        assert_eq!(
-            first(
-                Strategy::RoundRobin,
-                &seq,
-                0,
-                2,
-                |i| loads[i],
-                |i| [false, true][i]
-            ),
-            1
-        );
-        assert_eq!(
-            first(
-                Strategy::RoundRobin,
-                &seq,
-                0,
-                2,
-                |i| loads[i],
-                |i| [false, false][i]
-            ),
-            0
+            pick(Strategy::RoundRobin, 0, [false, false]),
+            0,
+            "none up: all count"
         );
         let _busy = [a.enter(), a.enter()];
         for tick in 0..4 {
-            assert_eq!(
-                first(
-                    Strategy::LeastInFlight,
-                    &seq,
-                    tick,
-                    2,
-                    |i| loads[i],
-                    |i| [true, true][i]
-                ),
-                1
-            );
+            assert_eq!(pick(Strategy::LeastInFlight, tick, both), 1);
         }
         a.observe(Duration::from_millis(50));
         b.observe(Duration::from_millis(5));
         for tick in 0..8 {
-            assert_eq!(
-                first(
-                    Strategy::Latency,
-                    &seq,
-                    tick,
-                    2,
-                    |i| loads[i],
-                    |i| [true, true][i]
-                ),
-                1
-            );
+            assert_eq!(pick(Strategy::Latency, tick, both), 1);
         }
         b.observe(Duration::from_millis(5));
-        assert!(b.ewma_us.load(Ordering::Relaxed) == 5_000);
+        assert_eq!(b.ewma(), Duration::from_millis(5));
     }
 }

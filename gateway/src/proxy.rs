@@ -283,23 +283,16 @@ impl Gateway {
                 Err(refusal) => return Err(limited(ctx, refusal)),
             }
         }
-        // The route, then its fallbacks the key may use and whose upstream serves the path.
-        let chain: Vec<Arc<Route>> = std::iter::once(Arc::clone(route))
-            .chain(
-                route
-                    .fallbacks
-                    .iter()
-                    .filter_map(|m| rt.routes.get(m))
-                    .filter(|r| key.models.matches(&r.model) && r.upstream.serves(endpoint))
-                    .cloned(),
-            )
-            .collect();
+        // The route, then its fallbacks the key may use and whose upstream serves the path,
+        // each found when needed (nothing is collected for the usual route without fallbacks).
         let metering = ctx.metering;
-        for (n, serving) in chain.iter().enumerate() {
-            let last = n + 1 == chain.len();
+        let mut serving = Arc::clone(route);
+        let mut next = next_fallback(&rt, route, &key, endpoint, 0);
+        for n in 0.. {
+            let last = next.is_none();
             if n > 0 {
                 ctx.requested = Some(Arc::clone(route));
-                ctx.route = Some(Arc::clone(serving));
+                ctx.route = Some(Arc::clone(&serving));
             }
             // Chat and completion streams report usage only when asked: the gateway asks when
             // the client did not (and strips it from the client's stream) if it reads it.
@@ -314,7 +307,7 @@ impl Gateway {
                 &self.shared,
                 session,
                 ctx,
-                serving,
+                &serving,
                 upstream_body,
                 fallback,
             )
@@ -325,13 +318,15 @@ impl Gateway {
                 Err(e) if !last && !ctx.response_started && e.is_upstream_failure() => e.code(),
                 Err(e) => return Err(e),
             };
-            let to = &chain[n + 1].model;
-            tracing::info!(request_id = %ctx.request_id, model = %route.model, from = %serving.model, to = %to, why, "falling back");
+            let Some((pos, to)) = next else { break };
+            tracing::info!(request_id = %ctx.request_id, model = %route.model, from = %serving.model, to = %to.model, why, "falling back");
             self.shared
                 .metrics
                 .fallbacks
-                .with_label_values(&[serving.model.as_str(), to.as_str(), why])
+                .with_label_values(&[serving.model.as_str(), to.model.as_str(), why])
                 .inc();
+            serving = to;
+            next = next_fallback(&rt, route, &key, endpoint, pos);
         }
         Err(GatewayError::Internal(
             "the fallback chain ended without an answer".into(),
@@ -658,4 +653,23 @@ impl<'a> ModelObject<'a> {
                 .map_or("", |r| r.upstream.name.as_str()),
         }
     }
+}
+
+/// The first of `route`'s fallbacks from index `from` on that `key` may use and whose upstream
+/// serves `endpoint`, with the index to continue from.
+fn next_fallback(
+    rt: &Runtime,
+    route: &Route,
+    key: &KeyRecord,
+    endpoint: &str,
+    from: usize,
+) -> Option<(usize, Arc<Route>)> {
+    route.fallbacks[from..]
+        .iter()
+        .enumerate()
+        .find_map(|(j, model)| {
+            let r = rt.routes.get(model)?;
+            (key.models.matches(&r.model) && r.upstream.serves(endpoint))
+                .then(|| (from + j + 1, Arc::clone(r)))
+        })
 }

@@ -144,9 +144,6 @@ pub struct Upstream {
     pub check: Option<crate::config::HealthCheckConfig>,
     /// Time between two resolutions of the endpoints' host names (zero: never again).
     pub dns_refresh: Duration,
-    /// The upstream's connect and read timeouts (a route's default).
-    connect_timeout: Duration,
-    read_timeout: Duration,
     /// The connect timeout of the endpoints' peers.
     peer_connect_timeout: Duration,
     /// The weighted round-robin order of endpoints (`weights:`).
@@ -185,7 +182,9 @@ impl Runtime {
             // Routes to a left-out optional upstream are left out too.
             if let Some(upstream) = upstreams.get(r.upstream.as_str()) {
                 let t = &r.timeouts;
-                let connect = t.connect.unwrap_or(upstream.connect_timeout);
+                // Defaults: the upstream's own settings.
+                let u = &config.upstreams[&r.upstream];
+                let connect = t.connect.unwrap_or(u.connect_timeout);
                 let route = Route {
                     model: r.model.clone(),
                     upstream: Arc::clone(upstream),
@@ -194,8 +193,8 @@ impl Runtime {
                     fallback_on: r.fallback_on.clone(),
                     timeouts: Timeouts {
                         connect: (connect != upstream.peer_connect_timeout).then_some(connect),
-                        first_byte: t.first_byte.unwrap_or(upstream.read_timeout),
-                        idle: t.idle.unwrap_or(upstream.read_timeout),
+                        first_byte: t.first_byte.unwrap_or(u.read_timeout),
+                        idle: t.idle.unwrap_or(u.read_timeout),
                         total: t.total,
                     },
                 };
@@ -324,8 +323,6 @@ impl Upstream {
             retry: cfg.retry,
             check: cfg.health.check,
             dns_refresh: cfg.dns.refresh,
-            connect_timeout: cfg.connect_timeout,
-            read_timeout: cfg.read_timeout,
             peer_connect_timeout: connect_timeout,
             next: AtomicUsize::new(0),
             failures_to_trip: cfg.health.failures,

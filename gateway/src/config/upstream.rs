@@ -14,7 +14,7 @@ use pingora_core::tls::x509::X509;
 use pingora_core::utils::tls::CertKey;
 use serde::Deserialize;
 
-use super::{check_api_path, RetryConfig};
+use super::{check_api_path, default_true, RetryConfig};
 
 /// One upstream provider: one or more equivalent endpoints.
 #[derive(Debug, Clone, Deserialize)]
@@ -287,9 +287,6 @@ fn default_paths() -> Vec<String> {
         .iter()
         .map(|p| (*p).to_owned())
         .collect()
-}
-fn default_true() -> bool {
-    true
 }
 
 /// An upstream in use, its URLs, credential and TLS files parsed.
