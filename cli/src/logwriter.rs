@@ -46,6 +46,22 @@ impl BatchedStderr {
     }
 }
 
+impl BatchedStderr {
+    /// Appends one line in the text log's layout (`2026-12-05T20:11:37.789258Z  INFO target:
+    /// message`), formatted straight into the buffer (the access log's fast path).
+    pub fn write_line(&self, level: &str, target: &str, message: std::fmt::Arguments<'_>) {
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let full = {
+            let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(buf, "{now}  {level} {target}: {message}");
+            buf.len() > MAX_BUFFERED
+        };
+        if full {
+            self.flush_now();
+        }
+    }
+}
+
 impl Write for BatchedStderr {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let full = {

@@ -25,6 +25,11 @@ mod tasks;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// glibc's allocator took ~12 % of the gateway's CPU per request; mimalloc's thread-local free
+/// lists cut CPU per request by 9-14 % (docs/design/gateway-profile.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "aihub", version, about = "AI Hub Gateway")]
 struct Cli {
@@ -244,7 +249,13 @@ fn init_logging(format: LogFormat) -> logwriter::BatchedStderr {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer.clone());
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => {
+            let lines = writer.clone();
+            aihub_gateway::accesslog::set_line_writer(Box::new(move |line| {
+                lines.write_line("INFO", "aihub::access", line)
+            }));
+            builder.init()
+        }
         LogFormat::Json => builder.json().init(),
     }
     writer

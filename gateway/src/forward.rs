@@ -114,9 +114,9 @@ pub async fn exchange(
         let address = endpoint.pick(crate::clock::now_ms());
         // In flight until this attempt ends (a relayed answer: until its last byte).
         let _in_flight = endpoint.load.enter();
-        let header = upstream_request(session.req_header(), endpoint, upstream, &body, ctx)?;
+        let request = upstream_request(session.req_header(), endpoint, upstream, &body, ctx)?;
         let may_retry = retries && sent + 1 < policy.attempts && attempt_started < deadline;
-        match send(shared, address.peer(), header, &body, &limits).await {
+        match send(shared, address.peer(), &request, &body, &limits).await {
             Ok((up, sent_at)) => {
                 endpoint.load.observe(sent_at.elapsed());
                 sent += 1;
@@ -342,7 +342,7 @@ enum SendError {
 async fn send(
     shared: &Shared,
     peer: &HttpPeer,
-    header: RequestHeader,
+    request: &WireRequest,
     body: &Bytes,
     limits: &Limits,
 ) -> Result<(HttpSession, Instant), SendError> {
@@ -361,19 +361,18 @@ async fn send(
                 }),
             None => connect.await,
         };
-        let (mut up, reused) = connected.map_err(SendError::Connect)?;
-        // The connector does not apply the peer's I/O timeouts to the session; we must.
-        up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.first_byte)));
-        up.set_write_timeout(peer.options.write_timeout);
+        let (up, reused) = connected.map_err(SendError::Connect)?;
         let result = async {
-            up.write_request_header(Box::new(header.clone())).await?;
-            up.write_request_body(body.clone(), true).await?;
-            up.finish_request_body().await?;
-            up.read_response_header().await
+            let mut up = write_request(up, peer, request, body).await?;
+            // The connector does not apply the peer's I/O timeouts to the session; we must.
+            up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.first_byte)));
+            up.set_write_timeout(peer.options.write_timeout);
+            up.read_response_header().await?;
+            Ok::<_, Box<Error>>(up)
         }
         .await;
         match result {
-            Ok(()) => return Ok((up, sent_at)),
+            Ok(up) => return Ok((up, sent_at)),
             // A pooled connection the upstream closed meanwhile: nothing was processed.
             Err(e) if reused && stale < STALE_RETRIES && is_stale_connection(&e) => stale += 1,
             Err(e) => return Err(SendError::Exchange(e, sent_at)),
@@ -560,24 +559,39 @@ fn take_buffered(up: &mut HttpSession, first: Bytes) -> (Bytes, Option<Box<Error
     (batch.map_or(first, BytesMut::freeze), error)
 }
 
-/// The request header sent to `endpoint`: the client's path under the endpoint's base path, the
-/// client's headers minus the dropped ones (and its account headers, unless the upstream
-/// forwards them), the upstream credential, exact framing. The path is the one the client sent,
-/// already checked by [`crate::path::check`]: never rewritten.
+/// Bodies up to this size are copied behind the request header and leave in the same write;
+/// larger ones are written after it (a copy would cost more than the second write).
+const INLINE_BODY_MAX: usize = 16 * 1024;
+
+/// A request as it goes on the wire to one endpoint: the request line and header, and the body
+/// too when it is small ([`INLINE_BODY_MAX`]).
+struct WireRequest {
+    bytes: Bytes,
+    body_inline: bool,
+}
+
+/// The request sent to `endpoint`, rendered straight into HTTP/1.1 wire bytes (no header map is
+/// built): the client's path under the endpoint's base path, the client's headers minus the
+/// dropped ones (and its account headers, unless the upstream forwards them) and minus those the
+/// gateway sets (host, exact framing, request id, the upstream's fixed headers and credential).
+/// The path is the one the client sent, already checked by [`crate::path::check`]: never
+/// rewritten. Header values are the client's as pingora parsed them or the configuration's as
+/// checked at load, so none holds CR or LF.
 fn upstream_request(
     client: &RequestHeader,
     endpoint: &Endpoint,
     upstream: &Upstream,
     body: &Bytes,
     ctx: &RequestCtx,
-) -> Result<RequestHeader, GatewayError> {
-    let internal = |e: Box<Error>| GatewayError::Internal(e.to_string());
+) -> Result<WireRequest, GatewayError> {
     let tail = client.uri.path().strip_prefix("/v1").unwrap_or("");
-    let mut path = String::with_capacity(
-        endpoint.base_path.len() + tail.len() + endpoint.base_query.len() + 32,
-    );
-    path.push_str(&endpoint.base_path);
-    path.push_str(tail);
+    let body_inline = body.len() <= INLINE_BODY_MAX;
+    let mut w = BytesMut::with_capacity(1024 + if body_inline { body.len() } else { 0 });
+    w.extend_from_slice(client.method.as_str().as_bytes());
+    w.extend_from_slice(b" ");
+    let target = w.len();
+    w.extend_from_slice(endpoint.base_path.as_bytes());
+    w.extend_from_slice(tail.as_bytes());
     // The base URL's query (Azure's `api-version`), then the client's.
     let queries = [Some(endpoint.base_query.as_str()), client.uri.query()];
     for (n, q) in queries
@@ -586,37 +600,94 @@ fn upstream_request(
         .filter(|q| !q.is_empty())
         .enumerate()
     {
-        path.push(if n == 0 { '?' } else { '&' });
-        path.push_str(q);
+        w.extend_from_slice(if n == 0 { b"?" } else { b"&" });
+        w.extend_from_slice(q.as_bytes());
     }
-    let mut h = RequestHeader::build(
-        client.method.clone(),
-        path.as_bytes(),
-        Some(client.headers.len() + 3),
-    )
-    .map_err(internal)?;
-    for (name, value) in client.headers.iter() {
-        let account = ACCOUNT_REQUEST_HEADERS.contains(&name.as_str());
-        if !is_dropped_request_header(name) && (!account || upstream.forward_account_headers) {
-            h.append_header(name.clone(), value.clone())
-                .map_err(internal)?;
-        }
+    // Bytes never allowed in a request target (RFC 9112 3.2), as pingora's writer checks.
+    if w[target..]
+        .iter()
+        .any(|&b| matches!(b, 0 | b'\r' | b'\n' | b' '))
+    {
+        return Err(GatewayError::Internal("request target not sendable".into()));
     }
-    h.insert_header(header::HOST, endpoint.host.clone())
-        .map_err(internal)?;
-    h.insert_header(header::CONTENT_LENGTH, body.len())
-        .map_err(internal)?;
-    h.insert_header(X_REQUEST_ID, ctx.request_id_header.clone())
-        .map_err(internal)?;
+    w.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut put = |name: &[u8], value: &[u8]| {
+        w.extend_from_slice(name);
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value);
+        w.extend_from_slice(b"\r\n");
+    };
+    put(b"host", endpoint.host.as_bytes());
+    let mut length = itoa::Buffer::new();
+    put(b"content-length", length.format(body.len()).as_bytes());
+    put(b"x-request-id", ctx.request_id_header.as_bytes());
     for (name, value) in &upstream.headers {
-        h.insert_header(name.clone(), value.clone())
-            .map_err(internal)?;
+        put(name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some((name, value)) = &upstream.auth {
-        h.insert_header(name.clone(), value.clone())
-            .map_err(internal)?;
+        put(name.as_str().as_bytes(), value.as_bytes());
     }
-    Ok(h)
+    let set_by_gateway = |name: &HeaderName| {
+        *name == X_REQUEST_ID
+            || upstream.headers.iter().any(|(n, _)| n == name)
+            || upstream.auth.as_ref().is_some_and(|(n, _)| n == name)
+    };
+    for (name, value) in client.headers.iter() {
+        let account = ACCOUNT_REQUEST_HEADERS.contains(&name.as_str());
+        if !is_dropped_request_header(name)
+            && (!account || upstream.forward_account_headers)
+            && !set_by_gateway(name)
+        {
+            put(name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    w.extend_from_slice(b"\r\n");
+    if body_inline {
+        w.extend_from_slice(body);
+    }
+    Ok(WireRequest {
+        bytes: w.freeze(),
+        body_inline,
+    })
+}
+
+/// Writes `request` (and `body`, unless inline) on the session's connection in one write where
+/// it fits, instead of pingora's client, which writes and flushes the header before the body
+/// (two writes, two segments, two reads at the upstream). The HTTP/1 session is rebuilt on the
+/// same connection to read the answer; pooling and keep-alive work as with pingora's writer.
+/// (Peers are HTTP/1 only: no ALPN is offered, so the connector never makes HTTP/2 sessions.)
+async fn write_request(
+    up: HttpSession,
+    peer: &HttpPeer,
+    request: &WireRequest,
+    body: &Bytes,
+) -> pingora_error::Result<HttpSession> {
+    use pingora_core::protocols::http::v1::client::HttpSession as Http1Session;
+    use pingora_error::OrErr;
+    use tokio::io::AsyncWriteExt;
+    let HttpSession::H1(h1) = up else {
+        return Error::e_explain(ErrorType::InternalError, "not an HTTP/1 upstream session");
+    };
+    let mut stream = h1.into_inner();
+    let write = async {
+        stream.write_all(&request.bytes).await?;
+        if !request.body_inline {
+            stream.write_all(body).await?;
+        }
+        stream.flush().await
+    };
+    match peer.options.write_timeout {
+        Some(limit) => match tokio::time::timeout(limit, write).await {
+            Ok(done) => done.or_err(ErrorType::WriteError, "writing the request")?,
+            Err(_) => return Error::e_explain(ErrorType::WriteTimedout, "writing the request"),
+        },
+        None => write
+            .await
+            .or_err(ErrorType::WriteError, "writing the request")?,
+    }
+    Ok(HttpSession::H1(Http1Session::new_with_options(
+        stream, peer,
+    )))
 }
 
 /// The response header sent to the client: the upstream's, with our request id (the upstream's

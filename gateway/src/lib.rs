@@ -41,11 +41,13 @@
 //!   response back.
 //! - [`internal`]: Files and Batches calls forwarded to the admin API (signed identity,
 //!   streamed bodies).
+//! - [`accesslog`]: the access log line, rendered in one pass (or as JSON fields).
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: the request flow and `logging`.
 //! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used;
 //!   the internal secret shared with the admin API.
 //! - [`server`]: assembling listeners, the ops endpoint and the reloader.
 
+pub mod accesslog;
 pub mod api;
 pub mod balance;
 pub mod client;

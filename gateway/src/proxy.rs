@@ -102,15 +102,14 @@ impl ProxyHttp for Gateway {
         let elapsed = ctx.start.elapsed();
         let model = ctx.route.as_ref().map_or("unknown", |r| r.model.as_str());
         // The upstream chooses the status: a label takes only real HTTP codes.
+        let mut digits = itoa::Buffer::new();
         let status = match ctx.status {
-            100..=599 => ctx.status.to_string(),
-            _ => "other".to_owned(),
+            100..=599 => digits.format(ctx.status),
+            _ => "other",
         };
-        m.requests
-            .with_label_values(&[model, status.as_str()])
-            .inc();
+        m.requests.with_label_values(&[model, status]).inc();
         if ctx.batch.is_some() {
-            m.batch_items.with_label_values(&[status.as_str()]).inc();
+            m.batch_items.with_label_values(&[status]).inc();
         }
         m.request_duration
             .with_label_values(&[model])
@@ -120,28 +119,28 @@ impl ProxyHttp for Gateway {
         let endpoint = upstream
             .zip(ctx.endpoint)
             .map(|(u, i)| u.endpoints[i].url.as_str());
-        tracing::info!(
-            target: "aihub::access",
-            request_id = %ctx.request_id,
-            method = %req.method,
-            path = req.uri.path(),
-            status = ctx.status,
+        crate::accesslog::Line {
+            request_id: &ctx.request_id,
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            status: ctx.status,
             model,
-            key_id = ctx.key.as_deref().map(|k| &*k.key_id),
-            batch_id = ctx.batch.as_ref().map(|b| &*b.task_id),
-            batch_line = ctx.batch.as_ref().map(|b| b.line),
-            developer_id = ctx.key.as_deref().map(|k| &*k.developer_id),
-            upstream = upstream.map(|u| u.name.as_str()),
+            key_id: ctx.key.as_deref().map(|k| &*k.key_id),
+            batch_id: ctx.batch.as_ref().map(|b| &*b.task_id),
+            batch_line: ctx.batch.as_ref().map(|b| b.line),
+            developer_id: ctx.key.as_deref().map(|k| &*k.developer_id),
+            upstream: upstream.map(|u| u.name.as_str()),
             endpoint,
-            attempts = ctx.attempts,
-            stream = ctx.stream,
-            bytes_in = ctx.bytes_in,
-            bytes_out = ctx.bytes_out,
-            overhead_ms = ctx.overhead.map(|d| d.as_secs_f64() * 1e3),
-            upstream_ms = ctx.upstream_latency.map(|d| d.as_secs_f64() * 1e3),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            error = ctx.error,
-        );
+            attempts: ctx.attempts,
+            stream: ctx.stream,
+            bytes_in: ctx.bytes_in as u64,
+            bytes_out: ctx.bytes_out,
+            overhead: ctx.overhead,
+            upstream_latency: ctx.upstream_latency,
+            duration: elapsed,
+            error: ctx.error,
+        }
+        .emit();
         let sink = self.shared.usage.as_ref().filter(|_| ctx.metering.record);
         if sink.is_none() && ctx.admission.is_none() {
             return;

@@ -21,6 +21,7 @@ use http::Response;
 use pingora_core::apps::http_app::{HttpServer, ServeHttp};
 use pingora_core::connectors::http::Connector;
 use pingora_core::connectors::ConnectorOptions;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{Server, ShutdownWatch};
@@ -52,6 +53,13 @@ pub fn check_config(path: &Path) -> Result<(usize, usize), ConfigError> {
     let runtime = Runtime::build(&config, checked, path)?;
     Ok((runtime.routes.len(), config.keys.len()))
 }
+
+/// The client connection's write buffer. pingora's default (1,460 bytes, one segment) sends a
+/// response header and a small body in two writes as soon as they exceed it together (the
+/// rate-limit headers alone are ~450 bytes); with 16 KiB a response up to that size leaves in
+/// one write. Chunked bodies (streams) are still flushed chunk by chunk. The buffer's pages are
+/// touched only as far as a response fills them.
+const DOWNSTREAM_WRITE_BUFFER: usize = 16 * 1024;
 
 impl GatewayServer {
     pub fn build(path: &Path) -> Result<GatewayServer, ConfigError> {
@@ -160,7 +168,10 @@ impl GatewayServer {
             "aihub gateway",
         );
         for addr in &config.server.listen {
-            proxy.add_tcp(addr);
+            proxy.add_listener(
+                ListenerConfig::tcp(addr)
+                    .l4_buffer(L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER)),
+            );
         }
         let mut ops = Service::new(
             "aihub ops".into(),

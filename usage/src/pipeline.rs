@@ -432,14 +432,24 @@ async fn send_loop(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     let timeout = state.config.clickhouse.insert_timeout;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let next = state.ready.lock().expect("not poisoned").front().cloned();
-        let Some(segment) = next else {
+        // The rows kept in memory go with this attempt (the queue keeps the file): a retry
+        // reads them back from disk.
+        let next = state
+            .ready
+            .lock()
+            .expect("not poisoned")
+            .front_mut()
+            .map(|front| {
+                let rows = front.rows.take();
+                (front.clone(), rows)
+            });
+        let Some((segment, rows)) = next else {
             tokio::select! {
                 _ = state.ready_changed.notified() => continue,
                 _ = stop.changed() => return,
             }
         };
-        match deliver(&state, &client, timeout, &segment).await {
+        match deliver(&state, &client, timeout, &segment, rows).await {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
                 state.ready.lock().expect("not poisoned").pop_front();
@@ -490,8 +500,13 @@ async fn deliver(
     client: &clickhouse::Client,
     timeout: Duration,
     segment: &Segment,
+    kept: Option<Arc<Vec<UsageRecord>>>,
 ) -> Result<(), InsertError> {
-    let (mut rows, torn) = wal::read(segment).map_err(|e| InsertError::Transient(e.to_string()))?;
+    // A segment this process just closed still has its rows in memory: no read back, no parse.
+    let (mut rows, torn) = match kept {
+        Some(rows) => (Arc::unwrap_or_clone(rows), 0),
+        None => wal::read(segment).map_err(|e| InsertError::Transient(e.to_string()))?,
+    };
     if torn > 0 {
         tracing::warn!(segment = %segment.path.display(), lines = torn, "skipped torn WAL lines");
         state.metrics.torn_lines.inc_by(torn as u64);
