@@ -127,7 +127,7 @@ impl fmt::Display for Line<'_> {
             ("duration_ms", Some(self.duration)),
         ] {
             if let Some(d) = value {
-                millis(f, name, d)?;
+                write!(f, " {name}={}", Millis(d))?;
             }
         }
         if let Some(e) = self.error {
@@ -164,22 +164,23 @@ fn text(f: &mut fmt::Formatter<'_>, name: &str, value: &str) -> fmt::Result {
     f.write_char('"')
 }
 
-/// ` name=1.234` (milliseconds, three decimals, from whole microseconds).
-fn millis(f: &mut fmt::Formatter<'_>, name: &str, d: Duration) -> fmt::Result {
-    let us = d.as_micros();
-    let mut n = itoa::Buffer::new();
-    f.write_char(' ')?;
-    f.write_str(name)?;
-    f.write_char('=')?;
-    f.write_str(n.format(us / 1000))?;
-    let frac = (us % 1000) as u16;
-    let digits = [
-        b'.',
-        b'0' + (frac / 100) as u8,
-        b'0' + (frac / 10 % 10) as u8,
-        b'0' + (frac % 10) as u8,
-    ];
-    f.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+/// A duration as milliseconds with three decimals (`0.074`), from whole microseconds (no float
+/// formatting): the access line's `*_ms` fields and the `x-aihub-overhead-ms` header.
+pub struct Millis(pub Duration);
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = self.0.as_micros();
+        let frac = (us % 1000) as u16;
+        let digits = [
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ];
+        f.write_str(itoa::Buffer::new().format(us / 1000))?;
+        f.write_str(std::str::from_utf8(&digits).map_err(|_| fmt::Error)?)
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! a 502. The response body is written to the client chunk by chunk as it arrives; pingora flushes
 //! every chunk of a chunked (SSE) body immediately.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType};
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 use crate::api::Api;
@@ -29,6 +30,7 @@ use crate::endpoint::Endpoint;
 use crate::error::GatewayError;
 use crate::metering::{JsonMeter, SseMeter};
 use crate::routing::{Route, Timeouts, Upstream};
+use crate::wire::{Target, WireRequest};
 
 /// How many times a request may meet a stale pooled connection before giving up on an endpoint.
 const STALE_RETRIES: usize = 2;
@@ -37,33 +39,9 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 const X_OVERHEAD: HeaderName = HeaderName::from_static("x-aihub-overhead-ms");
 
-/// Request headers never forwarded: hop-by-hop, framing (recomputed), the caller's credentials,
-/// and `accept-encoding` (the gateway reads response bodies to meter them).
-fn is_dropped_request_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host"
-            | "authorization"
-            | "x-api-key"
-            | "content-length"
-            | "transfer-encoding"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "expect"
-            | "accept-encoding"
-    )
-}
-
-/// Headers naming an account at the provider. Sent by a client, they would choose which of the
-/// platform's organizations or projects pays (the platform's credential goes with them); sent
-/// by the upstream, they name the platform's provider account. Stripped both ways unless the
-/// upstream has `forward_account_headers`.
-const ACCOUNT_REQUEST_HEADERS: [&str; 2] = ["openai-organization", "openai-project"];
+/// Headers naming the platform's provider account, sent by the upstream: stripped unless the
+/// upstream has `forward_account_headers` (the client's own are stripped on the way up,
+/// [`crate::wire`]).
 const ACCOUNT_RESPONSE_HEADERS: [&str; 3] = [
     "openai-organization",
     "openai-project",
@@ -114,7 +92,9 @@ pub async fn exchange(
         let address = endpoint.pick(crate::clock::now_ms());
         // In flight until this attempt ends (a relayed answer: until its last byte).
         let _in_flight = endpoint.load.enter();
-        let request = upstream_request(session.req_header(), endpoint, upstream, &body, ctx)?;
+        let target = Target::of(endpoint, upstream);
+        let request =
+            WireRequest::render(session.req_header(), &target, &body, &ctx.request_id_header)?;
         let may_retry = retries && sent + 1 < policy.attempts && attempt_started < deadline;
         match send(shared, address.peer(), &request, &body, &limits).await {
             Ok((up, sent_at)) => {
@@ -363,7 +343,7 @@ async fn send(
         };
         let (up, reused) = connected.map_err(SendError::Connect)?;
         let result = async {
-            let mut up = write_request(up, peer, request, body).await?;
+            let mut up = request.write(up, peer, body).await?;
             // The connector does not apply the peer's I/O timeouts to the session; we must.
             up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.first_byte)));
             up.set_write_timeout(peer.options.write_timeout);
@@ -431,7 +411,9 @@ async fn relay(
     let overhead = ctx.start.elapsed().saturating_sub(ctx.waited);
     ctx.overhead = Some(overhead);
     m.gateway_overhead.observe(overhead.as_secs_f64());
-    if let Ok(v) = HeaderValue::try_from(format!("{:.3}", overhead.as_secs_f64() * 1e3)) {
+    let mut value = BytesMut::with_capacity(16);
+    let _ = write!(value, "{}", crate::accesslog::Millis(overhead));
+    if let Ok(v) = HeaderValue::from_maybe_shared(value.freeze()) {
         resp.headers.insert(X_OVERHEAD, v);
     }
 
@@ -557,137 +539,6 @@ fn take_buffered(up: &mut HttpSession, first: Bytes) -> (Bytes, Option<Box<Error
             .extend_from_slice(&more);
     }
     (batch.map_or(first, BytesMut::freeze), error)
-}
-
-/// Bodies up to this size are copied behind the request header and leave in the same write;
-/// larger ones are written after it (a copy would cost more than the second write).
-const INLINE_BODY_MAX: usize = 16 * 1024;
-
-/// A request as it goes on the wire to one endpoint: the request line and header, and the body
-/// too when it is small ([`INLINE_BODY_MAX`]).
-struct WireRequest {
-    bytes: Bytes,
-    body_inline: bool,
-}
-
-/// The request sent to `endpoint`, rendered straight into HTTP/1.1 wire bytes (no header map is
-/// built): the client's path under the endpoint's base path, the client's headers minus the
-/// dropped ones (and its account headers, unless the upstream forwards them) and minus those the
-/// gateway sets (host, exact framing, request id, the upstream's fixed headers and credential).
-/// The path is the one the client sent, already checked by [`crate::path::check`]: never
-/// rewritten. Header values are the client's as pingora parsed them or the configuration's as
-/// checked at load, so none holds CR or LF.
-fn upstream_request(
-    client: &RequestHeader,
-    endpoint: &Endpoint,
-    upstream: &Upstream,
-    body: &Bytes,
-    ctx: &RequestCtx,
-) -> Result<WireRequest, GatewayError> {
-    let tail = client.uri.path().strip_prefix("/v1").unwrap_or("");
-    let body_inline = body.len() <= INLINE_BODY_MAX;
-    let mut w = BytesMut::with_capacity(1024 + if body_inline { body.len() } else { 0 });
-    w.extend_from_slice(client.method.as_str().as_bytes());
-    w.extend_from_slice(b" ");
-    let target = w.len();
-    w.extend_from_slice(endpoint.base_path.as_bytes());
-    w.extend_from_slice(tail.as_bytes());
-    // The base URL's query (Azure's `api-version`), then the client's.
-    let queries = [Some(endpoint.base_query.as_str()), client.uri.query()];
-    for (n, q) in queries
-        .into_iter()
-        .flatten()
-        .filter(|q| !q.is_empty())
-        .enumerate()
-    {
-        w.extend_from_slice(if n == 0 { b"?" } else { b"&" });
-        w.extend_from_slice(q.as_bytes());
-    }
-    // Bytes never allowed in a request target (RFC 9112 3.2), as pingora's writer checks.
-    if w[target..]
-        .iter()
-        .any(|&b| matches!(b, 0 | b'\r' | b'\n' | b' '))
-    {
-        return Err(GatewayError::Internal("request target not sendable".into()));
-    }
-    w.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut put = |name: &[u8], value: &[u8]| {
-        w.extend_from_slice(name);
-        w.extend_from_slice(b": ");
-        w.extend_from_slice(value);
-        w.extend_from_slice(b"\r\n");
-    };
-    put(b"host", endpoint.host.as_bytes());
-    let mut length = itoa::Buffer::new();
-    put(b"content-length", length.format(body.len()).as_bytes());
-    put(b"x-request-id", ctx.request_id_header.as_bytes());
-    for (name, value) in &upstream.headers {
-        put(name.as_str().as_bytes(), value.as_bytes());
-    }
-    if let Some((name, value)) = &upstream.auth {
-        put(name.as_str().as_bytes(), value.as_bytes());
-    }
-    let set_by_gateway = |name: &HeaderName| {
-        *name == X_REQUEST_ID
-            || upstream.headers.iter().any(|(n, _)| n == name)
-            || upstream.auth.as_ref().is_some_and(|(n, _)| n == name)
-    };
-    for (name, value) in client.headers.iter() {
-        let account = ACCOUNT_REQUEST_HEADERS.contains(&name.as_str());
-        if !is_dropped_request_header(name)
-            && (!account || upstream.forward_account_headers)
-            && !set_by_gateway(name)
-        {
-            put(name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
-    w.extend_from_slice(b"\r\n");
-    if body_inline {
-        w.extend_from_slice(body);
-    }
-    Ok(WireRequest {
-        bytes: w.freeze(),
-        body_inline,
-    })
-}
-
-/// Writes `request` (and `body`, unless inline) on the session's connection in one write where
-/// it fits, instead of pingora's client, which writes and flushes the header before the body
-/// (two writes, two segments, two reads at the upstream). The HTTP/1 session is rebuilt on the
-/// same connection to read the answer; pooling and keep-alive work as with pingora's writer.
-/// (Peers are HTTP/1 only: no ALPN is offered, so the connector never makes HTTP/2 sessions.)
-async fn write_request(
-    up: HttpSession,
-    peer: &HttpPeer,
-    request: &WireRequest,
-    body: &Bytes,
-) -> pingora_error::Result<HttpSession> {
-    use pingora_core::protocols::http::v1::client::HttpSession as Http1Session;
-    use pingora_error::OrErr;
-    use tokio::io::AsyncWriteExt;
-    let HttpSession::H1(h1) = up else {
-        return Error::e_explain(ErrorType::InternalError, "not an HTTP/1 upstream session");
-    };
-    let mut stream = h1.into_inner();
-    let write = async {
-        stream.write_all(&request.bytes).await?;
-        if !request.body_inline {
-            stream.write_all(body).await?;
-        }
-        stream.flush().await
-    };
-    match peer.options.write_timeout {
-        Some(limit) => match tokio::time::timeout(limit, write).await {
-            Ok(done) => done.or_err(ErrorType::WriteError, "writing the request")?,
-            Err(_) => return Error::e_explain(ErrorType::WriteTimedout, "writing the request"),
-        },
-        None => write
-            .await
-            .or_err(ErrorType::WriteError, "writing the request")?,
-    }
-    Ok(HttpSession::H1(Http1Session::new_with_options(
-        stream, peer,
-    )))
 }
 
 /// The response header sent to the client: the upstream's, with our request id (the upstream's

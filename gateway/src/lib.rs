@@ -10,6 +10,7 @@
 //! # Layout
 //! Leaves first: a module imports only modules listed above it, so there are no import circles.
 //! - [`clock`]: the wall clock in unix milliseconds.
+//! - [`accesslog`]: the access log line, rendered in one pass (or as JSON fields).
 //! - [`api`]: the model APIs known by path (Chat Completions, Completions, Embeddings,
 //!   Responses, Messages) and how each reports usage.
 //! - [`path`]: the request path rule (used as sent, or refused: no dot segments, encoded
@@ -37,11 +38,11 @@
 //! - [`upkeep`]: background upkeep of the endpoints: active health checks and DNS
 //!   re-resolution.
 //! - [`usage`]: the usage record of a finished request.
+//! - [`wire`]: the upstream request rendered as HTTP/1.1 wire bytes, written in one write.
 //! - [`forward`]: sending the request upstream with failover and retries, streaming the
 //!   response back.
 //! - [`internal`]: Files and Batches calls forwarded to the admin API (signed identity,
 //!   streamed bodies).
-//! - [`accesslog`]: the access log line, rendered in one pass (or as JSON fields).
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: the request flow and `logging`.
 //! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used;
 //!   the internal secret shared with the admin API.
@@ -72,6 +73,7 @@ pub mod routing;
 pub mod server;
 pub mod upkeep;
 pub mod usage;
+pub mod wire;
 
 pub use config::{Config, ConfigError};
 pub use server::{check_config, GatewayServer};
