@@ -40,6 +40,8 @@ pub struct OpenSegment {
     path: PathBuf,
     writer: BufWriter<File>,
     kept: Vec<UsageRecord>,
+    /// The line being encoded (reused: no allocation per record).
+    line: Vec<u8>,
     pub rows: usize,
     pub bytes: u64,
 }
@@ -115,6 +117,7 @@ impl OpenSegment {
             path,
             writer: BufWriter::with_capacity(64 * 1024, file),
             kept: Vec::new(),
+            line: Vec::with_capacity(1024),
             rows: 0,
             bytes: 0,
         })
@@ -122,13 +125,14 @@ impl OpenSegment {
 
     /// Appends one record (buffered); the record is also kept in memory for the insert.
     pub fn append(&mut self, record: UsageRecord) -> io::Result<()> {
-        let line = serde_json::to_vec(&record).map_err(io::Error::other);
+        self.line.clear();
+        let encoded = serde_json::to_writer(&mut self.line, &record).map_err(io::Error::other);
         self.kept.push(record);
         self.rows += 1;
-        let mut line = line?;
-        line.push(b'\n');
-        self.bytes += line.len() as u64;
-        self.writer.write_all(&line)
+        encoded?;
+        self.line.push(b'\n');
+        self.bytes += self.line.len() as u64;
+        self.writer.write_all(&self.line)
     }
 
     /// Hands buffered records to the OS: from here a process crash no longer loses them.
