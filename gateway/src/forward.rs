@@ -454,7 +454,12 @@ async fn relay(
         };
         let chunk = meter(&mut ctx.meter, chunk);
         ctx.bytes_out += chunk.len() as u64;
-        client_write(limit, session.write_response_body(Some(chunk), false)).await?;
+        // Bounded by the session's own write timeout (HTTP/1 body writes apply it): no second
+        // timer per chunk.
+        session
+            .write_response_body(Some(chunk), false)
+            .await
+            .map_err(|e| client_error(&e))?;
         if broken.is_none() && up.response_done() {
             break;
         }
