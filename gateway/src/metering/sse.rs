@@ -138,9 +138,8 @@ impl SseMeter {
                 continue;
             };
             let data = data.strip_prefix(b" ").unwrap_or(data);
-            self.sample_text(data);
-            if USAGE.find(data).is_none() {
-                continue;
+            if !self.sample_text(data) {
+                continue; // no `"usage"` string in this event
             }
             let reported = has_usage_object(data);
             if reported {
@@ -192,49 +191,58 @@ impl SseMeter {
         }
     }
 
-    /// Adds the generated text of one event's data to the sample.
-    fn sample_text(&mut self, data: &[u8]) {
-        let keys: &[Finder<'static>] = match self.api {
-            Api::Responses => &*RESPONSES_TEXT,
-            Api::Messages => &*MESSAGES_TEXT,
-            _ => &*CHAT_TEXT,
+    /// Adds the generated text of one event's data to the sample, in one pass over the event's
+    /// strings (each skipped whole, so text inside a value never reads as a key); says whether
+    /// one of them is `"usage"`.
+    fn sample_text(&mut self, data: &[u8]) -> bool {
+        let keys: &[&[u8]] = match self.api {
+            // Responses repeats the whole text in its `.done` and `completed` events: only its
+            // deltas count.
+            Api::Responses => &[b"delta"],
+            Api::Messages => &[b"text", b"partial_json", b"thinking"],
+            _ => &[
+                b"content",
+                b"text",
+                b"arguments",
+                b"refusal",
+                b"reasoning_content",
+            ],
         };
-        for key in keys {
-            let mut from = 0;
-            while let Some(pos) = key.find(&data[from..]) {
-                from += pos + key.needle().len();
+        let mut usage = false;
+        let mut from = 0;
+        while let Some(pos) = memchr::memchr(b'"', &data[from..]) {
+            let open = from + pos;
+            let Some(close) = string_end(data, open + 1) else {
+                break; // an unterminated string: nothing more to read
+            };
+            let string = &data[open + 1..close];
+            from = close + 1;
+            if string == b"usage" {
+                usage = true;
+            } else if keys.contains(&string) {
                 if let Some((start, end)) = string_value_after_key(data, from) {
                     self.delivered.push_json_str(&data[start..end]);
-                    from = end;
+                    from = end + 1;
                 }
             }
         }
+        usage
+    }
+}
+
+/// The position of the quote that closes a JSON string whose contents start at `from`.
+fn string_end(data: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let i = from + memchr::memchr2(b'"', b'\\', data.get(from..)?)?;
+        if data[i] == b'"' {
+            return Some(i);
+        }
+        from = i + 2; // an escape: the next byte is never the closing quote
     }
 }
 
 /// Searchers built once (building one costs more than searching an event with it).
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
-/// Keys of generated text, per API. Responses repeats the whole text in its `.done` and
-/// `completed` events: only its deltas count.
-static RESPONSES_TEXT: LazyLock<[Finder<'static>; 1]> =
-    LazyLock::new(|| [Finder::new(b"\"delta\"")]);
-static MESSAGES_TEXT: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
-    [
-        Finder::new(b"\"text\""),
-        Finder::new(b"\"partial_json\""),
-        Finder::new(b"\"thinking\""),
-    ]
-});
-static CHAT_TEXT: LazyLock<[Finder<'static>; 5]> = LazyLock::new(|| {
-    [
-        Finder::new(b"\"content\""),
-        Finder::new(b"\"text\""),
-        Finder::new(b"\"arguments\""),
-        Finder::new(b"\"refusal\""),
-        Finder::new(b"\"reasoning_content\""),
-    ]
-});
-
 /// When `data[at..]` is `<ws>:<ws>"…"`, the range of the string's contents.
 fn string_value_after_key(data: &[u8], at: usize) -> Option<(usize, usize)> {
     let ws = |i: usize| {

@@ -203,3 +203,20 @@ fn chunks_that_carry_something_are_kept() {
     ));
     assert!(!carries_nothing(b"not json"));
 }
+
+#[test]
+fn only_text_under_text_keys_is_sampled() {
+    // Key names and `"usage"` inside generated text are text, not keys; escaped quotes too.
+    let event = concat!(
+        r#"data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","#,
+        r#""content":"say \"content\": \"usage\" {"},"finish_reason":null}],"#,
+        r#""text":null,"usage":null}"#,
+        "\n\n"
+    );
+    let mut m = SseMeter::new(Api::ChatCompletions, true);
+    let out = run(&mut m, event.as_bytes(), &[30, 31, 90]);
+    // `say "content": "usage" {` is 24 characters; the `usage: null` member is cut.
+    assert_eq!(m.delivered.chars, 24);
+    assert!(!String::from_utf8(out).unwrap().contains("\"usage\":null"));
+    assert_eq!(m.usage(), None);
+}
