@@ -91,10 +91,10 @@ fn limits(c: &mut Criterion) {
         key_id: key.clone(),
         developer_id: dev.clone(),
         active: true,
-        limits: KeyLimits {
+        limits: Arc::new(KeyLimits {
             plan: Some("free".into()),
             ..KeyLimits::default()
-        },
+        }),
         ..KeyRecord::default()
     });
     g.bench_function("admit_settle/free_plan", |b| {

@@ -145,9 +145,23 @@ async fn send(gw: &Gateway, key: &str, body: &str, extra: &[(&str, &str)]) -> re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_exact_and_tokens_settle_with_real_usage() {
+    headers_exact(None).await;
+}
+
+/// The same through Redis: small bodies are admitted in one script after the body is read,
+/// settles reach Redis in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_exact_and_tokens_settle_with_real_usage_through_redis() {
+    headers_exact(Some(redis_url())).await;
+}
+
+async fn headers_exact(redis: Option<String>) {
     let mock = Mock::start(&[]);
     let k = key("hdr", &["rate_limit_rpm: 60", "rate_limit_tpm: 1000"]);
-    let gw = gateway_with(&mock, &[&k], &limits_yaml(None, None, &[]));
+    let gw = gateway_with(&mock, &[&k], &limits_yaml(None, redis.as_deref(), &[]));
+    if redis.is_some() {
+        wait_metric(&gw, "aihub_limits_redis_up", 1.0).await;
+    }
     let reservation = (BODY.len() as u64).div_ceil(4) + 10;
 
     let first_sent = Instant::now();
@@ -235,6 +249,46 @@ async fn headers_are_exact_and_tokens_settle_with_real_usage() {
         gw.metric_eventually("aihub_rate_limited_total{reason=\"tokens\"}", 1.0),
         1.0
     );
+}
+
+/// Through Redis a small announced body is read before its admission, which is then one
+/// script; a request refused for its body or its route still takes its request and shows the
+/// headers, as in two steps. A large body keeps the two steps (refused at a limit before it is
+/// read). Both kinds draw on the same buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_redis_small_bodies_take_one_step_and_large_ones_two() {
+    let mock = Mock::start(&[]);
+    let k = key("steps", &["rate_limit_rpm: 5", "rate_limit_tpm: 100000"]);
+    let gw = gateway_with(&mock, &[&k], &limits_yaml(None, Some(&redis_url()), &[]));
+    wait_metric(&gw, "aihub_limits_redis_up", 1.0).await;
+    let r = send(&gw, &k.key, "{not json", &[]).await;
+    assert_eq!(num(&r, "x-ratelimit-remaining-requests"), 4);
+    expect_error(r, 400, "invalid_json").await;
+    let r = send(&gw, &k.key, &BODY.replace("demo", "nope"), &[]).await;
+    assert_eq!(num(&r, "x-ratelimit-remaining-requests"), 3);
+    expect_error(r, 404, "model_not_found").await;
+    // Over 64 KiB: admitted in two steps, its whole reservation taken.
+    let big = BODY.replace("Say hello", &"x".repeat(70_000));
+    let r = send(&gw, &k.key, &big, &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(num(&r, "x-ratelimit-remaining-requests"), 2);
+    let reservation = (big.len() as u64).div_ceil(4) + 10;
+    assert_eq!(
+        num(&r, "x-ratelimit-remaining-tokens"),
+        100_000 - reservation
+    );
+    r.bytes().await.unwrap();
+    for left in [1, 0] {
+        let r = send(&gw, &k.key, BODY, &[]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(num(&r, "x-ratelimit-remaining-requests"), left);
+        r.bytes().await.unwrap();
+    }
+    for body in [BODY, &big] {
+        let r = send(&gw, &k.key, body, &[]).await;
+        assert_eq!(num(&r, "x-ratelimit-remaining-requests"), 0);
+        expect_error(r, 429, "rate_limit_exceeded").await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -246,7 +246,11 @@ impl Gateway {
         if self.shared.usage.as_ref().is_some_and(|u| !u.admit()) {
             return Err(GatewayError::MeteringUnavailable);
         }
-        if let Some(limits) = &self.shared.limits {
+        // With Redis, a small declared body is read first and the admission is one round trip
+        // (`Limits::admit_whole`); otherwise it has two steps, the first before the body.
+        let limits = self.shared.limits.as_deref();
+        let one_step = limits.is_some_and(|l| l.prefers_one_step(declared_length(session)));
+        if let Some(limits) = limits.filter(|_| !one_step) {
             match limits.admit(&key, &rt.plans).await {
                 Ok(admission) => {
                     ctx.rate_headers = admission.headers;
@@ -257,22 +261,47 @@ impl Gateway {
         }
         let body = self.read_body(session, ctx, &rt).await?;
         ctx.request_body = Some(body.clone());
-        let probe = request::inspect(&body)?;
-        let route = rt
-            .routes
-            .get(&probe.model)
-            .ok_or_else(|| GatewayError::UnknownModel(probe.model.clone()))?;
-        if !key.models.matches(&probe.model) {
-            return Err(GatewayError::ModelNotAllowed(probe.model));
+        let routed = request::inspect(&body).and_then(|probe| {
+            let route = rt
+                .routes
+                .get(&probe.model)
+                .ok_or_else(|| GatewayError::UnknownModel(probe.model.clone()))?;
+            if !key.models.matches(&probe.model) {
+                return Err(GatewayError::ModelNotAllowed(probe.model));
+            }
+            if !route.upstream.serves(endpoint) {
+                return Err(GatewayError::UnsupportedEndpoint(endpoint.to_owned()));
+            }
+            Ok((probe, route))
+        });
+        let embeddings = endpoint.starts_with("embeddings");
+        if let Some(limits) = limits.filter(|_| one_step) {
+            let admitted = match &routed {
+                Ok((probe, _)) => {
+                    let cost = limits.cost(body.len(), probe.max_tokens, probe.n, embeddings);
+                    limits.admit_whole(&key, &rt.plans, cost).await
+                }
+                // Refused for its body or its route, a request still takes its request first.
+                Err(_) => limits.admit(&key, &rt.plans).await,
+            };
+            match admitted {
+                Ok(admission) => {
+                    ctx.rate_headers = admission.headers;
+                    ctx.admission = Some(admission).filter(|a| !a.is_inert());
+                }
+                Err(refusal) => return Err(limited(ctx, refusal)),
+            }
         }
-        if !route.upstream.serves(endpoint) {
-            return Err(GatewayError::UnsupportedEndpoint(endpoint.to_owned()));
-        }
+        let (probe, route) = routed?;
         ctx.route = Some(Arc::clone(route));
         ctx.stream = probe.stream;
         // The second step of the admission: the token reservation, which needs the body.
-        if let (Some(limits), Some(admission)) = (&self.shared.limits, ctx.admission.take()) {
-            let embeddings = endpoint.starts_with("embeddings");
+        let second = if one_step {
+            None
+        } else {
+            limits.zip(ctx.admission.take())
+        };
+        if let Some((limits, admission)) = second {
             let cost = limits.cost(body.len(), probe.max_tokens, probe.n, embeddings);
             match limits.reserve(admission, cost).await {
                 Ok(admission) => {

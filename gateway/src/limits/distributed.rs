@@ -1,16 +1,28 @@
 //! Limits shared by every gateway node through Redis.
 //!
-//! **Design: the decision is made in Redis.** One Lua script per request runs the same GCRA as
-//! [`super::gcra`] against the key's and the developer's buckets and checks the developer's
+//! **Design: the decision is made in Redis.** A Lua script (`lua.rs`) runs the same GCRA
+//! as [`super::gcra`] against the key's and the developer's buckets and checks the developer's
 //! period quota, atomically, on Redis' clock (`TIME`), and commits all buckets or none. So the
 //! global limits hold exactly across nodes (no over-admission from coordination); the price is
-//! one Redis round trip per limited request (measured in `loadtests/results/limits-latest.md`),
-//! two when tokens or a hard-stop quota are limited: the admission script runs before the
-//! request's body is read (requests taken, tokens and quota checked with no cost of its own),
-//! the reservation script once it is read (tokens taken, the quota must fit the request; a
-//! refusal gives back the request the first script took, in the same script).
-//! Settling (real tokens, quota counters) is a second script run after the response, off the
-//! request's path.
+//! a Redis round trip per limited request (measured in `loadtests/results/limits-latest.md`):
+//! - **one** for the usual request, whose small body is announced (`Content-Length` up to
+//!   [`super::ONE_STEP_BODY_MAX`]): the body is read first and one script takes the request,
+//!   the token reservation and checks the quota against what the request declares
+//!   ([`super::Limits::admit_whole`]);
+//! - **two** for a large or chunked body when tokens or a hard-stop quota are limited: the
+//!   admission script runs before the body is read (requests taken, tokens and quota checked
+//!   with no cost of its own, so a key at its limit is refused without its body being read),
+//!   the reservation script once it is read (tokens taken, the quota must fit the request; a
+//!   refusal gives back the request the first script took, in the same script).
+//!
+//! Settling (real tokens, quota counters) runs after the response, off the request's path and
+//! in batches ([`super::settler`]): one script call per key and batch, one pipeline per batch.
+//!
+//! **CPU per call.** The request path's calls go through a lane (`lane.rs`) on a connection
+//! driven by the runtime that serves the requests (no thread is woken for a decision), and the
+//! calls of the requests that reach their admission in the same scheduler round leave as one
+//! pipeline (one write and one read for all of them). Key names are written straight into the
+//! command, and the scripts answer with one string of integers instead of an array.
 //!
 //! Quota counters live in one hash per developer and period. A missing hash (first use, or a
 //! Redis that lost its data) is created from the node's own totals (ClickHouse seed plus what
@@ -20,245 +32,36 @@
 //!
 //! **Outages.** A failed or slow (`limits.redis.timeout`) call marks Redis down: the node logs
 //! once, sets `aihub_limits_redis_up` to 0 and decides locally with its share of each limit
-//! (limit ÷ live nodes, from the node registry below). A monitor reconnects every second; when
-//! Redis answers again, quota usage counted meanwhile is added to Redis and decisions move back.
+//! (limit ÷ live nodes, from the node registry below); the request whose call failed is decided
+//! there too (in two steps, as without Redis), and settles that cannot reach Redis count their
+//! quota usage for later. A monitor reconnects every second; when Redis answers again, quota
+//! usage counted meanwhile is added to Redis and decisions move back.
 //!
 //! **Node registry.** Every node refreshes its entry in a sorted set each second; nodes seen in
 //! the last 5 s are live. The count survives outages (last known value).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aihub_plans::Period;
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
-use redis::Script;
+use redis::{Cmd, Script};
 
 use super::gcra::Rate;
 use super::headers::{RateHeaders, Shown};
+use super::lane::{Failed, Lane};
 use super::local::{Rates, Refused};
+use super::lua::{
+    evalsha, numbers, Name, ADMIT_LUA, BUCKETS_LUA, PRELUDE_LUA, RESERVE_LUA, SETTLE_LUA,
+};
 use super::quota::QuotaRule;
 use crate::error::Reason;
 
 /// Nodes that refreshed their registry entry within this window are live.
 const NODE_TTL_MS: i64 = 5_000;
-
-/// What every script starts with: Redis' clock (µs), the window, and bucket-key expiry.
-/// Numbers are integers (µs, units) held exactly in Lua's doubles.
-const PRELUDE_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local W = 60000000
--- A bucket hash lives until its fullest field is full again (never shortened).
-local function extend(key, until_us)
-  local ms = math.ceil((until_us - now) / 1000) + 1000
-  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
-end
-"#;
-
-/// Bucket functions of the admission and reservation scripts (after [`PRELUDE_LUA`]): `decide`
-/// is [`super::gcra::decide`], `peek` a bucket's remaining units and reset, `tat` a bucket
-/// field's theoretical arrival time.
-const BUCKETS_LUA: &str = r#"
-local function decide(tat, rate, burst, cost, lenient)
-  local T = math.ceil(W / rate)
-  if lenient then cost = math.min(cost, rate) end
-  local tau = burst * T
-  local base = math.max(tat, now)
-  local new = base + cost * T
-  local over
-  if lenient then over = base - now - (tau - T) else over = new - now - tau end
-  if over <= 0 then
-    local span, rem = tau - (new - now), 0
-    if span > 0 then rem = math.floor(span / T) end
-    return {true, new, rem, new - now}
-  end
-  return {false, tat, 0, over}
-end
-local function peek(tat, rate, burst)
-  local T = math.ceil(W / rate)
-  local used = math.max(tat - now, 0)
-  local span, rem = burst * T - used, 0
-  if span > 0 then rem = math.floor(span / T) end
-  return rem, used
-end
-local function tat(key, field)
-  local v = redis.call('HGET', key, field)
-  if v then return tonumber(v) end
-  return 0
-end
-"#;
-
-/// The admission script (after [`BUCKETS_LUA`]): [`super::gcra::decide`] for up to four
-/// buckets plus the quota check.
-const ADMIT_LUA: &str = r#"
-local A = {}
-for i = 1, #ARGV do A[i] = tonumber(ARGV[i]) end
--- A: 1 key req rate, 2 key req burst, 3 dev req rate, 4 dev req burst, 5 key tok rate,
---    6 dev tok rate, 7 cost, 8 quota mode (0 none, 1 track, 2 hard, 3 spend cap),
---    9 included, 10 spend cap, 11 reserved here, 12 seed tokens, 13 seed cost, 14 quota ttl s,
---    15 may create the quota hash from the seed (1) or must read a missing one as the seed (0)
-local qt, qc, status, retry = 0, 0, 0, 0
-if A[8] >= 1 then
-  if redis.call('EXISTS', KEYS[3]) == 0 then
-    if A[15] == 1 then
-      redis.call('HSET', KEYS[3], 'tokens', ARGV[12], 'cost', ARGV[13])
-      redis.call('EXPIRE', KEYS[3], ARGV[14])
-    end
-    qt, qc = A[12], A[13]
-  else
-    qt = tonumber(redis.call('HGET', KEYS[3], 'tokens'))
-    qc = tonumber(redis.call('HGET', KEYS[3], 'cost'))
-  end
-  local refuse = 0
-  if A[8] == 2 and qt + A[11] >= A[9] then refuse = 5 end
-  if A[8] == 3 and qt >= A[9] then
-    local over = 0
-    if qt > 0 then over = math.floor(qc * (qt - A[9]) / qt) end
-    if over >= A[10] then refuse = 6 end
-  end
-  status = refuse
-end
-local specs = {
-  {KEYS[1], 'r', A[1], A[2], 1, false},
-  {KEYS[2], 'r', A[3], A[4], 1, false},
-  {KEYS[1], 't', A[5], A[5], A[7], true},
-  {KEYS[2], 't', A[6], A[6], A[7], true},
-}
-local out, results = {}, {}
-for i, s in ipairs(specs) do
-  if s[3] > 0 and status < 5 then
-    local d = decide(tat(s[1], s[2]), s[3], s[4], s[5], s[6])
-    results[i] = d
-    if not d[1] then
-      if status == 0 then
-        if i <= 2 then status = 1 else status = 2 end
-      end
-      retry = math.max(retry, d[4])
-    end
-  end
-end
-for i, s in ipairs(specs) do
-  local d = results[i]
-  if s[3] <= 0 then
-    table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
-  elseif d == nil or (status ~= 0 and d[1]) then
-    local rem, reset = peek(tat(s[1], s[2]), s[3], s[4])
-    table.insert(out, 1); table.insert(out, rem); table.insert(out, reset)
-  else
-    table.insert(out, 1); table.insert(out, d[3]); table.insert(out, d[4])
-  end
-end
-if status == 0 then
-  for i, s in ipairs(specs) do
-    local d = results[i]
-    if d ~= nil then
-      redis.call('HSET', s[1], s[2], string.format('%.0f', d[2]))
-      extend(s[1], d[2])
-    end
-  end
-end
-local r = {status, retry}
-for _, v in ipairs(out) do table.insert(r, v) end
-table.insert(r, qt); table.insert(r, qc)
-return r
-"#;
-
-/// The reservation script (after [`BUCKETS_LUA`]): the second step of an admission, once the
-/// request's body is read. The token buckets decide again with the reservation as cost (as
-/// [`super::gcra::decide`], leniently) and a hard-stop quota must fit the tokens the request
-/// declares; refused, nothing is taken and the request the admission script took is given back.
-const RESERVE_LUA: &str = r#"
-local A = {}
-for i = 1, #ARGV do A[i] = tonumber(ARGV[i]) end
--- A: 1 key req rate, 2 dev req rate (given back on a refusal; 0 = none), 3 key tok rate,
---    4 dev tok rate, 5 cost, 6 hard quota (1/0), 7 included, 8 reserved here, 9 declared,
---    10 seed tokens (a missing quota hash reads as the seed)
-local status, retry, qt = 0, 0, 0
-if A[6] == 1 then
-  local v = redis.call('HGET', KEYS[3], 'tokens')
-  if v then qt = tonumber(v) else qt = A[10] end
-  if qt + A[8] + A[9] > A[7] then status = 5 end
-end
-local specs = {{KEYS[1], A[3]}, {KEYS[2], A[4]}}
-local results, out = {}, {}
-for i, s in ipairs(specs) do
-  if s[2] > 0 and status == 0 then
-    local d = decide(tat(s[1], 't'), s[2], s[2], A[5], true)
-    results[i] = d
-    if not d[1] then
-      status = 2
-      retry = math.max(retry, d[4])
-    end
-  end
-end
-for i, s in ipairs(specs) do
-  local d = results[i]
-  if s[2] <= 0 then
-    table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
-  elseif d == nil or (status ~= 0 and d[1]) then
-    local rem, used = peek(tat(s[1], 't'), s[2], s[2])
-    table.insert(out, 1); table.insert(out, rem); table.insert(out, used)
-  else
-    table.insert(out, 1); table.insert(out, d[3]); table.insert(out, d[4])
-  end
-end
-if status == 0 then
-  for i, s in ipairs(specs) do
-    local d = results[i]
-    if d ~= nil then
-      redis.call('HSET', s[1], 't', string.format('%.0f', d[2]))
-      extend(s[1], d[2])
-    end
-  end
-else
-  for i, key in ipairs({KEYS[1], KEYS[2]}) do
-    local v = redis.call('HGET', key, 'r')
-    if A[i] > 0 and v then
-      local back = math.max(tonumber(v) - math.ceil(W / A[i]), now)
-      redis.call('HSET', key, 'r', string.format('%.0f', back))
-    end
-  end
-end
-local r = {status, retry}
-for _, v in ipairs(out) do table.insert(r, v) end
-table.insert(r, qt)
-return r
-"#;
-
-/// The settle script: token buckets moved by (real − reserved, each counted at most one
-/// window, as [`super::gcra::settle`]), quota counters increased.
-const SETTLE_LUA: &str = r#"
--- ARGV: 1 key tok rate, 2 dev tok rate, 3 reserved, 4 tokens, 5 cost, 6 track quota,
---       7 seed tokens, 8 seed cost, 9 quota ttl s, 10 may create the quota hash (1/0)
-local reserved, used = tonumber(ARGV[3]), tonumber(ARGV[4])
-local function adjust(key, rate)
-  if rate <= 0 then return end
-  local delta = math.min(used, rate) - math.min(reserved, rate)
-  local v = redis.call('HGET', key, 't')
-  -- Usage beyond the reservation is charged even if the bucket expired meanwhile.
-  if delta == 0 or (not v and delta < 0) then return end
-  local tat = math.max(math.max(tonumber(v or 0), now) + delta * math.ceil(W / rate), now)
-  redis.call('HSET', key, 't', string.format('%.0f', tat))
-  extend(key, tat)
-end
-adjust(KEYS[1], tonumber(ARGV[1]))
-adjust(KEYS[2], tonumber(ARGV[2]))
-if ARGV[6] == '1' then
-  if redis.call('EXISTS', KEYS[3]) == 0 then
-    if ARGV[10] ~= '1' then return {2, 0, 0, 0} end
-    redis.call('HSET', KEYS[3], 'tokens', ARGV[7], 'cost', ARGV[8])
-    redis.call('EXPIRE', KEYS[3], ARGV[9])
-  end
-  local before = tonumber(redis.call('HGET', KEYS[3], 'tokens'))
-  local after = redis.call('HINCRBY', KEYS[3], 'tokens', ARGV[4])
-  local cost = redis.call('HINCRBY', KEYS[3], 'cost', ARGV[5])
-  return {1, before, after, cost}
-end
-return {0, 0, 0, 0}
-"#;
 
 /// Errors talking to Redis (the caller falls back to local limits).
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +72,8 @@ pub enum RedisDown {
     QueueFull,
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    Failed(Arc<str>),
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
 }
@@ -341,17 +146,36 @@ pub enum SettleOutcome {
     NotSeeded,
 }
 
-/// One request's settle: its buckets, its reservation and real usage, its quota.
+/// A settle (one request's, or the sum of a batch's for one key): its buckets, what they owe,
+/// real usage, its quota.
 #[derive(Debug, Clone)]
 pub struct SettleArgs {
     pub key_id: Arc<str>,
     pub dev_id: Arc<str>,
     pub rates: Rates,
-    pub reserved: u64,
+    /// Tokens the key's and the developer's token buckets owe: real − reserved, each
+    /// request's counted at most one window ([`SettleArgs::debts`]); negative gives back.
+    pub debt: (i64, i64),
     /// Real tokens and cost (nano-USD).
     pub usage: (u64, i64),
     pub track: Option<Track>,
 }
+
+impl SettleArgs {
+    /// What a request that reserved `reserved` tokens and used `used` owes each token bucket.
+    pub fn debts(rates: &Rates, reserved: u64, used: u64) -> (i64, i64) {
+        let owed = |r: Option<Rate>| {
+            r.map_or(0, |r| {
+                super::gcra::window_units(r, used) as i64
+                    - super::gcra::window_units(r, reserved) as i64
+            })
+        };
+        (owed(rates.key_tokens), owed(rates.dev_tokens))
+    }
+}
+
+/// The request path's connection may take this long to connect (off the request path).
+const LANE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A batch of settles may take this long (off the request path).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -382,7 +206,15 @@ type Deferred = HashMap<(Period, Arc<str>), (u64, i64)>;
 /// The Redis side of the limiter.
 pub struct Distributed {
     client: redis::Client,
+    /// The connection of the background work (monitor, settles), driven on its runtime.
     conn: ArcSwapOption<MultiplexedConnection>,
+    /// The request path's calls, batched on a connection driven by the runtime that serves the
+    /// requests ([`Distributed::adopt_runtime`], [`super::lane`]): a decision never wakes
+    /// another thread. Until that runtime is known, requests use `conn`.
+    lane: ArcSwapOption<Lane>,
+    /// The runtime serving requests (the first one that asked for a decision).
+    home: OnceLock<tokio::runtime::Handle>,
+    lane_connecting: tokio::sync::Mutex<()>,
     prefix: String,
     timeout: Duration,
     up: AtomicBool,
@@ -405,6 +237,9 @@ impl Distributed {
         Ok(Distributed {
             client: redis::Client::open(url)?,
             conn: ArcSwapOption::empty(),
+            lane: ArcSwapOption::empty(),
+            home: OnceLock::new(),
+            lane_connecting: tokio::sync::Mutex::new(()),
             prefix: prefix.to_owned(),
             timeout,
             up: AtomicBool::new(false),
@@ -428,12 +263,22 @@ impl Distributed {
         self.nodes.load(Ordering::Relaxed).max(1)
     }
 
-    fn key(&self, kind: &str, id: &str) -> String {
-        format!("{}:{kind}:{id}", self.prefix)
+    fn key<'a>(&'a self, kind: &'static str, id: &'a str) -> Name<'a> {
+        Name {
+            prefix: &self.prefix,
+            kind,
+            period: None,
+            id,
+        }
     }
 
-    fn quota_key(&self, period: Period, dev_id: &str) -> String {
-        format!("{}:q:{period}:{dev_id}", self.prefix)
+    fn quota_key<'a>(&'a self, period: Period, dev_id: &'a str) -> Name<'a> {
+        Name {
+            prefix: &self.prefix,
+            kind: "q",
+            period: Some(period),
+            id: dev_id,
+        }
     }
 
     fn connection(&self) -> Result<MultiplexedConnection, RedisDown> {
@@ -442,6 +287,114 @@ impl Distributed {
             .as_deref()
             .cloned()
             .ok_or(RedisDown::NotConnected)
+    }
+
+    /// A script call of the request path (built by `build`): through the lane, else (its
+    /// runtime not known yet) on the background connection.
+    async fn request(
+        &self,
+        script: &Script,
+        build: impl Fn() -> Cmd,
+    ) -> Result<Vec<i64>, RedisDown> {
+        for attempt in 0..2 {
+            let queued = self.lane.load().as_deref().map(|lane| lane.call(build()));
+            let Some(answer) = queued else {
+                let mut conn = self.connection()?;
+                return self.eval(&mut conn, script, &build).await;
+            };
+            let value = match answer.await {
+                Ok(Ok(v)) => v,
+                Ok(Err(Failed::Timeout)) => return Err(RedisDown::Timeout(self.timeout)),
+                Ok(Err(Failed::Connection(why))) => return Err(RedisDown::Failed(why)),
+                Err(_) => return Err(RedisDown::NotConnected),
+            };
+            match value.extract_error() {
+                Ok(v) => return numbers(v),
+                // Redis lost its scripts (a restart, a flush): load it, send again.
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
+                    let mut conn = self.connection()?;
+                    self.timed(script.prepare_invoke().load_async(&mut conn))
+                        .await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RedisDown::NotConnected)
+    }
+
+    /// Notes the runtime serving requests (called on the request path; a load once known) and
+    /// connects the lane on it (the monitor reconnects it after an outage).
+    #[inline]
+    pub fn adopt_runtime(self: &Arc<Self>) {
+        if self.home.get().is_none() {
+            self.adopt_slow();
+        }
+    }
+
+    #[cold]
+    fn adopt_slow(self: &Arc<Self>) {
+        let Ok(h) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.home.set(h.clone()).is_ok() {
+            let me = Arc::clone(self);
+            h.spawn(async move {
+                if let Some(home) = me.home.get() {
+                    me.connect_lane(home).await;
+                }
+            });
+        }
+    }
+
+    /// Connects the request path's lane on `home` unless there is one. Until it is connected
+    /// (a busy runtime may take a while) requests use `conn`.
+    async fn connect_lane(&self, home: &tokio::runtime::Handle) {
+        let _one_at_a_time = self.lane_connecting.lock().await;
+        if self.lane.load().is_some() {
+            return;
+        }
+        match self.connect_on(home).await {
+            Ok(c) => {
+                let (lane, task) = Lane::start(c, self.timeout);
+                home.spawn(task);
+                self.lane.store(Some(lane));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the request path's Redis connection is not ready yet")
+            }
+        }
+    }
+
+    /// A connection whose driver task runs on `home`.
+    async fn connect_on(
+        &self,
+        home: &tokio::runtime::Handle,
+    ) -> Result<MultiplexedConnection, RedisDown> {
+        let client = self.client.clone();
+        let task = home.spawn(async move { client.get_multiplexed_async_connection().await });
+        match tokio::time::timeout(LANE_CONNECT_TIMEOUT, task).await {
+            Err(_) => Err(RedisDown::Timeout(LANE_CONNECT_TIMEOUT)),
+            Ok(Err(e)) => Err(RedisDown::Failed(e.to_string().into())),
+            Ok(Ok(c)) => Ok(c?),
+        }
+    }
+
+    /// Sends a script call built by `build` (`EVALSHA`), loading the script first if Redis
+    /// does not have it (a restart, a flush).
+    async fn eval(
+        &self,
+        conn: &mut MultiplexedConnection,
+        script: &Script,
+        build: &impl Fn() -> Cmd,
+    ) -> Result<Vec<i64>, RedisDown> {
+        let sent = match self.timed(build().query_async(conn)).await {
+            Err(RedisDown::Redis(e)) if e.kind() == redis::ErrorKind::NoScriptError => {
+                self.timed(script.prepare_invoke().load_async(conn)).await?;
+                self.timed(build().query_async(conn)).await
+            }
+            r => r,
+        };
+        numbers(sent?)
     }
 
     async fn timed<T>(
@@ -459,16 +412,16 @@ impl Distributed {
         self.up.swap(false, Ordering::Relaxed)
     }
 
-    /// Runs the admission script.
+    /// Runs the admission script. `cost`: the token reservation and the tokens the request
+    /// declares, both 0 before its body is read (the first of two steps); known, the script is
+    /// the whole admission (the reservation taken, a hard-stop quota checked against them).
     pub async fn admit(
         &self,
-        key_id: &str,
-        dev_id: &str,
+        (key_id, dev_id): (&str, &str),
         rates: &Rates,
-        cost: u64,
+        (cost, declared): (u64, u64),
         quota: QuotaArgs,
     ) -> Result<RemoteAdmission, RedisDown> {
-        let mut conn = self.connection()?;
         let rate = |r: Option<Rate>| r.map_or((0, 0), |r| (r.per_minute, r.burst));
         let (kr, kb) = rate(rates.key_requests);
         let (dr, db) = rate(rates.dev_requests);
@@ -481,26 +434,33 @@ impl Distributed {
             }
             Some(_) => (1, 0, 0),
         };
-        let mut inv = self.admit.prepare_invoke();
-        inv.key(self.key("rl:k", key_id))
-            .key(self.key("rl:d", dev_id))
-            .key(self.quota_key(quota.period, dev_id))
-            .arg(kr)
-            .arg(kb)
-            .arg(dr)
-            .arg(db)
-            .arg(rates.key_tokens.map_or(0, |r| r.per_minute))
-            .arg(rates.dev_tokens.map_or(0, |r| r.per_minute))
-            .arg(cost)
-            .arg(mode)
-            .arg(included)
-            .arg(cap)
-            .arg(quota.reserved)
-            .arg(quota.seed.0)
-            .arg(quota.seed.1)
-            .arg(quota_ttl_secs(quota.period_end_ms))
-            .arg(u8::from(quota.seeded));
-        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
+        let ttl = quota_ttl_secs(quota.period_end_ms);
+        let build = || {
+            let mut cmd = evalsha();
+            cmd.arg(self.admit.get_hash())
+                .arg(3)
+                .arg(self.key("rl:k", key_id))
+                .arg(self.key("rl:d", dev_id))
+                .arg(self.quota_key(quota.period, dev_id))
+                .arg(kr)
+                .arg(kb)
+                .arg(dr)
+                .arg(db)
+                .arg(rates.key_tokens.map_or(0, |r| r.per_minute))
+                .arg(rates.dev_tokens.map_or(0, |r| r.per_minute))
+                .arg(cost)
+                .arg(mode)
+                .arg(included)
+                .arg(cap)
+                .arg(quota.reserved)
+                .arg(quota.seed.0)
+                .arg(quota.seed.1)
+                .arg(ttl)
+                .arg(u8::from(quota.seeded))
+                .arg(declared);
+            cmd
+        };
+        let r = self.request(&self.admit, build).await?;
         if r.len() != 16 {
             return Err(RedisDown::Redis(redis::RedisError::from((
                 redis::ErrorKind::TypeError,
@@ -549,23 +509,27 @@ impl Distributed {
         cost: u64,
         q: ReserveArgs,
     ) -> Result<RemoteReservation, RedisDown> {
-        let mut conn = self.connection()?;
         let per_minute = |r: Option<Rate>| r.map_or(0, |r| r.per_minute);
-        let mut inv = self.reserve.prepare_invoke();
-        inv.key(self.key("rl:k", key_id))
-            .key(self.key("rl:d", dev_id))
-            .key(self.quota_key(q.period, dev_id))
-            .arg(per_minute(q.give_back.key_requests))
-            .arg(per_minute(q.give_back.dev_requests))
-            .arg(per_minute(rates.key_tokens))
-            .arg(per_minute(rates.dev_tokens))
-            .arg(cost)
-            .arg(u8::from(q.hard_included.is_some()))
-            .arg(q.hard_included.unwrap_or(0))
-            .arg(q.reserved)
-            .arg(q.declared)
-            .arg(q.seed);
-        let r: Vec<i64> = self.timed(inv.invoke_async(&mut conn)).await?;
+        let build = || {
+            let mut cmd = evalsha();
+            cmd.arg(self.reserve.get_hash())
+                .arg(3)
+                .arg(self.key("rl:k", key_id))
+                .arg(self.key("rl:d", dev_id))
+                .arg(self.quota_key(q.period, dev_id))
+                .arg(per_minute(q.give_back.key_requests))
+                .arg(per_minute(q.give_back.dev_requests))
+                .arg(per_minute(rates.key_tokens))
+                .arg(per_minute(rates.dev_tokens))
+                .arg(cost)
+                .arg(u8::from(q.hard_included.is_some()))
+                .arg(q.hard_included.unwrap_or(0))
+                .arg(q.reserved)
+                .arg(q.declared)
+                .arg(q.seed);
+            cmd
+        };
+        let r = self.request(&self.reserve, build).await?;
         if r.len() != 9 {
             return Err(RedisDown::Redis(redis::RedisError::from((
                 redis::ErrorKind::TypeError,
@@ -602,30 +566,51 @@ impl Distributed {
         })
     }
 
-    /// Runs the settle script for a batch of requests in one pipeline (one round trip). A
-    /// Redis that lost its scripts (restart) gets them again and the batch is retried once.
+    /// Runs the settle script for a batch in one pipeline (one round trip). Settles that found
+    /// Redis without its scripts (a restart) are sent again once they are loaded.
     pub async fn settle_batch(&self, jobs: &[SettleArgs]) -> Result<Vec<SettleOutcome>, RedisDown> {
         let mut conn = self.connection()?;
+        let mut outcomes = vec![None; jobs.len()];
         for attempt in 0..2 {
             let mut pipe = redis::pipe();
-            for j in jobs {
-                pipe.add_command(self.settle_cmd(j));
+            let mut sent = Vec::with_capacity(jobs.len());
+            for (i, j) in jobs.iter().enumerate() {
+                if outcomes[i].is_none() {
+                    pipe.add_command(self.settle_cmd(j));
+                    sent.push(i);
+                }
             }
-            let sent = tokio::time::timeout(SETTLE_TIMEOUT, pipe.query_async(&mut conn)).await;
-            match sent {
+            let answer = conn.send_packed_commands(&pipe, 0, sent.len());
+            let rows = match tokio::time::timeout(SETTLE_TIMEOUT, answer).await {
                 Err(_) => return Err(RedisDown::Timeout(SETTLE_TIMEOUT)),
-                Ok(Ok(rows)) => {
-                    let rows: Vec<Vec<i64>> = rows;
-                    return Ok(rows.iter().map(|r| settle_outcome(r)).collect());
-                }
-                Ok(Err(e)) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
-                    self.timed(self.settle.prepare_invoke().load_async(&mut conn))
-                        .await?;
-                }
-                Ok(Err(e)) => return Err(e.into()),
+                Ok(r) => r?,
+            };
+            if rows.len() != sent.len() {
+                return Err(RedisDown::NotConnected);
             }
+            let mut lost_scripts = false;
+            for (i, row) in sent.into_iter().zip(rows) {
+                match row.extract_error() {
+                    Ok(v) => {
+                        let row: Vec<i64> = redis::from_owned_redis_value(v)?;
+                        outcomes[i] = Some(settle_outcome(&row));
+                    }
+                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
+                        lost_scripts = true
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !lost_scripts {
+                break;
+            }
+            self.timed(self.settle.prepare_invoke().load_async(&mut conn))
+                .await?;
         }
-        Err(RedisDown::NotConnected)
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or(RedisDown::NotConnected))
+            .collect()
     }
 
     /// One request's settle as an `EVALSHA` command.
@@ -635,7 +620,7 @@ impl Distributed {
             seed: (0, 0),
             seeded: false,
         });
-        let mut cmd = redis::cmd("EVALSHA");
+        let mut cmd = evalsha();
         cmd.arg(self.settle.get_hash())
             .arg(3)
             .arg(self.key("rl:k", &j.key_id))
@@ -643,14 +628,15 @@ impl Distributed {
             .arg(self.quota_key(t.period, &j.dev_id))
             .arg(j.rates.key_tokens.map_or(0, |r| r.per_minute))
             .arg(j.rates.dev_tokens.map_or(0, |r| r.per_minute))
-            .arg(j.reserved)
+            .arg(j.debt.0)
             .arg(j.usage.0)
             .arg(j.usage.1)
             .arg(u8::from(j.track.is_some()))
             .arg(t.seed.0)
             .arg(t.seed.1)
             .arg(quota_ttl_secs(t.period.end_ms()))
-            .arg(u8::from(t.seeded));
+            .arg(u8::from(t.seeded))
+            .arg(j.debt.1);
         cmd
     }
 
@@ -669,8 +655,9 @@ impl Distributed {
         totals: impl Fn(Period, &str) -> (u64, i64),
         seeded: bool,
     ) -> Result<bool, RedisDown> {
+        let reconnect = !self.is_up() || self.conn.load().is_none();
         let mut conn = match self.connection() {
-            Ok(c) if self.is_up() => c,
+            Ok(c) if !reconnect => c,
             _ => {
                 let c = self
                     .timed(self.client.get_multiplexed_async_connection())
@@ -679,6 +666,14 @@ impl Distributed {
                 c
             }
         };
+        if reconnect {
+            if let Some(old) = self.lane.swap(None) {
+                old.close();
+            }
+        }
+        if let Some(home) = self.home.get() {
+            self.connect_lane(home).await;
+        }
         let now_ms = crate::clock::now_ms() as i64;
         let nodes_key = self.key("nodes", "live");
         let (_, _, count, _): ((), (), u32, ()) = self
@@ -709,7 +704,7 @@ impl Distributed {
                 key_id: "".into(),
                 dev_id: Arc::clone(dev),
                 rates: Rates::default(),
-                reserved: 0,
+                debt: (0, 0),
                 usage: (*tokens, *cost),
                 track: Some(track),
             };

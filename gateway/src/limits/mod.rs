@@ -9,24 +9,30 @@
 //! the body is read, [`Limits::reserve`] takes the token *reservation* (prompt size +
 //! `max_tokens`) from the token buckets and checks that what the request declares fits what is
 //! left of a hard-stop quota; a refusal there gives back the request the first step took, so a
-//! refused request takes nothing from any bucket. When the response has ended,
-//! [`Limits::settle`] replaces the reservation by the real usage and counts it against the
-//! quota, raising usage alerts at the plan's thresholds. A refusal is a [`Refusal`]: 429 with
-//! `Retry-After` and the rate-limit headers.
+//! refused request takes nothing from any bucket. With Redis, where each step is a round trip,
+//! a request with a small announced body takes both steps at once after its body is read
+//! ([`Limits::admit_whole`], one script; see [`Limits::prefers_one_step`]). When the response
+//! has ended, [`Limits::settle`] replaces the reservation by the real usage and counts it
+//! against the quota, raising usage alerts at the plan's thresholds. A refusal is a
+//! [`Refusal`]: 429 with `Retry-After` and the rate-limit headers.
 //!
 //! # Layout
 //! - [`gcra`]: the bucket arithmetic (strict for requests, lenient with debt for tokens).
 //! - [`local`]: buckets in this process (no Redis, or Redis unreachable).
-//! - [`distributed`]: the same decisions made atomically in Redis (Lua), node registry, outages.
+//! - [`distributed`]: the same decisions made atomically in Redis, node registry, outages;
+//!   `lua` holds its scripts, `lane` batches the request path's calls to Redis.
 //! - [`quota`]: monthly usage per developer, quota rules, alert thresholds.
 //! - [`headers`]: `x-ratelimit-*`, `RateLimit-Policy`, `RateLimit`.
-//! - [`settler`]: settles decided in Redis, sent in batches (one pipeline per batch).
+//! - [`settler`]: settles decided in Redis, summed per key and sent in batches (one pipeline
+//!   per batch).
 //! - [`service`]: background work: ClickHouse seed, Redis monitor, eviction, alert delivery.
 
 pub mod distributed;
 pub mod gcra;
 pub mod headers;
+mod lane;
 pub mod local;
+mod lua;
 pub mod quota;
 pub mod service;
 pub mod settler;
@@ -41,7 +47,7 @@ use crate::clock::now_ms;
 use crate::error::Reason;
 use crate::keys::{KeyLimits, KeyRecord};
 use crate::metrics::LimitMetrics;
-use distributed::{Distributed, QuotaArgs, ReserveArgs, SettleArgs, Track};
+use distributed::{Distributed, QuotaArgs, ReserveArgs};
 use gcra::Rate;
 use headers::RateHeaders;
 use local::{LocalBuckets, Rates, Refused};
@@ -113,6 +119,8 @@ pub struct Admission {
     remote: bool,
     /// The request was taken from the request buckets in Redis.
     requests_remote: bool,
+    /// Both steps were taken at once ([`Limits::admit_whole`] in Redis): nothing to reserve.
+    whole: bool,
     holds_slot: bool,
 }
 
@@ -189,6 +197,10 @@ pub struct Limits {
     /// counter in Redis (it would start the month from zero for every node).
     pub seeded: std::sync::atomic::AtomicBool,
 }
+
+/// The largest declared body read before its admission when decisions are made in Redis
+/// ([`Limits::prefers_one_step`]).
+pub const ONE_STEP_BODY_MAX: usize = 64 * 1024;
 
 /// The most tokens one request reserves (a body may claim any `max_tokens`).
 pub const MAX_RESERVATION: u64 = 1 << 32;
@@ -268,7 +280,38 @@ impl Limits {
         key: &Arc<KeyRecord>,
         plans: &PlanCatalog,
     ) -> Result<Admission, Refusal> {
-        self.admit_with(key, effective(&key.limits, plans)).await
+        self.admit_with(key, effective(&key.limits, plans), None)
+            .await
+    }
+
+    /// Whether a request whose body declares `declared` bytes (`Content-Length`) is better
+    /// admitted by [`Limits::admit_whole`] once its body is read: decisions are made in Redis
+    /// (there the whole admission is one script instead of two; locally two steps cost
+    /// nothing) and the body is small ([`ONE_STEP_BODY_MAX`]). A large or chunked body keeps
+    /// the two steps, so a key at its limit is refused without its body being read.
+    #[inline]
+    pub fn prefers_one_step(&self, declared: Option<usize>) -> bool {
+        declared.is_some_and(|n| n <= ONE_STEP_BODY_MAX)
+            && self.redis.as_ref().is_some_and(|r| r.is_up())
+    }
+
+    /// Both steps of an admission at once, for a request whose body is already read (small
+    /// bodies: [`Limits::prefers_one_step`]): [`Limits::admit`] and [`Limits::reserve`] with the
+    /// same result, in one Redis script (a refusal takes nothing). Decided locally (Redis down),
+    /// it is the two steps.
+    pub async fn admit_whole(
+        &self,
+        key: &Arc<KeyRecord>,
+        plans: &PlanCatalog,
+        cost: Cost,
+    ) -> Result<Admission, Refusal> {
+        let adm = self
+            .admit_with(key, effective(&key.limits, plans), Some(cost))
+            .await?;
+        if adm.whole {
+            return Ok(adm);
+        }
+        self.reserve(adm, cost).await
     }
 
     /// The admission of a call that is not a model call (Files and Batches): one request from
@@ -289,10 +332,16 @@ impl Limits {
             concurrency: None,
             quota: None,
         };
-        self.admit_with(key, requests_only).await
+        self.admit_with(key, requests_only, None).await
     }
 
-    async fn admit_with(&self, key: &Arc<KeyRecord>, eff: Effective) -> Result<Admission, Refusal> {
+    /// The first step of an admission, or with `cost` (in Redis) both steps at once.
+    async fn admit_with(
+        &self,
+        key: &Arc<KeyRecord>,
+        eff: Effective,
+        cost: Option<Cost>,
+    ) -> Result<Admission, Refusal> {
         let mut adm = Admission {
             headers: RateHeaders::default(),
             key: Arc::clone(key),
@@ -302,6 +351,7 @@ impl Limits {
             quota: None,
             remote: false,
             requests_remote: false,
+            whole: false,
             holds_slot: false,
         };
         if let Some(cap) = eff.concurrency {
@@ -333,8 +383,20 @@ impl Limits {
                 period: self.quota.period(now),
             });
         }
-        let counted = adm.quota.as_ref();
         if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
+            redis.adopt_runtime();
+            // With the body's cost known the script also takes the reservation, counted
+            // against this node's reservations first, as in [`Limits::reserve`].
+            let tokens_limited = eff.rates.key_tokens.is_some() || eff.rates.dev_tokens.is_some();
+            let mut declared = 0;
+            if let Some(c) = cost.filter(|_| tokens_limited || adm.quota.is_some()) {
+                adm.reserved = c.reserve.min(MAX_RESERVATION);
+                declared = c.declared.min(MAX_RESERVATION);
+                if let Some(q) = &adm.quota {
+                    others_reserved = q.dev.reserved.fetch_add(adm.reserved, Ordering::Relaxed);
+                }
+            }
+            let counted = adm.quota.as_ref();
             let args = QuotaArgs {
                 rule: counted.map(|c| c.rule),
                 reserved: others_reserved,
@@ -344,9 +406,14 @@ impl Limits {
                 seeded: self.seeded.load(Ordering::Relaxed),
             };
             let started = Instant::now();
-            // No token cost yet: the token buckets are only checked for room.
+            // Without a cost (first step) the token buckets are only checked for room.
             let answer = redis
-                .admit(&key.key_id, &key.developer_id, &eff.rates, 0, args)
+                .admit(
+                    (&key.key_id, &key.developer_id),
+                    &eff.rates,
+                    (adm.reserved, declared),
+                    args,
+                )
                 .await;
             self.metrics
                 .redis_latency
@@ -363,13 +430,22 @@ impl Limits {
                             adm.headers = h;
                             adm.requests_remote = true;
                             adm.remote = true;
+                            adm.whole = cost.is_some();
                         }
                         Err(r) => return Err(self.refused(r, now)),
                     }
                 }
-                Err(e) => self.redis_failed(redis, &e),
+                Err(e) => {
+                    self.redis_failed(redis, &e);
+                    // Decided below in two steps: the reservation is taken again by the second.
+                    if let Some(q) = &adm.quota {
+                        q.dev.reserved.fetch_sub(adm.reserved, Ordering::Relaxed);
+                    }
+                    adm.reserved = 0;
+                }
             }
         }
+        let counted = adm.quota.as_ref();
         if !adm.requests_remote {
             if let Some(c) = &counted {
                 let (tokens, spent) = c.dev.totals();
@@ -565,87 +641,6 @@ impl Limits {
             reason,
             retry_after_secs: headers::ceil_secs(retry_us).max(1),
             headers,
-        }
-    }
-
-    /// Replaces a request's reservation by its real usage (`tokens`, `cost_nanos`) and counts
-    /// it against the developer's quota. Never waits: Redis work runs in a task of its own.
-    pub fn settle(
-        self: &Arc<Self>,
-        adm: Admission,
-        tokens: u64,
-        cost_nanos: i64,
-        plans: &Arc<PlanCatalog>,
-    ) {
-        let reserved = adm.reserved;
-        let key = Arc::clone(&adm.key);
-        let quota = adm
-            .quota
-            .as_ref()
-            .map(|c| (c.rule, Arc::clone(&c.dev), c.period));
-        let rates = adm.rates;
-        let remote = adm.remote;
-        drop(adm); // releases the slot and the quota reservation
-
-        // Nothing to do for a request that ended before its reservation (a bad body).
-        let nothing_used = reserved == 0 && tokens == 0 && cost_nanos == 0;
-        let nothing_to_settle = nothing_used
-            || (rates.key_tokens.is_none() && rates.dev_tokens.is_none() && quota.is_none());
-        if nothing_to_settle {
-            return;
-        }
-        let Some(redis) = self.redis.as_ref().filter(|_| remote).cloned() else {
-            self.local.settle(
-                &key.key_id,
-                &key.developer_id,
-                &rates,
-                (reserved, tokens),
-                self.now_us(),
-            );
-            if let Some((rule, dev, period)) = quota {
-                let before = dev.tokens.fetch_add(tokens, Ordering::Relaxed);
-                dev.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
-                if let Some(r) = &self.redis {
-                    r.defer(period, &key.developer_id, tokens, cost_nanos);
-                }
-                self.alert(
-                    &key.developer_id,
-                    period,
-                    rule,
-                    before,
-                    before + tokens,
-                    &plans.alert_thresholds,
-                );
-            }
-            return;
-        };
-        // Counted here at once (the local view stays current for a fallback), replaced by the
-        // global totals when Redis answers.
-        let seed = quota.as_ref().map(|(_, dev, _)| {
-            let t = dev.tokens.fetch_add(tokens, Ordering::Relaxed);
-            let c = dev.cost_nanos.fetch_add(cost_nanos, Ordering::Relaxed);
-            (t, c)
-        });
-        let job = settler::SettleJob {
-            args: SettleArgs {
-                key_id: Arc::clone(&key.key_id),
-                dev_id: Arc::clone(&key.developer_id),
-                rates,
-                reserved,
-                usage: (tokens, cost_nanos),
-                track: quota.as_ref().zip(seed).map(|((_, _, p), seed)| Track {
-                    period: *p,
-                    seed,
-                    seeded: self.seeded.load(Ordering::Relaxed),
-                }),
-            },
-            quota,
-            plans: Arc::clone(plans),
-        };
-        if let Err(full) = self.settles.try_send(job) {
-            // The queue is full (Redis far behind): count the quota usage for later instead.
-            let job = full.into_inner();
-            self.finish_settle(&redis, &job, Err(&distributed::RedisDown::QueueFull));
         }
     }
 

@@ -3,7 +3,8 @@
 //!   whole hours before this node started, raw records for the rest), retried until it works;
 //! - **Redis monitor** (distributed mode): connect, refresh the node registry, hand over usage
 //!   counted during an outage, every second;
-//! - **settler** (distributed mode): settles sent to Redis in batches ([`super::settler`]);
+//! - **settler** (distributed mode): settles sent to Redis in batches ([`super::settler`]),
+//!   still running after shutdown so that no settle of a finishing request is lost;
 //! - **eviction**: bucket entries that are full again are dropped every 30 s;
 //! - **alerts**: usage alerts become `api.usage_alert` outbox events in the control-plane
 //!   database (one per developer, period and threshold, however many nodes report it), retried
@@ -240,7 +241,8 @@ impl BackgroundService for LimitsService {
         }
         tasks.push(tokio::spawn(Self::evict(Arc::clone(limits))));
         if let Some(queues) = self.queues.lock().expect("not poisoned").take() {
-            tasks.push(tokio::spawn(Arc::clone(limits).run_settler(queues.settles)));
+            // Not aborted at shutdown: it sends the settles of requests still finishing.
+            tokio::spawn(Arc::clone(limits).run_settler(queues.settles, shutdown.clone()));
             tasks.push(tokio::spawn(Self::deliver(
                 Arc::clone(limits),
                 queues.alerts,
