@@ -50,8 +50,9 @@ pub enum KeyFormatError {
     Checksum,
 }
 
-/// sha256 of a whole key: what stores hold and what lookups use.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// sha256 of a whole key: what stores hold and what lookups use. The default (all zeros) is the
+/// hash of no key.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyHash(pub [u8; 32]);
 
 impl KeyHash {
@@ -65,10 +66,34 @@ impl KeyHash {
         hex::encode(self.0)
     }
 
-    /// Parses 64 hex characters, optionally prefixed by `sha256:`.
+    /// Parses 64 hex characters, optionally prefixed by `sha256:`. (A million of them are
+    /// parsed when a gateway loads its keys: the digits are decoded two at a time; the `hex`
+    /// crate names what is wrong with the others.)
     pub fn from_hex(s: &str) -> Result<Self, hex::FromHexError> {
         let s = s.strip_prefix("sha256:").unwrap_or(s);
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        };
         let mut out = [0u8; 32];
+        if s.len() == 64 {
+            let pairs = s.as_bytes().chunks_exact(2);
+            if out
+                .iter_mut()
+                .zip(pairs)
+                .all(|(o, pair)| match (digit(pair[0]), digit(pair[1])) {
+                    (Some(hi), Some(lo)) => {
+                        *o = hi << 4 | lo;
+                        true
+                    }
+                    _ => false,
+                })
+            {
+                return Ok(KeyHash(out));
+            }
+        }
         hex::decode_to_slice(s, &mut out)?;
         Ok(KeyHash(out))
     }
@@ -197,6 +222,20 @@ mod tests {
             acc * 62 + BASE62.iter().position(|c| c == d).unwrap() as u64
         });
         assert_eq!(back, u64::from(n));
+    }
+
+    #[test]
+    fn hex_hashes_parse_in_any_case_and_errors_are_named() {
+        let h = KeyHash::of("k");
+        let upper = h.to_hex().to_uppercase();
+        assert_eq!(KeyHash::from_hex(&upper).unwrap(), h);
+        assert_eq!(
+            KeyHash::from_hex(&"g".repeat(64)),
+            Err(hex::FromHexError::InvalidHexCharacter { c: 'g', index: 0 })
+        );
+        assert_eq!(KeyHash::from_hex("abc"), Err(hex::FromHexError::OddLength));
+        assert!(KeyHash::from_hex(&"ab".repeat(31)).is_err());
+        assert!(KeyHash::from_hex(&format!("{}é", "a".repeat(62))).is_err());
     }
 
     #[test]

@@ -63,15 +63,16 @@ impl std::fmt::Display for Pattern {
     }
 }
 
-/// A list of patterns; empty (the default) matches nothing.
+/// A list of patterns; empty (the default) matches nothing. One pointer wide (a thin `Arc`):
+/// key records hold two of them, and equal lists are shared between records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Patterns(Arc<[Pattern]>);
+pub struct Patterns(Arc<Vec<Pattern>>);
 
 impl Patterns {
     /// Parses every pattern; the first invalid one fails the list.
     pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Patterns, PatternError> {
         let v: Result<Vec<_>, _> = list.iter().map(|p| Pattern::parse(p.as_ref())).collect();
-        Ok(Patterns(v?.into()))
+        Ok(Patterns(Arc::new(v?)))
     }
 
     /// The patterns as written, in order.
@@ -90,11 +91,11 @@ impl Patterns {
                 Err(e) => errors.push(e),
             }
         }
-        (Patterns(ok.into()), errors)
+        (Patterns(Arc::new(ok)), errors)
     }
 
     pub fn any() -> Patterns {
-        Patterns(Arc::from([Pattern::Any]))
+        Patterns(Arc::new(vec![Pattern::Any]))
     }
 
     #[inline]
@@ -104,6 +105,28 @@ impl Patterns {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+/// A key's client networks. Held behind a (thin) `Arc` by key records, shared between records
+/// with the same list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpAllowlist(Box<[IpNet]>);
+
+impl IpAllowlist {
+    pub fn new(nets: Vec<IpNet>) -> IpAllowlist {
+        IpAllowlist(nets.into_boxed_slice())
+    }
+
+    /// Whether `ip` (compared as given: canonicalize IPv4-mapped addresses first) is in one of
+    /// the networks. An empty list contains nothing.
+    #[inline]
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(ip))
+    }
+
+    pub fn nets(&self) -> &[IpNet] {
+        &self.0
     }
 }
 

@@ -43,7 +43,7 @@ fn loaded_store() -> (MemoryKeyStore, Vec<String>) {
                 developer_id: format!("dev_{:08}", i / 3).into(),
                 models: models.clone(),
                 endpoints: endpoints.clone(),
-                expires_at_ms: Some(now_ms() + 86_400_000),
+                expires_at_ms: aihub_gateway::keys::expiry_ms(now_ms() + 86_400_000),
                 active: true,
                 ..KeyRecord::default()
             },

@@ -19,14 +19,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
-use aihub_apikey::pattern::{parse_ip_net, Pattern};
-
-use crate::clock::unix_ms;
-use crate::keys::{Interner, KeyLimits, KeyRecord, KeySource};
+use crate::keys::KeyTable;
 
 /// Environment variable that sets `control_plane.database_url`.
 pub const DATABASE_URL_ENV: &str = "AIHUB_DATABASE_URL";
@@ -35,11 +33,13 @@ pub use aihub_yamlconf::ConfigError;
 
 mod batches;
 mod control_plane;
+mod keys;
 mod retry;
 mod upstream;
 
 pub use batches::BatchesConfig;
 pub use control_plane::ControlPlaneConfig;
+pub use keys::{DeclaredKeys, KeyConfig};
 pub use retry::RetryConfig;
 pub use upstream::{
     BaseUrl, DnsConfig, HealthCheckConfig, HealthConfig, TimeoutsConfig, TlsFiles, TlsMaterial,
@@ -58,9 +58,10 @@ pub struct Config {
     /// Model routes: which upstream serves each model name clients send.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
-    /// Declarative API keys (hashes only), for running without a control plane.
+    /// Declarative API keys (hashes only), for running without a control plane: each entry a
+    /// [`KeyConfig`], kept as the key records it became ([`DeclaredKeys`]).
     #[serde(default)]
-    pub keys: Vec<KeyConfig>,
+    pub keys: DeclaredKeys,
     /// Usage metering into ClickHouse. Absent: requests are not metered (logged as a warning).
     #[serde(default)]
     pub metering: Option<aihub_usage::PipelineConfig>,
@@ -209,46 +210,6 @@ pub struct RouteConfig {
     pub timeouts: TimeoutsConfig,
 }
 
-/// A declarative API key: its hash and what it may do.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyConfig {
-    /// Stable key id, as written in usage records (`key_…`).
-    pub id: String,
-    /// `sha256:<64 hex>` of the whole key, as printed by `aihub keys generate`.
-    pub hash: String,
-    pub developer_id: String,
-    #[serde(default)]
-    pub name: String,
-    /// Model patterns (`*`, `gpt-4o*`, exact names). Default `["*"]`.
-    #[serde(default = "star")]
-    pub models: Vec<String>,
-    /// Endpoint patterns on the path after `/v1/` (`chat/completions`, `embeddings`, `*`).
-    /// Default `["*"]`.
-    #[serde(default = "star")]
-    pub endpoints: Vec<String>,
-    /// RFC 3339 instant from which the key is refused. Default: never.
-    #[serde(default, with = "humantime_serde")]
-    pub expires_at: Option<SystemTime>,
-    /// Default true.
-    #[serde(default = "default_true")]
-    pub active: bool,
-    /// Client addresses the key may be used from: CIDR networks (`10.0.0.0/8`) or single
-    /// addresses. Other clients get 403 `ip_not_allowed`. Default: empty (any address).
-    #[serde(default)]
-    pub ip_allowlist: Vec<String>,
-    /// The developer's plan (`limits.plans_file`): its rate limits and monthly quota apply.
-    /// Default: none (only the key's own limits).
-    #[serde(default)]
-    pub plan: Option<String>,
-    /// The key's own requests per minute (burst = the same). Default: none.
-    #[serde(default)]
-    pub rate_limit_rpm: Option<u32>,
-    /// The key's own tokens per minute. Default: none.
-    #[serde(default)]
-    pub rate_limit_tpm: Option<u32>,
-}
-
 fn default_listen() -> Vec<String> {
     vec!["127.0.0.1:8080".into()]
 }
@@ -278,9 +239,6 @@ fn default_redis_prefix() -> String {
 }
 fn default_true() -> bool {
     true
-}
-fn star() -> Vec<String> {
-    vec!["*".into()]
 }
 
 /// A path of `upstreams.*.paths`: segments of letters, digits, `-`, `_` and `.` (no dot
@@ -315,12 +273,17 @@ impl Config {
 
     /// [`Config::load`], keeping what checking parsed: the values the gateway runs on.
     pub fn load_checked(path: &Path) -> Result<(Config, Checked), ConfigError> {
-        let mut config = Config::parse(&aihub_yamlconf::read(path)?, path)?;
+        let cannot_read = |e| ConfigError::new(path, "", format!("cannot read the file: {e}"));
+        let file = std::fs::File::open(path).map_err(cannot_read)?;
+        let size = file.metadata().map_err(cannot_read)?.len();
+        let reader = std::io::BufReader::with_capacity(256 * 1024, file);
+        let mut config = Config::read(reader, path, size, keys::previous(path))?;
         if let Some(m) = &mut config.metering {
             m.clickhouse = std::mem::take(&mut m.clickhouse).with_env_overrides();
         }
         config.apply_database_url(std::env::var(DATABASE_URL_ENV).ok());
         let checked = config.check(path)?;
+        keys::remember(path, &checked.keys);
         Ok((config, checked))
     }
 
@@ -338,7 +301,35 @@ impl Config {
 
     /// Parses YAML text; `file` is only used to name errors.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        aihub_yamlconf::parse(text, file)
+        Config::from_reader(text.as_bytes(), file)
+    }
+
+    /// Parses YAML read from `reader`; `file` is only used to name errors. The `keys:` list is
+    /// read one entry at a time, each turned into its key record at once (a file of a million
+    /// keys is never held whole, nor any list of its entries: see `aihub_yamlconf::
+    /// parse_streaming`); errors are the same as parsing the whole text.
+    pub fn from_reader(reader: impl std::io::BufRead, file: &Path) -> Result<Config, ConfigError> {
+        Config::read(reader, file, 0, None)
+    }
+
+    /// [`Config::from_reader`] of a document of `size` bytes (to size the key table), reusing
+    /// the records of `previous` for unchanged keys.
+    fn read(
+        reader: impl std::io::BufRead,
+        file: &Path,
+        size: u64,
+        previous: Option<Arc<KeyTable>>,
+    ) -> Result<Config, ConfigError> {
+        let room = usize::try_from(size / keys::MIN_ENTRY_BYTES).unwrap_or(usize::MAX);
+        let mut keys = keys::KeysBuilder::new(room, previous);
+        let (mut config, streamed) =
+            aihub_yamlconf::parse_streaming::<Config, KeyConfig>(reader, file, "keys", |k| {
+                keys.push(k)
+            })?;
+        if streamed {
+            config.keys = keys.finish();
+        }
+        Ok(config)
     }
 
     /// Checks everything that can be checked without the network, parsing each value once
@@ -432,97 +423,22 @@ impl Config {
         }
         let pricing = aihub_usage::pricing::Pricing::from_config(&self.pricing)
             .map_err(|(key, message)| err(key, message))?;
-        let (mut ids, mut hashes) = (HashSet::new(), HashSet::new());
-        // Declared keys share equal developer ids and permission lists (parsed once per list).
-        let mut interner = Interner::default();
-        let mut keys = Vec::with_capacity(self.keys.len());
-        for (i, k) in self.keys.iter().enumerate() {
-            let at = format!("keys[{i}]");
-            if k.id.is_empty() || !ids.insert(k.id.as_str()) {
-                return Err(err(
-                    format!("{at}.id"),
-                    format!("`{}` is empty or repeated", k.id),
-                ));
-            }
-            let hash = aihub_apikey::KeyHash::from_hex(&k.hash).map_err(|_| {
-                err(
-                    format!("{at}.hash"),
-                    "expected `sha256:` and 64 hex digits".into(),
-                )
-            })?;
-            if !hashes.insert(hash) {
-                return Err(err(
-                    format!("{at}.hash"),
-                    "the same key is listed twice".into(),
-                ));
-            }
-            if k.developer_id.is_empty() {
-                return Err(err(format!("{at}.developer_id"), "empty".into()));
-            }
-            let patterns = |interner: &mut Interner, field: &str, list: &[String]| {
-                interner.patterns(list).map_err(|_| {
-                    // The first invalid entry, named by its index (only on this error path).
-                    let (j, m) = list
-                        .iter()
-                        .enumerate()
-                        .find_map(|(j, p)| Pattern::parse(p).err().map(|m| (j, m)))
-                        .expect("a list that fails to parse has an invalid entry");
-                    err(format!("{at}.{field}[{j}]"), m.to_string())
-                })
-            };
-            let models = patterns(&mut interner, "models", &k.models)?;
-            let endpoints = patterns(&mut interner, "endpoints", &k.endpoints)?;
-            let ip_allowlist = interner.ip_allowlist(&k.ip_allowlist).map_err(|_| {
-                let (j, m) = k
-                    .ip_allowlist
-                    .iter()
-                    .enumerate()
-                    .find_map(|(j, e)| parse_ip_net(e).err().map(|m| (j, m)))
-                    .expect("a list that fails to parse has an invalid entry");
-                err(format!("{at}.ip_allowlist[{j}]"), m.to_string())
-            })?;
-            for (field, v) in [
-                ("rate_limit_rpm", k.rate_limit_rpm),
-                ("rate_limit_tpm", k.rate_limit_tpm),
-            ] {
-                if v == Some(0) {
-                    return Err(err(
-                        format!("{at}.{field}"),
-                        "must be at least 1 (leave it out for no limit)".into(),
-                    ));
-                }
-            }
-            keys.push((
-                hash,
-                KeyRecord {
-                    key_id: k.id.as_str().into(),
-                    developer_id: interner.string(&k.developer_id),
-                    models,
-                    endpoints,
-                    expires_at_ms: k.expires_at.map(unix_ms),
-                    active: k.active,
-                    ip_allowlist,
-                    source: KeySource::Declared,
-                    limits: KeyLimits {
-                        plan: k.plan.as_deref().map(|p| interner.string(p)),
-                        key_rpm: k.rate_limit_rpm,
-                        key_tpm: k.rate_limit_tpm,
-                        ..KeyLimits::default()
-                    },
-                    ..KeyRecord::default()
-                },
-            ));
+        if let Some(e) = self.keys.error() {
+            return Err(err(e.key.clone(), e.message.clone()));
         }
         let mut plans = None;
         if let Some(l) = &self.limits {
             let plans = plans.insert(l.plans(file)?);
-            for (i, k) in self.keys.iter().enumerate() {
-                if let Some(p) = k.plan.as_deref().filter(|p| !plans.plans.contains_key(*p)) {
-                    return Err(err(
-                        format!("keys[{i}].plan"),
-                        format!("no plan named `{p}` in the plans file"),
-                    ));
-                }
+            // In key order: the first key naming an unknown plan.
+            if let Some((p, i)) = self
+                .keys
+                .plans()
+                .find(|(p, _)| !plans.plans.contains_key(*p))
+            {
+                return Err(err(
+                    format!("keys[{i}].plan"),
+                    format!("no plan named `{p}` in the plans file"),
+                ));
             }
             if l.default_max_tokens == 0 {
                 return Err(err(
@@ -550,7 +466,7 @@ impl Config {
                     return Err(err("limits.redis.prefix".into(), "a non-empty word".into()));
                 }
             }
-        } else if let Some(i) = self.keys.iter().position(|k| k.plan.is_some()) {
+        } else if let Some((_, i)) = self.keys.plans().next() {
             return Err(err(
                 format!("keys[{i}].plan"),
                 "plans apply only with a `limits:` section".into(),
@@ -565,7 +481,7 @@ impl Config {
             .map_err(|(key, message)| err(key, message))?;
         Ok(Checked {
             upstreams,
-            keys,
+            keys: self.keys.table(),
             plans: plans.unwrap_or_else(aihub_plans::PlanCatalog::builtin),
             pricing,
             admin_url,
@@ -580,8 +496,8 @@ pub struct Checked {
     /// The upstreams in use, by name. An optional upstream whose credential variable is unset
     /// is not here, and the routes to it are left out.
     pub upstreams: BTreeMap<String, UpstreamSpec>,
-    /// The declared keys (`keys:`) as records, by hash.
-    pub keys: Vec<(aihub_apikey::KeyHash, KeyRecord)>,
+    /// The declared keys (`keys:`) as records, by hash (shared with [`Config::keys`]).
+    pub keys: Arc<KeyTable>,
     /// From `limits.plans_file`, else built in.
     pub plans: aihub_plans::PlanCatalog,
     pub pricing: aihub_usage::pricing::Pricing,

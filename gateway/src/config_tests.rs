@@ -92,7 +92,15 @@ fn database_url_override_creates_or_sets_the_section() {
 fn key_ip_allowlists_are_validated() {
     let h = format!("sha256:{}", "ab".repeat(32));
     let ok = format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, ip_allowlist: [\"10.0.0.0/8\", \"::1\"]}}\n");
-    assert_eq!(parse(&ok).unwrap().keys[0].ip_allowlist.len(), 2);
+    let table = parse(&ok).unwrap().keys.table();
+    let nets = table
+        .records()
+        .next()
+        .unwrap()
+        .ip_allowlist
+        .clone()
+        .unwrap();
+    assert_eq!(nets.nets().len(), 2);
     let bad = format!("keys:\n  - {{id: k, hash: \"{h}\", developer_id: d, ip_allowlist: [\"10.0.0.0/8\", \"10.0.0.0/40\"]}}\n");
     let e = parse(&bad).unwrap_err();
     assert_eq!(e.key, "keys[0].ip_allowlist[1]");
@@ -195,8 +203,9 @@ fn checking_keeps_what_it_parsed() {
         (true, 8443, "/v1")
     );
     assert!(checked.upstreams["a"].auth.is_none());
-    let (hash, key) = &checked.keys[0];
-    assert_eq!(*hash, aihub_apikey::KeyHash::from_hex(&h).unwrap());
+    let hash = aihub_apikey::KeyHash::from_hex(&h).unwrap();
+    let key = checked.keys.get(&hash).unwrap();
+    assert_eq!(checked.keys.len(), 1);
     assert_eq!((&*key.key_id, &*key.developer_id), ("k1", "d"));
     assert!(key.models.matches("gpt-4o") && !key.models.matches("claude"));
     // The first invalid pattern of a list is named by its index.
@@ -341,4 +350,212 @@ fn the_routing_guide_example_parses() {
     let c = Config::parse(yaml, Path::new("docs/routing.md")).unwrap();
     assert_eq!(c.routes.len(), 4);
     assert_eq!(c.upstreams["azure"].weights, vec![2, 1]);
+}
+
+const H0: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+const H1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+const H2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+/// Key sections with one or more mistakes, and what the configuration says about them.
+fn key_error_cases() -> Vec<String> {
+    let k = |id: &str, hash: &str, extra: &str| {
+        format!("- {{id: {id}, hash: \"{hash}\", developer_id: d{extra}}}\n")
+    };
+    let keys = |entries: &[String]| format!("keys:\n{}", entries.concat());
+    vec![
+        keys(&[k("a", H0, ""), k("\"\"", H1, "")]),
+        keys(&[k("a", H0, ""), k("a", H1, "")]),
+        keys(&[k("a", H0, ""), k("b", "sha256:12", "")]),
+        keys(&[k("a", H0, ""), k("b", H0, "")]),
+        keys(&[k("a", H0, ""), "- {id: b, hash: \"H1\", developer_id: \"\"}\n".replace("H1", H1)]),
+        keys(&[k("a", H0, ", models: [ok, \"x*y\"]")]),
+        keys(&[k("a", H0, ", endpoints: [\"*\", \"\"]")]),
+        keys(&[k("a", H0, ", ip_allowlist: [\"10.0.0.0/8\", nope]")]),
+        keys(&[k("a", H0, ", rate_limit_rpm: 0")]),
+        keys(&[k("a", H0, ", rate_limit_tpm: 0")]),
+        keys(&[k("a", H0, ""), k("b", H1, ", colour: red")]),
+        keys(&[k("a", H0, ", rate_limit_rpm: lots")]),
+        keys(&[k("a", H0, ""), "- {id: b, developer_id: d}\n".into()]),
+        keys(&[k("a", H0, ", models: [x")]),
+        // Precedence within and between keys.
+        keys(&[k("a", H0, ""), k("b", "nope", ""), k("a", H2, "")]),
+        keys(&[k("a", H0, ""), k("a", "nope", "")]),
+        keys(&[k("a", H0, ""), k("b", H0, ", rate_limit_rpm: 0")]),
+        keys(&[k("a", H0, ", models: [\"*x\"]"), k("a", H1, "")]),
+        keys(&[k("a", H0, ""), k("b", H1, ""), k("c", H0, ""), k("b", H2, "")]),
+        // Plans.
+        format!("limits: {{}}\n{}", keys(&[k("a", H0, ""), k("b", H1, ", plan: pro"), k("c", H2, ", plan: nope")])),
+        keys(&[k("a", H0, ""), k("b", H1, ", plan: pro")]),
+        // Other sections' errors come first (checks), or in document order (parsing).
+        format!("server:\n  listen: [nope]\n{}", keys(&[k("a", "x", "")])),
+        format!("{}routes: 5\n", keys(&[k("a", H0, ""), k("b", "x", "")])),
+        format!("{}routes: 5\n", keys(&[k("a", H0, ", colour: red")])),
+        format!("colour: 5\n{}", keys(&[k("a", H0, ", colour: red")])),
+        format!("keys:\n  - id: a\n    hash: \"{H0}\"\n    developer_id: d\n    models:\n      - \"x*y\"\n"),
+    ]
+}
+
+/// What the gateway said about each of [`key_error_cases`] before keys were streamed (taken from
+/// the whole-document parser and the previous checks): the same key and message, line numbers
+/// included.
+const KEY_ERRORS: &[(&str, &str)] = &[
+    ("keys[1].id", "`` is empty or repeated"),
+    ("keys[1].id", "`a` is empty or repeated"),
+    ("keys[1].hash", "expected `sha256:` and 64 hex digits"),
+    ("keys[1].hash", "the same key is listed twice"),
+    ("keys[1].developer_id", "empty"),
+    ("keys[0].models[1]", "`x*y`: `*` is only allowed at the end"),
+    ("keys[0].endpoints[1]", "empty pattern"),
+    ("keys[0].ip_allowlist[1]", "`nope`: expected an IP address or a CIDR network (e.g. 10.0.0.0/8)"),
+    ("keys[0].rate_limit_rpm", "must be at least 1 (leave it out for no limit)"),
+    ("keys[0].rate_limit_tpm", "must be at least 1 (leave it out for no limit)"),
+    ("keys[1].colour", "unknown field `colour`, expected one of `id`, `hash`, `developer_id`, `name`, `models`, `endpoints`, `expires_at`, `active`, `ip_allowlist`, `plan`, `rate_limit_rpm`, `rate_limit_tpm` at line 3 column 109"),
+    ("keys[0].rate_limit_rpm", "invalid type: string \"lots\", expected u32 at line 2 column 125"),
+    ("keys[1]", "missing field `hash` at line 3 column 3"),
+    ("keys[0].models", "did not find expected ',' or ']' at line 2 column 119, while parsing a flow sequence at line 2 column 117"),
+    ("keys[1].hash", "expected `sha256:` and 64 hex digits"),
+    ("keys[1].id", "`a` is empty or repeated"),
+    ("keys[1].hash", "the same key is listed twice"),
+    ("keys[0].models[0]", "`*x`: `*` is only allowed at the end"),
+    ("keys[2].hash", "the same key is listed twice"),
+    ("keys[2].plan", "no plan named `nope` in the plans file"),
+    ("keys[1].plan", "plans apply only with a `limits:` section"),
+    ("server.listen[0]", "`nope`: invalid socket address syntax"),
+    ("routes", "invalid type: integer `5`, expected a sequence at line 4 column 9"),
+    ("keys[0].colour", "unknown field `colour`, expected one of `id`, `hash`, `developer_id`, `name`, `models`, `endpoints`, `expires_at`, `active`, `ip_allowlist`, `plan`, `rate_limit_rpm`, `rate_limit_tpm` at line 2 column 109"),
+    ("colour", "unknown field `colour`, expected one of `server`, `upstreams`, `routes`, `keys`, `metering`, `pricing`, `control_plane`, `limits`, `batches`"),
+    ("keys[0].models[0]", "`x*y`: `*` is only allowed at the end"),
+];
+
+/// Parses and checks `yaml` read whole (serde_norway over the whole text; the `keys:` list
+/// deserialized in place) instead of streamed.
+fn parse_whole(yaml: &str) -> Result<Config, ConfigError> {
+    let file = Path::new("test.yaml");
+    let c: Config = aihub_yamlconf::parse(yaml, file)?;
+    c.check(file)?;
+    Ok(c)
+}
+
+#[test]
+fn key_errors_are_those_of_before_streamed_or_not() {
+    let cases = key_error_cases();
+    assert_eq!(cases.len(), KEY_ERRORS.len());
+    for (doc, (key, message)) in cases.iter().zip(KEY_ERRORS) {
+        for e in [parse(doc).unwrap_err(), parse_whole(doc).unwrap_err()] {
+            assert_eq!(
+                (e.key.as_str(), e.message.as_str()),
+                (*key, *message),
+                "{doc}"
+            );
+            assert_eq!(e.file, Path::new("test.yaml"));
+        }
+    }
+}
+
+#[test]
+fn streamed_keys_are_the_keys() {
+    // Several parser batches, block and flow entries, defaults, comments, an anchor.
+    let mut yaml = String::from(
+        "server:\n  listen: [\"127.0.0.1:1\"]\nlimits: {}\nkeys:\n  # declared keys\n  - id: first\n    hash: \"sha256:H\"\n    developer_id: dev_a\n    models: &m [\"gpt-4o*\", demo]\n    plan: pro\n    ip_allowlist: [10.0.0.0/8]\n    expires_at: 2030-01-01T00:00:00Z\n    rate_limit_rpm: 60\n",
+    )
+    .replace("H", &aihub_apikey::KeyHash::of("first").to_hex());
+    for i in 0..3000 {
+        let h = aihub_apikey::KeyHash::of(&i.to_string()).to_hex();
+        yaml.push_str(&format!(
+            "  - {{id: key_{i}, hash: \"{h}\", developer_id: dev_{}, models: *m, active: {}}}\n",
+            i / 3,
+            i % 2 == 0
+        ));
+    }
+    yaml.push_str("routes: []\n");
+    let streamed = parse(&yaml).unwrap();
+    let whole = parse_whole(&yaml).unwrap();
+    assert_eq!((streamed.keys.len(), whole.keys.len()), (3001, 3001));
+    let (a, b) = (streamed.keys.table(), whole.keys.table());
+    assert_eq!((a.len(), b.len()), (3001, 3001));
+    for r in a.records() {
+        let o = b.get(&r.hash).expect("the same keys");
+        assert_eq!(
+            (
+                &r.key_id,
+                &r.developer_id,
+                r.active,
+                r.expires_at_ms,
+                &r.limits
+            ),
+            (
+                &o.key_id,
+                &o.developer_id,
+                o.active,
+                o.expires_at_ms,
+                &o.limits
+            )
+        );
+        assert_eq!(
+            (&r.models, &r.endpoints, &r.ip_allowlist),
+            (&o.models, &o.endpoints, &o.ip_allowlist)
+        );
+    }
+    let first = a.get(&aihub_apikey::KeyHash::of("first")).unwrap();
+    assert_eq!(&*first.key_id, "first");
+    assert!(first.models.matches("gpt-4o-mini") && first.endpoints.matches("anything"));
+    assert_eq!(first.limits.plan.as_deref(), Some("pro"));
+    assert_eq!(first.limits.key_rpm, Some(60));
+    assert!(first.allows_ip(Some("10.1.1.1".parse().unwrap())));
+    assert_eq!(
+        first.expires_at_ms.map(|e| e.get()),
+        Some(1_893_456_000_000)
+    );
+    let k = a.get(&aihub_apikey::KeyHash::of("1500")).unwrap();
+    assert_eq!(
+        (&*k.key_id, &*k.developer_id, k.active),
+        ("key_1500", "dev_500", true)
+    );
+    assert!(k.models.matches("demo") && k.limits.plan.is_none());
+    // Equal developer ids and lists are shared, not copied.
+    let k2 = a.get(&aihub_apikey::KeyHash::of("1501")).unwrap();
+    assert!(Arc::ptr_eq(&k.developer_id, &k2.developer_id));
+    assert!(Arc::ptr_eq(&k.limits, &k2.limits));
+    // `Checked` shares the table; nothing is copied.
+    let checked = streamed.check(Path::new("test.yaml")).unwrap();
+    assert!(Arc::ptr_eq(&checked.keys, &a));
+}
+
+#[test]
+fn reloads_reuse_the_records_of_unchanged_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    let entry = |i: usize, dev: &str| {
+        let h = aihub_apikey::KeyHash::of(&i.to_string()).to_hex();
+        format!("- {{id: key_{i}, hash: \"{h}\", developer_id: {dev}, models: [m]}}\n")
+    };
+    let write = |last_dev: &str| {
+        let keys: String = (0..100)
+            .map(|i| entry(i, if i == 99 { last_dev } else { "d" }))
+            .collect();
+        std::fs::write(&path, format!("keys:\n{keys}")).unwrap();
+    };
+    let get = |t: &KeyTable, i: usize| {
+        Arc::clone(t.get(&aihub_apikey::KeyHash::of(&i.to_string())).unwrap())
+    };
+    write("d");
+    let (_, first) = Config::load_checked(&path).unwrap();
+    write("e");
+    let (_, second) = Config::load_checked(&path).unwrap();
+    // Unchanged keys: the same records (and developer ids); the changed one is new.
+    assert!(Arc::ptr_eq(&get(&first.keys, 5), &get(&second.keys, 5)));
+    assert!(!Arc::ptr_eq(&get(&first.keys, 99), &get(&second.keys, 99)));
+    assert_eq!(&*get(&second.keys, 99).developer_id, "e");
+    // A failed load does not count: the table in use is the one reused.
+    std::fs::write(&path, "keys:\n- {id: x}\n").unwrap();
+    assert!(Config::load_checked(&path).is_err());
+    write("e");
+    let second_record = get(&second.keys, 7);
+    drop(first);
+    let (_, third) = Config::load_checked(&path).unwrap();
+    assert!(Arc::ptr_eq(&second_record, &get(&third.keys, 7)));
+    // Once no table is in use, records are built anew.
+    drop((second, third, second_record));
+    let (_, fourth) = Config::load_checked(&path).unwrap();
+    assert_eq!(Arc::strong_count(&get(&fourth.keys, 7)), 2);
 }

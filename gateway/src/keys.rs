@@ -1,31 +1,42 @@
 //! API keys as the gateway sees them: what a key may do ([`KeyRecord`]), where keys are looked
-//! up ([`KeyStore`]), the in-memory map every implementation serves from ([`MemoryKeyStore`], a
-//! dashmap keyed by the key's sha256), and the gateway's two-layer key set ([`KeySet`]).
+//! up ([`KeyStore`]), the two in-memory stores ([`KeyTable`]/[`DeclaredStore`] for the YAML
+//! keys, [`MemoryKeyStore`] for synced ones) and the gateway's two-layer key set ([`KeySet`]).
 //!
 //! Keys come from two sources: the YAML `keys:` list (replaced whole on reload) and the control
-//! plane's change feed ([`crate::keysync`]). Each fills its own map of the [`KeySet`], so a
+//! plane's change feed ([`crate::keysync`]). Each fills its own layer of the [`KeySet`], so a
 //! reload never drops a synced key and the sync never touches a declared one. A request never
 //! waits on anything but these maps. Declared records are built while the configuration is
-//! checked (`Config::check`), synced ones by the key sync; this module imports neither.
+//! read (`config::DeclaredKeys`), synced ones by the key sync; this module imports neither.
+//!
+//! **Memory** (a million keys must fit in a few hundred MiB): a record is one allocation of at
+//! most 160 bytes plus its id; everything keys tend to have in common
+//! (developer id, permission lists, IP allowlist, limits) is shared between records through the
+//! [`Interner`], and pointers to shared data are one word wide. The declared layer is a sorted
+//! array of `(short hash, record)` (16 bytes a key, no load factor), swapped whole on reload;
+//! the synced layer is a sharded hash set of record pointers (9 bytes a slot), the record
+//! holding its own hash.
 //!
 //! The permission patterns live in `aihub-apikey` (shared with the admin API) and are
 //! re-exported here.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::net::IpAddr;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aihub_apikey::KeyHash;
-use dashmap::DashMap;
 
-pub use aihub_apikey::pattern::{parse_ip_net, IpNet, Pattern, PatternError, Patterns};
+pub use aihub_apikey::pattern::{
+    parse_ip_net, IpAllowlist, IpNet, Pattern, PatternError, Patterns,
+};
 
 use crate::error::AuthFailure;
 
-/// A key's limits as stored: its own, its developer's overrides, its developer's plan.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A key's limits as stored: its own, its developer's overrides, its developer's plan. Records
+/// share equal limits (`Arc`, through the [`Interner`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct KeyLimits {
     /// The developer's plan; `None` (YAML keys without `plan`) = no plan limits.
@@ -54,29 +65,142 @@ pub enum KeySource {
 /// does not write its cache line on every request.
 pub const LAST_USED_GRANULARITY_MS: u64 = 1_000;
 
-/// Everything the gateway knows about a key. Never holds the key itself.
+/// Everything the gateway knows about a key. Never holds the key itself. Kept within 136
+/// bytes: with its `Arc` counts, 152, which the allocator serves from its 160-byte blocks even
+/// through its aligned path (mimalloc's `mi_malloc_aligned`, which Rust's `Arc` takes: a block
+/// with 7 bytes to spare; at 160 bytes it takes a 192-byte one, 30 MiB more per million keys).
 #[derive(Debug, Default)]
 pub struct KeyRecord {
+    /// sha256 of the key: what the record is found by.
+    pub hash: KeyHash,
     pub key_id: Arc<str>,
     pub developer_id: Arc<str>,
     pub models: Patterns,
     pub endpoints: Patterns,
-    /// Unix milliseconds from which the key is refused; `None` = never.
-    pub expires_at_ms: Option<u64>,
+    /// Unix milliseconds from which the key is refused; `None` = never. (An expiry at the
+    /// epoch itself is stored as 1 ms: both are long past.)
+    pub expires_at_ms: Option<NonZeroU64>,
     pub active: bool,
     /// Client networks the key may be used from; `None` = any address. An empty list admits
     /// nobody: it only arises when every entry of a stored allowlist was invalid (fail closed).
-    pub ip_allowlist: Option<Arc<[IpNet]>>,
+    pub ip_allowlist: Option<Arc<IpAllowlist>>,
     pub source: KeySource,
-    /// Last successful use, unix milliseconds (0 = not since loaded). Control-plane keys only.
-    pub last_used_ms: AtomicU64,
-    /// The `last_used_ms` the control plane has already been told (written by the flusher).
-    pub reported_used_ms: AtomicU64,
+    /// Last successful use and whether the control plane was told. Control-plane keys only.
+    pub last_use: LastUse,
     /// The key's, its developer's and its plan's limits (resolved per request).
-    pub limits: KeyLimits,
-    /// Requests in flight on this node (the plan's concurrency cap); shared by the versions
-    /// of a synced key, so a key update does not reset it.
-    pub in_flight: Arc<AtomicU32>,
+    pub limits: Arc<KeyLimits>,
+    /// Requests in flight on this node (the plan's concurrency cap). A key update does not
+    /// reset it while requests admitted on the older version are in flight (see [`InFlight`]).
+    pub in_flight: InFlight,
+}
+
+/// When a key was last used, for the control plane, in one word: unix milliseconds shifted
+/// left by one, the low bit set once the control plane was told. (One word, not two: see
+/// [`KeyRecord`]'s size.)
+#[derive(Debug, Default)]
+pub struct LastUse(AtomicU64);
+
+/// A use not reported yet, from [`LastUse::unreported`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreported(u64);
+
+impl Unreported {
+    /// Unix milliseconds.
+    pub fn ms(self) -> u64 {
+        self.0 >> 1
+    }
+}
+
+impl LastUse {
+    /// Notes a use at `now_ms`, at most once per [`LAST_USED_GRANULARITY_MS`].
+    #[inline]
+    pub fn mark(&self, now_ms: u64) {
+        if now_ms >= self.ms() + LAST_USED_GRANULARITY_MS {
+            self.0.store(now_ms << 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Last use, unix milliseconds (0 = none noted).
+    pub fn ms(&self) -> u64 {
+        self.0.load(Ordering::Relaxed) >> 1
+    }
+
+    /// The last use, if the control plane was not told yet.
+    pub fn unreported(&self) -> Option<Unreported> {
+        let v = self.0.load(Ordering::Relaxed);
+        (v != 0 && v & 1 == 0).then_some(Unreported(v))
+    }
+
+    /// Notes `use_` as told to the control plane, unless a later use was noted since.
+    pub fn reported(&self, use_: Unreported) {
+        let _ = self
+            .0
+            .compare_exchange(use_.0, use_.0 | 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Takes over an older version's last use, when it is the later one.
+    pub fn carry_from(&self, older: &LastUse) {
+        self.0
+            .fetch_max(older.0.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// A key's count of requests in flight ([`KeyRecord::in_flight`]; dereferences to the
+/// counter). Held in the record (no allocation of its own: a million keys, 24 MiB less). When a
+/// synced key is updated while its current version may still be used by a request (requests
+/// admitted on it are in flight, or a request holds it, looked up but not admitted yet, for
+/// instance while its body is read), the new version counts on the same counter, the one of
+/// the version it points to (kept alive until the key is next replaced while nothing holds the
+/// older versions, or removed); otherwise the new version starts its own. So every version of
+/// a key in use counts on one counter and the plan's cap holds across updates. Declared keys
+/// are only ever replaced whole, on reload, whose unchanged keys keep their records.
+#[derive(Debug)]
+pub enum InFlight {
+    Own(AtomicU32),
+    /// The count of an earlier version of the key (whose own `in_flight` is `Own`).
+    Of(Arc<KeyRecord>),
+}
+
+impl InFlight {
+    /// The count for a new version of the key whose current version is `old`, as held by the
+    /// store and by the caller's lookup (any further holder is a request).
+    pub fn next_version(old: &Arc<KeyRecord>) -> InFlight {
+        // Holders beyond the store and the caller: requests that looked `old` up.
+        let old_held = Arc::strong_count(old) > 2;
+        let (root, root_held) = match &old.in_flight {
+            // `old` holds the root once; any other holder is a request or a version held by one.
+            InFlight::Of(root) => (root, Arc::strong_count(root) > 1),
+            InFlight::Own(_) => (old, false),
+        };
+        if old_held || root_held || root.in_flight.load(Ordering::Relaxed) > 0 {
+            InFlight::Of(Arc::clone(root))
+        } else {
+            InFlight::default()
+        }
+    }
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight::Own(AtomicU32::new(0))
+    }
+}
+
+impl std::ops::Deref for InFlight {
+    type Target = AtomicU32;
+
+    #[inline]
+    fn deref(&self) -> &AtomicU32 {
+        match self {
+            InFlight::Own(c) => c,
+            InFlight::Of(root) => &root.in_flight,
+        }
+    }
+}
+
+/// An expiry in unix milliseconds as [`KeyRecord::expires_at_ms`] holds it.
+pub fn expiry_ms(ms: u64) -> Option<NonZeroU64> {
+    Some(NonZeroU64::new(ms).unwrap_or(NonZeroU64::MIN))
 }
 
 impl KeyRecord {
@@ -87,7 +211,7 @@ impl KeyRecord {
             return Err(AuthFailure::Disabled);
         }
         match self.expires_at_ms {
-            Some(exp) if now_ms >= exp => Err(AuthFailure::Expired),
+            Some(exp) if now_ms >= exp.get() => Err(AuthFailure::Expired),
             _ => Ok(()),
         }
     }
@@ -98,10 +222,7 @@ impl KeyRecord {
     pub fn allows_ip(&self, ip: Option<IpAddr>) -> bool {
         match &self.ip_allowlist {
             None => true,
-            Some(nets) => ip.is_some_and(|ip| {
-                let ip = ip.to_canonical();
-                nets.iter().any(|n| n.contains(&ip))
-            }),
+            Some(nets) => ip.is_some_and(|ip| nets.contains(&ip.to_canonical())),
         }
     }
 
@@ -109,30 +230,55 @@ impl KeyRecord {
     /// store at most once per [`LAST_USED_GRANULARITY_MS`]. Declared keys are not reported.
     #[inline]
     pub fn mark_used(&self, now_ms: u64) {
-        if self.source == KeySource::ControlPlane
-            && now_ms >= self.last_used_ms.load(Ordering::Relaxed) + LAST_USED_GRANULARITY_MS
-        {
-            self.last_used_ms.store(now_ms, Ordering::Relaxed);
+        if self.source == KeySource::ControlPlane {
+            self.last_use.mark(now_ms);
         }
     }
 }
 
-/// Shares equal strings and pattern lists between key records: with a million keys, per-key
-/// copies of the same developer id and permissions would dominate memory.
+/// Shares equal strings, pattern lists, allowlists and limits between key records: with a
+/// million keys, per-key copies of the same developer id and permissions would dominate memory.
 #[derive(Default)]
 pub struct Interner {
-    strings: HashMap<String, Arc<str>>,
-    patterns: HashMap<Vec<String>, Patterns>,
-    nets: HashMap<Vec<String>, Arc<[IpNet]>>,
+    strings: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    patterns: HashMap<Vec<String>, Patterns, foldhash::fast::RandomState>,
+    nets: HashMap<Vec<String>, Arc<IpAllowlist>, foldhash::fast::RandomState>,
+    limits: HashSet<Arc<KeyLimits>, foldhash::fast::RandomState>,
 }
 
 impl Interner {
+    /// An interner with room for `strings` strings (developer ids).
+    pub fn with_capacity(strings: usize) -> Self {
+        Interner {
+            strings: HashSet::with_capacity_and_hasher(strings, Default::default()),
+            ..Interner::default()
+        }
+    }
+
     pub fn string(&mut self, s: &str) -> Arc<str> {
         if let Some(shared) = self.strings.get(s) {
             return Arc::clone(shared);
         }
         let shared: Arc<str> = s.into();
-        self.strings.insert(s.to_owned(), Arc::clone(&shared));
+        self.strings.insert(Arc::clone(&shared));
+        shared
+    }
+
+    /// Makes `s` the shared copy of its text, unless there is one already.
+    pub fn adopt(&mut self, s: &Arc<str>) {
+        if !self.strings.contains(&**s) {
+            self.strings.insert(Arc::clone(s));
+        }
+    }
+
+    /// Equal limits, shared (plan names included).
+    pub fn limits(&mut self, mut limits: KeyLimits) -> Arc<KeyLimits> {
+        if let Some(shared) = self.limits.get(&limits) {
+            return Arc::clone(shared);
+        }
+        limits.plan = limits.plan.map(|p| self.string(&p));
+        let shared = Arc::new(limits);
+        self.limits.insert(Arc::clone(&shared));
         shared
     }
 
@@ -155,18 +301,21 @@ impl Interner {
     }
 
     /// An IP allowlist: `None` for an empty list (any address).
-    pub fn ip_allowlist(&mut self, list: &[String]) -> Result<Option<Arc<[IpNet]>>, PatternError> {
+    pub fn ip_allowlist(
+        &mut self,
+        list: &[String],
+    ) -> Result<Option<Arc<IpAllowlist>>, PatternError> {
         if list.is_empty() {
             return Ok(None);
         }
         if let Some(shared) = self.nets.get(list) {
             return Ok(Some(Arc::clone(shared)));
         }
-        let parsed: Arc<[IpNet]> = list
-            .iter()
-            .map(|s| parse_ip_net(s))
-            .collect::<Result<Vec<_>, _>>()?
-            .into();
+        let parsed = Arc::new(IpAllowlist::new(
+            list.iter()
+                .map(|s| parse_ip_net(s))
+                .collect::<Result<Vec<_>, _>>()?,
+        ));
         self.nets.insert(list.to_vec(), Arc::clone(&parsed));
         Ok(Some(parsed))
     }
@@ -177,7 +326,7 @@ impl Interner {
     pub fn ip_allowlist_lenient(
         &mut self,
         list: &[String],
-    ) -> (Option<Arc<[IpNet]>>, Vec<PatternError>) {
+    ) -> (Option<Arc<IpAllowlist>>, Vec<PatternError>) {
         match self.ip_allowlist(list) {
             Ok(nets) => (nets, Vec::new()),
             Err(_) => {
@@ -187,17 +336,17 @@ impl Interner {
                     .partition(Result::is_ok);
                 let nets: Vec<IpNet> = ok.into_iter().filter_map(Result::ok).collect();
                 (
-                    Some(nets.into()),
+                    Some(Arc::new(IpAllowlist::new(nets))),
                     errors.into_iter().filter_map(Result::err).collect(),
                 )
             }
         }
     }
 
-    /// Number of distinct strings and lists held (to bound the interner of a long-running
-    /// sync: it can be rebuilt when it grows far beyond the keys it serves).
+    /// Number of distinct values held (to bound the interner of a long-running sync: it can
+    /// be rebuilt when it grows far beyond the keys it serves).
     pub fn len(&self) -> usize {
-        self.strings.len() + self.patterns.len() + self.nets.len()
+        self.strings.len() + self.patterns.len() + self.nets.len() + self.limits.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -205,146 +354,11 @@ impl Interner {
     }
 }
 
-/// Where the gateway finds keys. Implementations must answer from memory: this is called on
-/// every request.
-pub trait KeyStore: Send + Sync + 'static {
-    fn get(&self, hash: &KeyHash) -> Option<Arc<KeyRecord>>;
-    /// Number of keys held (for the `aihub_keys_loaded` gauge).
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+mod store;
 
-/// Hashes a [`KeyHash`] by taking its first eight bytes: it is already a uniform sha256.
-#[derive(Clone, Copy, Default)]
-pub struct PrehashedState;
-
-pub struct PrehashedHasher(u64);
-
-impl BuildHasher for PrehashedState {
-    type Hasher = PrehashedHasher;
-    fn build_hasher(&self) -> PrehashedHasher {
-        PrehashedHasher(0)
-    }
-}
-
-impl Hasher for PrehashedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    #[inline]
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // `KeyHash` hashes as one `write_u64`; fold anything else in so the hasher stays total.
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
-        }
-    }
-}
-
-/// The in-memory key map every gateway serves from.
-#[derive(Default)]
-pub struct MemoryKeyStore {
-    map: DashMap<KeyHash, Arc<KeyRecord>, PrehashedState>,
-}
-
-impl MemoryKeyStore {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn with_capacity(n: usize) -> Self {
-        MemoryKeyStore {
-            map: DashMap::with_capacity_and_hasher(n, PrehashedState),
-        }
-    }
-
-    pub fn insert(&self, hash: KeyHash, record: KeyRecord) {
-        self.map.insert(hash, Arc::new(record));
-    }
-
-    /// Inserts a shared record; returns the one it replaced.
-    pub fn insert_shared(&self, hash: KeyHash, record: Arc<KeyRecord>) -> Option<Arc<KeyRecord>> {
-        self.map.insert(hash, record)
-    }
-
-    pub fn remove(&self, hash: &KeyHash) -> Option<Arc<KeyRecord>> {
-        self.map.remove(hash).map(|(_, r)| r)
-    }
-
-    /// Calls `f` on every record (for the last-used flusher; takes each shard's read lock in
-    /// turn, as lookups do, so requests are not held up).
-    pub fn for_each(&self, mut f: impl FnMut(&KeyHash, &Arc<KeyRecord>)) {
-        for entry in self.map.iter() {
-            f(entry.key(), entry.value());
-        }
-    }
-
-    /// Makes the store hold exactly `keys`: upserts them, then drops every other key. Lookups
-    /// running meanwhile see either the old or the new record of a key, never a gap for a key
-    /// present in both sets.
-    pub fn replace_all(&self, keys: Vec<(KeyHash, KeyRecord)>) {
-        let keep: std::collections::HashSet<KeyHash> = keys.iter().map(|(h, _)| *h).collect();
-        for (hash, record) in keys {
-            self.insert(hash, record);
-        }
-        self.map.retain(|h, _| keep.contains(h));
-    }
-}
-
-impl KeyStore for MemoryKeyStore {
-    #[inline]
-    fn get(&self, hash: &KeyHash) -> Option<Arc<KeyRecord>> {
-        self.map.get(hash).map(|r| Arc::clone(r.value()))
-    }
-
-    fn len(&self) -> usize {
-        self.map.len()
-    }
-}
-
-/// The gateway's keys in two layers: `declared` from the YAML file (replaced whole on reload)
-/// and `synced` from the control plane (kept current by [`crate::keysync`]). A key present in
-/// both is governed by its control-plane record while that record exists.
-pub struct KeySet {
-    pub declared: MemoryKeyStore,
-    pub synced: MemoryKeyStore,
-    /// Whether the synced layer is in use (a control plane is configured); without it,
-    /// lookups cost what they did before there were two layers.
-    with_sync: bool,
-}
-
-impl KeySet {
-    pub fn new(declared_capacity: usize, with_sync: bool) -> Self {
-        KeySet {
-            declared: MemoryKeyStore::with_capacity(declared_capacity),
-            synced: MemoryKeyStore::new(),
-            with_sync,
-        }
-    }
-}
-
-impl KeyStore for KeySet {
-    #[inline]
-    fn get(&self, hash: &KeyHash) -> Option<Arc<KeyRecord>> {
-        if self.with_sync {
-            if let Some(record) = self.synced.get(hash) {
-                return Some(record);
-            }
-        }
-        self.declared.get(hash)
-    }
-
-    /// Keys held by both layers (a key listed in both counts twice).
-    fn len(&self) -> usize {
-        self.declared.len() + self.synced.len()
-    }
-}
+pub use store::{
+    DeclaredStore, KeySet, KeyStore, KeyTable, MemoryKeyStore, PrehashedHasher, PrehashedState,
+};
 
 /// Checks a presented key end to end: format and checksum (no lookup when malformed), lookup by
 /// sha256, active flag and expiry at `now_ms`.
@@ -366,6 +380,7 @@ mod tests {
     use super::*;
 
     fn record(active: bool, expires_at_ms: Option<u64>) -> KeyRecord {
+        let expires_at_ms = expires_at_ms.and_then(expiry_ms);
         KeyRecord {
             key_id: "key_1".into(),
             developer_id: "dev_1".into(),
@@ -406,30 +421,50 @@ mod tests {
     fn last_use_is_recorded_for_synced_keys_once_per_granule() {
         let declared = record(true, None);
         declared.mark_used(5_000);
-        assert_eq!(declared.last_used_ms.load(Ordering::Relaxed), 0);
+        assert_eq!(declared.last_use.ms(), 0);
         let synced = KeyRecord {
             source: KeySource::ControlPlane,
             ..record(true, None)
         };
+        assert_eq!(synced.last_use.unreported(), None);
         synced.mark_used(5_000);
         synced.mark_used(5_500);
-        assert_eq!(synced.last_used_ms.load(Ordering::Relaxed), 5_000);
+        assert_eq!(synced.last_use.ms(), 5_000);
+        let told = synced.last_use.unreported().unwrap();
+        assert_eq!(told.ms(), 5_000);
+        synced.last_use.reported(told);
+        assert_eq!(synced.last_use.unreported(), None);
+        // A use noted after the report was read stays to be reported.
         synced.mark_used(6_000);
-        assert_eq!(synced.last_used_ms.load(Ordering::Relaxed), 6_000);
+        let told = synced.last_use.unreported().unwrap();
+        synced.mark_used(7_000);
+        synced.last_use.reported(told);
+        assert_eq!(
+            synced.last_use.unreported().map(Unreported::ms),
+            Some(7_000)
+        );
+        // A new version takes over the later use (and whether it was told).
+        let next = KeyRecord::default();
+        next.last_use.carry_from(&synced.last_use);
+        assert_eq!(next.last_use.unreported().map(Unreported::ms), Some(7_000));
     }
 
     #[test]
     fn key_set_layers() {
         let set = KeySet::new(0, true);
         let (a, b) = (KeyHash::of("a"), KeyHash::of("b"));
-        set.declared.insert(a, record(true, None));
+        set.declared
+            .replace_all(Arc::new(KeyTable::new([Arc::new(KeyRecord {
+                hash: a,
+                ..record(true, None)
+            })])));
         set.synced.insert(a, record(false, None));
         set.synced.insert(b, record(true, None));
         // The control-plane record governs a key in both layers.
         assert!(!set.get(&a).unwrap().active);
         assert_eq!(set.len(), 3);
         // Replacing the declared layer leaves synced keys alone.
-        set.declared.replace_all(Vec::new());
+        set.declared.replace_all(Arc::default());
         assert!(set.get(&b).is_some() && set.get(&a).is_some());
         set.synced.remove(&a);
         assert!(set.get(&a).is_none());
@@ -471,13 +506,66 @@ mod tests {
         );
     }
 
+    /// A million records must stay small: one allocation of at most 152 bytes with its `Arc`
+    /// counts (see [`KeyRecord`]), pointers to shared data one word wide.
     #[test]
-    fn replace_all_drops_missing_keys() {
-        let store = MemoryKeyStore::new();
-        let (a, b) = (KeyHash::of("a"), KeyHash::of("b"));
-        store.insert(a, record(true, None));
-        store.replace_all(vec![(b, record(true, None))]);
-        assert!(store.get(&a).is_none() && store.get(&b).is_some());
-        assert_eq!(store.len(), 1);
+    fn records_stay_compact() {
+        assert!(std::mem::size_of::<KeyRecord>() <= 136);
+        assert_eq!(std::mem::size_of::<Patterns>(), 8);
+    }
+
+    #[test]
+    fn in_flight_counts_survive_key_updates() {
+        let v1 = Arc::new(record(true, None));
+        // Idle: the next version counts on its own.
+        let v2 = Arc::new(KeyRecord {
+            in_flight: InFlight::next_version(&v1),
+            ..record(true, None)
+        });
+        assert!(matches!(v2.in_flight, InFlight::Own(_)));
+        // Busy: the next versions count on the busy one's counter.
+        v2.in_flight.fetch_add(2, Ordering::Relaxed);
+        let v3 = Arc::new(KeyRecord {
+            in_flight: InFlight::next_version(&v2),
+            ..record(true, None)
+        });
+        let v4 = KeyRecord {
+            in_flight: InFlight::next_version(&v3),
+            ..record(true, None)
+        };
+        v4.in_flight.fetch_add(1, Ordering::Relaxed);
+        v2.in_flight.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(v3.in_flight.load(Ordering::Relaxed), 2);
+        assert!(matches!(&v4.in_flight, InFlight::Of(root) if Arc::ptr_eq(root, &v2)));
+        // Idle, but v3 (which counts on v2) is still held, as by a request that looked it up
+        // and is not admitted yet: the next version still counts on v2.
+        v2.in_flight.fetch_sub(2, Ordering::Relaxed);
+        let v4 = Arc::new(v4);
+        assert!(matches!(InFlight::next_version(&v4), InFlight::Of(_)));
+        // Once nothing holds the older versions, the chain is let go.
+        drop((v2, v3));
+        assert!(matches!(InFlight::next_version(&v4), InFlight::Own(_)));
+        // A version held by requests beyond the store and the lookup (not admitted yet) is
+        // shared even though its count is 0.
+        let (_store, _lookup, _request) = (Arc::clone(&v4), Arc::clone(&v4), Arc::clone(&v4));
+        assert!(matches!(InFlight::next_version(&v4), InFlight::Of(_)));
+        assert_eq!(expiry_ms(0).map(NonZeroU64::get), Some(1));
+    }
+
+    #[test]
+    fn interned_limits_and_strings_are_shared() {
+        let mut interner = Interner::default();
+        let limits = || KeyLimits {
+            plan: Some("pro".into()),
+            key_rpm: Some(5),
+            ..KeyLimits::default()
+        };
+        let (a, b) = (interner.limits(limits()), interner.limits(limits()));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(
+            a.plan.as_ref().unwrap(),
+            &interner.string("pro")
+        ));
+        assert!(!Arc::ptr_eq(&a, &interner.limits(KeyLimits::default())));
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! The file is JSON lines: a header with the feed cursor the snapshot is consistent with, then
 //! one line per key (hash, never the key itself; permissions as written). It is captured in the
-//! key-sync task between two feed reads (so keys and cursor agree), written by a blocking task
+//! key-sync task between two feed reads (so keys and cursor agree: the capture only takes the
+//! records' pointers, 8 bytes a key; records are immutable), written by a blocking task
 //! to a temporary file that is synced and renamed over the old one (a crash leaves the old or
 //! the new snapshot, never a torn one), mode 600. After loading it, the gateway follows the
 //! feed from the snapshot's cursor as soon as the database answers.
@@ -17,7 +18,7 @@ use aihub_apikey::KeyHash;
 use aihub_store::feed::Cursor;
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{Interner, KeyRecord, KeySource, MemoryKeyStore};
+use crate::keys::{Interner, KeyLimits, KeyRecord, KeySource, MemoryKeyStore};
 
 const VERSION: u32 = 1;
 
@@ -47,31 +48,35 @@ pub struct SnapshotKey {
     limits: crate::keys::KeyLimits,
 }
 
-/// Keys and the cursor they are consistent with, captured from memory.
-pub struct Snapshot {
-    cursor: Cursor,
-    keys: Vec<SnapshotKey>,
-}
-
-/// Copies the synced keys (cheap: no I/O; run between two feed reads).
-pub fn capture(store: &MemoryKeyStore, cursor: &Cursor) -> Snapshot {
-    let mut keys = Vec::with_capacity(crate::keys::KeyStore::len(store));
-    store.for_each(|hash, r| {
-        keys.push(SnapshotKey {
+impl SnapshotKey {
+    fn of(r: &KeyRecord) -> SnapshotKey {
+        SnapshotKey {
             id: r.key_id.to_string(),
-            hash: hash.to_hex(),
+            hash: r.hash.to_hex(),
             developer_id: r.developer_id.to_string(),
             models: r.models.to_strings(),
             endpoints: r.endpoints.to_strings(),
             ip_allowlist: r
                 .ip_allowlist
                 .as_ref()
-                .map(|nets| nets.iter().map(ToString::to_string).collect()),
-            expires_at_ms: r.expires_at_ms,
+                .map(|nets| nets.nets().iter().map(ToString::to_string).collect()),
+            expires_at_ms: r.expires_at_ms.map(|e| e.get()),
             active: r.active,
-            limits: r.limits.clone(),
-        })
-    });
+            limits: KeyLimits::clone(&r.limits),
+        }
+    }
+}
+
+/// Keys and the cursor they are consistent with, captured from memory.
+pub struct Snapshot {
+    cursor: Cursor,
+    keys: Vec<Arc<KeyRecord>>,
+}
+
+/// Takes the synced keys (cheap: their pointers, no I/O; run between two feed reads).
+pub fn capture(store: &MemoryKeyStore, cursor: &Cursor) -> Snapshot {
+    let mut keys = Vec::with_capacity(crate::keys::KeyStore::len(store));
+    store.for_each(|_, r| keys.push(Arc::clone(r)));
     Snapshot {
         cursor: cursor.clone(),
         keys,
@@ -106,7 +111,7 @@ pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
     serde_json::to_writer(&mut out, &header)?;
     out.write_all(b"\n")?;
     for k in &snapshot.keys {
-        serde_json::to_writer(&mut out, k)?;
+        serde_json::to_writer(&mut out, &SnapshotKey::of(k))?;
         out.write_all(b"\n")?;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
@@ -115,7 +120,7 @@ pub fn write(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
 }
 
 /// Reads a snapshot: the cursor it is consistent with and the key records to serve.
-pub fn read(path: &Path) -> std::io::Result<(Cursor, Vec<(KeyHash, KeyRecord)>)> {
+pub fn read(path: &Path) -> std::io::Result<(Cursor, Vec<Arc<KeyRecord>>)> {
     let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
     let mut lines = std::io::BufReader::new(std::fs::File::open(path)?).lines();
     let header: Header = serde_json::from_str(&lines.next().ok_or_else(|| bad("empty".into()))??)
@@ -134,32 +139,25 @@ pub fn read(path: &Path) -> std::io::Result<(Cursor, Vec<(KeyHash, KeyRecord)>)>
         let hash = KeyHash::from_hex(&k.hash).map_err(|e| bad(format!("key {}: {e}", k.id)))?;
         let (models, _) = interner.patterns_lenient(&k.models);
         let (endpoints, _) = interner.patterns_lenient(&k.endpoints);
-        let ip_allowlist = match &k.ip_allowlist {
-            None => None,
-            Some(list) => {
-                let nets: Vec<_> = list
-                    .iter()
-                    .filter_map(|n| aihub_apikey::pattern::parse_ip_net(n).ok())
-                    .collect();
-                Some(Arc::from(nets))
-            }
-        };
+        // Written from a valid list (an empty one admits nobody, and stays so).
+        let ip_allowlist = k
+            .ip_allowlist
+            .as_ref()
+            .map(|list| interner.ip_allowlist_lenient(list).0.unwrap_or_default());
         let record = KeyRecord {
+            hash,
             key_id: k.id.as_str().into(),
             developer_id: interner.string(&k.developer_id),
             models,
             endpoints,
-            expires_at_ms: k.expires_at_ms,
+            expires_at_ms: k.expires_at_ms.and_then(crate::keys::expiry_ms),
             active: k.active,
             ip_allowlist,
             source: KeySource::ControlPlane,
-            limits: crate::keys::KeyLimits {
-                plan: k.limits.plan.as_deref().map(|p| interner.string(p)),
-                ..k.limits
-            },
+            limits: interner.limits(k.limits),
             ..KeyRecord::default()
         };
-        keys.push((hash, record));
+        keys.push(Arc::new(record));
     }
     if keys.len() != header.keys {
         return Err(bad(format!(
@@ -195,18 +193,18 @@ mod tests {
                     .patterns(&["gpt-4o*".into(), "demo".into()])
                     .unwrap(),
                 endpoints: interner.patterns(&["*".into()]).unwrap(),
-                expires_at_ms: Some(42),
+                expires_at_ms: crate::keys::expiry_ms(42),
                 active: true,
-                ip_allowlist: Some(Arc::from(vec!["10.0.0.0/8".parse().unwrap()])),
+                ip_allowlist: interner.ip_allowlist(&["10.0.0.0/8".into()]).unwrap(),
                 source: KeySource::ControlPlane,
-                limits: crate::keys::KeyLimits {
+                limits: Arc::new(KeyLimits {
                     plan: Some("pro".into()),
                     key_rpm: Some(60),
                     dev_tpm: Some(1000),
                     dev_quota_tokens: Some(5),
                     spend_cap_nanos: Some(9),
                     ..Default::default()
-                },
+                }),
                 ..KeyRecord::default()
             },
         );
@@ -216,7 +214,7 @@ mod tests {
                 key_id: "key_b".into(),
                 developer_id: "dev_2".into(),
                 active: false,
-                ip_allowlist: Some(Arc::from(Vec::new())),
+                ip_allowlist: Some(Arc::default()),
                 source: KeySource::ControlPlane,
                 ..KeyRecord::default()
             },
@@ -237,11 +235,13 @@ mod tests {
         let (back, keys) = read(&path).unwrap();
         assert_eq!(back, cursor);
         let loaded = MemoryKeyStore::new();
-        loaded.replace_all(keys);
+        for k in keys {
+            loaded.insert_shared(k);
+        }
         let ra = loaded.get(&a).unwrap();
         assert!(ra.models.matches("gpt-4o-mini") && ra.models.matches("demo"));
         assert!(!ra.models.matches("gpt-4"));
-        assert_eq!(ra.expires_at_ms, Some(42));
+        assert_eq!(ra.expires_at_ms.map(|e| e.get()), Some(42));
         assert_eq!(ra.limits.plan.as_deref(), Some("pro"));
         assert_eq!(ra.limits.key_rpm, Some(60));
         assert_eq!(ra.limits.dev_tpm, Some(1000));
@@ -249,7 +249,7 @@ mod tests {
         assert!(ra.allows_ip(Some("10.1.2.3".parse().unwrap())));
         assert!(!ra.allows_ip(Some("192.0.2.1".parse().unwrap())));
         let rb = loaded.get(&b).unwrap();
-        assert_eq!(rb.limits, crate::keys::KeyLimits::default());
+        assert_eq!(*rb.limits, KeyLimits::default());
         assert!(!rb.active && !rb.allows_ip(Some("10.1.2.3".parse().unwrap())));
         // A torn or foreign file is refused, not half-loaded.
         std::fs::write(

@@ -4,9 +4,11 @@
 //! last-used times.
 //!
 //! - **Initial load**: the feed head is read first, then every live key in pages; from then on
-//!   the feed is followed from `(head, "")`, so a change committed during the load is read again
-//!   afterwards (rows are whole states, applying one twice is harmless). `/readyz` stays
-//!   not-ready until this load has completed once; declared (YAML) keys serve meanwhile.
+//!   the feed is followed from `(head, last key read with that number)`, so a change committed
+//!   during the load is read again afterwards (rows are whole states, applying one twice is
+//!   harmless), but not the keys stamped with the head itself, all visible to the load.
+//!   `/readyz` stays not-ready until this load has completed once; declared (YAML) keys serve
+//!   meanwhile. The map is sized to the live keys' count first; pages are of 1,000 rows.
 //! - **Following**: the feed is read every `poll_interval` (250 ms), or every
 //!   `push_poll_interval` (1 s) while a Redis subscription to [`feed::REDIS_CHANNEL`] is live;
 //!   each notice there triggers a read at once. A revoked key is removed; any other row replaces
@@ -44,11 +46,11 @@ use tokio::sync::Notify;
 use crate::config::ControlPlaneConfig;
 use crate::context::Shared;
 use crate::keys::KeyLimits;
-use crate::keys::{Interner, KeyRecord, KeySet, KeySource, KeyStore};
+use crate::keys::{InFlight, Interner, KeyRecord, KeySet, KeySource, KeyStore, Unreported};
 use crate::metrics::KeySyncMetrics;
 
 /// Rows read per feed query.
-const PAGE: i64 = 5_000;
+const PAGE: i64 = 1_000;
 /// Longest a single database call may take before it counts as a failure.
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for a pooled connection (a down database fails a read this fast).
@@ -300,9 +302,18 @@ impl Follower {
     /// revoked between a failed attempt and the next is not kept.
     async fn initial_load(&mut self) -> Result<usize, SyncError> {
         let head = timed(DB_TIMEOUT, feed::head(&self.store)).await?;
-        self.keys.synced.replace_all(Vec::new());
+        self.keys.synced.clear();
+        // Maps sized once (a map grown key by key leaves its outgrown tables behind).
+        let (keys, developers) = timed(DB_TIMEOUT, feed::live_keys(&self.store)).await?;
+        self.keys.synced.reserve(usize::try_from(keys).unwrap_or(0));
+        self.interner = Interner::with_capacity(usize::try_from(developers).unwrap_or(0));
         let mut cursor = Cursor::default();
         let mut loaded = 0;
+        // The last key read stamped with the head itself: every change up to the head was
+        // visible before the load began, so the feed is followed from there, not from the
+        // head's first key (a bulk change stamps many keys with one number: all of them would
+        // be read and applied again).
+        let mut last_at_head = String::new();
         loop {
             let page = timed(
                 DB_TIMEOUT,
@@ -315,6 +326,9 @@ impl Follower {
                     id: last.id.clone(),
                 };
             }
+            if let Some(at_head) = page.iter().rfind(|s| s.change_seq == head) {
+                last_at_head.clone_from(&at_head.id);
+            }
             for state in &page {
                 self.apply(state);
             }
@@ -325,8 +339,11 @@ impl Follower {
         }
         self.cursor = Cursor {
             seq: head,
-            id: String::new(),
+            id: last_at_head,
         };
+        // What the keys share is in their records now; the interner's own tables (a set of
+        // every developer id, ~9 MiB for a million keys) are not needed to hold it.
+        self.interner = Interner::default();
         self.succeeded(loaded);
         Ok(loaded)
     }
@@ -337,7 +354,11 @@ impl Follower {
         match crate::keysnapshot::read(path) {
             Ok((cursor, keys)) => {
                 let n = keys.len();
-                self.keys.synced.replace_all(keys);
+                self.keys.synced.clear();
+                self.keys.synced.reserve(n);
+                for key in keys {
+                    self.keys.synced.insert_shared(key);
+                }
                 self.metrics.keys.set(n as i64);
                 self.cursor = cursor;
                 self.check_head = true;
@@ -431,19 +452,22 @@ impl Follower {
             return;
         }
         let mut record = record_from_state(state, &mut self.interner);
+        record.hash = hash;
         if let Some(old) = self.keys.synced.get(&hash) {
             // Requests in flight on the previous version still hold their slots.
-            record.in_flight = Arc::clone(&old.in_flight);
+            record.in_flight = InFlight::next_version(&old);
+            // Ids held already are shared rather than held twice.
+            if old.key_id == record.key_id {
+                record.key_id = Arc::clone(&old.key_id);
+            }
+            if old.developer_id == record.developer_id {
+                record.developer_id = Arc::clone(&old.developer_id);
+            }
         }
         let record = Arc::new(record);
-        if let Some(old) = self.keys.synced.insert_shared(hash, Arc::clone(&record)) {
+        if let Some(old) = self.keys.synced.insert_shared(Arc::clone(&record)) {
             // Keep the last use noted on the previous record of the key.
-            let used = old.last_used_ms.load(Ordering::Relaxed);
-            record.last_used_ms.fetch_max(used, Ordering::Relaxed);
-            let reported = old.reported_used_ms.load(Ordering::Relaxed);
-            record
-                .reported_used_ms
-                .fetch_max(reported, Ordering::Relaxed);
+            record.last_use.carry_from(&old.last_use);
         }
     }
 
@@ -505,19 +529,21 @@ pub fn record_from_state(state: &KeyState, interner: &mut Interner) -> KeyRecord
         developer_id: interner.string(&state.developer_id),
         models,
         endpoints,
-        expires_at_ms: state.expires_at.map(|t| t.max(0) as u64),
+        expires_at_ms: state
+            .expires_at
+            .and_then(|t| crate::keys::expiry_ms(t.max(0) as u64)),
         active: state.active,
         ip_allowlist,
         source: KeySource::ControlPlane,
-        limits: KeyLimits {
-            plan: Some(interner.string(&state.plan)),
+        limits: interner.limits(KeyLimits {
+            plan: Some(state.plan.as_str().into()),
             key_rpm: positive(state.rate_limit_rpm),
             key_tpm: positive(state.rate_limit_tpm),
             dev_rpm: positive(state.dev_rate_limit_rpm),
             dev_tpm: positive(state.dev_rate_limit_tpm),
             dev_quota_tokens: state.dev_quota_tokens.map(|q| q.max(0) as u64),
             spend_cap_nanos: state.spend_cap_nanos,
-        },
+        }),
         ..KeyRecord::default()
     }
 }
@@ -634,11 +660,10 @@ async fn flush_last_used(
 /// Sends the last-used time of every key used since its last report; returns how many.
 async fn flush_once(store: &Store, keys: &KeySet) -> Result<usize, SyncError> {
     let mut uses: Vec<(String, i64)> = Vec::new();
-    let mut records: Vec<(Arc<KeyRecord>, u64)> = Vec::new();
+    let mut records: Vec<(Arc<KeyRecord>, Unreported)> = Vec::new();
     keys.synced.for_each(|_, r| {
-        let used = r.last_used_ms.load(Ordering::Relaxed);
-        if used > r.reported_used_ms.load(Ordering::Relaxed) {
-            uses.push((r.key_id.to_string(), used as i64));
+        if let Some(used) = r.last_use.unreported() {
+            uses.push((r.key_id.to_string(), used.ms() as i64));
             records.push((Arc::clone(r), used));
         }
     });
@@ -646,8 +671,8 @@ async fn flush_once(store: &Store, keys: &KeySet) -> Result<usize, SyncError> {
         return Ok(0);
     }
     timed(FLUSH_TIMEOUT, feed::record_last_used(store, &uses)).await?;
-    for (r, used) in &records {
-        r.reported_used_ms.fetch_max(*used, Ordering::Relaxed);
+    for (r, used) in records {
+        r.last_use.reported(used);
     }
     Ok(uses.len())
 }
@@ -685,9 +710,9 @@ mod tests {
         assert_eq!(r.source, KeySource::ControlPlane);
         assert!(r.models.matches("gpt-4o-mini") && !r.models.matches("demo"));
         assert!(r.ip_allowlist.is_none());
-        assert_eq!(r.expires_at_ms, Some(1_700_000_000_000));
+        assert_eq!(r.expires_at_ms.map(|e| e.get()), Some(1_700_000_000_000));
         assert_eq!(
-            r.limits,
+            *r.limits,
             KeyLimits {
                 plan: Some("pro".into()),
                 key_rpm: Some(60),

@@ -156,7 +156,10 @@ fn state_from_row(r: &AnyRow) -> Result<KeyState> {
 
 /// The next page of changes after `cursor`, in feed order. At start a gateway reads from the
 /// default cursor with `live_only` (revoked keys are of no interest then); afterwards it reads
-/// everything, revocations included.
+/// everything, revocations included. The cursor is compared as a row value, so that both
+/// databases seek the `(change_seq, id)` index to it: with `seq > $1 OR (seq = $1 AND id > $2)`
+/// SQLite seeks only on `change_seq` and re-reads a large group of keys sharing one change
+/// (a bulk import, a developer's plan change) from its start for every page.
 pub async fn changes_since(
     store: &Store,
     cursor: &Cursor,
@@ -169,7 +172,7 @@ pub async fn changes_since(
                 k.change_seq, d.disabled_at AS dev_disabled_at, d.plan, d.api_rate_limit, \
                 d.api_token_rate_limit, d.api_quota_limit, d.monthly_spend_cap_nanos \
          FROM api_keys k JOIN developers d ON d.id = k.developer_id \
-         WHERE (k.change_seq > $1 OR (k.change_seq = $1 AND k.id > $2)) \
+         WHERE (k.change_seq, k.id) > ($1, $2) \
            AND ($3 = 0 OR k.deleted_at IS NULL) \
          ORDER BY k.change_seq, k.id LIMIT $4",
     )
@@ -212,6 +215,17 @@ pub async fn record_last_used(store: &Store, uses: &[(String, i64)]) -> Result<u
         written += q.execute(store.pool()).await?.rows_affected();
     }
     Ok(written)
+}
+
+/// How many keys are live (not revoked) and how many developers there are: what a gateway's
+/// initial load will read, to size its maps once instead of growing them.
+pub async fn live_keys(store: &Store) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM api_keys WHERE deleted_at IS NULL), \
+                (SELECT COUNT(*) FROM developers)",
+    )
+    .fetch_one(store.pool())
+    .await?)
 }
 
 /// The feed's current head: every change numbered up to it is committed and visible. A gateway

@@ -97,6 +97,8 @@ async fn lifecycle(backend: Backend) {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].expires_at, Some(4_000_000_000_000));
     assert!(seen[1].deleted);
+    // What a gateway's initial load sizes its maps for: live keys, developers.
+    assert_eq!(feed::live_keys(&store).await.unwrap(), (1, 1));
 
     // Another developer cannot see or touch Ada's keys.
     let bob = developer(&store, "bob@example.com").await;

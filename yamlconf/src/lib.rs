@@ -1,9 +1,15 @@
 //! Reading AI Hub's YAML configuration files (the gateway's and the admin API's): every problem
 //! is a [`ConfigError`] naming the file and the key path (`upstreams.openai.endpoints[1]`), and
-//! [`parse`] turns serde's errors into one. Validation stays with each configuration type.
+//! [`parse`] turns serde's errors into one. [`parse_streaming`] does the same for a document
+//! with one huge top-level list (the gateway's `keys:`), read item by item instead of whole.
+//! Validation stays with each configuration type.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+
+mod stream;
+
+pub use stream::parse_streaming;
 
 /// A configuration problem, located by file and key path.
 #[derive(Debug, thiserror::Error)]
@@ -42,18 +48,37 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
 
 /// Parses YAML text into `T`; `file` only names errors.
 pub fn parse<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    parse_located(text, file).map_err(|(e, _)| e)
+}
+
+/// [`parse`], with the (1-based) line an error was found at, when known.
+fn parse_located<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &Path,
+) -> Result<T, (ConfigError, Option<usize>)> {
     let de = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
-        let mut message = e.into_inner().to_string();
-        // serde_norway prefixes its own rendering of the path ("server: …"); ours is exact.
-        if let Some((prefix, rest)) = message.split_once(": ") {
-            if !prefix.contains(' ') {
-                message = rest.to_owned();
-            }
-        }
-        ConfigError::new(file, if key == "." { String::new() } else { key }, message)
+        let line = e.inner().location().map(|l| l.line());
+        let error = ConfigError::new(
+            file,
+            if key == "." { String::new() } else { key },
+            message(e.into_inner()),
+        );
+        (error, line)
     })
+}
+
+/// A serde_norway error's message, without its own rendering of the key path ("server: …"):
+/// ours is exact.
+fn message(e: serde_norway::Error) -> String {
+    let mut message = e.to_string();
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        if !prefix.contains(' ') {
+            message = rest.to_owned();
+        }
+    }
+    message
 }
 
 #[cfg(test)]
