@@ -43,6 +43,8 @@ header() {
     printf 'routes:\n  - {model: mock-gpt, upstream: mock}\n'
 }
 
+# Prints a result line and keeps it for loadtests/results/keys-latest.md.
+report() { printf "$@" | tee -a "$TMP/report"; }
 status() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 # CPU seconds (user + system) the process has used (clock ticks from /proc/PID/stat).
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat"; }
@@ -64,9 +66,13 @@ run() {
     keys=$(metric aihub_keys_loaded)
     rss=$(status "$GW" VmRSS)
     hwm=$(status "$GW" VmHWM)
-    printf '%-14s keys %s, real key -> HTTP %s, ready in %d ms (%s CPU s), VmRSS %d MiB (%d bytes/key), VmHWM %d MiB (%.2fx RSS)\n' \
+    # VmRSS = heap and other anonymous memory + the binary's pages read from its file.
+    anon=$(status "$GW" RssAnon)
+    file=$(status "$GW" RssFile)
+    report '%-14s keys %s, real key -> HTTP %s, ready in %d ms (%s CPU s), VmRSS %d MiB (%d bytes/key; anonymous %d MiB, file %d MiB), VmHWM %d MiB (%.2fx RSS)\n' \
         "$name" "$keys" "$code" $(((ready - start) / 1000000)) "$(cpu "$GW")" $((rss / 1024)) \
-        $((rss * 1024 / N)) $((hwm / 1024)) "$(awk -v a="$hwm" -v b="$rss" 'BEGIN {print a / b}')"
+        $((rss * 1024 / N)) $((anon / 1024)) $((file / 1024)) $((hwm / 1024)) \
+        "$(awk -v a="$hwm" -v b="$rss" 'BEGIN {print a / b}')"
     [ "$code" = 200 ] && [ "$keys" = "$N" ] || { echo "FAILED: $name" >&2; cat "$TMP/gw.log" >&2; exit 1; }
 }
 
@@ -106,7 +112,7 @@ done
 took=$((($(date +%s%N) - start) / 1000000))
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://$PROXY/v1/chat/completions" \
     -H "Authorization: Bearer $(cat "$TMP/key")" -d '{"model":"mock-gpt","messages":[]}')
-printf '%-14s keys %s, real key -> HTTP %s, reloaded in %d ms (%s CPU s), VmRSS %d MiB, reload peak VmHWM %d MiB\n' \
+report '%-14s keys %s, real key -> HTTP %s, reloaded in %d ms (%s CPU s), VmRSS %d MiB, reload peak VmHWM %d MiB\n' \
     "(a) reload" "$(metric aihub_keys_loaded)" "$code" "$took" \
     "$(awk -v a="$(cpu "$GW")" -v b="$cpu_before" 'BEGIN {printf "%.1f", a - b}')" \
     $(($(status "$GW" VmRSS) / 1024)) $(($(status "$GW" VmHWM) / 1024))
@@ -155,6 +161,22 @@ PY
 echo "(b) control plane: $(du -h "$DB" | cut -f1) SQLite database with $N keys (${DB_IDS:-admin} ids)" >&2
 printf 'control_plane:\n  database_url: sqlite://%s\n' "$DB" >> "$TMP/gateway.yaml"
 run "(b) database" "$TMP/gateway.yaml"
-printf '%-14s initial load %ss (aihub_key_sync_initial_load_seconds)\n' "(b) sync" \
+report '%-14s initial load %ss (aihub_key_sync_initial_load_seconds)\n' "(b) sync" \
     "$(metric aihub_key_sync_initial_load_seconds)"
 stop
+
+# The results, checked in.
+OUT=loadtests/results/keys-latest.md
+{
+    echo "# Gateway memory with $N keys — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores"
+    echo
+    echo "\`N=$N${DB_IDS:+ DB_IDS=$DB_IDS} loadtests/keys-rss.sh\` (commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo -dirty))."
+    echo "Target (issue 19): VmRSS ≤ 300 MiB and VmHWM ≤ 1.5× that, from YAML and from the control-plane"
+    echo "database. (a) YAML \`keys:\` with $N entries (3 keys per developer) and a reload (SIGHUP) of the same"
+    echo "file; (b) $N keys in a SQLite control-plane database (${DB_IDS:-admin}-style ids), loaded by the key sync."
+    echo
+    echo '```'
+    cat "$TMP/report"
+    echo '```'
+} > "$OUT"
+echo "written to $OUT" >&2
