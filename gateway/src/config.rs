@@ -273,17 +273,26 @@ impl Config {
 
     /// [`Config::load`], keeping what checking parsed: the values the gateway runs on.
     pub fn load_checked(path: &Path) -> Result<(Config, Checked), ConfigError> {
+        Config::load_checked_reusing(path, None)
+    }
+
+    /// [`Config::load_checked`] for a reload: unchanged keys keep their records in `served`
+    /// (the declared keys' table in use), so a reload of a million keys builds only the
+    /// changed ones and holds one copy of the rest.
+    pub fn load_checked_reusing(
+        path: &Path,
+        served: Option<Arc<KeyTable>>,
+    ) -> Result<(Config, Checked), ConfigError> {
         let cannot_read = |e| ConfigError::new(path, "", format!("cannot read the file: {e}"));
         let file = std::fs::File::open(path).map_err(cannot_read)?;
         let size = file.metadata().map_err(cannot_read)?.len();
         let reader = std::io::BufReader::with_capacity(256 * 1024, file);
-        let mut config = Config::read(reader, path, size, keys::previous(path))?;
+        let mut config = Config::read(reader, path, size, served)?;
         if let Some(m) = &mut config.metering {
             m.clickhouse = std::mem::take(&mut m.clickhouse).with_env_overrides();
         }
         config.apply_database_url(std::env::var(DATABASE_URL_ENV).ok());
         let checked = config.check(path)?;
-        keys::remember(path, &checked.keys);
         Ok((config, checked))
     }
 

@@ -381,7 +381,8 @@ struct Reloader {
 
 impl Reloader {
     fn reload(&self) -> Result<(), ConfigError> {
-        let (config, mut checked) = Config::load_checked(&self.path)?;
+        let served = self.keys.declared.table();
+        let (config, mut checked) = Config::load_checked_reusing(&self.path, Some(served))?;
         let keys = std::mem::take(&mut checked.keys);
         let runtime = Runtime::build(&config, checked, &self.path)?;
         if config.server.listen != self.listen {

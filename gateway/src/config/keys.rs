@@ -11,8 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::BuildHasher;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use aihub_apikey::pattern::{parse_ip_net, Pattern};
@@ -64,32 +63,6 @@ pub struct KeyConfig {
 
 fn star() -> Vec<String> {
     vec!["*".into()]
-}
-
-/// The key tables built from each configuration file, while something holds them (the gateway
-/// serving one): the next load of the file reuses the records of unchanged keys.
-static BUILT: Mutex<BTreeMap<PathBuf, Vec<Weak<KeyTable>>>> = Mutex::new(BTreeMap::new());
-
-/// The table last built from `path` that is still in use (the one served: a table whose load
-/// failed later is dropped at once).
-pub(super) fn previous(path: &Path) -> Option<Arc<KeyTable>> {
-    let built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
-    built.get(path)?.iter().rev().find_map(Weak::upgrade)
-}
-
-/// Notes `table` as built from `path` (and forgets tables no longer in use).
-pub(super) fn remember(path: &Path, table: &Arc<KeyTable>) {
-    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
-    for tables in built.values_mut() {
-        tables.retain(|t| t.strong_count() > 0);
-    }
-    built.retain(|_, tables| !tables.is_empty());
-    if !table.is_empty() {
-        built
-            .entry(path.to_owned())
-            .or_default()
-            .push(Arc::downgrade(table));
-    }
 }
 
 /// A key's error: the key path (`keys[3].hash`) and the message.

@@ -281,6 +281,18 @@ impl Distributed {
         }
     }
 
+    /// `EVALSHA` of `script` on its three keys: the key's and the developer's buckets and the
+    /// developer's quota hash for `period` (the arguments follow).
+    fn script_call(&self, script: &Script, (key_id, dev_id): (&str, &str), period: Period) -> Cmd {
+        let mut cmd = evalsha();
+        cmd.arg(script.get_hash())
+            .arg(3)
+            .arg(self.key("rl:k", key_id))
+            .arg(self.key("rl:d", dev_id))
+            .arg(self.quota_key(period, dev_id));
+        cmd
+    }
+
     fn connection(&self) -> Result<MultiplexedConnection, RedisDown> {
         self.conn
             .load()
@@ -436,13 +448,8 @@ impl Distributed {
         };
         let ttl = quota_ttl_secs(quota.period_end_ms);
         let build = || {
-            let mut cmd = evalsha();
-            cmd.arg(self.admit.get_hash())
-                .arg(3)
-                .arg(self.key("rl:k", key_id))
-                .arg(self.key("rl:d", dev_id))
-                .arg(self.quota_key(quota.period, dev_id))
-                .arg(kr)
+            let mut cmd = self.script_call(&self.admit, (key_id, dev_id), quota.period);
+            cmd.arg(kr)
                 .arg(kb)
                 .arg(dr)
                 .arg(db)
@@ -511,13 +518,8 @@ impl Distributed {
     ) -> Result<RemoteReservation, RedisDown> {
         let per_minute = |r: Option<Rate>| r.map_or(0, |r| r.per_minute);
         let build = || {
-            let mut cmd = evalsha();
-            cmd.arg(self.reserve.get_hash())
-                .arg(3)
-                .arg(self.key("rl:k", key_id))
-                .arg(self.key("rl:d", dev_id))
-                .arg(self.quota_key(q.period, dev_id))
-                .arg(per_minute(q.give_back.key_requests))
+            let mut cmd = self.script_call(&self.reserve, (key_id, dev_id), q.period);
+            cmd.arg(per_minute(q.give_back.key_requests))
                 .arg(per_minute(q.give_back.dev_requests))
                 .arg(per_minute(rates.key_tokens))
                 .arg(per_minute(rates.dev_tokens))
@@ -620,13 +622,8 @@ impl Distributed {
             seed: (0, 0),
             seeded: false,
         });
-        let mut cmd = evalsha();
-        cmd.arg(self.settle.get_hash())
-            .arg(3)
-            .arg(self.key("rl:k", &j.key_id))
-            .arg(self.key("rl:d", &j.dev_id))
-            .arg(self.quota_key(t.period, &j.dev_id))
-            .arg(j.rates.key_tokens.map_or(0, |r| r.per_minute))
+        let mut cmd = self.script_call(&self.settle, (&j.key_id, &j.dev_id), t.period);
+        cmd.arg(j.rates.key_tokens.map_or(0, |r| r.per_minute))
             .arg(j.rates.dev_tokens.map_or(0, |r| r.per_minute))
             .arg(j.debt.0)
             .arg(j.usage.0)

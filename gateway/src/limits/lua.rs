@@ -25,7 +25,9 @@ end
 
 /// Bucket functions of the admission and reservation scripts (after [`PRELUDE_LUA`]): `decide`
 /// is [`super::gcra::decide`], `peek` a bucket's remaining units and reset, `tat` a bucket
-/// field's theoretical arrival time, `numbers` the reply (integers in one string).
+/// field's theoretical arrival time, `numbers` the reply (integers in one string). A bucket
+/// spec is `{key, field, rate, burst, cost, lenient}` (rate 0: not limited); `report` gives
+/// each spec's `(limited, remaining, reset)` for the headers and `commit` stores the decisions.
 pub(super) const BUCKETS_LUA: &str = r#"
 local function decide(tat, rate, burst, cost, lenient)
   local T = math.ceil(W / rate)
@@ -58,6 +60,32 @@ local function tat(key, field)
   local v = redis.call('HGET', key, field)
   if v then return tonumber(v) end
   return 0
+end
+-- A decision's numbers, or a bucket's current state when it was not decided or the request
+-- was refused (nothing taken).
+local function report(specs, results, status)
+  local out = {}
+  for i, s in ipairs(specs) do
+    local d = results[i]
+    if s[3] <= 0 then
+      table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
+    elseif d == nil or (status ~= 0 and d[1]) then
+      local rem, reset = peek(tat(s[1], s[2]), s[3], s[4])
+      table.insert(out, 1); table.insert(out, rem); table.insert(out, reset)
+    else
+      table.insert(out, 1); table.insert(out, d[3]); table.insert(out, d[4])
+    end
+  end
+  return out
+end
+local function commit(specs, results)
+  for i, s in ipairs(specs) do
+    local d = results[i]
+    if d ~= nil then
+      redis.call('HSET', s[1], s[2], string.format('%.0f', d[2]))
+      extend(s[1], d[2])
+    end
+  end
 end
 "#;
 
@@ -101,7 +129,7 @@ local specs = {
   {KEYS[1], 't', A[5], A[5], A[7], true},
   {KEYS[2], 't', A[6], A[6], A[7], true},
 }
-local out, results = {}, {}
+local results = {}
 for i, s in ipairs(specs) do
   if s[3] > 0 and status < 5 then
     local d = decide(tat(s[1], s[2]), s[3], s[4], s[5], s[6])
@@ -114,26 +142,8 @@ for i, s in ipairs(specs) do
     end
   end
 end
-for i, s in ipairs(specs) do
-  local d = results[i]
-  if s[3] <= 0 then
-    table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
-  elseif d == nil or (status ~= 0 and d[1]) then
-    local rem, reset = peek(tat(s[1], s[2]), s[3], s[4])
-    table.insert(out, 1); table.insert(out, rem); table.insert(out, reset)
-  else
-    table.insert(out, 1); table.insert(out, d[3]); table.insert(out, d[4])
-  end
-end
-if status == 0 then
-  for i, s in ipairs(specs) do
-    local d = results[i]
-    if d ~= nil then
-      redis.call('HSET', s[1], s[2], string.format('%.0f', d[2]))
-      extend(s[1], d[2])
-    end
-  end
-end
+local out = report(specs, results, status)
+if status == 0 then commit(specs, results) end
 local r = {status, retry}
 for _, v in ipairs(out) do table.insert(r, v) end
 table.insert(r, qt); table.insert(r, qc)
@@ -156,11 +166,14 @@ if A[6] == 1 then
   if v then qt = tonumber(v) else qt = A[10] end
   if qt + A[8] + A[9] > A[7] then status = 5 end
 end
-local specs = {{KEYS[1], A[3]}, {KEYS[2], A[4]}}
-local results, out = {}, {}
+local specs = {
+  {KEYS[1], 't', A[3], A[3], A[5], true},
+  {KEYS[2], 't', A[4], A[4], A[5], true},
+}
+local results = {}
 for i, s in ipairs(specs) do
-  if s[2] > 0 and status == 0 then
-    local d = decide(tat(s[1], 't'), s[2], s[2], A[5], true)
+  if s[3] > 0 and status == 0 then
+    local d = decide(tat(s[1], s[2]), s[3], s[4], s[5], s[6])
     results[i] = d
     if not d[1] then
       status = 2
@@ -168,25 +181,9 @@ for i, s in ipairs(specs) do
     end
   end
 end
-for i, s in ipairs(specs) do
-  local d = results[i]
-  if s[2] <= 0 then
-    table.insert(out, -1); table.insert(out, 0); table.insert(out, 0)
-  elseif d == nil or (status ~= 0 and d[1]) then
-    local rem, used = peek(tat(s[1], 't'), s[2], s[2])
-    table.insert(out, 1); table.insert(out, rem); table.insert(out, used)
-  else
-    table.insert(out, 1); table.insert(out, d[3]); table.insert(out, d[4])
-  end
-end
+local out = report(specs, results, status)
 if status == 0 then
-  for i, s in ipairs(specs) do
-    local d = results[i]
-    if d ~= nil then
-      redis.call('HSET', s[1], 't', string.format('%.0f', d[2]))
-      extend(s[1], d[2])
-    end
-  end
+  commit(specs, results)
 else
   for i, key in ipairs({KEYS[1], KEYS[2]}) do
     local v = redis.call('HGET', key, 'r')
