@@ -291,6 +291,37 @@ async fn through_redis_small_bodies_take_one_step_and_large_ones_two() {
     }
 }
 
+/// Through Redis, a large body's second step (the reservation script) refuses a request whose
+/// declared tokens do not fit a hard-stop quota, and gives back the request the first step
+/// took: the next request sees the same remaining requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_redis_a_refused_reservation_gives_its_request_back() {
+    let mock = Mock::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let plans = plans_file(
+        dir.path(),
+        "    included_tokens: 5000\n    overage: false\n",
+    );
+    let k = key("giveback", &["plan: test", "rate_limit_rpm: 10"]);
+    let gw = gateway_with(
+        &mock,
+        &[&k],
+        &limits_yaml(Some(&plans), Some(&redis_url()), &[]),
+    );
+    wait_metric(&gw, "aihub_limits_redis_up", 1.0).await;
+    // Over 64 KiB (two steps) and ~17,500 declared tokens: more than the quota holds.
+    let big = BODY.replace("Say hello", &"x".repeat(70_000));
+    for _ in 0..2 {
+        let r = send(&gw, &k.key, &big, &[]).await;
+        assert_eq!(num(&r, "x-ratelimit-remaining-requests"), 10);
+        expect_error(r, 429, "insufficient_quota").await;
+    }
+    // A small body fits (one step) and takes its request.
+    let r = send(&gw, &k.key, BODY, &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(num(&r, "x-ratelimit-remaining-requests"), 9);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrency_cap_per_key() {
     let mock = Mock::start(&[]);
