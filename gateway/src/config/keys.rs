@@ -234,12 +234,12 @@ impl KeysBuilder {
     /// Checks one entry and builds its record, or takes the previous table's record of the key
     /// when it is the same.
     fn record(&mut self, index: usize, k: &KeyConfig) -> Result<Arc<KeyRecord>, (Check, KeyError)> {
-        let at = format!("keys[{index}]");
+        // The key path is built only on this error path (a million valid keys, no allocation).
         let fail = |check, field: &str, message: String| {
             Err((
                 check,
                 KeyError {
-                    key: format!("{at}.{field}"),
+                    key: format!("keys[{index}].{field}"),
                     message,
                 },
             ))
