@@ -180,8 +180,21 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// e.g. `redis://127.0.0.1:6379`.
+    /// e.g. `redis://127.0.0.1:6379`, or `rediss://` for TLS.
     pub url: String,
+    /// For `rediss://`: a private CA and a client certificate. Default: the system's roots, no
+    /// client certificate.
+    #[serde(default)]
+    pub tls: aihub_net::tls::ClientTls,
+}
+
+impl RedisConfig {
+    /// The Redis to publish to (reads the TLS files; no network I/O).
+    pub fn target(
+        &self,
+    ) -> Result<aihub_net::redis::RedisTarget, aihub_net::redis::RedisTargetError> {
+        aihub_net::redis::RedisTarget::try_new(&self.url, &self.tls)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,12 +271,16 @@ pub enum EmailTransport {
     /// An SMTP relay.
     Smtp {
         host: String,
-        /// Default 587.
-        #[serde(default = "default_smtp_port")]
-        port: u16,
-        /// `starttls` (default), `tls` (implicit, port 465) or `none` (local relays only).
+        /// Default: 587 with `starttls`, 465 with `tls`, 25 with `none`.
+        #[serde(default)]
+        port: Option<u16>,
+        /// `starttls` (default), `tls` (implicit TLS) or `none` (local relays only).
         #[serde(default = "default_smtp_security")]
         security: String,
+        /// With `starttls` or `tls`: a private CA and a client certificate. Default: the
+        /// system's roots, no client certificate.
+        #[serde(default)]
+        tls: aihub_net::tls::ClientTls,
         #[serde(default)]
         username: Option<String>,
         /// Environment variable holding the SMTP password.
@@ -415,9 +432,6 @@ fn default_argon_iterations() -> u32 {
 fn default_from() -> String {
     "AI Hub <no-reply@aihub.local>".into()
 }
-fn default_smtp_port() -> u16 {
-    587
-}
 fn default_smtp_security() -> String {
     "starttls".into()
 }
@@ -471,18 +485,33 @@ impl AdminConfig {
     /// the file's directory), validates.
     pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
         let mut config = AdminConfig::parse(&aihub_yamlconf::read(path)?, path)?;
+        let dir = path.parent().unwrap_or(Path::new(""));
         if let Some(p) = &config.plans_file {
             if p.is_relative() {
-                let dir = path.parent().unwrap_or(Path::new(""));
                 config.plans_file = Some(dir.join(p));
             }
         }
+        config.anchor_tls_files(dir);
         if let Some(p) = &config.plans_file {
             config.plans = aihub_plans::PlanCatalog::load(p)?;
         }
         config.apply_env();
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Makes the clients' TLS file paths relative to the configuration file's directory.
+    fn anchor_tls_files(&mut self, dir: &Path) {
+        if let Some(ch) = &mut self.clickhouse {
+            ch.tls.anchor(dir);
+        }
+        if let Some(r) = &mut self.redis {
+            r.tls.anchor(dir);
+        }
+        if let EmailTransport::Smtp { tls, .. } = &mut self.email.transport {
+            tls.anchor(dir);
+        }
+        self.tasks.gateway_tls.anchor(dir);
     }
 
     /// Parses YAML text; `file` is only used to name errors.
@@ -497,7 +526,10 @@ impl AdminConfig {
             self.database.url = url;
         }
         if let Ok(url) = std::env::var("AIHUB_REDIS_URL") {
-            self.redis = (!url.is_empty()).then_some(RedisConfig { url });
+            self.redis = (!url.is_empty()).then(|| RedisConfig {
+                url,
+                tls: self.redis.take().map(|r| r.tls).unwrap_or_default(),
+            });
         }
         if let Some(ch) = self.clickhouse.take() {
             self.clickhouse = Some(ch.with_env_overrides());
@@ -562,20 +594,8 @@ impl AdminConfig {
             return Err(err("database.max_connections", "must be at least 1".into()));
         }
         if let Some(ch) = &self.clickhouse {
-            if !ch.url.starts_with("http://") && !ch.url.starts_with("https://") {
-                return Err(err("clickhouse.url", "expected http://HOST:PORT".into()));
-            }
-            if ch.database.is_empty()
-                || !ch
-                    .database
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                return Err(err(
-                    "clickhouse.database",
-                    "letters, digits and `_` only".into(),
-                ));
-            }
+            ch.validate()
+                .map_err(|(key, message)| err(&format!("clickhouse.{key}"), message))?;
         }
         self.billing
             .validate()
@@ -587,8 +607,8 @@ impl AdminConfig {
             .validate()
             .map_err(|(key, message)| err(&format!("tasks.{key}"), message))?;
         if let Some(r) = &self.redis {
-            if !r.url.starts_with("redis://") && !r.url.starts_with("rediss://") {
-                return Err(err("redis.url", "expected redis://HOST:PORT".into()));
+            if let Err(e) = r.target() {
+                return Err(err(&format!("redis.{}", e.key()), e.message()));
             }
         }
         let a = &self.auth;
@@ -604,7 +624,16 @@ impl AdminConfig {
                 "argon2 needs at least 8192 KiB and 1 pass".into(),
             ));
         }
-        if let EmailTransport::Smtp { security, .. } = &self.email.transport {
+        if let EmailTransport::Smtp { security, tls, .. } = &self.email.transport {
+            if security == "none" && !tls.is_default() {
+                return Err(err(
+                    "email.transport.tls",
+                    "set, but `security` is `none`".into(),
+                ));
+            }
+            if let Err(e) = tls.load() {
+                return Err(err(&format!("email.transport.tls.{}", e.field), e.reason));
+            }
             if !["starttls", "tls", "none"].contains(&security.as_str()) {
                 return Err(err(
                     "email.transport.security",

@@ -11,6 +11,9 @@ use std::sync::Arc;
 
 use lettre::message::{header::ContentType, Mailbox, Message};
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{
+    Certificate, CertificateStore, Identity, Tls, TlsParameters,
+};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use crate::config::{EmailConfig, EmailTransport};
@@ -45,16 +48,27 @@ impl Mailer {
                 security,
                 username,
                 password_env,
+                tls,
             } => {
-                let builder = match security.as_str() {
-                    "tls" => AsyncSmtpTransport::<Tokio1Executor>::relay(host),
-                    "starttls" => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host),
-                    _ => Ok(AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(
-                        host,
-                    )),
-                }
-                .map_err(|e| format!("email.transport.host: {e}"))?
-                .port(*port);
+                let tls_parameters =
+                    || smtp_tls(host, tls).map_err(|e| format!("email.transport.tls: {e}"));
+                let (builder, default_port) = match security.as_str() {
+                    "tls" => (
+                        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+                            .tls(Tls::Wrapper(tls_parameters()?)),
+                        465,
+                    ),
+                    "starttls" => (
+                        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+                            .tls(Tls::Required(tls_parameters()?)),
+                        587,
+                    ),
+                    _ => (
+                        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host),
+                        25,
+                    ),
+                };
+                let builder = builder.port(port.unwrap_or(default_port));
                 let builder = match (username, password_env) {
                     (Some(user), Some(env)) => {
                         let password = std::env::var(env).map_err(|_| {
@@ -108,6 +122,23 @@ impl Mailer {
             }
         });
     }
+}
+
+/// TLS for the relay `host` (verified: certificate chain and name, TLS 1.2+), trusting
+/// `tls.ca_file` (else the system's roots) and presenting `tls.client_cert_file` when asked.
+fn smtp_tls(host: &str, tls: &aihub_net::tls::ClientTls) -> Result<TlsParameters, String> {
+    let material = tls.load().map_err(|e| e.to_string())?;
+    let mut b = TlsParameters::builder(host.to_owned());
+    if !material.roots_pem.is_empty() {
+        b = b.certificate_store(CertificateStore::None);
+    }
+    for pem in &material.roots_pem {
+        b = b.add_root_certificate(Certificate::from_pem(pem).map_err(|e| e.to_string())?);
+    }
+    if let Some((cert, key)) = &material.identity_pem {
+        b = b.identify_with(Identity::from_pem(cert, key).map_err(|e| e.to_string())?);
+    }
+    b.build_native().map_err(|e| e.to_string())
 }
 
 /// Creates `dir` (and missing parents) with mode 0700. A folder that already exists keeps its

@@ -148,10 +148,13 @@ impl AppState {
             Passwords::new(config.auth.argon2_memory_kib, config.auth.argon2_iterations)
                 .map_err(StartError::Setup)?;
         let mailer = Mailer::new(&config.email).map_err(StartError::Setup)?;
-        let notifier = match &config.redis {
-            Some(r) => Notifier::redis(&r.url).map_err(StartError::Setup)?,
-            None => Notifier::disabled(),
-        };
+        let notifier =
+            match &config.redis {
+                Some(r) => Notifier::redis(r.target().map_err(|e| {
+                    StartError::Setup(format!("redis.{}: {}", e.key(), e.message()))
+                })?),
+                None => Notifier::disabled(),
+            };
         let throttle = Throttle::new(
             config.auth.login_attempts_per_account_per_minute,
             config.auth.attempts_per_ip_per_minute,

@@ -137,7 +137,10 @@ pub(crate) async fn open_control(config: &AdminConfig) -> anyhow::Result<Control
         .await
         .with_context(|| format!("control-plane database {}", redact(&config.database.url)))?;
     let notifier = match &config.redis {
-        Some(r) => Notifier::redis(&r.url).map_err(anyhow::Error::msg)?,
+        Some(r) => Notifier::redis(
+            r.target()
+                .map_err(|e| anyhow::anyhow!("redis.{}: {}", e.key(), e.message()))?,
+        ),
         None => Notifier::disabled(),
     };
     Ok(Control::new(store, config.control(&config.plans)).with_notifier(notifier))

@@ -21,9 +21,8 @@ impl Notifier {
         Notifier { nudge: None }
     }
 
-    /// Starts the publisher task for `url`.
-    pub fn redis(url: &str) -> Result<Notifier, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
+    /// Starts the publisher task for `redis`.
+    pub fn redis(client: aihub_net::redis::RedisTarget) -> Notifier {
         let nudge = Arc::new(Notify::new());
         let wakeups = Arc::clone(&nudge);
         tokio::spawn(async move {
@@ -34,7 +33,7 @@ impl Notifier {
                 // Nudges arriving while we publish coalesce into the next round.
                 for attempt in 0..3 {
                     if conn.is_none() {
-                        conn = client.get_multiplexed_async_connection().await.ok();
+                        conn = client.multiplexed().await.ok();
                     }
                     let Some(c) = conn.as_mut() else {
                         tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
@@ -64,7 +63,7 @@ impl Notifier {
                 }
             }
         });
-        Ok(Notifier { nudge: Some(nudge) })
+        Notifier { nudge: Some(nudge) }
     }
 
     /// Call after a transaction that changed keys committed.

@@ -52,5 +52,11 @@ if [ ! -x "$venv/bin/moto_server" ]; then
     echo "==> moto[server]==$AIHUB_MOTO_VERSION into the venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$AIHUB_MOTO_VERSION" >&2
 fi
+# aiosmtpd, an SMTP server with STARTTLS and implicit TLS, for the mailer's TLS tests.
+AIHUB_AIOSMTPD_VERSION=${AIHUB_AIOSMTPD_VERSION:-1.4.6}
+if ! "$venv/bin/python" -c "import aiosmtpd" 2>/dev/null; then
+    echo "==> aiosmtpd==$AIHUB_AIOSMTPD_VERSION into the venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "aiosmtpd==$AIHUB_AIOSMTPD_VERSION" >&2
+fi
 export AIHUB_TEST_PYTHON="$venv/bin/python"
 export AIHUB_TEST_MOTO="$venv/bin/moto_server"

@@ -110,6 +110,10 @@ pub struct LimitsRedisConfig {
     /// Prefix of every Redis key. Default `aihub`.
     #[serde(default = "default_redis_prefix")]
     pub prefix: String,
+    /// For a `rediss://` URL: a private CA and a client certificate (Redis asks TLS clients
+    /// for one by default). Default: the system's roots, no client certificate.
+    #[serde(default)]
+    pub tls: aihub_net::tls::ClientTls,
 }
 
 impl std::fmt::Debug for LimitsRedisConfig {
@@ -119,7 +123,17 @@ impl std::fmt::Debug for LimitsRedisConfig {
             .field("url", &"<redacted>")
             .field("timeout", &self.timeout)
             .field("prefix", &self.prefix)
+            .field("tls", &self.tls)
             .finish()
+    }
+}
+
+impl LimitsRedisConfig {
+    /// The Redis to connect to (reads the TLS files; no network I/O).
+    pub fn target(
+        &self,
+    ) -> Result<aihub_net::redis::RedisTarget, aihub_net::redis::RedisTargetError> {
+        aihub_net::redis::RedisTarget::try_new(&self.url, &self.tls)
     }
 }
 
@@ -288,12 +302,27 @@ impl Config {
         let size = file.metadata().map_err(cannot_read)?.len();
         let reader = std::io::BufReader::with_capacity(256 * 1024, file);
         let mut config = Config::read(reader, path, size, served)?;
+        config.anchor_tls_files(path.parent().unwrap_or(Path::new("")));
         if let Some(m) = &mut config.metering {
             m.clickhouse = std::mem::take(&mut m.clickhouse).with_env_overrides();
         }
         config.apply_database_url(std::env::var(DATABASE_URL_ENV).ok());
         let checked = config.check(path)?;
         Ok((config, checked))
+    }
+
+    /// Makes the clients' TLS file paths relative to the configuration file's directory, as
+    /// the upstreams' are.
+    fn anchor_tls_files(&mut self, dir: &Path) {
+        if let Some(m) = &mut self.metering {
+            m.clickhouse.tls.anchor(dir);
+        }
+        if let Some(r) = self.limits.as_mut().and_then(|l| l.redis.as_mut()) {
+            r.tls.anchor(dir);
+        }
+        if let Some(cp) = &mut self.control_plane {
+            cp.redis_tls.anchor(dir);
+        }
     }
 
     /// Applies `AIHUB_DATABASE_URL`: sets `control_plane.database_url`, creating the section
@@ -456,14 +485,8 @@ impl Config {
                 ));
             }
             if let Some(r) = &l.redis {
-                if !(r.url.starts_with("redis://")
-                    || r.url.starts_with("rediss://")
-                    || r.url.starts_with("unix://"))
-                {
-                    return Err(err(
-                        "limits.redis.url".into(),
-                        "expected redis://, rediss:// or unix://".into(),
-                    ));
+                if let Err(e) = r.target() {
+                    return Err(err(format!("limits.redis.{}", e.key()), e.message()));
                 }
                 if r.timeout.is_zero() {
                     return Err(err(

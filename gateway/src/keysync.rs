@@ -117,13 +117,20 @@ impl BackgroundService for KeySync {
         };
         let wake = Arc::new(Notify::new());
         let push_live = Arc::new(AtomicBool::new(false));
-        if let Some(url) = &cfg.redis_url {
-            tokio::spawn(follow_redis(
-                url.clone(),
-                Arc::clone(&wake),
-                Arc::clone(&push_live),
-                metrics.clone(),
-            ));
+        match cfg.redis_target() {
+            Some(Ok(redis)) => {
+                tokio::spawn(follow_redis(
+                    redis,
+                    Arc::clone(&wake),
+                    Arc::clone(&push_live),
+                    metrics.clone(),
+                ));
+            }
+            // Checked when the configuration was loaded; the TLS files may have gone since.
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "control_plane.redis_url is unusable; polling only")
+            }
+            None => {}
         }
         tokio::spawn(flush_last_used(
             store.clone(),
@@ -558,24 +565,17 @@ fn positive(v: Option<i64>) -> Option<u32> {
 /// Subscribes to the admin API's change notices; each one wakes the follower. Reconnects with
 /// backoff; while not subscribed the follower polls at its fast interval.
 async fn follow_redis(
-    url: String,
+    redis: aihub_net::redis::RedisTarget,
     wake: Arc<Notify>,
     live: Arc<AtomicBool>,
     metrics: KeySyncMetrics,
 ) {
     use futures_util::StreamExt;
-    let client = match redis::Client::open(url.as_str()) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "control_plane.redis_url is unusable; polling only");
-            return;
-        }
-    };
     let mut down_logged = false;
     let mut backoff = Duration::from_millis(250);
     loop {
         let subscribed = tokio::time::timeout(DB_TIMEOUT, async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = redis.pubsub().await?;
             pubsub.subscribe(feed::REDIS_CHANNEL).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })

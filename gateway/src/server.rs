@@ -112,15 +112,17 @@ impl GatewayServer {
         let (limits, limits_service) = match &config.limits {
             Some(l) => {
                 let redis = match &l.redis {
-                    Some(r) => Some(
-                        crate::limits::distributed::Distributed::new(&r.url, &r.prefix, r.timeout)
-                            .map_err(|_| ConfigError {
-                                // The URL may hold a password: never echoed.
-                                file: path.to_owned(),
-                                key: "limits.redis.url".into(),
-                                message: "not a usable Redis URL".into(),
-                            })?,
-                    ),
+                    Some(r) => {
+                        // The URL may hold a password: errors never echo it.
+                        let target = r.target().map_err(|e| ConfigError {
+                            file: path.to_owned(),
+                            key: format!("limits.redis.{}", e.key()),
+                            message: e.message(),
+                        })?;
+                        Some(crate::limits::distributed::Distributed::new(
+                            target, &r.prefix, r.timeout,
+                        ))
+                    }
                     None => None,
                 };
                 let (limits, queues) = crate::limits::Limits::new(

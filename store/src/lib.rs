@@ -139,6 +139,36 @@ pub struct Store {
 
 static DRIVERS: Once = Once::new();
 
+/// Why a PostgreSQL URL's connection is not protected against a machine in the middle, for a
+/// host beyond this machine: TLS is verified only with `sslmode=verify-full` (or `verify-ca`);
+/// `prefer` (the default) and `require` accept any certificate, and `prefer` falls back to
+/// plaintext. Never echoes the URL (it may hold a password).
+pub fn postgres_tls_warning(url: &str) -> Option<String> {
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+    let opts = PgConnectOptions::from_str(url).ok()?;
+    let host = opts.get_host();
+    let local = opts.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let mode = match opts.get_ssl_mode() {
+        PgSslMode::VerifyFull | PgSslMode::VerifyCa => return None,
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+    };
+    (!local).then(|| {
+        format!(
+            "host {host} is reached with sslmode={mode}, which does not verify the server: \
+             add `sslmode=verify-full&sslrootcert=CA.pem` to the URL"
+        )
+    })
+}
+
 impl Store {
     /// Connects (lazily: the pool opens connections on first use, so a gateway can start while
     /// the database is down). SQLite files and their folder are created when missing and run
@@ -158,6 +188,11 @@ impl Store {
             if !url.contains("mode=") {
                 url.push_str(if url.contains('?') { "&" } else { "?" });
                 url.push_str("mode=rwc");
+            }
+        }
+        if dialect == Dialect::Postgres {
+            if let Some(warning) = postgres_tls_warning(&url) {
+                tracing::warn!("control-plane database: {warning}");
             }
         }
         let connect =
@@ -288,6 +323,24 @@ mod tests {
         assert_eq!(sqlite_path("sqlite://data/a.db?mode=rwc"), "data/a.db");
         assert_eq!(sqlite_path("sqlite:///abs/a.db"), "/abs/a.db");
         assert!(new_id("dev_").starts_with("dev_") && new_id("k").len() == 33);
+    }
+
+    #[test]
+    fn an_unverified_postgres_beyond_this_machine_is_warned_about() {
+        let warn = |u: &str| postgres_tls_warning(u);
+        assert!(warn("postgres://u:secret@db.internal/aihub")
+            .is_some_and(|w| w.contains("sslmode=prefer") && !w.contains("secret")));
+        assert!(warn("postgres://u@10.0.0.5/aihub?sslmode=require").is_some());
+        assert!(warn("postgres://u@db/aihub?sslmode=verify-full&sslrootcert=/ca.pem").is_none());
+        assert!(warn("postgres://u@db/aihub?sslmode=verify-ca").is_none());
+        for local in [
+            "postgres://u@127.0.0.1/test",
+            "postgres://u@localhost/test",
+            "postgres://u@[::1]/test",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/test",
+        ] {
+            assert!(warn(local).is_none(), "{local}");
+        }
     }
 
     /// The database, its `-wal` and `-shm` files and its folder are owner-only, whatever the

@@ -16,6 +16,10 @@ pub struct TasksConfig {
     /// task. Default `http://127.0.0.1:8080`.
     #[serde(default = "default_gateway_url")]
     pub gateway_url: String,
+    /// For an `https://` `gateway_url`: a private CA and a client certificate. Default: the
+    /// system's roots, no client certificate.
+    #[serde(default)]
+    pub gateway_tls: aihub_net::tls::ClientTls,
     /// Where file bytes are kept (a local directory; with `s3`, only where uploads are spooled
     /// before they are sent). Default `data/files`.
     #[serde(default = "default_files_dir")]
@@ -166,6 +170,19 @@ impl TasksConfig {
                 "gateway_url",
                 "must be an http(s) base URL without a trailing slash, e.g. http://127.0.0.1:8080"
                     .into(),
+            ));
+        }
+        if !self.gateway_tls.is_default() && !url.starts_with("https://") {
+            return Err(("gateway_tls", "set, but gateway_url is not https://".into()));
+        }
+        if let Err(e) = self.gateway_tls.load() {
+            return Err((
+                match e.field {
+                    "ca_file" => "gateway_tls.ca_file",
+                    "client_cert_file" => "gateway_tls.client_cert_file",
+                    _ => "gateway_tls.client_key_file",
+                },
+                e.reason,
             ));
         }
         if self.concurrency == 0 {

@@ -128,6 +128,33 @@ pub struct Engine {
     handles: Vec<JoinHandle<()>>,
 }
 
+/// The HTTP client items go through: TLS verified against the system's roots plus
+/// `gateway_tls.ca_file`, presenting `gateway_tls.cert_file` when asked. The files were checked
+/// when the configuration was loaded; if they became unusable since, the error is logged and
+/// the client keeps the system's roots only (a private CA then fails the handshake: never an
+/// unverified connection).
+fn gateway_client(config: &TasksConfig) -> reqwest::Client {
+    let builder = || reqwest::Client::builder().pool_max_idle_per_host(config.concurrency);
+    match config
+        .gateway_tls
+        .connector()
+        .map_err(|e| e.to_string())
+        .and_then(|tls| {
+            builder()
+                .use_preconfigured_tls(tls)
+                .build()
+                .map_err(|e| e.to_string())
+        }) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "tasks.gateway_tls is unusable; using the system's roots only");
+            builder()
+                .build()
+                .expect("an HTTP client with the default TLS settings builds")
+        }
+    }
+}
+
 impl Engine {
     /// Starts the loops on the current runtime; `waker` is what the API nudges.
     #[allow(clippy::too_many_arguments)]
@@ -141,10 +168,7 @@ impl Engine {
         waker: Waker,
     ) -> Engine {
         let owner = format!("worker-{}", uuid::Uuid::now_v7().simple());
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(config.concurrency)
-            .build()
-            .expect("an HTTP client without TLS settings builds");
+        let client = gateway_client(&config);
         let inner = Arc::new(Inner {
             stage: StageCtx {
                 store: store.clone(),

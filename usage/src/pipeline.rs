@@ -97,20 +97,9 @@ impl PipelineConfig {
         if self.flush_interval.is_zero() || self.flush_interval > Duration::from_secs(10) {
             return err("flush_interval", "must be between 1ms and 10s");
         }
-        if !self.clickhouse.url.starts_with("http://")
-            && !self.clickhouse.url.starts_with("https://")
-        {
-            return err("clickhouse.url", "must be an http:// or https:// URL");
-        }
-        if self.clickhouse.database.is_empty()
-            || !self
-                .clickhouse
-                .database
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
-            return err("clickhouse.database", "letters, digits and `_` only");
-        }
+        self.clickhouse
+            .validate()
+            .map_err(|(k, m)| (format!("metering.clickhouse.{k}"), m))?;
         Ok(())
     }
 }

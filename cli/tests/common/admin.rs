@@ -45,14 +45,21 @@ impl Admin {
                 dir.path().join("files").display()
             )
         };
+        // Mail goes to files in `mail` unless the test configures email itself.
+        let email = if extra.contains("email:") {
+            String::new()
+        } else {
+            format!(
+                "email: {{transport: {{kind: file, dir: \"{}\"}}}}\n",
+                mail.path().display()
+            )
+        };
         std::fs::write(
             &path,
             format!(
-                "listen: {listen}\ndatabase: {{url: \"{database_url}\"}}\n\
-                 email: {{transport: {{kind: file, dir: \"{}\"}}}}\n\
+                "listen: {listen}\ndatabase: {{url: \"{database_url}\"}}\n{email}\
                  auth: {{argon2_memory_kib: 8192, argon2_iterations: 1}}\n\
-                 bootstrap_admin: {{email: ops@aihub.test, password_env: AIHUB_TEST_OPS_PASSWORD}}\n{tasks}{extra}",
-                mail.path().display()
+                 bootstrap_admin: {{email: ops@aihub.test, password_env: AIHUB_TEST_OPS_PASSWORD}}\n{tasks}{extra}"
             ),
         )
         .unwrap();

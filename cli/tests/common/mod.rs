@@ -634,12 +634,25 @@ pub struct PrivateClickHouse {
 
 impl PrivateClickHouse {
     pub fn start() -> PrivateClickHouse {
+        Self::start_with_config(&[])
+    }
+
+    /// Starts it with extra server settings: `(file name, XML)` written into its `config.d/`
+    /// (merged into the generated config.xml).
+    pub fn start_with_config(files: &[(&str, String)]) -> PrivateClickHouse {
         let ports = [free_port(), free_port(), free_port()];
         let ch = PrivateClickHouse {
             url: format!("http://127.0.0.1:{}", ports[0]),
             dir: tempfile::tempdir().unwrap(),
             ports,
         };
+        if !files.is_empty() {
+            let d = ch.dir.path().join("config.d");
+            std::fs::create_dir_all(&d).unwrap();
+            for (name, xml) in files {
+                std::fs::write(d.join(name), xml).unwrap();
+            }
+        }
         ch.restart();
         ch
     }

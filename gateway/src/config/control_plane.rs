@@ -20,6 +20,10 @@ pub struct ControlPlaneConfig {
     /// trigger an immediate poll. Default: none (poll only).
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// For a `rediss://` `redis_url`: a private CA and a client certificate. Default: the
+    /// system's roots, no client certificate.
+    #[serde(default)]
+    pub redis_tls: aihub_net::tls::ClientTls,
     /// How often the change feed is read while no Redis subscription is live. Default 250ms.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -73,6 +77,7 @@ impl ControlPlaneConfig {
         ControlPlaneConfig {
             database_url,
             redis_url: None,
+            redis_tls: aihub_net::tls::ClientTls::default(),
             poll_interval: default_poll_interval(),
             push_poll_interval: default_push_poll_interval(),
             max_connections: default_cp_connections(),
@@ -94,6 +99,16 @@ impl ControlPlaneConfig {
         reloadable(self) != reloadable(other)
     }
 
+    /// The Redis carrying change notices, when `redis_url` is set (reads the TLS files; no
+    /// network I/O).
+    pub fn redis_target(
+        &self,
+    ) -> Option<Result<aihub_net::redis::RedisTarget, aihub_net::redis::RedisTargetError>> {
+        self.redis_url
+            .as_deref()
+            .map(|url| aihub_net::redis::RedisTarget::try_new(url, &self.redis_tls))
+    }
+
     /// Checks the section; errors carry the key path. URLs are never echoed (they may hold a
     /// password). Returns the parsed `admin_url`.
     pub(super) fn validate(&self) -> Result<Option<BaseUrl>, (String, String)> {
@@ -108,15 +123,13 @@ impl ControlPlaneConfig {
                 "expected `sqlite://PATH` or `postgres://USER@HOST/DB`".into(),
             ));
         }
-        if let Some(redis) = &self.redis_url {
-            if !(redis.starts_with("redis://") || redis.starts_with("rediss://"))
-                || redis::Client::open(redis.as_str()).is_err()
-            {
-                return Err((
-                    at("redis_url"),
-                    "expected `redis://HOST[:PORT][/DB]` (or `rediss://`)".into(),
-                ));
-            }
+        if let Err(e) = self.redis_target().transpose() {
+            let key = e.key();
+            let key = match key.strip_prefix("tls") {
+                Some(rest) => format!("redis_tls{rest}"),
+                None => "redis_url".into(),
+            };
+            return Err((at(&key), e.message()));
         }
         for (key, d) in [
             ("poll_interval", self.poll_interval),

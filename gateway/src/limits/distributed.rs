@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use aihub_net::redis::RedisTarget;
 use aihub_plans::Period;
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
@@ -205,7 +206,7 @@ type Deferred = HashMap<(Period, Arc<str>), (u64, i64)>;
 
 /// The Redis side of the limiter.
 pub struct Distributed {
-    client: redis::Client,
+    redis: RedisTarget,
     /// The connection of the background work (monitor, settles), driven on its runtime.
     conn: ArcSwapOption<MultiplexedConnection>,
     /// The request path's calls, batched on a connection driven by the runtime that serves the
@@ -229,13 +230,9 @@ pub struct Distributed {
 
 impl Distributed {
     /// Prepares the client (no I/O: the monitor connects).
-    pub fn new(
-        url: &str,
-        prefix: &str,
-        timeout: Duration,
-    ) -> Result<Distributed, redis::RedisError> {
-        Ok(Distributed {
-            client: redis::Client::open(url)?,
+    pub fn new(redis: RedisTarget, prefix: &str, timeout: Duration) -> Distributed {
+        Distributed {
+            redis,
             conn: ArcSwapOption::empty(),
             lane: ArcSwapOption::empty(),
             home: OnceLock::new(),
@@ -249,7 +246,7 @@ impl Distributed {
             reserve: Script::new(&format!("{PRELUDE_LUA}{BUCKETS_LUA}{RESERVE_LUA}")),
             settle: Script::new(&format!("{PRELUDE_LUA}{SETTLE_LUA}")),
             pending: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Whether decisions currently go to Redis.
@@ -382,8 +379,8 @@ impl Distributed {
         &self,
         home: &tokio::runtime::Handle,
     ) -> Result<MultiplexedConnection, RedisDown> {
-        let client = self.client.clone();
-        let task = home.spawn(async move { client.get_multiplexed_async_connection().await });
+        let redis = self.redis.clone();
+        let task = home.spawn(async move { redis.multiplexed().await });
         match tokio::time::timeout(LANE_CONNECT_TIMEOUT, task).await {
             Err(_) => Err(RedisDown::Timeout(LANE_CONNECT_TIMEOUT)),
             Ok(Err(e)) => Err(RedisDown::Failed(e.to_string().into())),
@@ -656,9 +653,7 @@ impl Distributed {
         let mut conn = match self.connection() {
             Ok(c) if !reconnect => c,
             _ => {
-                let c = self
-                    .timed(self.client.get_multiplexed_async_connection())
-                    .await?;
+                let c = self.timed(self.redis.multiplexed()).await?;
                 self.conn.store(Some(Arc::new(c.clone())));
                 c
             }
