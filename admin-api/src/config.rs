@@ -13,6 +13,9 @@ pub use aihub_usage::sink::ClickHouseConfig;
 
 pub use aihub_yamlconf::ConfigError;
 
+mod server;
+pub use server::ServerConfig;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -67,52 +70,6 @@ pub struct AdminConfig {
     /// Files, OpenAI batches and async tasks (`docs/batches.md`).
     #[serde(default)]
     pub tasks: aihub_tasks::TasksConfig,
-}
-
-/// Deadlines for slow clients on the admin listener: a connection that has not sent a whole
-/// request header within `header_read_timeout` is closed (this also ends idle keep-alive
-/// connections), a request whose body has not fully arrived within `body_read_timeout` of
-/// its header is answered 408 `request_timeout` and its connection closed, and a connection
-/// whose client stops reading (no write progress for `response_write_timeout`) is closed.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Default 10s.
-    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-    /// Default 30s.
-    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
-    pub body_read_timeout: Duration,
-    /// Default 60s.
-    #[serde(default = "default_response_write_timeout", with = "humantime_serde")]
-    pub response_write_timeout: Duration,
-    /// Largest request body accepted (413 `request_too_large` beyond). Default 2097152 (2 MiB).
-    #[serde(default = "default_max_body_bytes")]
-    pub max_body_bytes: usize,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            header_read_timeout: default_header_read_timeout(),
-            body_read_timeout: default_body_read_timeout(),
-            response_write_timeout: default_response_write_timeout(),
-            max_body_bytes: default_max_body_bytes(),
-        }
-    }
-}
-
-fn default_header_read_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_body_read_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_response_write_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_max_body_bytes() -> usize {
-    2 * 1024 * 1024
 }
 
 /// The web developer portal (`/portal`): cookie settings and what its pages tell developers.
@@ -502,6 +459,9 @@ impl AdminConfig {
 
     /// Makes the clients' TLS file paths relative to the configuration file's directory.
     fn anchor_tls_files(&mut self, dir: &Path) {
+        if let Some(tls) = &mut self.server.tls {
+            tls.anchor(dir);
+        }
         if let Some(ch) = &mut self.clickhouse {
             ch.tls.anchor(dir);
         }
@@ -586,6 +546,16 @@ impl AdminConfig {
             if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
                 return Err(err(key, "must be between 100ms and 1h".into()));
             }
+        }
+        if srv.proxy_protocol && srv.trusted_proxies.is_empty() {
+            return Err(err(
+                "server.proxy_protocol",
+                "needs server.trusted_proxies: only a trusted proxy may name the client".into(),
+            ));
+        }
+        if let Some(tls) = &srv.tls {
+            tls.load()
+                .map_err(|e| err(&format!("server.tls.{}", e.field), e.reason))?;
         }
         if srv.max_body_bytes < 1024 {
             return Err(err("server.max_body_bytes", "must be at least 1024".into()));

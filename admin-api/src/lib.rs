@@ -43,6 +43,9 @@
 //! - [`webhooks`] — `/developer/webhooks…`, `/developer/deliveries…`, `/developer/events…`.
 //! - [`view`] — display formatting (grouped numbers, USD, times) for the portal and invoices.
 //! - [`server`] — the accept loop: HTTP/1.1 with a header read deadline, graceful shutdown.
+//! - [`listener`] — before HTTP: the PROXY header (trusted proxies only), TLS (certificate
+//!   swapped on SIGHUP); the client address of each request (`X-Forwarded-For` from trusted
+//!   proxies only).
 //! - [`openapi`] — the document and the `/docs` page.
 //! - [`portal`] — the web developer portal under `/portal` (server-rendered pages over the
 //!   same service calls, session cookie, CSRF, English and Chinese).
@@ -59,6 +62,7 @@ pub(crate) mod email;
 pub(crate) mod error;
 pub(crate) mod http;
 pub(crate) mod keys;
+pub mod listener;
 pub(crate) mod metrics;
 pub(crate) mod notices;
 pub(crate) mod openapi;
@@ -183,9 +187,11 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves (in-flight requests finish),
-/// with the `server` section's deadlines for slow clients.
+/// with the `server` section's deadlines for slow clients, behind `front` (TLS, trusted
+/// proxies: [`listener::Front::try_new`] from the same section).
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    front: listener::Front,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -193,5 +199,5 @@ pub async fn serve(
         header_read: state.config.server.header_read_timeout,
         response_write: state.config.server.response_write_timeout,
     };
-    server::serve_router(listener, app(state), deadlines, shutdown).await
+    server::serve_router(listener, front, app(state), deadlines, shutdown).await
 }

@@ -1,5 +1,5 @@
-//! Serving the admin API: the accept loop, HTTP/1.1 connections with a header read deadline,
-//! and graceful shutdown.
+//! Serving the admin API: the accept loop, HTTP/1.1 connections (past the listener's front:
+//! PROXY header, TLS, see `listener`) with a header read deadline, and graceful shutdown.
 //!
 //! `axum::serve` offers no deadline for reading a request header, so a client sending its
 //! header one byte at a time (or nothing at all) would hold a connection and its task forever.
@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,11 +28,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::Service;
 
+use crate::listener::{Front, Io};
+
 /// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets
-/// in-flight requests finish and returns when every connection has closed. Handlers see the
-/// client's address as `ConnectInfo<SocketAddr>`.
+/// in-flight requests finish and returns when every connection has closed. Each connection
+/// first passes `front` (PROXY header, TLS handshake, within the header deadline); handlers see
+/// the client's address (after trusted proxies) as `ConnectInfo<SocketAddr>`.
 pub async fn serve_router(
     listener: TcpListener,
+    front: Front,
     router: Router,
     deadlines: Deadlines,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -57,30 +62,22 @@ pub async fn serve_router(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let open = open_rx.clone();
+        let front = front.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let mut req = req.map(Body::new);
-                req.extensions_mut().insert(ConnectInfo(peer));
-                router.clone().call(req)
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(deadlines.header_read);
-            let stream = WriteDeadline::new(stream, deadlines.response_write);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            if let Some((io, peer)) = front.open(stream, peer, deadlines.header_read).await {
+                let connection = Connection {
+                    router,
+                    front,
+                    peer,
+                    deadlines,
+                    stop,
+                };
+                match io {
+                    Io::Plain(s) => connection.serve(s).await,
+                    Io::Tls(s) => connection.serve(s).await,
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
             }
             drop(open);
         });
@@ -89,6 +86,50 @@ pub async fn serve_router(
     drop(listener);
     open_tx.closed().await;
     Ok(())
+}
+
+/// One accepted connection, past its front.
+struct Connection {
+    router: Router,
+    front: Front,
+    /// The TCP peer, or the client a trusted PROXY header named.
+    peer: SocketAddr,
+    deadlines: Deadlines,
+    stop: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// HTTP/1.1 with the header-read and write deadlines until the client closes, a deadline
+    /// passes or shutdown (in-flight requests finish).
+    async fn serve<S>(mut self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (router, front, peer) = (self.router, self.front, self.peer);
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let client = front.client(peer, req.headers());
+            let mut req = req.map(Body::new);
+            req.extensions_mut().insert(ConnectInfo(client));
+            router.clone().call(req)
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.deadlines.header_read);
+        let stream = WriteDeadline::new(stream, self.deadlines.response_write);
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stopped(&mut self.stop) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "admin connection ended with an error");
+        }
+    }
 }
 
 /// The connection deadlines of the admin listener (`server` section of the admin config).

@@ -29,20 +29,47 @@ async fn shutdown_signal() {
     tracing::info!("admin API shutting down");
 }
 
-/// Builds the state and serves until SIGTERM/SIGINT. Prints `listening on http://ADDR` (tests
-/// and scripts read the port from it).
+/// Builds the state and serves until SIGTERM/SIGINT; SIGHUP reloads the listener's TLS
+/// certificate. Prints `listening on http(s)://ADDR` (tests and scripts read the port from it).
 async fn run_admin(config: AdminConfig) -> anyhow::Result<()> {
     let listen = config.listen;
+    let front = aihub_admin::listener::Front::try_new(&config.server)?;
     let state = AppState::new(config).await.context("admin API start-up")?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "admin API listening");
-    println!("listening on http://{addr}");
+    tracing::info!(%addr, scheme = front.scheme(), "admin API listening");
+    println!("listening on {}://{addr}", front.scheme());
     std::io::stdout().flush()?;
-    aihub_admin::serve(listener, state, shutdown_signal()).await?;
+    tokio::spawn(reload_on_hangup(front.clone()));
+    aihub_admin::serve(listener, front, state, shutdown_signal()).await?;
     Ok(())
+}
+
+/// SIGHUP: the listener's certificate and key are read again; a bad file is logged and the
+/// previous pair keeps serving. (Without this handler SIGHUP would end the process.)
+async fn reload_on_hangup(front: aihub_admin::listener::Front) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP; the admin certificate is not reloaded");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match front.reload_tls() {
+            Ok(Some(ck)) => tracing::info!(
+                subject = %ck.subject(),
+                not_after = %ck.not_after(),
+                "admin listener certificate reloaded"
+            ),
+            Ok(None) => {
+                tracing::info!("SIGHUP: the admin API has nothing to reload (no server.tls)")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "admin certificate reload rejected; the previous certificate keeps serving")
+            }
+        }
+    }
 }
 
 /// `aihub admin --config FILE`.

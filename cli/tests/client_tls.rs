@@ -12,41 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::admin::Admin;
+use common::tls::Ca;
 use common::*;
 use serde_json::json;
-
-/// The test CA's files in a fresh directory.
-struct Ca(tempfile::TempDir);
-
-impl Ca {
-    fn new() -> Ca {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(repo_root().join("deploy/tls/test-ca.sh"))
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ca(dir)
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.0.path().join(name).display().to_string()
-    }
-
-    /// A `tls:` block (flow YAML) trusting `ca` and presenting the client certificate.
-    fn client_block(&self, ca: &str) -> String {
-        format!(
-            "{{ca_file: \"{}\", client_cert_file: \"{}\", client_key_file: \"{}\"}}",
-            self.file(ca),
-            self.file("client.crt"),
-            self.file("client.key")
-        )
-    }
-}
 
 /// `redis-server` with TLS only (no plaintext port), asking clients for a certificate.
 struct TlsRedis {

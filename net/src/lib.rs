@@ -24,6 +24,8 @@
 //! - [`tls`]: the other direction, our own clients' TLS: [`tls::ClientTls`], the `tls:` block
 //!   (CA, client certificate) of Redis, ClickHouse, SMTP and the task engine, and its
 //!   `native_tls` connector.
+//! - [`server_tls`]: TLS on our listeners: [`server_tls::ServerTls`] (certificate and key
+//!   files), loaded and checked into a [`server_tls::CertifiedKey`], the shared acceptor settings.
 //! - `redis` (feature `redis`): `RedisTarget`, a Redis URL and its TLS block,
 //!   connecting plain or over verified TLS.
 
@@ -31,6 +33,7 @@ pub mod forwarded;
 pub mod proxy_header;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod server_tls;
 pub mod tls;
 pub mod trusted;
 

@@ -76,13 +76,14 @@ impl TestApi {
             password_env: "AIHUB_TEST_ADMIN_PASSWORD".into(),
         });
         tweak(&mut config);
+        let front = aihub_admin::listener::Front::try_new(&config.server).expect("listener");
         let state = AppState::new(config).await.expect("admin state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let served = state.clone();
         tokio::spawn(async move {
-            aihub_admin::serve(listener, served, async {
+            aihub_admin::serve(listener, front, served, async {
                 let _ = rx.await;
             })
             .await

@@ -54,11 +54,15 @@ impl Admin {
                 mail.path().display()
             )
         };
+        let auth = if extra.contains("auth:") {
+            ""
+        } else {
+            "auth: {argon2_memory_kib: 8192, argon2_iterations: 1}\n"
+        };
         std::fs::write(
             &path,
             format!(
-                "listen: {listen}\ndatabase: {{url: \"{database_url}\"}}\n{email}\
-                 auth: {{argon2_memory_kib: 8192, argon2_iterations: 1}}\n\
+                "listen: {listen}\ndatabase: {{url: \"{database_url}\"}}\n{email}{auth}\
                  bootstrap_admin: {{email: ops@aihub.test, password_env: AIHUB_TEST_OPS_PASSWORD}}\n{tasks}{extra}"
             ),
         )
