@@ -34,12 +34,14 @@ pub use aihub_yamlconf::ConfigError;
 mod batches;
 mod control_plane;
 mod keys;
+mod listen;
 mod retry;
 mod upstream;
 
 pub use batches::BatchesConfig;
 pub use control_plane::ControlPlaneConfig;
 pub use keys::{DeclaredKeys, KeyConfig};
+pub use listen::Listen;
 pub use retry::RetryConfig;
 pub use upstream::{
     BaseUrl, DnsConfig, HealthCheckConfig, HealthConfig, TimeoutsConfig, TlsFiles, TlsMaterial,
@@ -156,9 +158,10 @@ impl LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Proxy listeners. Default `["127.0.0.1:8080"]`.
+    /// Proxy listeners: `IP:PORT`, or `{addr, tls, http2, trusted_proxies}` (see [`Listen`]).
+    /// Default `["127.0.0.1:8080"]`.
     #[serde(default = "default_listen")]
-    pub listen: Vec<String>,
+    pub listen: Vec<Listen>,
     /// Operations listener (`/metrics`, `/healthz`, `/readyz`). Default `127.0.0.1:9091`.
     #[serde(default = "default_ops_listen")]
     pub ops_listen: String,
@@ -224,8 +227,8 @@ pub struct RouteConfig {
     pub timeouts: TimeoutsConfig,
 }
 
-fn default_listen() -> Vec<String> {
-    vec!["127.0.0.1:8080".into()]
+fn default_listen() -> Vec<Listen> {
+    vec![Listen::plain("127.0.0.1:8080")]
 }
 fn default_ops_listen() -> String {
     "127.0.0.1:9091".into()
@@ -314,6 +317,9 @@ impl Config {
     /// Makes the clients' TLS file paths relative to the configuration file's directory, as
     /// the upstreams' are.
     fn anchor_tls_files(&mut self, dir: &Path) {
+        for l in &mut self.server.listen {
+            l.anchor(dir);
+        }
         if let Some(m) = &mut self.metering {
             m.clickhouse.tls.anchor(dir);
         }
@@ -384,9 +390,13 @@ impl Config {
         if s.listen.is_empty() {
             return Err(err("server.listen".into(), "at least one listener".into()));
         }
-        for (i, addr) in s.listen.iter().enumerate() {
-            addr.parse::<SocketAddr>()
-                .map_err(|e| err(format!("server.listen[{i}]"), format!("`{addr}`: {e}")))?;
+        for (i, l) in s.listen.iter().enumerate() {
+            l.socket_addr()
+                .map_err(|e| err(format!("server.listen[{i}]"), e))?;
+            if let Some(tls) = &l.tls {
+                tls.load()
+                    .map_err(|e| err(format!("server.listen[{i}].tls.{}", e.field), e.reason))?;
+            }
         }
         s.ops_listen.parse::<SocketAddr>().map_err(|e| {
             err(

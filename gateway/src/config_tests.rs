@@ -11,7 +11,7 @@ fn parse(yaml: &str) -> Result<Config, ConfigError> {
 #[test]
 fn defaults_apply() {
     let c = parse("{}").unwrap();
-    assert_eq!(c.server.listen, vec!["127.0.0.1:8080"]);
+    assert_eq!(c.server.listen, vec![Listen::plain("127.0.0.1:8080")]);
     assert_eq!(c.server.max_request_body_bytes, 10 * 1024 * 1024);
 }
 
@@ -41,6 +41,36 @@ fn validation_names_the_key() {
     assert_eq!(e.key, "keys[0].hash");
     let e = parse("server:\n  listen: [\"nope\"]\n").unwrap_err();
     assert_eq!(e.key, "server.listen[0]");
+}
+
+#[test]
+fn listeners_take_tls_and_trusted_proxies() {
+    let c = parse(
+        "server:\n  listen:\n    - 127.0.0.1:1\n    - {addr: \"127.0.0.1:2\", trusted_proxies: [10.0.0.0/8, \"::1\"]}\n",
+    )
+    .unwrap();
+    assert_eq!(c.server.listen[0], Listen::plain("127.0.0.1:1"));
+    assert!(c.server.listen[1]
+        .trusted_proxies
+        .contains("10.2.3.4".parse().unwrap()));
+    assert!(!c.server.listen[1].http2);
+    let key = |yaml: &str| parse(yaml).unwrap_err().key;
+    assert_eq!(
+        key("server:\n  listen: [{addr: \"127.0.0.1:2\", trusted_proxies: [10.0.0.1/8]}]\n"),
+        "server.listen[0].trusted_proxies"
+    );
+    assert_eq!(
+        key("server:\n  listen: [{addr: \"127.0.0.1:2\", http2: true}]\n"),
+        "server.listen[0]"
+    );
+    assert_eq!(
+        key("server:\n  listen: [{addr: \"127.0.0.1:2\", tsl: {}}]\n"),
+        "server.listen[0].tsl"
+    );
+    assert_eq!(
+        key("server:\n  listen: [{addr: \"127.0.0.1:2\", tls: {cert_file: /nope.crt, key_file: /nope.key}}]\n"),
+        "server.listen[0].tls.cert_file"
+    );
 }
 
 #[test]

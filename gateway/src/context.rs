@@ -44,6 +44,8 @@ pub struct Shared {
     /// once the admin API has created it: it signs forwarded identities and verifies batch
     /// tokens. `None` without a control plane, and until it is read.
     pub internal_secret: ArcSwapOption<InternalSecret>,
+    /// Who may name the client on each listener; swapped on reload.
+    pub clients: ArcSwap<crate::listeners::ClientPolicies>,
 }
 
 /// Whether `/readyz` answers ready: serving, and the initial key load (if any) done.
@@ -121,6 +123,9 @@ pub struct RequestCtx {
     /// `request_id` rendered once as a header value (cheap to clone into both headers).
     pub request_id_header: http::HeaderValue,
     pub start: Instant,
+    /// The client's address: the TCP peer, or the client a trusted proxy names
+    /// (`listeners::ClientPolicies`); `None` on a Unix socket.
+    pub client_ip: Option<std::net::IpAddr>,
     pub key: Option<Arc<KeyRecord>>,
     pub route: Option<Arc<Route>>,
     /// The route the client asked for, when a fallback serves the request (`route` is then
@@ -186,6 +191,7 @@ impl RequestCtx {
             overhead: None,
             upstream_latency: None,
             bytes_in: 0,
+            client_ip: None,
             bytes_out: 0,
             response_started: false,
             started_at_ms: now_ms(),

@@ -46,6 +46,8 @@
 //! - [`proxy`]: the pingora `ProxyHttp` implementation: the request flow and `logging`.
 //! - [`keysync`]: control-plane keys: initial load, change feed, Redis wake-ups, last-used;
 //!   the internal secret shared with the admin API.
+//! - [`listeners`]: the proxy listeners' edges: TLS certificates swapped on reload, and the
+//!   client address behind trusted proxies (`X-Forwarded-For`).
 //! - [`server`]: assembling listeners, the ops endpoint and the reloader.
 
 pub mod accesslog;
@@ -63,6 +65,7 @@ pub mod keys;
 pub mod keysnapshot;
 pub mod keysync;
 pub mod limits;
+pub mod listeners;
 pub mod metering;
 pub mod metrics;
 pub mod path;

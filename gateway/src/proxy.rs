@@ -58,6 +58,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         self.shared.metrics.in_flight.inc();
         ctx.counted = true;
+        ctx.client_ip = self.shared.clients.load().client_ip(session);
         match self.handle(session, ctx).await {
             Ok(()) => Ok(true),
             Err(e) if !ctx.response_started => {
@@ -203,7 +204,7 @@ impl Gateway {
                 let key =
                     authenticate(&*self.shared.keys, presented, now).map_err(GatewayError::Auth)?;
                 ctx.key = Some(Arc::clone(&key));
-                if key.ip_allowlist.is_some() && !key.allows_ip(client_ip(session)) {
+                if key.ip_allowlist.is_some() && !key.allows_ip(ctx.client_ip) {
                     return Err(GatewayError::IpNotAllowed);
                 }
                 key
@@ -640,14 +641,6 @@ fn presented_key(session: &Session) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|t| !t.is_empty())
-}
-
-/// The client's IP address (the TCP peer), `None` on a Unix socket.
-fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
 }
 
 fn unknown_url(method: &Method, path: &str) -> GatewayError {

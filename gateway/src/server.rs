@@ -32,10 +32,11 @@ use aihub_usage::sink::ClickHouseConfig;
 use aihub_usage::{PipelineMetrics, UsagePipeline};
 
 use crate::config::ControlPlaneConfig;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Listen};
 use crate::context::{is_ready, set_ready, Shared};
 use crate::keys::KeySet;
 use crate::keysync::KeySync;
+use crate::listeners::{tls_settings, CertSlots, ClientPolicies};
 use crate::metrics::{LimitMetrics, Metrics};
 use crate::proxy::Gateway;
 use crate::routing::Runtime;
@@ -162,6 +163,7 @@ impl GatewayServer {
             usage,
             limits,
             internal_secret: ArcSwapOption::empty(),
+            clients: ArcSwap::from_pointee(ClientPolicies::new(&config.server.listen)),
         });
 
         let mut proxy = pingora_proxy::http_proxy_service_with_name(
@@ -169,11 +171,23 @@ impl GatewayServer {
             Gateway::new(Arc::clone(&shared)),
             "aihub gateway",
         );
-        for addr in &config.server.listen {
-            proxy.add_listener(
-                ListenerConfig::tcp(addr)
-                    .l4_buffer(L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER)),
-            );
+        let certs = CertSlots::load(&config.server.listen).map_err(|message| ConfigError {
+            file: path.to_owned(),
+            key: "server.listen".into(),
+            message,
+        })?;
+        for l in &config.server.listen {
+            let mut listener = ListenerConfig::tcp(&l.addr)
+                .l4_buffer(L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER));
+            if let Some(slot) = certs.get(&l.addr) {
+                let settings = tls_settings(l, slot).map_err(|e| ConfigError {
+                    file: path.to_owned(),
+                    key: "server.listen".into(),
+                    message: format!("{}: TLS set-up failed: {e}", l.addr),
+                })?;
+                listener = listener.tls(settings);
+            }
+            proxy.add_listener(listener);
         }
         let mut ops = Service::new(
             "aihub ops".into(),
@@ -190,6 +204,7 @@ impl GatewayServer {
                 shared: Arc::clone(&shared),
                 keys: Arc::clone(&keys),
                 listen: config.server.listen.clone(),
+                certs,
                 control_plane: config.control_plane.clone(),
             },
         );
@@ -377,7 +392,9 @@ struct Reloader {
     path: PathBuf,
     shared: Arc<Shared>,
     keys: Arc<KeySet>,
-    listen: Vec<String>,
+    listen: Vec<Listen>,
+    /// The TLS listeners' certificates, read again on each reload.
+    certs: CertSlots,
     control_plane: Option<ControlPlaneConfig>,
 }
 
@@ -387,9 +404,34 @@ impl Reloader {
         let (config, mut checked) = Config::load_checked_reusing(&self.path, Some(served))?;
         let keys = std::mem::take(&mut checked.keys);
         let runtime = Runtime::build(&config, checked, &self.path)?;
-        if config.server.listen != self.listen {
-            tracing::warn!("server.listen changed: listeners change only on restart");
+        let moved = config.server.listen.len() != self.listen.len()
+            || config
+                .server
+                .listen
+                .iter()
+                .zip(&self.listen)
+                .any(|(new, old)| new.needs_restart_for(old));
+        if moved {
+            tracing::warn!(
+                "server.listen changed: listeners (addresses, TLS on or off, HTTP/2) change only \
+                 on restart; certificates and trusted proxies are reloaded"
+            );
         }
+        // Certificates first: if one fails, nothing of this reload is applied.
+        let served = self
+            .certs
+            .reload(&config.server.listen)
+            .map_err(|message| ConfigError {
+                file: self.path.clone(),
+                key: "server.listen".into(),
+                message,
+            })?;
+        for (addr, ck) in served {
+            tracing::info!(%addr, subject = %ck.subject(), not_after = %ck.not_after(), "listener certificate loaded");
+        }
+        self.shared
+            .clients
+            .store(Arc::new(ClientPolicies::new(&config.server.listen)));
         let restart = match (&config.control_plane, &self.control_plane) {
             (Some(new), Some(old)) => new.needs_restart_for(old),
             (new, old) => new.is_some() != old.is_some(),

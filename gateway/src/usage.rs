@@ -166,10 +166,7 @@ pub fn record(
         error_type,
         streamed: u8::from(ctx.stream),
         usage_estimated: u8::from(estimated),
-        client_ip: session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map_or_else(String::new, |a| a.ip().to_string()),
+        client_ip: ctx.client_ip.map_or_else(String::new, |ip| ip.to_string()),
         user_agent: session
             .get_header(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())

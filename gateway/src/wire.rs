@@ -25,7 +25,8 @@ pub const INLINE_BODY_MAX: usize = 16 * 1024;
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Request headers never forwarded: hop-by-hop, framing (recomputed), the caller's credentials,
-/// and `accept-encoding` (the gateway reads response bodies to meter them).
+/// `accept-encoding` (the gateway reads response bodies to meter them), and what proxies say
+/// about the client (its address is not the provider's to know).
 fn is_dropped_request_header(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -43,6 +44,12 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
             | "upgrade"
             | "expect"
             | "accept-encoding"
+            // Who the client is stays here: end users' addresses are not the provider's.
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "forwarded"
+            | "x-real-ip"
     )
 }
 

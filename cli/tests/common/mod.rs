@@ -253,14 +253,22 @@ impl Gateway {
         for _attempt in 0..3 {
             let dir = tempfile::tempdir().unwrap();
             let (port, ops_port) = (free_port(), free_port());
+            // `+listen: ITEM` lines add listeners after the plain one the harness probes.
+            let mut listen = vec![format!("\"127.0.0.1:{port}\"")];
+            listen.extend(
+                server_extra
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("+listen: ").map(str::to_owned)),
+            );
             let mut yaml = format!(
-                "server:\n  listen: [\"127.0.0.1:{port}\"]\n  ops_listen: 127.0.0.1:{ops_port}\n"
+                "server:\n  listen: [{}]\n  ops_listen: 127.0.0.1:{ops_port}\n",
+                listen.join(", ")
             );
             let has_threads = server_extra.iter().any(|l| l.starts_with("threads"));
             if !has_threads {
                 yaml.push_str("  threads: 1\n");
             }
-            for line in server_extra {
+            for line in server_extra.iter().filter(|l| !l.starts_with("+listen: ")) {
                 yaml.push_str(&format!("  {line}\n"));
             }
             yaml.push_str(body);
