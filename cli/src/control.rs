@@ -82,7 +82,7 @@ pub fn admin(config: &Path) -> anyhow::Result<()> {
 /// (pingora owns its runtimes and signal handling; the process exits with it).
 pub fn serve(gateway: &Path, admin: &Path) -> anyhow::Result<()> {
     let admin_config = AdminConfig::load(admin)?;
-    let server = aihub_gateway::GatewayServer::build(gateway)?;
+    let server = aihub_gateway::GatewayServer::build(gateway, false)?;
     let rt = runtime()?;
     std::thread::Builder::new()
         .name("admin-api".into())

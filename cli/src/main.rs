@@ -56,6 +56,10 @@ enum Command {
         /// Validate the configuration and exit (non-zero on error).
         #[arg(long)]
         check_config: bool,
+        /// Zero-downtime upgrade: take over the listening sockets of the gateway running with
+        /// this configuration (its `server.pid_file`), which then drains and exits.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Run the admin API (developer accounts, API keys, operators).
     Admin {
@@ -205,13 +209,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Gateway {
             config,
             check_config,
+            upgrade,
         } => {
             if check_config {
                 let (routes, keys) = aihub_gateway::check_config(&config)?;
                 println!("{}: ok ({routes} routes, {keys} keys)", config.display());
                 return Ok(());
             }
-            let server = aihub_gateway::GatewayServer::build(&config)?;
+            let server = aihub_gateway::GatewayServer::build(&config, upgrade)?;
             server.run_forever()
         }
         Command::Admin { config } => control::admin(&config),

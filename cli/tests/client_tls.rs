@@ -482,9 +482,13 @@ async fn usage_reaches_clickhouse_over_verified_https() {
 }
 
 fn wal_bytes(dir: &Path) -> u64 {
+    // Segments are in the process's own folder of the WAL.
     std::fs::read_dir(dir)
         .unwrap()
         .flatten()
+        .filter(|e| e.path().is_dir())
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .filter(|e| e.file_name() != "LOCK")
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
         .sum()

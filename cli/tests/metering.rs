@@ -341,9 +341,16 @@ async fn kill_9_then_restart_replays_the_wal_without_duplicates() {
     signal(s.gw.pid(), "KILL");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(s.db.number("SELECT count() FROM usage_events").await, 0);
+    // The segment is in the process's own folder of the WAL (`<pid>-<ms>-<n>/`).
     let saved: Vec<_> = std::fs::read_dir(&wal_path)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("LOCK").exists())
+        .flat_map(|d| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+        })
         .filter(|p| p.extension().is_some_and(|e| e == "open"))
         .collect();
     assert_eq!(saved.len(), 1);
@@ -369,6 +376,7 @@ async fn kill_9_then_restart_replays_the_wal_without_duplicates() {
         s.db.number("SELECT sum(cost_nanos) FROM usage_hourly")
             .await;
     signal(s.gw.pid(), "KILL");
+    // Put back where a version before per-process folders left its segments: adopted too.
     std::fs::write(wal_path.join("00000000000000000001.ready"), &copy).unwrap();
     let Setup { db, _wal: wal, .. } = s;
     let s = start_with(db, wal, &[], &[]);

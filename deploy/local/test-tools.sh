@@ -18,6 +18,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 source "$root/deploy/local/deps.sh"
 
 aihub_apt_install chromium fonts-noto-cjk
+# nginx: the load balancer of the multi-node test (and `nginx -t` of the deployment lint).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || aihub_apt_install nginx
 # Node.js: any node >= 20 with npm on PATH will do (NodeSource's bundles npm; Debian's does not).
 command -v node >/dev/null 2>&1 || aihub_apt_install nodejs
 command -v npm >/dev/null 2>&1 || aihub_apt_install npm

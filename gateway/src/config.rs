@@ -175,15 +175,44 @@ pub struct ServerConfig {
     /// the admin API (Files), the longest silence between two reads instead. Default 60s.
     #[serde(default = "default_body_timeout", with = "humantime_serde")]
     pub request_body_timeout: Duration,
-    /// On SIGTERM, how long in-flight requests may take to finish. Default 30s.
+    /// On SIGTERM, how long in-flight requests may take to finish (after `drain_delay`); the
+    /// process exits earlier once none is in flight and usage is delivered. Default 30s.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace_period: Duration,
+    /// On SIGTERM, how long to keep accepting requests after `/readyz` turned 503, so load
+    /// balancers stop sending first. Default 0s.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// This process's pid, written at start; `--upgrade` reads it to find the running gateway.
+    /// Default `$TMPDIR/aihub-gateway-<ops port>.pid`.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// The Unix socket the listening sockets are handed over on (`--upgrade`). Default
+    /// `$TMPDIR/aihub-gateway-<ops port>.upgrade.sock`.
+    #[serde(default)]
+    pub upgrade_sock: Option<PathBuf>,
     /// Longest a single write to the client (the response header, a body chunk) may wait for
     /// the client to read. Past it the connection is dropped, the upstream connection is not
     /// reused, and the request is metered with what was delivered (`error_type` =
     /// `client_timeout`). Default 60s.
     #[serde(default = "default_write_timeout", with = "humantime_serde")]
     pub response_write_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// `pid_file`, or its default.
+    pub fn pid_file(&self) -> PathBuf {
+        self.pid_file
+            .clone()
+            .unwrap_or_else(|| crate::lifecycle::default_path(&self.ops_listen, "pid"))
+    }
+
+    /// `upgrade_sock`, or its default.
+    pub fn upgrade_sock(&self) -> PathBuf {
+        self.upgrade_sock
+            .clone()
+            .unwrap_or_else(|| crate::lifecycle::default_path(&self.ops_listen, "upgrade.sock"))
+    }
 }
 
 impl Default for ServerConfig {
@@ -195,6 +224,9 @@ impl Default for ServerConfig {
             max_request_body_bytes: default_max_body(),
             request_body_timeout: default_body_timeout(),
             shutdown_grace_period: default_grace(),
+            drain_delay: Duration::ZERO,
+            pid_file: None,
+            upgrade_sock: None,
             response_write_timeout: default_write_timeout(),
         }
     }

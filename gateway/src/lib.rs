@@ -48,6 +48,7 @@
 //!   the internal secret shared with the admin API.
 //! - [`listeners`]: the proxy listeners' edges: TLS certificates swapped on reload, and the
 //!   client address behind trusted proxies (`X-Forwarded-For`).
+//! - [`lifecycle`]: draining on SIGTERM and the zero-downtime upgrade (`--upgrade`).
 //! - [`server`]: assembling listeners, the ops endpoint and the reloader.
 
 pub mod accesslog;
@@ -64,6 +65,7 @@ pub mod internal;
 pub mod keys;
 pub mod keysnapshot;
 pub mod keysync;
+pub mod lifecycle;
 pub mod limits;
 pub mod listeners;
 pub mod metering;

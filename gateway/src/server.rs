@@ -45,6 +45,7 @@ use crate::routing::Runtime;
 pub struct GatewayServer {
     pub server: Server,
     pub shared: Arc<Shared>,
+    drain_delay: std::time::Duration,
 }
 
 /// Checks the configuration as `--check-config` does: parse, check, build routes (which
@@ -63,7 +64,9 @@ pub fn check_config(path: &Path) -> Result<(usize, usize), ConfigError> {
 const DOWNSTREAM_WRITE_BUFFER: usize = 16 * 1024;
 
 impl GatewayServer {
-    pub fn build(path: &Path) -> Result<GatewayServer, ConfigError> {
+    /// Builds the gateway of the file at `path`. With `upgrade`, takes the listening sockets
+    /// of the gateway running with the same `server.pid_file` (see [`crate::lifecycle`]).
+    pub fn build(path: &Path, upgrade: bool) -> Result<GatewayServer, ConfigError> {
         let (config, mut checked) = Config::load_checked(path)?;
         let declared = std::mem::take(&mut checked.keys);
         let runtime = Runtime::build(&config, checked, path)?;
@@ -84,13 +87,30 @@ impl GatewayServer {
             upstream_keepalive_pool_size: 1024,
             ..ServerConf::default()
         };
-        conf.pid_file = std::env::temp_dir()
-            .join(format!("aihub-{}.pid", std::process::id()))
-            .display()
-            .to_string();
+        let pid_file = config.server.pid_file();
+        let upgrade_sock = config.server.upgrade_sock();
+        conf.pid_file = pid_file.display().to_string();
+        conf.upgrade_sock = upgrade_sock.display().to_string();
         let connector = Connector::new(Some(ConnectorOptions::from_server_conf(&conf)));
-        let mut server = Server::new_with_opt_and_conf(None, conf);
+        let opt = pingora_core::server::configuration::Opt {
+            upgrade,
+            ..Default::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(opt, conf);
+        let cannot = |key: &str, message: String| ConfigError {
+            file: path.to_owned(),
+            key: key.into(),
+            message,
+        };
+        if upgrade {
+            let old = crate::lifecycle::old_process(&pid_file)
+                .map_err(|m| cannot("server.pid_file", m))?;
+            crate::lifecycle::ask_for_listeners(old, upgrade_sock);
+        }
+        // With `upgrade`, blocks until the old process has sent its listening sockets.
         server.bootstrap();
+        crate::lifecycle::write_pid_file(&pid_file)
+            .map_err(|e| cannot("server.pid_file", format!("{}: {e}", pid_file.display())))?;
 
         let metrics = Metrics::new();
         let (usage, pipeline) = match &config.metering {
@@ -215,6 +235,12 @@ impl GatewayServer {
         server.add_service(ops);
         server.add_service(reloader);
         server.add_service(background_service(
+            "aihub early exit",
+            crate::lifecycle::EarlyExit {
+                shared: Arc::clone(&shared),
+            },
+        ));
+        server.add_service(background_service(
             "aihub upkeep",
             crate::upkeep::Upkeep::new(Arc::clone(&shared)),
         ));
@@ -225,13 +251,25 @@ impl GatewayServer {
         if let Some(usage) = pipeline {
             server.add_service(background_service("aihub usage pipeline", usage));
         }
-        Ok(GatewayServer { server, shared })
+        Ok(GatewayServer {
+            server,
+            shared,
+            drain_delay: config.server.drain_delay,
+        })
     }
 
-    /// Serves until a signal stops the process (SIGINT fast, SIGTERM graceful).
+    /// Serves until a signal stops the process: SIGTERM drains, SIGQUIT hands the listeners
+    /// to a new process and drains, SIGINT stops at once (see [`crate::lifecycle`]).
     pub fn run_forever(self) -> ! {
         tracing::info!("gateway starting");
-        self.server.run_forever()
+        let signals = crate::lifecycle::Signals {
+            shared: Arc::clone(&self.shared),
+            drain_delay: self.drain_delay,
+        };
+        self.server.run(pingora_core::server::RunArgs {
+            shutdown_signal: Box::new(signals),
+        });
+        std::process::exit(0)
     }
 }
 

@@ -37,7 +37,9 @@ use crate::wal::{self, OpenSegment, Segment};
 pub struct PipelineConfig {
     #[serde(default)]
     pub clickhouse: ClickHouseConfig,
-    /// WAL directory. Default `data/wal`.
+    /// WAL directory. Default `data/wal`. Each process writes into its own locked subfolder, so
+    /// processes may share it (an upgrade's old and new gateway); segments of ended processes
+    /// are adopted by a live one.
     #[serde(default = "default_wal_dir")]
     pub wal_dir: PathBuf,
     /// Disk cap of the WAL; past it new requests get 503. Default 1 GiB.
@@ -193,6 +195,8 @@ pub struct UsageSink {
 
 struct State {
     config: PipelineConfig,
+    /// This process's locked folder of the WAL.
+    wal: wal::WalDir,
     metrics: PipelineMetrics,
     ready: Mutex<VecDeque<Segment>>,
     ready_changed: Notify,
@@ -207,7 +211,18 @@ pub struct UsagePipeline {
     next_seq: u64,
 }
 
+/// How often the writer looks for segments of ended processes sharing the WAL folder (the old
+/// gateway of an upgrade, once its grace period is over).
+const ADOPT_EVERY: Duration = Duration::from_secs(5);
+
 impl UsageSink {
+    /// Whether every record received so far is in ClickHouse (none queued, none in the WAL):
+    /// a draining gateway may exit early once this holds and no request is in flight.
+    pub fn delivered(&self) -> bool {
+        self.tx.capacity() == self.tx.max_capacity()
+            && self.state.wal_bytes.load(Ordering::Relaxed) == 0
+    }
+
     /// False while the WAL is over its disk cap: the caller must refuse the request.
     #[inline]
     pub fn admit(&self) -> bool {
@@ -235,8 +250,9 @@ pub fn open(
     config: PipelineConfig,
     metrics: PipelineMetrics,
 ) -> std::io::Result<(UsageSink, UsagePipeline)> {
-    let leftover = wal::recover(&config.wal_dir)?;
-    let next_seq = leftover.last().map_or(1, |s| s.seq + 1);
+    let wal = wal::WalDir::open(&config.wal_dir)?;
+    let mut next_seq = 1;
+    let leftover = wal.adopt(&mut next_seq)?;
     let bytes: u64 = leftover.iter().map(|s| s.bytes).sum();
     if !leftover.is_empty() {
         tracing::info!(
@@ -250,6 +266,7 @@ pub fn open(
     let (tx, rx) = mpsc::channel(config.channel_capacity);
     let state = Arc::new(State {
         over_cap: AtomicBool::new(bytes > config.wal_max_bytes),
+        wal,
         config,
         metrics,
         ready: Mutex::new(leftover.into()),
@@ -331,9 +348,14 @@ impl UsagePipeline {
         let mut tick = tokio::time::interval(config.flush_interval.min(Duration::from_millis(50)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutting_down = false;
+        let mut adopted_at = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    if adopted_at.elapsed() >= ADOPT_EVERY {
+                        adopted_at = Instant::now();
+                        self.adopt_orphans();
+                    }
                     let closed = self.drain(&mut open).await;
                     if let Some((seg, opened)) = open.as_mut() {
                         if let Err(e) = seg.flush() {
@@ -358,6 +380,28 @@ impl UsagePipeline {
             }
         }
         self.rotate(&mut open);
+    }
+
+    /// Takes over the segments of processes that ended on the same WAL folder and queues them
+    /// for delivery (with dedup: they may be in ClickHouse already).
+    fn adopt_orphans(&mut self) {
+        match self.state.wal.adopt(&mut self.next_seq) {
+            Ok(found) => {
+                if !found.is_empty() {
+                    let bytes: u64 = found.iter().map(|s| s.bytes).sum();
+                    tracing::info!(
+                        segments = found.len(),
+                        bytes,
+                        "adopted usage WAL segments of an ended process"
+                    );
+                    self.state.add_bytes(bytes as i64);
+                    for segment in found {
+                        self.state.push_ready(segment);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look for WAL segments of ended processes"),
+        }
     }
 
     /// Moves every waiting record into the open segment; true once the channel is closed.
@@ -390,7 +434,7 @@ impl UsagePipeline {
         record: UsageRecord,
     ) -> std::io::Result<()> {
         if open.is_none() {
-            let seg = OpenSegment::create(&self.state.config.wal_dir, self.next_seq)?;
+            let seg = OpenSegment::create(self.state.wal.path(), self.next_seq)?;
             self.next_seq += 1;
             *open = Some((seg, Instant::now()));
         }
@@ -454,7 +498,7 @@ async fn send_loop(state: Arc<State>, mut stop: watch::Receiver<bool>) {
                     .inc();
                 let rows = wal::read(&segment).map_or(0, |(rows, _)| rows.len());
                 state.metrics.dead_lettered_rows.inc_by(rows as u64);
-                if let Err(e) = wal::dead_letter(&segment, &message) {
+                if let Err(e) = wal::dead_letter(&segment, &state.wal.dead_dir(), &message) {
                     tracing::error!(error = %e, "cannot move the refused segment; retrying later");
                     tokio::time::sleep(backoff).await;
                     continue;

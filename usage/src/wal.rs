@@ -1,10 +1,17 @@
 //! The write-ahead log: usage records as JSON lines in numbered segment files.
 //!
+//! Each process writes into its own folder `WAL_DIR/<pid>-<start ms>-<n>/`, held with an exclusive
+//! lock on its `LOCK` file for the life of the process ([`WalDir`]): two gateways sharing
+//! `WAL_DIR` (the old and the new process of a zero-downtime upgrade) never write or send the
+//! same segment. Folders whose lock is free belong to processes that ended; their segments are
+//! adopted, at start and then periodically, by whichever process takes the lock first.
+//!
 //! `NNNNNNNNNNNNNNNNNNNN.open` is the segment being written; closing it renames it to `.ready`.
 //! A segment is deleted only after its rows are confirmed in ClickHouse; one that ClickHouse
-//! refuses as data moves to `dead/` with a `.error` file beside it. At start every `.open` and
-//! `.ready` file left by an earlier process is replayed, oldest first. A torn last line (the
-//! process died mid-write) is skipped and counted.
+//! refuses as data moves to `WAL_DIR/dead/` with a `.error` file beside it. Adopted `.open` and
+//! `.ready` files (and segments left directly in `WAL_DIR` by versions before per-process
+//! folders) are replayed, oldest first. A torn last line (the process died mid-write) is
+//! skipped and counted.
 //!
 //! Writes go through a 64 KiB buffer flushed to the OS every flush interval; the buffer is also
 //! flushed when the writer is dropped, so a runtime shutdown loses nothing already received.
@@ -67,10 +74,109 @@ fn create_private_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Lists segments left on disk (`.open` and `.ready`), oldest first; creates `dir` and
-/// `dir/dead` when missing.
-pub fn recover(dir: &Path) -> io::Result<Vec<Segment>> {
-    create_private_dir(&dir.join("dead"))?;
+/// This process's folder of the WAL, locked for the life of the value.
+pub struct WalDir {
+    base: PathBuf,
+    dir: PathBuf,
+    /// The exclusive lock on `dir/LOCK` (released when the file is closed).
+    _lock: File,
+}
+
+const LOCK: &str = "LOCK";
+
+impl WalDir {
+    /// Creates and locks `base/<pid>-<start ms>-<n>/` (and `base/dead/`).
+    pub fn open(base: &Path) -> io::Result<WalDir> {
+        create_private_dir(&base.join("dead"))?;
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        // A counter too: two pipelines of one process (tests) started in the same millisecond.
+        static OPENED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("{}-{started}-{n}", std::process::id()));
+        create_private_dir(&dir)?;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join(LOCK))?;
+        lock.try_lock().map_err(|e| match e {
+            fs::TryLockError::WouldBlock => io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} is locked by another process", dir.display()),
+            ),
+            fs::TryLockError::Error(e) => e,
+        })?;
+        Ok(WalDir {
+            base: base.to_owned(),
+            dir,
+            _lock: lock,
+        })
+    }
+
+    /// Where this process writes its segments.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where refused segments go (shared by every process).
+    pub fn dead_dir(&self) -> PathBuf {
+        self.base.join("dead")
+    }
+
+    /// Takes over the segments of processes that ended (their folder's lock is free) and those
+    /// left directly in the base folder by earlier versions: each is moved into this folder as
+    /// `.ready` under a new number from `next_seq`, oldest first, and comes back marked
+    /// `maybe_inserted` (its rows may be in ClickHouse already). Emptied folders are removed.
+    pub fn adopt(&self, next_seq: &mut u64) -> io::Result<Vec<Segment>> {
+        let mut adopted = Vec::new();
+        let mut orphans = leftover_segments(&self.base)?;
+        for entry in fs::read_dir(&self.base)? {
+            let path = entry?.path();
+            if path == self.dir || !path.join(LOCK).is_file() {
+                continue;
+            }
+            let Ok(lock) = File::open(path.join(LOCK)) else {
+                continue;
+            };
+            // Held: its process is alive (or another one is adopting it right now).
+            if lock.try_lock().is_err() {
+                continue;
+            }
+            let found = leftover_segments(&path)?;
+            orphans.extend(found);
+            // Keep the lock while moving: nobody else adopts these files meanwhile.
+            for segment in std::mem::take(&mut orphans) {
+                adopted.push(self.take(segment, next_seq)?);
+            }
+            fs::remove_file(path.join(LOCK))?;
+            drop(lock);
+            // Leaves a folder an operator put something else into.
+            let _ = fs::remove_dir(&path);
+        }
+        for segment in orphans {
+            adopted.push(self.take(segment, next_seq)?);
+        }
+        Ok(adopted)
+    }
+
+    fn take(&self, segment: Segment, next_seq: &mut u64) -> io::Result<Segment> {
+        let path = name(&self.dir, *next_seq, "ready");
+        fs::rename(&segment.path, &path)?;
+        *next_seq += 1;
+        Ok(Segment {
+            seq: *next_seq - 1,
+            path,
+            ..segment
+        })
+    }
+}
+
+/// Segments (`.open` and `.ready`) directly in `dir`, oldest first.
+fn leftover_segments(dir: &Path) -> io::Result<Vec<Segment>> {
     let mut found = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -88,18 +194,10 @@ pub fn recover(dir: &Path) -> io::Result<Vec<Segment>> {
         else {
             continue;
         };
-        let bytes = entry.metadata()?.len();
-        let path = if ext == "open" {
-            let ready = name(dir, seq, "ready");
-            fs::rename(&path, &ready)?;
-            ready
-        } else {
-            path
-        };
         found.push(Segment {
             seq,
+            bytes: entry.metadata()?.len(),
             path,
-            bytes,
             maybe_inserted: true,
             rows: None,
         });
@@ -179,10 +277,9 @@ pub fn remove(segment: &Segment) -> io::Result<()> {
     fs::remove_file(&segment.path)
 }
 
-/// Moves a refused segment to `dead/`, with the refusal beside it.
-pub fn dead_letter(segment: &Segment, error: &str) -> io::Result<PathBuf> {
-    let dir = segment.path.parent().unwrap_or(Path::new(".")).join("dead");
-    create_private_dir(&dir)?;
+/// Moves a refused segment into `dir` (`WAL_DIR/dead/`), with the refusal beside it.
+pub fn dead_letter(segment: &Segment, dir: &Path, error: &str) -> io::Result<PathBuf> {
+    create_private_dir(dir)?;
     let target = dir.join(segment.path.file_name().unwrap_or_default());
     fs::rename(&segment.path, &target)?;
     let note = target.with_extension("error");
@@ -198,6 +295,14 @@ pub fn dead_letter(segment: &Segment, error: &str) -> io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a new process finds in `base`: its own locked folder and the segments it adopted.
+    fn adopt(base: &Path) -> (WalDir, Vec<Segment>) {
+        let wal = WalDir::open(base).unwrap();
+        let mut seq = 1;
+        let found = wal.adopt(&mut seq).unwrap();
+        (wal, found)
+    }
 
     pub fn record(n: u32) -> UsageRecord {
         UsageRecord {
@@ -255,36 +360,48 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"request_id\":\"01").unwrap();
 
-        let found = recover(dir.path()).unwrap();
-        assert_eq!(found.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![7, 8]);
-        assert!(found.iter().all(|s| s.maybe_inserted));
+        let (wal, found) = adopt(dir.path());
+        // Oldest first, renumbered into the new process's folder.
+        assert_eq!(found.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(found
+            .iter()
+            .all(|s| s.maybe_inserted && s.path.starts_with(wal.path())));
+        assert_eq!(read(&found[0]).unwrap(), (rows.clone(), 0));
         assert_eq!(read(&found[1]).unwrap(), (vec![rows[0].clone()], 1));
 
-        let dead = dead_letter(&found[0], "Code: 53").unwrap();
+        let dead = dead_letter(&found[0], &wal.dead_dir(), "Code: 53").unwrap();
         assert!(dead.exists() && dead.with_extension("error").exists());
         remove(&found[1]).unwrap();
-        assert!(recover(dir.path()).unwrap().is_empty());
+        drop(wal);
+        assert!(adopt(dir.path()).1.is_empty());
     }
 
     /// The folders and files the WAL creates are owner-only whatever the umask (0022 in
-    /// tests, as on most systems), from `recover`, which the pipeline's `open` starts with.
+    /// tests, as on most systems), from `WalDir::open`, which the pipeline's `open` starts with.
     #[test]
     fn files_are_owner_only() {
         use std::os::unix::fs::PermissionsExt;
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data/wal");
-        assert!(recover(&dir).unwrap().is_empty());
-        for d in [tmp.path().join("data"), dir.clone(), dir.join("dead")] {
+        let (wal, found) = adopt(&dir);
+        assert!(found.is_empty());
+        for d in [
+            tmp.path().join("data"),
+            dir.clone(),
+            dir.join("dead"),
+            wal.path().into(),
+        ] {
             assert_eq!(mode(&d), 0o700, "{}", d.display());
         }
-        let mut seg = OpenSegment::create(&dir, 1).unwrap();
-        let open_path = dir.join(format!("{:020}.open", 1));
+        assert_eq!(mode(&wal.path().join(LOCK)), 0o600);
+        let mut seg = OpenSegment::create(wal.path(), 1).unwrap();
+        let open_path = wal.path().join(format!("{:020}.open", 1));
         assert_eq!(mode(&open_path), 0o600);
         seg.append(record(1)).unwrap();
         let closed = seg.close().unwrap();
         assert_eq!(mode(&closed.path), 0o600);
-        let dead = dead_letter(&closed, "Code: 53").unwrap();
+        let dead = dead_letter(&closed, &wal.dead_dir(), "Code: 53").unwrap();
         assert_eq!(mode(&dead), 0o600);
         assert_eq!(mode(&dead.with_extension("error")), 0o600);
     }
@@ -303,7 +420,7 @@ mod tests {
         let old = line.replace(",\"batch_id\":\"batch_abc\"", "");
         assert_ne!(old, line);
         fs::write(&path, format!("{old}{line}")).unwrap();
-        let found = recover(dir.path()).unwrap();
+        let (_wal, found) = adopt(dir.path());
         let (rows, torn) = read(&found[0]).unwrap();
         assert_eq!(torn, 0);
         assert_eq!(rows[0].batch_id, "");
@@ -316,7 +433,42 @@ mod tests {
         let mut seg = OpenSegment::create(dir.path(), 1).unwrap();
         seg.append(record(1)).unwrap();
         drop(seg);
-        let found = recover(dir.path()).unwrap();
+        let (_wal, found) = adopt(dir.path());
         assert_eq!(read(&found[0]).unwrap().0.len(), 1);
+    }
+
+    /// Two processes on one WAL folder (an upgrade's old and new gateway): neither takes the
+    /// other's segments while it lives; once it ended, its segments are taken once.
+    #[test]
+    fn a_live_process_keeps_its_segments_and_an_ended_one_is_adopted_once() {
+        let base = tempfile::tempdir().unwrap();
+        let (old, _) = adopt(base.path());
+        let mut seg = OpenSegment::create(old.path(), 1).unwrap();
+        seg.append(record(1)).unwrap();
+        seg.close().unwrap();
+        let mut open = OpenSegment::create(old.path(), 2).unwrap();
+        open.append(record(2)).unwrap();
+        drop(open);
+
+        let (new, found) = adopt(base.path());
+        assert!(found.is_empty(), "the old process still holds its folder");
+        let mut seq = 10;
+        assert!(new.adopt(&mut seq).unwrap().is_empty());
+
+        let old_dir = old.path().to_owned();
+        drop(old); // the old process exits
+        let taken = new.adopt(&mut seq).unwrap();
+        assert_eq!(
+            taken.iter().map(|s| s.seq).collect::<Vec<_>>(),
+            vec![10, 11]
+        );
+        assert_eq!(seq, 12);
+        assert!(!old_dir.exists(), "the emptied folder is removed");
+        let rows: usize = taken.iter().map(|s| read(s).unwrap().0.len()).sum();
+        assert_eq!(rows, 2);
+        // Nothing left for a third process.
+        let (_third, found) = adopt(base.path());
+        assert!(found.is_empty());
+        assert!(new.path().exists());
     }
 }

@@ -329,6 +329,20 @@ impl Gateway {
         self.child.id()
     }
 
+    /// Waits up to `limit` for the process to exit; its status, or `None` if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGHUP (configuration reload).
     pub fn reload(&self) {
         signal(self.pid(), "HUP");
@@ -418,6 +432,7 @@ impl Drop for Gateway {
 pub fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .args([format!("-{sig}"), pid.to_string()])
+        .stderr(Stdio::null())
         .status();
 }
 
