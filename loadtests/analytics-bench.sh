@@ -39,8 +39,8 @@ done
 CH=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
 PORT=${ANALYTICS_BENCH_PORT:-19381}
 OUT=loadtests/results/analytics-latest.md
-# The schema version the admin API migrates to (the last of usage/src/schema.rs's migrations).
-SCHEMA_VERSION=$(grep -o 'version: [0-9]*,' usage/src/schema.rs | tail -1 | tr -dc 0-9)
+# The schema version the admin API migrates to (the last of usage/src/schema/mod.rs's migrations).
+SCHEMA_VERSION=$(grep -o 'version: [0-9]*,' usage/src/schema/mod.rs | tail -1 | tr -dc 0-9)
 
 source deploy/local/deps.sh
 cargo build --release -p aihub -p aihub-benches --bin aihub --bin usage-gen

@@ -18,6 +18,11 @@ if [ "$(curl -s --max-time 2 "$AIHUB_TEST_CLICKHOUSE_URL/ping" || true)" != "Ok.
     ./deploy/clickhouse/start.sh "${AIHUB_TEST_CLICKHOUSE_DIR:-/var/tmp/aihub-test-clickhouse}" "$port" $((port + 877))
 fi
 
+# Java ZooKeeper (Debian's zookeeper, pulls default-jre) for usage/tests/cluster.rs, which starts
+# ZooKeeper and two ClickHouse replicas itself through deploy/clickhouse/cluster.sh
+# (AIHUB_TEST_CLUSTER=0 skips it).
+aihub_apt_install zookeeper
+
 # PostgreSQL and Redis for the control-plane tests: reuse running ones, else install (Debian's
 # packages) and start them. Tests create and drop their own databases.
 export AIHUB_TEST_POSTGRES_URL=${AIHUB_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}

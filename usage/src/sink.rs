@@ -2,6 +2,12 @@
 //! validation off so Debian's 18.16 works), the dedup queries (rows of a replayed batch already
 //! inserted; batch items answered already), and error classification (data errors are never
 //! retried).
+//!
+//! On a cluster (`cluster` set) rows go to the configured server's `usage_events_local` and a
+//! replayed batch is checked against that same table; `insert_quorum` makes an insert wait for
+//! that many replicas. The client carries the cluster's settings (see
+//! [`ClickHouseConfig::client_without_database`]), and the functions here read them off it, so
+//! callers pass the client alone on one server and on a cluster.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -35,9 +41,20 @@ pub struct ClickHouseConfig {
     #[serde(default = "default_insert_timeout", with = "humantime_serde")]
     pub insert_timeout: Duration,
     /// For an `https://` URL: a private CA (`ca_file`) and a client certificate
-    /// (`cert_file`, `key_file`). Default: the system's roots, no client certificate.
+    /// (`client_cert_file`, `client_key_file`). Default: the system's roots, no client certificate.
     #[serde(default)]
     pub tls: ClientTls,
+    /// The ClickHouse cluster (its name in the servers' `remote_servers`) the schema is spread
+    /// over: migrations run `ON CLUSTER`, tables are replicated (`<name>_local`) behind
+    /// `Distributed` tables of the usual names, and inserts go to `url`'s server's
+    /// `usage_events_local`. Default: none (one server). `docs/clickhouse.md`, "Cluster".
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// With `cluster`: replicas that must have an insert before it counts as done (ClickHouse's
+    /// `insert_quorum`). While fewer are up, inserts fail and records wait in the gateway's WAL.
+    /// Default: none (the server that takes the insert).
+    #[serde(default)]
+    pub insert_quorum: Option<u64>,
 }
 
 fn default_url() -> String {
@@ -62,6 +79,8 @@ impl Default for ClickHouseConfig {
             password_env: None,
             insert_timeout: default_insert_timeout(),
             tls: ClientTls::default(),
+            cluster: None,
+            insert_quorum: None,
         }
     }
 }
@@ -81,20 +100,31 @@ impl ClickHouseConfig {
         self
     }
 
-    /// Checks the URL, the database name and the TLS files. Errors are `(key, message)` with
-    /// the key relative to this section (`url`, `database`, `tls.ca_file`, …).
+    /// Checks the URL, the database and cluster names, the quorum and the TLS files. Errors are
+    /// `(key, message)` with the key relative to this section (`url`, `database`,
+    /// `tls.ca_file`, …).
     pub fn validate(&self) -> Result<(), (String, String)> {
         let https = self.url.starts_with("https://");
         if !https && !self.url.starts_with("http://") {
             return Err(("url".into(), "must be an http:// or https:// URL".into()));
         }
-        if self.database.is_empty()
-            || !self
-                .database
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        let plain =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !plain(&self.database) {
             return Err(("database".into(), "letters, digits and `_` only".into()));
+        }
+        if self.cluster.as_deref().is_some_and(|c| !plain(c)) {
+            return Err(("cluster".into(), "letters, digits and `_` only".into()));
+        }
+        match self.insert_quorum {
+            Some(0) => return Err(("insert_quorum".into(), "must be at least 1".into())),
+            Some(_) if self.cluster.is_none() => {
+                return Err((
+                    "insert_quorum".into(),
+                    "set, but no `cluster` (one server has no replicas)".into(),
+                ))
+            }
+            _ => {}
         }
         if !self.tls.is_default() && !https {
             return Err(("tls".into(), "set, but the URL is not https://".into()));
@@ -107,6 +137,12 @@ impl ClickHouseConfig {
 
     /// A client bound to the server only (for `CREATE DATABASE`). An `https://` URL is
     /// verified against the system's roots plus `tls.ca_file`.
+    ///
+    /// With `cluster`, every query carries `insert_distributed_sync=1` (an insert through a
+    /// `Distributed` table returns once every shard has it, not once it is queued), which also
+    /// tells [`insert`] and [`drop_present`] to use `usage_events_local`; with
+    /// `insert_quorum`, `insert_quorum=N` and `insert_quorum_timeout` = `insert_timeout` (the
+    /// server gives up when we do).
     pub fn client_without_database(&self) -> Client {
         let mut c = if self.url.starts_with("https://") {
             // The clickhouse crate's default HTTP client (idle connections closed after 2 s,
@@ -128,6 +164,15 @@ impl ClickHouseConfig {
             .and_then(|v| std::env::var(v).ok())
         {
             c = c.with_password(pw);
+        }
+        if self.cluster.is_some() {
+            c = c.with_setting(CLUSTER_SETTING, "1");
+        }
+        if let Some(n) = self.insert_quorum {
+            c = c.with_setting(QUORUM_SETTING, n.to_string()).with_setting(
+                "insert_quorum_timeout",
+                self.insert_timeout.as_millis().to_string(),
+            );
         }
         c
     }
@@ -162,6 +207,23 @@ fn native_default_connector() -> tokio_native_tls::native_tls::TlsConnector {
         .expect("a TLS connector with the system's roots")
 }
 
+/// Set on every query of a cluster's client (see [`ClickHouseConfig::client_without_database`]).
+const CLUSTER_SETTING: &str = "insert_distributed_sync";
+/// Set on every query of a client with `insert_quorum`.
+const QUORUM_SETTING: &str = "insert_quorum";
+
+/// The table rows are inserted into and replays are checked against: `usage_events` on one
+/// server; on a cluster, the server's own `usage_events_local`. (Through the `Distributed`
+/// table an insert would return before the replica has it, unless `insert_distributed_sync`,
+/// and a replay could be checked on a replica that has not fetched it yet.)
+pub fn events_table(client: &Client) -> &'static str {
+    if client.get_setting(CLUSTER_SETTING).is_some() {
+        LOCAL_TABLE
+    } else {
+        TABLE
+    }
+}
+
 /// How an insert failed, which decides what happens to the batch.
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError {
@@ -169,8 +231,9 @@ pub enum InsertError {
     /// batch goes to the dead-letter directory.
     #[error("ClickHouse refused the data: {0}")]
     Data(String),
-    /// Anything else (connection, timeout, server overloaded, table missing): retried, with
-    /// dedup, until it works.
+    /// Anything else (connection, timeout, server overloaded, table missing; on a cluster
+    /// also fewer replicas up than `insert_quorum` (Code 285), ZooKeeper unreachable, a
+    /// read-only replica): retried, with dedup, until it works.
     #[error("insert failed: {0}")]
     Transient(String),
 }
@@ -193,7 +256,15 @@ const DATA_ERROR_CODES: &[&str] = &[
 ];
 
 fn classify(e: clickhouse::error::Error) -> InsertError {
-    let text = e.to_string();
+    classify_text(e.to_string())
+}
+
+/// Data errors by code; everything else is transient, notably a cluster's: 285 (fewer
+/// replicas alive than `insert_quorum`), 286 (another quorum insert into the table still in
+/// flight: 18.16 runs them one at a time), 319 (quorum insert status unknown: it may have
+/// landed, so the retry dedups), 225 (no ZooKeeper), 242 (replica read-only, e.g. ZooKeeper
+/// down), 289 (replica behind the quorum).
+fn classify_text(text: String) -> InsertError {
     if DATA_ERROR_CODES.iter().any(|c| text.contains(c)) {
         InsertError::Data(text)
     } else {
@@ -202,8 +273,12 @@ fn classify(e: clickhouse::error::Error) -> InsertError {
 }
 
 pub const TABLE: &str = "usage_events";
+/// On a cluster: the replicated table behind `usage_events`.
+pub const LOCAL_TABLE: &str = "usage_events_local";
 
-/// Inserts `rows` in one INSERT (one RowBinary body).
+/// Inserts `rows` in one INSERT (one RowBinary body) into [`events_table`]. On a cluster a
+/// repeated insert of the same rows (a retry whose first attempt landed) is dropped by the
+/// replicated table's block dedup, on whichever replica it arrives.
 pub async fn insert(
     client: &Client,
     timeout: Duration,
@@ -214,7 +289,7 @@ pub async fn insert(
     }
     let run = async {
         let mut insert = client
-            .insert::<UsageRecord>(TABLE)
+            .insert::<UsageRecord>(events_table(client))
             .await
             .map_err(classify)?;
         for row in rows {
@@ -241,6 +316,11 @@ struct Present {
 /// have landed, wholly or partly): the same request id started at the same millisecond. (A
 /// batch item's answered attempts share their request id; a later attempt is another row until
 /// [`drop_batch_duplicates`] drops it.) Returns how many were removed.
+///
+/// Reads [`events_table`]: on a cluster the server's own replica, which has every insert made
+/// through it. With `insert_quorum`, with `select_sequential_consistency=1`: a replica missing
+/// an insert confirmed by the quorum refuses the query (transient) rather than answer without
+/// it, so a replay checked on another replica after a failover is exact.
 pub async fn drop_present(
     client: &Client,
     rows: &mut Vec<UsageRecord>,
@@ -252,11 +332,15 @@ pub async fn drop_present(
             .iter()
             .fold((u32::MAX, 0), |(lo, hi), r| (lo.min(r.ts), hi.max(r.ts)));
         let ids: Vec<String> = chunk.iter().map(|r| r.request_id.to_string()).collect();
-        let present: Vec<Present> = client
-            .query(
-                "SELECT toString(request_id) AS id, ts_ms FROM usage_events \
-                 WHERE ts >= toDateTime(?) AND ts <= toDateTime(?) AND has(?, toString(request_id))",
-            )
+        let mut query = client.query(&format!(
+            "SELECT toString(request_id) AS id, ts_ms FROM {} \
+             WHERE ts >= toDateTime(?) AND ts <= toDateTime(?) AND has(?, toString(request_id))",
+            events_table(client)
+        ));
+        if client.get_setting(QUORUM_SETTING).is_some() {
+            query = query.with_setting("select_sequential_consistency", "1");
+        }
+        let present: Vec<Present> = query
             .bind(lo)
             .bind(hi)
             .bind(ids)
@@ -285,7 +369,8 @@ fn is_batch_answer(r: &UsageRecord) -> bool {
 /// or earlier in `rows` (an item sent again after a worker takeover carries the same request
 /// id). Rows of live requests cost nothing here: without batch answers no query is made; with
 /// them, one query per 2,000 of them, by developer (the table's first sort key) and request id.
-/// Returns how many were removed.
+/// Returns how many were removed. On a cluster it reads the `Distributed` table: the item's
+/// earlier answer may have come through another server (or shard).
 pub async fn drop_batch_duplicates(
     client: &Client,
     rows: &mut Vec<UsageRecord>,
@@ -331,4 +416,67 @@ pub async fn drop_batch_duplicates(
             || (!answered.contains(&r.request_id.to_string()) && kept.insert(r.request_id))
     });
     Ok(before - rows.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: serde_json::Value) -> ClickHouseConfig {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        assert!(ClickHouseConfig::default().validate().is_ok());
+        let c = config(serde_json::json!({"cluster": "aihub_1", "insert_quorum": 2}));
+        assert!(c.validate().is_ok());
+        for (bad, key) in [
+            (serde_json::json!({"cluster": "ai-hub"}), "cluster"),
+            (serde_json::json!({"cluster": ""}), "cluster"),
+            (serde_json::json!({"cluster": "a b"}), "cluster"),
+            (
+                serde_json::json!({"cluster": "c", "insert_quorum": 0}),
+                "insert_quorum",
+            ),
+            (serde_json::json!({"insert_quorum": 2}), "insert_quorum"),
+        ] {
+            assert_eq!(config(bad.clone()).validate().unwrap_err().0, key, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_client_inserts_into_the_local_table() {
+        let one = ClickHouseConfig::default().client();
+        assert_eq!(events_table(&one), "usage_events");
+        assert_eq!(one.get_setting("insert_quorum"), None);
+        let c =
+            config(serde_json::json!({"cluster": "c", "insert_quorum": 2, "insert_timeout": "7s"}));
+        let client = c.client();
+        assert_eq!(events_table(&client), "usage_events_local");
+        assert_eq!(client.get_setting("insert_distributed_sync"), Some("1"));
+        assert_eq!(client.get_setting("insert_quorum"), Some("2"));
+        assert_eq!(client.get_setting("insert_quorum_timeout"), Some("7000"));
+        let no_quorum = config(serde_json::json!({"cluster": "c"})).client();
+        assert_eq!(no_quorum.get_setting("insert_quorum"), None);
+    }
+
+    #[test]
+    fn quorum_and_replica_errors_are_transient() {
+        for text in [
+            "bad response: Code: 285, e.displayText() = DB::Exception: Number of alive replicas (1) is less than requested quorum (2)., e.what() = DB::Exception",
+            "bad response: Code: 286, e.displayText() = DB::Exception: Another quorum insert has been already started, e.what() = DB::Exception",
+            "bad response: Code: 319, e.displayText() = DB::Exception: Unknown status, client must retry. Reason: Connection loss",
+            "bad response: Code: 242, e.displayText() = DB::Exception: Table is in readonly mode",
+            "bad response: Code: 225, e.displayText() = DB::Exception: ZooKeeper session has been expired.",
+        ] {
+            assert!(matches!(classify_text(text.into()), InsertError::Transient(_)), "{text}");
+        }
+        assert!(matches!(
+            classify_text(
+                "bad response: Code: 53, e.displayText() = DB::Exception: Type mismatch".into()
+            ),
+            InsertError::Data(_)
+        ));
+    }
 }

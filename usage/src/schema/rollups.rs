@@ -1,209 +1,11 @@
-//! The ClickHouse schema: numbered, idempotent migrations recorded in `schema_migrations`, run
-//! at gateway start and by `aihub migrate`.
-//!
-//! Every statement works on Debian's ClickHouse 18.16 and on current releases: plain `String`
-//! (no `LowCardinality`), `DateTime` plus a `ts_ms` column (no `DateTime64`), no TTL, and no
-//! `ADD COLUMN IF NOT EXISTS` (18.16 refuses the syntax): a column is added by [`add_column`],
-//! which looks in `system.columns` first. The server version is read first and logged; features
-//! of newer servers are not needed yet.
-//!
-//! Tables (documented column by column in `docs/clickhouse.md`):
-//! - `usage_events`: one row per metered request, `MergeTree`, partitioned by month, ordered by
-//!   developer, time, request id. `batch_id` (migration 5) is the OpenAI batch id (`batch_…`)
-//!   or the task id (`task_…`) the request ran for; '' for live requests. The rollups below
-//!   do not carry it: batch usage is summed with the rest, and filtered in the raw table.
-//! - `usage_hourly`: per developer × model × hour sums, `SummingMergeTree`, filled by the
-//!   materialized view `usage_hourly_mv` at insert time.
-//! - `usage_daily`: per developer × UTC day × key × model × status aggregate states (counts,
-//!   sums, t-digests of the latencies): a `Merge` table over `usage_daily_live`
-//!   (`AggregatingMergeTree`, filled by `usage_daily_mv`) and `usage_daily_history` (the same
-//!   rollup of the rows that existed before the view, built once by [`backfill`]).
-//! - `usage_developer_daily` and `usage_model_daily`: per UTC day × developer and per UTC day ×
-//!   model sums for the operator's platform view, built the same way (live table filled by a
-//!   view, history built once, a `Merge` table over both).
-
-use std::future::Future;
-use std::pin::Pin;
+//! The rollups of `usage_events` (migrations 3 and 4): their statements, the queries their
+//! views and backfills share ([`Rollup`]), and [`backfill`], which builds a rollup's history
+//! of the rows older than its view, on one server or on a cluster ([`Layout`]).
 
 use clickhouse::Client;
 
-use crate::sink::ClickHouseConfig;
-
-/// One schema step. `sql` may hold several statements separated by `;\n`; each must be
-/// idempotent (`IF NOT EXISTS`), so a migration interrupted halfway can simply run again.
-pub struct Migration {
-    pub version: u32,
-    pub name: &'static str,
-    pub sql: &'static str,
-    /// Work that needs values only known at run time (the database name, the time a view was
-    /// created), run after `sql` and before the migration is recorded. Like `sql`, it must be
-    /// safe to run again after an interruption at any point, and on several nodes at once.
-    pub then: Option<Step>,
-}
-
-/// A migration's run-time step: given the client (bound to the usage database) and the
-/// database's name.
-pub type Step = for<'a> fn(&'a Client, &'a str) -> StepFuture<'a>;
-pub type StepFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<(), clickhouse::error::Error>> + Send + 'a>>;
-
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "usage_events",
-        sql: "CREATE TABLE IF NOT EXISTS usage_events (
-    request_id UUID,
-    ts DateTime,
-    ts_ms UInt64,
-    developer_id String,
-    key_id String,
-    endpoint String,
-    method String,
-    model String,
-    upstream_model String,
-    upstream String,
-    upstream_endpoint String,
-    prompt_tokens UInt32,
-    cached_tokens UInt32,
-    completion_tokens UInt32,
-    total_tokens UInt32,
-    cost_nanos Int64,
-    gateway_overhead_us UInt32,
-    upstream_latency_ms UInt32,
-    total_latency_ms UInt32,
-    status UInt16,
-    error_type String,
-    streamed UInt8,
-    usage_estimated UInt8,
-    client_ip String,
-    user_agent String
-) ENGINE = MergeTree
-PARTITION BY toYYYYMM(ts)
-ORDER BY (developer_id, ts, request_id)",
-        then: None,
-    },
-    Migration {
-        version: 2,
-        name: "usage_hourly",
-        sql: "CREATE TABLE IF NOT EXISTS usage_hourly (
-    developer_id String,
-    model String,
-    hour DateTime,
-    requests UInt64,
-    errors UInt64,
-    estimated UInt64,
-    prompt_tokens UInt64,
-    cached_tokens UInt64,
-    completion_tokens UInt64,
-    total_tokens UInt64,
-    cost_nanos Int64,
-    total_latency_ms UInt64
-) ENGINE = SummingMergeTree
-PARTITION BY toYYYYMM(hour)
-ORDER BY (developer_id, model, hour);
-CREATE MATERIALIZED VIEW IF NOT EXISTS usage_hourly_mv TO usage_hourly AS
-SELECT
-    developer_id,
-    model,
-    toStartOfHour(ts) AS hour,
-    count() AS requests,
-    countIf(status >= 400) AS errors,
-    countIf(usage_estimated = 1) AS estimated,
-    sum(toUInt64(prompt_tokens)) AS prompt_tokens,
-    sum(toUInt64(cached_tokens)) AS cached_tokens,
-    sum(toUInt64(completion_tokens)) AS completion_tokens,
-    sum(toUInt64(total_tokens)) AS total_tokens,
-    sum(cost_nanos) AS cost_nanos,
-    sum(toUInt64(total_latency_ms)) AS total_latency_ms
-FROM usage_events
-GROUP BY developer_id, model, hour",
-        then: None,
-    },
-    Migration {
-        version: 3,
-        name: "usage_daily",
-        sql: USAGE_DAILY_SQL,
-        then: Some(|db, database| Box::pin(backfill(db, database, &USAGE_DAILY))),
-    },
-    Migration {
-        version: 4,
-        name: "platform_daily",
-        sql: PLATFORM_DAILY_SQL,
-        then: Some(|db, database| {
-            Box::pin(async move {
-                backfill(db, database, &USAGE_DEVELOPER_DAILY).await?;
-                backfill(db, database, &USAGE_MODEL_DAILY).await
-            })
-        }),
-    },
-    Migration {
-        version: 5,
-        name: "usage_events_batch_id",
-        sql: "",
-        then: Some(|db, _| {
-            Box::pin(add_column(
-                db,
-                "usage_events",
-                "batch_id",
-                "String DEFAULT ''",
-            ))
-        }),
-    },
-    Migration {
-        version: 6,
-        name: "usage_events_attempts",
-        sql: "",
-        then: Some(|db, _| {
-            Box::pin(add_column(
-                db,
-                "usage_events",
-                "attempts",
-                "UInt8 DEFAULT 1",
-            ))
-        }),
-    },
-];
-
-/// Adds `column` to `table` unless it is there: the `ADD COLUMN IF NOT EXISTS` that 18.16 lacks.
-/// Safe on several nodes at once: an `ALTER` that fails because another node added the column
-/// meanwhile counts as done.
-pub async fn add_column(
-    db: &Client,
-    table: &str,
-    column: &str,
-    definition: &str,
-) -> Result<(), clickhouse::error::Error> {
-    if column_exists(db, table, column).await? {
-        return Ok(());
-    }
-    let added = db
-        .query(&format!(
-            "ALTER TABLE {table} ADD COLUMN {column} {definition}"
-        ))
-        .execute()
-        .await;
-    match added {
-        Err(_) if column_exists(db, table, column).await? => Ok(()),
-        other => other,
-    }
-}
-
-async fn column_exists(
-    db: &Client,
-    table: &str,
-    column: &str,
-) -> Result<bool, clickhouse::error::Error> {
-    let n: u64 = db
-        .query(
-            "SELECT count() FROM system.columns \
-             WHERE database = currentDatabase() AND table = ? AND name = ?",
-        )
-        .bind(table)
-        .bind(column)
-        .fetch_one()
-        .await?;
-    Ok(n > 0)
-}
+use super::render::{self, Layout, Table};
+use super::{table_exists, MIGRATIONS};
 
 /// The rollup of `usage_events` rows into `usage_daily` states, shared by the view and the
 /// backfill (which adds a time filter).
@@ -240,7 +42,7 @@ macro_rules! usage_daily_group_by {
 /// Migration 3's statements: the live table and its view. The `Merge` table `usage_daily` and
 /// the history are made by [`backfill`] (the `Merge` engine needs the database's
 /// name).
-const USAGE_DAILY_SQL: &str = concat!(
+pub(super) const USAGE_DAILY_SQL: &str = concat!(
     "CREATE TABLE IF NOT EXISTS usage_daily_live (
     developer_id String,
     day Date,
@@ -320,7 +122,7 @@ macro_rules! model_daily_group_by {
 /// Migration 4's statements: the two live tables and their views (the `Merge` tables and the
 /// histories are made by [`backfill`]). `SummingMergeTree` sorted by day first, so a range of
 /// days reads only those days' rows: at most one per active developer (model) and day.
-const PLATFORM_DAILY_SQL: &str = concat!(
+pub(super) const PLATFORM_DAILY_SQL: &str = concat!(
     "CREATE TABLE IF NOT EXISTS usage_developer_daily_live (
     day Date,
     developer_id String,
@@ -393,7 +195,6 @@ pub const USAGE_MODEL_DAILY: Rollup = Rollup {
     select: model_daily_select!(),
     group_by: model_daily_group_by!(),
 };
-
 /// A rollup's step (migrations 3 and 4): creates the `Merge` table `{name}` over the live
 /// rollup and the history, and builds `{name}_history`, the rollup of the rows older than the
 /// view `{name}_mv`.
@@ -417,15 +218,34 @@ pub async fn backfill(
     database: &str,
     rollup: &Rollup,
 ) -> Result<(), clickhouse::error::Error> {
+    backfill_in(db, &Layout::single(database), rollup).await
+}
+
+/// [`backfill`] in `layout`. On a cluster the `Merge` table reads the `Distributed` tables
+/// `{name}_live` and `{name}_history`; the staging table is a replicated copy of
+/// `{name}_live_local` with a ZooKeeper path of its own (a copy made with `AS` would share the
+/// live table's), created, renamed to `{name}_history_local` and dropped `ON CLUSTER`, and
+/// filled from this server's `usage_events_local` (with one shard, every row); then
+/// `{name}_history` is created in front of it.
+pub async fn backfill_in(
+    db: &Client,
+    layout: &Layout,
+    rollup: &Rollup,
+) -> Result<(), clickhouse::error::Error> {
     let name = rollup.name;
+    let on = layout.on_cluster();
     let history = format!("{name}_history");
+    let stored_history = layout.stored(&history);
     db.query(&format!(
-        "CREATE TABLE IF NOT EXISTS {name} AS {name}_live \
-         ENGINE = Merge('{database}', '^{name}_(live|history)$')"
+        "CREATE TABLE IF NOT EXISTS {}{on} AS {} \
+         ENGINE = Merge('{database}', '^{name}_(live|history)$')",
+        layout.name(name),
+        layout.name(&format!("{name}_live")),
+        database = layout.database,
     ))
     .execute()
     .await?;
-    if !table_exists(db, &history).await? {
+    if !table_exists(db, &stored_history).await? {
         let created: u32 = db
             .query(
                 "SELECT toUInt32(metadata_modification_time) FROM system.tables \
@@ -436,24 +256,31 @@ pub async fn backfill(
             .await?;
         let cutoff_ms = (u64::from(created) + 1) * 1000;
         let staging = format!("{name}{STAGING_INFIX}{}", uuid::Uuid::now_v7().simple());
-        db.query(&format!("CREATE TABLE {staging} AS {name}_live"))
-            .execute()
-            .await?;
+        let create = match layout.cluster {
+            None => format!("CREATE TABLE {staging} AS {name}_live"),
+            Some(_) => live_table(name)
+                .and_then(|live| live.replicated(layout, &staging, false))
+                .map_err(unrenderable)?,
+        };
+        db.query(&create).execute().await?;
         let mut months: Vec<u32> = db
-            .query(
+            .query(&format!(
                 "SELECT DISTINCT toUInt32(partition) FROM system.parts \
-                 WHERE database = currentDatabase() AND table = 'usage_events' AND active",
-            )
+                 WHERE database = currentDatabase() AND table = '{}' AND active",
+                layout.stored("usage_events")
+            ))
             .fetch_all()
             .await?;
         months.retain(|&m| m <= yyyymm_of_ms(cutoff_ms));
         months.sort_unstable_by(|a, b| b.cmp(a));
+        let select = render::from_events(rollup.select, layout).map_err(unrenderable)?;
         for &month in &months {
             let (start, end) = month_bounds(month);
             db.query(&format!(
-                "INSERT INTO {staging} {} WHERE ts >= toDateTime('{start}') AND ts < toDateTime('{end}') \
+                "INSERT INTO {} {select} WHERE ts >= toDateTime('{start}') AND ts < toDateTime('{end}') \
                  AND ts_ms < {cutoff_ms} {}",
-                rollup.select, rollup.group_by
+                layout.name(&staging),
+                rollup.group_by
             ))
             .with_setting("query_id", format!("{staging}_{month}"))
             // A month's groups fit in memory at 10M rows (~700 MiB for `usage_daily`); bigger
@@ -463,40 +290,60 @@ pub async fn backfill(
             .await?;
         }
         match db
-            .query(&format!("RENAME TABLE {staging} TO {history}"))
+            .query(&format!(
+                "RENAME TABLE {} TO {}{on}",
+                layout.name(&staging),
+                layout.name(&stored_history)
+            ))
             .execute()
             .await
         {
             Ok(()) => tracing::info!(rollup = name, cutoff_ms, ?months, "history built"),
             // Another node published its history first: ours is a copy.
-            Err(_) if table_exists(db, &history).await? => {
-                db.query(&format!("DROP TABLE IF EXISTS {staging}"))
-                    .execute()
-                    .await?;
+            Err(_) if table_exists(db, &stored_history).await? => {
+                db.query(&format!(
+                    "DROP TABLE IF EXISTS {}{on}",
+                    layout.name(&staging)
+                ))
+                .execute()
+                .await?;
             }
             Err(e) => return Err(e),
         }
     }
-    drop_abandoned_staging(db, name).await;
+    if layout.cluster.is_some() {
+        db.query(&render::distributed(layout, &history, None))
+            .execute()
+            .await?;
+    }
+    drop_abandoned_staging(db, layout, name).await;
     Ok(())
+}
+
+/// The statement creating `{rollup}_live`, in the migration that does.
+fn live_table(rollup: &str) -> Result<Table<'static>, String> {
+    let live = format!("{rollup}_live");
+    MIGRATIONS
+        .iter()
+        .flat_map(|m| m.sql.split(";\n"))
+        .filter_map(Table::parse)
+        .find(|t| t.name == live)
+        .ok_or_else(|| format!("no migration creates {live}"))
+}
+
+fn unrenderable(reason: String) -> clickhouse::error::Error {
+    clickhouse::error::Error::Other(reason.into())
 }
 
 /// Between a rollup's name and a backfill run's id in its staging table's name.
 const STAGING_INFIX: &str = "_backfill_";
 
-async fn table_exists(db: &Client, name: &str) -> Result<bool, clickhouse::error::Error> {
-    let n: u64 = db
-        .query("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = ?")
-        .bind(name)
-        .fetch_one()
-        .await?;
-    Ok(n > 0)
-}
-
 /// Drops the staging tables of interrupted backfill runs of `rollup` (best effort). A table
 /// some query is still writing is left alone; a run whose table is dropped under it fails and,
-/// run again, finds the history built.
-async fn drop_abandoned_staging(db: &Client, rollup: &str) {
+/// run again, finds the history built. (On a cluster only this server's queries are seen; as
+/// this runs once the history is published, a run elsewhere that loses its staging table
+/// finds the history when run again.)
+async fn drop_abandoned_staging(db: &Client, layout: &Layout, rollup: &str) {
     let prefix = format!("{rollup}{STAGING_INFIX}");
     let result = async {
         let names: Vec<String> = db
@@ -509,9 +356,13 @@ async fn drop_abandoned_staging(db: &Client, rollup: &str) {
             .await?;
         for name in names.iter().filter(|n| n.starts_with(&prefix)) {
             if !running.iter().any(|q| q.starts_with(name.as_str())) {
-                db.query(&format!("DROP TABLE IF EXISTS {name}"))
-                    .execute()
-                    .await?;
+                db.query(&format!(
+                    "DROP TABLE IF EXISTS {}{}",
+                    layout.name(name),
+                    layout.on_cluster()
+                ))
+                .execute()
+                .await?;
             }
         }
         Ok::<(), clickhouse::error::Error>(())
@@ -538,93 +389,6 @@ fn month_bounds(yyyymm: u32) -> (String, String) {
     )
 }
 
-/// Errors from running migrations.
-#[derive(Debug, thiserror::Error)]
-pub enum SchemaError {
-    #[error("ClickHouse at {url}: {source}")]
-    ClickHouse {
-        url: String,
-        #[source]
-        source: clickhouse::error::Error,
-    },
-    #[error("migration {version} ({name}) failed: {source}")]
-    Migration {
-        version: u32,
-        name: &'static str,
-        #[source]
-        source: clickhouse::error::Error,
-    },
-}
-
-/// What `migrate` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrationReport {
-    pub server_version: String,
-    pub applied: Vec<u32>,
-}
-
-/// Creates the database and applies the missing migrations, in order.
-pub async fn migrate(config: &ClickHouseConfig) -> Result<MigrationReport, SchemaError> {
-    let ch = |source| SchemaError::ClickHouse {
-        url: config.url.clone(),
-        source,
-    };
-    let server = config.client_without_database();
-    let server_version = server
-        .query("SELECT version()")
-        .fetch_one::<String>()
-        .await
-        .map_err(ch)?;
-    server
-        .query(&format!(
-            "CREATE DATABASE IF NOT EXISTS `{}`",
-            config.database
-        ))
-        .execute()
-        .await
-        .map_err(ch)?;
-    let db = config.client();
-    db.query(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-            version UInt32, name String, applied_at DateTime DEFAULT now()
-        ) ENGINE = MergeTree ORDER BY version",
-    )
-    .execute()
-    .await
-    .map_err(ch)?;
-    let done: Vec<u32> = db
-        .query("SELECT version FROM schema_migrations")
-        .fetch_all::<u32>()
-        .await
-        .map_err(ch)?;
-    let mut applied = Vec::new();
-    for m in MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
-        let fail = |source| SchemaError::Migration {
-            version: m.version,
-            name: m.name,
-            source,
-        };
-        for statement in m.sql.split(";\n").filter(|s| !s.trim().is_empty()) {
-            db.query(statement).execute().await.map_err(fail)?;
-        }
-        if let Some(step) = m.then {
-            step(&db, &config.database).await.map_err(fail)?;
-        }
-        db.query("INSERT INTO schema_migrations (version, name) VALUES (?, ?)")
-            .bind(m.version)
-            .bind(m.name)
-            .execute()
-            .await
-            .map_err(fail)?;
-        applied.push(m.version);
-    }
-    tracing::info!(%server_version, database = %config.database, ?applied, "ClickHouse schema up to date");
-    Ok(MigrationReport {
-        server_version,
-        applied,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -639,5 +403,27 @@ mod tests {
             ("2026-12-01 00:00:00".into(), "2027-01-01 00:00:00".into())
         );
         assert_eq!(month_bounds(202402).1, "2024-03-01 00:00:00");
+    }
+
+    #[test]
+    fn every_rollup_has_a_live_table_with_a_cluster_form() {
+        let layout = Layout {
+            database: "db".into(),
+            cluster: Some("c".into()),
+        };
+        for rollup in [&USAGE_DAILY, &USAGE_DEVELOPER_DAILY, &USAGE_MODEL_DAILY] {
+            let staging = format!("{}_backfill_x", rollup.name);
+            let sql = live_table(rollup.name)
+                .unwrap()
+                .replicated(&layout, &staging, false)
+                .unwrap();
+            assert!(sql.starts_with(&format!("CREATE TABLE `db`.{staging} ON CLUSTER `c` (\n")));
+            assert!(sql.contains(&format!(
+                "('/clickhouse/tables/{{shard}}/db/{staging}', '{{replica}}')"
+            )));
+            assert!(render::from_events(rollup.select, &layout)
+                .unwrap()
+                .ends_with("\nFROM `db`.usage_events_local"));
+        }
     }
 }
