@@ -183,3 +183,136 @@ async fn forwarded_for_is_believed_only_on_listeners_that_trust_the_peer() {
     );
     assert!(!seen.contains(&"198.18.0.1"), "{seen:?}");
 }
+
+/// A chat request on a fresh connection that starts with `header`, then (with `tls_ca`) a TLS
+/// handshake trusting that CA; `n` requests on the same connection. The status of each, `None`
+/// once the connection closed without an answer.
+fn raw_chats(
+    port: u16,
+    header: &[u8],
+    key: &str,
+    n: usize,
+    tls_ca: Option<&str>,
+) -> Vec<Option<u16>> {
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Python's ssl module: PROXY bytes first, then TLS on the same socket.
+    let script = r#"
+import socket, ssl, sys
+port, ca, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+header, request = bytes.fromhex(sys.argv[4]), bytes.fromhex(sys.argv[5])
+s = socket.create_connection(("127.0.0.1", port), timeout=5)
+s.sendall(header)
+if ca:
+    s = ssl.create_default_context(cafile=ca).wrap_socket(s, server_hostname="localhost")
+f = s.makefile("rb")
+for _ in range(n):
+    try:
+        s.sendall(request)
+        status = f.readline()
+        if not status:
+            print("closed"); continue
+        length = 0
+        while True:
+            line = f.readline()
+            if line in (b"\r\n", b""): break
+            if line.lower().startswith(b"content-length:"): length = int(line.split(b":")[1])
+        f.read(length)
+        print(status.split()[1].decode())
+    except OSError:
+        print("closed")
+"#;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &port.to_string(),
+            tls_ca.unwrap_or(""),
+            &n.to_string(),
+        ])
+        .args([hex(header), hex(request.as_bytes())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_names_the_client_on_plain_and_tls_listeners() {
+    let ca = Ca::new();
+    let mock = Mock::start(&[]);
+    let k = key("pp", &["ip_allowlist: [\"198.51.100.0/24\"]"]);
+    let db = TestDb::new();
+    let wal = tempfile::tempdir().unwrap();
+    let (plain, tls) = (free_port(), free_port());
+    let _gw = Gateway::start(
+        &format!(
+            "{}{}",
+            config(
+                &[upstream("mock", &[mock.base_url()], &[])],
+                &[("demo", "mock", None)],
+                &[&k]
+            ),
+            db.metering_yaml(wal.path(), &[])
+        ),
+        &[
+            &format!(
+                "+listen: {{addr: \"127.0.0.1:{plain}\", trusted_proxies: [\"127.0.0.1\"], proxy_protocol: true}}"
+            ),
+            &format!(
+                "+listen: {{addr: \"127.0.0.1:{tls}\", trusted_proxies: [\"127.0.0.1\"], proxy_protocol: true, \
+                 tls: {{cert_file: \"{}\", key_file: \"{}\"}}}}",
+                ca.file("server.crt"),
+                ca.file("server.key")
+            ),
+        ],
+    );
+    let v1 = |ip: &str| format!("PROXY TCP4 {ip} 127.0.0.1 40000 80\r\n").into_bytes();
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend([
+        0x21, 0x11, 0, 12, 198, 51, 100, 9, 127, 0, 0, 1, 0x9c, 0x41, 0, 80,
+    ]);
+    let ca_file = ca.file("ca.crt");
+    // The named client passes the allowlist; keep-alive requests keep that client.
+    let plain_v1 = raw_chats(plain, &v1("198.51.100.7"), &k.key, 2, None);
+    assert_eq!(plain_v1, vec![Some(200), Some(200)]);
+    assert_eq!(raw_chats(plain, &v2, &k.key, 1, None), vec![Some(200)]);
+    assert_eq!(
+        raw_chats(tls, &v1("198.51.100.8"), &k.key, 2, Some(&ca_file)),
+        vec![Some(200), Some(200)]
+    );
+    // A client outside the allowlist, by the header's word.
+    assert_eq!(
+        raw_chats(plain, &v1("203.0.113.1"), &k.key, 1, None),
+        vec![Some(403)]
+    );
+    // No header, or a malformed one: closed.
+    assert_eq!(raw_chats(plain, b"", &k.key, 1, None), vec![None]);
+    assert_eq!(
+        raw_chats(plain, b"PROXY TCP4 1.2.3.4\r\n", &k.key, 1, None),
+        vec![None]
+    );
+
+    let seen = db
+        .wait_for(
+            "SELECT count() FROM usage_events WHERE key_id = 'pp' AND status = 200",
+            5,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(seen, 5);
+    let ips = db
+        .query("SELECT DISTINCT client_ip FROM usage_events WHERE key_id = 'pp' AND status = 200 ORDER BY client_ip FORMAT TSV")
+        .await;
+    assert_eq!(
+        ips.lines().collect::<Vec<_>>(),
+        ["198.51.100.7", "198.51.100.8", "198.51.100.9"]
+    );
+}

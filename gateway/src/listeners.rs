@@ -1,6 +1,8 @@
 //! The proxy listeners' edges: TLS (the certificate each handshake presents, swapped whole on
-//! reload) and who the client is (the trusted proxies of the listener a request came in on,
-//! and the client address they name in `X-Forwarded-For`).
+//! reload) and who the client is: the PROXY protocol header a trusted balancer sends before
+//! anything else (read before TLS by a pre-TLS callback, or before HTTP by [`ProxyProtocol`]
+//! wrapping the HTTP app), and the trusted proxies of the listener a request came in on with the
+//! client address they name in `X-Forwarded-For`.
 //!
 //! A listener's policy is found by the request's local address, so all listeners share one
 //! pingora service (one runtime of `server.threads` workers) instead of a service each.
@@ -8,6 +10,15 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
+
+use aihub_net::proxy_header::{self, Parsed};
+use pingora_core::apps::ServerApp;
+use pingora_core::listeners::PreTlsProcess;
+use pingora_core::protocols::l4::socket::SocketAddr as PSocketAddr;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream, UniqueID};
+use pingora_core::server::ShutdownWatch;
 
 use aihub_net::server_tls::CertifiedKey;
 use aihub_net::TrustedProxies;
@@ -20,6 +31,7 @@ use pingora_core::tls::ext;
 use pingora_proxy::Session;
 
 use crate::config::Listen;
+use crate::context::Shared;
 
 /// The certificate served by a TLS listener, swapped by the reloader.
 pub type CertSlot = Arc<ArcSwap<CertifiedKey>>;
@@ -95,8 +107,15 @@ impl CertSlots {
 /// Who may name the client, per listener.
 #[derive(Debug, Default)]
 pub struct ClientPolicies {
-    /// `(local address, trusted proxies)`; an unspecified IP matches any local IP of the port.
-    by_addr: Vec<(SocketAddr, TrustedProxies)>,
+    /// Listeners with trusted proxies; an unspecified IP matches any local IP of the port.
+    by_addr: Vec<Policy>,
+}
+
+#[derive(Debug)]
+struct Policy {
+    local: SocketAddr,
+    trusted: TrustedProxies,
+    proxy_protocol: bool,
 }
 
 impl ClientPolicies {
@@ -105,17 +124,34 @@ impl ClientPolicies {
             by_addr: listeners
                 .iter()
                 .filter(|l| !l.trusted_proxies.is_empty())
-                .filter_map(|l| Some((l.socket_addr().ok()?, l.trusted_proxies.clone())))
+                .filter_map(|l| {
+                    Some(Policy {
+                        local: l.socket_addr().ok()?,
+                        trusted: l.trusted_proxies.clone(),
+                        proxy_protocol: l.proxy_protocol,
+                    })
+                })
                 .collect(),
         }
     }
 
-    fn trusted_for(&self, local: Option<SocketAddr>) -> Option<&TrustedProxies> {
+    fn policy_for(&self, local: Option<SocketAddr>) -> Option<&Policy> {
         let local = local?;
-        self.by_addr.iter().find_map(|(addr, trusted)| {
-            (addr.port() == local.port() && (addr.ip().is_unspecified() || addr.ip() == local.ip()))
-                .then_some(trusted)
+        self.by_addr.iter().find(|p| {
+            p.local.port() == local.port()
+                && (p.local.ip().is_unspecified() || p.local.ip() == local.ip())
         })
+    }
+
+    fn trusted_for(&self, local: Option<SocketAddr>) -> Option<&TrustedProxies> {
+        self.policy_for(local).map(|p| &p.trusted)
+    }
+
+    /// The trusted proxies of the listener at `local` when it expects a PROXY header.
+    fn proxy_protocol_for(&self, local: Option<SocketAddr>) -> Option<&TrustedProxies> {
+        self.policy_for(local)
+            .filter(|p| p.proxy_protocol)
+            .map(|p| &p.trusted)
     }
 
     /// The request's client: the TCP peer, or, when the peer is a trusted proxy of the
@@ -142,6 +178,131 @@ impl ClientPolicies {
                 .iter()
                 .map(http::HeaderValue::as_bytes),
         ))
+    }
+}
+
+/// Longest wait for a PROXY header after the connection opened.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A socket address as pingora records it.
+fn inet(addr: Option<&PSocketAddr>) -> Option<SocketAddr> {
+    addr.and_then(|a| a.as_inet())
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+}
+
+/// When the listener the connection came in on expects a PROXY header: reads exactly the
+/// header (never a byte of what follows) from a trusted peer and records the client it names as
+/// the connection's peer. `Err`: close the connection (untrusted peer, malformed or missing
+/// header).
+async fn take_proxy_header<S>(stream: &mut S, shared: &Shared) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + GetSocketDigest + UniqueID + Unpin + ?Sized,
+{
+    let digest = stream.get_socket_digest();
+    let local = inet(digest.as_ref().and_then(|d| d.local_addr()));
+    let peer = inet(digest.as_ref().and_then(|d| d.peer_addr()));
+    let policies = shared.clients.load();
+    let Some(trusted) = policies.proxy_protocol_for(local) else {
+        return Ok(());
+    };
+    let peer = peer.ok_or("PROXY header on a connection without a peer address")?;
+    if !trusted.contains(peer.ip()) {
+        return Err(format!("PROXY header from {peer}, outside trusted_proxies"));
+    }
+    let source = tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(stream))
+        .await
+        .map_err(|_| format!("no PROXY header from {peer} within {PROXY_HEADER_TIMEOUT:?}"))??;
+    if let Some(source) = source {
+        let d = SocketDigest::from_raw_fd(stream.id());
+        let _ = d.peer_addr.set(Some(PSocketAddr::Inet(source)));
+        let _ = d.local_addr.set(local.map(PSocketAddr::Inet));
+        stream.set_socket_digest(d);
+    }
+    Ok(())
+}
+
+/// Reads one PROXY header exactly; the source address it names (`None`: `LOCAL`/`UNKNOWN`).
+async fn read_proxy_header<S>(stream: &mut S) -> Result<Option<SocketAddr>, String>
+where
+    S: tokio::io::AsyncRead + Unpin + ?Sized,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(proxy_header::V1_MAX_LEN);
+    loop {
+        match proxy_header::parse(&buf).map_err(|e| format!("PROXY header: {e}"))? {
+            Parsed::Complete { source, .. } => {
+                return Ok(source.map(|s| SocketAddr::new(s.ip().to_canonical(), s.port())));
+            }
+            Parsed::Incomplete { needed } => {
+                let start = buf.len();
+                buf.resize(start + needed.max(1), 0);
+                stream
+                    .read_exact(&mut buf[start..])
+                    .await
+                    .map_err(|e| format!("PROXY header: {e}"))?;
+            }
+        }
+    }
+}
+
+/// Reads the PROXY header on TLS listeners, before the handshake.
+pub struct PreTlsProxyHeader(pub Arc<Shared>);
+
+#[async_trait]
+impl PreTlsProcess for PreTlsProxyHeader {
+    async fn process(&self, stream: &mut L4Stream) -> pingora_core::Result<()> {
+        take_proxy_header(stream, &self.0).await.map_err(|e| {
+            tracing::debug!(error = %e, "connection closed before TLS");
+            pingora_core::Error::explain(pingora_core::ErrorType::AcceptError, e)
+        })
+    }
+}
+
+/// The HTTP app behind plaintext listeners, reading a PROXY header first where the listener
+/// expects one. Such a connection is served here to its end (keep-alive included): its header
+/// came once, at its start.
+pub struct ProxyProtocol<A> {
+    pub inner: Arc<A>,
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyProtocol<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let expects = {
+            let local = inet(
+                stream
+                    .get_socket_digest()
+                    .as_ref()
+                    .and_then(|d| d.local_addr()),
+            );
+            self.shared
+                .clients
+                .load()
+                .proxy_protocol_for(local)
+                .is_some()
+        };
+        // TLS listeners read theirs before the handshake.
+        if !expects || stream.get_ssl().is_some() {
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        if let Err(e) = take_proxy_header(&mut *stream, &self.shared).await {
+            tracing::debug!(error = %e, "connection closed before HTTP");
+            return None;
+        }
+        let mut next = self.inner.process_new(stream, shutdown).await;
+        while let Some(s) = next {
+            next = self.inner.process_new(s, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
     }
 }
 

@@ -36,10 +36,11 @@ use crate::config::{Config, ConfigError, Listen};
 use crate::context::{is_ready, set_ready, Shared};
 use crate::keys::KeySet;
 use crate::keysync::KeySync;
-use crate::listeners::{tls_settings, CertSlots, ClientPolicies};
+use crate::listeners::{tls_settings, CertSlots, ClientPolicies, PreTlsProxyHeader, ProxyProtocol};
 use crate::metrics::{LimitMetrics, Metrics};
 use crate::proxy::Gateway;
 use crate::routing::Runtime;
+use pingora_core::apps::ServerApp;
 
 /// Loads the configuration and builds everything it describes, without serving yet.
 pub struct GatewayServer {
@@ -186,28 +187,29 @@ impl GatewayServer {
             clients: ArcSwap::from_pointee(ClientPolicies::new(&config.server.listen)),
         });
 
-        let mut proxy = pingora_proxy::http_proxy_service_with_name(
-            &server.configuration,
-            Gateway::new(Arc::clone(&shared)),
-            "aihub gateway",
-        );
         let certs = CertSlots::load(&config.server.listen).map_err(|message| ConfigError {
             file: path.to_owned(),
             key: "server.listen".into(),
             message,
         })?;
-        for l in &config.server.listen {
-            let mut listener = ListenerConfig::tcp(&l.addr)
-                .l4_buffer(L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER));
-            if let Some(slot) = certs.get(&l.addr) {
-                let settings = tls_settings(l, slot).map_err(|e| ConfigError {
-                    file: path.to_owned(),
-                    key: "server.listen".into(),
-                    message: format!("{}: TLS set-up failed: {e}", l.addr),
-                })?;
-                listener = listener.tls(settings);
-            }
-            proxy.add_listener(listener);
+        let app =
+            pingora_proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&shared)));
+        // The PROXY protocol's wrapper only where a listener needs it.
+        if config.server.listen.iter().any(|l| l.proxy_protocol) {
+            let wrapped = ProxyProtocol {
+                inner: Arc::new(app),
+                shared: Arc::clone(&shared),
+            };
+            let mut proxy = Service::new("aihub gateway".into(), wrapped);
+            add_proxy_listeners(&mut proxy, &config.server.listen, &certs, path)?;
+            proxy
+                .endpoints()
+                .set_pre_tls_callback(Arc::new(PreTlsProxyHeader(Arc::clone(&shared))));
+            server.add_service(proxy);
+        } else {
+            let mut proxy = Service::new("aihub gateway".into(), app);
+            add_proxy_listeners(&mut proxy, &config.server.listen, &certs, path)?;
+            server.add_service(proxy);
         }
         let mut ops = Service::new(
             "aihub ops".into(),
@@ -231,7 +233,6 @@ impl GatewayServer {
         if let Some(service) = limits_service {
             server.add_service(background_service("aihub limits", service));
         }
-        server.add_service(proxy);
         server.add_service(ops);
         server.add_service(reloader);
         server.add_service(background_service(
@@ -271,6 +272,30 @@ impl GatewayServer {
         });
         std::process::exit(0)
     }
+}
+
+/// The proxy listeners, TLS ones presenting their certificate slot, all with the 16 KiB
+/// write buffer.
+fn add_proxy_listeners<A: ServerApp + Send + Sync + 'static>(
+    service: &mut Service<A>,
+    listeners: &[Listen],
+    certs: &CertSlots,
+    path: &Path,
+) -> Result<(), ConfigError> {
+    for l in listeners {
+        let mut listener = ListenerConfig::tcp(&l.addr)
+            .l4_buffer(L4BufferSettings::default().write(DOWNSTREAM_WRITE_BUFFER));
+        if let Some(slot) = certs.get(&l.addr) {
+            let settings = tls_settings(l, slot).map_err(|e| ConfigError {
+                file: path.to_owned(),
+                key: "server.listen".into(),
+                message: format!("{}: TLS set-up failed: {e}", l.addr),
+            })?;
+            listener = listener.tls(settings);
+        }
+        service.add_listener(listener);
+    }
+    Ok(())
 }
 
 /// `/metrics`, `/healthz`, `/readyz` on the operations listener.

@@ -23,6 +23,10 @@ pub struct Listen {
     /// them is `X-Forwarded-For` believed (its rightmost untrusted hop is the client, for IP
     /// allowlists and usage records). Default: none (the TCP peer is the client).
     pub trusted_proxies: TrustedProxies,
+    /// Every connection starts with a PROXY protocol v1/v2 header naming the client (HAProxy,
+    /// AWS NLB), read before TLS; a connection from outside `trusted_proxies` is closed.
+    /// Default false.
+    pub proxy_protocol: bool,
 }
 
 /// The map form of an item.
@@ -36,6 +40,8 @@ struct ListenMap {
     http2: Option<bool>,
     #[serde(default)]
     trusted_proxies: TrustedProxies,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 impl Listen {
@@ -46,6 +52,7 @@ impl Listen {
             tls: None,
             http2: false,
             trusted_proxies: TrustedProxies::default(),
+            proxy_protocol: false,
         }
     }
 
@@ -65,7 +72,10 @@ impl Listen {
 
     /// What a reload cannot change: the socket, TLS on or off, the protocols offered.
     pub fn needs_restart_for(&self, old: &Listen) -> bool {
-        self.addr != old.addr || self.tls.is_some() != old.tls.is_some() || self.http2 != old.http2
+        self.addr != old.addr
+            || self.tls.is_some() != old.tls.is_some()
+            || self.http2 != old.http2
+            || self.proxy_protocol != old.proxy_protocol
     }
 }
 
@@ -76,7 +86,9 @@ impl<'de> Deserialize<'de> for Listen {
             type Value = Listen;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an address `IP:PORT` or {addr, tls, http2, trusted_proxies}")
+                f.write_str(
+                    "an address `IP:PORT` or {addr, tls, http2, trusted_proxies, proxy_protocol}",
+                )
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Listen, E> {
@@ -85,6 +97,12 @@ impl<'de> Deserialize<'de> for Listen {
 
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Listen, A::Error> {
                 let m = ListenMap::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                if m.proxy_protocol && m.trusted_proxies.is_empty() {
+                    return Err(de::Error::custom(
+                        "proxy_protocol needs trusted_proxies: only a trusted balancer may name \
+                         the client",
+                    ));
+                }
                 if m.http2 == Some(true) && m.tls.is_none() {
                     return Err(de::Error::custom(
                         "http2 needs tls (HTTP/2 is offered through TLS's ALPN only)",
@@ -95,6 +113,7 @@ impl<'de> Deserialize<'de> for Listen {
                     addr: m.addr,
                     tls: m.tls,
                     trusted_proxies: m.trusted_proxies,
+                    proxy_protocol: m.proxy_protocol,
                 })
             }
         }
