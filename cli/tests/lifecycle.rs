@@ -56,6 +56,7 @@ async fn sigterm_lets_a_stream_finish_delivers_its_usage_and_exits_early() {
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let status = tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(20)));
     let took = signalled.elapsed();
+    eprintln!("SIGTERM with a 2 s stream in flight: exited after {took:?}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert!(took < Duration::from_secs(10), "exited after {took:?}");
     // Delivered before the exit, not left in the WAL.

@@ -199,19 +199,26 @@ pub struct ServerConfig {
     pub response_write_timeout: Duration,
 }
 
+/// Where the gateway keeps its pid and its upgrade socket by default: one pair per operations
+/// port, so several gateways on one host never share them.
+fn default_runtime_path(ops_listen: &str, what: &str) -> PathBuf {
+    let port = ops_listen.rsplit(':').next().unwrap_or("0");
+    std::env::temp_dir().join(format!("aihub-gateway-{port}.{what}"))
+}
+
 impl ServerConfig {
     /// `pid_file`, or its default.
     pub fn pid_file(&self) -> PathBuf {
         self.pid_file
             .clone()
-            .unwrap_or_else(|| crate::lifecycle::default_path(&self.ops_listen, "pid"))
+            .unwrap_or_else(|| default_runtime_path(&self.ops_listen, "pid"))
     }
 
     /// `upgrade_sock`, or its default.
     pub fn upgrade_sock(&self) -> PathBuf {
         self.upgrade_sock
             .clone()
-            .unwrap_or_else(|| crate::lifecycle::default_path(&self.ops_listen, "upgrade.sock"))
+            .unwrap_or_else(|| default_runtime_path(&self.ops_listen, "upgrade.sock"))
     }
 }
 

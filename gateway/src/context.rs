@@ -45,7 +45,7 @@ pub struct Shared {
     /// tokens. `None` without a control plane, and until it is read.
     pub internal_secret: ArcSwapOption<InternalSecret>,
     /// Who may name the client on each listener; swapped on reload.
-    pub clients: ArcSwap<crate::listeners::ClientPolicies>,
+    pub clients: crate::listeners::Clients,
 }
 
 /// Whether `/readyz` answers ready: serving, and the initial key load (if any) done.

@@ -89,13 +89,6 @@ impl BackgroundService for EarlyExit {
     }
 }
 
-/// Where the gateway keeps its pid and its upgrade socket by default: one pair per operations
-/// port, so several gateways on one host never share them.
-pub fn default_path(ops_listen: &str, what: &str) -> PathBuf {
-    let port = ops_listen.rsplit(':').next().unwrap_or("0");
-    std::env::temp_dir().join(format!("aihub-gateway-{port}.{what}"))
-}
-
 /// Writes this process's pid to `path` (atomically: a reader sees the old or the new pid).
 pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
     let tmp = path.with_extension("pid.tmp");

@@ -31,7 +31,6 @@ use pingora_core::tls::ext;
 use pingora_proxy::Session;
 
 use crate::config::Listen;
-use crate::context::Shared;
 
 /// The certificate served by a TLS listener, swapped by the reloader.
 pub type CertSlot = Arc<ArcSwap<CertifiedKey>>;
@@ -103,6 +102,9 @@ impl CertSlots {
         Ok(loaded)
     }
 }
+
+/// The policies in force, swapped whole by the reloader.
+pub type Clients = Arc<ArcSwap<ClientPolicies>>;
 
 /// Who may name the client, per listener.
 #[derive(Debug, Default)]
@@ -194,14 +196,14 @@ fn inet(addr: Option<&PSocketAddr>) -> Option<SocketAddr> {
 /// header (never a byte of what follows) from a trusted peer and records the client it names as
 /// the connection's peer. `Err`: close the connection (untrusted peer, malformed or missing
 /// header).
-async fn take_proxy_header<S>(stream: &mut S, shared: &Shared) -> Result<(), String>
+async fn take_proxy_header<S>(stream: &mut S, clients: &Clients) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + GetSocketDigest + UniqueID + Unpin + ?Sized,
 {
     let digest = stream.get_socket_digest();
     let local = inet(digest.as_ref().and_then(|d| d.local_addr()));
     let peer = inet(digest.as_ref().and_then(|d| d.peer_addr()));
-    let policies = shared.clients.load();
+    let policies = clients.load();
     let Some(trusted) = policies.proxy_protocol_for(local) else {
         return Ok(());
     };
@@ -246,7 +248,7 @@ where
 }
 
 /// Reads the PROXY header on TLS listeners, before the handshake.
-pub struct PreTlsProxyHeader(pub Arc<Shared>);
+pub struct PreTlsProxyHeader(pub Clients);
 
 #[async_trait]
 impl PreTlsProcess for PreTlsProxyHeader {
@@ -263,7 +265,7 @@ impl PreTlsProcess for PreTlsProxyHeader {
 /// came once, at its start.
 pub struct ProxyProtocol<A> {
     pub inner: Arc<A>,
-    pub shared: Arc<Shared>,
+    pub clients: Clients,
 }
 
 #[async_trait]
@@ -280,17 +282,13 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyProtocol<A> {
                     .as_ref()
                     .and_then(|d| d.local_addr()),
             );
-            self.shared
-                .clients
-                .load()
-                .proxy_protocol_for(local)
-                .is_some()
+            self.clients.load().proxy_protocol_for(local).is_some()
         };
         // TLS listeners read theirs before the handshake.
         if !expects || stream.get_ssl().is_some() {
             return self.inner.process_new(stream, shutdown).await;
         }
-        if let Err(e) = take_proxy_header(&mut *stream, &self.shared).await {
+        if let Err(e) = take_proxy_header(&mut *stream, &self.clients).await {
             tracing::debug!(error = %e, "connection closed before HTTP");
             return None;
         }

@@ -184,7 +184,9 @@ impl GatewayServer {
             usage,
             limits,
             internal_secret: ArcSwapOption::empty(),
-            clients: ArcSwap::from_pointee(ClientPolicies::new(&config.server.listen)),
+            clients: Arc::new(ArcSwap::from_pointee(ClientPolicies::new(
+                &config.server.listen,
+            ))),
         });
 
         let certs = CertSlots::load(&config.server.listen).map_err(|message| ConfigError {
@@ -198,13 +200,13 @@ impl GatewayServer {
         if config.server.listen.iter().any(|l| l.proxy_protocol) {
             let wrapped = ProxyProtocol {
                 inner: Arc::new(app),
-                shared: Arc::clone(&shared),
+                clients: Arc::clone(&shared.clients),
             };
             let mut proxy = Service::new("aihub gateway".into(), wrapped);
             add_proxy_listeners(&mut proxy, &config.server.listen, &certs, path)?;
             proxy
                 .endpoints()
-                .set_pre_tls_callback(Arc::new(PreTlsProxyHeader(Arc::clone(&shared))));
+                .set_pre_tls_callback(Arc::new(PreTlsProxyHeader(Arc::clone(&shared.clients))));
             server.add_service(proxy);
         } else {
             let mut proxy = Service::new("aihub gateway".into(), app);
