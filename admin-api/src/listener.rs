@@ -9,12 +9,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aihub_net::proxy_header::{self, Parsed};
+use aihub_net::proxy_header;
 use aihub_net::server_tls::{CertifiedKey, ServerTls};
 use aihub_net::TrustedProxies;
 use arc_swap::ArcSwap;
 use openssl::ssl::{Ssl, SslAcceptor};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_openssl::SslStream;
 
@@ -99,7 +98,10 @@ impl Front {
                 if !self.trusted.contains(peer.ip()) {
                     return Err("PROXY protocol from a peer outside server.trusted_proxies".into());
                 }
-                if let Some(source) = read_proxy_header(&mut tcp).await? {
+                let source = proxy_header::read::read(&mut tcp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(source) = source {
                     peer = source;
                 }
             }
@@ -157,24 +159,4 @@ fn acceptor(ck: &CertifiedKey) -> Result<SslAcceptor, FrontError> {
             .ok_or(openssl::ssl::AlpnError::NOACK)
     });
     Ok(b.build())
-}
-
-/// Reads exactly one PROXY header (never a byte of what follows): the source address it
-/// names, or `None` for `LOCAL`/`UNKNOWN` (keep the peer).
-async fn read_proxy_header(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, String> {
-    let mut buf = Vec::with_capacity(proxy_header::V1_MAX_LEN);
-    loop {
-        match proxy_header::parse(&buf).map_err(|e| format!("PROXY header: {e}"))? {
-            Parsed::Complete { source, .. } => {
-                return Ok(source.map(|s| SocketAddr::new(s.ip().to_canonical(), s.port())));
-            }
-            Parsed::Incomplete { needed } => {
-                let start = buf.len();
-                buf.resize(start + needed.max(1), 0);
-                tcp.read_exact(&mut buf[start..])
-                    .await
-                    .map_err(|e| format!("PROXY header: {e}"))?;
-            }
-        }
-    }
 }

@@ -99,14 +99,17 @@ async fn upgrade_under_load_fails_no_request_and_meters_each_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let log = std::fs::File::create(run.path().join("new.log")).unwrap();
-    let mut new = Command::new(BIN)
-        .args(["gateway", "--upgrade", "--config"])
-        .arg(old.config_path())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut new = Stopped(
+        Command::new(BIN)
+            .args(["gateway", "--upgrade", "--config"])
+            .arg(old.config_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let new = &mut new.0;
     let upgraded = Instant::now();
     let old_status = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(30)));
     eprintln!(
@@ -144,6 +147,14 @@ async fn upgrade_under_load_fails_no_request_and_meters_each_once() {
         db.number("SELECT count() FROM usage_events WHERE key_id = 'upgrade'")
             .await
     );
-    let _ = new.kill();
-    let _ = new.wait();
+}
+
+/// A child process killed when the test ends, passed or not.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -33,6 +33,10 @@ pub struct Shared {
     pub connector: Connector,
     /// False until serving, and again once shutdown starts (`/readyz`).
     pub ready: AtomicBool,
+    /// Set on SIGTERM and SIGQUIT: every response from then on closes its connection
+    /// (`Connection: close`), so clients open new connections (to the new process, or through
+    /// the balancer) instead of reusing one this process is about to close.
+    pub draining: AtomicBool,
     /// False until the control-plane keys were loaded once (`/readyz`); true without a
     /// control plane.
     pub keys_ready: AtomicBool,

@@ -1,7 +1,9 @@
 //! How a gateway process ends and hands over: draining on SIGTERM, and the zero-downtime
 //! upgrade (`aihub gateway --upgrade`).
 //!
-//! **Drain.** SIGTERM turns `/readyz` to 503 at once, keeps serving for `server.drain_delay`
+//! **Drain.** SIGTERM turns `/readyz` to 503 at once and every response from then on closes its
+//! connection (`Connection: close`: clients reconnect elsewhere rather than reuse a connection
+//! this process will close), keeps serving for `server.drain_delay`
 //! (time for load balancers to notice), then stops accepting; requests in flight, streams
 //! included, finish within `server.shutdown_grace_period`. The process exits as soon as none is
 //! in flight and every usage record is in ClickHouse, or when the grace period ends (records not
@@ -15,6 +17,7 @@
 //! local limiter state (buckets restart full) and the admin API of `aihub serve`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,10 +44,12 @@ impl ShutdownSignalWatch for Signals {
             _ = quit.recv() => {
                 tracing::info!("SIGQUIT: handing the listeners to the new process, then draining");
                 set_ready(&self.shared, false);
+                self.shared.draining.store(true, Ordering::Relaxed);
                 ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {
                 set_ready(&self.shared, false);
+                self.shared.draining.store(true, Ordering::Relaxed);
                 tracing::info!(drain_delay = ?self.drain_delay, "SIGTERM: not ready; draining");
                 tokio::time::sleep(self.drain_delay).await;
                 ShutdownSignal::GracefulTerminate

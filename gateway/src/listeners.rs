@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aihub_net::proxy_header::{self, Parsed};
+use aihub_net::proxy_header;
 use pingora_core::apps::ServerApp;
 use pingora_core::listeners::PreTlsProcess;
 use pingora_core::protocols::l4::socket::SocketAddr as PSocketAddr;
@@ -211,9 +211,10 @@ where
     if !trusted.contains(peer.ip()) {
         return Err(format!("PROXY header from {peer}, outside trusted_proxies"));
     }
-    let source = tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(stream))
+    let source = tokio::time::timeout(PROXY_HEADER_TIMEOUT, proxy_header::read::read(stream))
         .await
-        .map_err(|_| format!("no PROXY header from {peer} within {PROXY_HEADER_TIMEOUT:?}"))??;
+        .map_err(|_| format!("no PROXY header from {peer} within {PROXY_HEADER_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
     if let Some(source) = source {
         let d = SocketDigest::from_raw_fd(stream.id());
         let _ = d.peer_addr.set(Some(PSocketAddr::Inet(source)));
@@ -221,30 +222,6 @@ where
         stream.set_socket_digest(d);
     }
     Ok(())
-}
-
-/// Reads one PROXY header exactly; the source address it names (`None`: `LOCAL`/`UNKNOWN`).
-async fn read_proxy_header<S>(stream: &mut S) -> Result<Option<SocketAddr>, String>
-where
-    S: tokio::io::AsyncRead + Unpin + ?Sized,
-{
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::with_capacity(proxy_header::V1_MAX_LEN);
-    loop {
-        match proxy_header::parse(&buf).map_err(|e| format!("PROXY header: {e}"))? {
-            Parsed::Complete { source, .. } => {
-                return Ok(source.map(|s| SocketAddr::new(s.ip().to_canonical(), s.port())));
-            }
-            Parsed::Incomplete { needed } => {
-                let start = buf.len();
-                buf.resize(start + needed.max(1), 0);
-                stream
-                    .read_exact(&mut buf[start..])
-                    .await
-                    .map_err(|e| format!("PROXY header: {e}"))?;
-            }
-        }
-    }
 }
 
 /// Reads the PROXY header on TLS listeners, before the handshake.

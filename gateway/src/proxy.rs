@@ -59,6 +59,13 @@ impl ProxyHttp for Gateway {
         self.shared.metrics.in_flight.inc();
         ctx.counted = true;
         ctx.client_ip = self.shared.clients.load().client_ip(session);
+        if self
+            .shared
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            session.set_keepalive(None);
+        }
         match self.handle(session, ctx).await {
             Ok(()) => Ok(true),
             Err(e) if !ctx.response_started => {

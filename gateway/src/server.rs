@@ -180,6 +180,7 @@ impl GatewayServer {
             metrics,
             connector,
             ready: false.into(),
+            draining: false.into(),
             keys_ready: config.control_plane.is_none().into(),
             usage,
             limits,

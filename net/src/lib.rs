@@ -20,7 +20,8 @@
 //! - [`forwarded`]: [`client_from_forwarded_for`], the client address from the TCP peer and the
 //!   `X-Forwarded-For` header (rightmost untrusted hop).
 //! - [`proxy_header`]: a sans-IO parser of PROXY protocol v1 and v2 headers
-//!   ([`proxy_header::parse`]).
+//!   ([`proxy_header::parse`]); with feature `io`, `proxy_header::read` reads one from a tokio
+//!   stream for both servers.
 //! - [`tls`]: the other direction, our own clients' TLS: [`tls::ClientTls`], the `tls:` block
 //!   (CA, client certificate) of Redis, ClickHouse, SMTP and the task engine, and its
 //!   `native_tls` connector.

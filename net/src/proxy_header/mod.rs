@@ -37,6 +37,8 @@
 //! Addresses are returned as sent (an IPv4-mapped `TCP6` address stays IPv6); canonicalize them
 //! before comparing.
 
+#[cfg(feature = "io")]
+pub mod read;
 mod v1;
 mod v2;
 
