@@ -544,26 +544,29 @@ async fn deliver(
         tracing::warn!(segment = %segment.path.display(), lines = torn, "skipped torn WAL lines");
         state.metrics.torn_lines.inc_by(torn as u64);
     }
-    if segment.maybe_inserted {
-        let dropped = sink::drop_present(client, &mut rows).await?;
-        state
-            .metrics
-            .replay_duplicates_skipped
-            .inc_by(dropped as u64);
-    }
+    let replayed = if segment.maybe_inserted {
+        sink::drop_present(client, &mut rows).await?
+    } else {
+        0
+    };
     // Every insert: a batch item answered already (sent again after a worker takeover) is not
     // inserted twice. No query when the batch holds no batch item.
-    let dropped = sink::drop_batch_duplicates(client, &mut rows).await?;
-    state
-        .metrics
-        .batch_duplicates_skipped
-        .inc_by(dropped as u64);
+    let answered = sink::drop_batch_duplicates(client, &mut rows).await?;
     let started = Instant::now();
     sink::insert(client, timeout, &rows).await?;
     state
         .metrics
         .insert_latency
         .observe(started.elapsed().as_secs_f64());
+    // Counted once the batch landed: a failed attempt is retried and would count them again.
+    state
+        .metrics
+        .replay_duplicates_skipped
+        .inc_by(replayed as u64);
+    state
+        .metrics
+        .batch_duplicates_skipped
+        .inc_by(answered as u64);
     state.metrics.rows_written.inc_by(rows.len() as u64);
     wal::remove(segment).map_err(|e| InsertError::Transient(e.to_string()))?;
     Ok(())
