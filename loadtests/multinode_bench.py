@@ -2,32 +2,24 @@
 """Multi-node benchmark (issue 20): per-node CPU per request with 1, 2 and 3 gateways under the
 same load per node, and how fast a revocation reaches all three.
 
-Called by loadtests/multinode-bench.sh, which builds `aihub` in release, installs oha if
-missing, checks ClickHouse, PostgreSQL and Redis, creates a fresh PostgreSQL database
-(MULTINODE_DATABASE_URL, dropped by the shell script) and runs this script.
-
-The cluster is cli/tests/multinode.rs's, without nginx: one `aihub admin` on the PostgreSQL
-database, publishing key changes to Redis; gateways (`server.threads: 1`) following its keys
-(`control_plane` with `redis_url`), limits in Redis (a plan whose limits nothing reaches, so
-every request makes its Redis round trip) and metering into ClickHouse (a database of this run,
-dropped at the end), each with its own WAL folder; the mock upstream behind them.
+Run by loadtests/multinode-bench.sh (release build, oha, a fresh PostgreSQL database in
+MULTINODE_DATABASE_URL). The cluster is cli/tests/multinode.rs's without nginx: the mock upstream;
+one `aihub admin` on PostgreSQL publishing key changes to Redis; gateways (`server.threads: 1`)
+following its keys (`control_plane` with `redis_url`), limits in Redis (a plan nothing reaches,
+so every request makes its Redis round trip), metering into ClickHouse (a database of this run,
+dropped at the end) with a WAL folder each.
 
 1. Load: for N in 1, 2, 3 (ROUNDS rounds, the order reversed every other round), N fresh
-   gateways; a 1 s warm-up, then one oha per gateway, all started together, each sending
-   RATE req/s for DURATION s (`-n RATE*DURATION -q RATE --latency-correction`, a small
-   non-streaming chat completion, `model: demo`), each with a key of its own. Per gateway: CPU
-   seconds (utime+stime, /proc/PID/stat) over the run ÷ the requests it answered, its CPU share,
-   req/s, p50/p99; then the usage rows of its key in ClickHouse against the 200s oha counted.
+   gateways; a 1 s warm-up, then one oha per gateway, all started together, each sending RATE
+   req/s for DURATION s (a small non-streaming chat completion, `model: demo`) with a key of
+   its own. Per gateway: CPU seconds (utime+stime, /proc/PID/stat) ÷ the requests it answered,
+   its CPU share, req/s, p50/p99, then its key's usage rows in ClickHouse against oha's 200s.
    The CPU of everything else sharing the machine is recorded beside it.
-2. Revocation with 3 gateways: TRIALS times, a new key is created, seen with 200 by every
-   gateway (GET /v1/models), revoked (DELETE /developer/keys/{id}); each gateway is polled every
-   5 ms until it answers 401; the time until the last one does is the figure (target ≤ 1 s).
+2. Revocation with 3 gateways, TRIALS times: a new key is seen with 200 by every gateway
+   (GET /v1/models), revoked (DELETE /developer/keys/{id}), each gateway polled every 5 ms
+   until it answers 401; the figure is the time until the last one does (target ≤ 1 s).
 
-Env: RATE (1000), DURATION (10), ROUNDS (2), TRIALS (20), CONNECTIONS (oha connections per
-gateway, 50), GATEWAY_CPU (0), LOAD_CPU (1), PIN (1; 0: no taskset), REDIS_URL
-(redis://127.0.0.1:6379; keys under a prefix of this run, deleted at the end),
-CLICKHOUSE_URL (http://127.0.0.1:8123), MULTINODE_DATABASE_URL (required), KEEP_TMP=1.
-Writes loadtests/results/multinode-latest.md and prints it.
+Settings (env) as in loadtests/multinode-bench.sh. Writes loadtests/results/multinode-latest.md.
 """
 
 import ctypes
@@ -35,18 +27,20 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-from http.client import HTTPConnection, HTTPException
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection, HTTPException
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("AIHUB_BIN") or os.path.join(
@@ -55,6 +49,7 @@ RATE = int(os.environ.get("RATE", "1000"))
 DURATION = int(os.environ.get("DURATION", "10"))
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 TRIALS = int(os.environ.get("TRIALS", "20"))
+IDLE = 5  # seconds of idle CPU measured after each run
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "50"))
 GATEWAY_CPU = os.environ.get("GATEWAY_CPU", "0")
 LOAD_CPU = os.environ.get("LOAD_CPU", "1")
@@ -66,26 +61,17 @@ RUN_ID = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
 CH_DB = f"aihub_mnbench_{RUN_ID}"
 PREFIX = f"aihub-mnbench-{RUN_ID}"
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+POOL = ThreadPoolExecutor(3)  # the revocation's pollers
 NODES = [1, 2, 3]
 # Ports 198xx (proxy-bench 190xx-191xx, limits 194xx, routing 196xx); a gateway's ops port is +1.
 MOCK_PORT, ADMIN_PORT, GW_PORTS = 19880, 19881, [19882, 19884, 19886]
 EMAIL, PASSWORD = "bench@aihub.test", "correct horse battery staple"
 CHAT = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Write one short sentence."}]})
 # Limits nothing reaches (u32 maxima are 4.29e9); the monthly quota is a hard stop.
-PLANS = """default_plan: bench
-plans:
-  bench:
-    display_name: Bench
-    monthly_price_usd: 0
-    included_tokens: 1000000000000000
-    overage: false
-    requests_per_minute: 1000000000
-    tokens_per_minute: 4000000000
-    max_concurrent_requests: 100000
-"""
+PLANS = ("default_plan: bench\nplans:\n  bench: {display_name: Bench, monthly_price_usd: 0, included_tokens: "
+         "1000000000000000, overage: false, requests_per_minute: 1000000000, tokens_per_minute: 4000000000, "
+         "max_concurrent_requests: 100000}\n")
 
-
-# ---------------------------------------------------------------- processes and HTTP
 
 def die_with_parent():
     try:
@@ -99,48 +85,32 @@ def pinned(cpu, cmd):
 
 
 class Processes:
-    """Every long-running process this script starts; stop_all stops them in reverse order."""
+    """Every long-running process this script starts, with its log."""
 
     def __init__(self, tmp):
         self.tmp, self.procs, self.logs = tmp, {}, {}
 
-    def start(self, name, cmd, cpu, stdout=None):
+    def start(self, name, cmd, cpu):
         self.logs[name] = os.path.join(self.tmp, f"{name}.log")
         with open(self.logs[name], "w") as log:
-            self.procs[name] = subprocess.Popen(pinned(cpu, cmd), stdout=stdout or log, stderr=log,
-                                                preexec_fn=die_with_parent, text=True)
+            self.procs[name] = subprocess.Popen(pinned(cpu, cmd), stdout=log, stderr=log, preexec_fn=die_with_parent)
         return self.procs[name]
-
-    def tail(self, name, n=20):
-        try:
-            with open(self.logs[name], errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except (OSError, KeyError):
-            return ""
 
     def stop(self, name, sig=signal.SIGTERM, timeout=30):
         p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(sig)
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-    def stop_all(self):
-        for name in reversed(list(self.procs)):
-            self.stop(name, timeout=10)
+        if p is not None and p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def http(method, url, body=None, headers=None, timeout=5):
     """(status, parsed JSON or raw bytes)."""
-    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-    h = dict(headers or {})
-    if isinstance(body, (dict, list)):
-        h["Content-Type"] = "application/json"
-    req = urllib.request.Request(url, data=data, method=method, headers=h)
+    h = dict(headers or {}, **({"Content-Type": "application/json"} if isinstance(body, dict) else {}))
+    req = urllib.request.Request(url, json.dumps(body).encode() if isinstance(body, dict) else body, h, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, raw = r.status, r.read()
@@ -152,18 +122,21 @@ def http(method, url, body=None, headers=None, timeout=5):
         return status, raw
 
 
-def wait_until(what, check, timeout, proc=None, procs=None, name=None):
+def wait_ready(procs, name, url, timeout=60):
+    """Until GET url answers 200; fails when the process `name` exits first."""
+    tail = lambda: "".join(open(procs.logs[name], errors="replace").readlines()[-20:])  # noqa: E731
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"{what}: exited with {proc.returncode}:\n{procs.tail(name)}")
+        p = procs.procs[name]
+        if p.poll() is not None:
+            raise SystemExit(f"{name} exited with {p.returncode}:\n{tail()}")
         try:
-            if check():
+            if http("GET", url, timeout=1)[0] == 200:
                 return
         except OSError:
             pass
         time.sleep(0.05)
-    raise SystemExit(f"{what}: not ready after {timeout} s" + (f":\n{procs.tail(name)}" if procs else ""))
+    raise SystemExit(f"{name}: {url} not ready after {timeout} s:\n{tail()}")
 
 
 def clickhouse(query):
@@ -178,35 +151,25 @@ def redis_cli(*args):
     return subprocess.run(["redis-cli", "-u", REDIS_URL] + list(args), capture_output=True, text=True).stdout
 
 
-# ---------------------------------------------------------------- CPU accounting
-
 def proc_cpu(pid):
-    """(CPU seconds, involuntary context switches of all threads, run-queue wait seconds)."""
+    """(CPU seconds, voluntary and involuntary context switches of all its threads, seconds its
+    threads were runnable but waiting for a CPU)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0, 0, 0.0
-    cpu = (int(fields[11]) + int(fields[12])) * TICK_S
-    nvcsw, wait = 0, 0.0
+        return 0.0, 0, 0, 0.0
+    vcsw, nvcsw, wait = 0, 0, 0.0
     for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
         try:
             with open(f"/proc/{pid}/task/{tid}/status") as f:
-                nvcsw += next(int(l.split()[1]) for l in f if l.startswith("nonvoluntary_ctxt_switches"))
+                ctx = {k: int(v) for k, v in (l.split(":") for l in f if "ctxt_switches" in l)}
+            vcsw, nvcsw = vcsw + ctx["voluntary_ctxt_switches"], nvcsw + ctx["nonvoluntary_ctxt_switches"]
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 wait += int(f.read().split()[1]) / 1e9
-        except (OSError, StopIteration, IndexError, ValueError):
+        except (OSError, KeyError, IndexError, ValueError):
             pass
-    return cpu, nvcsw, wait
-
-
-def cpu_map(pids):
-    return {p: proc_cpu(p)[0] for p in pids if os.path.exists(f"/proc/{p}")}
-
-
-def cpu_delta(before, after):
-    """CPU seconds used between two cpu_map()s by the processes alive at both."""
-    return sum(max(0.0, after[p] - before[p]) for p in before if p in after)
+    return (int(fields[11]) + int(fields[12])) * TICK_S, vcsw, nvcsw, wait
 
 
 def machine_cpu():
@@ -221,18 +184,11 @@ def machine_cpu():
     return out
 
 
-def pids_by_name(name):
-    return [int(p) for p in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()]
+def pids(cmd, after=None):
+    """The pids `cmd` prints (pgrep), or those following `after` in its output (ss -p: "pid=")."""
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    return [int(x.split(",")[0]) for x in out.split(after)[1:]] if after else [int(x) for x in out.split()]
 
-
-def listener_pid(port):
-    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
-    for part in out.split("pid=")[1:]:
-        return int(part.split(",")[0])
-    return None
-
-
-# ---------------------------------------------------------------- the cluster
 
 def admin_api(method, path, body=None, token=None):
     h = {"Authorization": f"Bearer {token}"} if token else {}
@@ -251,91 +207,85 @@ tasks: {{files_dir: "{tmp}/files"}}
 plans_file: {tmp}/plans.yaml
 redis: {{url: "{REDIS_URL}"}}
 """)
-    p = procs.start("admin", [BIN, "admin", "--config", conf], LOAD_CPU)
-    wait_until("admin", lambda: http("GET", f"http://127.0.0.1:{ADMIN_PORT}/readyz", timeout=1)[0] == 200, 60,
-               p, procs, "admin")
-    status, body = admin_api("POST", "/developer/register", {"email": EMAIL, "password": PASSWORD, "full_name": "Bench"})
-    if status != 202:
-        raise SystemExit(f"register: {status} {body}")
-    token = None
-    deadline = time.time() + 10
+    procs.start("admin", [BIN, "admin", "--config", conf], LOAD_CPU)
+    wait_ready(procs, "admin", f"http://127.0.0.1:{ADMIN_PORT}/readyz")
+    expect((202,), "register", admin_api("POST", "/developer/register",
+                                          {"email": EMAIL, "password": PASSWORD, "full_name": "Bench"}))
+    token, deadline = None, time.time() + 10
     while token is None and time.time() < deadline:
         for name in os.listdir(mail) if os.path.isdir(mail) else []:
             with open(os.path.join(mail, name), errors="replace") as f:
                 lines = f.read().splitlines()
-            if any(l.strip() == f"To: {EMAIL}" for l in lines):
+            if f"To: {EMAIL}" in lines:
                 token = next((lines[i + 1].strip() for i, l in enumerate(lines[:-1]) if "paste this token" in l), None)
         time.sleep(0.05)
-    if token is None:
-        raise SystemExit(f"no verification mail in {mail}")
-    status, body = admin_api("POST", "/developer/verify-email", {"token": token})
-    if status != 200:
-        raise SystemExit(f"verify-email: {status} {body}")
-    status, body = admin_api("POST", "/developer/login", {"email": EMAIL, "password": PASSWORD})
-    if status != 200:
-        raise SystemExit(f"login: {status} {body}")
-    return body["access_token"]
+    expect((200,), "verify-email", admin_api("POST", "/developer/verify-email", {"token": token or "no mail came"}))
+    return expect((200,), "login", admin_api("POST", "/developer/login",
+                                             {"email": EMAIL, "password": PASSWORD}))["access_token"]
+
+
+def expect(want, what, answer):
+    if answer[0] not in want:
+        raise SystemExit(f"{what}: {answer[0]} {answer[1]!r:.500}")
+    return answer[1]
 
 
 def create_key(session, name):
-    status, body = admin_api("POST", "/developer/keys", {"name": name}, session)
-    if status != 201:
-        raise SystemExit(f"POST /developer/keys: {status} {body}")
+    body = expect((201,), "POST /developer/keys", admin_api("POST", "/developer/keys", {"name": name}, session))
     return body["key"], body["api_key"]["id"]
 
 
-def start_gateways(procs, tmp, n, tag):
-    names = []
-    for i in range(n):
-        port, name = GW_PORTS[i], f"gw-{tag}-{i + 1}"
-        conf = os.path.join(tmp, f"{name}.yaml")
-        with open(conf, "w") as f:
-            f.write(f"""server:
-  listen: ["127.0.0.1:{port}"]
-  ops_listen: 127.0.0.1:{port + 1}
-  threads: 1
-  pid_file: {tmp}/{name}.pid
-  upgrade_sock: {tmp}/{name}.sock
-upstreams:
-  mock:
-    endpoints: ["http://127.0.0.1:{MOCK_PORT}/v1"]
-routes:
-  - model: demo
-    upstream: mock
+def gateway_config(tmp, i, name, tag):
+    """Gateway i's configuration file (limits under a Redis prefix per `tag`: each run its own nodes)."""
+    port, conf = GW_PORTS[i], os.path.join(tmp, f"{name}.yaml")
+    with open(conf, "w") as f:
+        f.write(f"""server: {{listen: ["127.0.0.1:{port}"], ops_listen: "127.0.0.1:{port + 1}", threads: 1,
+         pid_file: "{tmp}/{name}.pid", upgrade_sock: "{tmp}/{name}.sock"}}
+upstreams: {{mock: {{endpoints: ["http://127.0.0.1:{MOCK_PORT}/v1"]}}}}
+routes: [{{model: demo, upstream: mock}}]
 keys: []
-control_plane:
-  database_url: "{DATABASE_URL}"
-  redis_url: "{REDIS_URL}"
+control_plane: {{database_url: "{DATABASE_URL}", redis_url: "{REDIS_URL}"}}
 limits:
-  plans_file: {tmp}/plans.yaml
+  plans_file: "{tmp}/plans.yaml"
   default_max_tokens: 1024
-  redis: {{url: "{REDIS_URL}", prefix: "{PREFIX}", timeout: 50ms}}
-metering:
-  clickhouse: {{url: "{CLICKHOUSE_URL}", database: {CH_DB}}}
-  wal_dir: {tmp}/wal-{name}
+  redis: {{url: "{REDIS_URL}", prefix: "{PREFIX}-{tag}", timeout: 50ms}}
+metering: {{clickhouse: {{url: "{CLICKHOUSE_URL}", database: {CH_DB}}}, wal_dir: "{tmp}/wal-{name}"}}
 """)
-        procs.start(name, [BIN, "gateway", "--config", conf], GATEWAY_CPU)
-        names.append(name)
+    return conf
+
+
+def start_gateways(procs, tmp, n, tag):
+    names = [f"gw-{tag}-{i + 1}" for i in range(n)]
     for i, name in enumerate(names):
-        wait_until(name, lambda i=i: http("GET", f"http://127.0.0.1:{GW_PORTS[i] + 1}/readyz", timeout=1)[0] == 200,
-                   60, procs.procs[name], procs, name)
+        procs.start(name, [BIN, "gateway", "--config", gateway_config(tmp, i, name, tag)], GATEWAY_CPU)
+    for port, name in zip(GW_PORTS, names):
+        wait_ready(procs, name, f"http://127.0.0.1:{port + 1}/readyz")
     return names
 
 
-def log_warnings(procs, names):
+def node_notes(procs, names, counters=("aihub_rate_limited_total", "aihub_limits_redis_errors_total")):
+    """What is worth a note about running gateways: WARN/ERROR lines of their logs, non-zero
+    `counters`, Redis limits not up, another number of nodes sharing the limits than started."""
     out = []
-    for name in names:
-        try:
-            with open(procs.logs[name], errors="replace") as f:
-                for line in f:
-                    if (" WARN " in line or " ERROR " in line) and "aihub::access" not in line:
-                        out.append(f"{name}: {line.strip()[:300]}")
-        except OSError:
-            pass
-    return out[:10]
+    for i, name in enumerate(names):
+        seen = {}  # the same message (numbers aside) once, with its count
+        with open(procs.logs[name], errors="replace") as f:
+            for line in (l.split(None, 1)[-1].strip()[:300] for l in f if " WARN " in l or " ERROR " in l):
+                seen.setdefault(re.sub(r"\d+", "#", line), [line, 0])[1] += 1
+        out += [f"{name}: {text} (×{n}; first shown)" if n > 1 else f"{name}: {text}" for text, n in seen.values()]
+        with urllib.request.urlopen(f"http://127.0.0.1:{GW_PORTS[i] + 1}/metrics", timeout=5) as r:
+            m = {}
+            for line in r.read().decode(errors="replace").splitlines():
+                name_part = line.split("{")[0].split(" ")[0]
+                if not line.startswith("#") and " " in line:
+                    m[name_part] = m.get(name_part, 0.0) + float(line.rsplit(" ", 1)[1])
+        bad = {k: m.get(k, 0) for k in counters if m.get(k)}
+        bad.update({k: m.get(k) for k, want in (("aihub_limits_redis_up", 1), ("aihub_limits_nodes", len(names)))
+                    if m.get(k) != want})
+        if bad:
+            out.append(f"{name}: " + ", ".join(f"{k} = {v}" for k, v in bad.items()))
+    return out
 
-
-# ---------------------------------------------------------------- load
 
 def oha_cmd(port, key, rate, n):
     return pinned(LOAD_CPU, ["oha", "--no-tui", "--output-format", "json", "-n", str(n), "-q", str(rate),
@@ -345,18 +295,14 @@ def oha_cmd(port, key, rate, n):
 
 
 def run_ohas(cmds):
-    """Starts every command at once; their parsed JSON outputs."""
-    outs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]
-    ps = [subprocess.Popen(c, stdout=o, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
-          for c, o in zip(cmds, outs)]
-    results = []
-    for p, o in zip(ps, outs):
-        _, err = p.communicate()
+    """Starts every command at once; their parsed JSON outputs (a few KB each: no pipe fills up)."""
+    ps = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+          for c in cmds]
+    outs = [p.communicate() for p in ps]
+    for p, (_, err) in zip(ps, outs):
         if p.returncode != 0:
             raise SystemExit(f"oha failed ({p.returncode}): {err}")
-        o.seek(0)
-        results.append(json.loads(o.read()))
-    return results
+    return [json.loads(out) for out, _ in outs]
 
 
 def one_run(procs, tmp, n, rnd, keys, warm_key, others):
@@ -364,103 +310,81 @@ def one_run(procs, tmp, n, rnd, keys, warm_key, others):
     gw = [procs.procs[x].pid for x in names]
     try:
         for i in range(n):  # every node answers the run's key before the load
-            s, _ = http("GET", f"http://127.0.0.1:{GW_PORTS[i]}/v1/models", headers={"Authorization": f"Bearer {keys[i][0]}"})
-            if s != 200:
-                raise SystemExit(f"{names[i]}: GET /v1/models with the run's key: {s}")
+            expect((200,), f"{names[i]}: GET /v1/models with the run's key",
+                   http("GET", f"http://127.0.0.1:{GW_PORTS[i]}/v1/models", headers={"Authorization": f"Bearer {keys[i][0]}"}))
         run_ohas([oha_cmd(GW_PORTS[i], warm_key, RATE, RATE) for i in range(n)])  # 1 s warm-up
         before = [proc_cpu(p) for p in gw]
-        other_before = {k: cpu_map(v) for k, v in others.items()}
+        other_before = {k: {p: proc_cpu(p)[0] for p in v} for k, v in others.items()}
         mach_before, kids_before = machine_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         outs = run_ohas([oha_cmd(GW_PORTS[i], keys[i][0], RATE, RATE * DURATION) for i in range(n)])
         wall = time.monotonic() - t0
         after = [proc_cpu(p) for p in gw]
-        other = {k: cpu_delta(other_before[k], cpu_map(v)) for k, v in others.items()}
+        # A process that ended meanwhile (a PostgreSQL backend) counts 0: its CPU falls in `rest`.
+        other = {k: sum(max(0.0, proc_cpu(p)[0] - c) for p, c in other_before[k].items()) for k in others}
         mach_after, kids_after = machine_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
         other["oha"] = (kids_after.ru_utime + kids_after.ru_stime) - (kids_before.ru_utime + kids_before.ru_stime)
         other["gateways"] = sum(a[0] - b[0] for a, b in zip(after, before))
         machine = {k: (mach_after[k] - mach_before[k]) / wall for k in mach_after}
+        other["rest"] = max(0.0, machine["all"] * wall - sum(other.values()))
         nodes = []
-        for i, (o, b, a) in enumerate(zip(outs, before, after)):
-            codes = {int(k): v for k, v in o["statusCodeDistribution"].items()}
-            answered, ok = sum(codes.values()), codes.get(200, 0)
-            errors = sum(o.get("errorDistribution", {}).values())
-            pct = o["latencyPercentiles"]
-            nodes.append({"cpu_us": (a[0] - b[0]) / max(answered, 1) * 1e6, "busy": (a[0] - b[0]) / wall,
-                          "rps": o["summary"].get("requestsPerSec") or answered / wall,
-                          "p50": (pct["p50"] or 0) * 1000, "p99": (pct["p99"] or 0) * 1000,
-                          "answered": answered, "ok": ok, "errors": errors, "sent": RATE * DURATION,
-                          "nvcsw": (a[1] - b[1]) / max(answered, 1), "wait_us": (a[2] - b[2]) / max(answered, 1) * 1e6,
-                          "key_id": keys[i][1]})
+        for o, b, a in zip(outs, before, after):
+            codes, pct = {int(k): v for k, v in o["statusCodeDistribution"].items()}, o["latencyPercentiles"]
+            answered = sum(codes.values())
+            cpu, vcsw, nvcsw, waited = (x / max(answered, 1) for x in (a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3]))
+            nodes.append({"cpu_us": cpu * 1e6, "busy": (a[0] - b[0]) / wall, "vcsw": vcsw, "nvcsw": nvcsw,
+                          "wait_us": waited * 1e6, "rps": o["summary"]["requestsPerSec"], "p50": (pct["p50"] or 0) * 1000,
+                          "p99": (pct["p99"] or 0) * 1000, "answered": answered, "ok": codes.get(200, 0),
+                          "errors": sum(o.get("errorDistribution", {}).values()), "sent": RATE * DURATION})
         usage = usage_rows([k[1] for k in keys[:n]], [x["ok"] for x in nodes])
-        for x, rows in zip(nodes, usage):
-            x["rows"] = rows
-        warnings = log_warnings(procs, names)
-        m = [gateway_metrics(i, ["aihub_rate_limited_total", "aihub_limits_redis_errors_total", "aihub_limits_redis_up",
-                                 "aihub_limits_nodes"]) for i in range(n)]
+        idle0 = [proc_cpu(p)[0] for p in gw]
+        time.sleep(IDLE)  # the nodes without requests: their fixed cost (timers, polls, flushes)
+        for x, rows, b, p in zip(nodes, usage, idle0, gw):
+            x["rows"], x["idle"] = rows, (proc_cpu(p)[0] - b) / IDLE
+            x["net_us"] = x["cpu_us"] - x["idle"] * wall / max(x["answered"], 1) * 1e6
+        warnings = node_notes(procs, names)
     finally:
         for name in names:
             procs.stop(name)
     return {"n": n, "round": rnd, "wall": wall, "nodes": nodes, "machine": machine,
-            "other": {k: v / wall for k, v in other.items()}, "warnings": warnings, "metrics": m}
-
-
-def gateway_metrics(i, names):
-    """{name: sum of its series} from gateway i's /metrics."""
-    out = {k: 0.0 for k in names}
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{GW_PORTS[i] + 1}/metrics", timeout=5) as r:
-            for line in r.read().decode(errors="replace").splitlines():
-                for k in names:
-                    if line.startswith(k) and line[len(k):len(k) + 1] in (" ", "{"):
-                        out[k] += float(line.rsplit(" ", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return out
+            "other": {k: v / wall for k, v in other.items()}, "warnings": warnings}
 
 
 def usage_rows(key_ids, want, timeout=30):
     """Rows per key in ClickHouse, waiting up to `timeout` s for them to reach `want`."""
-    deadline = time.time() + timeout
+    deadline, ids = time.time() + timeout, ", ".join(f"'{k}'" for k in key_ids)
     while True:
-        ids = ", ".join(f"'{k}'" for k in key_ids)
         text = clickhouse(f"SELECT key_id, count() FROM {CH_DB}.usage_events WHERE key_id IN ({ids}) GROUP BY key_id FORMAT TSV")
-        got = {l.split("\t")[0]: int(l.split("\t")[1]) for l in text.splitlines() if l}
-        rows = [got.get(k, 0) for k in key_ids]
+        got = dict(l.split("\t") for l in text.splitlines())
+        rows = [int(got.get(k, 0)) for k in key_ids]
         if all(r >= w for r, w in zip(rows, want)) or time.time() > deadline:
             return rows
         time.sleep(0.5)
 
 
-# ---------------------------------------------------------------- revocation
-
-def poll_until(port, key, want, t0, deadline, out, idx):
-    """GET /v1/models every 5 ms on one keep-alive connection until `want`; out[idx] = seconds since t0."""
+def poll(port, key, want, t0, timeout):
+    """GET /v1/models every 5 ms on one keep-alive connection until it answers `want`: the
+    seconds since t0, or None after `timeout`."""
     conn = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < t0 + timeout:
         try:
             conn = conn or HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
             r = conn.getresponse()
             r.read()
             if r.status == want:
-                out[idx] = time.monotonic() - t0
-                break
+                return time.monotonic() - t0
         except (OSError, HTTPException):
             conn = None
         time.sleep(0.005)
-    if conn:
-        conn.close()
+    return None
 
 
 def poll_all(key, want, timeout=5.0):
-    """Polls the three gateways at once from now on; their times (None: never)."""
+    """Polls the three gateways at once from now; a function waiting for their times."""
     t0 = time.monotonic()
-    out = [None] * 3
-    ts = [threading.Thread(target=poll_until, args=(GW_PORTS[i], key, want, t0, t0 + timeout, out, i)) for i in range(3)]
-    for t in ts:
-        t.start()
-    return t0, ts, out
+    futures = [POOL.submit(poll, port, key, want, t0, timeout) for port in GW_PORTS]
+    return lambda: [fu.result() for fu in futures]
 
 
 def revocations(procs, tmp, session):
@@ -469,31 +393,25 @@ def revocations(procs, tmp, session):
     try:
         for t in range(TRIALS):
             key, key_id = create_key(session, f"revoke-{t}")
-            _, ts, seen = poll_all(key, 200)
-            for th in ts:
-                th.join()
+            seen = poll_all(key, 200)()
             if None in seen:
                 raise SystemExit(f"trial {t + 1}: a new key is not accepted by every gateway within 5 s: {seen}")
             time.sleep(random.uniform(0.1, 0.6))  # not in step with any poll interval
             d0 = time.monotonic()
-            t0, ts, out = poll_all(key, 401)
-            status, body = admin_api("DELETE", f"/developer/keys/{key_id}", token=session)
+            join = poll_all(key, 401)
+            answer = admin_api("DELETE", f"/developer/keys/{key_id}", token=session)
             deleted = time.monotonic() - d0
-            if status not in (200, 204):
-                raise SystemExit(f"DELETE /developer/keys/{key_id}: {status} {body}")
-            for th in ts:
-                th.join()
+            expect((200, 204), f"DELETE /developer/keys/{key_id}", answer)
+            out = join()
             trials.append({"created": max(seen), "deleted": deleted, "nodes": out})
             print(f"revocation {t + 1}/{TRIALS}: DELETE answered in {deleted * 1000:.0f} ms; gateways "
                   + ", ".join("never" if x is None else f"{x * 1000:.0f} ms" for x in out), file=sys.stderr, flush=True)
-        warnings = log_warnings(procs, names)
+        warnings = node_notes(procs, names)
     finally:
         for name in names:
             procs.stop(name)
     return trials, warnings
 
-
-# ---------------------------------------------------------------- report
 
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -528,7 +446,8 @@ def report(runs, trials, rev_warn, notes, meta):
          "chat completion, `model: demo`), a key per gateway, after a 1 s warm-up at the same rate. "
          f"{ROUNDS} round(s), N = 1, 2, 3 then reversed; medians over rounds.",
          "- CPU µs/req: the gateway's utime+stime (/proc/PID/stat, all threads) over the run ÷ the requests it "
-         "answered; node CPU % = the same CPU seconds ÷ wall time (100 % = one core). preempt/req: its involuntary "
+         "answered; node CPU % = the same CPU seconds ÷ wall time (100 % = one core). sleeps/req: its threads' voluntary "
+         "context switches (going to sleep for want of work) per request; preempt/req: its involuntary "
          "context switches per request; wait µs/req: time its threads were runnable but waiting for a CPU "
          "(/proc/PID/task/*/schedstat), per request.",
          "- Shared machine: " + (f"gateways pinned to CPU {GATEWAY_CPU}; oha, the mock and the admin to CPU {LOAD_CPU}; "
@@ -536,30 +455,39 @@ def report(runs, trials, rev_warn, notes, meta):
          + "Redis, ClickHouse and PostgreSQL (the machine's own servers) unpinned. All of them share these "
          f"{meta['nproc']} cores; on real nodes each gateway would have its machine to itself.", ""]
     L += ["## Per-node CPU per request (medians)", "",
-          "| nodes | mean CPU µs/req | vs 1 node | per node CPU µs/req | node CPU % | req/s per node | p50 ms | p99 ms "
-          "| preempt/req | wait µs/req | success |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| nodes | mean CPU µs/req | vs 1 node | per node CPU µs/req | node CPU % | idle node CPU % | CPU µs/req net of idle "
+          "| req/s per node | p50 ms | p99 ms | sleeps/req | preempt/req | wait µs/req | success |", "|" + "---|" * 14]
     for n, rs in by_n.items():
         per = [med([r["nodes"][i]["cpu_us"] for r in rs]) for i in range(n)]
-        col = lambda k, d=1: f(med([statistics.mean(x[k] for x in r["nodes"]) for r in rs]), d)  # noqa: E731
+        col = lambda k, d=1, x100=1: f(med([statistics.mean(x[k] for x in r["nodes"]) * x100 for r in rs]), d)  # noqa: E731
         ok = sum(x["ok"] for r in rs for x in r["nodes"])
         sent = sum(x["sent"] for r in rs for x in r["nodes"])
         L.append(f"| {n} | {f(mean_cpu[n])} | {f(mean_cpu[n] / base, 2) + '×' if base else '–'} | "
-                 f"{' / '.join(f(v) for v in per)} | {f(med([statistics.mean(x['busy'] for x in r['nodes']) * 100 for r in rs]))} % | "
-                 f"{col('rps', 0)} | {col('p50', 2)} | {col('p99', 2)} | {col('nvcsw', 2)} | {col('wait_us')} | "
+                 f"{' / '.join(f(v) for v in per)} | {col('busy', 1, 100)} % | {col('idle', 2, 100)} % | {col('net_us')} | "
+                 f"{col('rps', 0)} | {col('p50', 2)} | {col('p99', 2)} | {col('vcsw', 2)} | {col('nvcsw', 2)} | {col('wait_us')} | "
                  f"{ok:,}/{sent:,} ({ok / sent * 100:.2f} %) |")
-    spread = max(mean_cpu.values()) / min(mean_cpu.values()) - 1 if base else None
-    L += ["", f"Mean CPU µs/req from 1 to 3 nodes: {' → '.join(f(mean_cpu[n]) for n in NODES)} "
-          f"(largest ÷ smallest − 1 = {f(spread * 100 if spread is not None else None)} %). Means, node CPU %, "
-          "req/s and latencies are the mean over the nodes of a run, median over the rounds.", ""]
+    flat = all(mean_cpu[n] <= base * 1.10 for n in NODES) if base else None
+    every = [x for r in runs for x in r["nodes"]]
+    L += ["", f"- **Per-node CPU per request does not grow with the nodes (2 and 3 nodes ≤ 1.10× 1 node's): "
+          f"{'–' if flat is None else 'met' if flat else 'not met'}**: {' → '.join(f(mean_cpu[n]) for n in NODES)} "
+          f"µs/req ({', '.join(f'{n} nodes {mean_cpu[n] / base:.2f}×' for n in NODES[1:]) if base else '–'}).",
+          f"- Every request answered 200: {'yes' if all(x['ok'] == x['sent'] for x in every) else '**no**'}; usage rows "
+          f"= oha's 200s for every node and run: {'yes' if all(x['rows'] == x['ok'] for x in every) else '**no**'}.", "",
+          "Means, node CPU %, req/s and latencies are the mean over the nodes of a run, median over the rounds. Idle node CPU %: "
+          f"each node's CPU during {IDLE} s without requests after the run (timers, key-feed polls, flushes); net of "
+          "idle = CPU µs/req minus that idle rate over the run's wall time.", ""]
+    cpus = sorted(k for k in runs[0]["machine"] if k != "all")
+    parts = ("gateways", "oha", "mock", "admin", "redis", "clickhouse", "postgres", "rest")
     L += ["## What shared the machine (CPU % of one core during the run, medians)", "",
-          "| nodes | machine busy (all cores) | " + " | ".join(sorted(k for k in runs[0]["machine"] if k != "all"))
-          + " | gateways | oha | mock | admin | Redis | ClickHouse | PostgreSQL |",
-          "|---|---|" + "---|" * (len(runs[0]["machine"]) - 1) + "---|---|---|---|---|---|---|"]
+          "| nodes | machine busy (all cores) | " + " | ".join(cpus) + " | gateways | oha | mock | admin | Redis "
+          "| ClickHouse | PostgreSQL | everything else |", "|---|---|" + "---|" * (len(cpus) + len(parts))]
     for n, rs in by_n.items():
         m = lambda k, src: f(med([r[src].get(k, 0) * 100 for r in rs]), 0)  # noqa: E731
         L.append(f"| {n} | {m('all', 'machine')} % of {meta['nproc'] * 100} % | "
-                 + " | ".join(f"{m(k, 'machine')} %" for k in sorted(rs[0]["machine"]) if k != "all") + " | "
-                 + " | ".join(f"{m(k, 'other')} %" for k in ("gateways", "oha", "mock", "admin", "redis", "clickhouse", "postgres")) + " |")
+                 + " | ".join(f"{m(k, 'machine')} %" for k in cpus) + " | "
+                 + " | ".join(f"{m(k, 'other')} %" for k in parts) + " |")
+    L += ["", "Redis, ClickHouse and PostgreSQL are the machine's shared servers: their CPU counts every client's "
+          "work. `everything else` = machine busy − the processes listed (kernel threads, other jobs)."]
     L += ["", "## Revocation with 3 gateways", ""]
     if trials:
         last = [max(t["nodes"]) for t in trials if None not in t["nodes"]]
@@ -574,28 +502,16 @@ def report(runs, trials, rev_warn, notes, meta):
               "Times from just before the DELETE /developer/keys/{id} is sent to the first 401 on GET /v1/models "
               "(each gateway polled every 5 ms on a keep-alive connection); no load meanwhile. "
               "`new key seen by all` = from the key's creation to 200 on every gateway.", ""]
-    L += ["## Usage rows against the 200s oha counted", "",
-          "| round | nodes | node | 200s (oha) | other answers / errors | usage rows | equal |", "|---|---|---|---|---|---|---|"]
+    L += ["## Per run and node; usage rows against the 200s oha counted", "",
+          "| round | nodes | node | CPU µs/req | node CPU % | idle % | req/s | p50 ms | p99 ms | sleeps/req | preempt/req "
+          "| wait µs/req | 200s (oha) | other answers / errors | usage rows | rows = 200s |", "|" + "---|" * 16]
     for r in runs:
         for i, x in enumerate(r["nodes"]):
-            L.append(f"| {r['round']} | {r['n']} | {i + 1} | {x['ok']:,} | {x['answered'] - x['ok']} / {x['errors']} | "
-                     f"{x['rows']:,} | {'yes' if x['rows'] == x['ok'] else '**no**'} |")
-    L += ["", "Rows of each run's key (one key per gateway and run) in `usage_events`, waited for up to 30 s.", "",
-          "<details><summary>Per run</summary>", "",
-          "| round | nodes | node | CPU µs/req | node CPU % | req/s | p50 ms | p99 ms | preempt/req | wait µs/req |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+            L.append(f"| {r['round']} | {r['n']} | {i + 1} | {f(x['cpu_us'])} | {f(x['busy'] * 100)} | {f(x['idle'] * 100, 2)} | {f(x['rps'], 0)} | "
+                     f"{f(x['p50'], 2)} | {f(x['p99'], 2)} | {f(x['vcsw'], 2)} | {f(x['nvcsw'], 2)} | {f(x['wait_us'])} | {x['ok']:,} | "
+                     f"{x['answered'] - x['ok']} / {x['errors']} | {x['rows']:,} | {'yes' if x['rows'] == x['ok'] else '**no**'} |")
+    L += ["", "Usage rows: those of the run's key (one key per gateway and run) in `usage_events`, waited for up to 30 s."]
     for r in runs:
-        for i, x in enumerate(r["nodes"]):
-            L.append(f"| {r['round']} | {r['n']} | {i + 1} | {f(x['cpu_us'])} | {f(x['busy'] * 100)} | {f(x['rps'], 0)} | "
-                     f"{f(x['p50'], 2)} | {f(x['p99'], 2)} | {f(x['nvcsw'], 2)} | {f(x['wait_us'])} |")
-    L += ["", "</details>"]
-    for r in runs:
-        for i, m in enumerate(r["metrics"]):
-            bad = {k: v for k, v in m.items() if (k == "aihub_limits_redis_up" and v != 1)
-                   or (k == "aihub_limits_nodes" and v != r["n"]) or (k.endswith("_total") and v)}
-            if bad:
-                notes.append(f"round {r['round']}, {r['n']} node(s), node {i + 1} after the run: "
-                             + ", ".join(f"{k} = {v:.0f}" for k, v in bad.items()))
         notes += [f"round {r['round']}, {r['n']} node(s): {w}" for w in r["warnings"]]
     notes += [f"revocation: {w}" for w in rev_warn]
     if notes:
@@ -603,21 +519,18 @@ def report(runs, trials, rev_warn, notes, meta):
     return "\n".join(L) + "\n"
 
 
-# ---------------------------------------------------------------- main
-
 def main():
-    if not DATABASE_URL:
-        raise SystemExit("MULTINODE_DATABASE_URL is not set: run loadtests/multinode-bench.sh")
-    for tool in ["oha", "redis-cli", "ss", "pgrep"] + (["taskset"] if PIN else []):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is missing: run loadtests/multinode-bench.sh")
-    if not os.access(BIN, os.X_OK):
-        raise SystemExit(f"{BIN} not found: run loadtests/multinode-bench.sh (or set AIHUB_BIN)")
+    if not DATABASE_URL or not os.access(BIN, os.X_OK) or not shutil.which("oha"):
+        raise SystemExit(f"no MULTINODE_DATABASE_URL, {BIN} or oha: run loadtests/multinode-bench.sh")
+    for port in [MOCK_PORT, ADMIN_PORT] + [p + d for p in GW_PORTS for d in (0, 1)]:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(f"port {port} is in use: stop what listens there (ss -ltnp 'sport = :{port}')")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "nproc": os.cpu_count(), "cpu": cpu_model,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "nproc": len(os.sched_getaffinity(0)), "cpu": cpu_model,
             "revision": git("rev-parse", "--short", "HEAD")
             + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""),
             "command": os.environ.get("MULTINODE_BENCH_COMMAND", "python3 loadtests/multinode_bench.py"),
@@ -630,23 +543,25 @@ def main():
         with open(os.path.join(tmp, "plans.yaml"), "w") as fh:
             fh.write(PLANS)
         mock = procs.start("mock", [BIN, "mock-upstream", "--listen", f"127.0.0.1:{MOCK_PORT}", "--threads", "1"], LOAD_CPU)
-        wait_until("mock", lambda: http("GET", f"http://127.0.0.1:{MOCK_PORT}/v1/models", timeout=1)[0] == 200, 30,
-                   mock, procs, "mock")
+        wait_ready(procs, "mock", f"http://127.0.0.1:{MOCK_PORT}/v1/models")
         session = start_admin(procs, tmp)
+        # The usage schema first, as a deployment does, rather than raced by the first nodes.
+        m = subprocess.run([BIN, "migrate", "--config", gateway_config(tmp, 0, "migrate", "migrate"),
+                            "--admin-config", os.path.join(tmp, "none")], capture_output=True, text=True)
+        if m.returncode != 0:
+            raise SystemExit(f"aihub migrate failed:\n{m.stdout}{m.stderr}")
         warm_key, _ = create_key(session, "warm-up")
         keys = {(rnd, n): [create_key(session, f"load-r{rnd}-n{n}-{i + 1}") for i in range(n)]
                 for rnd in range(1, ROUNDS + 1) for n in NODES}
-        redis_pid = next((int(l.split(":")[1]) for l in redis_cli("INFO", "server").splitlines()
-                          if l.startswith("process_id:")), None)
-        ch_pid = listener_pid(int(CLICKHOUSE_URL.rsplit(":", 1)[1].split("/")[0]))
-        others = {"mock": [mock.pid], "admin": [procs.procs["admin"].pid],
-                  "redis": [redis_pid] if redis_pid and os.path.exists(f"/proc/{redis_pid}") else [],
-                  "clickhouse": [ch_pid] if ch_pid else [], "postgres": pids_by_name("postgres")}
+        redis = [int(l.split(":")[1]) for l in redis_cli("INFO", "server").splitlines() if l.startswith("process_id:")]
+        others = {"mock": [mock.pid], "admin": [procs.procs["admin"].pid], "postgres": [],
+                  "redis": [p for p in redis if os.path.exists(f"/proc/{p}")],  # not if Redis runs elsewhere
+                  "clickhouse": pids(["ss", "-ltnpH", f"sport = :{CLICKHOUSE_URL.rsplit(':', 1)[1].strip('/')}"], "pid=")[:1]}
         if not others["redis"] or not others["clickhouse"]:
             notes.append("the CPU of Redis or ClickHouse could not be read (no pid found): shown as 0")
         for rnd in range(1, ROUNDS + 1):
             for n in (NODES if rnd % 2 else NODES[::-1]):
-                others["postgres"] = pids_by_name("postgres")  # backends come and go
+                others["postgres"] = pids(["pgrep", "-x", "postgres"])  # backends come and go
                 r = one_run(procs, tmp, n, rnd, keys[(rnd, n)], warm_key, others)
                 runs.append(r)
                 print(f"round {rnd}, {n} node(s): " + "; ".join(
@@ -657,7 +572,8 @@ def main():
             trials, rev_warn = revocations(procs, tmp, session)
         failed = False
     finally:
-        procs.stop_all()
+        for name in reversed(list(procs.procs)):
+            procs.stop(name, timeout=10)
         try:
             clickhouse(f"DROP DATABASE IF EXISTS {CH_DB}")
         except (RuntimeError, OSError) as e:
@@ -670,8 +586,7 @@ def main():
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     wall = int(time.monotonic() - started)
-    meta["wall"] = f"{wall // 60} min {wall % 60} s"
-    meta["load_after"] = "/".join(open("/proc/loadavg").read().split()[:3])
+    meta.update(wall=f"{wall // 60} min {wall % 60} s", load_after="/".join(open("/proc/loadavg").read().split()[:3]))
     text = report(runs, trials, rev_warn, notes, meta)
     out = os.path.join(ROOT, "loadtests", "results", "multinode-latest.md")
     with open(out, "w") as fh:
