@@ -518,6 +518,9 @@ fn shared_client() -> &'static reqwest::Client {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(64)
+        // Under ClickHouse's 3 s keep-alive: a connection it closed is never reused (a reply cut
+        // short, `IncompleteMessage`, failed a loaded CI run).
+        .pool_idle_timeout(Duration::from_secs(2))
         .build()
         .unwrap()
 }
