@@ -45,6 +45,7 @@ CH_STARTED=""
 DB_CREATED=""
 PY=""
 cleanup() {
+    set +e  # every step, whatever the previous one did
     if [ -n "$PY" ]; then kill -TERM "$PY" 2>/dev/null && wait "$PY" 2>/dev/null; fi
     if [ -n "$DB_CREATED" ]; then
         "${PG[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || echo "could not drop $DB" >&2
