@@ -39,6 +39,10 @@ cargo fmt --all -- --check
 command -v cargo-machete >/dev/null 2>&1 || cargo install --locked cargo-machete@0.9.2
 echo "==> cargo machete" >&2
 cargo machete
+# Licenses, duplicate versions and sources against deny.toml (docs/supply-chain.md), offline.
+command -v cargo-deny >/dev/null 2>&1 || cargo install --locked cargo-deny@0.20.2
+echo "==> cargo deny check licenses bans sources" >&2
+cargo deny --frozen check licenses bans sources
 echo "==> no import circles between a crate's modules" >&2
 python3 deploy/ci/module-cycles.py ./*/src loadtests/mock-upstream/src
 echo "==> cargo clippy" >&2
