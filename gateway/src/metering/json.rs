@@ -87,6 +87,25 @@ impl JsonMeter {
     }
 }
 
+/// The usage (read as `api` defines it) and the count of delivered characters that the
+/// streaming scan (what bodies past [`KEEP_MAX`] get) reads from `chunks`: for the fuzz targets,
+/// which cannot afford a megabyte per input to reach it through [`JsonMeter`].
+#[doc(hidden)]
+pub fn scan_usage<'a>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    api: Api,
+) -> (Option<Usage>, u64) {
+    let mut s = Scanner::default();
+    for chunk in chunks {
+        s.feed(chunk);
+    }
+    s.finish_text();
+    (
+        s.usage.as_ref().and_then(|u| u.usage(api)),
+        s.delivered.chars,
+    )
+}
+
 /// Which key the value being read belongs to.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum KeyClass {

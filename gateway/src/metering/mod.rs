@@ -25,3 +25,6 @@ pub use estimate::Delivered;
 pub use fields::{json_usage, Usage, UsageFields};
 pub use json::JsonMeter;
 pub use sse::SseMeter;
+
+#[cfg(test)]
+mod proptests;
