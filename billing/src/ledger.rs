@@ -396,3 +396,6 @@ fn span_text(start: i64, end: i64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;
