@@ -22,9 +22,7 @@ dropped at the end) with a WAL folder each.
 Settings (env) as in loadtests/multinode-bench.sh. Writes loadtests/results/multinode-latest.md.
 """
 
-import ctypes
 import json
-import math
 import os
 import random
 import re
@@ -37,10 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection, HTTPException
+
+from benchlib import Processes, admin_config, delete_redis_prefix, die_with_parent, expect, http, pctl, sign_up, wait_ready
+import benchlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("AIHUB_BIN") or os.path.join(
@@ -65,7 +65,6 @@ POOL = ThreadPoolExecutor(3)  # the revocation's pollers
 NODES = [1, 2, 3]
 # Ports 198xx (proxy-bench 190xx-191xx, limits 194xx, routing 196xx); a gateway's ops port is +1.
 MOCK_PORT, ADMIN_PORT, GW_PORTS = 19880, 19881, [19882, 19884, 19886]
-EMAIL, PASSWORD = "bench@aihub.test", "correct horse battery staple"
 CHAT = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Write one short sentence."}]})
 # Limits nothing reaches (u32 maxima are 4.29e9); the monthly quota is a hard stop.
 PLANS = ("default_plan: bench\nplans:\n  bench: {display_name: Bench, monthly_price_usd: 0, included_tokens: "
@@ -73,82 +72,16 @@ PLANS = ("default_plan: bench\nplans:\n  bench: {display_name: Bench, monthly_pr
          "max_concurrent_requests: 100000}\n")
 
 
-def die_with_parent():
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def pinned(cpu, cmd):
     return (["taskset", "-c", cpu] if PIN else []) + cmd
 
 
-class Processes:
-    """Every long-running process this script starts, with its log."""
-
-    def __init__(self, tmp):
-        self.tmp, self.procs, self.logs = tmp, {}, {}
-
-    def start(self, name, cmd, cpu):
-        self.logs[name] = os.path.join(self.tmp, f"{name}.log")
-        with open(self.logs[name], "w") as log:
-            self.procs[name] = subprocess.Popen(pinned(cpu, cmd), stdout=log, stderr=log, preexec_fn=die_with_parent)
-        return self.procs[name]
-
-    def stop(self, name, sig=signal.SIGTERM, timeout=30):
-        p = self.procs.pop(name, None)
-        if p is not None and p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def http(method, url, body=None, headers=None, timeout=5):
-    """(status, parsed JSON or raw bytes)."""
-    h = dict(headers or {}, **({"Content-Type": "application/json"} if isinstance(body, dict) else {}))
-    req = urllib.request.Request(url, json.dumps(body).encode() if isinstance(body, dict) else body, h, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, raw
-
-
-def wait_ready(procs, name, url, timeout=60):
-    """Until GET url answers 200; fails when the process `name` exits first."""
-    tail = lambda: "".join(open(procs.logs[name], errors="replace").readlines()[-20:])  # noqa: E731
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        p = procs.procs[name]
-        if p.poll() is not None:
-            raise SystemExit(f"{name} exited with {p.returncode}:\n{tail()}")
-        try:
-            if http("GET", url, timeout=1)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{name}: {url} not ready after {timeout} s:\n{tail()}")
-
-
 def clickhouse(query):
-    try:
-        with urllib.request.urlopen(urllib.request.Request(f"{CLICKHOUSE_URL}/", data=query.encode()), timeout=30) as r:
-            return r.read().decode()
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"ClickHouse: {query}: {e.code} {e.read()[:300]!r}")
+    return benchlib.clickhouse(CLICKHOUSE_URL, query)
 
 
 def redis_cli(*args):
-    return subprocess.run(["redis-cli", "-u", REDIS_URL] + list(args), capture_output=True, text=True).stdout
+    return benchlib.redis_cli(REDIS_URL, *args)
 
 
 def proc_cpu(pid):
@@ -196,38 +129,10 @@ def admin_api(method, path, body=None, token=None):
 
 
 def start_admin(procs, tmp):
-    mail = os.path.join(tmp, "mail")
-    conf = os.path.join(tmp, "admin.yaml")
-    with open(conf, "w") as f:
-        f.write(f"""listen: 127.0.0.1:{ADMIN_PORT}
-database: {{url: "{DATABASE_URL}"}}
-email: {{transport: {{kind: file, dir: "{mail}"}}}}
-auth: {{argon2_memory_kib: 8192, argon2_iterations: 1}}
-tasks: {{files_dir: "{tmp}/files"}}
-plans_file: {tmp}/plans.yaml
-redis: {{url: "{REDIS_URL}"}}
-""")
-    procs.start("admin", [BIN, "admin", "--config", conf], LOAD_CPU)
+    conf = admin_config(tmp, ADMIN_PORT, DATABASE_URL, REDIS_URL, os.path.join(tmp, "plans.yaml"))
+    procs.start("admin", [BIN, "admin", "--config", conf], LOAD_CPU if PIN else None)
     wait_ready(procs, "admin", f"http://127.0.0.1:{ADMIN_PORT}/readyz")
-    expect((202,), "register", admin_api("POST", "/developer/register",
-                                          {"email": EMAIL, "password": PASSWORD, "full_name": "Bench"}))
-    token, deadline = None, time.time() + 10
-    while token is None and time.time() < deadline:
-        for name in os.listdir(mail) if os.path.isdir(mail) else []:
-            with open(os.path.join(mail, name), errors="replace") as f:
-                lines = f.read().splitlines()
-            if f"To: {EMAIL}" in lines:
-                token = next((lines[i + 1].strip() for i, l in enumerate(lines[:-1]) if "paste this token" in l), None)
-        time.sleep(0.05)
-    expect((200,), "verify-email", admin_api("POST", "/developer/verify-email", {"token": token or "no mail came"}))
-    return expect((200,), "login", admin_api("POST", "/developer/login",
-                                             {"email": EMAIL, "password": PASSWORD}))["access_token"]
-
-
-def expect(want, what, answer):
-    if answer[0] not in want:
-        raise SystemExit(f"{what}: {answer[0]} {answer[1]!r:.500}")
-    return answer[1]
+    return sign_up(f"http://127.0.0.1:{ADMIN_PORT}", os.path.join(tmp, "mail"))
 
 
 def create_key(session, name):
@@ -257,7 +162,7 @@ metering: {{clickhouse: {{url: "{CLICKHOUSE_URL}", database: {CH_DB}}}, wal_dir:
 def start_gateways(procs, tmp, n, tag):
     names = [f"gw-{tag}-{i + 1}" for i in range(n)]
     for i, name in enumerate(names):
-        procs.start(name, [BIN, "gateway", "--config", gateway_config(tmp, i, name, tag)], GATEWAY_CPU)
+        procs.start(name, [BIN, "gateway", "--config", gateway_config(tmp, i, name, tag)], GATEWAY_CPU if PIN else None)
     for port, name in zip(GW_PORTS, names):
         wait_ready(procs, name, f"http://127.0.0.1:{port + 1}/readyz")
     return names
@@ -418,12 +323,6 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
-def pctl(xs, p):
-    """Nearest-rank percentile."""
-    xs = sorted(xs)
-    return xs[max(0, math.ceil(p / 100 * len(xs)) - 1)] if xs else None
-
-
 def f(v, d=1):
     return "–" if v is None else f"{v:.{d}f}"
 
@@ -542,7 +441,7 @@ def main():
     try:
         with open(os.path.join(tmp, "plans.yaml"), "w") as fh:
             fh.write(PLANS)
-        mock = procs.start("mock", [BIN, "mock-upstream", "--listen", f"127.0.0.1:{MOCK_PORT}", "--threads", "1"], LOAD_CPU)
+        mock = procs.start("mock", [BIN, "mock-upstream", "--listen", f"127.0.0.1:{MOCK_PORT}", "--threads", "1"], LOAD_CPU if PIN else None)
         wait_ready(procs, "mock", f"http://127.0.0.1:{MOCK_PORT}/v1/models")
         session = start_admin(procs, tmp)
         # The usage schema first, as a deployment does, rather than raced by the first nodes.
@@ -578,9 +477,7 @@ def main():
             clickhouse(f"DROP DATABASE IF EXISTS {CH_DB}")
         except (RuntimeError, OSError) as e:
             print(f"could not drop ClickHouse database {CH_DB}: {e}", file=sys.stderr)
-        stale = redis_cli("--scan", "--pattern", f"{PREFIX}*").split()
-        for i in range(0, len(stale), 500):
-            redis_cli("DEL", *stale[i:i + 500])
+        delete_redis_prefix(REDIS_URL, PREFIX)
         if failed or os.environ.get("KEEP_TMP"):
             print(f"logs and configs kept in {tmp}", file=sys.stderr)
         else:
