@@ -163,6 +163,9 @@ pub struct RequestCtx {
     pub meter: ResponseMeter,
     /// The request's hold on its limits (settled in `logging`).
     pub admission: Option<Admission>,
+    /// What the exchange used, priced: set once, when its usage record is committed (before
+    /// the response's last byte; [`crate::usage::commit`]).
+    pub charge: Option<Charge>,
     /// Rate-limit headers for the response (empty when no limit applies).
     pub rate_headers: RateHeaders,
     /// `Retry-After` seconds of a refusal.
@@ -203,6 +206,7 @@ impl RequestCtx {
             request_body: None,
             meter: ResponseMeter::None,
             admission: None,
+            charge: None,
             rate_headers: RateHeaders::default(),
             retry_after: None,
             counted: false,
@@ -229,6 +233,13 @@ impl RequestCtx {
             self.request_id_header = id_header(self.request_id);
         }
     }
+}
+
+/// A finished exchange's tokens and cost, for its limits' settle.
+#[derive(Debug, Clone, Copy)]
+pub struct Charge {
+    pub tokens: u64,
+    pub cost_nanos: i64,
 }
 
 /// A request id as a header value.

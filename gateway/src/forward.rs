@@ -428,6 +428,8 @@ async fn relay(
     up.set_read_timeout(Some(limits.read_timeout(limits.timeouts.idle)));
     // A read error met while taking buffered chunks: raised once those chunks went out.
     let mut broken: Option<Box<Error>> = None;
+    // The body's last chunk, held back until the usage record is in the WAL.
+    let mut last = Bytes::new();
     loop {
         // The start of the body when it was read already (an error checked for a fallback).
         let chunk = match pending.take() {
@@ -453,6 +455,10 @@ async fn relay(
             }
         };
         let chunk = meter(&mut ctx.meter, chunk);
+        if broken.is_none() && up.response_done() {
+            last = chunk;
+            break;
+        }
         ctx.bytes_out += chunk.len() as u64;
         // Bounded by the session's own write timeout (HTTP/1 body writes apply it): no second
         // timer per chunk.
@@ -460,17 +466,23 @@ async fn relay(
             .write_response_body(Some(chunk), false)
             .await
             .map_err(|e| client_error(&e))?;
-        if broken.is_none() && up.response_done() {
-            break;
-        }
     }
-    if let ResponseMeter::Sse(sse) = &mut ctx.meter {
-        let rest = sse.finish();
-        ctx.bytes_out += rest.len() as u64;
-        session
-            .write_response_body(Some(rest), false)
-            .await
-            .map_err(|e| client_error(&e))?;
+    let rest = match &mut ctx.meter {
+        ResponseMeter::Sse(sse) => sse.finish(),
+        _ => Bytes::new(),
+    };
+    // The usage record reaches the WAL before the response's last bytes leave: a kill -9 from
+    // here on cannot lose the usage of a response the client received whole. (A body whose end
+    // is known only at EOF has sent its last data chunk already; its end still waits.)
+    crate::usage::commit(shared, session, ctx).await;
+    for tail in [last, rest] {
+        if !tail.is_empty() {
+            ctx.bytes_out += tail.len() as u64;
+            session
+                .write_response_body(Some(tail), false)
+                .await
+                .map_err(|e| client_error(&e))?;
+        }
     }
     client_write(limit, session.write_response_body(None, true)).await?;
     shared

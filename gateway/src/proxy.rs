@@ -149,27 +149,14 @@ impl ProxyHttp for Gateway {
             error: ctx.error,
         }
         .emit();
-        let sink = self.shared.usage.as_ref().filter(|_| ctx.metering.record);
-        if sink.is_none() && ctx.admission.is_none() {
-            return;
-        }
-        let runtime = self.shared.runtime.load();
-        let tokens = crate::usage::tokens(crate::usage::metered(ctx)).await;
-        let priced = crate::usage::priced(ctx, tokens, &runtime.pricing, runtime.batch_discount);
-        if let (Some(admission), Some(limits)) = (ctx.admission.take(), &self.shared.limits) {
-            limits.settle(
-                admission,
-                u64::from(priced.usage.total),
-                priced.cost_nanos,
-                &runtime.plans,
-            );
-        }
-        if let Some(sink) = sink {
-            let record = crate::usage::record(session, ctx, &priced, elapsed);
-            if record.usage_estimated == 1 {
-                m.usage_estimated.inc();
-            }
-            sink.record(record).await;
+        // Committed already unless the request ended without a response of its own (refused
+        // before one, client gone).
+        crate::usage::commit(&self.shared, session, ctx).await;
+        if let (Some(admission), Some(limits), Some(charge)) =
+            (ctx.admission.take(), &self.shared.limits, ctx.charge)
+        {
+            let runtime = self.shared.runtime.load();
+            limits.settle(admission, charge.tokens, charge.cost_nanos, &runtime.plans);
         }
     }
 }
@@ -252,6 +239,8 @@ impl Gateway {
             return Err(GatewayError::BodyTooLarge(rt.max_request_body_bytes));
         }
         if self.shared.usage.as_ref().is_some_and(|u| !u.admit()) {
+            // Not recorded: the refusal's record would grow the very backlog that caused it.
+            ctx.metering.record = false;
             return Err(GatewayError::MeteringUnavailable);
         }
         // With Redis, a small declared body is read first and the admission is one round trip
@@ -592,6 +581,8 @@ impl Gateway {
         }
         ctx.response_started = true;
         ctx.bytes_out = body.len() as u64;
+        // The usage record goes into the WAL before the answer leaves.
+        crate::usage::commit(&self.shared, session, ctx).await;
         let limit = session.downstream_session.get_write_timeout();
         let written = async {
             let header = Box::new(ResponseHeader::from(resp));

@@ -1,5 +1,7 @@
 //! Turns a finished request into its usage record: tokens (reported or estimated), cost (a batch
-//! item's discounted), timings, outcome, batch. Called once per metered request, from `logging`.
+//! item's discounted), timings, outcome, batch, and commits it into the usage WAL ([`commit`]):
+//! once per request, before the response's last byte leaves, or from `logging` for a request
+//! that ended otherwise (refused before a response, client gone).
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use http::header;
 use pingora_proxy::Session;
 use rust_decimal::Decimal;
 
-use crate::context::{RequestCtx, ResponseMeter};
+use crate::context::{Charge, RequestCtx, ResponseMeter, Shared};
 use crate::metering::{self, Usage};
 
 /// Longest user agent kept in a record.
@@ -27,6 +29,33 @@ pub enum Metered {
         request: bytes::Bytes,
         delivered: metering::Delivered,
     },
+}
+
+/// Prices the exchange and commits its usage record into the WAL (the page cache: a `kill -9`
+/// after this loses nothing), once per request. Callers put it before the response's last
+/// byte. The price stays in `ctx.charge` for the limits' settle in `logging`.
+pub async fn commit(shared: &Shared, session: &Session, ctx: &mut RequestCtx) {
+    if ctx.charge.is_some() {
+        return;
+    }
+    let sink = shared.usage.as_ref().filter(|_| ctx.metering.record);
+    if sink.is_none() && ctx.admission.is_none() {
+        return; // nobody needs the price
+    }
+    let runtime = shared.runtime.load();
+    let tokens = tokens(metered(ctx)).await;
+    let priced = priced(ctx, tokens, &runtime.pricing, runtime.batch_discount);
+    ctx.charge = Some(Charge {
+        tokens: u64::from(priced.usage.total),
+        cost_nanos: priced.cost_nanos,
+    });
+    if let Some(sink) = sink {
+        let record = record(session, ctx, &priced, ctx.start.elapsed());
+        if record.usage_estimated == 1 {
+            shared.metrics.usage_estimated.inc();
+        }
+        sink.commit(record);
+    }
 }
 
 /// How a finished request is metered: the response meter's reading, taken out of `ctx`.

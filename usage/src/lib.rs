@@ -11,10 +11,13 @@
 //! - [`read`]: every query against the usage tables (reports, analytics, export, billing
 //!   sources, the quota seed), one function per question.
 //! - [`wal`]: write-ahead log segment files.
+//! - `commit`: group commit of the request path's records into the open WAL segment.
 //! - [`sink`]: ClickHouse connection settings, batch insert, replay dedup, error classes.
-//! - [`pipeline`]: channel → writer (WAL) → sender (ClickHouse), with its metrics and policy.
+//! - [`pipeline`]: commit (WAL) → writer (segment rotation) → sender (ClickHouse), with its
+//!   metrics and policies.
 //! - `testing` (feature `testing`): a fresh, migrated ClickHouse database per test.
 
+mod commit;
 pub mod pipeline;
 pub mod pricing;
 pub mod read;

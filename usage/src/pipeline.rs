@@ -1,9 +1,9 @@
 //! The loss-free path of usage records from the request path to ClickHouse.
 //!
 //! ```text
-//! request path ──try_send──▶ bounded channel ──▶ writer task ──append──▶ WAL segment (.open)
-//!                                                   │ every flush_interval: write to the OS
-//!                                                   │ batch_max_rows / batch_max_age: close (.ready)
+//! request path ──commit (group commit, before the response's last byte)──▶ WAL segment (.open)
+//!                                                   │ writer task, every flush_interval:
+//!                                                   │ batch_max_rows / batch_max_age: fsync, close (.ready)
 //!                                                   ▼
 //!                                   sender task: read segment → (dedup if maybe inserted)
 //!                                   → (drop batch items answered already)
@@ -11,22 +11,26 @@
 //!                                   data error → dead/ ; other error → retry with backoff
 //! ```
 //!
-//! The request path never waits on ClickHouse: it hands a record to the channel and moves on
-//! (it waits on the channel only if it is full, which admission control keeps from happening).
+//! The request path never waits on ClickHouse: it writes its record into the WAL file (the page
+//! cache; `commit`) and moves on, so a `kill -9` loses no delivered response's usage.
 //! **Policy at the disk cap**: when the WAL holds more than `wal_max_bytes` (ClickHouse down for
 //! long), [`UsageSink::admit`] turns false and the gateway refuses new requests with 503
 //! `metering_unavailable` until the backlog drains: requests are never served unmetered.
+//! **Policy when the WAL cannot be written** (disk full, read-only, I/O errors): records are
+//! kept in memory with their segment and delivered from there; past `memory_max_rows` of them
+//! (ClickHouse not taking them either), new requests are refused the same way.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 
+use crate::commit::CommitLog;
 use crate::record::UsageRecord;
 use crate::sink::{self, ClickHouseConfig, InsertError};
 use crate::wal::{self, OpenSegment, Segment};
@@ -45,8 +49,8 @@ pub struct PipelineConfig {
     /// Disk cap of the WAL; past it new requests get 503. Default 1 GiB.
     #[serde(default = "default_wal_max_bytes")]
     pub wal_max_bytes: u64,
-    /// How often buffered records are written to the WAL file: the most a `kill -9` can lose.
-    /// Default 100ms.
+    /// How often the writer looks at the open segment (to close it at `batch_max_age`). Records
+    /// do not wait for it: each is written before its response ends. Default 100ms.
     #[serde(default = "default_flush_interval", with = "humantime_serde")]
     pub flush_interval: Duration,
     /// A batch (segment) closes at this many rows… Default 50000 (larger inserts are what
@@ -56,9 +60,11 @@ pub struct PipelineConfig {
     /// …or this age. Default 1s.
     #[serde(default = "default_batch_age", with = "humantime_serde")]
     pub batch_max_age: Duration,
-    /// Records waiting between the request path and the writer. Default 65536.
-    #[serde(default = "default_channel")]
-    pub channel_capacity: usize,
+    /// Records kept in memory only because the WAL could not be written (disk full, read-only)
+    /// and not yet in ClickHouse; past it new requests get 503. Default 65536. (Formerly
+    /// `channel_capacity`, still accepted.)
+    #[serde(default = "default_memory_rows", alias = "channel_capacity")]
+    pub memory_max_rows: usize,
     /// Longest wait between insert retries while ClickHouse is failing. Default 10s.
     #[serde(default = "default_backoff", with = "humantime_serde")]
     pub retry_backoff_max: Duration,
@@ -79,7 +85,7 @@ fn default_batch_rows() -> usize {
 fn default_batch_age() -> Duration {
     Duration::from_secs(1)
 }
-fn default_channel() -> usize {
+fn default_memory_rows() -> usize {
     65_536
 }
 fn default_backoff() -> Duration {
@@ -93,8 +99,8 @@ impl PipelineConfig {
         if self.batch_max_rows == 0 {
             return err("batch_max_rows", "must be positive");
         }
-        if self.channel_capacity == 0 {
-            return err("channel_capacity", "must be positive");
+        if self.memory_max_rows == 0 {
+            return err("memory_max_rows", "must be positive");
         }
         if self.flush_interval.is_zero() || self.flush_interval > Duration::from_secs(10) {
             return err("flush_interval", "must be between 1ms and 10s");
@@ -109,8 +115,9 @@ impl PipelineConfig {
 /// Pipeline metrics, registered in the gateway's registry.
 #[derive(Clone)]
 pub struct PipelineMetrics {
-    /// Records waiting in the channel, sampled at each writer tick.
-    pub queue_depth: IntGauge,
+    /// Records the WAL could not take, held in memory until delivered.
+    pub unwritten_rows: IntGauge,
+    pub wal_write_failures: IntCounter,
     pub rows_written: IntCounter,
     pub wal_bytes: IntGauge,
     pub wal_segments: IntGauge,
@@ -132,9 +139,13 @@ impl PipelineMetrics {
         let gauge = |n: &str, h: &str| reg(registry, IntGauge::new(n, h).expect("valid"));
         let counter = |n: &str, h: &str| reg(registry, IntCounter::new(n, h).expect("valid"));
         PipelineMetrics {
-            queue_depth: gauge(
-                "usage_queue_depth",
-                "Usage records waiting for the WAL writer",
+            unwritten_rows: gauge(
+                "usage_unwritten_rows",
+                "Usage records the WAL could not take (disk full, read-only), held in memory until in ClickHouse",
+            ),
+            wal_write_failures: counter(
+                "usage_wal_write_failures_total",
+                "Failed writes of usage records into the WAL (their records were kept in memory)",
             ),
             rows_written: counter(
                 "usage_rows_written_total",
@@ -189,26 +200,37 @@ const MAX_SEGMENTS_IN_MEMORY: usize = 4;
 /// The request path's handle: cheap to clone.
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: mpsc::Sender<UsageRecord>,
     state: Arc<State>,
+    /// The pipeline's writer ends once every sink is gone (no record can come any more).
+    _alive: Arc<()>,
 }
 
 struct State {
     config: PipelineConfig,
     /// This process's locked folder of the WAL.
     wal: wal::WalDir,
+    /// The open segment and the records being committed into it.
+    log: CommitLog,
+    /// Numbers for new segments and adopted ones.
+    next_seq: AtomicU64,
     metrics: PipelineMetrics,
     ready: Mutex<VecDeque<Segment>>,
     ready_changed: Notify,
+    /// A segment reached `batch_max_rows`: the writer closes it now.
+    segment_full: Notify,
     wal_bytes: AtomicU64,
     over_cap: AtomicBool,
+    /// Records the WAL could not take, still undelivered.
+    unwritten: AtomicU64,
+    memory_full: AtomicBool,
+    /// The last write into the WAL failed (its error was logged once).
+    failing: AtomicBool,
 }
 
 /// The background half, run by the gateway as a background service.
 pub struct UsagePipeline {
-    rx: mpsc::Receiver<UsageRecord>,
     state: Arc<State>,
-    next_seq: u64,
+    sinks: Weak<()>,
 }
 
 /// How often the writer looks for segments of ended processes sharing the WAL folder (the old
@@ -216,31 +238,52 @@ pub struct UsagePipeline {
 const ADOPT_EVERY: Duration = Duration::from_secs(5);
 
 impl UsageSink {
-    /// Whether every record received so far is in ClickHouse (none queued, none in the WAL):
-    /// a draining gateway may exit early once this holds and no request is in flight.
+    /// Whether every record committed so far is in ClickHouse (none in the WAL, none held in
+    /// memory): a draining gateway may exit early once this holds and no request is in flight.
     pub fn delivered(&self) -> bool {
-        self.tx.capacity() == self.tx.max_capacity()
-            && self.state.wal_bytes.load(Ordering::Relaxed) == 0
+        self.state.wal_bytes.load(Ordering::Relaxed) == 0
+            && self.state.unwritten.load(Ordering::Relaxed) == 0
     }
 
-    /// False while the WAL is over its disk cap: the caller must refuse the request.
+    /// False while the WAL is over its disk cap, or holds too many records in memory it could
+    /// not write: the caller must refuse the request.
     #[inline]
     pub fn admit(&self) -> bool {
         !self.state.over_cap.load(Ordering::Relaxed)
+            && !self.state.memory_full.load(Ordering::Relaxed)
     }
 
-    /// Hands a record to the writer. Waits only if the channel is full.
-    pub async fn record(&self, record: UsageRecord) {
-        let r = match self.tx.try_send(record) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(r)) => r,
-            Err(mpsc::error::TrySendError::Closed(r)) => {
-                tracing::error!(request_id = %r.request_id, "usage pipeline stopped; record not written");
-                return;
+    /// Writes `record` into the WAL file (the page cache, no `fsync`) before returning, sharing
+    /// the system call with records committed at the same time. Never waits on ClickHouse; if
+    /// the file cannot be written the record is kept in memory and delivered from there.
+    pub fn commit(&self, record: UsageRecord) {
+        let state = &*self.state;
+        let done = state.log.commit(
+            state.wal.path(),
+            &state.next_seq,
+            state.config.batch_max_rows,
+            record,
+        );
+        if done.bytes > 0 {
+            state.add_bytes(done.bytes as i64);
+        }
+        if done.unwritten > 0 {
+            state.metrics.wal_write_failures.inc();
+            state.add_unwritten(done.unwritten as i64);
+        }
+        match done.error {
+            Some(e) if !state.failing.swap(true, Ordering::Relaxed) => {
+                tracing::error!(error = %e, dir = %state.wal.path().display(), "cannot write the usage WAL: records are kept in memory until delivered");
             }
-        };
-        if self.tx.send(r).await.is_err() {
-            tracing::error!("usage pipeline stopped; record not written");
+            Some(_) => {} // logged once per outage
+            None if done.bytes > 0 && state.failing.load(Ordering::Relaxed) => {
+                state.failing.store(false, Ordering::Relaxed);
+                tracing::info!("the usage WAL is writable again");
+            }
+            None => {}
+        }
+        if done.full {
+            state.segment_full.notify_one();
         }
     }
 }
@@ -251,8 +294,8 @@ pub fn open(
     metrics: PipelineMetrics,
 ) -> std::io::Result<(UsageSink, UsagePipeline)> {
     let wal = wal::WalDir::open(&config.wal_dir)?;
-    let mut next_seq = 1;
-    let leftover = wal.adopt(&mut next_seq)?;
+    let next_seq = AtomicU64::new(1);
+    let leftover = wal.adopt(&next_seq)?;
     let bytes: u64 = leftover.iter().map(|s| s.bytes).sum();
     if !leftover.is_empty() {
         tracing::info!(
@@ -263,25 +306,30 @@ pub fn open(
     }
     metrics.wal_segments.set(leftover.len() as i64);
     metrics.wal_bytes.set(bytes as i64);
-    let (tx, rx) = mpsc::channel(config.channel_capacity);
     let state = Arc::new(State {
         over_cap: AtomicBool::new(bytes > config.wal_max_bytes),
         wal,
+        log: CommitLog::new(),
+        next_seq,
         config,
         metrics,
         ready: Mutex::new(leftover.into()),
         ready_changed: Notify::new(),
+        segment_full: Notify::new(),
         wal_bytes: AtomicU64::new(bytes),
+        unwritten: AtomicU64::new(0),
+        memory_full: AtomicBool::new(false),
+        failing: AtomicBool::new(false),
     });
+    let alive = Arc::new(());
     Ok((
         UsageSink {
-            tx,
             state: Arc::clone(&state),
+            _alive: Arc::clone(&alive),
         },
         UsagePipeline {
-            rx,
             state,
-            next_seq,
+            sinks: Arc::downgrade(&alive),
         },
     ))
 }
@@ -309,11 +357,43 @@ impl State {
         }
     }
 
+    fn add_unwritten(&self, delta: i64) {
+        let now = if delta >= 0 {
+            self.unwritten.fetch_add(delta as u64, Ordering::Relaxed) + delta as u64
+        } else {
+            self.unwritten
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed)
+                - delta.unsigned_abs()
+        };
+        self.metrics.unwritten_rows.set(now as i64);
+        let full = now >= self.config.memory_max_rows as u64;
+        if self.memory_full.swap(full, Ordering::Relaxed) != full {
+            if full {
+                tracing::error!(rows = now, "usage records the WAL could not take fill memory_max_rows: refusing new requests until ClickHouse takes them");
+            } else {
+                tracing::info!(
+                    rows = now,
+                    "usage records held in memory back under memory_max_rows: accepting requests"
+                );
+            }
+        }
+    }
+
+    /// The queue's first segment is done with (inserted, or dead-lettered).
+    fn delivered(&self, segment: &Segment) {
+        self.ready.lock().expect("not poisoned").pop_front();
+        self.metrics.wal_segments.dec();
+        self.add_bytes(-(segment.bytes as i64));
+        if segment.unwritten > 0 {
+            self.add_unwritten(-(segment.unwritten as i64));
+        }
+    }
+
     fn push_ready(&self, mut segment: Segment) {
         let mut ready = self.ready.lock().expect("not poisoned");
         // Memory stays bounded while ClickHouse is away: past a few waiting segments, rows are
-        // read back from disk when their turn comes.
-        if ready.len() >= MAX_SEGMENTS_IN_MEMORY {
+        // read back from disk when their turn comes (unless the file lacks some of them).
+        if ready.len() >= MAX_SEGMENTS_IN_MEMORY && segment.unwritten == 0 {
             segment.rows = None;
         }
         ready.push_back(segment);
@@ -325,10 +405,10 @@ impl State {
 
 impl UsagePipeline {
     /// Runs writer and sender. When `shutdown` turns true the open segment is closed at once
-    /// (so the sender can deliver it during the grace period) and the writer keeps taking the
-    /// records of requests still finishing, flushing every 10 ms; it stops when every
-    /// [`UsageSink`] is dropped. If the runtime is dropped first, the writer's buffer is
-    /// flushed to disk on drop and the next start replays it.
+    /// (so the sender can deliver it during the grace period) and the writer keeps closing the
+    /// segments of requests still finishing every 10 ms; it stops when every [`UsageSink`] is
+    /// dropped. Records are in the WAL file from their commit on: a runtime dropped first loses
+    /// none; the next start replays them.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let state = Arc::clone(&self.state);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -338,54 +418,49 @@ impl UsagePipeline {
         let _ = sender.await;
     }
 
-    /// The writer wakes on a timer, not per record: waking another thread for every request
-    /// would cost the request path a context switch each. Every tick it drains the channel into
-    /// the open segment and hands the buffer to the OS, so a record waits at most one tick
-    /// (≤ `flush_interval`) in memory.
-    async fn write_loop(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// The writer wakes on a timer (and when a segment is full): it closes segments, `fsync`ing
+    /// them off the request path, and adopts the segments of ended processes.
+    async fn write_loop(self, mut shutdown: watch::Receiver<bool>) {
         let config = self.state.config.clone();
-        let mut open: Option<(OpenSegment, Instant)> = None;
         let mut tick = tokio::time::interval(config.flush_interval.min(Duration::from_millis(50)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutting_down = false;
         let mut adopted_at = Instant::now();
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if adopted_at.elapsed() >= ADOPT_EVERY {
-                        adopted_at = Instant::now();
-                        self.adopt_orphans();
-                    }
-                    let closed = self.drain(&mut open).await;
-                    if let Some((seg, opened)) = open.as_mut() {
-                        if let Err(e) = seg.flush() {
-                            tracing::error!(error = %e, "cannot flush the usage WAL");
-                        }
-                        if opened.elapsed() >= config.batch_max_age || shutting_down {
-                            self.rotate(&mut open);
-                        }
-                    }
-                    if closed {
-                        break; // every sink dropped and the channel is empty
-                    }
-                }
+                _ = tick.tick() => {}
+                _ = self.state.segment_full.notified() => {}
                 changed = shutdown.changed(), if !shutting_down => {
                     if changed.is_err() || *shutdown.borrow() {
                         shutting_down = true;
-                        self.drain(&mut open).await;
-                        self.rotate(&mut open);
                         tick = tokio::time::interval(Duration::from_millis(10));
                     }
                 }
             }
+            if adopted_at.elapsed() >= ADOPT_EVERY {
+                adopted_at = Instant::now();
+                self.adopt_orphans();
+            }
+            // Checked before the last close: no record can be committed once every sink is gone.
+            let ended = self.sinks.strong_count() == 0;
+            let due = self.state.log.take_due(
+                config.batch_max_age,
+                config.batch_max_rows,
+                shutting_down || ended,
+            );
+            if let Some(segment) = due {
+                self.close(segment);
+            }
+            if ended {
+                break;
+            }
         }
-        self.rotate(&mut open);
     }
 
     /// Takes over the segments of processes that ended on the same WAL folder and queues them
     /// for delivery (with dedup: they may be in ClickHouse already).
-    fn adopt_orphans(&mut self) {
-        match self.state.wal.adopt(&mut self.next_seq) {
+    fn adopt_orphans(&self) {
+        match self.state.wal.adopt(&self.state.next_seq) {
             Ok(found) => {
                 if !found.is_empty() {
                     let bytes: u64 = found.iter().map(|s| s.bytes).sum();
@@ -404,59 +479,16 @@ impl UsagePipeline {
         }
     }
 
-    /// Moves every waiting record into the open segment; true once the channel is closed.
-    /// Yields every 1,024 records so the sender sharing the runtime keeps its inserts moving.
-    async fn drain(&mut self, open: &mut Option<(OpenSegment, Instant)>) -> bool {
-        self.state.metrics.queue_depth.set(self.rx.len() as i64);
-        let mut n = 0u32;
-        loop {
-            n += 1;
-            if n.is_multiple_of(1024) {
-                tokio::task::yield_now().await;
-            }
-            match self.rx.try_recv() {
-                Ok(record) => {
-                    if let Err(e) = self.append(open, record) {
-                        // Disk trouble: the record is still held in memory for the insert, but
-                        // a crash now would lose it.
-                        tracing::error!(error = %e, "cannot write the usage WAL");
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Empty) => return false,
-                Err(mpsc::error::TryRecvError::Disconnected) => return true,
-            }
+    fn close(&self, segment: OpenSegment) {
+        let before = segment.unwritten;
+        let (closed, error) = segment.close();
+        if let Some(e) = error {
+            tracing::error!(error = %e, segment = %closed.path.display(), "cannot close a usage WAL segment: its rows are delivered from memory");
         }
-    }
-
-    fn append(
-        &mut self,
-        open: &mut Option<(OpenSegment, Instant)>,
-        record: UsageRecord,
-    ) -> std::io::Result<()> {
-        if open.is_none() {
-            let seg = OpenSegment::create(self.state.wal.path(), self.next_seq)?;
-            self.next_seq += 1;
-            *open = Some((seg, Instant::now()));
+        if closed.unwritten > before {
+            self.state.add_unwritten((closed.unwritten - before) as i64);
         }
-        let (seg, _) = open.as_mut().expect("just opened");
-        let before = seg.bytes;
-        let written = seg.append(record);
-        self.state.add_bytes((seg.bytes - before) as i64);
-        written?;
-        if seg.rows >= self.state.config.batch_max_rows {
-            self.rotate(open);
-        }
-        Ok(())
-    }
-
-    fn rotate(&mut self, open: &mut Option<(OpenSegment, Instant)>) {
-        if let Some((seg, _)) = open.take() {
-            match seg.close() {
-                Ok(closed) => self.state.push_ready(closed),
-                // The file stays `.open`; the next start replays it.
-                Err(e) => tracing::error!(error = %e, "cannot close a usage WAL segment"),
-            }
-        }
+        self.state.push_ready(closed);
     }
 }
 
@@ -466,14 +498,18 @@ async fn send_loop(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         // The rows kept in memory go with this attempt (the queue keeps the file): a retry
-        // reads them back from disk.
+        // reads them back from disk. Rows the file lacks stay with the queue too.
         let next = state
             .ready
             .lock()
             .expect("not poisoned")
             .front_mut()
             .map(|front| {
-                let rows = front.rows.take();
+                let rows = if front.unwritten > 0 {
+                    front.rows.clone()
+                } else {
+                    front.rows.take()
+                };
                 (front.clone(), rows)
             });
         let Some((segment, rows)) = next else {
@@ -485,9 +521,7 @@ async fn send_loop(state: Arc<State>, mut stop: watch::Receiver<bool>) {
         match deliver(&state, &client, timeout, &segment, rows).await {
             Ok(()) => {
                 backoff = Duration::from_millis(100);
-                state.ready.lock().expect("not poisoned").pop_front();
-                state.metrics.wal_segments.dec();
-                state.add_bytes(-(segment.bytes as i64));
+                state.delivered(&segment);
             }
             Err(InsertError::Data(message)) => {
                 tracing::error!(segment = %segment.path.display(), error = %message, "ClickHouse refused a usage batch; moved to dead letters");
@@ -496,16 +530,17 @@ async fn send_loop(state: Arc<State>, mut stop: watch::Receiver<bool>) {
                     .insert_failures
                     .with_label_values(&["data"])
                     .inc();
-                let rows = wal::read(&segment).map_or(0, |(rows, _)| rows.len());
-                state.metrics.dead_lettered_rows.inc_by(rows as u64);
-                if let Err(e) = wal::dead_letter(&segment, &state.wal.dead_dir(), &message) {
+                let rows = match &segment.rows {
+                    Some(rows) => rows.to_vec(),
+                    None => wal::read(&segment).map_or_else(|_| Vec::new(), |(rows, _)| rows),
+                };
+                state.metrics.dead_lettered_rows.inc_by(rows.len() as u64);
+                if let Err(e) = wal::dead_letter(&segment, &rows, &state.wal.dead_dir(), &message) {
                     tracing::error!(error = %e, "cannot move the refused segment; retrying later");
                     tokio::time::sleep(backoff).await;
                     continue;
                 }
-                state.ready.lock().expect("not poisoned").pop_front();
-                state.metrics.wal_segments.dec();
-                state.add_bytes(-(segment.bytes as i64));
+                state.delivered(&segment);
             }
             Err(InsertError::Transient(message)) => {
                 tracing::warn!(error = %message, retry_in = ?backoff, "usage insert failed; retrying");
@@ -568,6 +603,10 @@ async fn deliver(
         .batch_duplicates_skipped
         .inc_by(answered as u64);
     state.metrics.rows_written.inc_by(rows.len() as u64);
-    wal::remove(segment).map_err(|e| InsertError::Transient(e.to_string()))?;
+    if let Err(e) = wal::remove(segment) {
+        // Delivered all the same (a read-only WAL): left on disk, the file is replayed with
+        // dedup at the next start, which inserts nothing twice.
+        tracing::warn!(error = %e, segment = %segment.path.display(), "cannot delete a delivered usage WAL segment");
+    }
     Ok(())
 }

@@ -13,16 +13,19 @@
 //! folders) are replayed, oldest first. A torn last line (the process died mid-write) is
 //! skipped and counted.
 //!
-//! Writes go through a 64 KiB buffer flushed to the OS every flush interval; the buffer is also
-//! flushed when the writer is dropped, so a runtime shutdown loses nothing already received.
+//! Records are written by the request path itself, before its response ends (`commit`):
+//! unbuffered appends to the page cache, several records per write under concurrency. A segment
+//! is `fsync`ed when it is closed. Records the file could not take (disk full, read-only) stay
+//! in memory with their segment until delivered.
 //!
 //! Records hold client addresses and user agents: the folders this module creates are
 //! owner-only (0700) and every file it writes is 0600, whatever the process umask.
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::record::UsageRecord;
@@ -36,20 +39,26 @@ pub struct Segment {
     /// Left by an earlier process, or a previous insert attempt failed: its rows may already
     /// be in ClickHouse, so they are deduplicated before insert.
     pub maybe_inserted: bool,
+    /// Rows that are not in the file (it could not be written): the segment's rows stay in
+    /// memory until delivered, whatever the memory policy for other segments.
+    pub unwritten: usize,
     /// The rows, still in memory for a segment this process just closed (saves reading and
     /// parsing the file back); `None` means read the file.
     pub rows: Option<Arc<Vec<UsageRecord>>>,
 }
 
-/// The segment currently being appended to.
+/// The segment currently being appended to. Lines go to the file unbuffered (the caller
+/// batches them: `commit`); every record is also kept in memory for the insert.
 pub struct OpenSegment {
     pub seq: u64,
     path: PathBuf,
-    writer: BufWriter<File>,
+    /// `None` once the file could not be created or written: later records are kept in memory
+    /// only (a torn write is cut back first, so the file stays readable).
+    file: Option<File>,
     kept: Vec<UsageRecord>,
-    /// The line being encoded (reused: no allocation per record).
-    line: Vec<u8>,
     pub rows: usize,
+    /// Rows not in the file.
+    pub unwritten: usize,
     pub bytes: u64,
 }
 
@@ -131,7 +140,7 @@ impl WalDir {
     /// left directly in the base folder by earlier versions: each is moved into this folder as
     /// `.ready` under a new number from `next_seq`, oldest first, and comes back marked
     /// `maybe_inserted` (its rows may be in ClickHouse already). Emptied folders are removed.
-    pub fn adopt(&self, next_seq: &mut u64) -> io::Result<Vec<Segment>> {
+    pub fn adopt(&self, next_seq: &AtomicU64) -> io::Result<Vec<Segment>> {
         let mut adopted = Vec::new();
         let mut orphans = leftover_segments(&self.base)?;
         for entry in fs::read_dir(&self.base)? {
@@ -163,12 +172,12 @@ impl WalDir {
         Ok(adopted)
     }
 
-    fn take(&self, segment: Segment, next_seq: &mut u64) -> io::Result<Segment> {
-        let path = name(&self.dir, *next_seq, "ready");
+    fn take(&self, segment: Segment, next_seq: &AtomicU64) -> io::Result<Segment> {
+        let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+        let path = name(&self.dir, seq, "ready");
         fs::rename(&segment.path, &path)?;
-        *next_seq += 1;
         Ok(Segment {
-            seq: *next_seq - 1,
+            seq,
             path,
             ..segment
         })
@@ -199,6 +208,7 @@ fn leftover_segments(dir: &Path) -> io::Result<Vec<Segment>> {
             bytes: entry.metadata()?.len(),
             path,
             maybe_inserted: true,
+            unwritten: 0,
             rows: None,
         });
     }
@@ -207,51 +217,85 @@ fn leftover_segments(dir: &Path) -> io::Result<Vec<Segment>> {
 }
 
 impl OpenSegment {
-    pub fn create(dir: &Path, seq: u64) -> io::Result<OpenSegment> {
+    /// Creates `dir/<seq>.open`. A failure is returned beside a segment without a file, which
+    /// keeps its records in memory.
+    pub fn create(dir: &Path, seq: u64) -> (OpenSegment, Option<io::Error>) {
         let path = name(dir, seq, "open");
-        let file = create_private_file(&path)?;
-        Ok(OpenSegment {
+        let (file, error) = match create_private_file(&path) {
+            Ok(f) => (Some(f), None),
+            Err(e) => (None, Some(e)),
+        };
+        let segment = OpenSegment {
             seq,
             path,
-            writer: BufWriter::with_capacity(64 * 1024, file),
+            file,
             kept: Vec::new(),
-            line: Vec::with_capacity(1024),
             rows: 0,
+            unwritten: 0,
             bytes: 0,
-        })
+        };
+        (segment, error)
     }
 
-    /// Appends one record (buffered); the record is also kept in memory for the insert.
-    pub fn append(&mut self, record: UsageRecord) -> io::Result<()> {
-        self.line.clear();
-        let encoded = serde_json::to_writer(&mut self.line, &record).map_err(io::Error::other);
-        self.kept.push(record);
-        self.rows += 1;
-        encoded?;
-        self.line.push(b'\n');
-        self.bytes += self.line.len() as u64;
-        self.writer.write_all(&self.line)
+    /// Appends `lines` (the JSON lines of `records`, in order) with one write, and moves
+    /// `records` into the segment. Returns the bytes written; on failure the records are kept
+    /// in memory only, counted in `unwritten`, and the file is cut back to its last whole line.
+    pub fn append(&mut self, lines: &[u8], records: &mut Vec<UsageRecord>) -> io::Result<u64> {
+        let n = records.len();
+        self.rows += n;
+        self.kept.append(records);
+        let written = match &mut self.file {
+            Some(file) => file.write_all(lines).inspect_err(|_| {
+                // A partial line would join the next one: cut it off (best effort).
+                let _ = file.set_len(self.bytes);
+            }),
+            None => Err(io::Error::other("the segment file could not be created")),
+        };
+        match written {
+            Ok(()) => {
+                self.bytes += lines.len() as u64;
+                Ok(lines.len() as u64)
+            }
+            Err(e) => {
+                self.file = None;
+                self.unwritten += n;
+                Err(e)
+            }
+        }
     }
 
-    /// Hands buffered records to the OS: from here a process crash no longer loses them.
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.writer.flush()
-    }
-
-    /// Flushes, syncs and renames the segment to `.ready`.
-    pub fn close(mut self) -> io::Result<Segment> {
-        self.writer.flush()?;
-        self.writer.get_ref().sync_data()?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let ready = name(dir, self.seq, "ready");
-        fs::rename(&self.path, &ready)?;
-        Ok(Segment {
+    /// Syncs the file and renames it to `.ready`. The segment comes back with its rows in any
+    /// case; a failure (sync, rename) is returned beside it: the rows are then delivered from
+    /// memory, and a crash before that loses those the file did not take.
+    pub fn close(mut self) -> (Segment, Option<io::Error>) {
+        let mut error = None;
+        let mut path = self.path.clone();
+        if let Some(file) = self.file.take() {
+            match file.sync_data() {
+                Ok(()) => {
+                    let dir = self.path.parent().unwrap_or(Path::new("."));
+                    let ready = name(dir, self.seq, "ready");
+                    match fs::rename(&self.path, &ready) {
+                        Ok(()) => path = ready,
+                        Err(e) => error = Some(e), // stays `.open`: replayed all the same
+                    }
+                }
+                Err(e) => {
+                    // What the kernel holds of the file is unknown: keep every row.
+                    self.unwritten = self.rows;
+                    error = Some(e);
+                }
+            }
+        }
+        let segment = Segment {
             seq: self.seq,
-            path: ready,
+            path,
             bytes: self.bytes,
             maybe_inserted: false,
+            unwritten: self.unwritten,
             rows: Some(Arc::new(std::mem::take(&mut self.kept))),
-        })
+        };
+        (segment, error)
     }
 }
 
@@ -274,14 +318,33 @@ pub fn read(segment: &Segment) -> io::Result<(Vec<UsageRecord>, usize)> {
 
 /// Deletes a delivered segment.
 pub fn remove(segment: &Segment) -> io::Result<()> {
-    fs::remove_file(&segment.path)
+    match fs::remove_file(&segment.path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && segment.unwritten > 0 => Ok(()),
+        other => other,
+    }
 }
 
-/// Moves a refused segment into `dir` (`WAL_DIR/dead/`), with the refusal beside it.
-pub fn dead_letter(segment: &Segment, dir: &Path, error: &str) -> io::Result<PathBuf> {
+/// Moves a refused segment into `dir` (`WAL_DIR/dead/`), with the refusal beside it. A segment
+/// with rows its file lacks is written out whole from `rows` instead.
+pub fn dead_letter(
+    segment: &Segment,
+    rows: &[UsageRecord],
+    dir: &Path,
+    error: &str,
+) -> io::Result<PathBuf> {
     create_private_dir(dir)?;
     let target = dir.join(segment.path.file_name().unwrap_or_default());
-    fs::rename(&segment.path, &target)?;
+    if segment.unwritten > 0 {
+        let mut out = Vec::new();
+        for row in rows {
+            serde_json::to_writer(&mut out, row).map_err(io::Error::other)?;
+            out.push(b'\n');
+        }
+        create_private_file(&target)?.write_all(&out)?;
+        remove(segment)?;
+    } else {
+        fs::rename(&segment.path, &target)?;
+    }
     let note = target.with_extension("error");
     // A refusal written again for a segment of the same name replaces the old note.
     match fs::remove_file(&note) {
@@ -293,15 +356,33 @@ pub fn dead_letter(segment: &Segment, dir: &Path, error: &str) -> io::Result<Pat
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// What a new process finds in `base`: its own locked folder and the segments it adopted.
     fn adopt(base: &Path) -> (WalDir, Vec<Segment>) {
         let wal = WalDir::open(base).unwrap();
-        let mut seq = 1;
-        let found = wal.adopt(&mut seq).unwrap();
+        let seq = AtomicU64::new(1);
+        let found = wal.adopt(&seq).unwrap();
         (wal, found)
+    }
+
+    pub fn create(dir: &Path, seq: u64) -> OpenSegment {
+        let (segment, error) = OpenSegment::create(dir, seq);
+        assert!(error.is_none(), "{error:?}");
+        segment
+    }
+
+    pub fn push(segment: &mut OpenSegment, record: UsageRecord) {
+        let mut line = serde_json::to_vec(&record).unwrap();
+        line.push(b'\n');
+        segment.append(&line, &mut vec![record]).unwrap();
+    }
+
+    pub fn close(segment: OpenSegment) -> Segment {
+        let (closed, error) = segment.close();
+        assert!(error.is_none(), "{error:?}");
+        closed
     }
 
     pub fn record(n: u32) -> UsageRecord {
@@ -339,20 +420,19 @@ mod tests {
     #[test]
     fn write_close_recover_read() {
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = OpenSegment::create(dir.path(), 7).unwrap();
+        let mut seg = create(dir.path(), 7);
         let rows: Vec<_> = (0..3).map(record).collect();
         for r in &rows {
-            seg.append(r.clone()).unwrap();
+            push(&mut seg, r.clone());
         }
-        let closed = seg.close().unwrap();
+        let closed = close(seg);
         assert!(!closed.maybe_inserted);
         assert_eq!(closed.rows.as_deref(), Some(&rows));
         assert_eq!(read(&closed).unwrap(), (rows.clone(), 0));
 
         // A second segment left open with a torn last line, as after kill -9.
-        let mut open = OpenSegment::create(dir.path(), 8).unwrap();
-        open.append(rows[0].clone()).unwrap();
-        open.flush().unwrap();
+        let mut open = create(dir.path(), 8);
+        push(&mut open, rows[0].clone());
         drop(open);
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -369,7 +449,7 @@ mod tests {
         assert_eq!(read(&found[0]).unwrap(), (rows.clone(), 0));
         assert_eq!(read(&found[1]).unwrap(), (vec![rows[0].clone()], 1));
 
-        let dead = dead_letter(&found[0], &wal.dead_dir(), "Code: 53").unwrap();
+        let dead = dead_letter(&found[0], &[], &wal.dead_dir(), "Code: 53").unwrap();
         assert!(dead.exists() && dead.with_extension("error").exists());
         remove(&found[1]).unwrap();
         drop(wal);
@@ -395,13 +475,13 @@ mod tests {
             assert_eq!(mode(&d), 0o700, "{}", d.display());
         }
         assert_eq!(mode(&wal.path().join(LOCK)), 0o600);
-        let mut seg = OpenSegment::create(wal.path(), 1).unwrap();
+        let mut seg = create(wal.path(), 1);
         let open_path = wal.path().join(format!("{:020}.open", 1));
         assert_eq!(mode(&open_path), 0o600);
-        seg.append(record(1)).unwrap();
-        let closed = seg.close().unwrap();
+        push(&mut seg, record(1));
+        let closed = close(seg);
         assert_eq!(mode(&closed.path), 0o600);
-        let dead = dead_letter(&closed, &wal.dead_dir(), "Code: 53").unwrap();
+        let dead = dead_letter(&closed, &[], &wal.dead_dir(), "Code: 53").unwrap();
         assert_eq!(mode(&dead), 0o600);
         assert_eq!(mode(&dead.with_extension("error")), 0o600);
     }
@@ -410,10 +490,10 @@ mod tests {
     #[test]
     fn lines_of_older_binaries_read_without_batch_id() {
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = OpenSegment::create(dir.path(), 1).unwrap();
+        let mut seg = create(dir.path(), 1);
         let mut tagged = record(1);
         tagged.batch_id = "batch_abc".into();
-        seg.append(tagged.clone()).unwrap();
+        push(&mut seg, tagged.clone());
         drop(seg);
         let path = dir.path().join(format!("{:020}.open", 1));
         let line = fs::read_to_string(&path).unwrap();
@@ -428,10 +508,10 @@ mod tests {
     }
 
     #[test]
-    fn dropping_the_writer_flushes() {
+    fn an_appended_record_is_in_the_file_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = OpenSegment::create(dir.path(), 1).unwrap();
-        seg.append(record(1)).unwrap();
+        let mut seg = create(dir.path(), 1);
+        push(&mut seg, record(1));
         drop(seg);
         let (_wal, found) = adopt(dir.path());
         assert_eq!(read(&found[0]).unwrap().0.len(), 1);
@@ -443,26 +523,26 @@ mod tests {
     fn a_live_process_keeps_its_segments_and_an_ended_one_is_adopted_once() {
         let base = tempfile::tempdir().unwrap();
         let (old, _) = adopt(base.path());
-        let mut seg = OpenSegment::create(old.path(), 1).unwrap();
-        seg.append(record(1)).unwrap();
-        seg.close().unwrap();
-        let mut open = OpenSegment::create(old.path(), 2).unwrap();
-        open.append(record(2)).unwrap();
+        let mut seg = create(old.path(), 1);
+        push(&mut seg, record(1));
+        close(seg);
+        let mut open = create(old.path(), 2);
+        push(&mut open, record(2));
         drop(open);
 
         let (new, found) = adopt(base.path());
         assert!(found.is_empty(), "the old process still holds its folder");
-        let mut seq = 10;
-        assert!(new.adopt(&mut seq).unwrap().is_empty());
+        let seq = AtomicU64::new(10);
+        assert!(new.adopt(&seq).unwrap().is_empty());
 
         let old_dir = old.path().to_owned();
         drop(old); // the old process exits
-        let taken = new.adopt(&mut seq).unwrap();
+        let taken = new.adopt(&seq).unwrap();
         assert_eq!(
             taken.iter().map(|s| s.seq).collect::<Vec<_>>(),
             vec![10, 11]
         );
-        assert_eq!(seq, 12);
+        assert_eq!(seq.load(Ordering::Relaxed), 12);
         assert!(!old_dir.exists(), "the emptied folder is removed");
         let rows: usize = taken.iter().map(|s| read(s).unwrap().0.len()).sum();
         assert_eq!(rows, 2);
