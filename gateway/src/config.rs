@@ -197,6 +197,17 @@ pub struct ServerConfig {
     /// `client_timeout`). Default 60s.
     #[serde(default = "default_write_timeout", with = "humantime_serde")]
     pub response_write_timeout: Duration,
+    /// Longest a request header may take to arrive whole, from its first byte (HTTP/1): past
+    /// it the connection is closed (a client sending its header a byte at a time holds no
+    /// socket for long). Needs a restart. Default 10s.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest a client connection may stay open with no request in progress: from its start,
+    /// or from the end of the previous response on a kept-alive connection, to the first byte
+    /// of its next request (HTTP/1). Past it the connection is closed. Needs a restart.
+    /// Default 60s.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 /// Where the gateway keeps its pid and its upgrade socket by default: one pair per operations
@@ -235,6 +246,8 @@ impl Default for ServerConfig {
             pid_file: None,
             upgrade_sock: None,
             response_write_timeout: default_write_timeout(),
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
         }
     }
 }
@@ -282,6 +295,12 @@ fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
 fn default_write_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
     Duration::from_secs(60)
 }
 fn default_max_tokens() -> u32 {
@@ -443,11 +462,14 @@ impl Config {
                 format!("`{}`: {e}", s.ops_listen),
             )
         })?;
-        if s.response_write_timeout.is_zero() {
-            return Err(err(
-                "server.response_write_timeout".into(),
-                "must be positive".into(),
-            ));
+        for (key, d) in [
+            ("server.response_write_timeout", s.response_write_timeout),
+            ("server.header_read_timeout", s.header_read_timeout),
+            ("server.idle_timeout", s.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(err(key.into(), "must be positive".into()));
+            }
         }
         if s.max_request_body_bytes == 0 {
             return Err(err(

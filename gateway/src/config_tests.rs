@@ -149,6 +149,20 @@ fn write_timeout_and_account_headers() {
 }
 
 #[test]
+fn connection_deadlines() {
+    let c = parse("upstreams:\n  a:\n    endpoints: [http://x]\n").unwrap();
+    assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+    let c = parse("server:\n  header_read_timeout: 2s\n  idle_timeout: 5s\nupstreams:\n  a:\n    endpoints: [http://x]\n").unwrap();
+    assert_eq!(c.server.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(5));
+    for key in ["header_read_timeout", "idle_timeout"] {
+        let e = parse(&format!("server:\n  {key}: 0s\n")).unwrap_err();
+        assert_eq!(e.key, format!("server.{key}"));
+    }
+}
+
+#[test]
 fn base_urls() {
     let b = BaseUrl::parse("https://api.openai.com/v1/").unwrap();
     assert_eq!((b.tls, b.port, b.path.as_str()), (true, 443, "/v1"));

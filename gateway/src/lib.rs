@@ -57,6 +57,7 @@ pub mod balance;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod conn_deadline;
 pub mod context;
 pub mod endpoint;
 pub mod error;

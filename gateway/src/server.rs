@@ -7,8 +7,9 @@
 //! if any step fails, the old configuration keeps serving and
 //! `aihub_config_reloads_total{result="error"}` rises. In-flight requests finish on the snapshot
 //! they started with; endpoints present before and after keep their health.
-//! Reload replaces only the YAML-declared keys, never synced ones. Listener,
-//! thread and `control_plane` changes need a restart (except its `admin_url` and
+//! Reload replaces only the YAML-declared keys, never synced ones. Listener, connection deadline
+//! (`header_read_timeout`, `idle_timeout`), thread and `control_plane` changes need a restart
+//! (except its `admin_url` and
 //! `max_upload_bytes`, which are part of the routing table).
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ use aihub_usage::{PipelineMetrics, UsagePipeline};
 
 use crate::config::ControlPlaneConfig;
 use crate::config::{Config, ConfigError, Listen};
+use crate::conn_deadline::{ConnDeadlines, Limits};
 use crate::context::{is_ready, set_ready, Shared};
 use crate::keys::KeySet;
 use crate::keysync::KeySync;
@@ -77,6 +79,7 @@ impl GatewayServer {
         ));
         keys.declared.replace_all(declared);
 
+        raise_open_files_limit();
         let threads = match config.server.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -195,8 +198,16 @@ impl GatewayServer {
             key: "server.listen".into(),
             message,
         })?;
-        let app =
-            pingora_proxy::http_proxy(&server.configuration, Gateway::new(Arc::clone(&shared)));
+        let app = ConnDeadlines {
+            inner: Arc::new(pingora_proxy::http_proxy(
+                &server.configuration,
+                Gateway::new(Arc::clone(&shared)),
+            )),
+            limits: Limits {
+                header: config.server.header_read_timeout,
+                idle: config.server.idle_timeout,
+            },
+        };
         // The PROXY protocol's wrapper only where a listener needs it.
         if config.server.listen.iter().any(|l| l.proxy_protocol) {
             let wrapped = ProxyProtocol {
@@ -274,6 +285,27 @@ impl GatewayServer {
             shutdown_signal: Box::new(signals),
         });
         std::process::exit(0)
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (as Go programs and nginx's
+/// `worker_rlimit_nofile` do): every client connection is a descriptor, and the usual soft limit
+/// (1,024) would make the accept loop fail for everyone once that many clients are connected,
+/// idle ones included. The hard limit stays the operator's (systemd `LimitNOFILE=`).
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    // An unlimited hard limit: Linux's default `fs.nr_open`.
+    let target = limit.maximum.unwrap_or(1 << 20);
+    if before.is_some_and(|soft| soft < target) {
+        limit.current = Some(target);
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => tracing::info!(from = ?before, to = target, "open files limit raised"),
+            Err(e) => {
+                tracing::warn!(error = %e, limit = ?before, "cannot raise the open files limit")
+            }
+        }
     }
 }
 
