@@ -113,7 +113,8 @@ impl InternalSecret {
             &["identity", method, path, &id.key_id, &id.developer_id, ts],
             sig,
         )?;
-        if (now_ms - at).abs() > IDENTITY_SKEW_MS {
+        // In i128: any two i64 differ by less than its range (`now - at` could overflow i64).
+        if (i128::from(now_ms) - i128::from(at)).abs() > i128::from(IDENTITY_SKEW_MS) {
             return Err(InternalAuthError::Expired);
         }
         Ok(())
@@ -272,5 +273,23 @@ mod tests {
         );
         assert_eq!(t.request_id(), item_request_id("batch_0192abc", 42));
         assert_ne!(t.request_id(), item_request_id("batch_0192abc", 41));
+    }
+
+    #[test]
+    fn identity_timestamps_at_the_ends_of_i64_are_expired() {
+        // Found by fuzzing (fuzz/ apikey): `now_ms - at` overflowed for a signed timestamp
+        // far from now.
+        let id = Identity {
+            key_id: "key_1".into(),
+            developer_id: "dev_1".into(),
+        };
+        let s = secret();
+        for ts in [i64::MIN, i64::MAX] {
+            let sig = s.sign_identity(&id, "POST", "/v1/files", ts);
+            let check =
+                |now| s.verify_identity(&id, "POST", "/v1/files", &ts.to_string(), &sig, now);
+            assert_eq!(check(1_800_000_000_000), Err(InternalAuthError::Expired));
+            assert_eq!(check(ts), Ok(()));
+        }
     }
 }

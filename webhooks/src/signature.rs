@@ -91,7 +91,9 @@ pub fn verify_standard(
     tolerance_s: i64,
 ) -> Result<(), VerifyError> {
     let ts: i64 = timestamp.parse().map_err(|_| VerifyError::Malformed)?;
-    if (now_s - ts).abs() > tolerance_s {
+    // In i128: a timestamp near i64::MIN made `now_s - ts` overflow (a panic in debug builds;
+    // in release `i64::MIN.abs()` stayed negative and a stale timestamp passed).
+    if (i128::from(now_s) - i128::from(ts)).abs() > i128::from(tolerance_s) {
         return Err(VerifyError::Stale);
     }
     let decode = |s: &str| B64.decode(s).ok();
@@ -201,5 +203,33 @@ mod tests {
             ),
             Err(VerifyError::Stale)
         );
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_i64_are_stale() {
+        // Found writing the fuzz target (its seed fuzz/corpus/webhook_verify/seed-min-ts):
+        // `now - ts` overflowed.
+        let body = b"{}";
+        for ts in [i64::MIN, i64::MIN + 1, i64::MAX] {
+            let s = sign(
+                &["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+                "msg_1",
+                ts,
+                body,
+            );
+            let verify = |now| {
+                verify_standard(
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                    "msg_1",
+                    &s.timestamp,
+                    &s.standard,
+                    body,
+                    now,
+                    300,
+                )
+            };
+            assert_eq!(verify(1_800_000_000), Err(VerifyError::Stale), "{ts}");
+            assert_eq!(verify(ts), Ok(()), "{ts}");
+        }
     }
 }

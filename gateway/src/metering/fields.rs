@@ -88,7 +88,8 @@ impl UsageFields {
                 // Anthropic's input_tokens leave out the cache reads and writes.
                 let read = self.cache_read_input_tokens.unwrap_or(0);
                 let written = self.cache_creation_input_tokens.unwrap_or(0);
-                (self.input_tokens.unwrap_or(0) + read + written, read)
+                let input = self.input_tokens.unwrap_or(0);
+                (input.saturating_add(read).saturating_add(written), read)
             } else {
                 let cached = self
                     .input_tokens_details
@@ -98,7 +99,7 @@ impl UsageFields {
             };
             let total = match self.total_tokens {
                 Some(t) if !anthropic => t,
-                _ => prompt + output,
+                _ => prompt.saturating_add(output),
             };
             return Some(Usage {
                 prompt: clamp(prompt),
@@ -118,7 +119,10 @@ impl UsageFields {
                 prompt: clamp(prompt),
                 cached: clamp(cached.min(prompt)),
                 completion: clamp(completion),
-                total: clamp(self.total_tokens.unwrap_or(prompt + completion)),
+                total: clamp(
+                    self.total_tokens
+                        .unwrap_or_else(|| prompt.saturating_add(completion)),
+                ),
             });
         }
         None
@@ -199,6 +203,32 @@ mod tests {
         // `usage` before other fields, with spaces, and a decoy inside a string value.
         let odd = br#"{"usage" : {"prompt_tokens":1,"completion_tokens":1}, "choices":[{"message":{"content":"say \"usage\": {}"}}]}"#;
         assert_eq!(json_usage(odd, Api::ChatCompletions).unwrap().total, 2);
+    }
+
+    #[test]
+    fn huge_counts_saturate_instead_of_overflowing() {
+        // Found by fuzzing (fuzz/ json_usage): sums of counts near u64::MAX overflowed (a panic
+        // with overflow checks, a wrapped total without).
+        let max = u64::MAX;
+        for (body, api) in [
+            (
+                format!(r#"{{"usage":{{"prompt_tokens":{max},"completion_tokens":1}}}}"#),
+                Api::ChatCompletions,
+            ),
+            (
+                format!(r#"{{"usage":{{"input_tokens":{max},"output_tokens":1}}}}"#),
+                Api::Responses,
+            ),
+            (
+                format!(
+                    r#"{{"usage":{{"input_tokens":{max},"cache_read_input_tokens":{max},"cache_creation_input_tokens":1,"output_tokens":1}}}}"#
+                ),
+                Api::Messages,
+            ),
+        ] {
+            let u = json_usage(body.as_bytes(), api).unwrap();
+            assert_eq!((u.prompt, u.total), (u32::MAX, u32::MAX), "{body}");
+        }
     }
 
     #[test]
