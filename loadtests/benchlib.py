@@ -171,11 +171,13 @@ def metrics(url, timeout=5):
 
 
 def proc_status(pid):
-    """(VmRSS bytes, threads, open file descriptors) of a running process; None when it ended."""
+    """(VmRSS bytes, threads, open file descriptors, RssAnon bytes: the heap and stacks, without
+    the mapped files such as the binary's pages) of a running process; None when it ended."""
     try:
         with open(f"/proc/{pid}/status") as f:
             st = dict(l.split(":", 1) for l in f if ":" in l)
-        return int(st["VmRSS"].split()[0]) * 1024, int(st["Threads"]), len(os.listdir(f"/proc/{pid}/fd"))
+        return (int(st["VmRSS"].split()[0]) * 1024, int(st["Threads"]), len(os.listdir(f"/proc/{pid}/fd")),
+                int(st["RssAnon"].split()[0]) * 1024)
     except (OSError, KeyError, ValueError):
         return None
 

@@ -81,6 +81,9 @@ PREFIX = f"aihub-soak-{RUN_ID}"
 MOCK_PORT, ADMIN_PORT, GW_PORT = 19960, 19961, 19962  # the gateway's ops listener: 19963
 ADMIN, OPS = f"http://127.0.0.1:{ADMIN_PORT}", f"http://127.0.0.1:{GW_PORT + 1}"
 MIB = 1 << 20
+# A client connection idle this long is closed rather than reused: well under the gateway's
+# server.idle_timeout (60 s), so a request never races the gateway closing an idle connection.
+CLIENT_IDLE = 20
 PLANS = ("default_plan: soak\nplans:\n  soak: {display_name: Soak, monthly_price_usd: 0, included_tokens: "
          "1000000000000000, overage: false, requests_per_minute: 1000000000, tokens_per_minute: 4000000000, "
          "max_concurrent_requests: 100000}\n")
@@ -97,7 +100,8 @@ CYCLE = ["chat", "stream_usage", "chat", "embed", "stream", "chat", "limited", "
 # The statuses each kind of request may get; anything else is unexpected.
 EXPECTED = {"chat": {200}, "stream_usage": {200}, "stream": {200}, "embed": {200}, "limited": {200, 429},
             "churn_live": {200}, "churn_rotated": {401}, "churn_deleted": {401}}
-COLUMNS = ["t_s", "gw_rss_mib", "gw_fds", "gw_threads", "admin_rss_mib", "admin_fds", "admin_threads",
+COLUMNS = ["t_s", "gw_rss_mib", "gw_anon_mib", "gw_fds", "gw_threads", "admin_rss_mib", "admin_anon_mib", "admin_fds",
+           "admin_threads",
            "wal_dir_bytes", "wal_metric_bytes", "sent", "ok_2xx", "limited_429", "revoked_401",
            "unexpected", "p50_ms", "p99_ms"]
 
@@ -167,13 +171,18 @@ def check_body(kind, status, raw):
 def call(kind, key, path, body, scheduled):
     """One request on this thread's keep-alive connection; tallied with its latency from `scheduled`."""
     data = json.dumps(body).encode()
+    conn = getattr(LOCAL, "conn", None)
+    if conn is not None and time.monotonic() - LOCAL.used > CLIENT_IDLE:
+        conn.close()  # the gateway may be closing it (server.idle_timeout): never race that
+        conn = None
     try:
-        conn = getattr(LOCAL, "conn", None) or HTTPConnection("127.0.0.1", GW_PORT, timeout=30)
+        conn = conn or HTTPConnection("127.0.0.1", GW_PORT, timeout=30)
         LOCAL.conn = conn
         conn.request("POST", path, data, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
         r = conn.getresponse()
         raw = r.read()
         status = r.status
+        LOCAL.used = time.monotonic()
     except (OSError, HTTPException) as e:
         LOCAL.conn = None
         TALLY.add(kind, f"error:{type(e).__name__}", time.monotonic() - scheduled, str(e))
@@ -250,15 +259,16 @@ def churn(stop, session, record):
 
 def sample(t, procs, wal_dir):
     interval, lat = TALLY.take_interval()
-    gw = lib.proc_status(procs.procs["gateway"].pid) or (0, 0, 0)
-    ad = lib.proc_status(procs.procs["admin"].pid) or (0, 0, 0)
+    gw = lib.proc_status(procs.procs["gateway"].pid) or (0, 0, 0, 0)
+    ad = lib.proc_status(procs.procs["admin"].pid) or (0, 0, 0, 0)
     try:
         m = lib.metrics(f"{OPS}/metrics")
     except OSError:
         m = {}
     p = lambda q: round(lib.pctl(lat, q) * 1000, 2) if lat else ""  # noqa: E731
-    return {"t_s": round(t), "gw_rss_mib": round(gw[0] / MIB, 2), "gw_fds": gw[2], "gw_threads": gw[1],
-            "admin_rss_mib": round(ad[0] / MIB, 2), "admin_fds": ad[2], "admin_threads": ad[1],
+    return {"t_s": round(t), "gw_rss_mib": round(gw[0] / MIB, 2), "gw_anon_mib": round(gw[3] / MIB, 2),
+            "gw_fds": gw[2], "gw_threads": gw[1], "admin_rss_mib": round(ad[0] / MIB, 2),
+            "admin_anon_mib": round(ad[3] / MIB, 2), "admin_fds": ad[2], "admin_threads": ad[1],
             "wal_dir_bytes": lib.dir_bytes(wal_dir), "wal_metric_bytes": int(m.get("aihub_usage_wal_bytes", -1)),
             "sent": interval["sent"],
             "ok_2xx": interval["ok_2xx"], "limited_429": interval["limited_429"],

@@ -68,7 +68,9 @@ def verdicts(cfg, samples, lags, record, end, totals, expected):
         check(f"{name} RSS flat: end ≤ mark × 1.10 + 8 MiB",
               f"{mark[f'{who}_rss_mib']:.1f} MiB at {mark['t_s']} s → {last[f'{who}_rss_mib']:.1f} MiB at {last['t_s']} s "
               f"(limit {limit:.1f}; max after the mark {max(s[f'{who}_rss_mib'] for s in after):.1f}; "
-              f"trend after the mark {f(slope_per_hour(after, f'{who}_rss_mib'))} MiB/h)",
+              f"trend after the mark {f(slope_per_hour(after, f'{who}_rss_mib'))} MiB/h; anonymous memory "
+              f"{mark[f'{who}_anon_mib']:.1f} → {last[f'{who}_anon_mib']:.1f} MiB, "
+              f"{f(slope_per_hour(after, f'{who}_anon_mib'))} MiB/h)",
               last[f"{who}_rss_mib"] <= limit)
         fds = [s[f"{who}_fds"] for s in after]
         check(f"{name} open FDs flat: every sample after the mark within mark ± {cfg['fd_slack']}",
@@ -132,7 +134,8 @@ def report(cfg, samples, lags, record, end, totals, examples, checks, meta):
          f"- Date: {meta['date']}; revision {meta['revision']}; `nproc` = {meta['nproc']}, load average "
          f"{meta['load_before']} before, {meta['load_after']} after",
          f"- Command: `{meta['command']}`; run folder `{meta['run_dir']}` (configs, logs, samples.csv)",
-         f"- Load: {cfg['duration']} s, open loop at {cfg['rate']:g} req/s ({cfg['workers']} client threads, keep-alive), "
+         f"- Load: {cfg['duration']} s, open loop at {cfg['rate']:g} req/s ({cfg['workers']} client threads, keep-alive; a "
+         "connection idle for 20 s is closed by the client, under the gateway's 60 s `server.idle_timeout`), "
          "in a cycle of 20: 8 JSON chat completions, 4 SSE streams with `stream_options.include_usage`, 3 without, "
          f"3 embeddings, 2 chat completions on a key limited to {cfg['limited_rpm']} requests/min (`rate_limit_rpm`, set "
          f"through the admin API; 429s expected). Beside it, every {cfg['churn_every']:g} s, key churn through the admin "
@@ -146,19 +149,19 @@ def report(cfg, samples, lags, record, end, totals, examples, checks, meta):
          "(duration ÷ 6: 10 min of an hour).", "",
          f"## Verdicts: {'all met' if ok else '**FAILED**'}", "", "| verdict | measured | |", "|---|---|---|"]
     L += [f"| {c['what']} | {c['value']} | {'met' if c['ok'] else '**not met**'} |" for c in checks]
-    L += ["", "## The curve", "", "| point | t (s) | gateway RSS MiB | FDs | threads | admin RSS MiB | FDs | threads "
+    L += ["", "## The curve", "", "| point | t (s) | gateway RSS (anon) MiB | FDs | threads | admin RSS (anon) MiB | FDs | threads "
           "| WAL folder bytes | 2xx | 429 | 401 | unexpected | p50 ms | p99 ms |", "|" + "---|" * 15]
     mid = len(samples) // 2
     for i in curve_indices(samples, mi) if samples else []:
         s = samples[i]
         label = {0: "start", mi: "mark", mid: "middle", len(samples) - 1: "end"}.get(i, "")
-        L.append(f"| {label} | {s['t_s']} | {s['gw_rss_mib']:.1f} | {s['gw_fds']} | {s['gw_threads']} | "
-                 f"{s['admin_rss_mib']:.1f} | {s['admin_fds']} | {s['admin_threads']} | {s['wal_dir_bytes']:,} | "
+        L.append(f"| {label} | {s['t_s']} | {s['gw_rss_mib']:.1f} ({s['gw_anon_mib']:.1f}) | {s['gw_fds']} | {s['gw_threads']} | "
+                 f"{s['admin_rss_mib']:.1f} ({s['admin_anon_mib']:.1f}) | {s['admin_fds']} | {s['admin_threads']} | {s['wal_dir_bytes']:,} | "
                  f"{s['ok_2xx']} | {s['limited_429']} | {s['revoked_401']} | {s['unexpected']} | {s['p50_ms']} | {s['p99_ms']} |")
     d = end.get("after_drain")
     if d:
-        L.append(f"| after drain | {d['t_s']} | {d['gw_rss_mib']:.1f} | {d['gw_fds']} | {d['gw_threads']} | "
-                 f"{d['admin_rss_mib']:.1f} | {d['admin_fds']} | {d['admin_threads']} | {d['wal_dir_bytes']:,} | | | | | | |")
+        L.append(f"| after drain | {d['t_s']} | {d['gw_rss_mib']:.1f} ({d['gw_anon_mib']:.1f}) | {d['gw_fds']} | "
+                 f"{d['gw_threads']} | {d['admin_rss_mib']:.1f} ({d['admin_anon_mib']:.1f}) | {d['admin_fds']} | {d['admin_threads']} | {d['wal_dir_bytes']:,} | | | | | | |")
     L += ["", "Counts are per sampling interval; p50/p99: the interval's 200s of the unlimited requests, from each "
           "request's scheduled time to its last byte (streams read to the end). Every sample is in `loadtests/results/soak-latest.csv`.",
           "", "## Answers", "", "| request | outcome | count |", "|---|---|---|"]
