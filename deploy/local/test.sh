@@ -39,9 +39,11 @@ cargo fmt --all -- --check
 command -v cargo-machete >/dev/null 2>&1 || cargo install --locked cargo-machete@0.9.2
 echo "==> cargo machete" >&2
 cargo machete
-# Licenses, duplicate versions and sources against deny.toml (docs/supply-chain.md), offline.
+# Licenses, duplicate versions and sources against deny.toml (docs/supply-chain.md), offline: the
+# crates come from Cargo.lock (fetched here first on a fresh machine; nothing else is fetched).
 command -v cargo-deny >/dev/null 2>&1 || cargo install --locked cargo-deny@0.20.2
 echo "==> cargo deny check licenses bans sources" >&2
+cargo fetch --locked --target x86_64-unknown-linux-gnu
 cargo deny --frozen check licenses bans sources
 echo "==> no import circles between a crate's modules" >&2
 python3 deploy/ci/module-cycles.py ./*/src loadtests/mock-upstream/src
