@@ -257,9 +257,8 @@ async fn gateway_refuses_malformed_headers_and_chunks() {
         assert_eq!(x.statuses(), [400], "{what}: {x:?}");
         assert!(x.closed, "{what}: connection left open");
     }
-    // Chunk sizes that are not hex, overflow, are negative, or data without its CRLF: the
-    // connection is closed without an answer (the gateway reads the body as a client that went
-    // away, `client_closed_request`), nothing forwarded.
+    // Chunk sizes that are not hex, overflow, are negative, or data without its CRLF: 400
+    // `invalid_body` and the connection closed, nothing forwarded.
     let te = head(
         "/v1/chat/completions",
         k,
@@ -278,7 +277,8 @@ async fn gateway_refuses_malformed_headers_and_chunks() {
         ("no CRLF", format!("{:x}\r\n{body}XX0\r\n\r\n", body.len())),
     ] {
         let x = exchange(s.gw.addr, (te.clone() + &chunks).as_bytes(), WAIT);
-        assert!(x.answers.is_empty(), "{what}: {x:?}");
+        assert_eq!(x.statuses(), [400], "{what}: {x:?}");
+        x.answers[0].openai_error("invalid_body");
         assert!(x.closed, "{what}: connection left open");
     }
     assert_eq!(s.mock.received(CHAT_PATH).await, 0);
@@ -343,13 +343,15 @@ async fn gateway_serves_http_1_0_and_refuses_unmet_expectations() {
     assert_eq!(x.statuses(), [100, 408], "{x:?}");
     x.answers[1].openai_error("request_timeout");
     assert!(started.elapsed() < Duration::from_secs(3));
-    // An expectation other than `100-continue`: RFC 9110 lets a server ignore it (or answer
-    // 417); the gateway serves the request as if it were absent.
+    // An expectation other than `100-continue` cannot be met: 417, nothing forwarded, and the
+    // connection closed (the body that followed is not read).
     let request = head("/v1/chat/completions", k, &len) + "Expect: 200-ok\r\n\r\n" + &body;
     let x = exchange(s.gw.addr, request.as_bytes(), Duration::from_millis(500));
-    assert_eq!(x.statuses(), [200], "{x:?}");
-    assert_eq!(s.mock.received(CHAT_PATH).await, 4);
-    s.still_serves(4).await;
+    assert_eq!(x.statuses(), [417], "{x:?}");
+    x.answers[0].openai_error("expectation_failed");
+    assert!(x.closed, "connection left open after a 417");
+    assert_eq!(s.mock.received(CHAT_PATH).await, 3);
+    s.still_serves(3).await;
 }
 
 /// Sends `bytes` one at a time, `every` apart, until the server closes the connection; how

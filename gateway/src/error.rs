@@ -110,6 +110,13 @@ pub enum GatewayError {
     MissingModel,
     #[error("body larger than {0} bytes")]
     BodyTooLarge(usize),
+    /// The body's framing is broken (an invalid chunk size or chunk end): the connection is
+    /// closed after the answer, its next bytes cannot be trusted.
+    #[error("malformed request body: {0}")]
+    InvalidBody(String),
+    /// An `Expect` header other than `100-continue` (RFC 9110 §10.1.1).
+    #[error("unsupported expectation")]
+    ExpectationFailed,
     #[error("timed out reading the request body")]
     BodyTimeout,
     #[error("the client went away while sending the body")]
@@ -162,7 +169,8 @@ impl GatewayError {
             Auth(_) => 401,
             EndpointNotAllowed(_) | ModelNotAllowed(_) | IpNotAllowed => 403,
             UnknownModel(_) | UnknownUrl(_) | UnsupportedEndpoint(_) => 404,
-            InvalidJson(_) | MissingModel | InvalidPath(_) => 400,
+            InvalidJson(_) | MissingModel | InvalidPath(_) | InvalidBody(_) => 400,
+            ExpectationFailed => 417,
             BodyTimeout => 408,
             BodyTooLarge(_) => 413,
             Limited { .. } => 429,
@@ -208,6 +216,8 @@ impl GatewayError {
             InvalidJson(_) => "invalid_json",
             MissingModel => "missing_model",
             BodyTooLarge(_) => "request_too_large",
+            InvalidBody(_) => "invalid_body",
+            ExpectationFailed => "expectation_failed",
             Limited { reason, .. } => match reason {
                 Reason::Quota | Reason::SpendCap => "insufficient_quota",
                 _ => "rate_limit_exceeded",
@@ -276,6 +286,8 @@ impl GatewayError {
             InvalidJson(why) => format!("We could not parse the JSON body of your request: {why}."),
             MissingModel => "You must provide a model parameter (a JSON string).".into(),
             BodyTooLarge(limit) => format!("The request body is larger than the maximum of {limit} bytes."),
+            InvalidBody(_) => "The request body is malformed (invalid chunked encoding).".into(),
+            ExpectationFailed => "Only `Expect: 100-continue` is supported.".into(),
             Limited { reason, retry_after_secs: wait, limit } => {
                 let per_minute = limit.map_or_else(String::new, |n| format!(" Limit: {n} per minute."));
                 match reason {

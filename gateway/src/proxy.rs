@@ -182,6 +182,11 @@ impl Gateway {
         let method = session.req_header().method.clone();
         // The path as sent is the one checked, forwarded and recorded: refused unless canonical.
         let path = crate::path::check(uri.path()).map_err(GatewayError::InvalidPath)?;
+        // The one expectation there is (RFC 9110 §10.1.1); any other cannot be met.
+        let expect = session.get_header(header::EXPECT);
+        if expect.is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"100-continue")) {
+            return Err(GatewayError::ExpectationFailed);
+        }
         let Some(endpoint) = path.strip_prefix("/v1/") else {
             return Err(unknown_url(&method, path));
         };
@@ -449,6 +454,9 @@ impl Gateway {
         loop {
             let chunk = match tokio::time::timeout_at(deadline, session.read_request_body()).await {
                 Err(_) => return Err(GatewayError::BodyTimeout),
+                Ok(Err(e)) if is_bad_framing(&e) => {
+                    return Err(GatewayError::InvalidBody(e.to_string()))
+                }
                 Ok(Err(_)) => return Err(GatewayError::ClientGone),
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => chunk,
@@ -537,9 +545,10 @@ impl Gateway {
                 return;
             }
             // The rest of an unread or partly read body would be taken for the next request.
-            GatewayError::BodyTooLarge(_) | GatewayError::BodyTimeout => {
-                session.set_keepalive(None)
-            }
+            GatewayError::BodyTooLarge(_)
+            | GatewayError::BodyTimeout
+            | GatewayError::InvalidBody(_)
+            | GatewayError::ExpectationFailed => session.set_keepalive(None),
             _ => {}
         }
         if e.status() >= 500 {
@@ -596,6 +605,15 @@ impl Gateway {
         }
         written
     }
+}
+
+/// A body read error that is the client's malformed framing (pingora's chunk parser), not a
+/// connection that went away.
+fn is_bad_framing(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::Custom("InvalidChunk" | "InvalidTrailerEnd")
+    )
 }
 
 /// Most bytes a declared `Content-Length` reserves up front (a larger body's buffer grows as
