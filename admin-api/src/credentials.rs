@@ -110,6 +110,10 @@ struct Claims {
 
 const JWT_HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
 
+/// How far in the future a token's issue time may be (another admin node's clock ahead of this
+/// one's) before the token counts as issued before a clock step back, and is refused.
+pub const IAT_LEEWAY_SECS: i64 = 60;
+
 impl Jwt {
     pub fn new(secret: &[u8]) -> Jwt {
         Jwt { key: secret.into() }
@@ -120,7 +124,10 @@ impl Jwt {
     }
 
     pub fn sign(&self, developer_id: &str, session_id: &str, ttl: Duration) -> String {
-        let now = now_ms() / 1000;
+        self.sign_at(developer_id, session_id, ttl, now_ms() / 1000)
+    }
+
+    fn sign_at(&self, developer_id: &str, session_id: &str, ttl: Duration, now: i64) -> String {
         let claims = Claims {
             iss: "aihub".into(),
             sub: developer_id.into(),
@@ -162,7 +169,16 @@ impl Jwt {
     }
 
     /// Returns `(developer id, session id)` of a valid, unexpired token.
+    ///
+    /// A token issued more than [`IAT_LEEWAY_SECS`] in the future is refused too: the wall
+    /// clock stepped back since it was issued, and its `exp` alone would keep it valid for its
+    /// lifetime plus the step. Refusing it bounds every token to its real lifetime (its holder
+    /// signs in again); the leeway covers clock differences between admin nodes.
     pub fn verify(&self, token: &str) -> Option<(String, String)> {
+        self.verify_at(token, now_ms() / 1000)
+    }
+
+    fn verify_at(&self, token: &str, now: i64) -> Option<(String, String)> {
         let (signing_input, sig) = token.rsplit_once('.')?;
         let (header, body) = signing_input.split_once('.')?;
         if B64.decode(header).ok()? != JWT_HEADER.as_bytes() {
@@ -172,7 +188,8 @@ impl Jwt {
         mac.update(signing_input.as_bytes());
         mac.verify_slice(&B64.decode(sig).ok()?).ok()?;
         let claims: Claims = serde_json::from_slice(&B64.decode(body).ok()?).ok()?;
-        (claims.exp > now_ms() / 1000 && claims.iss == "aihub").then_some((claims.sub, claims.sid))
+        (claims.exp > now && claims.iat <= now + IAT_LEEWAY_SECS && claims.iss == "aihub")
+            .then_some((claims.sub, claims.sid))
     }
 }
 
@@ -263,6 +280,21 @@ mod tests {
         assert_eq!(jwt.verify(&parts.join(".")), None);
         let expired = jwt.sign("dev_1", "ses_1", Duration::ZERO);
         assert_eq!(jwt.verify(&expired), None);
+    }
+
+    #[test]
+    fn a_clock_step_back_does_not_lengthen_a_token() {
+        let jwt = Jwt::new(b"0123456789abcdef0123456789abcdef");
+        let issued = 1_800_000_000;
+        let t = jwt.sign_at("dev_1", "ses_1", Duration::from_secs(600), issued);
+        let ok = Some(("dev_1".into(), "ses_1".into()));
+        assert_eq!(jwt.verify_at(&t, issued + 599), ok);
+        assert_eq!(jwt.verify_at(&t, issued + 600), None);
+        // Another node's clock a little behind: accepted.
+        assert_eq!(jwt.verify_at(&t, issued - IAT_LEEWAY_SECS), ok);
+        // The clock stepped back an hour: the token would otherwise live 1 h 10 min.
+        assert_eq!(jwt.verify_at(&t, issued - 3600), None);
+        assert_eq!(jwt.verify_at(&t, issued - IAT_LEEWAY_SECS - 1), None);
     }
 
     #[test]

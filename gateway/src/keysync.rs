@@ -15,7 +15,10 @@
 //!   the key's record whole.
 //! - **Outages**: a failed read (database down, tables missing, timeout) changes nothing: the
 //!   gateway keeps its last known keys, retries with backoff, logs once when the database
-//!   becomes unreachable and once when it is back, and sets `aihub_key_sync_up` to 0.
+//!   becomes unreachable and once when it is back, and sets `aihub_key_sync_up` to 0. The first
+//!   read after a failure, and one read every 5 s, check that the database still holds the
+//!   change the cursor names ([`feed::holds`]); one that went back (a failover that lost
+//!   commits the gateway had read) is loaded anew while the keys held keep serving.
 //! - **Internal secret**: the secret the admin API shares with gateways
 //!   (`settings.internal_secret`; it signs forwarded Files/Batches identities and batch
 //!   tokens) is read with the initial load and, while the admin API has not created it yet,
@@ -55,6 +58,11 @@ const PAGE: i64 = 1_000;
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller waits for a pooled connection (a down database fails a read this fast).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the follower checks that the database still holds the change it read last (two
+/// small queries): a failover to a standby that missed commits can happen between two reads
+/// without either failing (the pool replaces a dead connection unseen). Also checked after
+/// every failed read.
+const FEED_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait between retries while the database (or Redis) is failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest a last-used write-back may take.
@@ -147,6 +155,7 @@ impl BackgroundService for KeySync {
             cursor: Cursor::default(),
             health: Health::Unknown,
             check_head: false,
+            checked: Instant::now(),
             bad_secret_logged: false,
         };
 
@@ -223,6 +232,9 @@ impl BackgroundService for KeySync {
                 }
                 Err(e) => {
                     follower.failed(&e, "key change feed read");
+                    // The database may come back as another one (a promoted standby that
+                    // missed commits this gateway read): checked at the next read.
+                    follower.check_head = true;
                     backoff = if failing {
                         (backoff * 2).min(MAX_BACKOFF)
                     } else {
@@ -296,10 +308,13 @@ struct Follower {
     interner: Interner,
     cursor: Cursor,
     health: Health,
-    /// Set after loading the local snapshot: the first read from the database checks that the
-    /// feed has not gone back behind the snapshot (a restored or replaced database), and
-    /// reloads everything if it has.
+    /// Set after loading the local snapshot and after a failed read: the next read from the
+    /// database checks that the feed has not gone back behind the cursor (a restored or
+    /// replaced database, a failover to a standby that missed commits read here), and reloads
+    /// everything if it has.
     check_head: bool,
+    /// When the feed was last checked to still hold the cursor (see [`FEED_CHECK_INTERVAL`]).
+    checked: Instant,
     /// A stored internal secret too short to use was reported (reported once).
     bad_secret_logged: bool,
 }
@@ -308,11 +323,27 @@ impl Follower {
     /// Loads every live key; returns how many. Starts from an empty map each attempt, so a key
     /// revoked between a failed attempt and the next is not kept.
     async fn initial_load(&mut self) -> Result<usize, SyncError> {
+        self.load(false).await
+    }
+
+    /// Loads every live key again while the keys held keep serving (no request sees a map
+    /// half loaded), then drops those the database no longer holds (read from a primary that
+    /// failed over without them). Returns how many were loaded.
+    async fn reload(&mut self) -> Result<usize, SyncError> {
+        self.load(true).await
+    }
+
+    async fn load(&mut self, keep_serving: bool) -> Result<usize, SyncError> {
         let head = timed(DB_TIMEOUT, feed::head(&self.store)).await?;
-        self.keys.synced.clear();
+        if !keep_serving {
+            self.keys.synced.clear();
+        }
+        let mut seen = std::collections::HashSet::new();
         // Maps sized once (a map grown key by key leaves its outgrown tables behind).
         let (keys, developers) = timed(DB_TIMEOUT, feed::live_keys(&self.store)).await?;
-        self.keys.synced.reserve(usize::try_from(keys).unwrap_or(0));
+        if !keep_serving {
+            self.keys.synced.reserve(usize::try_from(keys).unwrap_or(0));
+        }
         self.interner = Interner::with_capacity(usize::try_from(developers).unwrap_or(0));
         let mut cursor = Cursor::default();
         let mut loaded = 0;
@@ -338,10 +369,30 @@ impl Follower {
             }
             for state in &page {
                 self.apply(state);
+                if let (true, Ok(hash)) = (keep_serving, KeyHash::from_hex(&state.key_hash)) {
+                    seen.insert(hash.0);
+                }
             }
             loaded += page.len();
             if (page.len() as i64) < PAGE {
                 break;
+            }
+        }
+        if keep_serving {
+            let mut gone = Vec::new();
+            self.keys.synced.for_each(|hash, _| {
+                if !seen.contains(&hash.0) {
+                    gone.push(*hash);
+                }
+            });
+            for hash in &gone {
+                self.keys.synced.remove(hash);
+            }
+            if !gone.is_empty() {
+                tracing::warn!(
+                    keys = gone.len(),
+                    "keys the database no longer holds dropped"
+                );
             }
         }
         self.cursor = Cursor {
@@ -386,12 +437,14 @@ impl Follower {
 
     /// Applies every change after the cursor; returns how many rows were applied.
     async fn poll(&mut self) -> Result<usize, SyncError> {
-        if self.check_head {
+        if self.check_head || self.checked.elapsed() >= FEED_CHECK_INTERVAL {
             let head = timed(DB_TIMEOUT, feed::head(&self.store)).await?;
+            let holds = timed(DB_TIMEOUT, feed::holds(&self.store, &self.cursor)).await?;
             self.check_head = false;
-            if head < self.cursor.seq {
-                tracing::warn!("the key feed is behind the local snapshot (database replaced?): reloading every key");
-                return self.initial_load().await;
+            self.checked = Instant::now();
+            if head < self.cursor.seq || !holds {
+                tracing::warn!("the key feed went back behind what this gateway read (database failed over, restored or replaced?): reloading every key");
+                return self.reload().await;
             }
         }
         let mut applied = 0;

@@ -238,3 +238,22 @@ pub async fn head(store: &Store) -> Result<i64> {
             .await?,
     )
 }
+
+/// Whether the database still holds the change a follower read last (`cursor`): the key row
+/// stamped `cursor.seq`, or stamped later by a newer change. False when the database went back
+/// behind it: a failover to a standby that missed commits the follower had read on the old
+/// primary (an asynchronous standby, or a synchronous-replication wait cut short), or a restore.
+/// The new primary then hands out those numbers again, to other changes, and the follower must
+/// reload everything rather than follow from its cursor.
+pub async fn holds(store: &Store, cursor: &Cursor) -> Result<bool> {
+    // No key row to look at (nothing read yet, or a head no key is stamped with): the head
+    // check alone applies.
+    if cursor.seq == 0 || cursor.id.is_empty() {
+        return Ok(true);
+    }
+    let seq: Option<i64> = sqlx::query_scalar("SELECT change_seq FROM api_keys WHERE id = $1")
+        .bind(&cursor.id)
+        .fetch_optional(store.pool())
+        .await?;
+    Ok(seq.is_some_and(|s| s >= cursor.seq))
+}

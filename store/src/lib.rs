@@ -90,14 +90,24 @@ impl From<sqlx::Error> for StoreError {
 }
 
 impl StoreError {
-    /// Whether the database could not be reached (as opposed to refusing a statement).
+    /// Whether the database could not be reached or cannot serve for now (as opposed to
+    /// refusing a statement): the connection failed or broke (a handshake cut short by an
+    /// address with no server behind it is a protocol error), or the server answers that it is
+    /// shutting down, starting up or still a read-only standby (SQLSTATE classes 57P and 08,
+    /// and 25006): what a failover looks like to clients, worth a retry.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             StoreError::Db(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-            )
-        )
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Protocol(_),
+            ) => true,
+            StoreError::Db(sqlx::Error::Database(d)) => d
+                .code()
+                .is_some_and(|c| c.starts_with("57P") || c.starts_with("08") || c == "25006"),
+            _ => false,
+        }
     }
 }
 
@@ -314,6 +324,15 @@ pub fn new_id(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_cut_mid_handshake_is_unavailable() {
+        let db = |e| StoreError::Db(e).is_unavailable();
+        assert!(db(sqlx::Error::Protocol("unexpected response".into())));
+        assert!(db(sqlx::Error::PoolTimedOut));
+        assert!(!db(sqlx::Error::ColumnNotFound("x".into())));
+        assert!(!StoreError::NotFound.is_unavailable());
+    }
 
     #[test]
     fn dialects_and_paths() {

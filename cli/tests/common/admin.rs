@@ -33,6 +33,16 @@ impl Admin {
     /// Like [`Admin::start`], listening on `listen` (a port chosen before, e.g. for a gateway
     /// that must know it).
     pub fn start_at(listen: &str, database_url: &str, extra: &str) -> Admin {
+        Self::start_with_env(listen, database_url, extra, &[])
+    }
+
+    /// Like [`Admin::start_at`], with extra environment variables (e.g. `LD_PRELOAD`).
+    pub fn start_with_env(
+        listen: &str,
+        database_url: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Admin {
         let dir = tempfile::tempdir().unwrap();
         let mail = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin.yaml");
@@ -74,6 +84,7 @@ impl Admin {
             .env("AIHUB_TEST_OPS_PASSWORD", PASSWORD)
             .env("RUST_LOG", "debug")
             .env_remove("AIHUB_DATABASE_URL")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sha2::{Digest, Sha256};
 
 pub mod admin;
+pub mod faultproxy;
 pub mod tls;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_aihub");

@@ -12,7 +12,8 @@
 //!
 //! The overage charge the gateway enforces is the period's metered cost times the share of its
 //! tokens beyond the included ones (a stateless estimate from totals; the invoice prices the
-//! overage exactly). Entries are per developer and dropped when the period turns over.
+//! overage exactly). Entries are per developer; when the period turns over (the wall clock
+//! leaves it, forwards or backwards) the old period's entries are parked for a step back.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,14 +107,27 @@ impl QuotaRule {
 }
 
 /// Every developer's usage this period, on this node.
+///
+/// The period follows the wall clock (a month is a calendar fact) both ways: a clock stepping
+/// forward across the month's end turns it over, and one stepping back across the month's start
+/// turns it back. The entries of the period left are parked, not dropped, and come back with
+/// it: a step back (say from 1 January 00:00:05 to 31 December 23:59:58) must not reopen
+/// December's spent quota, nor a step forward again January's.
 pub struct QuotaBook {
-    /// Serializes period turnovers.
-    turnover: Mutex<()>,
+    /// Serializes period turnovers; holds the entries of the period last left.
+    turnover: Mutex<Option<Parked>>,
     /// The current period as `year * 12 + month - 1`.
     period_code: AtomicI64,
-    /// End of the current period, unix ms (checked on every access; cheap).
+    /// Start and end of the current period, unix ms (checked on every access; cheap).
+    period_start_ms: AtomicI64,
     period_end_ms: AtomicI64,
     devs: DashMap<Arc<str>, Arc<DevUsage>, foldhash::fast::RandomState>,
+}
+
+/// The entries of a period the clock left, kept for a step back into it.
+struct Parked {
+    code: i64,
+    devs: Vec<(Arc<str>, Arc<DevUsage>)>,
 }
 
 fn code(p: Period) -> i64 {
@@ -131,27 +145,50 @@ impl QuotaBook {
     pub fn new(now_ms: i64) -> QuotaBook {
         let period = Period::of_unix_ms(now_ms);
         QuotaBook {
-            turnover: Mutex::new(()),
+            turnover: Mutex::new(None),
             period_code: AtomicI64::new(code(period)),
+            period_start_ms: AtomicI64::new(period.start_ms()),
             period_end_ms: AtomicI64::new(period.end_ms()),
             devs: DashMap::default(),
         }
     }
 
-    /// The current period; turning it over (and forgetting the old one's usage) when `now_ms`
-    /// is past its end.
+    /// The current period; turning it over when `now_ms` is outside it (past its end, or
+    /// before its start: the wall clock stepped back). The period left is parked; the period
+    /// parked, when `now_ms` is in it again, comes back with its usage.
     #[inline]
     pub fn period(&self, now_ms: i64) -> Period {
-        if now_ms >= self.period_end_ms.load(Ordering::Acquire) {
-            let _guard = self.turnover.lock().expect("quota turnover lock");
-            if now_ms >= self.period_end_ms.load(Ordering::Acquire) {
+        if self.outside(now_ms) {
+            let mut parked = self.turnover.lock().expect("quota turnover lock");
+            if self.outside(now_ms) {
                 let p = Period::of_unix_ms(now_ms);
+                let left = Parked {
+                    code: self.period_code.load(Ordering::Acquire),
+                    devs: self
+                        .devs
+                        .iter()
+                        .map(|e| (Arc::clone(e.key()), Arc::clone(e.value())))
+                        .collect(),
+                };
                 self.devs.clear();
+                if let Some(back) = parked.take().filter(|b| b.code == code(p)) {
+                    for (id, usage) in back.devs {
+                        self.devs.insert(id, usage);
+                    }
+                }
+                *parked = Some(left);
                 self.period_code.store(code(p), Ordering::Release);
+                self.period_start_ms.store(p.start_ms(), Ordering::Release);
                 self.period_end_ms.store(p.end_ms(), Ordering::Release);
             }
         }
         from_code(self.period_code.load(Ordering::Acquire))
+    }
+
+    #[inline]
+    fn outside(&self, now_ms: i64) -> bool {
+        now_ms >= self.period_end_ms.load(Ordering::Acquire)
+            || now_ms < self.period_start_ms.load(Ordering::Acquire)
     }
 
     /// Unix ms at which the current period ends.
@@ -288,5 +325,29 @@ mod tests {
         assert_eq!(book.dev(&dev, nov.start_ms() + 10).totals(), (700, 70));
         assert_eq!(book.dev(&dev, nov.end_ms()).totals(), (0, 0));
         assert_eq!(book.period(nov.end_ms()), nov.next());
+    }
+
+    #[test]
+    fn a_clock_step_back_across_the_month_start_brings_the_old_period_back() {
+        let nov = Period::parse("2026-11").unwrap();
+        let book = QuotaBook::new(nov.end_ms() - 10_000);
+        let dev: Arc<str> = "dev_a".into();
+        book.dev(&dev, nov.end_ms() - 9_000)
+            .tokens
+            .fetch_add(900, Ordering::Relaxed);
+        // Forward into December: a new period, empty.
+        let dec = book.dev(&dev, nov.end_ms() + 5_000);
+        assert_eq!(book.period(nov.end_ms() + 5_000), nov.next());
+        assert_eq!(dec.totals(), (0, 0));
+        dec.tokens.fetch_add(30, Ordering::Relaxed);
+        // Back into November (a step of the wall clock): November's usage, not a fresh count.
+        assert_eq!(book.period(nov.end_ms() - 2_000), nov);
+        assert_eq!(book.dev(&dev, nov.end_ms() - 1_000).totals(), (900, 0));
+        assert_eq!(book.totals(nov, "dev_a"), (900, 0));
+        // And forward again: December's.
+        assert_eq!(book.dev(&dev, nov.end_ms() + 6_000).totals(), (30, 0));
+        // A step back into a period never seen starts it empty.
+        assert_eq!(book.dev(&dev, nov.start_ms() - 1).totals(), (0, 0));
+        assert_eq!(book.period(nov.start_ms() - 1), nov.prev());
     }
 }
