@@ -10,7 +10,8 @@
 //! recorded, byte for byte.
 //!
 //! Refused, anywhere in the path (query strings are not paths and are not looked at):
-//! - a dot segment: `.` or `..`, also followed by `;parameters` (`/..;/`, as some servers read it);
+//! - a dot segment: `.` or `..`, also followed by `;parameters` (`/..;/`, as some servers read it),
+//!   the `;` also escaped (`/..%3B/`);
 //! - an empty segment (`//`), except a single trailing slash;
 //! - a backslash (some servers read it as a slash);
 //! - a percent-escape of `.`, `/`, `\` or `%` (`%2e`, `%2F`, `%5c`, `%25`: encoded dots and
@@ -68,7 +69,19 @@ pub fn check(path: &str) -> Result<&str, PathError> {
         if segment.is_empty() && i != last {
             return Err(PathError::EmptySegment);
         }
-        let name = segment.split(';').next().unwrap_or("");
+        // The name before `;parameters`, the `;` also escaped (`.%3B`: a server that decodes
+        // before it strips parameters reads `.;`).
+        let bytes = segment.as_bytes();
+        let end = (0..bytes.len())
+            .find(|&i| {
+                bytes[i] == b';'
+                    || bytes[i..].len() >= 3
+                        && bytes[i] == b'%'
+                        && bytes[i + 1] == b'3'
+                        && bytes[i + 2] | 0x20 == b'b'
+            })
+            .unwrap_or(bytes.len());
+        let name = &segment[..end];
         if name == "." || name == ".." {
             return Err(PathError::DotSegment);
         }
@@ -129,6 +142,9 @@ mod tests {
             ("/v1/..", DotSegment),
             ("/v1/embeddings/..;/chat/completions", DotSegment),
             ("/v1/embeddings/.;x/y", DotSegment),
+            // Found by fuzzing (fuzz/ path_check): an escaped `;` after a dot segment.
+            ("/v1/embeddings/..%3b/chat/completions", DotSegment),
+            ("/v1/embeddings/.%3Bx/y", DotSegment),
             ("/v1/embeddings/%2e%2e/chat/completions", EncodedCharacter),
             ("/v1/embeddings/%2E%2E/chat/completions", EncodedCharacter),
             ("/v1/embeddings/.%2e/chat/completions", EncodedCharacter),

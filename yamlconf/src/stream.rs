@@ -355,14 +355,15 @@ impl<'k> Splitter<'k> {
                 }
                 match item_start(line) {
                     Some(column) => {
-                        // `key: []`, then a blank line for each line from here to the item.
+                        // `key: []` with the key line's comment, then the blank or comment
+                        // lines up to the item as they are (the parser still reads every
+                        // comment: one with a control character is an error either way).
                         let opening_lines = pending.matches('\n').count();
                         let key_line = self.line_no - opening_lines;
+                        let after_colon = &pending[self.key.len() + 1..];
                         self.rest.push_str(self.key);
-                        self.rest.push_str(": []\n");
-                        for _ in 1..opening_lines {
-                            self.rest.push('\n');
-                        }
+                        self.rest.push_str(": []");
+                        self.rest.push_str(after_colon);
                         self.rest.push('\n');
                         self.list_line = Some(key_line);
                         self.state = State::In(column);
@@ -538,6 +539,17 @@ mod tests {
         assert_eq!(doc.items[3000].tags, ["a", "b"]);
         assert_eq!(doc.items[8001].tags, ["c"]);
         assert_eq!(doc.items.len(), 8002);
+    }
+
+    #[test]
+    fn the_lists_opening_comments_are_still_read() {
+        // Found by fuzzing (fuzz/ yaml_stream): the `key:` line's comment was dropped with the
+        // list, so a control character in it (an error for the whole document) passed.
+        for doc in ["items: #\u{e}x\n- id: a\n", "items:\n# \u{e}\n- id: a\n"] {
+            let (whole, streamed, _) = both(doc);
+            assert!(whole.is_err() && streamed.is_err(), "{doc:?}");
+        }
+        assert!(same("items: # the list\n# more\n\n- id: a\nafter: 1\n"));
     }
 
     #[test]
