@@ -1,6 +1,6 @@
 //! Black-box fault tests not covered elsewhere (issue 21, item 4): ClickHouse answering slowly
-//! rather than down (a delaying TCP proxy in front of it), and SIGHUP storms under load against
-//! the gateway and the admin API. The real binary, real ClickHouse, the mock upstream.
+//! or not at all rather than down (a delaying TCP proxy in front of it), and SIGHUP storms under
+//! load against the gateway and the admin API. The real binary, real ClickHouse, the mock upstream.
 
 mod common;
 
@@ -136,17 +136,34 @@ async fn clickhouse_answering_slowly_never_delays_requests_and_loses_nothing() {
         gw.log_text().contains("no answer within 3s"),
         "the failure should be the insert timeout"
     );
-    // Let the retries go through the slow proxy for a while, then answer at once again.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Then no answer at all (a hung server): the insert times out, and so does the dedup
+    // query of its retry (30 s), instead of holding the pipeline after ClickHouse is back.
+    proxy.set_delay(Duration::from_secs(3600));
+    let hung_before = gw.metric("aihub_usage_insert_failures_total{kind=\"transient\"}");
+    let (_, failed) = timed_batch(&gw, &k.key, 100, 4).await;
+    assert_eq!(failed, 0);
+    ok += 100;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.metric("aihub_usage_insert_failures_total{kind=\"transient\"}") <= hung_before
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The retry's dedup query is under way on a connection that will never answer.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.set_delay(Duration::ZERO);
 
     let rows = db
         .wait_for(
             "SELECT count() FROM usage_events",
             ok as i128,
-            Duration::from_secs(60),
+            Duration::from_secs(75),
         )
         .await;
+    assert!(
+        gw.log_text().contains("dedup query: no answer within 30s"),
+        "the hung dedup query should have timed out"
+    );
     let unique = db
         .number("SELECT uniqExact(request_id) FROM usage_events")
         .await;
@@ -154,7 +171,8 @@ async fn clickhouse_answering_slowly_never_delays_requests_and_loses_nothing() {
     println!(
         "latency p99 (to the last byte, 300 requests, 4 clients): ClickHouse direct {:.1} ms, \
          +2 s per answer {:.1} ms, +4 s per answer (> 3 s insert timeout) {:.1} ms; \
-         insert timeouts {timeouts}, rows found by the retries' dedup {skipped}; \
+         insert timeouts at +4 s {timeouts}, rows found by the retries' dedup {skipped} (then \
+         100 requests while ClickHouse hung); \
          successes {ok}, usage rows {rows}, distinct request ids {unique}",
         ms(base_p99),
         ms(slow_p99),

@@ -305,6 +305,23 @@ pub async fn insert(
     }
 }
 
+/// Longest a dedup query may take. A server that stops answering (hung, or a connection
+/// half-open after a partition) must not hold the pipeline for good: the attempt counts as a
+/// transient failure and is retried on a new connection. (The default insert timeout.)
+pub const DEDUP_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A dedup query, bounded by [`DEDUP_QUERY_TIMEOUT`].
+async fn bounded<T>(
+    query: impl std::future::Future<Output = clickhouse::error::Result<T>>,
+) -> Result<T, InsertError> {
+    match tokio::time::timeout(DEDUP_QUERY_TIMEOUT, query).await {
+        Ok(result) => result.map_err(classify),
+        Err(_) => Err(InsertError::Transient(format!(
+            "dedup query: no answer within {DEDUP_QUERY_TIMEOUT:?}"
+        ))),
+    }
+}
+
 /// A row already in ClickHouse, as the dedup queries read it.
 #[derive(Debug, Row, Deserialize)]
 struct Present {
@@ -340,13 +357,7 @@ pub async fn drop_present(
         if client.get_setting(QUORUM_SETTING).is_some() {
             query = query.with_setting("select_sequential_consistency", "1");
         }
-        let present: Vec<Present> = query
-            .bind(lo)
-            .bind(hi)
-            .bind(ids)
-            .fetch_all()
-            .await
-            .map_err(classify)?;
+        let present: Vec<Present> = bounded(query.bind(lo).bind(hi).bind(ids).fetch_all()).await?;
         found.extend(present.into_iter().map(|p| (p.id, p.ts_ms)));
     }
     let before = rows.len();
@@ -403,7 +414,7 @@ pub async fn drop_batch_duplicates(
             query = query.bind(d);
         }
         let ids: Vec<String> = chunk.iter().map(|r| r.request_id.to_string()).collect();
-        let present: Vec<Present> = query.bind(ids).fetch_all().await.map_err(classify)?;
+        let present: Vec<Present> = bounded(query.bind(ids).fetch_all()).await?;
         answered.extend(present.into_iter().map(|p| p.id));
     }
     if answered.is_empty() && !repeated {
