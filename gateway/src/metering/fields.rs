@@ -207,7 +207,7 @@ mod tests {
 
     #[test]
     fn huge_counts_saturate_instead_of_overflowing() {
-        // Found by fuzzing (fuzz/ json_usage): sums of counts near u64::MAX overflowed (a panic
+        // Found writing the json_usage fuzz target: sums of counts near u64::MAX overflowed (a panic
         // with overflow checks, a wrapped total without).
         let max = u64::MAX;
         for (body, api) in [
