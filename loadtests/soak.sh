@@ -20,7 +20,7 @@
 # WORKERS (client threads, 32), GATEWAY_THREADS (2), FD_SLACK (24), WAL_BOUND (bytes, 16 MiB),
 # RUN_DIR (configs, logs, samples.csv; default /var/tmp/aihub-soak/<UTC time>), AIHUB_BIN (a built
 # binary to soak instead of building one).
-# Ports 19960-19963.
+# Ports 19960-19963 (PORT_BASE moves them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DURATION=${1:-${DURATION:-3600}}

@@ -78,7 +78,9 @@ RUN_ID = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
 RUN_DIR = os.environ.get("RUN_DIR") or f"/var/tmp/aihub-soak/{RUN_ID}"
 CH_DB = f"aihub_soak_{RUN_ID}"
 PREFIX = f"aihub-soak-{RUN_ID}"
-MOCK_PORT, ADMIN_PORT, GW_PORT = 19960, 19961, 19962  # the gateway's ops listener: 19963
+# PORT_BASE (19960): the mock, the admin API, the gateway and its ops listener on the next four.
+_BASE = int(os.environ.get("PORT_BASE", "19960"))
+MOCK_PORT, ADMIN_PORT, GW_PORT = _BASE, _BASE + 1, _BASE + 2  # the gateway's ops listener: +3
 ADMIN, OPS = f"http://127.0.0.1:{ADMIN_PORT}", f"http://127.0.0.1:{GW_PORT + 1}"
 MIB = 1 << 20
 # A client connection idle this long is closed rather than reused: well under the gateway's
