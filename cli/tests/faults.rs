@@ -136,6 +136,27 @@ async fn clickhouse_answering_slowly_never_delays_requests_and_loses_nothing() {
         gw.log_text().contains("no answer within 3s"),
         "the failure should be the insert timeout"
     );
+    // Back to answering at once: every row so far lands, once.
+    proxy.set_delay(Duration::ZERO);
+    let landed = db
+        .wait_for(
+            "SELECT count() FROM usage_events",
+            ok as i128,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(
+        landed, ok as i128,
+        "usage rows vs successful requests (4 s phase)"
+    );
+    // And the pipeline is idle (a late answer of the 4 s phase would count as the next
+    // phase's failure).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.metric("aihub_usage_wal_segments") > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gw.metric("aihub_usage_wal_segments"), 0.0);
+
     // Then no answer at all (a hung server): the insert times out, and so does the dedup
     // query of its retry (30 s), instead of holding the pipeline after ClickHouse is back.
     proxy.set_delay(Duration::from_secs(3600));
@@ -152,6 +173,18 @@ async fn clickhouse_answering_slowly_never_delays_requests_and_loses_nothing() {
     // The retry's dedup query is under way on a connection that will never answer.
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.set_delay(Duration::ZERO);
+    // ClickHouse answers again: the pipeline gets going again once that query times out (the
+    // rows themselves landed with the first attempt; the segment waits for its confirmation).
+    let hung = Instant::now();
+    while gw.metric("aihub_usage_wal_segments") > 0.0 && hung.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovered = hung.elapsed();
+    assert_eq!(
+        gw.metric("aihub_usage_wal_segments"),
+        0.0,
+        "the pipeline stayed stuck on the hung query"
+    );
 
     let rows = db
         .wait_for(
@@ -162,7 +195,12 @@ async fn clickhouse_answering_slowly_never_delays_requests_and_loses_nothing() {
         .await;
     assert!(
         gw.log_text().contains("dedup query: no answer within 30s"),
-        "the hung dedup query should have timed out"
+        "the hung dedup query should have timed out: {}",
+        gw.log_text()
+            .lines()
+            .filter(|l| l.contains("usage insert failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let unique = db
         .number("SELECT uniqExact(request_id) FROM usage_events")
@@ -172,11 +210,13 @@ async fn clickhouse_answering_slowly_never_delays_requests_and_loses_nothing() {
         "latency p99 (to the last byte, 300 requests, 4 clients): ClickHouse direct {:.1} ms, \
          +2 s per answer {:.1} ms, +4 s per answer (> 3 s insert timeout) {:.1} ms; \
          insert timeouts at +4 s {timeouts}, rows found by the retries' dedup {skipped} (then \
-         100 requests while ClickHouse hung); \
+         100 requests while ClickHouse hung, pipeline going again {:.1} s after it answered \
+         again); \
          successes {ok}, usage rows {rows}, distinct request ids {unique}",
         ms(base_p99),
         ms(slow_p99),
-        ms(slower_p99)
+        ms(slower_p99),
+        recovered.as_secs_f64()
     );
     assert_eq!(rows, ok as i128, "usage rows vs successful requests");
     assert_eq!(unique, ok as i128, "duplicates");
@@ -314,7 +354,7 @@ async fn sighup_storm_under_load_fails_nothing_and_leaks_nothing() {
         .wait_for(
             "SELECT count() FROM usage_events",
             ok as i128,
-            Duration::from_secs(30),
+            Duration::from_secs(60),
         )
         .await;
     // Idle again (client pools closed their connections: 2 s idle timeout).
@@ -341,25 +381,21 @@ async fn sighup_storm_under_load_fails_nothing_and_leaks_nothing() {
         reloads >= (sent / 4) as f64,
         "{reloads} reloads for {sent} signals"
     );
-    // No growth with the signals: the gateway's threads and descriptors stay as they were; the
-    // admin's database pool may still open a connection or two early on (SQLite: a thread and
-    // three files each), but nothing grows over the storm's second half (150+ signals).
+    // No growth with the signals: the gateway's threads and descriptors stay as they were.
     assert_eq!(gw_during.1, gw_before.1, "gateway threads");
     assert_eq!(gw_after.1, gw_before.1, "gateway threads");
     assert!(gw_during.0 <= gw_before.0 + 4, "gateway fds");
     assert!(gw_after.0 <= gw_before.0, "gateway fds");
-    assert!(
-        admin_during.1 <= admin_mid.1 && admin_after.1 <= admin_mid.1,
-        "admin threads"
-    );
-    assert!(
-        admin_during.0 <= admin_mid.0 + 2 && admin_after.0 <= admin_mid.0,
-        "admin fds"
-    );
-    assert!(
-        admin_after.1 <= admin_before.1 + 3 && admin_after.0 <= admin_before.0 + 9,
-        "admin pool growth"
-    );
+    // The admin's database pool opens connections as its background jobs and the load overlap,
+    // more on a loaded machine (SQLite: a thread and three files each; at most 16): growth
+    // bounded by the pool, nowhere near one per signal.
+    for (fds, threads) in [admin_mid, admin_during, admin_after] {
+        assert!(
+            threads <= admin_before.1 + 16 && fds <= admin_before.0 + 48,
+            "admin growth: {admin_before:?} → {:?} after {sent} signals",
+            (fds, threads)
+        );
+    }
     assert!(
         !gw.log_text().contains("panicked")
             && !std::fs::read_to_string(&admin.log)
