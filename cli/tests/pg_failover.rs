@@ -28,14 +28,26 @@ use serde_json::{json, Value};
 /// The tests of this file run one at a time (each loads the machine; one measures latency).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The server binaries: `AIHUB_TEST_PG_BIN`, else Debian's newest `/usr/lib/postgresql/N/bin`.
+fn pg_bin() -> std::path::PathBuf {
+    if let Ok(dir) = std::env::var("AIHUB_TEST_PG_BIN") {
+        return dir.into();
+    }
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .max();
+    let version = newest.expect("no /usr/lib/postgresql/N: install Debian's postgresql");
+    format!("/usr/lib/postgresql/{version}/bin").into()
+}
 
 /// A PostgreSQL tool, run as `postgres` when the test runs as root (the server refuses root).
 fn pg(tool: &str) -> Command {
-    let bin = Path::new(PG_BIN).join(tool);
+    let bin = pg_bin().join(tool);
     assert!(
         bin.exists(),
-        "{} missing: install Debian's postgresql-15",
+        "{} missing: install Debian's postgresql",
         bin.display()
     );
     if is_root() {

@@ -22,6 +22,11 @@ fi
 # ZooKeeper and two ClickHouse replicas itself through deploy/clickhouse/cluster.sh
 # (AIHUB_TEST_CLUSTER=0 skips it).
 aihub_apt_install zookeeper
+# libfaketime for cli/tests/clock.rs (steps a running process's wall clock), and PostgreSQL's
+# server binaries (initdb, pg_ctl, pg_basebackup) for cli/tests/pg_failover.rs's private primary
+# and standby, even when the tests' PostgreSQL runs elsewhere.
+aihub_apt_install faketime
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || aihub_apt_install postgresql
 
 # PostgreSQL and Redis for the control-plane tests: reuse running ones, else install (Debian's
 # packages) and start them. Tests create and drop their own databases.
