@@ -56,6 +56,8 @@ echo "==> cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test" >&2
 cargo test --workspace --locked
+echo "==> deploy/ci/fuzz.sh (every fuzz target ${AIHUB_FUZZ_SECONDS:-30} s on its corpus)" >&2
+deploy/ci/fuzz.sh
 echo "==> deploy/ci/lint-deploy.sh (Dockerfile, compose, nginx, Kubernetes, systemd; their configs with the built binary)" >&2
 AIHUB_BIN="${CARGO_TARGET_DIR:-target}/debug/aihub" deploy/ci/lint-deploy.sh
 echo "==> deploy/local/smoke.sh (README's ./deploy/local/up.sh, end to end)" >&2
