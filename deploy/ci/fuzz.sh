@@ -81,3 +81,5 @@ if [ "$failed" -ne 0 ]; then
     exit 1
 fi
 echo "==> every fuzz target ran ${seconds}s without a crash" >&2
+# A scratch directory of our own is removed once nothing crashed (kept on a crash).
+if [ -z "${AIHUB_FUZZ_WORK:-}" ]; then rm -rf "$work"; fi
