@@ -1,8 +1,10 @@
 //! The request path's usage write: `UsageSink::commit` (a record into the WAL before the
 //! response's last byte, by group commit).
 //!
-//! `cargo bench -p aihub-benches --bench usage_commit` measures the cost per record from one
-//! thread and from 4 threads committing at once (where records share `write` calls), with the
+//! `cargo bench -p aihub-benches --bench usage_commit` measures the cost per record: committed
+//! alone from one thread (`commit_now`: a `write` each), from 4 threads at once, and as the
+//! gateway does, from 64 concurrent tasks on one runtime thread (`commit`, which yields once so
+//! that the records of a scheduler round share one `write`), with the
 //! pipeline running (its writer closes and `fsync`s segments every second) and ClickHouse
 //! unreachable, so that no insert competes for the CPU: records stay in the WAL, a temporary
 //! folder removed at the end (a few hundred MB).
@@ -83,7 +85,7 @@ fn commit(c: &mut Criterion) {
                 .collect();
             let started = Instant::now();
             for r in records {
-                sink.commit(r);
+                sink.commit_now(r);
             }
             started.elapsed()
         })
@@ -101,7 +103,7 @@ fn commit(c: &mut Criterion) {
                     std::thread::spawn(move || {
                         let started = Instant::now();
                         for r in records {
-                            sink.commit(r);
+                            sink.commit_now(r);
                         }
                         started.elapsed()
                     })
@@ -113,6 +115,38 @@ fn commit(c: &mut Criterion) {
                 .map(|t| t.join().unwrap())
                 .max()
                 .unwrap_or_default()
+        })
+    });
+    // 64 requests on one worker thread (the gateway's `threads: 1`), each committing in turn:
+    // the time is per record.
+    let one = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    group.bench_function("64 tasks on one thread", |b| {
+        b.iter_custom(|iters| {
+            let per = iters.div_ceil(64);
+            let batches: Vec<Vec<_>> = (0..64)
+                .map(|t| (0..per).map(|i| record(t * per + i)).collect())
+                .collect();
+            one.block_on(async {
+                let started = Instant::now();
+                let tasks: Vec<_> = batches
+                    .into_iter()
+                    .map(|records| {
+                        let sink = sink.clone();
+                        tokio::spawn(async move {
+                            for r in records {
+                                sink.commit(r).await;
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+                started.elapsed().mul_f64(iters as f64 / (per * 64) as f64)
+            })
         })
     });
     group.finish();

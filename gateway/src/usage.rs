@@ -54,7 +54,7 @@ pub async fn commit(shared: &Shared, session: &Session, ctx: &mut RequestCtx) {
         if record.usage_estimated == 1 {
             shared.metrics.usage_estimated.inc();
         }
-        sink.commit(record);
+        sink.commit(record).await;
     }
 }
 

@@ -12,8 +12,9 @@
 //!
 //! Each committer takes a ticket under the pending lock and then the segment lock; if the lines
 //! up to its ticket were written meanwhile by another committer (a *leader* that took them with
-//! its own), it returns at once. Under concurrency many records share one system call; alone,
-//! a record costs one `write` of its line. The writer task ([`crate::pipeline`]) only rotates
+//! its own), it returns at once. Threads committing at the same time share system calls; on one
+//! thread, the request path's [`crate::UsageSink::commit`] yields once between the two steps, so
+//! the requests that reach their commit in the same scheduler round share one `write` too. The writer task ([`crate::pipeline`]) only rotates
 //! segments (by age and size) and `fsync`s them when it closes them, off the request path.
 //!
 //! When the file cannot be written (disk full, read-only, I/O error) the records are kept in
@@ -89,6 +90,7 @@ impl CommitLog {
     /// Writes `record` into the open segment of `dir` (creating it with a number from
     /// `next_seq`), together with every record committed meanwhile. Returns once the record is in
     /// the file, or kept in memory if the file cannot be written.
+    #[cfg(test)]
     pub fn commit(
         &self,
         dir: &Path,
@@ -96,7 +98,13 @@ impl CommitLog {
         max_rows: usize,
         record: UsageRecord,
     ) -> Committed {
-        let ticket = LINE.with(|line| {
+        let ticket = self.enqueue(record);
+        self.write_through(ticket, dir, next_seq, max_rows)
+    }
+
+    /// Encodes `record` and queues it; returns its ticket for [`CommitLog::write_through`].
+    pub fn enqueue(&self, record: UsageRecord) -> u64 {
+        LINE.with(|line| {
             let mut line = line.borrow_mut();
             line.clear();
             // A record always encodes (plain strings and numbers); were it ever to fail, the
@@ -111,7 +119,18 @@ impl CommitLog {
             pending.records.push(record);
             pending.enqueued += 1;
             pending.enqueued
-        });
+        })
+    }
+
+    /// Returns once the record of `ticket` is written: at once if another committer wrote it
+    /// with its own, else by writing every queued line in one system call.
+    pub fn write_through(
+        &self,
+        ticket: u64,
+        dir: &Path,
+        next_seq: &AtomicU64,
+        max_rows: usize,
+    ) -> Committed {
         let mut active = self.active.lock().expect("not poisoned");
         if active.written >= ticket {
             return Committed::default(); // a leader wrote it with its own

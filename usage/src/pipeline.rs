@@ -253,16 +253,31 @@ impl UsageSink {
             && !self.state.memory_full.load(Ordering::Relaxed)
     }
 
-    /// Writes `record` into the WAL file (the page cache, no `fsync`) before returning, sharing
-    /// the system call with records committed at the same time. Never waits on ClickHouse; if
-    /// the file cannot be written the record is kept in memory and delivered from there.
-    pub fn commit(&self, record: UsageRecord) {
+    /// Writes `record` into the WAL file (the page cache, no `fsync`) before returning. Between
+    /// queueing the record and writing it, it yields to the scheduler once: the other requests
+    /// of this round queue theirs, and one `write` takes them all (group commit on one thread;
+    /// threads share writes as well). Never waits on ClickHouse; if the file cannot be written
+    /// the record is kept in memory and delivered from there.
+    pub async fn commit(&self, record: UsageRecord) {
+        let ticket = self.state.log.enqueue(record);
+        tokio::task::yield_now().await;
+        self.write_through(ticket);
+    }
+
+    /// [`UsageSink::commit`] without the yield, for callers outside an async runtime: shares
+    /// writes only with other threads.
+    pub fn commit_now(&self, record: UsageRecord) {
+        let ticket = self.state.log.enqueue(record);
+        self.write_through(ticket);
+    }
+
+    fn write_through(&self, ticket: u64) {
         let state = &*self.state;
-        let done = state.log.commit(
+        let done = state.log.write_through(
+            ticket,
             state.wal.path(),
             &state.next_seq,
             state.config.batch_max_rows,
-            record,
         );
         if done.bytes > 0 {
             state.add_bytes(done.bytes as i64);

@@ -197,12 +197,13 @@ async fn the_pipeline_writes_one_row_per_answered_item() {
     let run = tokio::spawn(pipeline.run(stopped));
 
     // Two answers of the same item in one segment, a third in a later segment.
-    sink.commit(item("batch_p", 7, T0, 200));
-    sink.commit(item("batch_p", 7, T0 + 10, 200));
-    sink.commit(usage_row("dev_a", T0 + 20, "gpt-4o", 5, 5));
+    sink.commit(item("batch_p", 7, T0, 200)).await;
+    sink.commit(item("batch_p", 7, T0 + 10, 200)).await;
+    sink.commit(usage_row("dev_a", T0 + 20, "gpt-4o", 5, 5))
+        .await;
     wait_for(&ch, "batch_id = 'batch_p'", 1).await;
-    sink.commit(item("batch_p", 7, T0 + 30_000, 200));
-    sink.commit(item("batch_p", 8, T0 + 30_001, 200));
+    sink.commit(item("batch_p", 7, T0 + 30_000, 200)).await;
+    sink.commit(item("batch_p", 8, T0 + 30_001, 200)).await;
     wait_for(&ch, "batch_id = 'batch_p'", 2).await;
     assert_eq!(count(&ch, "batch_id = ''").await, 1);
     // Counted once the insert has returned, which may be just after the rows are visible.

@@ -102,7 +102,7 @@ async fn main() {
     tokio::spawn(pipe.run(stop_rx));
     let started = Instant::now();
     for i in 0..n {
-        sink.commit(record(i));
+        sink.commit(record(i)).await;
     }
     let produced = started.elapsed();
     while metrics.rows_written.get() < n {
@@ -140,7 +140,7 @@ async fn main() {
     let before = rss_mib();
     let started = Instant::now();
     for i in 0..n {
-        sink.commit(record(i));
+        sink.commit(record(i)).await;
         if i % (n / 4).max(1) == 0 {
             println!(
                 "phase 2: {i} records queued while ClickHouse is down: RSS {} MiB, WAL {} MiB",
