@@ -15,6 +15,9 @@ use clickhouse::Client;
 
 use crate::range::{DayRange, RangeParams};
 
+mod cell;
+pub use cell::text_cell;
+
 /// The body goes out in pieces of about this size.
 pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
 
@@ -174,38 +177,6 @@ pub(crate) fn write_row(buf: &mut Vec<u8>, r: &ExportRow<'_>) {
     buf.push(b',');
     text_cell(buf, r.user_agent);
     buf.extend_from_slice(b"\r\n");
-}
-
-/// Whether a spreadsheet would read a cell starting with `s` as a formula: `=`, `+`, `-`,
-/// `@`, a tab or a carriage return first (OWASP, "CSV Injection").
-pub fn is_formula_like(s: &str) -> bool {
-    matches!(
-        s.as_bytes().first(),
-        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
-    )
-}
-
-/// One text cell: formula-like text (see [`is_formula_like`]; e.g. a `user_agent` of
-/// `=HYPERLINK(…)`) gets a leading `'`, which spreadsheets show as text rather than
-/// evaluate; then RFC 4180: quoted, with quotes doubled, when it holds a comma, a quote or a
-/// line break. Only for text columns: numbers (a negative cost) are written as they are.
-pub fn text_cell(buf: &mut Vec<u8>, s: &str) {
-    let quoted = s.bytes().any(|b| matches!(b, b',' | b'"' | b'\r' | b'\n'));
-    if quoted {
-        buf.push(b'"');
-    }
-    if is_formula_like(s) {
-        buf.push(b'\'');
-    }
-    for (i, part) in s.split('"').enumerate() {
-        if i > 0 {
-            buf.extend_from_slice(b"\"\"");
-        }
-        buf.extend_from_slice(part.as_bytes());
-    }
-    if quoted {
-        buf.push(b'"');
-    }
 }
 
 /// Unix ms → `2026-11-25T09:30:47.521Z`.

@@ -86,12 +86,6 @@ use utoipa_axum::routes;
 pub use config::AdminConfig;
 pub use state::{AppState, StartError};
 
-/// The CSV cell writer, for the fuzz targets (`fuzz/`); not an API.
-#[doc(hidden)]
-pub mod fuzzing {
-    pub use crate::csv::{is_formula_like, text_cell};
-}
-
 /// The documented API routes and their OpenAPI document, built together.
 pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())

@@ -1,10 +1,14 @@
-//! The usage export's CSV text cells (`admin-api/src/csv.rs`) on arbitrary strings: the
+//! The usage export's CSV text cells (`admin-api/src/csv/cell.rs`, compiled here alone: the
+//! fuzz build needs none of the admin API's dependencies) on arbitrary strings: the
 //! input's NUL-separated parts are the cells of one row. Invariant: an RFC 4180 reader reads the
 //! row back as exactly those cells, each formula-like one (`=`, `+`, `-`, `@`, tab, CR first)
 //! with a leading `'`, so no cell a spreadsheet reads starts a formula.
 #![no_main]
 
-use aihub_admin::fuzzing::{is_formula_like, text_cell};
+#[path = "../../admin-api/src/csv/cell.rs"]
+mod cell;
+
+use cell::{is_formula_like, text_cell};
 use libfuzzer_sys::fuzz_target;
 
 /// Reads one CRLF-terminated RFC 4180 record; panics on anything malformed.
