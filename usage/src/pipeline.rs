@@ -349,15 +349,18 @@ pub fn open(
     ))
 }
 
+/// Adds `delta` to `counter`; returns the new value.
+fn add(counter: &AtomicU64, delta: i64) -> u64 {
+    if delta >= 0 {
+        counter.fetch_add(delta as u64, Ordering::Relaxed) + delta as u64
+    } else {
+        counter.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed) - delta.unsigned_abs()
+    }
+}
+
 impl State {
     fn add_bytes(&self, delta: i64) {
-        let now = if delta >= 0 {
-            self.wal_bytes.fetch_add(delta as u64, Ordering::Relaxed) + delta as u64
-        } else {
-            self.wal_bytes
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed)
-                - delta.unsigned_abs()
-        };
+        let now = add(&self.wal_bytes, delta);
         self.metrics.wal_bytes.set(now as i64);
         let over = now > self.config.wal_max_bytes;
         if self.over_cap.swap(over, Ordering::Relaxed) != over {
@@ -373,13 +376,7 @@ impl State {
     }
 
     fn add_unwritten(&self, delta: i64) {
-        let now = if delta >= 0 {
-            self.unwritten.fetch_add(delta as u64, Ordering::Relaxed) + delta as u64
-        } else {
-            self.unwritten
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed)
-                - delta.unsigned_abs()
-        };
+        let now = add(&self.unwritten, delta);
         self.metrics.unwritten_rows.set(now as i64);
         let full = now >= self.config.memory_max_rows as u64;
         if self.memory_full.swap(full, Ordering::Relaxed) != full {
