@@ -10,10 +10,10 @@
 # loadtests/results/soak-latest.md and soak-latest.csv.
 #
 # Needs, on this machine: PostgreSQL on 127.0.0.1:5432 (user postgres, trust), Redis (REDIS_URL,
-# default redis://127.0.0.1:6379), ClickHouse on 8123 (started here by deploy/clickhouse/start.sh
-# if nothing answers, and stopped at the end). Builds aihub --release (CARGO_TARGET_DIR, default
-# /var/tmp/aihub-target). Creates a PostgreSQL and a ClickHouse database of its own and drops them
-# at the end, as it deletes its Redis keys.
+# default redis://127.0.0.1:6379), ClickHouse on CLICKHOUSE_URL (default http://127.0.0.1:8123;
+# started here by deploy/clickhouse/start.sh if nothing answers, and stopped at the end). Builds
+# aihub --release (CARGO_TARGET_DIR, default /var/tmp/aihub-target). Creates a PostgreSQL and a
+# ClickHouse database of its own and drops them at the end, as it deletes its Redis keys.
 #
 # Env: RATE (req/s of the mixed load, 40; key churn comes on top, ~1.4 req/s), SAMPLE (s between
 # samples; 30 from 30 min on, else DURATION/30, at least 5), LIMITED_RPM (30), CHURN_EVERY (s, 5),
@@ -28,7 +28,8 @@ COMMAND="$(for v in RATE SAMPLE LIMITED_RPM CHURN_EVERY WORKERS GATEWAY_THREADS 
     if [ -n "${!v:-}" ]; then printf '%s=%q ' "$v" "${!v}"; fi; done)loadtests/soak.sh $DURATION"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/aihub-target}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-export CLICKHOUSE_URL=http://127.0.0.1:8123
+export CLICKHOUSE_URL=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
+CH_HTTP_PORT=${CLICKHOUSE_URL##*:}
 PG=(psql -h 127.0.0.1 -p 5432 -U postgres -v ON_ERROR_STOP=1 -qAt)
 
 source deploy/local/deps.sh
@@ -63,7 +64,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 if ! curl -fsS "$CLICKHOUSE_URL/ping" >/dev/null 2>&1; then
-    deploy/clickhouse/start.sh "$CH_DIR" 8123 9000
+    deploy/clickhouse/start.sh "$CH_DIR" "$CH_HTTP_PORT" $((CH_HTTP_PORT + 877))
     CH_STARTED=1
 fi
 "${PG[@]}" -d postgres -c "CREATE DATABASE $DB"
