@@ -22,51 +22,19 @@ COMMAND="$(for v in RATE DURATION ROUNDS TRIALS CONNECTIONS GATEWAY_CPU LOAD_CPU
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/aihub-target}
 export PATH="$HOME/.cargo/bin:$PATH"
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-export CLICKHOUSE_URL=http://127.0.0.1:8123
-PG=(psql -h 127.0.0.1 -p 5432 -U postgres -v ON_ERROR_STOP=1 -qAt)
+export CLICKHOUSE_URL=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
 
 source deploy/local/deps.sh
+source loadtests/services.sh
 # The clients this script and the Python script call, installed only when missing.
-for tool in psql:postgresql-client redis-cli:redis-tools taskset:util-linux pgrep:procps ss:iproute2 curl:curl python3:python3; do
+for tool in psql:postgresql-client redis-cli:redis-tools taskset:util-linux pgrep:procps ss:iproute2; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || aihub_apt_install "${tool#*:}"
 done
 command -v oha >/dev/null 2>&1 || cargo install oha --locked
 cargo build --release -p aihub
 export AIHUB_BIN=$CARGO_TARGET_DIR/release/aihub
 
-"${PG[@]}" -d postgres -c 'SELECT 1' >/dev/null \
-    || { echo "PostgreSQL does not answer on 127.0.0.1:5432 (user postgres, trust)" >&2; exit 1; }
-[ "$(redis-cli -u "$REDIS_URL" PING 2>/dev/null)" = PONG ] \
-    || { echo "Redis does not answer at ${REDIS_URL##*@}" >&2; exit 1; }
-
-DB=aihub_mnbench_$(date -u +%Y%m%d_%H%M%S)_$$
-CH_DIR=/var/tmp/aihub-multinode-clickhouse
-CH_STARTED=""
-DB_CREATED=""
-PY=""
-cleanup() {
-    set +e  # every step, whatever the previous one did
-    if [ -n "$PY" ]; then kill -TERM "$PY" 2>/dev/null && wait "$PY" 2>/dev/null; fi
-    if [ -n "$DB_CREATED" ]; then
-        "${PG[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || echo "could not drop $DB" >&2
-    fi
-    if [ -n "$CH_STARTED" ]; then deploy/clickhouse/stop.sh "$CH_DIR" >/dev/null || true; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-if ! curl -fsS "$CLICKHOUSE_URL/ping" >/dev/null 2>&1; then
-    deploy/clickhouse/start.sh "$CH_DIR" 8123 9000
-    CH_STARTED=1
-fi
-"${PG[@]}" -d postgres -c "CREATE DATABASE $DB"
-DB_CREATED=1
-export MULTINODE_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB"
+bench_services aihub_mnbench /var/tmp/aihub-multinode-clickhouse
+export MULTINODE_DATABASE_URL=$BENCH_DATABASE_URL
 export MULTINODE_BENCH_COMMAND="$COMMAND"
-
-# In the background so that a TERM or INT reaches it at once; its children die with it.
-python3 loadtests/multinode_bench.py & PY=$!
-rc=0; wait "$PY" || rc=$?
-PY=""
-exit "$rc"
+bench_run loadtests/multinode_bench.py
