@@ -2,11 +2,13 @@
 //! is a [`ConfigError`] naming the file and the key path (`upstreams.openai.endpoints[1]`), and
 //! [`parse`] turns serde's errors into one. [`parse_streaming`] does the same for a document
 //! with one huge top-level list (the gateway's `keys:`), read item by item instead of whole.
+//! Both refuse an anchor defined twice (`anchors`: serde_norway would misread aliases).
 //! Validation stays with each configuration type.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod anchors;
 mod stream;
 
 pub use stream::parse_streaming;
@@ -46,12 +48,15 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError::new(path, "", format!("cannot read the file: {e}")))
 }
 
-/// Parses YAML text into `T`; `file` only names errors.
+/// Parses YAML text into `T`; `file` only names errors. A document that defines an anchor
+/// name twice is refused (see `anchors`).
 pub fn parse<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
-    parse_located(text, file).map_err(|(e, _)| e)
+    let t = parse_located(text, file).map_err(|(e, _)| e)?;
+    anchors::Anchors::of(text).check(file)?;
+    Ok(t)
 }
 
-/// [`parse`], with the (1-based) line an error was found at, when known.
+/// [`parse`] without the anchor rule, with the (1-based) line an error was found at, when known.
 fn parse_located<T: serde::de::DeserializeOwned>(
     text: &str,
     file: &Path,

@@ -18,6 +18,7 @@
 //! parsed again before each batch; an item defining an anchor beyond that is an error), but
 //! not across the list's boundary: an item's alias to an anchor defined elsewhere in the
 //! document, or a later section's alias to an item's anchor, is an `unknown anchor` error. An
+//! anchor name defined twice is an error, as in [`parse`](crate::parse) (`anchors`). An
 //! item's quoted or flow continuation lines must be indented deeper than its `- ` (as YAML
 //! requires; libyaml alone tolerates less).
 
@@ -28,6 +29,7 @@ use std::path::Path;
 
 use serde::de::{DeserializeOwned, DeserializeSeed, SeqAccess, Visitor};
 
+use crate::anchors::Anchors;
 use crate::{parse_located, ConfigError};
 
 /// Text of a batch of items parsed at once: large enough to amortize the parser's set-up,
@@ -52,6 +54,9 @@ where
         |e: std::io::Error| ConfigError::new(file, "", format!("cannot read the file: {e}"));
     let mut doc = Splitter::new(list_key);
     let mut batch = Batch::default();
+    // Every line, the list's and the rest's, in document order: an anchor defined twice
+    // anywhere is refused as `parse` refuses it.
+    let mut anchors = Anchors::default();
     // The first error among the list's items (they are parsed in order).
     let mut item_error: Option<ConfigError> = None;
     let mut line = String::new();
@@ -60,6 +65,7 @@ where
         if reader.read_line(&mut line).map_err(read_error)? == 0 {
             break;
         }
+        anchors.feed(&line);
         match doc.feed(&line) {
             Line::Rest | Line::Opening => {}
             Line::Item | Line::Continuation => {
@@ -79,7 +85,7 @@ where
     let streamed = doc.list_line.is_some();
     let rest = parse_located::<T>(&doc.rest, file);
     match (rest, item_error) {
-        (Ok(t), None) => Ok((t, streamed)),
+        (Ok(t), None) => anchors.check(file).map(|()| (t, streamed)),
         // The first error in document order: the rest's if it comes before the list's items.
         (Err((e, Some(line))), Some(_)) if Some(line) <= doc.list_line => Err(e),
         (_, Some(e)) => Err(e),
@@ -524,21 +530,54 @@ mod tests {
         assert!(same(&big));
         let (_, doc, _) = both(&big);
         assert_eq!(doc.unwrap().items[4321].n, 4321);
-        // Anchors defined by earlier items (other batches), redefined, used later.
+        // Anchors defined by earlier items (other batches), used later.
         let mut anchored = String::from("items:\n- {id: first, tags: &t [a, b]}\n");
         for i in 0..4000 {
             anchored.push_str(&format!("- {{id: k{i}, tags: *t}}\n"));
         }
-        anchored.push_str("- id: again\n  tags: &t\n    - c\n");
+        anchored.push_str("- id: again\n  tags: &u\n    - c\n");
         for i in 0..4000 {
-            anchored.push_str(&format!("- {{id: j{i}, tags: *t}}\n"));
+            anchored.push_str(&format!(
+                "- {{id: j{i}, tags: *u}}\n- {{id: t{i}, tags: *t}}\n"
+            ));
         }
         assert!(same(&anchored));
         let (_, doc, _) = both(&anchored);
         let doc = doc.unwrap();
         assert_eq!(doc.items[3000].tags, ["a", "b"]);
-        assert_eq!(doc.items[8001].tags, ["c"]);
-        assert_eq!(doc.items.len(), 8002);
+        assert_eq!(doc.items[4002].tags, ["c"]);
+        assert_eq!(doc.items[4003].tags, ["a", "b"]);
+        assert_eq!(doc.items[12001].tags, ["a", "b"]);
+        assert_eq!(doc.items.len(), 12002);
+    }
+
+    #[test]
+    fn an_anchor_defined_twice_is_refused_both_ways() {
+        // Found by fuzzing (fuzz/ yaml_stream): after `&a` is defined again, serde_norway gives
+        // the next new anchor (`&x`) the same number, and `*a` reads as `&x`'s node (item c
+        // got d's tags).
+        let docs = [
+            "items:\n- {id: a, tags: &a [x]}\n- {id: b, tags: &a [y]}\n- {id: c, tags: *a}\n- {id: d, tags: &x [z]}\n",
+            // Across the list's boundary both ways, and in the rest alone.
+            "\nitems:\n- {id: a, tags: &t [x]}\n- {id: b, tags: *t}\nafter: &t 1\n",
+            "name: &t x\nitems:\n- {id: a, tags: &t [y]}\n",
+            "name: &t x\nitems:\n- {id: a}\nafter: &t 2\n",
+        ];
+        for doc in docs {
+            let (whole, streamed, _) = both(doc);
+            let (whole, streamed) = (whole.unwrap_err(), streamed.unwrap_err());
+            assert!(
+                whole.message.contains("is already defined on line"),
+                "{whole}"
+            );
+            assert_eq!(whole.message, streamed.message, "{doc:?}");
+        }
+        let (whole, _, _) = both(docs[0]);
+        let message = whole.unwrap_err().message;
+        assert!(
+            message.starts_with("line 3: the YAML anchor `&a`"),
+            "{message}"
+        );
     }
 
     #[test]
