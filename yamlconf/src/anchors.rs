@@ -62,6 +62,11 @@ impl Anchors {
         }
     }
 
+    /// How many lines were fed.
+    pub(crate) fn lines(&self) -> usize {
+        self.line_no
+    }
+
     /// Reads the document's next line (with or without its line break).
     pub(crate) fn feed(&mut self, line: &str) {
         self.line_no += 1;

@@ -20,7 +20,8 @@
 //! document, or a later section's alias to an item's anchor, is an `unknown anchor` error. An
 //! anchor name defined twice is an error, as in [`parse`](crate::parse) (`anchors`). An
 //! item's quoted or flow continuation lines must be indented deeper than its `- ` (as YAML
-//! requires; libyaml alone tolerates less).
+//! requires; libyaml alone tolerates less). Lines end with LF or CRLF: a lone CR (a line break
+//! for YAML) is refused.
 
 use std::fmt;
 use std::io::BufRead;
@@ -64,6 +65,20 @@ where
         line.clear();
         if reader.read_line(&mut line).map_err(read_error)? == 0 {
             break;
+        }
+        let body = line.strip_suffix('\n').unwrap_or(&line);
+        if body.strip_suffix('\r').unwrap_or(body).contains('\r') {
+            // YAML breaks lines there too; the list is cut at LF (found by fuzzing: a block
+            // scalar's CR-separated lines went to the rest of the document).
+            return Err(ConfigError::new(
+                file,
+                "",
+                format!(
+                    "line {}: a carriage return without a line feed (a classic Mac OS line \
+                     ending): save the file with LF or CRLF line endings",
+                    anchors.lines() + 1
+                ),
+            ));
         }
         anchors.feed(&line);
         match doc.feed(&line) {
@@ -549,6 +564,18 @@ mod tests {
         assert_eq!(doc.items[4003].tags, ["a", "b"]);
         assert_eq!(doc.items[12001].tags, ["a", "b"]);
         assert_eq!(doc.items.len(), 12002);
+    }
+
+    #[test]
+    fn a_lone_carriage_return_is_refused() {
+        // Found by fuzzing (fuzz/ yaml_stream): a block scalar's CR-separated lines went to the
+        // rest of the document, and the item read "" instead of its text.
+        let doc = "items:\n- id: |\n\n\r    a\r    b\r\n";
+        let (whole, streamed, _) = both(doc);
+        assert!(whole.is_ok());
+        let e = streamed.unwrap_err();
+        assert!(e.message.starts_with("line 4: a carriage return"), "{e}");
+        assert!(same("items:\r\n- id: a\r\nafter: 1\r"));
     }
 
     #[test]
