@@ -170,6 +170,19 @@ async fn calls(s: &Setup, n: u64) -> Vec<u16> {
     out
 }
 
+/// Waits until ClickHouse holds `rows` usage rows and no record is held in memory.
+async fn all_delivered(s: &Setup, db: &TestDb, rows: i128) {
+    assert_eq!(
+        db.wait_for("SELECT count() FROM usage_events", rows, WAIT)
+            .await,
+        rows
+    );
+    assert_eq!(
+        s.gw.metric_eventually("aihub_usage_unwritten_rows", 0.0),
+        0.0
+    );
+}
+
 async fn request_ids(db: &TestDb) -> Vec<String> {
     db.query("SELECT toString(request_id) FROM usage_events FORMAT TabSeparated")
         .await
@@ -282,15 +295,7 @@ async fn a_full_disk_keeps_serving_and_loses_nothing() {
     assert!(during.iter().all(|&st| st == 200), "{during:?}");
     assert!(s.gw.metric("aihub_usage_wal_write_failures_total") > 0.0);
     s.gw.wait_for_log("cannot write the usage WAL");
-    assert_eq!(
-        db.wait_for("SELECT count() FROM usage_events", 34, WAIT)
-            .await,
-        34
-    );
-    assert_eq!(
-        s.gw.metric_eventually("aihub_usage_unwritten_rows", 0.0),
-        0.0
-    );
+    all_delivered(&s, &db, 34).await;
 
     fs.free();
     // The segment that failed is closed within batch_max_age; the next one is written.
@@ -327,28 +332,12 @@ async fn a_read_only_wal_keeps_serving_and_recovers() {
     let read_only = ReadOnly::new(wal.path());
     assert!(calls(&s, 20).await.iter().all(|&st| st == 200));
     s.gw.wait_for_log("cannot write the usage WAL");
-    assert_eq!(
-        db.wait_for("SELECT count() FROM usage_events", 24, WAIT)
-            .await,
-        24
-    );
-    assert_eq!(
-        s.gw.metric_eventually("aihub_usage_unwritten_rows", 0.0),
-        0.0
-    );
+    all_delivered(&s, &db, 24).await;
     drop(read_only);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(calls(&s, 6).await.iter().all(|&st| st == 200));
     s.gw.wait_for_log("the usage WAL is writable again");
-    assert_eq!(
-        db.wait_for("SELECT count() FROM usage_events", 30, WAIT)
-            .await,
-        30
-    );
-    assert_eq!(
-        s.gw.metric_eventually("aihub_usage_unwritten_rows", 0.0),
-        0.0
-    );
+    all_delivered(&s, &db, 30).await;
 }
 
 /// Disk full and ClickHouse down together: records held in memory are capped by
@@ -384,15 +373,7 @@ async fn memory_and_disk_caps_refuse_then_recover() {
     assert_eq!(s.gw.metric("aihub_usage_unwritten_rows"), 5.0);
 
     ch.restart();
-    assert_eq!(
-        db.wait_for("SELECT count() FROM usage_events", 7, WAIT)
-            .await,
-        7
-    );
-    assert_eq!(
-        s.gw.metric_eventually("aihub_usage_unwritten_rows", 0.0),
-        0.0
-    );
+    all_delivered(&s, &db, 7).await;
     assert_eq!(calls(&s, 1).await, [200]);
 
     // The disk cap: ClickHouse down with the disk writable, records pile up in the WAL.
