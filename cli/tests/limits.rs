@@ -387,8 +387,8 @@ async fn quota_hard_stop_and_429s_in_usage() {
         assert!(ok < 200, "never refused");
     }
     // Admission refuses once committed + reserved tokens reach the quota: the last admitted
-    // request started below it (at most one reservation below, if the previous request had
-    // not settled yet).
+    // request started below it, by less than its own reservation (each request is settled
+    // before its last byte, so the next one never meets its reservation).
     let reservation = (BODY.len() as u64).div_ceil(4) + 10;
     let used = ok * BODY_USAGE;
     assert!(

@@ -161,7 +161,7 @@ pub struct RequestCtx {
     pub request_body: Option<Bytes>,
     /// Reads usage from the response as it streams by.
     pub meter: ResponseMeter,
-    /// The request's hold on its limits (settled in `logging`).
+    /// The request's hold on its limits (settled with its usage, by `usage::commit`).
     pub admission: Option<Admission>,
     /// What the exchange used, priced: set once, when its usage record is committed (before
     /// the response's last byte; [`crate::usage::commit`]).

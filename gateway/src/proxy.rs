@@ -149,15 +149,9 @@ impl ProxyHttp for Gateway {
             error: ctx.error,
         }
         .emit();
-        // Committed already unless the request ended without a response of its own (refused
-        // before one, client gone).
+        // Committed (and settled) already unless the request ended without a response of its
+        // own (refused before one, client gone).
         crate::usage::commit(&self.shared, session, ctx).await;
-        if let (Some(admission), Some(limits), Some(charge)) =
-            (ctx.admission.take(), &self.shared.limits, ctx.charge)
-        {
-            let runtime = self.shared.runtime.load();
-            limits.settle(admission, charge.tokens, charge.cost_nanos, &runtime.plans);
-        }
     }
 }
 

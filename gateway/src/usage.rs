@@ -1,7 +1,8 @@
 //! Turns a finished request into its usage record: tokens (reported or estimated), cost (a batch
-//! item's discounted), timings, outcome, batch, and commits it into the usage WAL ([`commit`]):
-//! once per request, before the response's last byte leaves, or from `logging` for a request
-//! that ended otherwise (refused before a response, client gone).
+//! item's discounted), timings, outcome, batch, and commits it into the usage WAL ([`commit`]),
+//! settling the request's limit reservation with its price: once per request, before the
+//! response's last byte leaves, or from `logging` for a request that ended otherwise (refused
+//! before a response, client gone).
 
 use std::time::Duration;
 
@@ -32,8 +33,10 @@ pub enum Metered {
 }
 
 /// Prices the exchange and commits its usage record into the WAL (the page cache: a `kill -9`
-/// after this loses nothing), once per request. Callers put it before the response's last
-/// byte. The price stays in `ctx.charge` for the limits' settle in `logging`.
+/// after this loses nothing), once per request, and settles the request's limit reservation
+/// with the price (kept in `ctx.charge`). Callers put it before the response's last byte: a
+/// client that sends its next request on that byte finds this one settled (a quota's edge is
+/// exact for sequential requests).
 pub async fn commit(shared: &Shared, session: &Session, ctx: &mut RequestCtx) {
     if ctx.charge.is_some() {
         return;
@@ -45,10 +48,14 @@ pub async fn commit(shared: &Shared, session: &Session, ctx: &mut RequestCtx) {
     let runtime = shared.runtime.load();
     let tokens = tokens(metered(ctx)).await;
     let priced = priced(ctx, tokens, &runtime.pricing, runtime.batch_discount);
-    ctx.charge = Some(Charge {
+    let charge = Charge {
         tokens: u64::from(priced.usage.total),
         cost_nanos: priced.cost_nanos,
-    });
+    };
+    ctx.charge = Some(charge);
+    if let (Some(admission), Some(limits)) = (ctx.admission.take(), &shared.limits) {
+        limits.settle(admission, charge.tokens, charge.cost_nanos, &runtime.plans);
+    }
     if let Some(sink) = sink {
         let record = record(session, ctx, &priced, ctx.start.elapsed());
         if record.usage_estimated == 1 {
