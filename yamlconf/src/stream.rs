@@ -591,16 +591,11 @@ mod tests {
             "name: &t x\nitems:\n- {id: a}\nafter: &t 2\n",
         ];
         for doc in docs {
-            let (whole, streamed, _) = both(doc);
-            let (whole, streamed) = (whole.unwrap_err(), streamed.unwrap_err());
-            assert!(
-                whole.message.contains("is already defined on line"),
-                "{whole}"
-            );
-            assert_eq!(whole.message, streamed.message, "{doc:?}");
+            same(doc);
+            let message = both(doc).0.unwrap_err().message;
+            assert!(message.contains("is already defined on line"), "{message}");
         }
-        let (whole, _, _) = both(docs[0]);
-        let message = whole.unwrap_err().message;
+        let message = both(docs[0]).0.unwrap_err().message;
         assert!(
             message.starts_with("line 3: the YAML anchor `&a`"),
             "{message}"
